@@ -1,0 +1,130 @@
+"""The `ballot` command: the pipeline's operations for people outside DVC."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from ballot.config import ConfigError, apply_overrides, experiment_from_params, load_yaml, to_dict
+from ballot.data import DatasetError
+from ballot.masks import MaskError
+from ballot.models import ModelError
+from ballot.pruning import UnknownMethodError
+from ballot.storage import StorageError
+
+USER_ERRORS = (ConfigError, DatasetError, MaskError, ModelError, UnknownMethodError, StorageError)
+
+
+def _config_from_args(args: argparse.Namespace):
+    params: dict[str, Any] = load_yaml(args.params) if args.params else {}
+    flags = {"base.dataset": args.dataset, "base.model": args.model, "base.density": args.density,
+             "base.seed": args.seed, "prune.method": getattr(args, "method", None), "base.device": args.device}
+    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    params = apply_overrides(params, overrides + list(args.set or []))
+    return experiment_from_params(params, groups=tuple(k for k in params if k not in {"base", "data", "train_dense", "prune"}))
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    return (f"acc {metrics['acc']:.4f}  cwv {metrics['cwv']:.5f}  mcd {metrics['mcd']:.4f}  "
+            f"worst-class {metrics['worst_class']:.4f}")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from ballot import experiment
+
+    cfg = _config_from_args(args)
+    out = Path(args.out)
+    data = experiment.prepare_data(cfg)
+    print(f"data: {cfg.base.dataset}  train {len(data.train)}  val {len(data.val)}  test {len(data.test)}  "
+          f"classes {data.num_classes}", file=sys.stderr)
+    dense_dir = Path(args.dense) if args.dense else out / "dense"
+    dense_seconds = 0.0
+    if args.dense and all((dense_dir / n).exists() for n in experiment.DENSE_FILES.values()):
+        dense = experiment.load_dense(dense_dir)
+        print(f"dense: reusing {dense_dir}", file=sys.stderr)
+    else:
+        (model, dense, _), dense_seconds = experiment.timed(experiment.train_dense, cfg, data)
+        experiment.save_dense(dense, dense_dir)
+        dense_metrics = experiment.model_metrics(model, data, cfg.base.device)
+        print(f"dense:  {_summary(dense_metrics)}  ({dense_seconds:.1f}s)", file=sys.stderr)
+    result, prune_seconds = experiment.timed(experiment.run_prune, cfg, data, dense)
+    metrics = experiment.model_metrics(result.model, data, cfg.base.device)
+    metrics.update(method=cfg.prune.method, dataset=cfg.base.dataset, model=cfg.base.model, seed=cfg.base.seed,
+                   density=result.mask.density(), target_density=cfg.base.density,
+                   seconds={"dense": dense_seconds, "prune": prune_seconds})
+    experiment.save_pruned(out, result, metrics, cfg)
+    print(f"{cfg.prune.method}: {_summary(metrics)}  density {metrics['density']:.4f}  ({prune_seconds:.1f}s)",
+          file=sys.stderr)
+    print(f"wrote {out}/mask.safetensors, model.safetensors, metrics.json", file=sys.stderr)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from ballot import experiment
+
+    folder = Path(args.dir)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise StorageError(f"'{folder}' has no config.json: is it the --out folder of `ballot prune`?")
+    cfg = experiment_from_params(json.loads(config_path.read_text()))
+    data = experiment.prepare_data(cfg)
+    model, mask = experiment.load_pruned(folder, cfg, data)
+    metrics = experiment.model_metrics(model, data, cfg.base.device)
+    metrics["density"] = mask.density()
+    print(json.dumps({k: metrics[k] for k in ("acc", "cwv", "mcd", "worst_class", "density", "per_class")}, indent=2))
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    print(yaml.safe_dump(to_dict(_config_from_args(args)), sort_keys=False), end="")
+
+
+def _add_run_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
+    parser.add_argument("--params", help="params.yaml to start from (default: built-in defaults)")
+    parser.add_argument("--dataset", help="dataset name, e.g. fashion-mnist, digits, npz")
+    parser.add_argument("--model", help="model name, e.g. mlp, cnn, resnet20")
+    if with_method:
+        parser.add_argument("--method", help="pruning method: ballot, lth, magnitude, random")
+    parser.add_argument("--density", type=float, help="fraction of prunable weights kept, in (0, 1]")
+    parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument("--device", help="auto, cpu or cuda")
+    parser.add_argument("--set", action="append", metavar="GROUP.KEY=VALUE",
+                        help="override any parameter, e.g. --set prune.ballot.conflict_threshold=0.3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ballot", description="Fair sparse neural networks: prune, evaluate, ship.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prune = commands.add_parser("prune", help="train dense, prune with a method, retrain; write mask, weights, metrics")
+    _add_run_options(prune)
+    prune.add_argument("--out", required=True, help="output folder")
+    prune.add_argument("--dense", help="folder of dense states to reuse (written there when absent)")
+    prune.set_defaults(func=cmd_prune)
+
+    evaluate = commands.add_parser("evaluate", help="re-evaluate a `ballot prune` output folder on the test split")
+    evaluate.add_argument("--dir", required=True, help="output folder of `ballot prune`")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    config = commands.add_parser("config", help="print the resolved configuration as YAML")
+    _add_run_options(config)
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except USER_ERRORS as error:
+        print(f"ballot: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Typed, validated configuration.
+
+Every concern has a dataclass whose fields carry a default that works and a help text. ``from_dict``
+builds one from a plain mapping (a ``params.yaml`` group) and rejects unknown keys and ill-typed
+values with a message that names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _check(condition: bool, where: str, message: str) -> None:
+    """Raise ConfigError("<where>: <message>") unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{where}: {message}")
+
+
+@dataclass
+class BaseConfig:
+    """Settings shared by every stage."""
+
+    seed: int = _help("Seed for splits, initialisation, batching and random masks.", 0)
+    dataset: str = _help("Dataset name from the registry in ballot.data.", "fashion-mnist")
+    model: str = _help("Model name from the registry in ballot.models.", "mlp")
+    density: float = _help("Fraction of prunable weights kept, in (0, 1].", 0.05)
+    device: str = _help("'auto' (cuda when available), 'cpu' or 'cuda[:N]'.", "auto")
+
+    def __post_init__(self) -> None:
+        check_density(self.density, "density")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split."""
+
+    root: str | None = _help("Folder holding dataset files (defaults depend on the dataset).", None)
+    path: str | None = _help("File or folder for the 'npz' and 'imagefolder' datasets.", None)
+    val_fraction: float = _help("Fraction of the training set held out for validation.", 0.1)
+    imbalance_ratio: float = _help(
+        "Long-tail ratio: largest / smallest training class size (1 = untouched).", 1.0
+    )
+    image_size: int | None = _help("Resize images to this square size (imagefolder only).", None)
+    max_train_samples: int | None = _help("Cap on training-pool samples, for quick runs.", None)
+    max_test_samples: int | None = _help("Cap on test samples, for quick runs.", None)
+    download: bool = _help("Allow torchvision to download when files are absent.", True)
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _check(self.imbalance_ratio >= 1.0, "imbalance_ratio", f"must be >= 1, got {self.imbalance_ratio}")
+        for name in ("max_train_samples", "max_test_samples", "image_size"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, f"must be positive, got {value}")
+
+
+SCHEDULES = ("constant", "step", "cosine", "plateau")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class TrainConfig:
+    """One training run: optimiser and learning-rate schedule."""
+
+    epochs: int = _help("Passes over the training split.", 10)
+    batch_size: int = _help("Mini-batch size.", 128)
+    optimizer: str = _help("'sgd' or 'adam'.", "sgd")
+    lr: float = _help("Peak learning rate.", 0.05)
+    momentum: float = _help("SGD momentum.", 0.9)
+    weight_decay: float = _help("L2 weight decay.", 5e-4)
+    schedule: str = _help("'constant', 'step', 'cosine' or 'plateau' (plateau needs a validation metric).", "cosine")
+    warmup_epochs: float = _help("Linear warm-up length in epochs (fractions allowed).", 0.0)
+    step_epochs: int = _help("Step schedule: decay every this many epochs.", 10)
+    gamma: float = _help("Step / plateau schedule: multiply the lr by this on decay.", 0.1)
+    patience: int = _help("Plateau schedule: epochs without improvement before decaying.", 2)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
+        _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", f"unknown '{self.optimizer}', choose from {OPTIMIZERS}")
+        _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(self.schedule in SCHEDULES, "schedule", f"unknown '{self.schedule}', choose from {SCHEDULES}")
+        _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(self.step_epochs > 0, "step_epochs", f"must be positive, got {self.step_epochs}")
+        _check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+
+
+@dataclass
+class DenseConfig(TrainConfig):
+    """Dense training, plus where to save the rewind state."""
+
+    epochs: int = _help("Passes over the training split.", 20)
+    rewind_iter: int = _help("Save the rewind state theta_k after this many optimiser steps.", 500)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.rewind_iter >= 0, "rewind_iter", f"must be >= 0, got {self.rewind_iter}")
+
+
+def check_density(density: float, where: str = "density") -> None:
+    """Raise ConfigError unless ``density`` is a number in (0, 1]."""
+    ok = isinstance(density, (int, float)) and math.isfinite(density) and 0.0 < density <= 1.0
+    _check(ok, where, f"must be in (0, 1], got {density}")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
+    """Build dataclass ``cls`` from ``data``, naming any unknown key or ill-typed value."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    _check(not unknown, where, f"unknown key(s) {unknown}; allowed keys: {names}")
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        # A partial nested group overrides the field's own default, not the nested class's defaults.
+        if f.name in data and isinstance(data[f.name], Mapping) and f.default_factory is not dataclasses.MISSING:
+            data[f.name] = {**dataclasses.asdict(f.default_factory()), **data[f.name]}
+    kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:  # raised by __post_init__ with the bare field name
+        raise ConfigError(f"{where}.{error}") from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{where}: must not be null")
+    if dataclasses.is_dataclass(hint):
+        _check(isinstance(value, Mapping), where, f"expected a mapping, got {value!r}")
+        return from_dict(hint, value, where)
+    if origin in (list, tuple):
+        _check(isinstance(value, (list, tuple)), where, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1]
+        return origin(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        _check(isinstance(value, bool), where, f"expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), where, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                # YAML reads "1e-4" (no dot) as a string; ".inf" is YAML's spelling of infinity.
+                value = float(value.replace(".inf", "inf"))
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, where, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        _check(isinstance(value, str), where, f"expected a string, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported field type {hint}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-dict view of a config dataclass (for logging and YAML)."""
+    return dataclasses.asdict(config)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+IMPORTANCES = ("magnitude", "taylor")
+
+
+@dataclass
+class BallotConfig:
+    """Ballot's knobs (method.md section 5). Defaults work; Optuna searches the marked ones."""
+
+    obs_density: float = _help("Candidate subnetwork density Omega_obs >= density (1 = whole network).", 0.25)
+    obs_epochs: int = _help("Observation epochs E_obs, trained from theta_k under the candidate mask.", 3)
+    collect_every: int = _help("Collect gradients on every N-th observation step (1 = every step).", 4)
+    ballot_every: int = _help("Cast a ballot every N observation steps (0 = once per epoch).", 0)
+    conflict_threshold: float = _help(
+        "tau: veto a weight when the conflict strength -eta*g_hat*f_hat exceeds tau (inf = no veto).", 0.5
+    )
+    fairness_weight: float = _help("eta: weight of the fairness gradient (0 = fairness gradient off).", 1.0)
+    importance: str = _help("Vote by 'magnitude' |w| or 'taylor' |w*(g_hat + eta*f_hat)|.", "magnitude")
+    class_weight_floor: float = _help("delta in w_c = 1/max(acc_c, delta) for the fairness loss.", 0.05)
+    refine: bool = _help("Refined training (own schedule); false = the baselines' plain retraining.", True)
+    refine_train: TrainConfig = _help("Refined-training schedule.", factory=lambda: TrainConfig(epochs=20, schedule="cosine"))
+    fairness_loss_weight: float = _help("lambda in [0, 1]: mix of the fairness-weighted loss in refined training.", 0.0)
+    objective_mcd_weight: float = _help("Plateau schedule watches val acc - this * val MCD.", 0.5)
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.obs_density <= 1.0, "obs_density", f"must be in (0, 1], got {self.obs_density}")
+        _check(self.obs_epochs >= 1, "obs_epochs", f"must be >= 1, got {self.obs_epochs}")
+        _check(self.collect_every >= 1, "collect_every", f"must be >= 1, got {self.collect_every}")
+        _check(self.ballot_every >= 0, "ballot_every", f"must be >= 0, got {self.ballot_every}")
+        _check(self.conflict_threshold >= 0, "conflict_threshold", f"must be >= 0 (or .inf), got {self.conflict_threshold}")
+        _check(self.fairness_weight >= 0, "fairness_weight", f"must be >= 0, got {self.fairness_weight}")
+        _check(self.importance in IMPORTANCES, "importance", f"unknown '{self.importance}', choose from {IMPORTANCES}")
+        _check(0 < self.class_weight_floor <= 1, "class_weight_floor", f"must be in (0, 1], got {self.class_weight_floor}")
+        _check(0 <= self.fairness_loss_weight <= 1, "fairness_loss_weight",
+               f"must be in [0, 1], got {self.fairness_loss_weight}")
+
+
+@dataclass
+class PruneConfig:
+    """Which pruner runs and the settings the baselines share."""
+
+    method: str = _help("Pruning method from the registry in ballot.pruning.", "ballot")
+    retrain: TrainConfig = _help("Retraining / fine-tuning schedule of magnitude, lth and random.",
+                                 factory=lambda: TrainConfig(epochs=20))
+    lth_rounds: int = _help("LTH: iterative magnitude pruning rounds n ((1-p)^n = density; 1 = one-shot).", 3)
+    min_per_layer: int = _help("Every layer keeps at least this many weights.", 1)
+    ballot: BallotConfig = _help("Ballot's knobs.", factory=BallotConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.lth_rounds >= 1, "lth_rounds", f"must be >= 1, got {self.lth_rounds}")
+        _check(self.min_per_layer >= 0, "min_per_layer", f"must be >= 0, got {self.min_per_layer}")
+
+
+@dataclass
+class ExperimentConfig:
+    """The library's part of params.yaml: one group per concern."""
+
+    base: BaseConfig = _help("Shared settings.", factory=BaseConfig)
+    data: DataConfig = _help("Dataset location and splits.", factory=DataConfig)
+    train_dense: DenseConfig = _help("Dense training.", factory=DenseConfig)
+    prune: PruneConfig = _help("Pruning method and settings.", factory=PruneConfig)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'group.key=value' -> (['group', 'key'], YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' must look like group.key=value")
+    return key.split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of ``params`` with each 'a.b.c=value' set (creating groups as needed)."""
+    merged = copy.deepcopy(params)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a group")
+        node[path[-1]] = value
+    return merged
+
+
+def experiment_from_params(params: Mapping[str, Any], groups: tuple[str, ...] | None = None) -> ExperimentConfig:
+    """ExperimentConfig from a params mapping; groups outside ``groups`` (other tools' own) are ignored."""
+    names = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    known = set(names) | set(groups or ())
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"params: unknown group(s) {unknown}; allowed groups: {sorted(known)}")
+    data = {k: v for k, v in params.items() if k in names}
+    hints = typing.get_type_hints(ExperimentConfig)
+    return ExperimentConfig(**{k: from_dict(hints[k], v, k) for k, v in data.items()})

@@ -1,0 +1,320 @@
+"""Datasets as in-memory tensors: a registry of loaders, seeded splits and long-tail subsampling.
+
+Every loader returns pixels scaled to [0, 1] as float32 ``N x C x H x W`` (or ``N x D`` for tabular
+``npz`` data) with int64 labels; normalisation lives inside the model (see ``ballot.models``), so a
+deployed model takes the same raw inputs as the loader produces.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ballot.config import DataConfig
+
+
+class DatasetError(RuntimeError):
+    """A dataset is unknown, missing or malformed; the message says which and what to do."""
+
+
+@dataclass
+class Split:
+    """Inputs, labels and (optionally) a sensitive attribute per sample."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    group: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, index: torch.Tensor) -> "Split":
+        """The samples at ``index``."""
+        group = None if self.group is None else self.group[index]
+        return Split(self.x[index], self.y[index], group)
+
+
+@dataclass
+class RawDataset:
+    """What a loader returns before splitting."""
+
+    train: Split
+    test: Split
+    class_names: list[str]
+
+
+@dataclass
+class DataBundle:
+    """Train / validation / test splits plus what a model needs to know about the inputs."""
+
+    train: Split
+    val: Split
+    test: Split
+    class_names: list[str]
+    train_index: torch.Tensor  # positions in the loader's training pool
+    val_index: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    def input_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the training inputs: per channel for images, per feature otherwise."""
+        x = self.train.x
+        dims = [0, 2, 3] if x.dim() == 4 else [0]
+        mean = x.mean(dim=dims, keepdim=True)[0]
+        std = x.std(dim=dims, keepdim=True)[0].clamp_min(1e-3)
+        return mean, std
+
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_FILES = {
+    "train_x": "train-images-idx3-ubyte.gz", "train_y": "train-labels-idx1-ubyte.gz",
+    "test_x": "t10k-images-idx3-ubyte.gz", "test_y": "t10k-labels-idx1-ubyte.gz",
+}
+DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (gzipped or not) into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DatasetError(f"{path}: truncated (expected {int(np.prod(shape))} values, found {body.size})")
+    return body.reshape(shape)
+
+
+def _find_fashion_dir(cfg: DataConfig) -> Path | None:
+    candidates = [Path(cfg.root)] if cfg.root else []
+    candidates += [Path(cfg.root) / "FashionMNIST" / "raw"] if cfg.root else []
+    candidates.append(DEBIAN_FASHION_DIR)
+    for folder in candidates:
+        if all((folder / name).exists() or (folder / name[:-3]).exists() for name in FASHION_FILES.values()):
+            return folder
+    return None
+
+
+def _load_fashion_mnist(cfg: DataConfig) -> RawDataset:
+    folder = _find_fashion_dir(cfg)
+    if folder is None:
+        folder = _download_fashion_mnist(cfg)
+    arrays = {}
+    for key, name in FASHION_FILES.items():
+        path = folder / name if (folder / name).exists() else folder / name[:-3]
+        arrays[key] = _read_idx(path)
+    as_images = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)  # noqa: E731
+    return RawDataset(
+        train=Split(as_images(arrays["train_x"]), torch.from_numpy(arrays["train_y"].astype(np.int64))),
+        test=Split(as_images(arrays["test_x"]), torch.from_numpy(arrays["test_y"].astype(np.int64))),
+        class_names=list(FASHION_CLASSES),
+    )
+
+
+def _download_fashion_mnist(cfg: DataConfig) -> Path:
+    root = Path(cfg.root or "data/torchvision")
+    hint = ("install Debian's 'dataset-fashion-mnist' package (files in /usr/share/datasets/fashion-mnist) "
+            "or set data.root to a folder with the four idx .gz files")
+    if not cfg.download:
+        raise DatasetError(f"Fashion-MNIST files not found and data.download is false: {hint}")
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(root), train=True, download=True)
+    except Exception as error:  # network errors come in many types
+        raise DatasetError(f"Fashion-MNIST not found and could not be downloaded ({error}): {hint}") from None
+    return root / "FashionMNIST" / "raw"
+
+
+def _load_digits(cfg: DataConfig) -> RawDataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    # A fixed, seed-independent 80/20 train/test cut so test metrics compare across seeds.
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1797))
+    cut = int(0.8 * len(y))
+    return RawDataset(Split(x[order[:cut]], y[order[:cut]]), Split(x[order[cut:]], y[order[cut:]]),
+                      [str(d) for d in range(10)])
+
+
+def _load_cifar(cfg: DataConfig, num_classes: int) -> RawDataset:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if num_classes == 10 else datasets.CIFAR100
+    root = cfg.root or "data/torchvision"
+    try:
+        train = cls(root, train=True, download=cfg.download)
+        test = cls(root, train=False, download=cfg.download)
+    except Exception as error:
+        raise DatasetError(
+            f"CIFAR-{num_classes} is not in '{root}' and could not be downloaded ({type(error).__name__}: "
+            f"{error}). Put the extracted python-version archive there or set data.root."
+        ) from None
+    as_tensor = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    return RawDataset(
+        Split(as_tensor(train.data), torch.tensor(train.targets, dtype=torch.int64)),
+        Split(as_tensor(test.data), torch.tensor(test.targets, dtype=torch.int64)),
+        list(train.classes),
+    )
+
+
+def _load_imagefolder(cfg: DataConfig) -> RawDataset:
+    """``path`` holds ``train/<class>/*`` and optionally ``test/<class>/*`` (else 20% of train is the test set)."""
+    from torchvision import datasets, transforms
+
+    if not cfg.path:
+        raise DatasetError("dataset 'imagefolder' needs data.path: a folder with train/<class>/ image folders")
+    root = Path(cfg.path)
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    if not train_dir.is_dir():
+        raise DatasetError(f"imagefolder: '{root}' is not a folder")
+    steps = [transforms.Resize((cfg.image_size, cfg.image_size))] if cfg.image_size else []
+    transform = transforms.Compose(steps + [transforms.ToTensor()])
+
+    def read(folder: Path) -> tuple[Split, list[str]]:
+        try:
+            folder_set = datasets.ImageFolder(str(folder), transform=transform)
+        except (FileNotFoundError, OSError) as error:
+            raise DatasetError(f"imagefolder: cannot read '{folder}': {error}") from None
+        images, labels = zip(*(folder_set[i] for i in range(len(folder_set))))
+        shapes = {tuple(img.shape) for img in images}
+        if len(shapes) > 1:
+            raise DatasetError(f"imagefolder: images in '{folder}' differ in size {sorted(shapes)}; set data.image_size")
+        return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64)), folder_set.classes
+
+    train, classes = read(train_dir)
+    test_dir = root / "test"
+    if test_dir.is_dir():
+        test, test_classes = read(test_dir)
+        if test_classes != classes:
+            raise DatasetError(f"imagefolder: class folders of train {classes} and test {test_classes} differ")
+        return RawDataset(train, test, classes)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    cut = int(0.8 * len(train))
+    return RawDataset(train.subset(order[:cut]), train.subset(order[cut:]), classes)
+
+
+def _load_npz(cfg: DataConfig) -> RawDataset:
+    """Arrays ``x``, ``y`` and optional ``group``, ``x_test``, ``y_test``, ``group_test``, ``class_names``."""
+    if not cfg.path:
+        raise DatasetError("dataset 'npz' needs data.path: a .npz file with arrays x and y")
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise DatasetError(f"npz: file '{path}' not found")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (ValueError, OSError) as error:
+        raise DatasetError(f"npz: cannot read '{path}': {error}") from None
+    missing = {"x", "y"} - set(arrays)
+    if missing:
+        raise DatasetError(f"npz: '{path}' lacks array(s) {sorted(missing)}; it has {sorted(arrays)}")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise DatasetError(f"npz: '{path}' must hold both x_test and y_test, or neither")
+
+    def split(suffix: str) -> Split:
+        x, y = arrays["x" + suffix], arrays["y" + suffix]
+        if len(x) != len(y):
+            raise DatasetError(f"npz: x{suffix} has {len(x)} rows but y{suffix} has {len(y)}")
+        if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+            raise DatasetError(f"npz: y{suffix} must hold non-negative integer class labels")
+        if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+            raise DatasetError(f"npz: x{suffix} must be finite numbers")
+        group = arrays.get("group" + suffix)
+        if group is not None and len(group) != len(y):
+            raise DatasetError(f"npz: group{suffix} has {len(group)} rows but y{suffix} has {len(y)}")
+        return Split(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64)),
+                     None if group is None else torch.from_numpy(group.astype(np.int64)))
+
+    pool = split("")
+    if "x_test" in arrays:
+        train, test = pool, split("_test")
+    else:
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
+        cut = int(0.8 * len(pool))
+        train, test = pool.subset(order[:cut]), pool.subset(order[cut:])
+    num_classes = int(max(train.y.max(), test.y.max() if len(test) else 0)) + 1
+    names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else [str(c) for c in range(num_classes)]
+    if len(names) < num_classes:
+        raise DatasetError(f"npz: class_names has {len(names)} entries but labels go up to {num_classes - 1}")
+    return RawDataset(train, test, names)
+
+
+DATASETS: dict[str, Callable[[DataConfig], RawDataset]] = {
+    "fashion-mnist": _load_fashion_mnist,
+    "digits": _load_digits,
+    "cifar10": lambda cfg: _load_cifar(cfg, 10),
+    "cifar100": lambda cfg: _load_cifar(cfg, 100),
+    "imagefolder": _load_imagefolder,
+    "npz": _load_npz,
+}
+
+
+def long_tail_index(y: torch.Tensor, num_classes: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a long-tailed subsample: class c keeps n_max * ratio^(-c/(C-1)) samples.
+
+    ``n_max`` is the size of the smallest class, so every class can supply its quota; the order of
+    classes (largest first) is the label order, as in the CIFAR-LT convention.
+    """
+    counts = torch.bincount(y, minlength=num_classes)
+    n_max = int(counts[counts > 0].min())
+    keep = []
+    for c in range(num_classes):
+        members = torch.nonzero(y == c).flatten()
+        if len(members) == 0:
+            continue
+        quota = max(1, int(n_max * ratio ** (-c / max(num_classes - 1, 1))))
+        keep.append(members[torch.randperm(len(members), generator=generator)[:quota]])
+    return torch.sort(torch.cat(keep)).values
+
+
+def stratified_split(y: torch.Tensor, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices with ``fraction`` of every class in val (at least one sample where possible)."""
+    train, val = [], []
+    for c in torch.unique(y).tolist():
+        members = torch.nonzero(y == c).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_val = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) > 1 else 0
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(val)).values
+
+
+def load_data(name: str, cfg: DataConfig | None = None, seed: int = 0) -> DataBundle:
+    """Load dataset ``name`` and carve a seeded validation split (after optional long-tail subsampling)."""
+    cfg = cfg or DataConfig()
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset '{name}'; choose from {sorted(DATASETS)}")
+    raw = DATASETS[name](cfg)
+    num_classes = len(raw.class_names)
+    generator = torch.Generator().manual_seed(seed)
+    pool_index = torch.arange(len(raw.train))
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(pool_index):
+        pool_index = torch.sort(torch.randperm(len(pool_index), generator=generator)[: cfg.max_train_samples]).values
+    if cfg.imbalance_ratio > 1.0:
+        pool_index = pool_index[long_tail_index(raw.train.y[pool_index], num_classes, cfg.imbalance_ratio, generator)]
+    train_pos, val_pos = stratified_split(raw.train.y[pool_index], cfg.val_fraction, generator)
+    train_index, val_index = pool_index[train_pos], pool_index[val_pos]
+    test = raw.test
+    if cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
+        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: cfg.max_test_samples])
+    return DataBundle(raw.train.subset(train_index), raw.train.subset(val_index), test,
+                      raw.class_names, train_index, val_index)
+

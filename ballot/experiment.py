@@ -1,0 +1,107 @@
+"""The operations a run is made of, shared by the CLI and the DVC stage scripts."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ballot.config import ExperimentConfig, check_density, to_dict
+from ballot.data import DataBundle, load_data
+from ballot.fairness import evaluate
+from ballot.masks import Mask
+from ballot.models import build_model
+from ballot.pruning import DenseArtifacts, PruneContext, PruneResult, get_pruner
+from ballot.storage import atomic_save_tensors, load_state, load_tensors, save_state, write_json
+from ballot.train import TrainResult, resolve_device, seed_everything, train
+
+DENSE_FILES = {"init_state": "init.safetensors", "rewind_state": "rewind.safetensors",
+               "trained_state": "dense.safetensors"}
+
+
+def prepare_data(cfg: ExperimentConfig) -> DataBundle:
+    """Load the configured dataset with its seeded splits."""
+    return load_data(cfg.base.dataset, cfg.data, cfg.base.seed)
+
+
+def new_model(cfg: ExperimentConfig, data: DataBundle) -> nn.Module:
+    """A freshly initialised (seeded) model whose first layer standardises with the training statistics."""
+    seed_everything(cfg.base.seed)
+    mean, std = data.input_stats()
+    return build_model(cfg.base.model, data.input_shape, data.num_classes, mean, std)
+
+
+def train_dense(cfg: ExperimentConfig, data: DataBundle, progress: bool | None = None
+                ) -> tuple[nn.Module, DenseArtifacts, TrainResult]:
+    """theta_0 -> theta_T, keeping the rewind state theta_k."""
+    model = new_model(cfg, data)
+    init_state = copy.deepcopy(model.state_dict())
+    result = train(model, data.train, cfg.train_dense, seed=cfg.base.seed, device=resolve_device(cfg.base.device),
+                   rewind_iter=cfg.train_dense.rewind_iter, desc="dense", progress=progress)
+    assert result.rewind_state is not None
+    dense = DenseArtifacts(init_state, result.rewind_state, copy.deepcopy(model.state_dict()))
+    return model, dense, result
+
+
+def save_dense(dense: DenseArtifacts, folder: str | Path) -> None:
+    for attr, name in DENSE_FILES.items():
+        save_state(getattr(dense, attr), Path(folder) / name)
+
+
+def load_dense(folder: str | Path) -> DenseArtifacts:
+    return DenseArtifacts(**{attr: load_tensors(Path(folder) / name, "dense weights")
+                             for attr, name in DENSE_FILES.items()})
+
+
+def run_prune(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, progress: bool | None = None
+              ) -> PruneResult:
+    """Run the configured pruning method on the dense phase's states."""
+    check_density(cfg.base.density, "base.density")
+    pruner = get_pruner(cfg.prune.method)
+    ctx = PruneContext(data=data, model_name=cfg.base.model, density=cfg.base.density, seed=cfg.base.seed,
+                       dense=dense, config=cfg.prune, device=resolve_device(cfg.base.device), progress=progress)
+    seed_everything(cfg.base.seed)
+    return pruner(ctx)
+
+
+def model_metrics(model: nn.Module, data: DataBundle, device: str = "auto") -> dict[str, Any]:
+    """Test-split metrics at the top level and validation metrics under 'val'."""
+    dev = resolve_device(device)
+    test = evaluate(model, data.test.x, data.test.y, data.num_classes, data.test.group, device=dev)
+    val = evaluate(model, data.val.x, data.val.y, data.num_classes, data.val.group, device=dev)
+    return {**test, "class_names": data.class_names, "val": val}
+
+
+def save_pruned(folder: str | Path, result: PruneResult, metrics: dict[str, Any], cfg: ExperimentConfig) -> None:
+    """mask.safetensors, model.safetensors, metrics.json, details.json (and votes.safetensors for Ballot)."""
+    folder = Path(folder)
+    details = dict(result.details)
+    votes = details.pop("votes", None)
+    if votes is not None:
+        atomic_save_tensors(votes, folder / "votes.safetensors")
+    result.mask.save(folder / "mask.safetensors")
+    save_state(result.model, folder / "model.safetensors")
+    write_json(folder / "details.json", details)
+    write_json(folder / "config.json", to_dict(cfg))
+    write_json(folder / "metrics.json", metrics)
+
+
+def load_pruned(folder: str | Path, cfg: ExperimentConfig, data: DataBundle) -> tuple[nn.Module, Mask]:
+    """The sparse model and mask saved by ``save_pruned``."""
+    folder = Path(folder)
+    model = build_model(cfg.base.model, data.input_shape, data.num_classes)
+    load_state(model, folder / "model.safetensors")
+    mask = Mask.load(folder / "mask.safetensors")
+    mask.validate(model)
+    return model, mask
+
+
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    """(fn(*args, **kwargs), seconds it took)."""
+    start = time.perf_counter()
+    value = fn(*args, **kwargs)
+    return value, time.perf_counter() - start

@@ -1,0 +1,212 @@
+"""The Mask value type: which prunable weights survive.
+
+A Mask maps prunable parameter names (conv and linear weights by default) to boolean tensors of the
+same shape. Budgets are met exactly: ``Mask.top_k`` keeps precisely ``round(density * total)``
+weights. Masks are saved as safetensors, never pickled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ballot.config import check_density
+from ballot.storage import atomic_save_tensors, load_tensors
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class MaskError(ValueError):
+    """A mask does not fit its model, or a mask file holds something other than 0/1 tensors."""
+
+
+def prunable_names(model: nn.Module) -> list[str]:
+    """Names of the weight parameters of every linear and convolutional layer, in module order."""
+    return [f"{name}.weight" if name else "weight" for name, module in model.named_modules()
+            if isinstance(module, PRUNABLE_TYPES)]
+
+
+def budget(total: int, density: float) -> int:
+    """Number of weights kept at ``density`` (at least one)."""
+    check_density(density)
+    return max(1, min(total, round(density * total)))
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    kept: int
+    total: int
+
+    @property
+    def density(self) -> float:
+        return self.kept / self.total
+
+
+class Mask(Mapping[str, torch.Tensor]):
+    """Validated {parameter name: bool tensor}."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if not tensors:
+            raise MaskError("a mask needs at least one tensor")
+        self._tensors: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise MaskError(f"mask entry '{name}' is not a tensor")
+            self._tensors[name] = tensor.detach().to(device="cpu", dtype=torch.bool)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    @classmethod
+    def ones_like(cls, model: nn.Module) -> "Mask":
+        """A mask that keeps every prunable weight."""
+        params = dict(model.named_parameters())
+        return cls({name: torch.ones_like(params[name], dtype=torch.bool) for name in prunable_names(model)})
+
+    @classmethod
+    def top_k(cls, scores: Mapping[str, torch.Tensor], density: float, min_per_layer: int = 1) -> "Mask":
+        """Keep the highest-scoring weights globally, exactly ``budget(total, density)`` of them.
+
+        Each layer first keeps its own ``min_per_layer`` best weights (so no layer dies); the rest of the
+        budget goes to the best remaining scores network-wide. Ties go to the earlier position, so the
+        result is deterministic.
+        """
+        names = list(scores)
+        sizes = [scores[n].numel() for n in names]
+        total = sum(sizes)
+        keep = budget(total, density)
+        flat = torch.cat([scores[n].detach().flatten().float().cpu() for n in names])
+        if not torch.isfinite(flat).all():
+            raise MaskError("scores must be finite")
+        chosen = torch.zeros(total, dtype=torch.bool)
+        start = 0
+        for size in sizes:
+            floor = min(size, min_per_layer, keep)
+            order = torch.argsort(flat[start:start + size], descending=True, stable=True)
+            chosen[start + order[:floor]] = True
+            start += size
+        remaining = keep - int(chosen.sum())
+        if remaining > 0:
+            rest = torch.nonzero(~chosen).flatten()
+            order = torch.argsort(flat[rest], descending=True, stable=True)
+            chosen[rest[order[:remaining]]] = True
+        tensors, start = {}, 0
+        for name, size in zip(names, sizes):
+            tensors[name] = chosen[start:start + size].reshape(scores[name].shape)
+            start += size
+        return cls(tensors)
+
+    @property
+    def kept(self) -> int:
+        return sum(int(t.sum()) for t in self._tensors.values())
+
+    @property
+    def total(self) -> int:
+        return sum(t.numel() for t in self._tensors.values())
+
+    def density(self) -> float:
+        """Fraction of masked weights kept."""
+        return self.kept / self.total
+
+    def sparsity(self) -> float:
+        return 1.0 - self.density()
+
+    def report(self) -> list[LayerReport]:
+        """Kept / total per layer."""
+        return [LayerReport(name, int(t.sum()), t.numel()) for name, t in self._tensors.items()]
+
+    def intersect(self, other: "Mask") -> "Mask":
+        """Weights kept by both masks."""
+        if set(self) != set(other):
+            raise MaskError("masks cover different parameters")
+        return Mask({n: self[n] & other[n] for n in self})
+
+    def is_subset_of(self, other: "Mask") -> bool:
+        """True when every weight kept here is also kept by ``other``."""
+        return set(self) == set(other) and all(not bool((self[n] & ~other[n]).any()) for n in self)
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise MaskError unless every entry names a parameter of ``model`` with the same shape."""
+        params = dict(model.named_parameters())
+        for name, tensor in self._tensors.items():
+            if name not in params:
+                raise MaskError(f"mask entry '{name}' is not a parameter of the model")
+            if tuple(params[name].shape) != tuple(tensor.shape):
+                raise MaskError(f"mask entry '{name}' has shape {tuple(tensor.shape)}, "
+                                f"the parameter has {tuple(params[name].shape)}")
+
+    def apply(self, model: nn.Module) -> None:
+        """Zero the pruned weights of ``model`` in place."""
+        self.validate(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in self._tensors.items():
+                params[name].mul_(tensor.to(params[name].device, params[name].dtype))
+
+    def on(self, model: nn.Module) -> "BoundMask":
+        """Bind to ``model`` for fast enforcement inside a training loop."""
+        return BoundMask(self, model)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically as safetensors (uint8 tensors)."""
+        atomic_save_tensors({n: t.to(torch.uint8).contiguous() for n, t in self._tensors.items()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Mask":
+        """Read a mask written by ``save``; MaskError or StorageError name what is wrong."""
+        path = Path(path)
+        tensors = load_tensors(path, "mask")
+        for name, tensor in tensors.items():
+            if tensor.dtype not in (torch.uint8, torch.bool) or (tensor.numel() and int(tensor.max()) > 1):
+                raise MaskError(f"{path}: entry '{name}' is not a 0/1 tensor")
+        return cls(tensors)
+
+    def to_bytes(self) -> bytes:
+        """Canonical byte form (names sorted), for determinism checks and hashing."""
+        return b"".join(name.encode() + self._tensors[name].numpy().tobytes() for name in sorted(self._tensors))
+
+
+class BoundMask:
+    """A mask resolved to a model's parameter tensors: zeroes weights and gradients cheaply."""
+
+    def __init__(self, mask: Mask, model: nn.Module) -> None:
+        mask.validate(model)
+        params = dict(model.named_parameters())
+        self.pairs = [(params[n], mask[n].to(params[n].device, params[n].dtype)) for n in mask]
+
+    @torch.no_grad()
+    def zero_weights(self) -> None:
+        for param, keep in self.pairs:
+            param.mul_(keep)
+
+    @torch.no_grad()
+    def zero_grads(self) -> None:
+        for param, keep in self.pairs:
+            if param.grad is not None:
+                param.grad.mul_(keep)
+
+
+def magnitude_scores(model: nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """|w| for each prunable weight."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().abs().cpu() for n in (names or prunable_names(model))}
+
+
+def density_schedule(target: float, rounds: int) -> list[float]:
+    """Densities after each of ``rounds`` equal-ratio pruning rounds ending exactly at ``target``."""
+    check_density(target)
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    return [target ** ((r + 1) / rounds) if r + 1 < rounds else target for r in range(rounds)]
+

@@ -1,0 +1,136 @@
+"""Model registry. Every model starts with a ``Standardize`` layer, so it takes raw [0, 1] inputs."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+class ModelError(ValueError):
+    """Unknown model name or a model that cannot take the dataset's inputs."""
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std with buffers that broadcast over one sample; exported with the model."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.unsqueeze(0).clone())
+        self.register_buffer("std", std.unsqueeze(0).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _mlp(shape: Sequence[int], num_classes: int) -> nn.Module:
+    """LeNet-300-100."""
+    features = int(torch.tensor(shape).prod())
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+                         nn.Linear(100, num_classes))
+
+
+def _cnn(shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Four 3x3 convolutions (32-32-64-64) with two max-pools, then a linear classifier."""
+    channels = _image_channels(shape, "cnn")
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
+
+    return nn.Sequential(*block(channels, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
+                         nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def _resnet20(shape: Sequence[int], num_classes: int) -> nn.Module:
+    """CIFAR-style ResNet-20 (three stages of three basic blocks, 16-32-64 channels)."""
+    channels = _image_channels(shape, "resnet20")
+    layers: list[nn.Module] = [nn.Conv2d(channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    cin = 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        for block in range(3):
+            layers.append(_BasicBlock(cin, cout, stride if block == 0 else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+    return nn.Sequential(*layers)
+
+
+VGG_LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512)
+
+
+def _vgg(shape: Sequence[int], num_classes: int) -> nn.Module:
+    """VGG-11 with BatchNorm, global average pooling and one linear classifier (small-input variant)."""
+    cin = _image_channels(shape, "vgg")
+    layers: list[nn.Module] = []
+    for item in VGG_LAYOUT:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        else:
+            layers += [nn.Conv2d(cin, int(item), 3, padding=1, bias=False), nn.BatchNorm2d(int(item)), nn.ReLU()]
+            cin = int(item)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _resnet18(shape: Sequence[int], num_classes: int) -> nn.Module:
+    """torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 28-64 px inputs."""
+    from torchvision.models import resnet18
+
+    channels = _image_channels(shape, "resnet18")
+    model = resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _image_channels(shape: Sequence[int], name: str) -> int:
+    if len(shape) != 3:
+        raise ModelError(f"model '{name}' needs image inputs (C, H, W); the dataset gives shape {tuple(shape)}")
+    return int(shape[0])
+
+
+MODELS: dict[str, Callable[[Sequence[int], int], nn.Module]] = {
+    "mlp": _mlp,
+    "cnn": _cnn,
+    "resnet20": _resnet20,
+    "vgg": _vgg,
+    "resnet18": _resnet18,
+}
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int,
+                mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> nn.Module:
+    """Model ``name`` for inputs of ``input_shape`` (without batch) wrapped in a standardising first layer.
+
+    ``mean`` and ``std`` must broadcast against one sample (see ``DataBundle.input_stats``); they
+    default to the identity transform.
+    """
+    if name not in MODELS:
+        raise ModelError(f"unknown model '{name}'; choose from {sorted(MODELS)}")
+    stat_shape = stats_shape(input_shape)
+    mean = torch.zeros(stat_shape) if mean is None else mean.reshape(stat_shape)
+    std = torch.ones(stat_shape) if std is None else std.reshape(stat_shape)
+    return nn.Sequential(Standardize(mean, std), MODELS[name](input_shape, num_classes))
+
+
+def stats_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """Shape of normalisation statistics: per channel for images (C, 1, 1), per feature otherwise."""
+    if len(input_shape) == 3:
+        return (int(input_shape[0]), 1, 1)
+    return tuple(int(d) for d in input_shape)

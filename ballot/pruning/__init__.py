@@ -1,0 +1,29 @@
+"""Pruner registry: method name -> prune(ctx) returning a PruneResult."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ballot.pruning import ballot, lth, magnitude, random_mask
+from ballot.pruning.base import DenseArtifacts, PruneContext, PruneResult
+
+PRUNERS: dict[str, Callable[[PruneContext], PruneResult]] = {
+    "magnitude": magnitude.prune,
+    "lth": lth.prune,
+    "random": random_mask.prune,
+    "ballot": ballot.prune,
+}
+
+
+class UnknownMethodError(ValueError):
+    """The requested pruning method is not in the registry."""
+
+
+def get_pruner(method: str) -> Callable[[PruneContext], PruneResult]:
+    """The prune function registered under ``method``."""
+    if method not in PRUNERS:
+        raise UnknownMethodError(f"unknown pruning method '{method}'; choose from {sorted(PRUNERS)}")
+    return PRUNERS[method]
+
+
+__all__ = ["PRUNERS", "get_pruner", "UnknownMethodError", "DenseArtifacts", "PruneContext", "PruneResult"]

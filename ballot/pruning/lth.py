@@ -1,0 +1,28 @@
+"""Lottery-ticket pruning: iterative magnitude pruning with weight rewinding (Frankle et al. 2020)."""
+
+from __future__ import annotations
+
+from ballot.masks import Mask, density_schedule, magnitude_scores
+from ballot.pruning.base import PruneContext, PruneResult
+from ballot.train import train
+
+
+def prune(ctx: PruneContext) -> PruneResult:
+    """n rounds: prune the smallest surviving weights, rewind survivors to theta_k, retrain.
+
+    Round r keeps density ** (r / n) of all prunable weights, chosen among the previous round's
+    survivors, so masks are nested. The first round prunes the dense phase's theta_T.
+    """
+    trained = ctx.model_from(ctx.dense.trained_state)
+    mask = Mask.ones_like(trained)
+    rounds, history = [], []
+    for round_density in density_schedule(ctx.density, ctx.config.lth_rounds):
+        scores = magnitude_scores(trained)
+        survivors_only = {n: s.masked_fill(~mask[n], -1.0) for n, s in scores.items()}  # |w| >= 0 > -1
+        mask = Mask.top_k(survivors_only, round_density, ctx.config.min_per_layer)
+        trained = ctx.model_from(ctx.dense.rewind_state)
+        result = train(trained, ctx.data.train, ctx.config.retrain, seed=ctx.seed, mask=mask, device=ctx.device,
+                       desc=f"lth round {len(rounds) + 1}", progress=ctx.progress)
+        rounds.append({"density": mask.density(), "kept": mask.kept})
+        history.append(result.history)
+    return PruneResult(mask, trained, {"rounds": rounds, "history": history})

@@ -1,0 +1,21 @@
+"""A random mask at the same density: the sanity floor."""
+
+from __future__ import annotations
+
+import torch
+
+from ballot.masks import Mask, prunable_names
+from ballot.pruning.base import PruneContext, PruneResult
+from ballot.train import train
+
+
+def prune(ctx: PruneContext) -> PruneResult:
+    """Keep uniformly random weights (seeded) network-wide, rewind to theta_k, retrain."""
+    model = ctx.model_from(ctx.dense.rewind_state)
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(ctx.seed)
+    scores = {n: torch.rand(params[n].shape, generator=generator) for n in prunable_names(model)}
+    mask = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
+    result = train(model, ctx.data.train, ctx.config.retrain, seed=ctx.seed, mask=mask, device=ctx.device,
+                   desc="random retrain", progress=ctx.progress)
+    return PruneResult(mask, model, {"history": result.history})

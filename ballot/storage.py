@@ -1,0 +1,91 @@
+"""Atomic file writes and pickle-free tensor files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class StorageError(ValueError):
+    """A file is missing or unreadable; the message names it."""
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Atomically write ``text``."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Atomically write ``data`` as indented JSON (NaN written as null)."""
+    return write_text(path, json.dumps(_nan_to_none(data), indent=2, sort_keys=False) + "\n")
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                        metadata: dict[str, str] | None = None) -> Path:
+    """Atomically write ``tensors`` as a safetensors file."""
+    payload = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(payload, tmp, metadata=metadata))
+
+
+def load_tensors(path: str | Path, what: str = "tensor file") -> dict[str, torch.Tensor]:
+    """Read a safetensors file, with a clear error when it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise StorageError(f"{what} '{path}' not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise StorageError(f"{what} '{path}' is not a readable safetensors file: {error}") from None
+
+
+def save_state(model: torch.nn.Module | Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Save a model's state dict (or a state dict) as safetensors."""
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    return atomic_save_tensors(state, path)
+
+
+def load_state(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load safetensors weights into ``model``, naming missing or mismatched entries."""
+    state = load_tensors(path, "weights")
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise StorageError(f"weights '{path}' do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tensor.shape != own[name].shape:
+            raise StorageError(f"weights '{path}': '{name}' has shape {tuple(tensor.shape)}, "
+                               f"the model expects {tuple(own[name].shape)}")
+    model.load_state_dict(state)
+    return model
