@@ -13,6 +13,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class StorageError(ValueError):
     """A file is missing or unreadable; the message names it."""
 
@@ -25,6 +29,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(handle)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
