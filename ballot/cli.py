@@ -36,6 +36,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from ballot import experiment
 
     cfg = _config_from_args(args)
+    experiment.check_names(cfg)
     out = Path(args.out)
     data = experiment.prepare_data(cfg)
     print(f"data: {cfg.base.dataset}  train {len(data.train)}  val {len(data.val)}  test {len(data.test)}  "

@@ -227,7 +227,7 @@ class BallotConfig:
     class_weight_floor: float = _help("delta in w_c = 1/max(acc_c, delta) for the fairness loss.", 0.05)
     refine: bool = _help("Refined training (own schedule); false = the baselines' plain retraining.", True)
     refine_train: TrainConfig = _help("Refined-training schedule.", factory=lambda: TrainConfig(epochs=20, schedule="cosine"))
-    fairness_loss_weight: float = _help("lambda in [0, 1]: mix of the fairness-weighted loss in refined training.", 0.0)
+    fairness_loss_weight: float = _help("lambda in [0, 1]: mix of the fairness-weighted loss in refined training.", 1.0)
     objective_mcd_weight: float = _help("Plateau schedule watches val acc - this * val MCD.", 0.5)
 
     def __post_init__(self) -> None:

@@ -267,6 +267,13 @@ DATASETS: dict[str, Callable[[DataConfig], RawDataset]] = {
 }
 
 
+def dataset_loader(name: str) -> Callable[[DataConfig], RawDataset]:
+    """The registered loader for ``name``; DatasetError listing the choices otherwise."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset '{name}'; choose from {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
 def long_tail_index(y: torch.Tensor, num_classes: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
     """Indices of a long-tailed subsample: class c keeps n_max * ratio^(-c/(C-1)) samples.
 
@@ -300,9 +307,7 @@ def stratified_split(y: torch.Tensor, fraction: float, generator: torch.Generato
 def load_data(name: str, cfg: DataConfig | None = None, seed: int = 0) -> DataBundle:
     """Load dataset ``name`` and carve a seeded validation split (after optional long-tail subsampling)."""
     cfg = cfg or DataConfig()
-    if name not in DATASETS:
-        raise DatasetError(f"unknown dataset '{name}'; choose from {sorted(DATASETS)}")
-    raw = DATASETS[name](cfg)
+    raw = dataset_loader(name)(cfg)
     num_classes = len(raw.class_names)
     generator = torch.Generator().manual_seed(seed)
     pool_index = torch.arange(len(raw.train))

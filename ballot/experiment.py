@@ -11,16 +11,23 @@ import torch
 from torch import nn
 
 from ballot.config import ExperimentConfig, check_density, to_dict
-from ballot.data import DataBundle, load_data
+from ballot.data import DataBundle, dataset_loader, load_data
 from ballot.fairness import evaluate
 from ballot.masks import Mask
-from ballot.models import build_model
+from ballot.models import build_model, model_builder
 from ballot.pruning import DenseArtifacts, PruneContext, PruneResult, get_pruner
 from ballot.storage import atomic_save_tensors, load_state, load_tensors, save_state, write_json
 from ballot.train import TrainResult, resolve_device, seed_everything, train
 
 DENSE_FILES = {"init_state": "init.safetensors", "rewind_state": "rewind.safetensors",
                "trained_state": "dense.safetensors"}
+
+
+def check_names(cfg: ExperimentConfig) -> None:
+    """Fail fast, before any work, when the dataset, model or method is not in its registry."""
+    dataset_loader(cfg.base.dataset)
+    model_builder(cfg.base.model)
+    get_pruner(cfg.prune.method)
 
 
 def prepare_data(cfg: ExperimentConfig) -> DataBundle:

@@ -121,12 +121,18 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int,
     ``mean`` and ``std`` must broadcast against one sample (see ``DataBundle.input_stats``); they
     default to the identity transform.
     """
-    if name not in MODELS:
-        raise ModelError(f"unknown model '{name}'; choose from {sorted(MODELS)}")
+    builder = model_builder(name)
     stat_shape = stats_shape(input_shape)
     mean = torch.zeros(stat_shape) if mean is None else mean.reshape(stat_shape)
     std = torch.ones(stat_shape) if std is None else std.reshape(stat_shape)
-    return nn.Sequential(Standardize(mean, std), MODELS[name](input_shape, num_classes))
+    return nn.Sequential(Standardize(mean, std), builder(input_shape, num_classes))
+
+
+def model_builder(name: str) -> Callable[[Sequence[int], int], nn.Module]:
+    """The registered builder for ``name``; ModelError listing the choices otherwise."""
+    if name not in MODELS:
+        raise ModelError(f"unknown model '{name}'; choose from {sorted(MODELS)}")
+    return MODELS[name]
 
 
 def stats_shape(input_shape: Sequence[int]) -> tuple[int, ...]:

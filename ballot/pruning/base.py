@@ -50,3 +50,4 @@ class PruneResult:
     mask: Mask
     model: nn.Module
     details: dict[str, Any] = field(default_factory=dict)
+    round_masks: list[Mask] = field(default_factory=list)  # intermediate masks of iterative methods

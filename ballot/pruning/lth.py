@@ -15,7 +15,7 @@ def prune(ctx: PruneContext) -> PruneResult:
     """
     trained = ctx.model_from(ctx.dense.trained_state)
     mask = Mask.ones_like(trained)
-    rounds, history = [], []
+    rounds, history, masks = [], [], []
     for round_density in density_schedule(ctx.density, ctx.config.lth_rounds):
         scores = magnitude_scores(trained)
         survivors_only = {n: s.masked_fill(~mask[n], -1.0) for n, s in scores.items()}  # |w| >= 0 > -1
@@ -24,5 +24,6 @@ def prune(ctx: PruneContext) -> PruneResult:
         result = train(trained, ctx.data.train, ctx.config.retrain, seed=ctx.seed, mask=mask, device=ctx.device,
                        desc=f"lth round {len(rounds) + 1}", progress=ctx.progress)
         rounds.append({"density": mask.density(), "kept": mask.kept})
+        masks.append(mask)
         history.append(result.history)
-    return PruneResult(mask, trained, {"rounds": rounds, "history": history})
+    return PruneResult(mask, trained, {"rounds": rounds, "history": history}, round_masks=masks)

@@ -1,0 +1,55 @@
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from ballot.cli import main
+from ballot.masks import Mask, budget
+from tests.conftest import TINY
+
+TINY_FLAGS = [flag for item in TINY if not item.startswith("base.") for flag in ("--set", item)]
+
+
+def test_prune_writes_mask_weights_and_metrics_then_evaluate_reproduces_them(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["prune", "--dataset", "digits", "--model", "mlp", "--method", "lth", "--density", "0.05",
+                 "--seed", "0", "--device", "cpu", "--out", str(out), *TINY_FLAGS])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"acc", "per_class", "cwv", "mcd", "density", "worst_class"} <= set(metrics)
+    assert len(metrics["per_class"]) == 10 and metrics["method"] == "lth"
+    mask = Mask.load(out / "mask.safetensors")
+    assert mask.kept == budget(mask.total, 0.05) and metrics["density"] == mask.density()
+    assert (out / "model.safetensors").is_file() and (out / "dense" / "rewind.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", "--dir", str(out)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["acc"] == metrics["acc"] and again["cwv"] == metrics["cwv"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset", "nope"], "unknown dataset 'nope'"),
+    (["--model", "transformer"], "unknown model 'transformer'"),
+    (["--method", "prayer"], "unknown pruning method 'prayer'"),
+    (["--density", "1.5"], r"base.density: must be in \(0, 1\]"),
+    (["--set", "prune.lth_roundz=2"], r"unknown key\(s\) \['lth_roundz'\]"),
+])
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    code = main(["prune", "--dataset", "digits", "--out", str(out), *TINY_FLAGS, *flags])
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists(), "nothing may be written for bad input"
+
+
+def test_evaluate_of_a_folder_without_outputs(tmp_path, capsys):
+    assert main(["evaluate", "--dir", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["prune"], ["evaluate"], ["config"]])
+def test_help_on_every_command(command):
+    result = subprocess.run([sys.executable, "-m", "ballot.cli", *command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: ballot" in result.stdout

@@ -1,0 +1,55 @@
+import math
+
+import pytest
+
+from ballot.config import (BallotConfig, ConfigError, PruneConfig, apply_overrides, experiment_from_params, from_dict,
+                           load_yaml)
+
+
+def test_defaults_build_and_nested_partial_groups_keep_their_own_defaults():
+    cfg = experiment_from_params({"prune": {"ballot": {"refine_train": {"lr": 0.2}}}})
+    assert cfg.prune.ballot.refine_train.lr == 0.2
+    assert cfg.prune.ballot.refine_train.epochs == BallotConfig().refine_train.epochs
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"base": {"densty": 0.1}}, r"base: unknown key\(s\) \['densty'\]"),
+    ({"base": {"density": 1.5}}, r"base.density: must be in \(0, 1\], got 1.5"),
+    ({"base": {"density": 0}}, r"base.density: must be in \(0, 1\]"),
+    ({"base": {"seed": "zero"}}, "base.seed: expected an integer"),
+    ({"prune": {"retrain": {"schedule": "linear"}}}, "prune.retrain.schedule: unknown 'linear'"),
+    ({"prune": {"ballot": {"conflict_threshold": -1}}}, "prune.ballot.conflict_threshold: must be >= 0"),
+    ({"bogus_group": {}}, r"unknown group\(s\) \['bogus_group'\]"),
+    ({"data": {"val_fraction": 1.0}}, "data.val_fraction"),
+])
+def test_bad_params_name_the_key(params, message):
+    with pytest.raises(ConfigError, match=message):
+        experiment_from_params(params)
+
+
+def test_other_tools_groups_can_be_allowed():
+    cfg = experiment_from_params({"tune": {"trials": 3}}, groups=("tune",))
+    assert cfg.base.dataset == "fashion-mnist"
+
+
+def test_yaml_infinity_and_exponent_strings():
+    ballot = from_dict(BallotConfig, {"conflict_threshold": ".inf"}, "ballot")
+    assert math.isinf(ballot.conflict_threshold)
+    prune = from_dict(PruneConfig, {"retrain": {"weight_decay": "1e-4"}}, "prune")
+    assert prune.retrain.weight_decay == 1e-4
+
+
+def test_overrides_parse_yaml_values():
+    params = apply_overrides({"base": {"seed": 1}}, ["base.density=0.1", "prune.ballot.refine=false"])
+    assert params == {"base": {"seed": 1, "density": 0.1}, "prune": {"ballot": {"refine": False}}}
+    with pytest.raises(ConfigError, match="group.key=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_load_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_yaml(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)

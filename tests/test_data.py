@@ -1,0 +1,144 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ballot.config import DataConfig
+from ballot.data import DEBIAN_FASHION_DIR, DatasetError, load_data, long_tail_index, stratified_split
+
+
+def _write_npz(path: Path, n: int = 200, with_test: bool = True, **extra) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.random((n, 6)).astype(np.float32), "y": rng.integers(0, 3, n), "group": rng.integers(0, 2, n)}
+    if with_test:
+        arrays.update(x_test=rng.random((50, 6)).astype(np.float32), y_test=rng.integers(0, 3, 50),
+                      group_test=rng.integers(0, 2, 50))
+    arrays.update(extra)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_with_groups_and_test_split(tmp_path):
+    path = _write_npz(tmp_path / "d.npz")
+    data = load_data("npz", DataConfig(path=str(path), val_fraction=0.2), seed=0)
+    assert data.input_shape == (6,) and data.num_classes == 3
+    assert len(data.train) + len(data.val) == 200 and len(data.test) == 50
+    assert data.test.group is not None and data.train.group is not None
+    assert set(data.train_index.tolist()).isdisjoint(data.val_index.tolist())
+
+
+def test_npz_without_test_arrays_holds_out_a_fifth(tmp_path):
+    data = load_data("npz", DataConfig(path=str(_write_npz(tmp_path / "d.npz", with_test=False))))
+    assert len(data.test) == 40 and len(data.train) + len(data.val) == 160
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"y": np.zeros(3, dtype=np.int64)}, "x has 200 rows but y has 3"),
+    ({"y": np.full(200, -1)}, "non-negative integer"),
+    ({"x": np.full((200, 6), np.nan)}, "finite"),
+])
+def test_malformed_npz_is_named(tmp_path, extra, message):
+    path = _write_npz(tmp_path / "d.npz", with_test=False, **extra)
+    with pytest.raises(DatasetError, match=message):
+        load_data("npz", DataConfig(path=str(path)))
+
+
+def test_missing_npz_and_pickled_npz_are_rejected(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        load_data("npz", DataConfig(path=str(tmp_path / "absent.npz")))
+    pickled = tmp_path / "p.npz"
+    np.savez(pickled, x=np.array([object()] * 4, dtype=object), y=np.zeros(4, dtype=np.int64))
+    with pytest.raises(DatasetError, match="cannot read"):
+        load_data("npz", DataConfig(path=str(pickled)))
+
+
+def test_digits_split_is_seeded_and_stratified():
+    a, b = load_data("digits", seed=0), load_data("digits", seed=0)
+    c = load_data("digits", seed=1)
+    assert torch.equal(a.val_index, b.val_index) and not torch.equal(a.val_index, c.val_index)
+    assert a.input_shape == (1, 8, 8) and a.num_classes == 10
+    assert float(a.train.x.min()) >= 0 and float(a.train.x.max()) <= 1
+    assert set(a.val.y.tolist()) == set(range(10))
+
+
+def test_long_tail_sizes_decay_geometrically():
+    y = torch.arange(10).repeat_interleave(100)
+    index = long_tail_index(y, 10, ratio=10.0, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(y[index], minlength=10).tolist()
+    assert counts[0] == 100 and counts[-1] == 10
+    assert counts == sorted(counts, reverse=True)
+
+
+def test_long_tail_applies_to_training_pool_only():
+    flat = load_data("digits", DataConfig(), seed=0)
+    tail = load_data("digits", DataConfig(imbalance_ratio=5.0), seed=0)
+    assert torch.equal(flat.test.y, tail.test.y)
+    counts = torch.bincount(torch.cat([tail.train.y, tail.val.y]), minlength=10)
+    assert counts[0] >= 4 * counts[9]
+
+
+def test_stratified_split_puts_every_class_in_validation():
+    y = torch.tensor([0] * 50 + [1] * 5 + [2] * 2)
+    train, val = stratified_split(y, 0.1, torch.Generator().manual_seed(0))
+    assert set(y[val].tolist()) == {0, 1, 2} and len(train) + len(val) == len(y)
+
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(DatasetError, match="unknown dataset 'mnist2'.*fashion-mnist"):
+        load_data("mnist2")
+
+
+def test_missing_imagefolder_path_is_named(tmp_path):
+    with pytest.raises(DatasetError, match="needs data.path"):
+        load_data("imagefolder", DataConfig())
+    with pytest.raises(DatasetError, match="not a folder"):
+        load_data("imagefolder", DataConfig(path=str(tmp_path / "absent")))
+
+
+def test_imagefolder_reads_class_folders(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 2)):
+        for name in ("cat", "dog"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    data = load_data("imagefolder", DataConfig(path=str(tmp_path), image_size=8, val_fraction=0.2))
+    assert data.class_names == ["cat", "dog"] and data.input_shape == (3, 8, 8)
+    assert len(data.test) == 4 and len(data.train) + len(data.val) == 12
+
+
+def test_cifar_without_files_or_network_gives_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="CIFAR-10 is not in"):
+        load_data("cifar10", DataConfig(root=str(tmp_path), download=False))
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_from_the_debian_package():
+    data = load_data("fashion-mnist", DataConfig(max_test_samples=100), seed=0)
+    assert len(data.train) + len(data.val) == 60000 and len(data.test) == 100
+    assert data.input_shape == (1, 28, 28) and data.class_names[0] == "T-shirt/top"
+    assert len(data.val) == 6000
+
+
+def test_fashion_mnist_reads_an_explicit_root(tmp_path):
+    import gzip
+
+    def idx(body: np.ndarray, path: Path) -> None:
+        header = bytes([0, 0, 8, body.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in body.shape)
+        with gzip.open(path, "wb") as handle:
+            handle.write(header + body.astype(np.uint8).tobytes())
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 10)):
+        idx(rng.integers(0, 255, (n, 28, 28)), tmp_path / f"{prefix}-images-idx3-ubyte.gz")
+        idx(np.arange(n) % 10, tmp_path / f"{prefix}-labels-idx1-ubyte.gz")
+    data = load_data("fashion-mnist", DataConfig(root=str(tmp_path), val_fraction=0.25))
+    assert len(data.test) == 10 and len(data.train) + len(data.val) == 40
+
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x0a\x01"))
+    with pytest.raises(DatasetError, match="truncated"):
+        load_data("fashion-mnist", DataConfig(root=str(tmp_path)))

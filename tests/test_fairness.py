@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+
+from ballot.fairness import class_metrics, evaluate, fairness_class_weights, gap_metrics, group_metrics
+
+
+def test_class_metrics_match_hand_computed_values():
+    # class 0: 2/2 right, class 1: 1/2, class 2: 0/1  -> acc 3/5
+    y_true = [0, 0, 1, 1, 2]
+    y_pred = [0, 0, 1, 0, 1]
+    m = class_metrics(y_true, y_pred, 3)
+    assert m["acc"] == pytest.approx(0.6)
+    assert m["per_class"] == pytest.approx([1.0, 0.5, 0.0])
+    assert m["cwv"] == pytest.approx(((1 - 0.6) ** 2 + (0.5 - 0.6) ** 2 + (0 - 0.6) ** 2) / 3)
+    assert m["mcd"] == pytest.approx(1.0)
+    assert m["worst_class"] == 0.0 and m["worst_class_index"] == 2
+
+
+def test_absent_class_is_nan_and_left_out_of_gaps():
+    # class 1 has no sample; the others: 1/2 and 1/1; overall 2/3
+    m = class_metrics([0, 0, 2], [0, 1, 2], 3)
+    assert m["per_class"][0] == pytest.approx(0.5)
+    assert math.isnan(m["per_class"][1])
+    assert m["per_class"][2] == 1.0
+    assert m["cwv"] == pytest.approx(((0.5 - 2 / 3) ** 2 + (1 - 2 / 3) ** 2) / 2)
+    assert m["mcd"] == pytest.approx(0.5)
+    assert m["worst_class_index"] == 0
+
+
+def test_perfect_predictions_are_perfectly_fair():
+    m = class_metrics([0, 1, 2, 2], [0, 1, 2, 2], 3)
+    assert (m["acc"], m["cwv"], m["mcd"]) == (1.0, 0.0, 0.0)
+
+
+def test_bad_labels_and_lengths_raise():
+    with pytest.raises(ValueError, match="labels must lie"):
+        class_metrics([0, 3], [0, 1], 3)
+    with pytest.raises(ValueError, match="y_pred has"):
+        class_metrics([0, 1], [0], 3)
+
+
+def test_group_metrics_by_sensitive_attribute():
+    g = group_metrics([0, 0, 1, 1], [0, 1, 1, 1], group=[5, 5, 7, 7])
+    assert g["per_group"] == {5: 0.5, 7: 1.0}
+    assert g["group_gap"] == pytest.approx(0.5)
+    assert g["group_var"] == pytest.approx(((0.5 - 0.75) ** 2 + (1 - 0.75) ** 2) / 2)
+
+
+def test_gap_metrics_of_nothing_is_nan():
+    assert all(math.isnan(v) for v in gap_metrics([math.nan], 0.5).values())
+
+
+def test_fairness_class_weights_favour_weak_classes_with_mean_one():
+    w = fairness_class_weights([1.0, 0.5, 0.0, math.nan], floor=0.1)
+    raw = torch.tensor([1.0, 2.0, 10.0, 1.0])
+    assert torch.allclose(w, raw / raw.mean())
+    assert w.mean().item() == pytest.approx(1.0)
+
+
+def test_evaluate_uses_argmax_of_the_model():
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]])
+    m = evaluate(model, x, torch.tensor([0, 1, 1]), 2, group=torch.tensor([0, 0, 1]))
+    assert m["per_class"] == [1.0, 0.5]
+    assert m["per_group"] == {0: 1.0, 1: 0.0}

@@ -1,0 +1,86 @@
+import pytest
+import torch
+from torch import nn
+
+from ballot.config import ConfigError
+from ballot.masks import Mask, MaskError, budget, density_schedule, magnitude_scores, prunable_names
+from ballot.models import build_model
+from ballot.storage import StorageError
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.02, 1.0])
+def test_top_k_keeps_exactly_the_budget(density):
+    torch.manual_seed(0)
+    scores = {"a": torch.randn(37, 11), "b": torch.randn(5), "c": torch.randn(3, 3, 4)}
+    mask = Mask.top_k(scores, density)
+    total = 37 * 11 + 5 + 36
+    assert mask.kept == budget(total, density) == max(1, round(density * total))
+
+
+def test_top_k_keeps_the_largest_scores_and_breaks_ties_by_position():
+    mask = Mask.top_k({"a": torch.tensor([1.0, 3.0, 3.0, 0.0]), "b": torch.tensor([2.0, 3.0])}, 0.5, min_per_layer=0)
+    assert mask["a"].tolist() == [False, True, True, False]
+    assert mask["b"].tolist() == [False, True]
+
+
+def test_layer_floor_keeps_every_layer_alive():
+    scores = {"big": torch.full((100,), 10.0), "small": torch.full((10,), 0.1)}
+    mask = Mask.top_k(scores, 0.05, min_per_layer=2)
+    assert int(mask["small"].sum()) == 2
+    assert mask.kept == budget(110, 0.05)
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
+def test_density_outside_range_is_rejected(density):
+    with pytest.raises(ConfigError, match="density"):
+        Mask.top_k({"a": torch.ones(4)}, density)
+
+
+def test_prunable_names_are_conv_and_linear_weights():
+    model = build_model("cnn", (1, 8, 8), 3)
+    names = prunable_names(model)
+    assert names and all(n.endswith(".weight") for n in names)
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[n[: -len(".weight")]], (nn.Conv2d, nn.Linear)) for n in names)
+
+
+def test_apply_zeroes_exactly_the_pruned_weights():
+    model = build_model("mlp", (1, 8, 8), 10)
+    mask = Mask.top_k(magnitude_scores(model), 0.1)
+    mask.apply(model)
+    params = dict(model.named_parameters())
+    for name, keep in mask.items():
+        assert torch.all(params[name][~keep] == 0)
+        assert torch.all(params[name][keep] != 0)
+
+
+def test_save_load_roundtrip_and_bytes(tmp_path):
+    mask = Mask.top_k({"w": torch.randn(6, 7), "v": torch.randn(3)}, 0.3)
+    mask.save(tmp_path / "m.safetensors")
+    loaded = Mask.load(tmp_path / "m.safetensors")
+    assert loaded.to_bytes() == mask.to_bytes()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_corrupt_and_missing_mask_files_give_clear_errors(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(StorageError, match="not a readable safetensors"):
+        Mask.load(bad)
+    with pytest.raises(StorageError, match="not found"):
+        Mask.load(tmp_path / "absent.safetensors")
+
+
+def test_validate_names_wrong_parameter_and_shape():
+    model = build_model("mlp", (1, 8, 8), 10)
+    with pytest.raises(MaskError, match="not a parameter"):
+        Mask({"nope.weight": torch.ones(2)}).validate(model)
+    name = prunable_names(model)[0]
+    with pytest.raises(MaskError, match="shape"):
+        Mask({name: torch.ones(2, 2)}).validate(model)
+
+
+def test_density_schedule_ends_at_target():
+    steps = density_schedule(0.05, 3)
+    assert steps[-1] == 0.05 and steps[0] == pytest.approx(0.05 ** (1 / 3))
+    assert steps == sorted(steps, reverse=True)

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from ballot.experiment import run_prune
+from ballot.masks import budget
+from ballot.pruning import PRUNERS, UnknownMethodError, get_pruner
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("method", sorted(PRUNERS))
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.02])
+def test_each_pruner_meets_the_density_exactly_and_keeps_pruned_weights_zero(method, density, tiny_data, tiny_dense):
+    cfg = tiny_config(f"prune.method={method}", f"base.density={density}", "prune.ballot.obs_density=0.6")
+    result = run_prune(cfg, tiny_data, tiny_dense)
+    assert result.mask.kept == budget(result.mask.total, density)
+    params = dict(result.model.named_parameters())
+    for name, keep in result.mask.items():
+        assert torch.count_nonzero(params[name][~keep]) == 0, f"{method}: pruned weights of {name} moved"
+        assert keep.any(), f"{method}: layer {name} died"
+
+
+def test_lth_masks_are_nested_across_rounds(tiny_data, tiny_dense):
+    result = run_prune(tiny_config("prune.method=lth", "prune.lth_rounds=3", "base.density=0.05"), tiny_data, tiny_dense)
+    masks = result.round_masks
+    assert len(masks) == 3
+    assert masks[0].kept > masks[1].kept > masks[2].kept
+    assert masks[2].is_subset_of(masks[1]) and masks[1].is_subset_of(masks[0])
+    assert masks[-1].to_bytes() == result.mask.to_bytes()
+
+
+@pytest.mark.parametrize("method", ["lth", "ballot", "random"])
+def test_same_seed_gives_identical_mask_bytes_and_metrics(method, tiny_data, tiny_dense):
+    from ballot.experiment import model_metrics
+
+    cfg = tiny_config(f"prune.method={method}")
+    first, second = run_prune(cfg, tiny_data, tiny_dense), run_prune(cfg, tiny_data, tiny_dense)
+    assert first.mask.to_bytes() == second.mask.to_bytes()
+    assert model_metrics(first.model, tiny_data, "cpu") == model_metrics(second.model, tiny_data, "cpu")
+
+
+def test_random_masks_differ_across_seeds(tiny_data, tiny_dense):
+    a = run_prune(tiny_config("prune.method=random", "base.seed=1"), tiny_data, tiny_dense)
+    b = run_prune(tiny_config("prune.method=random", "base.seed=2"), tiny_data, tiny_dense)
+    assert a.mask.to_bytes() != b.mask.to_bytes()
+
+
+def test_unknown_method_names_the_choices():
+    with pytest.raises(UnknownMethodError, match="unknown pruning method 'bogus'.*ballot"):
+        get_pruner("bogus")

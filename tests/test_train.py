@@ -1,0 +1,106 @@
+import copy
+
+import pytest
+import torch
+
+from ballot.config import TrainConfig
+from ballot.data import Split
+from ballot.masks import Mask, magnitude_scores
+from ballot.models import build_model
+from ballot.train import lr_factor, resolve_device, train
+
+
+def _toy_split(n: int = 96) -> Split:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, 4, 4, generator=g)
+    y = (x.flatten(1).sum(1) > 8).long()
+    return Split(x, y)
+
+
+def test_pruned_weights_stay_exactly_zero_with_momentum_and_weight_decay():
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 4, 4), 2)
+    mask = Mask.top_k(magnitude_scores(model), 0.2)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.5, momentum=0.9, weight_decay=0.1, schedule="constant")
+    train(model, _toy_split(), cfg, mask=mask, progress=False)
+    params = dict(model.named_parameters())
+    for name, keep in mask.items():
+        assert torch.count_nonzero(params[name][~keep]) == 0
+        assert torch.count_nonzero(params[name][keep]) > 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_training_is_deterministic_for_a_seed(optimizer):
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model("mlp", (1, 4, 4), 2)
+        train(model, _toy_split(), TrainConfig(epochs=2, batch_size=16, optimizer=optimizer, lr=0.01), seed=3,
+              progress=False)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_rewind_state_is_the_state_after_k_steps():
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 4, 4), 2)
+    reference = copy.deepcopy(model)
+    data = _toy_split(64)  # 4 steps per epoch at batch 16
+    result = train(model, data, TrainConfig(epochs=3, batch_size=16, schedule="constant"), rewind_iter=4, seed=1,
+                   progress=False)
+    train(reference, data, TrainConfig(epochs=1, batch_size=16, schedule="constant"), seed=1, progress=False)
+    assert result.steps == 12
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(result.rewind_state[name], tensor)
+    assert not torch.equal(result.rewind_state["1.1.weight"], model.state_dict()["1.1.weight"])
+
+
+def test_training_learns_a_separable_problem():
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 4, 4), 2)
+    result = train(model, _toy_split(256), TrainConfig(epochs=15, batch_size=32, lr=0.05), progress=False)
+    assert result.history[-1]["train_acc"] > 0.9 > result.history[0]["train_acc"] - 0.5
+
+
+def test_lr_schedules():
+    cosine = TrainConfig(epochs=10, lr=1.0, schedule="cosine", warmup_epochs=1)
+    assert lr_factor(cosine, 0, 10) == pytest.approx(0.1)
+    assert lr_factor(cosine, 9, 10) == pytest.approx(1.0)
+    assert lr_factor(cosine, 10, 10) == pytest.approx(1.0)
+    assert lr_factor(cosine, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    step = TrainConfig(epochs=10, schedule="step", step_epochs=3, gamma=0.5)
+    assert [lr_factor(step, s, 10) for s in (0, 29, 30, 60)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_plateau_needs_a_metric_and_decays_without_improvement():
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 4, 4), 2)
+    cfg = TrainConfig(epochs=5, batch_size=32, schedule="plateau", patience=0, gamma=0.5, lr=0.1)
+    with pytest.raises(ValueError, match="plateau"):
+        train(model, _toy_split(), cfg, progress=False)
+    result = train(model, _toy_split(), cfg, epoch_metric=lambda m: 0.0, progress=False)
+    assert [round(r["lr"], 4) for r in result.history] == [0.1, 0.1, 0.05, 0.025, 0.0125]
+
+
+def test_class_weights_change_the_loss_landscape():
+    runs = []
+    for weights in (None, torch.tensor([1.0, 50.0])):
+        torch.manual_seed(0)
+        model = build_model("mlp", (1, 4, 4), 2)
+        train(model, _toy_split(), TrainConfig(epochs=1, batch_size=16), class_weights=weights, progress=False)
+        runs.append(model.state_dict()["1.5.weight"])
+    assert not torch.equal(*runs)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_empty_split_is_rejected():
+    with pytest.raises(ValueError, match="empty"):
+        train(build_model("mlp", (1, 4, 4), 2), Split(torch.empty(0, 1, 4, 4), torch.empty(0, dtype=torch.long)),
+              TrainConfig(), progress=False)
