@@ -215,8 +215,8 @@ IMPORTANCES = ("magnitude", "taylor")
 class BallotConfig:
     """Ballot's knobs (method.md section 5). Defaults work; Optuna searches the marked ones."""
 
-    obs_density: float = _help("Candidate subnetwork density Omega_obs >= density (1 = whole network).", 0.25)
-    obs_epochs: int = _help("Observation epochs E_obs, trained from theta_k under the candidate mask.", 3)
+    obs_density: float = _help("Candidate subnetwork density Omega_obs >= density (1 = whole network).", 1.0)
+    obs_epochs: int = _help("Observation epochs E_obs, trained from theta_k under the candidate mask.", 6)
     collect_every: int = _help("Collect gradients on every N-th observation step (1 = every step).", 4)
     ballot_every: int = _help("Cast a ballot every N observation steps (0 = once per epoch).", 0)
     conflict_threshold: float = _help(
@@ -260,6 +260,51 @@ class PruneConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """The evaluate stage: metrics.json and the per-class plot."""
+
+    plot_image: bool = _help("Also draw plots/per_class.png (the JSON plot data is always written).", True)
+
+
+@dataclass
+class ExportConfig:
+    """The export stage: ONNX with masks baked in, checked against PyTorch."""
+
+    parity_samples: int = _help("Test inputs on which ONNX Runtime and PyTorch logits are compared.", 256)
+    parity_tolerance: float = _help("Fail the export when the max absolute logit difference exceeds this.", 1e-4)
+
+    def __post_init__(self) -> None:
+        _check(self.parity_samples > 0, "parity_samples", f"must be positive, got {self.parity_samples}")
+        _check(self.parity_tolerance > 0, "parity_tolerance", f"must be positive, got {self.parity_tolerance}")
+
+
+@dataclass
+class RegisterConfig:
+    """The register stage: one MLflow run per pipeline execution and a new registered model version."""
+
+    model_name: str = _help("Registered model name in the MLflow model registry.", "ballot-fashion-mnist")
+    experiment: str = _help("MLflow experiment that holds the pipeline runs.", "ballot")
+    tracking_uri: str = _help("MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins.",
+                              "sqlite:///mlflow.db")
+
+    def __post_init__(self) -> None:
+        for name in ("model_name", "experiment", "tracking_uri"):
+            _check(bool(getattr(self, name).strip()), name, "must not be empty")
+
+
+@dataclass
+class PromoteConfig:
+    """The gate of `ballot promote`: when a version may become the champion."""
+
+    max_acc_drop: float = _help("Refuse when test accuracy is more than this below the dense model's.", 0.02)
+    cwv_tolerance: float = _help("Refuse when CWV exceeds the current champion's CWV times this.", 1.0)
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.max_acc_drop <= 1, "max_acc_drop", f"must be in [0, 1], got {self.max_acc_drop}")
+        _check(self.cwv_tolerance > 0, "cwv_tolerance", f"must be positive, got {self.cwv_tolerance}")
+
+
+@dataclass
 class ExperimentConfig:
     """The library's part of params.yaml: one group per concern."""
 
@@ -267,6 +312,10 @@ class ExperimentConfig:
     data: DataConfig = _help("Dataset location and splits.", factory=DataConfig)
     train_dense: DenseConfig = _help("Dense training.", factory=DenseConfig)
     prune: PruneConfig = _help("Pruning method and settings.", factory=PruneConfig)
+    evaluate: EvaluateConfig = _help("Pipeline: evaluate stage.", factory=EvaluateConfig)
+    export: ExportConfig = _help("Pipeline: ONNX export stage.", factory=ExportConfig)
+    register: RegisterConfig = _help("Pipeline: MLflow tracking and registry.", factory=RegisterConfig)
+    promote: PromoteConfig = _help("Pipeline: promotion gate of `ballot promote`.", factory=PromoteConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
