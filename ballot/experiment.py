@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -64,13 +64,14 @@ def load_dense(folder: str | Path) -> DenseArtifacts:
                              for attr, name in DENSE_FILES.items()})
 
 
-def run_prune(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, progress: bool | None = None
-              ) -> PruneResult:
-    """Run the configured pruning method on the dense phase's states."""
+def run_prune(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, progress: bool | None = None,
+              on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> PruneResult:
+    """Run the configured pruning method on the dense phase's states (``on_epoch``: see PruneContext)."""
     check_density(cfg.base.density, "base.density")
     pruner = get_pruner(cfg.prune.method)
     ctx = PruneContext(data=data, model_name=cfg.base.model, density=cfg.base.density, seed=cfg.base.seed,
-                       dense=dense, config=cfg.prune, device=resolve_device(cfg.base.device), progress=progress)
+                       dense=dense, config=cfg.prune, device=resolve_device(cfg.base.device), progress=progress,
+                       on_epoch=on_epoch)
     seed_everything(cfg.base.seed)
     return pruner(ctx)
 

@@ -107,3 +107,19 @@ def test_pruned_weights_stay_zero_through_refined_training_with_plateau(tiny_dat
 def test_observation_density_below_target_is_rejected(tiny_data, tiny_dense):
     with pytest.raises(ValueError, match="obs_density"):
         run_prune(tiny_config("prune.ballot.obs_density=0.05"), tiny_data, tiny_dense)
+
+
+def test_on_epoch_sees_validation_metrics_and_can_stop_the_run(tiny_data, tiny_dense):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def on_epoch(epoch, metrics):
+        seen.append((epoch, metrics["acc"]))
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_prune(tiny_config("prune.ballot.refine_train.epochs=5"), tiny_data, tiny_dense, on_epoch=on_epoch)
+    assert [e for e, _ in seen] == [1, 2] and all(0 <= a <= 1 for _, a in seen)

@@ -171,13 +171,20 @@ def prune(ctx: PruneContext) -> PruneResult:
     else:
         refine_cfg, weights = ctx.config.retrain, None
 
+    epochs_done = 0
+
     def val_objective(m: nn.Module) -> float:
+        nonlocal epochs_done
+        epochs_done += 1
         metrics = evaluate(m, val.x, val.y, ctx.data.num_classes, device=ctx.device)
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(epochs_done, metrics)
         return metrics["acc"] - cfg.objective_mcd_weight * metrics["mcd"]
 
+    watch = refine_cfg.schedule == "plateau" or ctx.on_epoch is not None
     result = train(model, ctx.data.train, refine_cfg, seed=ctx.seed, mask=mask, device=ctx.device,
                    class_weights=weights, desc="ballot refine", progress=ctx.progress,
-                   epoch_metric=val_objective if refine_cfg.schedule == "plateau" else None)
+                   epoch_metric=val_objective if watch else None)
     ticket = Mask.top_k(magnitude_scores(trained), ctx.density, ctx.config.min_per_layer)
     overlap = sum(int((ticket[n] & mask[n]).sum()) for n in mask) / mask.kept
     details = {

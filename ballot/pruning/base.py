@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ class PruneContext:
     config: PruneConfig
     device: torch.device = torch.device("cpu")
     progress: bool | None = None
+    # Called after each epoch of the final (re)training with (epoch, validation metrics); it may raise to stop
+    # the run early (Optuna's TrialPruned). Methods that support it: ballot.
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None
 
     def model_from(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """A fresh model of the configured architecture loaded with ``state``."""
