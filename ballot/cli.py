@@ -12,10 +12,11 @@ from ballot.config import ConfigError, apply_overrides, experiment_from_params, 
 from ballot.data import DatasetError
 from ballot.masks import MaskError
 from ballot.models import ModelError
+from ballot.promote import PromotionError
 from ballot.pruning import UnknownMethodError
 from ballot.storage import StorageError
 
-USER_ERRORS = (ConfigError, DatasetError, MaskError, ModelError, UnknownMethodError, StorageError)
+USER_ERRORS = (ConfigError, DatasetError, MaskError, ModelError, UnknownMethodError, StorageError, PromotionError)
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -77,6 +78,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps({k: metrics[k] for k in ("acc", "cwv", "mcd", "worst_class", "density", "per_class")}, indent=2))
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Move alias champion to a registered version if it passes the gate; 1 when refused."""
+    from ballot.promote import promote
+    from ballot.tracking import connect, resolve_tracking_uri
+
+    path = args.params or ("params.yaml" if Path("params.yaml").is_file() else None)
+    flags = {"promote.max_acc_drop": args.max_acc_drop, "promote.cwv_tolerance": args.cwv_tolerance}
+    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    cfg = experiment_from_params(apply_overrides(load_yaml(path) if path else {}, overrides))
+    client = connect(resolve_tracking_uri(cfg.register.tracking_uri, args.tracking_uri))
+    decision = promote(client, args.name, args.version, cfg.promote)
+    print(decision.message())
+    return 0 if decision.promoted else 1
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     import yaml
 
@@ -110,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dir", required=True, help="output folder of `ballot prune`")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    promote = commands.add_parser("promote", help="move alias champion to a registered version if it passes the "
+                                                  "accuracy and fairness gate (exit 1 when refused)")
+    promote.add_argument("--name", required=True, help="registered model name")
+    promote.add_argument("--version", required=True, help="model version to promote")
+    promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                "else register.tracking_uri of the params file)")
+    promote.add_argument("--params", help="params file with the promote group (default: ./params.yaml when present)")
+    promote.add_argument("--max-acc-drop", type=float, help="override promote.max_acc_drop")
+    promote.add_argument("--cwv-tolerance", type=float, help="override promote.cwv_tolerance")
+    promote.set_defaults(func=cmd_promote)
+
     config = commands.add_parser("config", help="print the resolved configuration as YAML")
     _add_run_options(config)
     config.set_defaults(func=cmd_config)
@@ -118,13 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        code = func(args)
     except USER_ERRORS as error:
         print(f"ballot: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

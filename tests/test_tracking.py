@@ -1,0 +1,183 @@
+"""ballot.tracking and ballot.promote against a real MLflow registry (sqlite in a temp folder)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ballot.cli import main
+from ballot.config import PromoteConfig
+from ballot.export import export_onnx
+from ballot.promote import PromotionError, gate
+from ballot.tracking import (CHALLENGER, CHAMPION, VERSION_TAG_KEYS, connect, flatten, numeric_metrics,
+                             register_onnx, resolve_tracking_uri, tag_value)
+
+mlflow = pytest.importorskip("mlflow")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A fresh sqlite tracking store shared by this module's tests (each test uses its own model name)."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    client = connect(uri)
+    mlflow.set_experiment("tests")
+    yield uri, client
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
+
+
+def test_tracking_uri_precedence(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert resolve_tracking_uri("sqlite:///mlflow.db") == "http://tracking:5000"
+    assert resolve_tracking_uri("sqlite:///mlflow.db", "sqlite:///other.db") == "sqlite:///other.db"
+
+
+def test_metrics_are_flattened_to_finite_numbers_under_safe_names():
+    tree = {"acc": 0.9, "per_class": {"T-shirt/top": 0.8, "bag (x)": 0.7, "empty": None}, "name": "lth",
+            "flag": True, "cwv": math.nan, "dense": {"acc": 1}}
+    assert numeric_metrics(tree, "m.") == {"m.acc": 0.9, "m.per_class.T-shirt/top": 0.8, "m.per_class.bag _x_": 0.7,
+                                           "m.dense.acc": 1.0}
+    assert flatten({"a": {"b": {"c": [1, 2]}}, "d": 3}) == {"a.b.c": [1, 2], "d": 3}
+    assert tag_value("digits") == "digits" and tag_value([1, 8, 8]) == "[1, 8, 8]" and tag_value(0.5) == "0.5"
+
+
+def _tiny_onnx(path, seed: int) -> tuple[nn.Module, np.ndarray]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).eval()
+    export_onnx(model, (1, 2, 3), path, {"dataset": "toy"})
+    return model, torch.rand(2, 1, 2, 3).numpy()
+
+
+def _card(acc: float) -> dict:
+    return {"density": 0.5, "acc": acc, "cwv": 0.01, "mcd": 0.2, "worst_class": 0.6, "dataset": "toy",
+            "method": "lth", "model": "linear", "class_names": ["a", "b", "c"], "input_shape": [1, 2, 3],
+            "dense_acc": 0.9}
+
+
+def test_register_onnx_follows_the_registry_contract(registry, tmp_path):
+    import mlflow.onnx
+    import onnxruntime as ort
+
+    uri, client = registry
+    name = "contract"
+    model, example = _tiny_onnx(tmp_path / "m.onnx", 0)
+    versions = []
+    for step in (0, 1):
+        with mlflow.start_run():
+            registration = register_onnx(tmp_path / "m.onnx", name, example, _card(0.8 + step / 100))
+        versions.append(registration.version)
+        assert registration.model_uri == f"models:/{name}@{CHALLENGER}" and registration.tracking_uri == uri
+    assert versions == ["1", "2"]
+    latest = client.get_model_version_by_alias(name, CHALLENGER)
+    assert str(latest.version) == "2", "the newest version takes the challenger alias"
+    assert set(VERSION_TAG_KEYS) | {"dense_acc"} <= set(latest.tags)
+    assert latest.tags["dataset"] == "toy" and json.loads(latest.tags["class_names"]) == ["a", "b", "c"]
+    assert float(latest.tags["acc"]) == pytest.approx(0.81)
+
+    loaded = mlflow.onnx.load_model(f"models:/{name}@{CHALLENGER}")
+    session = ort.InferenceSession(loaded.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.rand(5, 1, 2, 3)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, atol=1e-5)
+    signature = mlflow.models.get_model_info(f"models:/{name}@{CHALLENGER}").signature
+    assert list(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 2, 3]
+    assert {p.key: json.loads(p.value) for p in loaded.metadata_props}["dataset"] == "toy"
+
+
+def test_register_onnx_needs_an_active_run(tmp_path, registry):
+    _, example = _tiny_onnx(tmp_path / "m.onnx", 0)
+    with pytest.raises(RuntimeError, match="active MLflow run"):
+        register_onnx(tmp_path / "m.onnx", "no-run", example, {})
+
+
+CFG = PromoteConfig(max_acc_drop=0.02, cwv_tolerance=1.0)
+
+
+@pytest.mark.parametrize("acc, passed", [(0.89, True), (0.88, True), (0.879, False), (0.95, True)])
+def test_accuracy_gate_without_a_champion(acc, passed):
+    ok, reasons = gate({"acc": str(acc), "dense_acc": "0.9", "cwv": "0.5"}, None, CFG)
+    assert ok is passed
+    assert "no current champion" in reasons[-1]
+
+
+@pytest.mark.parametrize("cwv, tolerance, passed", [(0.010, 1.0, True), (0.011, 1.0, False), (0.011, 1.2, True)])
+def test_cwv_gate_against_the_champion(cwv, tolerance, passed):
+    cfg = PromoteConfig(max_acc_drop=0.02, cwv_tolerance=tolerance)
+    ok, reasons = gate({"acc": "0.9", "dense_acc": "0.9", "cwv": str(cwv)}, {"cwv": "0.010"}, cfg)
+    assert ok is passed
+    assert ("less fair than allowed" in reasons[-1]) is not passed
+
+
+def test_gate_names_a_missing_or_bad_tag():
+    with pytest.raises(PromotionError, match="no 'dense_acc' tag"):
+        gate({"acc": "0.9", "cwv": "0.1"}, None, CFG)
+    with pytest.raises(PromotionError, match="'cwv' is not a number"):
+        gate({"acc": "0.9", "dense_acc": "0.9", "cwv": "n/a"}, {"cwv": "0.1"}, CFG)
+
+
+def _version(client, name: str, acc: float, cwv: float, dense_acc: float = 0.9, source: str = "") -> str:
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    tags = {"acc": str(acc), "cwv": str(cwv), "dense_acc": str(dense_acc)}
+    return str(client.create_model_version(name, source or "file:///tmp/ballot-test-model", tags=tags).version)
+
+
+def test_promote_command_moves_champion_only_through_the_gate(registry, tmp_path, capsys, monkeypatch):
+    uri, client = registry
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: built-in promote defaults
+    name = "gated"
+    first = _version(client, name, acc=0.89, cwv=0.010)
+    unfair = _version(client, name, acc=0.90, cwv=0.012)
+    inaccurate = _version(client, name, acc=0.80, cwv=0.001)
+    fairer = _version(client, name, acc=0.885, cwv=0.008)
+
+    def promote(version: str, *flags: str) -> tuple[int, str]:
+        code = main(["promote", "--name", name, "--version", version, "--tracking-uri", uri, *flags])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    code, out = promote(first)
+    assert code == 0 and "no current champion" in out
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == first
+
+    code, out = promote(unfair)
+    assert code == 1 and "refused" in out and "less fair than allowed" in out
+    code, out = promote(inaccurate)
+    assert code == 1 and "too large a drop" in out
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == first, "a refusal changes nothing"
+
+    code, out = promote(unfair, "--cwv-tolerance", "1.5")
+    assert code == 0 and str(client.get_model_version_by_alias(name, CHAMPION).version) == unfair
+    code, out = promote(fairer)
+    assert code == 0 and f"was version {unfair}" in out
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == fairer
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--name", "absent", "--version", "1"], "model 'absent' has no version '1'"),
+    (["--name", "gated-usage", "--version", "1", "--max-acc-drop", "-1"], "promote.max_acc_drop: must be in"),
+])
+def test_promote_usage_errors_exit_2(registry, tmp_path, capsys, monkeypatch, args, message):
+    uri, _ = registry
+    monkeypatch.chdir(tmp_path)
+    assert main(["promote", "--tracking-uri", uri, *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_promote_a_version_without_pipeline_tags_is_a_usage_error(registry, tmp_path, capsys, monkeypatch):
+    uri, client = registry
+    monkeypatch.chdir(tmp_path)
+    client.create_registered_model("untagged")
+    version = str(client.create_model_version("untagged", "file:///tmp/ballot-test-model").version)
+    assert main(["promote", "--name", "untagged", "--version", version, "--tracking-uri", uri]) == 2
+    assert "has no 'acc' tag" in capsys.readouterr().err
