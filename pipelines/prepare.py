@@ -1,0 +1,21 @@
+"""Stage prepare: load the configured dataset once and snapshot its seeded splits (versioned by DVC)."""
+
+from __future__ import annotations
+
+from ballot.config import ExperimentConfig, to_dict
+from ballot.experiment import prepare_data
+from ballot.snapshot import save_snapshot
+from pipelines.common import DATA, run_stage, staged_folder
+
+
+def main(cfg: ExperimentConfig) -> None:
+    data = prepare_data(cfg)
+    provenance = {"dataset": cfg.base.dataset, "seed": cfg.base.seed, "data": to_dict(cfg.data)}
+    with staged_folder(DATA) as folder:
+        save_snapshot(data, folder, provenance)
+    print(f"prepare: {cfg.base.dataset}  train {len(data.train)}  val {len(data.val)}  test {len(data.test)}  "
+          f"classes {data.num_classes} -> {DATA}")
+
+
+if __name__ == "__main__":
+    run_stage("prepare", main)

@@ -1,0 +1,51 @@
+"""Stage register: one MLflow run for this pipeline execution, and the exported model as a new registered version."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from ballot import tracking
+from ballot.config import ExperimentConfig, to_dict
+from ballot.export import read_metadata
+from ballot.storage import load_tensors, write_json
+from pipelines.common import EXPORT, METRICS, PARAMS, PLOTS, PRUNE, REGISTER, read_json, run_stage
+from pipelines.export import EXAMPLE_FILE, MODEL_FILE, REPORT_FILE
+
+DVC_LOCK = Path("dvc.lock")
+
+
+def artifacts() -> list[tuple[Path, str]]:
+    """(file, folder in the run's artifacts) for everything a run keeps besides the model."""
+    files = [(PARAMS, "config"), (DVC_LOCK, "config"), (METRICS, "evaluate"), (EXPORT / REPORT_FILE, "export"),
+             (PRUNE / "mask_report.json", "prune"), (PRUNE / "details.json", "prune")]
+    files += [(path, "plots") for path in sorted(PLOTS.glob("*")) if path.is_file()]
+    return [(path, folder) for path, folder in files if path.is_file()]
+
+
+def main(cfg: ExperimentConfig) -> None:
+    import mlflow
+
+    metrics = read_json(METRICS)
+    export_report = read_json(EXPORT / REPORT_FILE)
+    card = read_metadata(EXPORT / MODEL_FILE)
+    example = load_tensors(EXPORT / EXAMPLE_FILE, "input example")["input"].numpy()
+    tracking.connect(tracking.resolve_tracking_uri(cfg.register.tracking_uri))
+    mlflow.set_experiment(cfg.register.experiment)
+    run_tags = {**tracking.git_state(), **{key: card[key] for key in ("dataset", "method", "model")}}
+    if DVC_LOCK.is_file():
+        run_tags["dvc_lock_sha256"] = tracking.file_sha256(DVC_LOCK)
+    with mlflow.start_run(run_name=f"{card['method']}-{card['model']}-d{card['density']:.3f}", tags=run_tags):
+        mlflow.log_params(tracking.flatten(to_dict(cfg)))
+        mlflow.log_metrics({**tracking.numeric_metrics(metrics), **tracking.numeric_metrics(export_report, "export.")})
+        for path, folder in artifacts():
+            mlflow.log_artifact(str(path), artifact_path=folder)
+        version_tags = {**{key: card[key] for key in tracking.VERSION_TAG_KEYS}, "dense_acc": metrics["dense"]["acc"]}
+        registration = tracking.register_onnx(EXPORT / MODEL_FILE, cfg.register.model_name, example, version_tags)
+    write_json(REGISTER, asdict(registration))
+    print(f"register: {registration.name} version {registration.version} @{registration.alias}  "
+          f"run {registration.run_id}  ({registration.tracking_uri})")
+
+
+if __name__ == "__main__":
+    run_stage("register", main)

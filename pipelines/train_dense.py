@@ -1,0 +1,25 @@
+"""Stage train_dense: theta_0 -> theta_T on the snapshot, keeping the rewind state theta_k."""
+
+from __future__ import annotations
+
+from ballot.config import ExperimentConfig
+from ballot.experiment import model_metrics, save_dense, timed, train_dense
+from ballot.snapshot import load_snapshot
+from ballot.storage import write_json
+from pipelines.common import DATA, DENSE, run_stage, staged_folder
+
+
+def main(cfg: ExperimentConfig) -> None:
+    data = load_snapshot(DATA)
+    (model, dense, result), seconds = timed(train_dense, cfg, data)
+    metrics = {**model_metrics(model, data, cfg.base.device), "seconds": seconds}
+    with staged_folder(DENSE) as folder:
+        save_dense(dense, folder)
+        write_json(folder / "metrics.json", metrics)
+        write_json(folder / "history.json", result.history)
+    print(f"train_dense: acc {metrics['acc']:.4f}  cwv {metrics['cwv']:.5f}  mcd {metrics['mcd']:.4f}  "
+          f"({seconds:.1f}s) -> {DENSE}")
+
+
+if __name__ == "__main__":
+    run_stage("train_dense", main)
