@@ -99,6 +99,29 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(to_dict(_config_from_args(args)), sort_keys=False), end="")
 
 
+SERVE_FLAGS = {  # flag -> (setting, type, help); each also has an environment variable (docs/serving.md)
+    "--model-uri": ("model_uri", str, "an .onnx file, models:/NAME@ALIAS or models:/NAME/VERSION "
+                                      "(default models:/ballot-fashion-mnist@champion)"),
+    "--tracking-uri": ("tracking_uri", str, "MLflow tracking/registry URI for models:/ URIs"),
+    "--host": ("host", str, "address to listen on (default 127.0.0.1)"),
+    "--port": ("port", int, "port to listen on (default 8000)"),
+    "--device": ("device", str, "auto (CUDA when available, else CPU), cpu or cuda"),
+    "--threads": ("threads", int, "ONNX Runtime intra-op threads (0 = automatic)"),
+    "--max-batch": ("max_batch", int, "most items per /predict request (default 256)"),
+    "--max-body-bytes": ("max_body_bytes", int, "largest request body (default 16 MiB)"),
+    "--log-level": ("log_level", str, "uvicorn log level (default info)"),
+}
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Run the HTTP service until stopped; flags override the BALLOT_* environment variables."""
+    from serving.server import main as serve  # imported here: other commands need no HTTP stack
+
+    code = serve({setting: getattr(args, setting) for setting, _, _ in SERVE_FLAGS.values()})
+    if code:
+        raise SystemExit(code)
+
+
 def _add_run_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
     parser.add_argument("--params", help="params.yaml to start from (default: built-in defaults)")
     parser.add_argument("--dataset", help="dataset name, e.g. fashion-mnist, digits, npz")
@@ -140,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the resolved configuration as YAML")
     _add_run_options(config)
     config.set_defaults(func=cmd_config)
+
+    serve = commands.add_parser("serve", help="serve a registered model (or an .onnx file) over HTTP with ONNX Runtime")
+    for flag, (setting, kind, text) in SERVE_FLAGS.items():
+        serve.add_argument(flag, dest=setting, type=kind, help=text)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

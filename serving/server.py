@@ -1,0 +1,44 @@
+"""Load the model, build the app and run uvicorn; the entry point of `python -m serving` and `ballot serve`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping
+
+import uvicorn
+
+from serving.app import create_app
+from serving.errors import ServingError
+from serving.model_source import fetch_model
+from serving.runtime import OnnxModel
+from serving.settings import Settings, load_settings
+
+
+def load_model(settings: Settings) -> OnnxModel:
+    """Resolve ``settings.model_uri`` (file or registry) and open it in ONNX Runtime."""
+    with fetch_model(settings.model_uri, settings.tracking_uri) as source:
+        return OnnxModel.load(source, device=settings.device, threads=settings.threads)
+
+
+def build_server(model: OnnxModel, settings: Settings) -> uvicorn.Server:
+    """A uvicorn server for ``model`` (one process; ONNX Runtime runs requests in parallel threads)."""
+    config = uvicorn.Config(create_app(model, settings), host=settings.host, port=settings.port,
+                            log_level=settings.log_level, server_header=False)
+    return uvicorn.Server(config)
+
+
+def main(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Start the service; a configuration or model problem prints one clear line and returns 2."""
+    try:
+        settings = load_settings(environ, overrides)
+        model = load_model(settings)
+    except ServingError as error:
+        print(f"ballot serve: error: {error}", file=sys.stderr)
+        return 2
+    card = model.card
+    print(f"ballot serve: {card.label()}; input {list(card.input_shape)}, {len(card.class_names)} classes, "
+          f"providers {list(card.providers)}",
+          file=sys.stderr)
+    server = build_server(model, settings)
+    server.run()
+    return 0 if server.started else 1
