@@ -1,0 +1,178 @@
+"""Serving speed: ONNX Runtime through the HTTP service and in-process, against PyTorch eager on the same model.
+
+Throughput and p50 / p99 latency at batch 1 and 64, one engine after the other in one run, printed with the
+ratios to PyTorch eager. The default model is LeNet-300-100 (`mlp`) on 1x28x28 inputs with random weights and
+a 5% magnitude mask; ``--model-uri`` benchmarks a registered model or an .onnx file instead (its PyTorch twin is
+rebuilt from the ONNX weights and checked for parity first).
+
+    .venv/bin/python benchmarks/serve_bench.py [--model-uri models:/NAME@champion] [--threads 2] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import numpy as np
+import torch
+from torch import nn
+
+from ballot.export import bake, check_parity, export_onnx
+from ballot.masks import Mask, magnitude_scores
+from ballot.models import build_model
+from serving.model_source import fetch_model
+from serving.runtime import OnnxModel
+
+BATCHES = (1, 64)
+
+
+def default_model(folder: Path) -> tuple[nn.Module, Path]:
+    """The seeded LeNet-300-100 with a 5% magnitude mask, baked and exported to ``folder``."""
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 28, 28), 10)
+    baked = bake(model, Mask.top_k(magnitude_scores(model), 0.05))
+    meta = {"model": "mlp", "density": 0.05, "input_shape": [1, 28, 28], "class_names": [str(c) for c in range(10)]}
+    return baked, export_onnx(baked, (1, 28, 28), folder / "bench.onnx", meta)
+
+
+def torch_twin(onnx_path: Path, onnx_model: OnnxModel) -> nn.Module:
+    """The PyTorch model of the ONNX file: architecture from its metadata, weights from its initializers."""
+    import onnx
+    from onnx import numpy_helper
+
+    card = onnx_model.card
+    if not card.model:
+        sys.exit(f"serve_bench: {card.uri} records no 'model' (architecture) to rebuild in PyTorch")
+    model = build_model(card.model, card.input_shape, len(card.class_names))
+    proto = onnx.load_model(str(onnx_path))
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
+    state = model.state_dict()
+    missing = [name for name in state if name not in weights or weights[name].shape != state[name].shape]
+    if missing:
+        sys.exit(f"serve_bench: cannot rebuild '{card.model}' from the ONNX initializers (missing or reshaped: "
+                 f"{missing[:5]})")
+    model.load_state_dict({name: weights[name] for name in state})
+    return model.eval()
+
+
+def measure(call: Callable[[], object], batch: int, seconds: float) -> dict[str, float]:
+    """Call repeatedly for about ``seconds`` after a warm-up; items/s and latency percentiles in ms."""
+    for _ in range(10):
+        call()
+    latencies = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(latencies) < 30:
+        begin = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - begin)
+    total = time.perf_counter() - start
+    p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+    return {"items_per_s": batch * len(latencies) / total, "p50_ms": float(p50), "p99_ms": float(p99),
+            "calls": len(latencies)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_service(onnx_path: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    """`python -m serving` on a loopback port, as the Docker image runs it."""
+    port = free_port()
+    env = {**os.environ, "BALLOT_MODEL_URI": str(onnx_path), "BALLOT_PORT": str(port), "BALLOT_HOST": "127.0.0.1",
+           "BALLOT_THREADS": str(threads), "BALLOT_MAX_BATCH": str(max(BATCHES)), "BALLOT_LOG_LEVEL": "warning"}
+    process = subprocess.Popen([sys.executable, "-m", "serving"], env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    sys.exit("serve_bench: the service did not become ready")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-uri", help="an .onnx file or models:/NAME@ALIAS (default: seeded LeNet-300-100)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for PyTorch and ONNX Runtime alike (default 1: on a busy 2-core machine, "
+                             "more PyTorch threads spin against each other)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per engine and batch size")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as folder:
+        baked, uri = None, args.model_uri
+        if not uri:
+            baked, path = default_model(Path(folder))
+            uri = str(path)
+        with fetch_model(uri, args.tracking_uri) as source:
+            ort_model = OnnxModel.load(source, device="cpu", threads=args.threads)
+            model = baked if baked is not None else torch_twin(source.path, ort_model)
+            results = run_all(model, ort_model, source.path, args.threads, args.seconds)
+    report(results)
+    return 0
+
+
+def run_all(model: nn.Module, ort_model: OnnxModel, onnx_path: Path, threads: int, seconds: float
+            ) -> dict[tuple[str, int], dict[str, float]]:
+    """Every engine at every batch size, on the same random inputs."""
+    shape = ort_model.card.input_shape
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.random((b, *shape), dtype=np.float32) for b in BATCHES}
+    parity = check_parity(model, onnx_path, torch.from_numpy(inputs[max(BATCHES)]))
+    print(f"{ort_model.card.label()}; input {list(shape)}; threads {threads}; "
+          f"parity max |diff| {parity['max_abs_diff']:.2e}, argmax agreement {parity['argmax_agreement']:.3f}")
+    results: dict[tuple[str, int], dict[str, float]] = {}
+    for batch in BATCHES:
+        tensor = torch.from_numpy(inputs[batch])
+
+        def eager() -> None:
+            with torch.inference_mode():
+                model(tensor)
+
+        results["pytorch eager", batch] = measure(eager, batch, seconds)
+        results["onnxruntime in-process", batch] = measure(lambda: ort_model.predict(inputs[batch]), batch, seconds)
+    process, url = start_service(onnx_path, threads)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for batch in BATCHES:
+                body = httpx.Request("POST", url, json={"inputs": inputs[batch].tolist()}).content
+
+                def over_http() -> None:
+                    client.post("/predict", content=body, headers={"Content-Type": "application/json"}
+                                ).raise_for_status()
+
+                results["onnxruntime via HTTP", batch] = measure(over_http, batch, seconds)
+    finally:
+        process.terminate()
+        process.wait(30)
+    return results
+
+
+def report(results: dict[tuple[str, int], dict[str, float]]) -> None:
+    print(f"\n{'engine':<26}{'batch':>6}{'items/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'calls':>8}{'vs eager':>10}")
+    for (engine, batch), r in results.items():
+        ratio = r["items_per_s"] / results["pytorch eager", batch]["items_per_s"]
+        print(f"{engine:<26}{batch:>6}{r['items_per_s']:>12.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
+              f"{r['calls']:>8.0f}{ratio:>9.2f}x")
+    one = results["onnxruntime in-process", 1]["items_per_s"] / results["pytorch eager", 1]["items_per_s"]
+    print(f"\nONNX Runtime / PyTorch eager throughput at batch 1: {one:.2f}x (aim >= 2x); HTTP numbers include "
+          "JSON parsing and one sequential client on the same machine")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
