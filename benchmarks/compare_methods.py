@@ -142,7 +142,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     ax.set_xticks([c + width * (len(shown) - 1) / 2 for c in range(len(names))], names, rotation=30, ha="right")
     ax.set_ylabel("test accuracy of the class (mean over seeds)")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(ncol=len(shown), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(out / "per_class.png", dpi=120)
     plt.close(fig)
