@@ -10,6 +10,7 @@ from ballot.experiment import load_pruned, model_metrics
 from ballot.export import bake
 from ballot.snapshot import load_snapshot
 from ballot.storage import atomic_write, write_json
+from ballot.train import resolve_device
 from pipelines.common import DATA, DENSE, METRICS, PLOTS, PRUNE, read_json, run_stage, staged_folder
 
 GAPS = ("acc", "cwv", "mcd", "worst_class")
@@ -61,7 +62,8 @@ def draw(rows: list[dict[str, Any]], title: str, path: Path) -> None:
 def main(cfg: ExperimentConfig) -> None:
     data = load_snapshot(DATA)
     model, mask = load_pruned(PRUNE, cfg, data)
-    sparse = model_metrics(bake(model, mask), data, cfg.base.device)
+    device = resolve_device(cfg.base.device)
+    sparse = model_metrics(bake(model, mask).to(device), data, cfg.base.device)
     dense = read_json(DENSE / "metrics.json")
     metrics = summarise(sparse, dense, mask.kept, mask.total)
     rows = per_class_rows(sparse, dense, read_json(DATA / "summary.json")["class_counts"]["test"])
