@@ -37,6 +37,9 @@ def from_nested(items: Sequence[Any], input_shape: Sequence[int]) -> np.ndarray:
     """
     shape = tuple(input_shape)
     size = math.prod(shape)
+    depth = _depth(items) - 1
+    if depth > len(shape):
+        raise InputError(f"items nest {depth} levels deep; each must have shape {list(shape)}")
     grid = np.array(items, dtype=object)
     leaf_types = set(map(type, grid.flat))
     if list in leaf_types:
@@ -62,6 +65,14 @@ def from_nested(items: Sequence[Any], input_shape: Sequence[int]) -> np.ndarray:
         raise InputError(f"image inputs must be raw pixels scaled to [0, 1]; got values in "
                          f"[{float(batch.min()):g}, {float(batch.max()):g}] (divide 8-bit pixels by 255)")
     return batch
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists along the first elements."""
+    depth = 0
+    while isinstance(value, list) and value:
+        value, depth = value[0], depth + 1
+    return depth
 
 
 def from_pngs(images: Sequence[str], input_shape: Sequence[int]) -> np.ndarray:

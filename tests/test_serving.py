@@ -268,6 +268,7 @@ BAD_REQUESTS = {
     "wrong shape": ({"inputs": [[[[0.5] * 7] * 8]]}, 422, "got items of shape [1, 8, 7]"),
     "flat vector of the wrong size": ({"inputs": [[0.5] * 63]}, 422, "flat list of 64 numbers"),
     "scalar item": ({"inputs": [0.5]}, 422, "inputs[0]: Input should be a valid list"),
+    "nesting too deep": ({"inputs": [_item([[0.5]])]}, 422, "items nest 5 levels deep"),
     "ragged item": ({"inputs": [[ITEM[0][:7] + [[0.5] * 9]]]}, 422, "ragged"),
     "string value": ({"inputs": [_item("0.5")]}, 422, "found string"),
     "boolean value": ({"inputs": [_item(True)]}, 422, "found boolean"),
@@ -523,13 +524,16 @@ def _fuzz_strategies():
     json_value = st.recursive(leaf, lambda inner: st.lists(inner, max_size=4)
                               | st.dictionaries(st.sampled_from(["inputs", "images", "x", ""]) | st.text(max_size=6),
                                                 inner, max_size=3), max_leaves=20)
+    deep: list = [0.5]
+    for _ in range(70):
+        deep = [deep]
     poison = st.sampled_from([float("nan"), float("inf"), -0.1, 1.5, 255, "0.5", True, None, [], [0.5], {}, 10**400,
-                              1e39, -1e39, 0, 1])
+                              1e39, -1e39, 0, 1, deep])
 
     @st.composite
     def nested_body(draw):
         shape = draw(st.sampled_from([(1, 8, 8), (64,), (1, 8, 7), (8, 8), (1, 8, 8, 1), (0,), (1, 0, 8), (65,)]))
-        count = draw(st.integers(0, MAX_BATCH + 2))
+        count = draw(st.integers(0, 3) | st.integers(MAX_BATCH - 1, MAX_BATCH + 2))
         size = int(np.prod(shape))
         items = []
         for _ in range(count):
@@ -537,7 +541,8 @@ def _fuzz_strategies():
             for position, value in draw(st.lists(st.tuples(st.integers(0, max(size - 1, 0)), poison), max_size=2)):
                 if size:
                     values[position] = value
-            items.append(_nest(values, shape))
+            whole = draw(st.integers(0, 9)) == 0  # now and then an item that is itself a poison value
+            items.append(draw(poison) if whole else _nest(values, shape))
         return {"inputs": items}
 
     @st.composite
