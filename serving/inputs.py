@@ -18,7 +18,7 @@ from serving.errors import BatchSizeError, InputError
 JSON_TYPES = {str: "string", bool: "boolean", type(None): "null", dict: "object", list: "array"}
 PNG_ERRORS = (Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
               struct.error, zlib.error)
-EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
 
 
 def check_batch_size(count: int, max_batch: int) -> None:

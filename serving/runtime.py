@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from serving.errors import ModelLoadError
+from serving.errors import InputError, ModelLoadError
 from serving.model_source import ModelSource
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -136,8 +136,13 @@ class OnnxModel:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities [n, classes]."""
-        return softmax(self.logits(batch))
+        """Class probabilities [n, classes]; InputError when an item drives the logits to inf or NaN."""
+        logits = self.logits(batch)
+        broken = ~np.isfinite(logits).all(axis=1)
+        if broken.any():
+            raise InputError(f"item {int(np.argmax(broken))} drives the model's outputs to infinity or NaN: "
+                             "its values are far outside the range the model was trained on")
+        return softmax(logits)
 
 
 def _input_contract(session: ort.InferenceSession) -> tuple[str, tuple[int, ...]]:

@@ -332,6 +332,17 @@ def test_wrong_methods_and_paths_are_4xx(service):
     assert service.get("/nope").status_code == 404
 
 
+def test_tabular_models_take_any_finite_values_but_not_ones_that_overflow_the_model(tmp_path):
+    torch.manual_seed(0)
+    path = export_onnx(build_model("mlp", (4,), 3), (4,), tmp_path / "tabular.onnx", {"class_names": ["a", "b", "c"]})
+    settings = Settings(model_uri=str(path), port=free_port(), log_level="warning")
+    with in_thread(settings) as url, httpx.Client(base_url=url) as client:
+        fine = client.post("/predict", json={"inputs": [[-3.0, 200.0, 0, 1]]})
+        assert fine.status_code == 200 and fine.json()["predictions"][0]["class_name"] in ("a", "b", "c")
+        overflow = client.post("/predict", json={"inputs": [[0, 0, 0, 0], [3e38, -3e38, 3e38, 3e38]]})
+        assert overflow.status_code == 422 and "item 1 drives the model's outputs to infinity" in overflow.text
+
+
 # ---------------------------------------------------------------- model resolution and start-up failures
 
 def test_aliases_and_versions_resolve_to_their_registry_version(registry):
