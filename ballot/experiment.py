@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ballot.config import ExperimentConfig, check_density, to_dict
+from ballot.config import ConfigError, ExperimentConfig, check_density, to_dict
 from ballot.data import DataBundle, dataset_loader, load_data
 from ballot.fairness import evaluate
 from ballot.masks import Mask
@@ -24,10 +24,14 @@ DENSE_FILES = {"init_state": "init.safetensors", "rewind_state": "rewind.safeten
 
 
 def check_names(cfg: ExperimentConfig) -> None:
-    """Fail fast, before any work, when the dataset, model or method is not in its registry."""
+    """Fail fast, before any work, when the dataset, model or method is not in its registry, or when Ballot's
+    candidate density is below the target density."""
     dataset_loader(cfg.base.dataset)
     model_builder(cfg.base.model)
     get_pruner(cfg.prune.method)
+    if cfg.prune.method == "ballot" and cfg.prune.ballot.obs_density < cfg.base.density:
+        raise ConfigError(f"prune.ballot.obs_density ({cfg.prune.ballot.obs_density}) must be >= base.density "
+                          f"({cfg.base.density})")
 
 
 def prepare_data(cfg: ExperimentConfig) -> DataBundle:

@@ -53,3 +53,10 @@ def test_evaluate_of_a_folder_without_outputs(tmp_path, capsys):
 def test_help_on_every_command(command):
     result = subprocess.run([sys.executable, "-m", "ballot.cli", *command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: ballot" in result.stdout
+
+
+def test_ballot_candidate_density_below_target_is_a_usage_error(tmp_path, capsys):
+    code = main(["prune", "--dataset", "digits", "--method", "ballot", "--density", "0.5", "--out", str(tmp_path / "r"),
+                 *TINY_FLAGS, "--set", "prune.ballot.obs_density=0.2"])
+    assert code == 2
+    assert "prune.ballot.obs_density (0.2) must be >= base.density (0.5)" in capsys.readouterr().err
