@@ -15,8 +15,10 @@ from ballot.models import ModelError
 from ballot.promote import PromotionError
 from ballot.pruning import UnknownMethodError
 from ballot.storage import StorageError
+from ballot.tuning import TuneError
 
-USER_ERRORS = (ConfigError, DatasetError, MaskError, ModelError, UnknownMethodError, StorageError, PromotionError)
+USER_ERRORS = (ConfigError, DatasetError, MaskError, ModelError, UnknownMethodError, StorageError, PromotionError,
+               TuneError)
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -33,25 +35,39 @@ def _summary(metrics: dict[str, Any]) -> str:
             f"worst-class {metrics['worst_class']:.4f}")
 
 
+def _data(cfg):
+    from ballot import experiment
+
+    data = experiment.prepare_data(cfg)
+    print(f"data: {cfg.base.dataset}  train {len(data.train)}  val {len(data.val)}  test {len(data.test)}  "
+          f"classes {data.num_classes}", file=sys.stderr)
+    return data
+
+
+def _dense_states(cfg, data, reuse: str | None, out: Path):
+    """(dense states, their folder, seconds spent training): reused from ``reuse`` when it holds them, else
+    trained and saved there (or under out/dense)."""
+    from ballot import experiment
+
+    dense_dir = Path(reuse) if reuse else out / "dense"
+    if reuse and all((dense_dir / n).exists() for n in experiment.DENSE_FILES.values()):
+        print(f"dense: reusing {dense_dir}", file=sys.stderr)
+        return experiment.load_dense(dense_dir), dense_dir, 0.0
+    (model, dense, _), seconds = experiment.timed(experiment.train_dense, cfg, data)
+    experiment.save_dense(dense, dense_dir)
+    dense_metrics = experiment.model_metrics(model, data, cfg.base.device)
+    print(f"dense:  {_summary(dense_metrics)}  ({seconds:.1f}s)", file=sys.stderr)
+    return dense, dense_dir, seconds
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     from ballot import experiment
 
     cfg = _config_from_args(args)
     experiment.check_names(cfg)
     out = Path(args.out)
-    data = experiment.prepare_data(cfg)
-    print(f"data: {cfg.base.dataset}  train {len(data.train)}  val {len(data.val)}  test {len(data.test)}  "
-          f"classes {data.num_classes}", file=sys.stderr)
-    dense_dir = Path(args.dense) if args.dense else out / "dense"
-    dense_seconds = 0.0
-    if args.dense and all((dense_dir / n).exists() for n in experiment.DENSE_FILES.values()):
-        dense = experiment.load_dense(dense_dir)
-        print(f"dense: reusing {dense_dir}", file=sys.stderr)
-    else:
-        (model, dense, _), dense_seconds = experiment.timed(experiment.train_dense, cfg, data)
-        experiment.save_dense(dense, dense_dir)
-        dense_metrics = experiment.model_metrics(model, data, cfg.base.device)
-        print(f"dense:  {_summary(dense_metrics)}  ({dense_seconds:.1f}s)", file=sys.stderr)
+    data = _data(cfg)
+    dense, _, dense_seconds = _dense_states(cfg, data, args.dense, out)
     result, prune_seconds = experiment.timed(experiment.run_prune, cfg, data, dense)
     metrics = experiment.model_metrics(result.model, data, cfg.base.device)
     metrics.update(method=cfg.prune.method, dataset=cfg.base.dataset, model=cfg.base.model, seed=cfg.base.seed,
@@ -61,6 +77,39 @@ def cmd_prune(args: argparse.Namespace) -> None:
     print(f"{cfg.prune.method}: {_summary(metrics)}  density {metrics['density']:.4f}  ({prune_seconds:.1f}s)",
           file=sys.stderr)
     print(f"wrote {out}/mask.safetensors, model.safetensors, metrics.json", file=sys.stderr)
+
+
+TUNE_FLAGS = {"n_trials": "tune.n_trials", "timeout": "tune.timeout_s", "workers": "tune.workers",
+              "storage": "tune.storage", "study_name": "tune.study_name"}
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    """Run, resume or join the Optuna study over Ballot's knobs; write best_params.yaml and report/."""
+    from ballot import experiment
+    from ballot.tuning.runner import run_study
+
+    flags = [f"{key}={json.dumps(getattr(args, dest))}" for dest, key in TUNE_FLAGS.items()
+             if getattr(args, dest) is not None]
+    args.set = [*(args.set or []), *flags]
+    cfg = _config_from_args(args)
+    experiment.check_names(cfg)
+    out = Path(args.out)
+    data = _data(cfg)
+    dense, dense_dir, _ = _dense_states(cfg, data, args.dense, out)
+    outcome = run_study(cfg, data, dense, dense_dir=dense_dir, best_path=out / "best_params.yaml",
+                        report_dir=out / "report", default_storage=out / "study.db", tracking_uri=args.tracking_uri)
+    s, trials = outcome.summary, outcome.summary["trials"]
+    print(f"tune: study {s['study']}: {trials['finished']} of {s['n_trials_requested']} trials finished "
+          f"({trials['pruned']} pruned, {trials['failed']} failed, {trials['infeasible']} infeasible); "
+          f"epochs run {s['epochs']['run']} of {s['epochs']['planned']} planned", file=sys.stderr)
+    for label in ("best", "baseline"):
+        row = s[label]
+        if row and "objective" in row:
+            print(f"tune: {label} trial {row['number']}: objective {row['objective']:.4f}  val acc "
+                  f"{row['val_acc']:.4f}  cwv {row['val_cwv']:.5f}  mcd {row['val_mcd']:.4f}", file=sys.stderr)
+    if outcome.chosen is None:
+        print("tune: no feasible trial; best_params.yaml has no params", file=sys.stderr)
+    print(f"wrote {out}/best_params.yaml, {out}/report/", file=sys.stderr)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -144,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, help="output folder")
     prune.add_argument("--dense", help="folder of dense states to reuse (written there when absent)")
     prune.set_defaults(func=cmd_prune)
+
+    tune = commands.add_parser("tune", help="Optuna study over Ballot's knobs (tune.*): run, resume or join it; "
+                                            "write best_params.yaml and report/ (docs/tuning.md)")
+    _add_run_options(tune, with_method=False)
+    tune.add_argument("--out", required=True, help="output folder (study.db when --storage is not given)")
+    tune.add_argument("--dense", help="folder of dense states to reuse (written there when absent); workers "
+                                      "joining one study must share it")
+    tune.add_argument("--n-trials", type=int, help="finished trials the study must hold (tune.n_trials)")
+    tune.add_argument("--timeout", type=float, help="start no new trial after this many seconds (tune.timeout_s)")
+    tune.add_argument("--workers", type=int, help="worker processes, one torch thread each (tune.workers)")
+    tune.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user@host:5432/db (tune.storage)")
+    tune.add_argument("--study-name", help="study name (tune.study_name; default: from the configuration)")
+    tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                             "register.tracking_uri)")
+    tune.set_defaults(func=cmd_tune)
 
     evaluate = commands.add_parser("evaluate", help="re-evaluate a `ballot prune` output folder on the test split")
     evaluate.add_argument("--dir", required=True, help="output folder of `ballot prune`")

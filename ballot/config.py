@@ -132,7 +132,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
     _check(not unknown, where, f"unknown key(s) {unknown}; allowed keys: {names}")
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         # A partial nested group overrides the field's own default, not the nested class's defaults.
-        if f.name in data and isinstance(data[f.name], Mapping) and f.default_factory is not dataclasses.MISSING:
+        # (A plain mapping field, such as tune.space, is replaced whole.)
+        if (f.name in data and isinstance(data[f.name], Mapping) and f.default_factory is not dataclasses.MISSING
+                and dataclasses.is_dataclass(hints[f.name])):
             data[f.name] = {**dataclasses.asdict(f.default_factory()), **data[f.name]}
     kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in data.items()}
     try:
@@ -304,6 +306,71 @@ class PromoteConfig:
         _check(self.cwv_tolerance > 0, "cwv_tolerance", f"must be positive, got {self.cwv_tolerance}")
 
 
+TUNE_MODES = ("single", "multi")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "halving", "none")
+
+
+def default_space() -> dict[str, Any]:
+    """The search space params.yaml declares (docs/tuning.md); it contains Ballot's defaults."""
+    return {
+        "prune.ballot.conflict_threshold": {"type": "float", "low": 0.05, "high": 5.0, "log": True},
+        "prune.ballot.fairness_weight": {"type": "float", "low": 0.25, "high": 2.0},
+        "prune.ballot.obs_epochs": {"type": "int", "low": 2, "high": 8},
+        "prune.ballot.obs_density": {"type": "float", "low": 0.1, "high": 1.0},
+        "prune.ballot.fairness_loss_weight": {"type": "float", "low": 0.0, "high": 1.0},
+        "prune.ballot.refine_train.epochs": {"type": "int", "low": 8, "high": 20, "step": 4},
+        "prune.ballot.refine_train.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
+        "prune.ballot.refine_train.schedule": {"type": "categorical", "choices": ["cosine", "step", "plateau"]},
+        "prune.ballot.refine_train.warmup_epochs": {"type": "float", "low": 0.0, "high": 2.0},
+    }
+
+
+@dataclass
+class TuneConfig:
+    """The Optuna study over Ballot's knobs (docs/tuning.md): search space, objective, budget, storage."""
+
+    space: Any = _help("Search space {dotted prune.ballot.* key: {type: float|int|categorical, ...}}; a given "
+                       "space replaces this one whole (docs/tuning.md).", factory=default_space)
+    mode: str = _help("'single' (maximise val acc - mcd_weight * val MCD) or 'multi' (val acc up, val CWV down).",
+                      "single")
+    n_trials: int = _help("Finished (complete or pruned) trials the study must hold, over all workers.", 20)
+    timeout_s: float | None = _help("Each process starts no new trial after this many seconds (null = no limit).",
+                                    None)
+    sampler: str = _help("'tpe' or 'random', seeded with tune.seed (+ the worker's index).", "tpe")
+    seed: int = _help("Sampler seed.", 0)
+    pruner: str = _help("Single mode only: 'median', 'halving' (successive halving) or 'none'.", "median")
+    pruner_startup_trials: int = _help("Median pruner: trials that must finish before any is pruned.", 5)
+    pruner_warmup_epochs: int = _help("Refined-training epochs every trial runs before it may be pruned.", 2)
+    mcd_weight: float = _help("lambda in the objective: val acc - lambda * val MCD.", 0.5)
+    max_acc_drop: float = _help("A trial is feasible when val acc >= dense val acc - this.", 0.02)
+    storage: str | None = _help("Optuna storage URL (null = sqlite in the output folder; postgresql://... "
+                                "for workers on several machines).", None)
+    study_name: str | None = _help("Study name (null = 'ballot-' + fingerprint of the configuration and dense "
+                                   "model).", None)
+    workers: int = _help("Worker processes started on the study (each uses one torch thread when > 1).", 1)
+    heartbeat_s: int = _help("Heartbeat interval in seconds; a RUNNING trial silent for twice this is marked FAIL.",
+                             10)
+    experiment: str = _help("MLflow experiment holding the study's parent run.", "ballot-tune")
+    use_best: bool = _help("The prune stage applies best_params.yaml over prune.* when the file exists.", True)
+
+    def __post_init__(self) -> None:
+        _check(self.mode in TUNE_MODES, "mode", f"unknown '{self.mode}', choose from {TUNE_MODES}")
+        _check(self.sampler in SAMPLERS, "sampler", f"unknown '{self.sampler}', choose from {SAMPLERS}")
+        _check(self.pruner in PRUNERS, "pruner", f"unknown '{self.pruner}', choose from {PRUNERS}")
+        for name in ("n_trials", "workers", "heartbeat_s"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("pruner_startup_trials", "pruner_warmup_epochs"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(self.timeout_s is None or self.timeout_s > 0, "timeout_s", f"must be positive, got {self.timeout_s}")
+        _check(self.mcd_weight >= 0, "mcd_weight", f"must be >= 0, got {self.mcd_weight}")
+        _check(0 <= self.max_acc_drop <= 1, "max_acc_drop", f"must be in [0, 1], got {self.max_acc_drop}")
+        _check(bool(self.experiment.strip()), "experiment", "must not be empty")
+        from ballot.tuning.space import parse_space  # imported here: the tuning package imports this module
+
+        parse_space(self.space, where="space")
+
+
 @dataclass
 class ExperimentConfig:
     """The library's part of params.yaml: one group per concern."""
@@ -316,6 +383,7 @@ class ExperimentConfig:
     export: ExportConfig = _help("Pipeline: ONNX export stage.", factory=ExportConfig)
     register: RegisterConfig = _help("Pipeline: MLflow tracking and registry.", factory=RegisterConfig)
     promote: PromoteConfig = _help("Pipeline: promotion gate of `ballot promote`.", factory=PromoteConfig)
+    tune: TuneConfig = _help("Optuna study over Ballot's knobs (tune stage, `ballot tune`).", factory=TuneConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -8,13 +8,19 @@ from ballot.config import ExperimentConfig
 from ballot.experiment import load_dense, model_metrics, run_prune, save_pruned, timed
 from ballot.snapshot import load_snapshot
 from ballot.storage import write_json
+from ballot.tuning.space import apply_best
 from pipelines.common import DATA, DENSE, PRUNE, run_stage, staged_folder
+from pipelines.tune import BEST_PARAMS
 
 
 def main(cfg: ExperimentConfig) -> None:
+    cfg, tuned = apply_best(cfg, BEST_PARAMS)  # the tune stage's choice (tune.use_best; Ballot only)
+    if tuned:
+        print(f"prune: applying {len(tuned)} tuned value(s) from {BEST_PARAMS}")
     data = load_snapshot(DATA)
     dense = load_dense(DENSE)
     result, seconds = timed(run_prune, cfg, data, dense)
+    result.details["tuned_params"] = tuned
     metrics = model_metrics(result.model, data, cfg.base.device)
     metrics.update(method=cfg.prune.method, density=result.mask.density(), target_density=cfg.base.density,
                    seconds=seconds)

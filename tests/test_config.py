@@ -28,7 +28,7 @@ def test_bad_params_name_the_key(params, message):
 
 
 def test_other_tools_groups_can_be_allowed():
-    cfg = experiment_from_params({"tune": {"trials": 3}}, groups=("tune",))
+    cfg = experiment_from_params({"sweeper": {"trials": 3}}, groups=("sweeper",))
     assert cfg.base.dataset == "fashion-mnist"
 
 

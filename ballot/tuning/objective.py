@@ -1,0 +1,111 @@
+"""One trial: sample the knobs, prune with Ballot on the study's shared dense model, score on validation.
+
+Single mode maximises ``val acc - mcd_weight * val MCD``. Both terms are fractions of the same per-class
+validation accuracies acc_c (acc is their sample-weighted mean, MCD = max_c acc_c - min_c acc_c), so they share one
+scale: a weight of 0.5 trades one point of accuracy for two points of gap between the best and the worst class.
+CWV, a squared quantity (about 0.01 here), would need a weight near 100 to register, which is why MCD is used.
+Multi mode returns (val acc, val CWV), maximised and minimised.
+
+Feasibility: a trial is feasible when val acc >= dense val acc - max_acc_drop. The margin is stored as the
+Optuna constraint ``acc_drop`` (<= 0 feasible): TPE learns from it, and ``Study.best_trial`` / ``best_trials`` only
+ever return feasible trials. The raw objective is kept, so the history shows what each trial really scored.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ballot.config import ExperimentConfig
+from ballot.data import DataBundle
+from ballot.experiment import run_prune
+from ballot.fairness import evaluate
+from ballot.models import build_model
+from ballot.pruning import DenseArtifacts
+from ballot.train import resolve_device
+from ballot.tuning.space import Knob, with_values
+
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+CONSTRAINT = "acc_drop"
+
+
+class SurplusTrial(Exception):
+    """The study already holds or runs its requested number of trials; this extra one is dropped (state FAIL)."""
+
+
+@dataclass
+class TrialContext:
+    """What every trial of one worker shares."""
+
+    cfg: ExperimentConfig  # the trial base: Ballot, with tune.* settings
+    data: DataBundle
+    dense: DenseArtifacts
+    knobs: list[Knob]
+    dense_val_acc: float
+
+
+def objective_value(metrics: dict[str, Any], mcd_weight: float) -> float:
+    """val acc - mcd_weight * val MCD (higher is better)."""
+    return float(metrics["acc"] - mcd_weight * metrics["mcd"])
+
+
+def dense_val_accuracy(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts) -> float:
+    """Validation accuracy of the dense model theta_T: the reference of the feasibility rule."""
+    device = resolve_device(cfg.base.device)
+    model = build_model(cfg.base.model, data.input_shape, data.num_classes)
+    model.load_state_dict(dense.trained_state)
+    return float(evaluate(model.to(device), data.val.x, data.val.y, data.num_classes, device=device)["acc"])
+
+
+def claim_slot(trial: optuna.Trial, n_trials: int) -> None:
+    """Raise SurplusTrial when ``n_trials`` earlier trials are already finished or running.
+
+    Workers check the budget before asking for a trial, but two of them can ask at the same moment; trial
+    numbers are unique and ordered, so the later one sees the earlier one here and steps back.
+    """
+    earlier = [t for t in trial.study.get_trials(deepcopy=False, states=COUNTED) if t.number < trial.number]
+    if len(earlier) >= n_trials:
+        trial.set_user_attr("surplus", True)
+        raise SurplusTrial(f"trial {trial.number}: the study already has {n_trials} trials finished or running")
+
+
+def _record(trial: optuna.Trial, metrics: dict[str, Any], mcd_weight: float) -> float:
+    value = objective_value(metrics, mcd_weight)
+    for name in ("acc", "cwv", "mcd", "worst_class"):
+        trial.set_user_attr(f"val_{name}", float(metrics[name]))
+    trial.set_user_attr("objective", value)
+    return value
+
+
+def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, float]:
+    """The Optuna objective: one Ballot run with the trial's knobs, reported per refined-training epoch."""
+    tune = ctx.cfg.tune
+    claim_slot(trial, tune.n_trials)
+    cfg = with_values(ctx.cfg, {knob.key: knob.suggest(trial) for knob in ctx.knobs})
+    knobs = cfg.prune.ballot
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr("epochs_planned", knobs.obs_epochs + knobs.refine_train.epochs)
+    trial.set_user_attr("epochs_run", knobs.obs_epochs)
+    single = tune.mode == "single"
+
+    def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
+        trial.set_user_attr("epochs_run", knobs.obs_epochs + epoch)
+        if single:
+            trial.report(objective_value(metrics, tune.mcd_weight), epoch)
+            if trial.should_prune():
+                _record(trial, metrics, tune.mcd_weight)
+                raise optuna.TrialPruned(f"pruned after {epoch} refined-training epochs")
+
+    result = run_prune(cfg, ctx.data, ctx.dense, progress=False, on_epoch=on_epoch)
+    val = ctx.data.val
+    metrics = evaluate(result.model, val.x, val.y, ctx.data.num_classes, device=resolve_device(cfg.base.device))
+    value = _record(trial, metrics, tune.mcd_weight)
+    floor = ctx.dense_val_acc - tune.max_acc_drop
+    trial.set_constraint(CONSTRAINT, floor - float(metrics["acc"]))
+    trial.set_user_attr("feasible", bool(metrics["acc"] >= floor))
+    return value if single else (float(metrics["acc"]), float(metrics["cwv"]))

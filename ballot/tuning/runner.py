@@ -1,0 +1,88 @@
+"""One call that runs a study to its budget and writes its outputs (used by `ballot tune` and the tune stage)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from ballot.config import ExperimentConfig, to_dict
+from ballot.data import DataBundle
+from ballot.pruning import DenseArtifacts
+from ballot.tracking import connect, resolve_tracking_uri
+from ballot.tuning.mlflow_runs import PARENT_ATTR, TrialLogger, finish_parent, start_parent
+from ballot.tuning.objective import dense_val_accuracy
+from ballot.tuning.report import choose, write_report
+from ballot.tuning.space import check_space, current_values, trial_base, write_best
+from ballot.tuning.study import (DENSE_ACC_ATTR, WorkerJob, fingerprint, make_storage, open_study, redact,
+                                 run_workers, sqlite_url, work)
+
+RULES = {
+    "single": "highest val acc - mcd_weight * val MCD among feasible complete trials",
+    "multi": "lowest val CWV on the feasible Pareto front (val acc up, val CWV down); ties: higher val acc",
+}
+
+
+@dataclass
+class TuneOutcome:
+    """A finished (or timed-out) study and what was written for it."""
+
+    study: optuna.Study
+    chosen: FrozenTrial | None
+    summary: dict[str, Any]
+    files: list[Path]
+
+
+def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *, dense_dir: str | Path,
+              best_path: str | Path, report_dir: str | Path, default_storage: str | Path,
+              snapshot: str | Path | None = None, tracking_uri: str | None = None) -> TuneOutcome:
+    """Create or join the study of ``cfg.tune``, run ``tune.workers`` workers until it holds ``tune.n_trials``
+    finished trials (or ``tune.timeout_s`` passes), then write best_params.yaml and the report.
+
+    ``dense_dir`` holds ``dense`` as files (spawned workers load it); ``snapshot`` is the data snapshot workers
+    load (None: they load the configured dataset); ``default_storage`` is the sqlite file used when
+    ``tune.storage`` is null; ``tracking_uri`` overrides MLflow's (else MLFLOW_TRACKING_URI, else register's).
+    """
+    knobs = check_space(cfg)
+    base = trial_base(cfg)
+    tune = base.tune
+    storage_url = tune.storage or sqlite_url(default_storage)
+    fp = fingerprint(base, dense)
+    name = tune.study_name or f"ballot-{fp[:12]}"
+    uri = resolve_tracking_uri(base.register.tracking_uri, tracking_uri)
+    client = connect(uri)
+
+    def initialise(study: optuna.Study) -> None:
+        study.set_user_attr(DENSE_ACC_ATTR, dense_val_accuracy(base, data, dense))
+        defaults = current_values(base, knobs)
+        if all(knob.contains(defaults[knob.key]) for knob in knobs):  # trial 0: Ballot's configured values
+            study.enqueue_trial(defaults, user_attrs={"baseline": True})
+        study.set_user_attr(PARENT_ATTR, start_parent(client, tune.experiment, name, redact(storage_url),
+                                                      to_dict(base)))
+
+    storage = make_storage(storage_url, tune.heartbeat_s, on_stale=TrialLogger(client))
+    study, created = open_study(base, storage, name, fp, worker=0, on_create=initialise)
+    # The creator's workers use seeds seed, seed+1, ...; a process joining an existing study offsets them by its
+    # pid so that it never replays the sampler sequence of another process.
+    offset = 0 if created else 1000 + os.getpid()
+    job = WorkerJob(to_dict(base), storage_url, name, fp, str(dense_dir), str(snapshot) if snapshot else None, uri,
+                    offset)
+    if tune.workers == 1:
+        work(job, data, dense)
+    else:
+        run_workers(job, tune.workers)
+
+    chosen = choose(study)
+    summary, files = write_report(study, tune.n_trials, chosen, Path(report_dir))
+    info = {"study": name, "storage": redact(storage_url), "mode": tune.mode, "rule": RULES[tune.mode],
+            "trial": chosen.number if chosen else None, "metrics": summary["best"],
+            "dense_val_acc": summary["dense_val_acc"]}
+    if chosen is None:
+        info["note"] = "no feasible trial: params is empty, so prune keeps its own values"
+    best = write_best(best_path, chosen.params if chosen else {}, info)
+    finish_parent(client, study.user_attrs[PARENT_ATTR], summary, [best, *files])
+    return TuneOutcome(study, chosen, summary, [best, *files])

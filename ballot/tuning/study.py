@@ -1,0 +1,238 @@
+"""Studies: storage URLs, sampler and pruner, creating or joining a study, and workers with an exact trial budget.
+
+Budget: a study is done when it holds ``tune.n_trials`` finished (COMPLETE or PRUNED) trials, whoever ran them.
+Before each trial a worker fails stale trials (Optuna's heartbeat: a RUNNING trial whose process stopped beating for
+twice ``tune.heartbeat_s`` becomes FAIL), then starts one only if finished + running trials are below the budget,
+else it waits for the running ones; a trial that still finds the budget taken (two workers asked at once) steps
+back as a FAIL marked ``surplus`` without running. A killed worker therefore costs one FAIL trial, which the
+survivors (or the next run on the same storage) replace, and the finished count ends exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import time
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from ballot.config import ExperimentConfig, TuneConfig, experiment_from_params, to_dict
+from ballot.data import DataBundle
+from ballot.pruning import DenseArtifacts
+from ballot.storage import StorageError
+from ballot.tuning import TuneError
+from ballot.tuning.objective import COUNTED, SurplusTrial, TrialContext, run_trial
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+DIRECTIONS = {"single": ["maximize"], "multi": ["maximize", "minimize"]}
+FINGERPRINT_ATTR, READY_ATTR, DENSE_ACC_ATTR = "fingerprint", "ready", "dense_val_acc"
+SEARCH_KEYS = ("space", "mode", "sampler", "seed", "pruner", "pruner_startup_trials", "pruner_warmup_epochs",
+               "mcd_weight", "max_acc_drop")  # the tune settings that change what a trial means
+READY_TIMEOUT_S = 60.0
+
+
+def sqlite_url(path: str | Path) -> str:
+    """sqlite URL of a database file (relative paths stay relative to the working directory)."""
+    return f"sqlite:///{Path(path).as_posix()}"
+
+
+def redact(url: str) -> str:
+    """``url`` with any password masked, for logs and MLflow tags."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def make_storage(url: str, heartbeat_s: int,
+                 on_stale: Callable[[optuna.Study, Any], None] | None = None) -> optuna.storages.RDBStorage:
+    """An RDB storage (sqlite, PostgreSQL, any SQLAlchemy URL) with heartbeats, so killed trials become FAIL."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StorageError(f"tune.storage: '{url}' is not a database URL; use sqlite:///path/study.db or "
+                           "postgresql://user@host:port/db") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine: dict[str, Any] = {"connect_args": {"timeout": 60}}  # wait for another process's write lock
+    else:
+        engine = {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                                              grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=on_stale)
+    except (SQLAlchemyError, ImportError) as error:
+        raise StorageError(f"cannot open the Optuna storage {redact(url)}: {error}") from None
+
+
+def make_sampler(tune: TuneConfig, worker: int) -> optuna.samplers.BaseSampler:
+    """TPE (constant liar for parallel workers, constraint-aware) or random, seeded with seed + worker index."""
+    seed = tune.seed + worker
+    if tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+def make_pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
+    """Median or successive-halving pruner over refined-training epochs; none in multi mode."""
+    if tune.mode == "multi" or tune.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if tune.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, tune.pruner_warmup_epochs))
+    return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup_trials,
+                                       n_warmup_steps=tune.pruner_warmup_epochs)
+
+
+def fingerprint(cfg: ExperimentConfig, dense: DenseArtifacts) -> str:
+    """SHA-256 over everything that decides a trial's result: data, dense phase, Ballot's fixed knobs, the search
+    settings, and the dense model's bytes. Budget, storage and device settings are left out."""
+    d = to_dict(cfg)
+    payload = {
+        "base": {k: v for k, v in d["base"].items() if k != "device"},
+        "data": {k: v for k, v in d["data"].items() if k not in ("root", "download")},
+        "train_dense": d["train_dense"],
+        "prune": {k: d["prune"][k] for k in ("ballot", "retrain", "min_per_layer")},
+        "tune": {k: d["tune"][k] for k in SEARCH_KEYS},
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
+    for state in (dense.rewind_state, dense.trained_state):
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def open_study(cfg: ExperimentConfig, storage: optuna.storages.BaseStorage, name: str, fp: str, worker: int,
+               on_create: Callable[[optuna.Study], None] | None = None) -> tuple[optuna.Study, bool]:
+    """Create study ``name`` (then ``on_create`` and mark it ready) or join it after checking its fingerprint;
+    (study, whether this call created it)."""
+    tune = cfg.tune
+    kwargs = {"storage": storage, "study_name": name, "sampler": make_sampler(tune, worker),
+              "pruner": make_pruner(tune)}
+    try:
+        study = optuna.create_study(directions=DIRECTIONS[tune.mode], **kwargs)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**kwargs)
+        _check_joinable(study, tune, fp)
+        return study, False
+    study.set_user_attr(FINGERPRINT_ATTR, fp)
+    if on_create is not None:
+        on_create(study)
+    study.set_user_attr(READY_ATTR, True)
+    return study, True
+
+
+def _check_joinable(study: optuna.Study, tune: TuneConfig, fp: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not study.user_attrs.get(READY_ATTR):  # its creator may still be setting it up
+        if time.monotonic() > deadline:
+            raise TuneError(f"study '{study.study_name}' exists but was never made ready (did its creator die?); "
+                            "delete it or pick another tune.study_name")
+        time.sleep(0.5)
+    theirs = study.user_attrs.get(FINGERPRINT_ATTR)
+    if theirs != fp:
+        raise TuneError(f"study '{study.study_name}' was created for another configuration or dense model "
+                        f"(fingerprint {str(theirs)[:12]}, this run {fp[:12]}); use the same params and dense "
+                        "states (--dense), or another study name")
+    wanted = [optuna.study.StudyDirection[d.upper()] for d in DIRECTIONS[tune.mode]]
+    if study.directions != wanted:
+        raise TuneError(f"study '{study.study_name}' has directions {study.directions}, mode '{tune.mode}' needs "
+                        f"{wanted}")
+
+
+def trial_counts(study: optuna.Study) -> tuple[int, int]:
+    """(finished, finished + running) trials of the study."""
+    trials = study.get_trials(deepcopy=False, states=COUNTED)
+    return sum(t.state in FINISHED for t in trials), len(trials)
+
+
+def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[..., None]]) -> int:
+    """Run trials until the study holds ``tune.n_trials`` finished ones or ``tune.timeout_s`` passes; returns how
+    many trials this worker ran."""
+    tune = ctx.cfg.tune
+    poll = max(0.2, min(2.0, tune.heartbeat_s / 2))
+    started, ran = time.monotonic(), 0
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        finished, taken = trial_counts(study)
+        if finished >= tune.n_trials or (tune.timeout_s is not None and time.monotonic() - started >= tune.timeout_s):
+            return ran
+        if taken >= tune.n_trials:  # the rest of the budget is running elsewhere (or stale, until failed)
+            time.sleep(poll)
+            continue
+        study.optimize(partial(run_trial, ctx=ctx), n_trials=1, callbacks=callbacks, catch=(SurplusTrial,))
+        ran += 1
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything a worker process needs to join a study (picklable, for spawned processes)."""
+
+    params: dict[str, Any]  # to_dict of the trial base configuration
+    storage: str
+    study_name: str
+    fingerprint: str
+    dense_dir: str
+    snapshot: str | None  # a data snapshot folder; None = load the configured dataset
+    tracking_uri: str
+    worker: int  # offset of the sampler seed: 0 for the study's creator, so a one-process study is reproducible
+
+
+def work(job: WorkerJob, data: DataBundle | None = None, dense: DenseArtifacts | None = None) -> int:
+    """Join the study and run trials until its budget is met (the body of every worker)."""
+    from ballot.experiment import load_dense, prepare_data
+    from ballot.tracking import connect
+    from ballot.tuning.mlflow_runs import TrialLogger
+    from ballot.tuning.space import parse_space
+
+    cfg = experiment_from_params(job.params)
+    if data is None:
+        if job.snapshot:
+            from ballot.snapshot import load_snapshot
+
+            data = load_snapshot(job.snapshot)
+        else:
+            data = prepare_data(cfg)
+    dense = dense if dense is not None else load_dense(job.dense_dir)
+    logger = TrialLogger(connect(job.tracking_uri))
+    storage = make_storage(job.storage, cfg.tune.heartbeat_s, on_stale=logger)
+    study, _ = open_study(cfg, storage, job.study_name, job.fingerprint, job.worker)
+    ctx = TrialContext(cfg, data, dense, parse_space(cfg.tune.space), float(study.user_attrs[DENSE_ACC_ATTR]))
+    return run_worker(study, ctx, callbacks=[logger])
+
+
+def _spawned(job: WorkerJob) -> None:
+    torch.set_num_threads(1)  # workers share the cores; two threads each would contend (docs/tuning.md)
+    work(job)
+
+
+def run_workers(job: WorkerJob, count: int) -> None:
+    """``count`` worker processes (spawned, one torch thread each) on the study; TuneError if any fails."""
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_spawned, args=(WorkerJob(**{**job.__dict__, "worker": job.worker + i}),),
+                                 name=f"tune-worker-{i}") for i in range(count)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
+    if failed:
+        raise TuneError(f"worker process(es) failed: {', '.join(failed)}; the study can be resumed")

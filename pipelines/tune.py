@@ -1,0 +1,37 @@
+"""Stage tune: an Optuna study over Ballot's knobs on the dense model -> best_params.yaml (for prune) and a report.
+
+The study lives in ``tune.storage`` (default artifacts/tune/study.db, which persists between runs), so a killed
+run resumes where it stopped; the report folder is replaced only when the stage succeeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ballot.config import ExperimentConfig
+from ballot.experiment import load_dense
+from ballot.snapshot import load_snapshot
+from ballot.tuning.runner import run_study
+from pipelines.common import DATA, DENSE, run_stage, staged_folder
+
+TUNE = Path("artifacts/tune")
+STUDY_DB = TUNE / "study.db"
+REPORT = TUNE / "report"
+BEST_PARAMS = Path("best_params.yaml")
+
+
+def main(cfg: ExperimentConfig) -> None:
+    data = load_snapshot(DATA)
+    dense = load_dense(DENSE)
+    with staged_folder(REPORT) as folder:
+        outcome = run_study(cfg, data, dense, dense_dir=DENSE, best_path=BEST_PARAMS, report_dir=folder,
+                            default_storage=STUDY_DB, snapshot=DATA)
+    summary, trials = outcome.summary, outcome.summary["trials"]
+    best = summary["best"] or {}
+    print(f"tune: study {summary['study']}  {trials['finished']} trials ({trials['pruned']} pruned, "
+          f"{trials['infeasible']} infeasible)  best trial {best.get('number')}  objective "
+          f"{best.get('objective', float('nan')):.4f} -> {BEST_PARAMS}, {REPORT}")
+
+
+if __name__ == "__main__":
+    run_stage("tune", main)
