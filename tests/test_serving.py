@@ -574,7 +574,10 @@ def _fuzz_strategies():
     images_body = st.builds(lambda images: {"images": images},
                             st.lists(png_text() | st.text(max_size=20) | st.binary(max_size=40).map(
                                 lambda b: base64.b64encode(b).decode()), max_size=MAX_BATCH + 2))
-    structured = (nested_body() | images_body | json_value).map(lambda body: json.dumps(body).encode())
+    # valid items but too many of them: must be 413 whatever else the fuzzer draws
+    over_limit = st.integers(MAX_BATCH + 1, MAX_BATCH + 3).map(
+        lambda count: {"inputs": [_nest([0.5] * 64, (1, 8, 8))] * count})
+    structured = (nested_body() | images_body | json_value | over_limit).map(lambda body: json.dumps(body).encode())
     truncated = st.tuples(nested_body(), st.floats(0, 1)).map(
         lambda pair: json.dumps(pair[0]).encode()[:int(len(json.dumps(pair[0])) * pair[1])])
     body = structured | truncated | st.binary(max_size=300)
