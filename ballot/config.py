@@ -369,6 +369,10 @@ class TuneConfig:
         from ballot.tuning.space import parse_space  # imported here: the tuning package imports this module
 
         parse_space(self.space, where="space")
+        if self.storage is not None:
+            from ballot.tuning.study import check_storage_url
+
+            check_storage_url(self.storage, where="storage")
 
 
 @dataclass

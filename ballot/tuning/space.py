@@ -72,8 +72,10 @@ def parse_space(space: Any, where: str = "tune.space") -> list[Knob]:
 
 def _parse_knob(key: str, spec: Any, where: str) -> Knob:
     if not key.startswith(TUNABLE):
-        raise ConfigError(f"{where}: only Ballot's knobs ({TUNABLE}*) can be tuned; every trial re-uses one dense "
-                          "model, so dense-phase settings such as train_dense.rewind_iter cannot vary per trial")
+        raise ConfigError(f"{where}: a knob is named by its whole dotted path under {TUNABLE} (e.g. "
+                          f"{TUNABLE}conflict_threshold; on the command line set the whole space: "
+                          "--set 'tune.space={...}'). Only Ballot's knobs can be tuned: every trial re-uses one "
+                          "dense model, so dense-phase settings such as train_dense.rewind_iter cannot vary per trial")
     if not isinstance(spec, Mapping) or spec.get("type") not in KINDS:
         raise ConfigError(f"{where}: expected a mapping with type: one of {sorted(KINDS)}, got {spec!r}")
     kind = spec["type"]
@@ -91,6 +93,11 @@ def _parse_knob(key: str, spec: Any, where: str) -> Knob:
     bounds = {}
     for name in ("low", "high"):
         value = spec.get(name)
+        if kind == "float" and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         number = int if kind == "int" else (int, float)
         if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
             raise ConfigError(f"{where}.{name}: expected a finite {'integer' if kind == 'int' else 'number'}, "

@@ -24,7 +24,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from ballot.config import ExperimentConfig, TuneConfig, experiment_from_params, to_dict
+from ballot.config import ConfigError, ExperimentConfig, TuneConfig, experiment_from_params, to_dict
 from ballot.data import DataBundle
 from ballot.pruning import DenseArtifacts
 from ballot.storage import StorageError
@@ -55,17 +55,24 @@ def redact(url: str) -> str:
         return url
 
 
+def check_storage_url(url: str, where: str = "tune.storage") -> Any:
+    """The parsed SQLAlchemy URL; ConfigError naming ``where`` when ``url`` is not one."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"{where}: '{url}' is not a database URL; use sqlite:///path/study.db or "
+                          "postgresql://user@host:port/db") from None
+
+
 def make_storage(url: str, heartbeat_s: int,
                  on_stale: Callable[[optuna.Study, Any], None] | None = None) -> optuna.storages.RDBStorage:
     """An RDB storage (sqlite, PostgreSQL, any SQLAlchemy URL) with heartbeats, so killed trials become FAIL."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    from sqlalchemy.exc import SQLAlchemyError
 
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise StorageError(f"tune.storage: '{url}' is not a database URL; use sqlite:///path/study.db or "
-                           "postgresql://user@host:port/db") from None
+    parsed = check_storage_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,303 @@
+"""ballot.tuning and `ballot tune`: search space, feasibility, budget, pruning, storage, MLflow layout, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from ballot.cli import main
+from ballot.config import ConfigError, ExperimentConfig, experiment_from_params
+from ballot.pruning import DenseArtifacts
+from ballot.tuning import TuneError
+from ballot.tuning.objective import SurplusTrial, TrialContext, claim_slot, dense_val_accuracy, run_trial
+from ballot.tuning.report import choose, pareto_front, summarise
+from ballot.tuning.space import (apply_best, check_space, current_values, load_best, parse_space, trial_base,
+                                 with_values, write_best)
+from ballot.tuning.study import fingerprint, make_pruner, make_storage, open_study, redact, sqlite_url
+from tests.conftest import TINY, tiny_config
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPACE = {"prune.ballot.conflict_threshold": {"type": "float", "low": 0.1, "high": 2.0, "log": True},
+         "prune.ballot.refine_train.epochs": {"type": "int", "low": 2, "high": 4}}
+TUNE_FLAGS = ["--dataset", "digits", "--model", "mlp", "--density", "0.1", "--device", "cpu",
+              *[flag for item in TINY if not item.startswith("base.") for flag in ("--set", item)],
+              "--set", f"tune.space={json.dumps(SPACE)}", "--set", "tune.heartbeat_s=1"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread, as tuning workers use: with other work on the two cores, two threads spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tune_config(*overrides: str) -> ExperimentConfig:
+    return tiny_config(f"tune.space={json.dumps(SPACE)}", *overrides)
+
+
+# --- search space -------------------------------------------------------------------------------------------------
+
+def test_default_space_holds_ballots_defaults_so_trial_0_can_be_the_baseline():
+    cfg = ExperimentConfig()
+    knobs = check_space(cfg)
+    assert {k.key for k in knobs} == set(cfg.tune.space) and all(k.key.startswith("prune.ballot.") for k in knobs)
+    defaults = current_values(cfg, knobs)
+    assert all(knob.contains(defaults[knob.key]) for knob in knobs), defaults
+
+
+def test_knob_bounds_and_membership():
+    (lr, epochs, schedule) = parse_space({
+        "prune.ballot.refine_train.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
+        "prune.ballot.refine_train.epochs": {"type": "int", "low": 8, "high": 20, "step": 4},
+        "prune.ballot.refine_train.schedule": {"type": "categorical", "choices": ["cosine", "step"]}})
+    assert lr.contains(0.05) and not lr.contains(0.2) and not lr.contains("0.05")
+    assert epochs.contains(12) and not epochs.contains(14) and not epochs.contains(12.0)
+    assert schedule.contains("step") and not schedule.contains("plateau")
+    assert epochs.edges() == [8, 20] and schedule.edges() == ["cosine", "step"]
+
+
+@pytest.mark.parametrize("space, message", [
+    (None, "expected a non-empty mapping"),
+    ({}, "expected a non-empty mapping"),
+    ({"train_dense.rewind_iter": {"type": "int", "low": 100, "high": 900}}, "dense-phase settings"),
+    ({"prune.ballot.obs_epochs": {"type": "integer", "low": 1, "high": 3}}, "type: one of"),
+    ({"prune.ballot.obs_epochs": {"type": "int", "low": 3, "high": 3}}, r"low \(3\) must be below high \(3\)"),
+    ({"prune.ballot.obs_epochs": {"type": "int", "low": 1, "high": 2.5}}, "high: expected a finite integer"),
+    ({"prune.ballot.refine_train.lr": {"type": "float", "low": 0, "high": 1, "log": True}}, "log scale needs low > 0"),
+    ({"prune.ballot.refine_train.lr": {"type": "float", "low": 0.1, "high": 1, "stepp": 1}}, r"unknown key\(s\)"),
+    ({"prune.ballot.importance": {"type": "categorical", "choices": []}}, "choices: expected a non-empty list"),
+    ({"prune.ballot.importance": {"type": "categorical", "choices": ["taylor", "taylor"]}}, "duplicate values"),
+])
+def test_bad_space_entries_are_named(space, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        experiment_from_params({"tune": {"space": space}})
+    assert str(info.value).startswith("tune.space")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"prune.ballot.refine_train.schedule": {"type": "categorical", "choices": ["cosine", "bogus"]}},
+     "tune.space.prune.ballot.refine_train.schedule: value 'bogus' is not valid here"),
+    ({"prune.ballot.obs_density": {"type": "float", "low": 0.01, "high": 1.0}}, "below base.density"),
+    ({"prune.ballot.no_such_knob": {"type": "int", "low": 1, "high": 2}}, r"unknown key\(s\) \['no_such_knob'\]"),
+])
+def test_space_values_are_checked_against_the_whole_configuration(entry, message):
+    with pytest.raises(ConfigError, match=message):
+        check_space(tiny_config(f"tune.space={json.dumps(entry)}"))
+
+
+def test_values_apply_by_dotted_key_and_a_given_space_replaces_the_default():
+    cfg = with_values(tune_config(), {"prune.ballot.conflict_threshold": math.inf,
+                                      "prune.ballot.refine_train.schedule": "step"})
+    assert math.isinf(cfg.prune.ballot.conflict_threshold) and cfg.prune.ballot.refine_train.schedule == "step"
+    assert set(cfg.tune.space) == set(SPACE), "a space from params is not merged with the default one"
+    assert trial_base(tiny_config("prune.method=lth")).prune.method == "ballot"
+
+
+def test_best_params_round_trip_and_are_applied_only_when_asked(tmp_path):
+    path = tmp_path / "best_params.yaml"
+    values = {"prune.ballot.conflict_threshold": 0.25, "prune.ballot.refine_train.epochs": 3}
+    write_best(path, values, {"study": "s", "trial": 4})
+    assert load_best(path) == values and yaml.safe_load(path.read_text())["trial"] == 4
+    tuned, applied = apply_best(tune_config(), path)
+    assert applied == values and tuned.prune.ballot.conflict_threshold == 0.25
+    assert tuned.prune.ballot.refine_train.epochs == 3
+    for off in ("tune.use_best=false", "prune.method=lth"):
+        cfg = tune_config(off)
+        assert apply_best(cfg, path) == (cfg, {})
+    assert apply_best(tune_config(), tmp_path / "absent.yaml")[1] == {}
+    path.write_text(yaml.safe_dump({"params": {"train_dense.epochs": 1}}))
+    with pytest.raises(ConfigError, match=r"may only set prune.ballot.\* keys"):
+        load_best(path)
+
+
+# --- storage, fingerprint, budget ---------------------------------------------------------------------------------
+
+def test_storage_urls(tmp_path):
+    with pytest.raises(ConfigError, match="is not a database URL"):
+        make_storage("study.db", heartbeat_s=1)
+    assert "secret" not in redact("postgresql://user:secret@db.example:5432/optuna")
+    url = sqlite_url(tmp_path / "deep" / "study.db")
+    make_storage(url, heartbeat_s=1)
+    assert (tmp_path / "deep" / "study.db").is_file(), "the sqlite file and its folder are created"
+
+
+def test_fingerprint_covers_what_decides_a_trial_and_nothing_else(tiny_dense):
+    base = fingerprint(tune_config(), tiny_dense)
+    same = ["tune.n_trials=7", "tune.workers=3", "tune.storage=sqlite:///x.db", "tune.timeout_s=5", "base.device=cpu",
+            "prune.method=lth", "tune.use_best=false", "tune.heartbeat_s=3"]
+    assert all(fingerprint(tune_config(o), tiny_dense) == base for o in same)
+    different = ["tune.mcd_weight=0.3", "tune.max_acc_drop=0.1", "tune.mode=multi", "tune.seed=1",
+                 "prune.ballot.obs_epochs=3", "base.density=0.2", "tune.pruner=none"]
+    assert all(fingerprint(tune_config(o), tiny_dense) != base for o in different)
+    other = DenseArtifacts(tiny_dense.init_state, tiny_dense.rewind_state,
+                           {k: v + 1e-3 if v.is_floating_point() else v for k, v in tiny_dense.trained_state.items()})
+    assert fingerprint(tune_config(), other) != base
+
+
+def test_joining_a_study_made_for_another_configuration_fails(tmp_path):
+    cfg = tune_config()
+    storage = make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=1)
+    study, created = open_study(cfg, storage, "s", "aaaa", 0)
+    assert created and study.user_attrs["fingerprint"] == "aaaa"
+    again, created = open_study(cfg, storage, "s", "aaaa", 1)
+    assert not created and again.study_name == "s"
+    with pytest.raises(TuneError, match="created for another configuration or dense model"):
+        open_study(cfg, storage, "s", "bbbb", 0)
+
+
+def test_a_trial_beyond_the_budget_steps_back(tmp_path):
+    storage = make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=1)
+    study = optuna.create_study(storage=storage, study_name="budget")
+    first, second = study.ask(), study.ask()  # two workers asked at the same moment for the last slot
+    claim_slot(first, n_trials=1)
+    with pytest.raises(SurplusTrial):
+        claim_slot(second, n_trials=1)
+    assert study.trials[1].user_attrs["surplus"] is True
+
+
+# --- feasibility and choice ---------------------------------------------------------------------------------------
+
+def _tell(study: optuna.Study, values, margin: float, **attrs) -> None:
+    trial = study.ask()
+    trial.set_constraint("acc_drop", margin)
+    for key, value in {"feasible": margin <= 0, **attrs}.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, values)
+
+
+def test_an_infeasible_trial_is_never_chosen_even_with_the_best_objective():
+    study = optuna.create_study(direction="maximize")
+    _tell(study, 0.99, margin=0.05, objective=0.99)  # would win, but lost too much accuracy
+    _tell(study, 0.70, margin=-0.01, objective=0.70)
+    _tell(study, 0.60, margin=-0.02, objective=0.60)
+    chosen = choose(study)
+    assert chosen.number == 1
+    summary = summarise(study, 3, chosen)
+    assert summary["best"]["number"] == 1 and summary["trials"]["infeasible"] == 1
+    only_infeasible = optuna.create_study(direction="maximize")
+    _tell(only_infeasible, 0.9, margin=0.1)
+    assert choose(only_infeasible) is None
+
+
+def test_multi_objective_pick_is_the_lowest_cwv_on_the_feasible_front():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    _tell(study, (0.99, 0.001), margin=0.03)   # dominates everything, infeasible
+    _tell(study, (0.90, 0.020), margin=-0.01)  # front
+    _tell(study, (0.88, 0.010), margin=-0.01)  # front, lowest CWV
+    _tell(study, (0.87, 0.030), margin=-0.01)  # dominated
+    assert [t.number for t in pareto_front(study)] == [1, 2]
+    assert choose(study).number == 2
+
+
+# --- the objective on real data -------------------------------------------------------------------------------
+
+def test_the_median_pruner_stops_a_hopeless_trial_and_the_saving_is_counted(tiny_data, tiny_dense):
+    space = {"prune.ballot.refine_train.lr": {"type": "float", "low": 1e-7, "high": 0.1, "log": True},
+             "prune.ballot.refine_train.epochs": {"type": "int", "low": 5, "high": 6}}
+    cfg = trial_base(tiny_config(f"tune.space={json.dumps(space)}", "tune.n_trials=2", "tune.pruner=median",
+                                 "tune.pruner_startup_trials=1", "tune.pruner_warmup_epochs=0"))
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(cfg.tune))
+    study.enqueue_trial({"prune.ballot.refine_train.lr": 0.05, "prune.ballot.refine_train.epochs": 6})
+    study.enqueue_trial({"prune.ballot.refine_train.lr": 1e-7, "prune.ballot.refine_train.epochs": 6})  # hopeless
+    ctx = TrialContext(cfg, tiny_data, tiny_dense, check_space(cfg), dense_val_accuracy(cfg, tiny_data, tiny_dense))
+    study.optimize(partial(run_trial, ctx=ctx), n_trials=2)
+    good, hopeless = study.trials
+    assert good.state == optuna.trial.TrialState.COMPLETE and len(good.intermediate_values) == 6
+    assert hopeless.state == optuna.trial.TrialState.PRUNED
+    assert hopeless.user_attrs["epochs_run"] < hopeless.user_attrs["epochs_planned"]
+    assert good.value == pytest.approx(good.user_attrs["val_acc"] - 0.5 * good.user_attrs["val_mcd"])
+    assert good.user_attrs["feasible"] == (good.user_attrs["val_acc"] >= ctx.dense_val_acc - 0.02)
+    epochs = summarise(study, 2, choose(study))["epochs"]
+    assert epochs["saved_by_pruner"] == hopeless.user_attrs["epochs_planned"] - hopeless.user_attrs["epochs_run"] > 0
+
+
+# --- the command --------------------------------------------------------------------------------------------------
+
+def test_tune_help():
+    with pytest.raises(SystemExit) as info:
+        main(["tune", "--help"])
+    assert info.value.code == 0
+
+
+def test_bad_tune_settings_exit_2_before_any_work(tmp_path, capsys):
+    out = tmp_path / "tune"
+    code = main(["tune", *TUNE_FLAGS, "--out", str(out), "--set", "tune.space={prune.ballot.obs_epochs: {type: int}}"])
+    assert code == 2 and "tune.space.prune.ballot.obs_epochs.low: expected a finite integer" in capsys.readouterr().err
+    assert main(["tune", *TUNE_FLAGS, "--out", str(out), "--set", "tune.space.prune.ballot.obs_epochs={}"]) == 2
+    assert "a knob is named by its whole dotted path" in capsys.readouterr().err
+    assert main(["tune", *TUNE_FLAGS, "--out", str(out), "--storage", "nonsense"]) == 2
+    assert "tune.storage: 'nonsense' is not a database URL" in capsys.readouterr().err
+    assert not out.exists(), "nothing is written for bad input"
+
+
+def _mlflow_runs(uri: str, study: str) -> tuple[object, list]:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ballot-tune")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`optuna.study` = '{study}'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, "one parent run per study"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return parents[0], children
+
+
+def test_two_trial_study_end_to_end_then_resumed_to_three(tmp_path):
+    out, uri = tmp_path / "tune", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = ["tune", *TUNE_FLAGS, "--out", str(out), "--dense", str(tmp_path / "dense"), "--tracking-uri", uri]
+    assert main([*command, "--n-trials", "2"]) == 0
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["trials"]["finished"] == 2 == summary["n_trials_requested"] and summary["trials"]["failed"] == 0
+    trials = json.loads((out / "report" / "trials.json").read_text())
+    assert trials[0]["user_attrs"]["baseline"] is True, "trial 0 runs the configured values"
+    assert trials[0]["params"] == {"prune.ballot.conflict_threshold": 0.5, "prune.ballot.refine_train.epochs": 2}
+    for plot in ("history", "importances", "intermediate"):
+        assert (out / "report" / "plots" / f"{plot}.png").stat().st_size > 0 or plot in summary["plots_skipped"]
+
+    best = load_best(out / "best_params.yaml")
+    chosen = max((t for t in trials if t["user_attrs"].get("feasible")), key=lambda t: t["values"][0])
+    assert best == chosen["params"] and summary["best"]["number"] == chosen["number"]
+    cfg, applied = apply_best(tune_config(), out / "best_params.yaml")
+    assert applied == best and cfg.prune.ballot.conflict_threshold == best["prune.ballot.conflict_threshold"]
+    assert cfg.prune.ballot.refine_train.epochs == best["prune.ballot.refine_train.epochs"]
+
+    parent, children = _mlflow_runs(uri, summary["study"])
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    for run in children:
+        assert set(run.data.params) == set(SPACE) and run.data.tags["optuna.state"] == "COMPLETE"
+        m = run.data.metrics
+        assert m["objective"] == pytest.approx(m["val_acc"] - 0.5 * m["val_mcd"]) and "val_cwv" in m
+
+    assert main([*command, "--n-trials", "3"]) == 0  # the same study, continued to three trials
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["trials"]["finished"] == 3 and len(json.loads((out / "report" / "trials.json").read_text())) == 3
+    parent_again, children = _mlflow_runs(uri, summary["study"])
+    assert parent_again.info.run_id == parent.info.run_id and len(children) == 3
+
+
+def test_multi_objective_study_writes_the_pareto_front_and_picks_by_the_rule(tmp_path):
+    out, uri = tmp_path / "tune", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = main(["tune", *TUNE_FLAGS, "--out", str(out), "--tracking-uri", uri, "--n-trials", "3",
+                 "--set", "tune.mode=multi", "--set", "tune.max_acc_drop=1.0"])
+    assert code == 0
+    front = json.loads((out / "report" / "pareto_front.json").read_text())
+    trials = json.loads((out / "report" / "trials.json").read_text())
+    assert front and all(row["number"] in {t["number"] for t in trials} for row in front)
+    for row in front:  # no trial dominates a front member
+        assert not any(t["values"][0] >= row["val_acc"] and t["values"][1] <= row["val_cwv"]
+                       and tuple(t["values"]) != (row["val_acc"], row["val_cwv"]) for t in trials)
+    chosen = [row for row in front if row["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["val_cwv"] == min(row["val_cwv"] for row in front)
+    best = yaml.safe_load((out / "best_params.yaml").read_text())
+    assert best["trial"] == chosen[0]["number"] and best["params"] == chosen[0]["params"] and best["mode"] == "multi"
+    assert (out / "report" / "plots" / "pareto_front.png").stat().st_size > 0
+    assert all(len(t["values"]) == 2 and not t["user_attrs"].get("surplus") for t in trials)

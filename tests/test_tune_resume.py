@@ -1,0 +1,93 @@
+"""A `ballot tune` process killed with SIGKILL mid-trial, then resumed on the same storage (real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from ballot.experiment import save_dense
+from ballot.tuning.study import sqlite_url
+from tests.test_tune import TUNE_FLAGS
+
+pytestmark = pytest.mark.slow
+
+# Trials of a few seconds each, so that the test can catch one running and kill it.
+LONG_SPACE = {"prune.ballot.conflict_threshold": {"type": "float", "low": 0.1, "high": 2.0, "log": True},
+              "prune.ballot.refine_train.epochs": {"type": "int", "low": 150, "high": 200}}
+STUDY = "killed"
+
+
+def _finished(study: optuna.Study) -> dict[int, tuple]:
+    return {t.number: (t.state.name, t.values, tuple(sorted(t.params.items())))
+            for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+
+
+def _wait_for_a_trial_mid_run(process: subprocess.Popen, database: Path, timeout: float) -> int:
+    """The number of a RUNNING trial that has reported at least one epoch, once another trial has finished."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the study finished before it could be killed"
+        time.sleep(0.2)
+        if not database.is_file():
+            continue
+        try:
+            study = optuna.load_study(study_name=STUDY, storage=sqlite_url(database))
+        except KeyError:  # not created yet
+            continue
+        trials = study.get_trials(deepcopy=False)
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
+        if running and any(t.state.is_finished() for t in trials):
+            return running[0].number
+    raise AssertionError("no trial was seen running")
+
+
+def test_sigkill_mid_trial_then_resume_reaches_the_exact_count(tmp_path, tiny_dense):
+    out, dense = tmp_path / "tune", tmp_path / "dense"
+    save_dense(tiny_dense, dense)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    flags = [*TUNE_FLAGS, "--set", f"tune.space={json.dumps(LONG_SPACE)}"]
+    command = [sys.executable, "-m", "ballot.cli", "tune", *flags, "--out", str(out), "--dense", str(dense),
+               "--n-trials", "3", "--study-name", STUDY, "--tracking-uri", uri]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    storage = sqlite_url(out / "study.db")
+
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            victim = _wait_for_a_trial_mid_run(process, out / "study.db", timeout=240)
+            before = _finished(optuna.load_study(study_name=STUDY, storage=storage))
+            os.kill(process.pid, signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert optuna.load_study(study_name=STUDY, storage=storage).trials[victim].state == TrialState.RUNNING
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    study = optuna.load_study(study_name=STUDY, storage=storage)
+    trials = study.trials
+    after = _finished(study)
+    assert len(after) == 3, "exactly the requested number of finished trials"
+    assert all(after[number] == row for number, row in before.items()), "finished trials are kept as they were"
+    assert trials[victim].state == TrialState.FAIL, "the killed trial is recorded as failed"
+    assert [t.state for t in trials].count(TrialState.FAIL) == 1 and len(trials) == 4
+    assert sorted(t.number for t in trials) == list(range(4))
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["trials"]["finished"] == 3 and summary["trials"]["failed"] == 1
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ballot-tune")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`optuna.trial` = '{victim}'")
+    assert [(r.info.status, r.data.tags["optuna.state"]) for r in runs] == [("FAILED", "FAIL")]
