@@ -189,7 +189,7 @@ def test_changing_prune_params_reruns_prune_not_train_dense(project):
 
 @pytest.mark.parametrize("change, stage, message", [
     ({"prune": {"method": "prayer"}}, "prune", "unknown pruning method 'prayer'"),
-    ({"base": {"density": 1.5}}, "prune", "base.density: must be in (0, 1], got 1.5"),
+    ({"base": {"density": 1.5}}, "tune", "base.density: must be in (0, 1], got 1.5"),
     ({"base": {"dataset": "npz"}, "data": {"path": "missing.npz"}}, "prepare", "npz: file 'missing.npz' not found"),
 ])
 def test_bad_params_fail_fast_and_leave_outputs_intact(project, change, stage, message):
