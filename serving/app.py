@@ -111,8 +111,7 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
 
     @app.get("/metadata", response_model=MetadataResponse, summary="The model card")
     def metadata() -> MetadataResponse:
-        fields = {k: v for k, v in vars(card).items() if k in MetadataResponse.model_fields}
-        return MetadataResponse(**fields, max_batch=settings.max_batch)
+        return MetadataResponse(**card.model_dump(), max_batch=settings.max_batch)
 
     @app.post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
               summary="Class, class name and probabilities for each item of a batch")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -12,38 +11,12 @@ import onnxruntime as ort
 
 from serving.errors import InputError, ModelLoadError
 from serving.model_source import ModelSource
+from serving.schemas import ModelCard
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 NUMBER_KEYS = ("density", "acc", "cwv", "mcd", "worst_class")
 TEXT_KEYS = ("dataset", "method", "model")
 LIST_KEYS = ("class_names", "input_shape")
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What /metadata reports: identity, input contract, and the metrics recorded at registration."""
-
-    name: str
-    version: str | None
-    alias: str | None
-    uri: str
-    input_shape: tuple[int, ...]
-    class_names: tuple[str, ...]
-    providers: tuple[str, ...]
-    density: float | None = None
-    acc: float | None = None
-    cwv: float | None = None
-    mcd: float | None = None
-    worst_class: float | None = None
-    dataset: str | None = None
-    method: str | None = None
-    model: str | None = None
-
-    def label(self) -> str:
-        """'NAME version V (alias A)' for messages and logs."""
-        version = f" version {self.version}" if self.version else ""
-        alias = f" (alias {self.alias})" if self.alias else ""
-        return f"model '{self.name}'{version}{alias} from {self.uri}"
 
 
 def providers_for(device: str) -> list[str]:

@@ -42,19 +42,18 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
-class MetadataResponse(BaseModel):
-    """The model card: identity, input contract and the metrics recorded at registration."""
+class ModelCard(BaseModel):
+    """What /metadata reports: identity, input contract, and the metrics recorded at registration."""
 
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(protected_namespaces=(), frozen=True)
 
     name: str
     version: str | None
     alias: str | None
     uri: str
-    input_shape: list[int]
-    class_names: list[str]
-    providers: list[str]
-    max_batch: int
+    input_shape: tuple[int, ...]
+    class_names: tuple[str, ...]
+    providers: tuple[str, ...]
     density: float | None = None
     acc: float | None = None
     cwv: float | None = None
@@ -63,6 +62,18 @@ class MetadataResponse(BaseModel):
     dataset: str | None = None
     method: str | None = None
     model: str | None = Field(None, description="architecture name, e.g. mlp")
+
+    def label(self) -> str:
+        """'NAME version V (alias A)' for messages and logs."""
+        version = f" version {self.version}" if self.version else ""
+        alias = f" (alias {self.alias})" if self.alias else ""
+        return f"model '{self.name}'{version}{alias} from {self.uri}"
+
+
+class MetadataResponse(ModelCard):
+    """The model card plus the service's batch limit."""
+
+    max_batch: int
 
 
 class Health(BaseModel):
