@@ -25,22 +25,27 @@ from ballot.pruning.base import PruneContext, PruneResult
 from ballot.train import train
 
 
-def _unit_rms(t: torch.Tensor) -> torch.Tensor:
-    rms = t.pow(2).mean().sqrt()
+def _unit_rms(t: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` divided by its RMS over the entries selected by ``within`` (all entries when None)."""
+    selected = t if within is None else t[within]
+    rms = selected.pow(2).mean().sqrt() if selected.numel() else torch.zeros((), device=t.device)
     return t / rms if rms > 0 else torch.zeros_like(t)
 
 
-def conflict_strength(g: torch.Tensor, f: torch.Tensor, eta: float) -> torch.Tensor:
-    """-eta * g_hat * f_hat with g and f scaled to unit RMS over the layer; > 0 where they disagree in sign."""
-    return -eta * _unit_rms(g) * _unit_rms(f)
+def conflict_strength(g: torch.Tensor, f: torch.Tensor, eta: float, within: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """-eta * g_hat * f_hat, with g and f scaled to unit RMS over the layer's candidate weights (``within``);
+    > 0 where the two gradients disagree in sign. eta scales the fairness gradient, so eta = 0 turns it off."""
+    return -eta * _unit_rms(g, within) * _unit_rms(f, within)
 
 
-def importance(weight: torch.Tensor, g: torch.Tensor, f: torch.Tensor, kind: str, eta: float) -> torch.Tensor:
+def importance(weight: torch.Tensor, g: torch.Tensor, f: torch.Tensor, kind: str, eta: float,
+               within: torch.Tensor | None = None) -> torch.Tensor:
     """|w| ('magnitude') or |w * (g_hat + eta * f_hat)| ('taylor')."""
     if kind == "magnitude":
         return weight.abs()
     if kind == "taylor":
-        return (weight * (_unit_rms(g) + eta * _unit_rms(f))).abs()
+        return (weight * (_unit_rms(g, within) + eta * _unit_rms(f, within))).abs()
     raise ValueError(f"unknown importance '{kind}'")
 
 
@@ -86,12 +91,13 @@ class GradientCollector:
         self.class_weights = torch.ones(ctx.data.num_classes)
         self.history: list[dict[str, Any]] = []
         self._collecting = False
+        self._collected = 0  # steps collected in the current period
 
     def before_backward(self, step: int, per_sample_loss: torch.Tensor, y: torch.Tensor) -> None:
         if step % self.period == 0:
             self._refresh_class_weights()
-        self._collecting = step % self.cfg.collect_every == 0 and self.cfg.fairness_weight > 0
-        if self._collecting:
+        self._collecting = step % self.cfg.collect_every == 0
+        if self._collecting and self.cfg.fairness_weight > 0:
             w = self.class_weights.to(y.device)[y]
             fair_loss = (per_sample_loss * w).sum() / w.sum()
             for acc, grad in zip(self.f, torch.autograd.grad(fair_loss, self.params, retain_graph=True)):
@@ -101,8 +107,13 @@ class GradientCollector:
         if self._collecting:
             for acc, p in zip(self.g, self.params):
                 acc.add_(p.grad)
+            self._collected += 1
         if (step + 1) % self.period == 0:
             self.cast(step + 1)
+
+    def finish(self, steps: int) -> None:
+        """Cast a ballot on what the last, incomplete period collected (step 0 is always collected)."""
+        self.cast(steps)
 
     def _refresh_class_weights(self) -> None:
         val = self.ctx.data.val
@@ -111,13 +122,16 @@ class GradientCollector:
 
     @torch.no_grad()
     def cast(self, step: int) -> None:
-        """Score the period's summed gradients, vote, and start a new period."""
+        """Score the period's summed gradients, vote, and start a new period (no vote if nothing was collected)."""
+        if self._collected == 0:
+            return
         cfg = self.cfg
         scores, eligible, conflicts = {}, {}, {}
         for name, p, g, f in zip(self.names, self.params, self.g, self.f):
-            strength = conflict_strength(g, f, cfg.fairness_weight)
-            veto = (strength > cfg.conflict_threshold) & self.candidate[name]
-            scores[name] = importance(p.detach(), g, f, cfg.importance, cfg.fairness_weight).cpu()
+            within = self.candidate[name]
+            strength = conflict_strength(g, f, cfg.fairness_weight, within)
+            veto = (strength > cfg.conflict_threshold) & within
+            scores[name] = importance(p.detach(), g, f, cfg.importance, cfg.fairness_weight, within).cpu()
             eligible[name] = (self.candidate[name] & ~veto).cpu()
             conflicts[name] = int(veto.sum())
         ballot = cast_ballot(scores, eligible, self.k)
@@ -132,6 +146,7 @@ class GradientCollector:
         })
         for acc in self.g + self.f:
             acc.zero_()
+        self._collected = 0
 
 
 def _mixed_weights(class_weights: torch.Tensor, mix: float) -> torch.Tensor | None:
@@ -155,8 +170,7 @@ def prune(ctx: PruneContext) -> PruneResult:
     obs_cfg = dataclasses.replace(ctx.config.retrain, epochs=cfg.obs_epochs, schedule="constant")
     train(observer, ctx.data.train, obs_cfg, seed=ctx.seed, mask=candidate, device=ctx.device, hook=collector,
           desc="ballot observe", progress=ctx.progress)
-    if not collector.history:  # a period longer than the observation: vote once at the end
-        collector.cast(steps_per_epoch * cfg.obs_epochs)
+    collector.finish(steps_per_epoch * cfg.obs_epochs)
     mask = select_mask(collector.votes, magnitude_scores(observer, list(candidate)), ctx.density,
                        ctx.config.min_per_layer)
     observe_seconds = time.perf_counter() - started
