@@ -27,7 +27,7 @@ def _config_from_args(args: argparse.Namespace):
              "base.seed": args.seed, "prune.method": getattr(args, "method", None), "base.device": args.device}
     overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
     params = apply_overrides(params, overrides + list(args.set or []))
-    return experiment_from_params(params, groups=tuple(k for k in params if k not in {"base", "data", "train_dense", "prune"}))
+    return experiment_from_params(params)
 
 
 def _summary(metrics: dict[str, Any]) -> str:

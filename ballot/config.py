@@ -103,6 +103,9 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         _check(self.step_epochs > 0, "step_epochs", f"must be positive, got {self.step_epochs}")
         _check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(0 <= self.weight_decay < math.inf, "weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        _check(self.patience >= 0, "patience", f"must be >= 0, got {self.patience}")
 
 
 @dataclass
@@ -115,6 +118,11 @@ class DenseConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.rewind_iter >= 0, "rewind_iter", f"must be >= 0, got {self.rewind_iter}")
+        _check(self.schedule != "plateau", "schedule", NO_PLATEAU)
+
+
+NO_PLATEAU = ("'plateau' needs a validation objective, which only Ballot's refined training "
+              "(prune.ballot.refine_train) watches; use constant, step or cosine here")
 
 
 def check_density(density: float, where: str = "density") -> None:
@@ -125,6 +133,7 @@ def check_density(density: float, where: str = "density") -> None:
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
     """Build dataclass ``cls`` from ``data``, naming any unknown key or ill-typed value."""
+    _check(data is None or isinstance(data, Mapping), where, f"expected a group of keys, got {data!r}")
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
@@ -257,6 +266,7 @@ class PruneConfig:
     ballot: BallotConfig = _help("Ballot's knobs.", factory=BallotConfig)
 
     def __post_init__(self) -> None:
+        _check(self.retrain.schedule != "plateau", "retrain.schedule", NO_PLATEAU)
         _check(self.lth_rounds >= 1, "lth_rounds", f"must be >= 1, got {self.lth_rounds}")
         _check(self.min_per_layer >= 0, "min_per_layer", f"must be >= 0, got {self.min_per_layer}")
 
@@ -412,13 +422,11 @@ def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, A
     return merged
 
 
-def experiment_from_params(params: Mapping[str, Any], groups: tuple[str, ...] | None = None) -> ExperimentConfig:
-    """ExperimentConfig from a params mapping; groups outside ``groups`` (other tools' own) are ignored."""
+def experiment_from_params(params: Mapping[str, Any]) -> ExperimentConfig:
+    """ExperimentConfig from a params mapping (a whole params.yaml); an unknown group is an error."""
     names = [f.name for f in dataclasses.fields(ExperimentConfig)]
-    known = set(names) | set(groups or ())
-    unknown = sorted(set(params) - known)
+    unknown = sorted(set(params) - set(names))
     if unknown:
-        raise ConfigError(f"params: unknown group(s) {unknown}; allowed groups: {sorted(known)}")
-    data = {k: v for k, v in params.items() if k in names}
+        raise ConfigError(f"params: unknown group(s) {unknown}; allowed groups: {names}")
     hints = typing.get_type_hints(ExperimentConfig)
-    return ExperimentConfig(**{k: from_dict(hints[k], v, k) for k, v in data.items()})
+    return ExperimentConfig(**{k: from_dict(hints[k], v, k) for k, v in params.items()})

@@ -240,6 +240,8 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
         group = arrays.get("group" + suffix)
         if group is not None and len(group) != len(y):
             raise DatasetError(f"npz: group{suffix} has {len(group)} rows but y{suffix} has {len(y)}")
+        if group is not None and not np.issubdtype(group.dtype, np.integer):
+            raise DatasetError(f"npz: group{suffix} must hold integer attribute values, got dtype {group.dtype}")
         return Split(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64)),
                      None if group is None else torch.from_numpy(group.astype(np.int64)))
 

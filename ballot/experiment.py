@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
-from ballot.config import ConfigError, ExperimentConfig, check_density, to_dict
+from ballot.config import ConfigError, ExperimentConfig, to_dict
 from ballot.data import DataBundle, dataset_loader, load_data
 from ballot.fairness import evaluate
 from ballot.masks import Mask
@@ -24,14 +24,18 @@ DENSE_FILES = {"init_state": "init.safetensors", "rewind_state": "rewind.safeten
 
 
 def check_names(cfg: ExperimentConfig) -> None:
-    """Fail fast, before any work, when the dataset, model or method is not in its registry, or when Ballot's
-    candidate density is below the target density."""
+    """Fail fast, before any work, when the dataset, model or method is not in its registry, the device is
+    unusable, or Ballot's candidate density is below the target density."""
     dataset_loader(cfg.base.dataset)
     model_builder(cfg.base.model)
     get_pruner(cfg.prune.method)
     if cfg.prune.method == "ballot" and cfg.prune.ballot.obs_density < cfg.base.density:
         raise ConfigError(f"prune.ballot.obs_density ({cfg.prune.ballot.obs_density}) must be >= base.density "
                           f"({cfg.base.density})")
+    try:
+        resolve_device(cfg.base.device)
+    except (ValueError, RuntimeError) as error:  # torch.device raises RuntimeError for a malformed name
+        raise ConfigError(f"base.device: {error}") from None
 
 
 def prepare_data(cfg: ExperimentConfig) -> DataBundle:
@@ -49,6 +53,10 @@ def new_model(cfg: ExperimentConfig, data: DataBundle) -> nn.Module:
 def train_dense(cfg: ExperimentConfig, data: DataBundle, progress: bool | None = None
                 ) -> tuple[nn.Module, DenseArtifacts, TrainResult]:
     """theta_0 -> theta_T, keeping the rewind state theta_k."""
+    steps = cfg.train_dense.epochs * math.ceil(len(data.train) / cfg.train_dense.batch_size)
+    if cfg.train_dense.rewind_iter > steps:
+        raise ConfigError(f"train_dense.rewind_iter ({cfg.train_dense.rewind_iter}) is beyond the {steps} steps of "
+                          f"dense training: theta_k would be theta_T; lower it or train longer")
     model = new_model(cfg, data)
     init_state = copy.deepcopy(model.state_dict())
     result = train(model, data.train, cfg.train_dense, seed=cfg.base.seed, device=resolve_device(cfg.base.device),
@@ -59,11 +67,13 @@ def train_dense(cfg: ExperimentConfig, data: DataBundle, progress: bool | None =
 
 
 def save_dense(dense: DenseArtifacts, folder: str | Path) -> None:
+    """Write theta_0, theta_k and theta_T as safetensors files in ``folder``."""
     for attr, name in DENSE_FILES.items():
         save_state(getattr(dense, attr), Path(folder) / name)
 
 
 def load_dense(folder: str | Path) -> DenseArtifacts:
+    """Read the states written by ``save_dense``."""
     return DenseArtifacts(**{attr: load_tensors(Path(folder) / name, "dense weights")
                              for attr, name in DENSE_FILES.items()})
 
@@ -71,7 +81,6 @@ def load_dense(folder: str | Path) -> DenseArtifacts:
 def run_prune(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, progress: bool | None = None,
               on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> PruneResult:
     """Run the configured pruning method on the dense phase's states (``on_epoch``: see PruneContext)."""
-    check_density(cfg.base.density, "base.density")
     pruner = get_pruner(cfg.prune.method)
     ctx = PruneContext(data=data, model_name=cfg.base.model, density=cfg.base.density, seed=cfg.base.seed,
                        dense=dense, config=cfg.prune, device=resolve_device(cfg.base.device), progress=progress,
@@ -112,7 +121,7 @@ def load_pruned(folder: str | Path, cfg: ExperimentConfig, data: DataBundle) -> 
     return model, mask
 
 
-def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
     """(fn(*args, **kwargs), seconds it took)."""
     start = time.perf_counter()
     value = fn(*args, **kwargs)

@@ -79,7 +79,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, device: t
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
              group: torch.Tensor | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
     """class_metrics of ``model`` on (x, y), plus group_metrics when ``group`` is given."""
-    y_pred = predict(model, x, device=device).argmax(dim=1)
+    y_pred = predict(model, x, device=device).argmax(dim=1) if len(x) else torch.empty(0, dtype=torch.long)
     metrics = class_metrics(y, y_pred, num_classes)
     if group is not None:
         metrics.update(group_metrics(y, y_pred, group))

@@ -38,6 +38,8 @@ def budget(total: int, density: float) -> int:
 
 @dataclass(frozen=True)
 class LayerReport:
+    """Kept and total weights of one masked parameter."""
+
     name: str
     kept: int
     total: int
@@ -89,10 +91,14 @@ class Mask(Mapping[str, torch.Tensor]):
         flat = torch.cat([scores[n].detach().flatten().float().cpu() for n in names])
         if not torch.isfinite(flat).all():
             raise MaskError("scores must be finite")
+        floors = sum(min(size, min_per_layer) for size in sizes)
+        if floors > keep:
+            raise MaskError(f"{len(sizes)} layers x min_per_layer {min_per_layer} need {floors} weights, more than "
+                            f"the budget of {keep} at density {density}: lower prune.min_per_layer or raise the density")
         chosen = torch.zeros(total, dtype=torch.bool)
         start = 0
         for size in sizes:
-            floor = min(size, min_per_layer, keep)
+            floor = min(size, min_per_layer)
             order = torch.argsort(flat[start:start + size], descending=True, stable=True)
             chosen[start + order[:floor]] = True
             start += size
@@ -120,17 +126,12 @@ class Mask(Mapping[str, torch.Tensor]):
         return self.kept / self.total
 
     def sparsity(self) -> float:
+        """Fraction of masked weights pruned."""
         return 1.0 - self.density()
 
     def report(self) -> list[LayerReport]:
         """Kept / total per layer."""
         return [LayerReport(name, int(t.sum()), t.numel()) for name, t in self._tensors.items()]
-
-    def intersect(self, other: "Mask") -> "Mask":
-        """Weights kept by both masks."""
-        if set(self) != set(other):
-            raise MaskError("masks cover different parameters")
-        return Mask({n: self[n] & other[n] for n in self})
 
     def is_subset_of(self, other: "Mask") -> bool:
         """True when every weight kept here is also kept by ``other``."""
@@ -187,11 +188,13 @@ class BoundMask:
 
     @torch.no_grad()
     def zero_weights(self) -> None:
+        """Set every pruned weight to exactly zero."""
         for param, keep in self.pairs:
             param.mul_(keep)
 
     @torch.no_grad()
     def zero_grads(self) -> None:
+        """Zero the gradients of pruned weights (so momentum and weight decay never move them)."""
         for param, keep in self.pairs:
             if param.grad is not None:
                 param.grad.mul_(keep)

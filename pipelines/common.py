@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ballot.cli import USER_ERRORS
-from ballot.config import ConfigError, ExperimentConfig, experiment_from_params, load_yaml
+from ballot.config import ExperimentConfig, experiment_from_params, load_yaml
 from ballot.experiment import check_names
 from ballot.storage import StorageError
-from ballot.train import resolve_device
 
 PARAMS = Path("params.yaml")
 DATA = Path("artifacts/data")
@@ -32,10 +31,6 @@ def load_config(path: Path = PARAMS) -> ExperimentConfig:
     device all fail here."""
     cfg = experiment_from_params(load_yaml(path))
     check_names(cfg)
-    try:
-        resolve_device(cfg.base.device)
-    except (ValueError, RuntimeError) as error:  # torch.device raises RuntimeError for a malformed name
-        raise ConfigError(f"base.device: {error}") from None
     return cfg
 
 

@@ -60,3 +60,15 @@ def test_ballot_candidate_density_below_target_is_a_usage_error(tmp_path, capsys
                  *TINY_FLAGS, "--set", "prune.ballot.obs_density=0.2"])
     assert code == 2
     assert "prune.ballot.obs_density (0.2) must be >= base.density (0.5)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "gpu0"], "base.device:"),
+    (["--set", "train_dense.rewind_iter=100000"], r"train_dense.rewind_iter \(100000\) is beyond the"),
+    (["--set", "prun.method=lth"], r"unknown group\(s\) \['prun'\]"),
+])
+def test_more_bad_input_is_named_before_anything_is_written(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main(["prune", "--dataset", "digits", "--out", str(out), *TINY_FLAGS, *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()

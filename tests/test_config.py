@@ -21,15 +21,20 @@ def test_defaults_build_and_nested_partial_groups_keep_their_own_defaults():
     ({"prune": {"ballot": {"conflict_threshold": -1}}}, "prune.ballot.conflict_threshold: must be >= 0"),
     ({"bogus_group": {}}, r"unknown group\(s\) \['bogus_group'\]"),
     ({"data": {"val_fraction": 1.0}}, "data.val_fraction"),
+    ({"base": 3}, "base: expected a group of keys, got 3"),
+    ({"train_dense": {"schedule": "plateau"}}, "train_dense.schedule: 'plateau' needs a validation objective"),
+    ({"prune": {"retrain": {"schedule": "plateau"}}}, "prune.retrain.schedule: 'plateau' needs"),
+    ({"train_dense": {"momentum": -1}}, r"train_dense.momentum: must be in \[0, 1\)"),
+    ({"prune": {"retrain": {"weight_decay": float("nan")}}}, "prune.retrain.weight_decay: must be a finite"),
 ])
 def test_bad_params_name_the_key(params, message):
     with pytest.raises(ConfigError, match=message):
         experiment_from_params(params)
 
 
-def test_other_tools_groups_can_be_allowed():
-    cfg = experiment_from_params({"sweeper": {"trials": 3}}, groups=("sweeper",))
-    assert cfg.base.dataset == "fashion-mnist"
+def test_pipeline_groups_are_part_of_the_config():
+    cfg = experiment_from_params({"tune": {"n_trials": 3}, "register": {"model_name": "m"}})
+    assert cfg.tune.n_trials == 3 and cfg.register.model_name == "m" and cfg.base.dataset == "fashion-mnist"
 
 
 def test_yaml_infinity_and_exponent_strings():

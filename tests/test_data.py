@@ -142,3 +142,9 @@ def test_fashion_mnist_reads_an_explicit_root(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x0a\x01"))
     with pytest.raises(DatasetError, match="truncated"):
         load_data("fashion-mnist", DataConfig(root=str(tmp_path)))
+
+
+def test_npz_group_must_be_integer(tmp_path):
+    path = _write_npz(tmp_path / "d.npz", with_test=False, group=np.full(200, 0.5))
+    with pytest.raises(DatasetError, match="group must hold integer"):
+        load_data("npz", DataConfig(path=str(path)))

@@ -67,3 +67,8 @@ def test_evaluate_uses_argmax_of_the_model():
     m = evaluate(model, x, torch.tensor([0, 1, 1]), 2, group=torch.tensor([0, 0, 1]))
     assert m["per_class"] == [1.0, 0.5]
     assert m["per_group"] == {0: 1.0, 1: 0.0}
+
+
+def test_evaluate_on_an_empty_split_gives_nan_not_a_crash():
+    m = evaluate(torch.nn.Linear(2, 3), torch.empty(0, 2), torch.empty(0, dtype=torch.long), 3)
+    assert math.isnan(m["acc"]) and math.isnan(m["cwv"]) and m["worst_class_index"] == -1

@@ -84,3 +84,15 @@ def test_density_schedule_ends_at_target():
     steps = density_schedule(0.05, 3)
     assert steps[-1] == 0.05 and steps[0] == pytest.approx(0.05 ** (1 / 3))
     assert steps == sorted(steps, reverse=True)
+
+
+def test_layer_floors_that_exceed_the_budget_are_refused():
+    scores = {f"l{i}": torch.rand(10) for i in range(3)}
+    with pytest.raises(MaskError, match="3 layers x min_per_layer 1 need 3 weights, more than the budget of 2"):
+        Mask.top_k(scores, 0.05)
+    assert Mask.top_k(scores, 0.05, min_per_layer=0).kept == 2
+
+
+def test_sparsity_is_the_complement_of_density():
+    mask = Mask.top_k({"w": torch.rand(40)}, 0.25)
+    assert mask.density() == 0.25 and mask.sparsity() == 0.75
