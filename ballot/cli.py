@@ -14,7 +14,7 @@ from ballot.masks import MaskError
 from ballot.models import ModelError
 from ballot.promote import PromotionError
 from ballot.pruning import UnknownMethodError
-from ballot.storage import StorageError
+from ballot.storage import StorageError, staged_folder
 from ballot.tuning import TuneError
 
 USER_ERRORS = (ConfigError, DatasetError, MaskError, ModelError, UnknownMethodError, StorageError, PromotionError,
@@ -51,10 +51,11 @@ def _dense_states(cfg, data, reuse: str | None, out: Path):
 
     dense_dir = Path(reuse) if reuse else out / "dense"
     if reuse and all((dense_dir / n).exists() for n in experiment.DENSE_FILES.values()):
+        experiment.check_dense_reuse(dense_dir, cfg)
         print(f"dense: reusing {dense_dir}", file=sys.stderr)
         return experiment.load_dense(dense_dir), dense_dir, 0.0
     (model, dense, _), seconds = experiment.timed(experiment.train_dense, cfg, data)
-    experiment.save_dense(dense, dense_dir)
+    experiment.save_dense(dense, dense_dir, cfg)
     dense_metrics = experiment.model_metrics(model, data, cfg.base.device)
     print(f"dense:  {_summary(dense_metrics)}  ({seconds:.1f}s)", file=sys.stderr)
     return dense, dense_dir, seconds
@@ -67,13 +68,14 @@ def cmd_prune(args: argparse.Namespace) -> None:
     experiment.check_names(cfg)
     out = Path(args.out)
     data = _data(cfg)
-    dense, _, dense_seconds = _dense_states(cfg, data, args.dense, out)
-    result, prune_seconds = experiment.timed(experiment.run_prune, cfg, data, dense)
-    metrics = experiment.model_metrics(result.model, data, cfg.base.device)
-    metrics.update(method=cfg.prune.method, dataset=cfg.base.dataset, model=cfg.base.model, seed=cfg.base.seed,
-                   density=result.mask.density(), target_density=cfg.base.density,
-                   seconds={"dense": dense_seconds, "prune": prune_seconds})
-    experiment.save_pruned(out, result, metrics, cfg)
+    with staged_folder(out) as folder:  # the output folder is replaced only when everything succeeded
+        dense, _, dense_seconds = _dense_states(cfg, data, args.dense, folder)
+        result, prune_seconds = experiment.timed(experiment.run_prune, cfg, data, dense)
+        metrics = experiment.model_metrics(result.model, data, cfg.base.device)
+        metrics.update(method=cfg.prune.method, dataset=cfg.base.dataset, model=cfg.base.model, seed=cfg.base.seed,
+                       density=result.mask.density(), target_density=cfg.base.density,
+                       seconds={"dense": dense_seconds, "prune": prune_seconds})
+        experiment.save_pruned(folder, result, metrics, cfg)
     print(f"{cfg.prune.method}: {_summary(metrics)}  density {metrics['density']:.4f}  ({prune_seconds:.1f}s)",
           file=sys.stderr)
     print(f"wrote {out}/mask.safetensors, model.safetensors, metrics.json", file=sys.stderr)

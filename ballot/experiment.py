@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -10,15 +11,16 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ballot.config import ConfigError, ExperimentConfig, to_dict
+from ballot.config import ConfigError, ExperimentConfig, flatten, to_dict
 from ballot.data import DataBundle, dataset_loader, load_data
 from ballot.fairness import evaluate
 from ballot.masks import Mask
 from ballot.models import build_model, model_builder
 from ballot.pruning import DenseArtifacts, PruneContext, PruneResult, get_pruner
-from ballot.storage import atomic_save_tensors, load_state, load_tensors, save_state, write_json
+from ballot.storage import StorageError, atomic_save_tensors, load_state, load_tensors, save_state, write_json
 from ballot.train import TrainResult, resolve_device, seed_everything, train
 
+DENSE_MANIFEST = "dense.json"
 DENSE_FILES = {"init_state": "init.safetensors", "rewind_state": "rewind.safetensors",
                "trained_state": "dense.safetensors"}
 
@@ -66,10 +68,32 @@ def train_dense(cfg: ExperimentConfig, data: DataBundle, progress: bool | None =
     return model, dense, result
 
 
-def save_dense(dense: DenseArtifacts, folder: str | Path) -> None:
-    """Write theta_0, theta_k and theta_T as safetensors files in ``folder``."""
+def dense_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What decides the dense states: written beside them so a reuse can be checked."""
+    return {"dataset": cfg.base.dataset, "model": cfg.base.model, "seed": cfg.base.seed, "data": to_dict(cfg.data),
+            "train_dense": to_dict(cfg.train_dense)}
+
+
+def save_dense(dense: DenseArtifacts, folder: str | Path, cfg: ExperimentConfig | None = None) -> None:
+    """Write theta_0, theta_k and theta_T as safetensors files in ``folder`` (and, given ``cfg``, dense.json)."""
     for attr, name in DENSE_FILES.items():
         save_state(getattr(dense, attr), Path(folder) / name)
+    if cfg is not None:
+        write_json(Path(folder) / DENSE_MANIFEST, dense_manifest(cfg))
+
+
+def check_dense_reuse(folder: str | Path, cfg: ExperimentConfig) -> None:
+    """StorageError unless ``folder``'s dense.json records the configuration ``cfg`` would train with."""
+    path = Path(folder) / DENSE_MANIFEST
+    if not path.is_file():
+        raise StorageError(f"'{folder}' has no {DENSE_MANIFEST}, so it cannot be checked against this configuration; "
+                           f"point --dense at a folder written by `ballot prune` or at a new folder")
+    saved = flatten(json.loads(path.read_text()))
+    wanted = flatten(json.loads(json.dumps(dense_manifest(cfg))))
+    differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if differ:
+        raise StorageError(f"dense states in '{folder}' were trained with other settings ({', '.join(differ)}); "
+                           f"use another --dense folder")
 
 
 def load_dense(folder: str | Path) -> DenseArtifacts:

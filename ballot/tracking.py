@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ballot.config import flatten
+
 CHALLENGER, CHAMPION = "challenger", "champion"
 VERSION_TAG_KEYS = ("density", "acc", "cwv", "mcd", "worst_class", "dataset", "method", "model", "class_names",
                     "input_shape")
@@ -37,18 +39,6 @@ def connect(uri: str):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay as values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def numeric_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ballot.cli import USER_ERRORS
 from ballot.config import ExperimentConfig, experiment_from_params, load_yaml
@@ -42,32 +38,6 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise StorageError(f"'{path}' is not valid JSON: {error}") from None
-
-
-@contextmanager
-def staged_folder(final: Path) -> Iterator[Path]:
-    """An empty temp folder beside ``final`` that takes ``final``'s place only if the block succeeds.
-
-    On failure the temp folder is removed and ``final`` is left exactly as it was.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
-        old = tmp.with_suffix(".old")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def run_stage(name: str, body: Callable[[ExperimentConfig], None],

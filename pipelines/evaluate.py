@@ -9,9 +9,9 @@ from ballot.config import ExperimentConfig
 from ballot.experiment import load_pruned, model_metrics
 from ballot.export import bake
 from ballot.snapshot import load_snapshot
-from ballot.storage import atomic_write, write_json
+from ballot.storage import atomic_write, staged_folder, write_json
 from ballot.train import resolve_device
-from pipelines.common import DATA, DENSE, METRICS, PLOTS, PRUNE, read_json, run_stage, staged_folder
+from pipelines.common import DATA, DENSE, METRICS, PLOTS, PRUNE, read_json, run_stage
 
 GAPS = ("acc", "cwv", "mcd", "worst_class")
 

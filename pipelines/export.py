@@ -11,8 +11,8 @@ from ballot.config import ExperimentConfig
 from ballot.experiment import load_pruned
 from ballot.export import bake, check_parity, export_onnx
 from ballot.snapshot import load_snapshot
-from ballot.storage import atomic_save_tensors, write_json
-from pipelines.common import DATA, EXPORT, METRICS, PRUNE, read_json, run_stage, staged_folder
+from ballot.storage import atomic_save_tensors, staged_folder, write_json
+from pipelines.common import DATA, EXPORT, METRICS, PRUNE, read_json, run_stage
 
 MODEL_FILE, REPORT_FILE, EXAMPLE_FILE = "model.onnx", "export.json", "input_example.safetensors"
 CARD_METRICS = ("density", "acc", "cwv", "mcd", "worst_class")

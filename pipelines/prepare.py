@@ -5,7 +5,8 @@ from __future__ import annotations
 from ballot.config import ExperimentConfig, to_dict
 from ballot.experiment import prepare_data
 from ballot.snapshot import save_snapshot
-from pipelines.common import DATA, run_stage, staged_folder
+from ballot.storage import staged_folder
+from pipelines.common import DATA, run_stage
 
 
 def main(cfg: ExperimentConfig) -> None:

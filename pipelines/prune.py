@@ -7,9 +7,9 @@ from dataclasses import asdict
 from ballot.config import ExperimentConfig
 from ballot.experiment import load_dense, model_metrics, run_prune, save_pruned, timed
 from ballot.snapshot import load_snapshot
-from ballot.storage import write_json
+from ballot.storage import staged_folder, write_json
 from ballot.tuning.space import apply_best
-from pipelines.common import DATA, DENSE, PRUNE, run_stage, staged_folder
+from pipelines.common import DATA, DENSE, PRUNE, run_stage
 from pipelines.tune import BEST_PARAMS
 
 

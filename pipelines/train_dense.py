@@ -5,8 +5,8 @@ from __future__ import annotations
 from ballot.config import ExperimentConfig
 from ballot.experiment import model_metrics, save_dense, timed, train_dense
 from ballot.snapshot import load_snapshot
-from ballot.storage import write_json
-from pipelines.common import DATA, DENSE, run_stage, staged_folder
+from ballot.storage import staged_folder, write_json
+from pipelines.common import DATA, DENSE, run_stage
 
 
 def main(cfg: ExperimentConfig) -> None:

@@ -72,3 +72,30 @@ def test_more_bad_input_is_named_before_anything_is_written(tmp_path, capsys, fl
     assert main(["prune", "--dataset", "digits", "--out", str(out), *TINY_FLAGS, *flags]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_dense_reuse_is_checked_against_the_configuration(tmp_path, capsys):
+    dense = tmp_path / "dense"
+    args = ["prune", "--dataset", "digits", "--method", "magnitude", "--dense", str(dense), *TINY_FLAGS]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert (dense / "dense.json").is_file()
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert "dense: reusing" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "c"), "--seed", "7"]) == 2
+    assert "trained with other settings (seed)" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_failed_run_leaves_the_previous_output_untouched(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["prune", "--dataset", "digits", "--method", "magnitude", "--out", str(out), *TINY_FLAGS]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    # a --dense folder that cannot be checked fails inside the run, after the old output already exists
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("init.safetensors", "rewind.safetensors", "dense.safetensors"):
+        (broken / name).write_bytes(b"garbage")
+    code = main(["prune", "--dataset", "digits", "--method", "lth", "--out", str(out), "--dense", str(broken),
+                 *TINY_FLAGS])
+    assert code == 2 and "dense.json" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -13,8 +13,8 @@ import yaml
 from ballot.config import ConfigError, ExperimentConfig, load_yaml
 from ballot.pruning import UnknownMethodError
 from ballot.snapshot import load_snapshot, save_snapshot
-from ballot.storage import StorageError, atomic_save_tensors, write_json
-from pipelines.common import load_config, run_stage, staged_folder
+from ballot.storage import StorageError, atomic_save_tensors, staged_folder, write_json
+from pipelines.common import load_config, run_stage
 from pipelines.evaluate import summarise
 
 REPO = Path(__file__).resolve().parents[1]
