@@ -6,19 +6,21 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ballot import tracking
-from ballot.config import ExperimentConfig, to_dict
+from ballot.config import ExperimentConfig
 from ballot.export import read_metadata
 from ballot.storage import load_tensors, write_json
 from pipelines.common import EXPORT, METRICS, PARAMS, PLOTS, PRUNE, REGISTER, read_json, run_stage
 from pipelines.export import EXAMPLE_FILE, MODEL_FILE, REPORT_FILE
+from pipelines.tune import BEST_PARAMS
 
 DVC_LOCK = Path("dvc.lock")
 
 
 def artifacts() -> list[tuple[Path, str]]:
     """(file, folder in the run's artifacts) for everything a run keeps besides the model."""
-    files = [(PARAMS, "config"), (DVC_LOCK, "config"), (METRICS, "evaluate"), (EXPORT / REPORT_FILE, "export"),
-             (PRUNE / "mask_report.json", "prune"), (PRUNE / "details.json", "prune")]
+    files = [(PARAMS, "config"), (DVC_LOCK, "config"), (BEST_PARAMS, "config"), (PRUNE / "config.json", "config"),
+             (METRICS, "evaluate"), (EXPORT / REPORT_FILE, "export"), (PRUNE / "mask_report.json", "prune"),
+             (PRUNE / "details.json", "prune")]
     files += [(path, "plots") for path in sorted(PLOTS.glob("*")) if path.is_file()]
     return [(path, folder) for path, folder in files if path.is_file()]
 
@@ -36,7 +38,8 @@ def main(cfg: ExperimentConfig) -> None:
     if DVC_LOCK.is_file():
         run_tags["dvc_lock_sha256"] = tracking.file_sha256(DVC_LOCK)
     with mlflow.start_run(run_name=f"{card['method']}-{card['model']}-d{card['density']:.3f}", tags=run_tags):
-        mlflow.log_params(tracking.flatten(to_dict(cfg)))
+        # the configuration prune actually ran with (params.yaml with the tuned values applied)
+        mlflow.log_params(tracking.flatten(read_json(PRUNE / "config.json")))
         mlflow.log_metrics({**tracking.numeric_metrics(metrics), **tracking.numeric_metrics(export_report, "export.")})
         for path, folder in artifacts():
             mlflow.log_artifact(str(path), artifact_path=folder)
