@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ballot.config import ConfigError, apply_overrides, experiment_from_params, load_yaml, to_dict
-from ballot.data import DatasetError
+from ballot.config import ConfigError, ExperimentConfig, apply_overrides, experiment_from_params, load_yaml, to_dict
+from ballot.data import DataBundle, DatasetError
 from ballot.masks import MaskError
 from ballot.models import ModelError
 from ballot.promote import PromotionError
-from ballot.pruning import UnknownMethodError
+from ballot.pruning import DenseArtifacts, UnknownMethodError
 from ballot.storage import StorageError, staged_folder
 from ballot.tuning import TuneError
 
@@ -21,12 +21,16 @@ USER_ERRORS = (ConfigError, DatasetError, MaskError, ModelError, UnknownMethodEr
                TuneError)
 
 
-def _config_from_args(args: argparse.Namespace):
+def _flag_overrides(flags: dict[str, Any]) -> list[str]:
+    """'group.key=value' overrides for the command-line flags that were given (None = not given)."""
+    return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+
+
+def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     params: dict[str, Any] = load_yaml(args.params) if args.params else {}
     flags = {"base.dataset": args.dataset, "base.model": args.model, "base.density": args.density,
              "base.seed": args.seed, "prune.method": getattr(args, "method", None), "base.device": args.device}
-    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
-    params = apply_overrides(params, overrides + list(args.set or []))
+    params = apply_overrides(params, _flag_overrides(flags) + list(args.set or []))
     return experiment_from_params(params)
 
 
@@ -35,7 +39,7 @@ def _summary(metrics: dict[str, Any]) -> str:
             f"worst-class {metrics['worst_class']:.4f}")
 
 
-def _data(cfg):
+def _data(cfg: ExperimentConfig) -> DataBundle:
     from ballot import experiment
 
     data = experiment.prepare_data(cfg)
@@ -44,7 +48,8 @@ def _data(cfg):
     return data
 
 
-def _dense_states(cfg, data, reuse: str | None, out: Path):
+def _dense_states(cfg: ExperimentConfig, data: DataBundle, reuse: str | None, out: Path
+                  ) -> tuple[DenseArtifacts, Path, float]:
     """(dense states, their folder, seconds spent training): reused from ``reuse`` when it holds them, else
     trained and saved there (or under out/dense)."""
     from ballot import experiment
@@ -90,9 +95,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from ballot import experiment
     from ballot.tuning.runner import run_study
 
-    flags = [f"{key}={json.dumps(getattr(args, dest))}" for dest, key in TUNE_FLAGS.items()
-             if getattr(args, dest) is not None]
-    args.set = [*(args.set or []), *flags]
+    args.set = [*(args.set or []), *_flag_overrides({key: getattr(args, dest) for dest, key in TUNE_FLAGS.items()})]
     cfg = _config_from_args(args)
     experiment.check_names(cfg)
     out = Path(args.out)
@@ -136,8 +139,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     path = args.params or ("params.yaml" if Path("params.yaml").is_file() else None)
     flags = {"promote.max_acc_drop": args.max_acc_drop, "promote.cwv_tolerance": args.cwv_tolerance}
-    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
-    cfg = experiment_from_params(apply_overrides(load_yaml(path) if path else {}, overrides))
+    cfg = experiment_from_params(apply_overrides(load_yaml(path) if path else {}, _flag_overrides(flags)))
     client = connect(resolve_tracking_uri(cfg.register.tracking_uri, args.tracking_uri))
     decision = promote(client, args.name, args.version, cfg.promote)
     print(decision.message())
