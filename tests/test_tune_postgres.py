@@ -18,6 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from ballot.experiment import save_dense
+from tests.conftest import tiny_config
 from tests.test_tune import TUNE_FLAGS
 
 pytestmark = pytest.mark.slow
@@ -56,7 +57,7 @@ def _wait_until_ready(storage: str, name: str, process: subprocess.Popen, timeou
 
 def test_workers_and_a_second_process_share_one_postgres_study(tmp_path, postgres_url, tiny_dense):
     dense = tmp_path / "dense"
-    save_dense(tiny_dense, dense)
+    save_dense(tiny_dense, dense, tiny_config())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.MlflowClient(uri).search_experiments()  # create the MLflow store before several processes open it
     name = f"pg-{uuid.uuid4().hex[:10]}"

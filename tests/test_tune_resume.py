@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from ballot.experiment import save_dense
 from ballot.tuning.study import sqlite_url
+from tests.conftest import tiny_config
 from tests.test_tune import TUNE_FLAGS
 
 pytestmark = pytest.mark.slow
@@ -32,11 +33,11 @@ def _finished(study: optuna.Study) -> dict[int, tuple]:
             for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
 
 
-def _wait_for_a_trial_mid_run(process: subprocess.Popen, database: Path, timeout: float) -> int:
+def _wait_for_a_trial_mid_run(process: subprocess.Popen, database: Path, log: Path, timeout: float) -> int:
     """The number of a RUNNING trial that has reported at least one epoch, once another trial has finished."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, "the study finished before it could be killed"
+        assert process.poll() is None, f"the study ended before it could be killed:\n{log.read_text()[-3000:]}"
         time.sleep(0.2)
         if not database.is_file():
             continue
@@ -53,7 +54,7 @@ def _wait_for_a_trial_mid_run(process: subprocess.Popen, database: Path, timeout
 
 def test_sigkill_mid_trial_then_resume_reaches_the_exact_count(tmp_path, tiny_dense):
     out, dense = tmp_path / "tune", tmp_path / "dense"
-    save_dense(tiny_dense, dense)
+    save_dense(tiny_dense, dense, tiny_config())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     flags = [*TUNE_FLAGS, "--set", f"tune.space={json.dumps(LONG_SPACE)}"]
     command = [sys.executable, "-m", "ballot.cli", "tune", *flags, "--out", str(out), "--dense", str(dense),
@@ -64,7 +65,7 @@ def test_sigkill_mid_trial_then_resume_reaches_the_exact_count(tmp_path, tiny_de
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            victim = _wait_for_a_trial_mid_run(process, out / "study.db", timeout=240)
+            victim = _wait_for_a_trial_mid_run(process, out / "study.db", tmp_path / "killed.log", timeout=240)
             before = _finished(optuna.load_study(study_name=STUDY, storage=storage))
             os.kill(process.pid, signal.SIGKILL)
         finally:
