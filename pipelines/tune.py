@@ -11,8 +11,8 @@ from pathlib import Path
 from ballot.config import ExperimentConfig
 from ballot.experiment import load_dense
 from ballot.snapshot import load_snapshot
-from ballot.tuning.runner import run_study
 from ballot.storage import staged_folder
+from ballot.tuning.runner import run_study
 from pipelines.common import DATA, DENSE, run_stage
 
 TUNE = Path("artifacts/tune")
