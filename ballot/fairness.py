@@ -86,6 +86,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
     return metrics
 
 
+def fairness_objective(metrics: dict[str, Any], mcd_weight: float) -> float:
+    """acc - mcd_weight * MCD (higher is better): the score that validation-driven choices maximise."""
+    return float(metrics["acc"] - mcd_weight * metrics["mcd"])
+
+
 def fairness_class_weights(per_class: list[float], floor: float = 0.05) -> torch.Tensor:
     """w_c proportional to 1 / max(acc_c, floor), normalised to mean 1; absent classes get weight 1."""
     raw = torch.tensor([1.0 if math.isnan(a) else 1.0 / max(a, floor) for a in per_class], dtype=torch.float32)

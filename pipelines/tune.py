@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ballot.config import ExperimentConfig
+from ballot.config import ConfigError, ExperimentConfig
 from ballot.experiment import load_dense
 from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder
@@ -22,6 +22,9 @@ BEST_PARAMS = Path("best_params.yaml")
 
 
 def main(cfg: ExperimentConfig) -> None:
+    if cfg.tune.storage is not None:
+        raise ConfigError(f"tune.storage: the pipeline's tune stage keeps its study in {STUDY_DB}, a DVC output; "
+                          f"leave it null here and share a study between machines with `ballot tune --storage URL`")
     data = load_snapshot(DATA)
     dense = load_dense(DENSE)
     with staged_folder(REPORT) as folder:

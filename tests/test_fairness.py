@@ -72,3 +72,10 @@ def test_evaluate_uses_argmax_of_the_model():
 def test_evaluate_on_an_empty_split_gives_nan_not_a_crash():
     m = evaluate(torch.nn.Linear(2, 3), torch.empty(0, 2), torch.empty(0, dtype=torch.long), 3)
     assert math.isnan(m["acc"]) and math.isnan(m["cwv"]) and m["worst_class_index"] == -1
+
+
+def test_fairness_objective_trades_accuracy_against_the_class_gap():
+    from ballot.fairness import fairness_objective
+
+    assert fairness_objective({"acc": 0.9, "mcd": 0.4}, 0.5) == pytest.approx(0.7)
+    assert fairness_objective({"acc": 0.9, "mcd": 0.4}, 0.0) == pytest.approx(0.9)

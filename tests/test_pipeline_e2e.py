@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ("prepare", "train_dense", "prune", "evaluate", "export", "register")
+STAGES = ("prepare", "train_dense", "tune", "prune", "evaluate", "export", "register")
 MODEL_NAME = "ballot-e2e"
 
 
@@ -80,7 +80,7 @@ def project(tmp_path_factory) -> Project:
     (root / ".gitignore").write_text("/mlflow.db\n/mlruns/\n__pycache__/\n")
     project = Project(root)
     params = apply_overrides(load_yaml(REPO / "params.yaml"), TINY + [
-        f"register.model_name={MODEL_NAME}", "export.parity_samples=200"])
+        f"register.model_name={MODEL_NAME}", "export.parity_samples=200", "tune.n_trials=3"])
     project.write_params(params)
     project.run("git", "init", "-q")
     project.dvc("init", "-q")

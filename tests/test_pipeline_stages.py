@@ -148,3 +148,17 @@ def test_metrics_summary_reports_density_from_the_mask_and_classes_by_name():
     assert metrics["density"] == 0.025 and metrics["kept_weights"] == 25
     assert metrics["per_class"] == {"a": 0.5, "b": 1.0, "c": 0.75} and metrics["worst_class_name"] == "a"
     assert metrics["dense"]["acc"] == 0.8 and metrics["val"]["mcd"] == 0.6
+
+
+def test_tune_stage_refuses_an_external_storage(tmp_path, monkeypatch, capsys):
+    import pipelines.tune
+
+    monkeypatch.chdir(tmp_path)
+    params = load_yaml(Path(__file__).resolve().parents[1] / "params.yaml")
+    params["tune"]["storage"] = "postgresql://u@127.0.0.1:5/db"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit) as stop:
+        run_stage("tune", pipelines.tune.main)
+    assert stop.value.code == 2
+    assert "tune.storage: the pipeline's tune stage keeps its study in" in capsys.readouterr().err
+    assert not (tmp_path / "artifacts").exists()

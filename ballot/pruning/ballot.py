@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ballot.config import BallotConfig
-from ballot.fairness import evaluate, fairness_class_weights
+from ballot.fairness import evaluate, fairness_class_weights, fairness_objective
 from ballot.masks import Mask, budget, magnitude_scores
 from ballot.pruning.base import PruneContext, PruneResult
 from ballot.train import train
@@ -193,7 +193,7 @@ def prune(ctx: PruneContext) -> PruneResult:
         metrics = evaluate(m, val.x, val.y, ctx.data.num_classes, device=ctx.device)
         if ctx.on_epoch is not None:
             ctx.on_epoch(epochs_done, metrics)
-        return metrics["acc"] - cfg.objective_mcd_weight * metrics["mcd"]
+        return fairness_objective(metrics, cfg.objective_mcd_weight)
 
     watch = refine_cfg.schedule == "plateau" or ctx.on_epoch is not None
     result = train(model, ctx.data.train, refine_cfg, seed=ctx.seed, mask=mask, device=ctx.device,

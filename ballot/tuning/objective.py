@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from ballot.config import ExperimentConfig
 from ballot.data import DataBundle
 from ballot.experiment import run_prune
-from ballot.fairness import evaluate
+from ballot.fairness import evaluate, fairness_objective
 from ballot.models import build_model
 from ballot.pruning import DenseArtifacts
 from ballot.train import resolve_device
@@ -49,11 +49,6 @@ class TrialContext:
     dense_val_acc: float
 
 
-def objective_value(metrics: dict[str, Any], mcd_weight: float) -> float:
-    """val acc - mcd_weight * val MCD (higher is better)."""
-    return float(metrics["acc"] - mcd_weight * metrics["mcd"])
-
-
 def dense_val_accuracy(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts) -> float:
     """Validation accuracy of the dense model theta_T: the reference of the feasibility rule."""
     device = resolve_device(cfg.base.device)
@@ -75,7 +70,7 @@ def claim_slot(trial: optuna.Trial, n_trials: int) -> None:
 
 
 def _record(trial: optuna.Trial, metrics: dict[str, Any], mcd_weight: float) -> float:
-    value = objective_value(metrics, mcd_weight)
+    value = fairness_objective(metrics, mcd_weight)
     for name in ("acc", "cwv", "mcd", "worst_class"):
         trial.set_user_attr(f"val_{name}", float(metrics[name]))
     trial.set_user_attr("objective", value)
@@ -96,7 +91,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, fl
     def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
         trial.set_user_attr("epochs_run", knobs.obs_epochs + epoch)
         if single:
-            trial.report(objective_value(metrics, tune.mcd_weight), epoch)
+            trial.report(fairness_objective(metrics, tune.mcd_weight), epoch)
             if trial.should_prune():
                 _record(trial, metrics, tune.mcd_weight)
                 raise optuna.TrialPruned(f"pruned after {epoch} refined-training epochs")

@@ -124,8 +124,9 @@ def with_values(cfg: ExperimentConfig, values: Mapping[str, Any]) -> ExperimentC
 
 
 def trial_base(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The configuration every trial starts from: ``cfg`` with Ballot as the pruning method."""
-    return with_values(cfg, {"prune.method": "ballot"})
+    """The configuration every trial starts from: ``cfg`` with Ballot as the pruning method, whose plateau schedule
+    watches the study's own objective (tune.mcd_weight)."""
+    return with_values(cfg, {"prune.method": "ballot", "prune.ballot.objective_mcd_weight": cfg.tune.mcd_weight})
 
 
 def check_space(cfg: ExperimentConfig) -> list[Knob]:
