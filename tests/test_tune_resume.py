@@ -14,6 +14,7 @@ import mlflow
 import optuna
 import pytest
 from optuna.trial import TrialState
+from sqlalchemy.exc import OperationalError
 
 from ballot.experiment import save_dense
 from ballot.tuning.study import sqlite_url
@@ -33,6 +34,18 @@ def _finished(study: optuna.Study) -> dict[int, tuple]:
             for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
 
 
+def _load(storage: str, timeout: float = 60.0) -> optuna.Study:
+    """The study, retried while the worker holds the sqlite file locked (a busy machine makes that likely)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return optuna.load_study(study_name=STUDY, storage=storage)
+        except OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _wait_for_a_trial_mid_run(process: subprocess.Popen, database: Path, log: Path, timeout: float) -> int:
     """The number of a RUNNING trial that has reported at least one epoch, once another trial has finished."""
     deadline = time.monotonic() + timeout
@@ -42,7 +55,7 @@ def _wait_for_a_trial_mid_run(process: subprocess.Popen, database: Path, log: Pa
         if not database.is_file():
             continue
         try:
-            study = optuna.load_study(study_name=STUDY, storage=sqlite_url(database))
+            study = _load(sqlite_url(database))
         except KeyError:  # not created yet
             continue
         trials = study.get_trials(deepcopy=False)
@@ -66,7 +79,7 @@ def test_sigkill_mid_trial_then_resume_reaches_the_exact_count(tmp_path, tiny_de
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             victim = _wait_for_a_trial_mid_run(process, out / "study.db", tmp_path / "killed.log", timeout=240)
-            before = _finished(optuna.load_study(study_name=STUDY, storage=storage))
+            before = _finished(_load(storage))
             os.kill(process.pid, signal.SIGKILL)
         finally:
             process.kill()
