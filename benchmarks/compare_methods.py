@@ -31,6 +31,8 @@ VARIANTS: dict[str, list[str]] = {
     "ballot (no veto, tau=inf)": ["prune.method=ballot", "prune.ballot.conflict_threshold=.inf"],
     "ballot (no fairness grad, eta=0)": ["prune.method=ballot", "prune.ballot.fairness_weight=0"],
     "ballot (no refined training)": ["prune.method=ballot", "prune.ballot.refine=false"],
+    # the candidate is the one-shot magnitude ticket itself, so voting cannot change it: LTH's mask + refined training
+    "ballot (no voting: magnitude ticket)": ["prune.method=ballot", "prune.ballot.obs_density=0.05"],
 }
 BASELINES = ("random", "magnitude", "lth", "lth-oneshot")
 METRICS = ("acc", "cwv", "mcd", "worst_class")
