@@ -70,7 +70,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from ballot import experiment
 
     cfg = _config_from_args(args)
-    experiment.check_names(cfg)
+    experiment.check_experiment(cfg)
     out = Path(args.out)
     data = _data(cfg)
     with staged_folder(out) as folder:  # the output folder is replaced only when everything succeeded
@@ -97,7 +97,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
     args.set = [*(args.set or []), *_flag_overrides({key: getattr(args, dest) for dest, key in TUNE_FLAGS.items()})]
     cfg = _config_from_args(args)
-    experiment.check_names(cfg)
+    experiment.check_experiment(cfg)
     out = Path(args.out)
     data = _data(cfg)
     dense, dense_dir, _ = _dense_states(cfg, data, args.dense, out)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -18,14 +17,14 @@ from ballot.masks import Mask
 from ballot.models import build_model, model_builder
 from ballot.pruning import DenseArtifacts, PruneContext, PruneResult, get_pruner
 from ballot.storage import StorageError, atomic_save_tensors, load_state, load_tensors, save_state, write_json
-from ballot.train import TrainResult, resolve_device, seed_everything, train
+from ballot.train import TrainResult, resolve_device, seed_everything, steps_per_epoch, train
 
 DENSE_MANIFEST = "dense.json"
 DENSE_FILES = {"init_state": "init.safetensors", "rewind_state": "rewind.safetensors",
                "trained_state": "dense.safetensors"}
 
 
-def check_names(cfg: ExperimentConfig) -> None:
+def check_experiment(cfg: ExperimentConfig) -> None:
     """Fail fast, before any work, when the dataset, model or method is not in its registry, the device is
     unusable, or Ballot's candidate density is below the target density."""
     dataset_loader(cfg.base.dataset)
@@ -55,7 +54,7 @@ def new_model(cfg: ExperimentConfig, data: DataBundle) -> nn.Module:
 def train_dense(cfg: ExperimentConfig, data: DataBundle, progress: bool | None = None
                 ) -> tuple[nn.Module, DenseArtifacts, TrainResult]:
     """theta_0 -> theta_T, keeping the rewind state theta_k."""
-    steps = cfg.train_dense.epochs * math.ceil(len(data.train) / cfg.train_dense.batch_size)
+    steps = cfg.train_dense.epochs * steps_per_epoch(len(data.train), cfg.train_dense.batch_size)
     if cfg.train_dense.rewind_iter > steps:
         raise ConfigError(f"train_dense.rewind_iter ({cfg.train_dense.rewind_iter}) is beyond the {steps} steps of "
                           f"dense training: theta_k would be theta_T; lower it or train longer")

@@ -50,16 +50,21 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+def steps_per_epoch(samples: int, batch_size: int) -> int:
+    """Optimiser steps in one pass over ``samples`` (the last batch may be partial)."""
+    return max(1, math.ceil(samples / batch_size))
+
+
+def lr_factor(cfg: TrainConfig, step: int, per_epoch: int) -> float:
     """Multiplier of the peak lr at optimiser step ``step`` (warm-up, then the schedule's decay)."""
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    warmup = int(round(cfg.warmup_epochs * per_epoch))
     if step < warmup:
         return (step + 1) / warmup
     if cfg.schedule == "cosine":
-        total = max(cfg.epochs * steps_per_epoch - warmup, 1)
+        total = max(cfg.epochs * per_epoch - warmup, 1)
         return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total) / total))
     if cfg.schedule == "step":
-        return cfg.gamma ** (step // (cfg.step_epochs * steps_per_epoch))
+        return cfg.gamma ** (step // (cfg.step_epochs * per_epoch))
     return 1.0  # constant, and plateau (whose decay is applied per epoch)
 
 
@@ -113,7 +118,7 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
     x_all, y_all = data.x.to(device), data.y.to(device)
     weights = class_weights.to(device) if class_weights is not None else None
     n = len(data)
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    per_epoch = steps_per_epoch(n, cfg.batch_size)
     generator = torch.Generator().manual_seed(seed)
     plateau = _Plateau(cfg)
     result = TrainResult()
@@ -129,7 +134,7 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
         for i in range(0, n, cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
             x, y = x_all[idx], y_all[idx]
-            lr = cfg.lr * lr_factor(cfg, result.steps, steps_per_epoch) * plateau.scale
+            lr = cfg.lr * lr_factor(cfg, result.steps, per_epoch) * plateau.scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
             logits = model(x)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from ballot.cli import USER_ERRORS
 from ballot.config import ExperimentConfig, experiment_from_params, load_yaml
-from ballot.experiment import check_names
+from ballot.experiment import check_experiment
 from ballot.storage import StorageError
 
 PARAMS = Path("params.yaml")
@@ -26,7 +26,7 @@ def load_config(path: Path = PARAMS) -> ExperimentConfig:
     """The whole params file, validated: unknown groups or keys, bad values, unknown names and an unusable
     device all fail here."""
     cfg = experiment_from_params(load_yaml(path))
-    check_names(cfg)
+    check_experiment(cfg)
     return cfg
 
 

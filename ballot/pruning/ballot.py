@@ -11,7 +11,6 @@ select   ``cast_ballot`` gives one vote to the top-k non-conflicting candidates 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
@@ -22,7 +21,7 @@ from ballot.config import BallotConfig
 from ballot.fairness import evaluate, fairness_class_weights, fairness_objective
 from ballot.masks import Mask, budget, magnitude_scores
 from ballot.pruning.base import PruneContext, PruneResult
-from ballot.train import train
+from ballot.train import steps_per_epoch, train
 
 
 def _unit_rms(t: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,12 +164,12 @@ def prune(ctx: PruneContext) -> PruneResult:
 
     observer = ctx.model_from(ctx.dense.rewind_state)
     k = budget(candidate.total, ctx.density)
-    steps_per_epoch = math.ceil(len(ctx.data.train) / ctx.config.retrain.batch_size)
-    collector = GradientCollector(observer, candidate, ctx, cfg, cfg.ballot_every or steps_per_epoch, k)
+    per_epoch = steps_per_epoch(len(ctx.data.train), ctx.config.retrain.batch_size)
+    collector = GradientCollector(observer, candidate, ctx, cfg, cfg.ballot_every or per_epoch, k)
     obs_cfg = dataclasses.replace(ctx.config.retrain, epochs=cfg.obs_epochs, schedule="constant")
     train(observer, ctx.data.train, obs_cfg, seed=ctx.seed, mask=candidate, device=ctx.device, hook=collector,
           desc="ballot observe", progress=ctx.progress)
-    collector.finish(steps_per_epoch * cfg.obs_epochs)
+    collector.finish(per_epoch * cfg.obs_epochs)
     mask = select_mask(collector.votes, magnitude_scores(observer, list(candidate)), ctx.density,
                        ctx.config.min_per_layer)
     observe_seconds = time.perf_counter() - started
