@@ -113,15 +113,19 @@ class DenseConfig(TrainConfig):
     """Dense training, plus where to save the rewind state."""
 
     epochs: int = _help("Passes over the training split.", 20)
-    rewind_iter: int = _help("Save the rewind state theta_k after this many optimiser steps.", 500)
+    rewind_fraction: float = _help("Save the rewind state theta_k after this fraction of the dense training's "
+                                   "optimiser steps (so the default fits any dataset size).", 0.1)
+    rewind_iter: int | None = _help("Exact optimiser step of theta_k instead of rewind_fraction (null = use the "
+                                    "fraction).", None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.rewind_iter >= 0, "rewind_iter", f"must be >= 0, got {self.rewind_iter}")
+        _check(0 <= self.rewind_fraction <= 1, "rewind_fraction", f"must be in [0, 1], got {self.rewind_fraction}")
+        _check(self.rewind_iter is None or self.rewind_iter >= 0, "rewind_iter", f"must be >= 0, got {self.rewind_iter}")
         _check(self.schedule != "plateau", "schedule", NO_PLATEAU)
 
 
-NO_PLATEAU = ("'plateau' needs a validation objective, which only Ballot's refined training "
+NO_PLATEAU = ("'plateau' needs a validation objective, which only the refined training "
               "(prune.ballot.refine_train) watches; use constant, step or cosine here")
 
 
@@ -232,38 +236,56 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 IMPORTANCES = ("magnitude", "taylor")
+OBS_LOSSES = ("fair", "plain")
+CONFLICT_RULES = ("protect", "veto", "none")
 
 
 @dataclass
 class BallotConfig:
-    """Ballot's knobs (method.md section 5). Defaults work; Optuna searches the marked ones."""
+    """Ballot's knobs (method.md section 5, docs/ballot.md). Defaults work; Optuna searches the marked ones."""
 
-    obs_density: float = _help("Candidate subnetwork density Omega_obs >= density (1 = whole network).", 1.0)
-    obs_epochs: int = _help("Observation epochs E_obs, trained from theta_k under the candidate mask.", 6)
+    rounds: int = _help("Rounds R at densities density ** (r / R): round 1 keeps theta_T's largest weights, each "
+                        "further round trains the mask from theta_k and votes (1 = no voting).", 3)
+    obs_epochs: int = _help("Epochs of each observation round (prune.retrain's schedule over this length).", 20)
+    obs_loss: str = _help("The observer's training loss: 'fair' (class-reweighted) or 'plain' cross-entropy.", "fair")
     collect_every: int = _help("Collect gradients on every N-th observation step (1 = every step).", 4)
     ballot_every: int = _help("Cast a ballot every N observation steps (0 = once per epoch).", 0)
+    layer_floor: float = _help("Per-layer counts are ERK shares, each layer keeping at least this fraction of its "
+                               "uniform share (floor x density x layer size).", 0.5)
+    conflict: str = _help("What a conflict between the accuracy and fairness gradients does: 'protect' the "
+                          "conflicting weights the fairness gradient relies on, 'veto' them, or 'none'.", "protect")
     conflict_threshold: float = _help(
-        "tau: veto a weight when the conflict strength -eta*g_hat*f_hat exceeds tau (inf = no veto).", 0.5
+        "tau: a weight conflicts when the strength -eta*g_hat*f_hat exceeds tau (inf = never).", 0.5
     )
+    protect_fraction: float = _help("'protect': share of each layer's votes per ballot reserved for conflicting "
+                                    "weights, ranked by fairness saliency |w*f_hat|.", 0.2)
     fairness_weight: float = _help("eta: weight of the fairness gradient (0 = fairness gradient off).", 1.0)
     importance: str = _help("Vote by 'magnitude' |w| or 'taylor' |w*(g_hat + eta*f_hat)|.", "magnitude")
-    class_weight_floor: float = _help("delta in w_c = 1/max(acc_c, delta) for the fairness loss.", 0.05)
-    refine: bool = _help("Refined training (own schedule); false = the baselines' plain retraining.", True)
-    refine_train: TrainConfig = _help("Refined-training schedule.", factory=lambda: TrainConfig(epochs=20, schedule="cosine"))
+    class_weight_floor: float = _help("delta in w_c = 1/max(acc_c, delta) for the fairness loss (1/delta caps the "
+                                      "ratio of two class weights).", 0.2)
+    refine_train: TrainConfig = _help("Refined-training schedule (any method with prune.final_train refined).",
+                                      factory=lambda: TrainConfig(epochs=20, schedule="cosine"))
     fairness_loss_weight: float = _help("lambda in [0, 1]: mix of the fairness-weighted loss in refined training.", 1.0)
     objective_mcd_weight: float = _help("Plateau schedule watches val acc - this * val MCD.", 0.5)
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.obs_density <= 1.0, "obs_density", f"must be in (0, 1], got {self.obs_density}")
+        _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         _check(self.obs_epochs >= 1, "obs_epochs", f"must be >= 1, got {self.obs_epochs}")
+        _check(self.obs_loss in OBS_LOSSES, "obs_loss", f"unknown '{self.obs_loss}', choose from {OBS_LOSSES}")
         _check(self.collect_every >= 1, "collect_every", f"must be >= 1, got {self.collect_every}")
         _check(self.ballot_every >= 0, "ballot_every", f"must be >= 0, got {self.ballot_every}")
+        _check(0 <= self.layer_floor <= 1, "layer_floor", f"must be in [0, 1], got {self.layer_floor}")
+        _check(self.conflict in CONFLICT_RULES, "conflict", f"unknown '{self.conflict}', choose from {CONFLICT_RULES}")
         _check(self.conflict_threshold >= 0, "conflict_threshold", f"must be >= 0 (or .inf), got {self.conflict_threshold}")
+        _check(0 <= self.protect_fraction <= 1, "protect_fraction", f"must be in [0, 1], got {self.protect_fraction}")
         _check(self.fairness_weight >= 0, "fairness_weight", f"must be >= 0, got {self.fairness_weight}")
         _check(self.importance in IMPORTANCES, "importance", f"unknown '{self.importance}', choose from {IMPORTANCES}")
         _check(0 < self.class_weight_floor <= 1, "class_weight_floor", f"must be in (0, 1], got {self.class_weight_floor}")
         _check(0 <= self.fairness_loss_weight <= 1, "fairness_loss_weight",
                f"must be in [0, 1], got {self.fairness_loss_weight}")
+
+
+FINAL_TRAININGS = ("auto", "plain", "refined")
 
 
 @dataclass
@@ -273,14 +295,23 @@ class PruneConfig:
     method: str = _help("Pruning method from the registry in ballot.pruning.", "ballot")
     retrain: TrainConfig = _help("Retraining / fine-tuning schedule of magnitude, lth and random.",
                                  factory=lambda: TrainConfig(epochs=20))
+    final_train: str = _help("Training of the final mask: 'plain' (prune.retrain, cross-entropy), 'refined' "
+                             "(prune.ballot.refine_train with the fairness-weighted loss) or 'auto' (refined for "
+                             "ballot, plain for the baselines).", "auto")
     lth_rounds: int = _help("LTH: iterative magnitude pruning rounds n ((1-p)^n = density; 1 = one-shot).", 3)
     min_per_layer: int = _help("Every layer keeps at least this many weights.", 1)
     ballot: BallotConfig = _help("Ballot's knobs.", factory=BallotConfig)
 
     def __post_init__(self) -> None:
         _check(self.retrain.schedule != "plateau", "retrain.schedule", NO_PLATEAU)
+        _check(self.final_train in FINAL_TRAININGS, "final_train",
+               f"unknown '{self.final_train}', choose from {FINAL_TRAININGS}")
         _check(self.lth_rounds >= 1, "lth_rounds", f"must be >= 1, got {self.lth_rounds}")
         _check(self.min_per_layer >= 0, "min_per_layer", f"must be >= 0, got {self.min_per_layer}")
+
+    def refined(self) -> bool:
+        """Whether the final mask is trained with the refined, fairness-weighted schedule."""
+        return self.final_train == "refined" or (self.final_train == "auto" and self.method == "ballot")
 
 
 @dataclass
@@ -337,9 +368,9 @@ def default_space() -> dict[str, Any]:
     """The search space params.yaml declares (docs/tuning.md); it contains Ballot's defaults."""
     return {
         "prune.ballot.conflict_threshold": {"type": "float", "low": 0.05, "high": 5.0, "log": True},
-        "prune.ballot.fairness_weight": {"type": "float", "low": 0.25, "high": 2.0},
-        "prune.ballot.obs_epochs": {"type": "int", "low": 2, "high": 8},
-        "prune.ballot.obs_density": {"type": "float", "low": 0.1, "high": 1.0},
+        "prune.ballot.protect_fraction": {"type": "float", "low": 0.0, "high": 0.5},
+        "prune.ballot.obs_epochs": {"type": "int", "low": 8, "high": 20, "step": 4},
+        "prune.ballot.class_weight_floor": {"type": "float", "low": 0.1, "high": 0.5},
         "prune.ballot.fairness_loss_weight": {"type": "float", "low": 0.0, "high": 1.0},
         "prune.ballot.refine_train.epochs": {"type": "int", "low": 8, "high": 20, "step": 4},
         "prune.ballot.refine_train.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},

@@ -25,14 +25,11 @@ DENSE_FILES = {"init_state": "init.safetensors", "rewind_state": "rewind.safeten
 
 
 def check_experiment(cfg: ExperimentConfig) -> None:
-    """Fail fast, before any work, when the dataset, model or method is not in its registry, the device is
-    unusable, or Ballot's candidate density is below the target density."""
+    """Fail fast, before any work, when the dataset, model or method is not in its registry or the device is
+    unusable."""
     dataset_loader(cfg.base.dataset)
     model_builder(cfg.base.model)
     get_pruner(cfg.prune.method)
-    if cfg.prune.method == "ballot" and cfg.prune.ballot.obs_density < cfg.base.density:
-        raise ConfigError(f"prune.ballot.obs_density ({cfg.prune.ballot.obs_density}) must be >= base.density "
-                          f"({cfg.base.density})")
     try:
         resolve_device(cfg.base.device)
     except (ValueError, RuntimeError) as error:  # torch.device raises RuntimeError for a malformed name
@@ -51,17 +48,26 @@ def new_model(cfg: ExperimentConfig, data: DataBundle) -> nn.Module:
     return build_model(cfg.base.model, data.input_shape, data.num_classes, mean, std)
 
 
+def rewind_step(cfg: ExperimentConfig, train_samples: int) -> int:
+    """The optimiser step whose state is theta_k: train_dense.rewind_iter, else rewind_fraction of dense training."""
+    dense = cfg.train_dense
+    steps = dense.epochs * steps_per_epoch(train_samples, dense.batch_size)
+    if dense.rewind_iter is None:
+        return round(dense.rewind_fraction * steps)
+    if dense.rewind_iter > steps:
+        raise ConfigError(f"train_dense.rewind_iter ({dense.rewind_iter}) is beyond the {steps} steps of dense "
+                          f"training: theta_k would be theta_T; lower it, train longer, or set it to null to use "
+                          f"train_dense.rewind_fraction")
+    return dense.rewind_iter
+
+
 def train_dense(cfg: ExperimentConfig, data: DataBundle, progress: bool | None = None
                 ) -> tuple[nn.Module, DenseArtifacts, TrainResult]:
     """theta_0 -> theta_T, keeping the rewind state theta_k."""
-    steps = cfg.train_dense.epochs * steps_per_epoch(len(data.train), cfg.train_dense.batch_size)
-    if cfg.train_dense.rewind_iter > steps:
-        raise ConfigError(f"train_dense.rewind_iter ({cfg.train_dense.rewind_iter}) is beyond the {steps} steps of "
-                          f"dense training: theta_k would be theta_T; lower it or train longer")
     model = new_model(cfg, data)
     init_state = copy.deepcopy(model.state_dict())
     result = train(model, data.train, cfg.train_dense, seed=cfg.base.seed, device=resolve_device(cfg.base.device),
-                   rewind_iter=cfg.train_dense.rewind_iter, desc="dense", progress=progress)
+                   rewind_iter=rewind_step(cfg, len(data.train)), desc="dense", progress=progress)
     assert result.rewind_state is not None
     dense = DenseArtifacts(init_state, result.rewind_state, copy.deepcopy(model.state_dict()))
     return model, dense, result

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
+
+import math
 
 import torch
 from torch import nn
@@ -34,6 +36,54 @@ def budget(total: int, density: float) -> int:
     """Number of weights kept at ``density`` (at least one)."""
     check_density(density)
     return max(1, min(total, round(density * total)))
+
+
+def erk_counts(shapes: Mapping[str, Sequence[int]], density: float, floor: float = 0.0,
+               min_per_layer: int = 1, capacity: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Per-layer kept counts under the Erdos-Renyi-Kernel rule (Evci et al. 2020, RigL), exactly the global budget.
+
+    A layer's density is proportional to sum(shape) / prod(shape) (for a conv weight (out, in, kh, kw) that is
+    (out + in + kh + kw) / (out * in * kh * kw)), so small layers keep more of their weights and no large layer is
+    starved. Layers whose share would exceed 1 stay dense, and every layer keeps at least ``floor`` x its uniform
+    share (``floor * density * size``) and ``min_per_layer`` weights; the other layers share what is left.
+    ``capacity`` caps a layer's count (e.g. at what a candidate subnetwork holds); the budget is over all sizes.
+    """
+    full = {name: math.prod(int(d) for d in shape) for name, shape in shapes.items()}
+    sizes = {name: min(full[name], capacity[name]) if capacity else full[name] for name in full}
+    raw = {name: sum(int(d) for d in shape) / full[name] for name, shape in shapes.items()}
+    keep = budget(sum(full.values()), density)
+    if sum(sizes.values()) < keep:
+        raise MaskError(f"the layers' capacity ({sum(sizes.values())}) is below the budget of {keep}")
+    low = {n: min(sizes[n], max(floor * density * full[n], min_per_layer)) for n in sizes}
+    if sum(low.values()) > keep:
+        raise MaskError(f"layer floors need {math.ceil(sum(low.values()))} weights, more than the budget of {keep} "
+                        f"at density {density}: lower the floor or min_per_layer, or raise the density")
+    fixed: dict[str, float] = {}  # layers clamped to their floor or to dense
+    while True:
+        free = [n for n in sizes if n not in fixed]
+        weight = sum(raw[n] * full[n] for n in free)
+        scale = (keep - sum(fixed.values())) / weight if weight > 0 else 0.0
+        clamped = {n: min(sizes[n], max(low[n], scale * raw[n] * full[n])) for n in free}
+        moved = {n: c for n, c in clamped.items() if c != scale * raw[n] * full[n]}
+        if not moved:
+            break
+        fixed.update(moved)
+    wanted = {n: fixed[n] if n in fixed else scale * raw[n] * full[n] for n in sizes}
+    return _round_to_total(wanted, sizes, keep)
+
+
+def _round_to_total(wanted: Mapping[str, float], sizes: Mapping[str, int], total: int) -> dict[str, int]:
+    """Integer counts close to ``wanted`` (largest remainders round up), each within [1, size], summing to ``total``."""
+    counts = {n: min(sizes[n], max(1, math.floor(w))) for n, w in wanted.items()}
+    by_remainder = sorted(wanted, key=lambda n: (-(wanted[n] - math.floor(wanted[n])), n))
+    while sum(counts.values()) != total:
+        step = 1 if sum(counts.values()) < total else -1
+        for name in by_remainder if step > 0 else reversed(by_remainder):
+            if sum(counts.values()) == total:
+                break
+            if 1 <= counts[name] + step <= sizes[name]:
+                counts[name] += step
+    return counts
 
 
 @dataclass(frozen=True)
@@ -112,6 +162,25 @@ class Mask(Mapping[str, torch.Tensor]):
             tensors[name] = chosen[start:start + size].reshape(scores[name].shape)
             start += size
         return cls(tensors)
+
+    @classmethod
+    def top_k_per_layer(cls, scores: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> "Mask":
+        """Keep the ``counts[name]`` highest-scoring weights of each layer (ties go to the earlier position)."""
+        tensors = {}
+        for name, score in scores.items():
+            flat = score.detach().flatten().float().cpu()
+            if not torch.isfinite(flat).all():
+                raise MaskError("scores must be finite")
+            if not 0 <= counts[name] <= flat.numel():
+                raise MaskError(f"layer '{name}' cannot keep {counts[name]} of its {flat.numel()} weights")
+            chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+            chosen[torch.argsort(flat, descending=True, stable=True)[:counts[name]]] = True
+            tensors[name] = chosen.reshape(score.shape)
+        return cls(tensors)
+
+    def counts(self) -> dict[str, int]:
+        """Kept weights per layer."""
+        return {name: int(t.sum()) for name, t in self._tensors.items()}
 
     @property
     def kept(self) -> int:

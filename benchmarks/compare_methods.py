@@ -17,25 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ballot.config import apply_overrides, experiment_from_params, load_yaml
-from ballot.experiment import model_metrics, prepare_data, run_prune, timed, train_dense
-from ballot.storage import write_json, write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# name -> overrides of the prune group (the method first)
-VARIANTS: dict[str, list[str]] = {
-    "random": ["prune.method=random"],
-    "magnitude": ["prune.method=magnitude"],
-    "lth": ["prune.method=lth"],
-    "lth-oneshot": ["prune.method=lth", "prune.lth_rounds=1"],
-    "ballot": ["prune.method=ballot"],
-    "ballot (no veto, tau=inf)": ["prune.method=ballot", "prune.ballot.conflict_threshold=.inf"],
-    "ballot (no fairness grad, eta=0)": ["prune.method=ballot", "prune.ballot.fairness_weight=0"],
-    "ballot (no refined training)": ["prune.method=ballot", "prune.ballot.refine=false"],
-    # the candidate is the one-shot magnitude ticket itself, so voting cannot change it: LTH's mask + refined training
-    "ballot (no voting: magnitude ticket)": ["prune.method=ballot", "prune.ballot.obs_density=0.05"],
-}
-BASELINES = ("random", "magnitude", "lth", "lth-oneshot")
-METRICS = ("acc", "cwv", "mcd", "worst_class")
+from variants import BASELINES, METRICS, VARIANTS  # noqa: E402
+
+from ballot.config import apply_overrides, experiment_from_params, load_yaml  # noqa: E402
+from ballot.experiment import model_metrics, prepare_data, run_prune, timed, train_dense  # noqa: E402
+from ballot.storage import write_json, write_text  # noqa: E402
 
 
 def run(params: dict[str, Any], seeds: list[int], variants: list[str]) -> list[dict[str, Any]]:

@@ -4,35 +4,33 @@ import pytest
 import torch
 
 from ballot.experiment import run_prune
-from ballot.masks import Mask, budget
-from ballot.pruning.ballot import cast_ballot, conflict_strength, importance, select_mask
+from ballot.masks import Mask, budget, density_schedule, erk_counts, prunable_names
+from ballot.models import build_model
+from ballot.pruning.ballot import cast_ballot, conflict_strength, contested, importance, select_mask
 from tests.conftest import tiny_config
 
 
 def _hand_built_layer():
-    """Six weights; the two largest (0 and 1) get opposing accuracy and fairness gradients."""
+    """Six weights by decreasing magnitude. The fairness gradient would grow weight 5 (w * f < 0) while the
+    accuracy gradient would shrink it (w * g > 0); weight 0 is pulled the other way round (accuracy grows it)."""
     w = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5])
-    g = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
-    f = torch.tensor([-2.0, -1.5, 1.0, 1.0, 1.0, 1.0])
+    g = torch.tensor([-1.0, 0.2, 0.2, 0.2, 0.2, 2.0])
+    f = torch.tensor([1.0, 0.2, 0.2, 0.2, 0.2, -2.0])
     return w, g, f
 
 
-def test_conflicting_weights_are_excluded_from_the_ballot():
+def test_contested_weights_are_those_fairness_grows_and_accuracy_shrinks():
     w, g, f = _hand_built_layer()
     strength = conflict_strength(g, f, eta=1.0)
-    assert (strength[:2] > 0).all() and (strength[2:] < 0).all()
-    veto = strength > 0.5
-    assert veto.tolist() == [True, True, False, False, False, False]
-    ballot = cast_ballot({"w": importance(w, g, f, "magnitude", 1.0)}, {"w": ~veto}, k=3)
-    assert ballot["w"].tolist() == [False, False, True, True, True, False]
+    assert strength[0] > 0 and strength[5] > 0 and (strength[1:5] < 0).all()  # both 0 and 5 disagree in sign
+    assert contested(w, g, f, eta=1.0, tau=0.0).tolist() == [False, False, False, False, False, True]
 
 
 def test_threshold_decides_which_conflicts_count():
     w, g, f = _hand_built_layer()
-    strength = conflict_strength(g, f, eta=1.0)
-    # weight 0 conflicts more strongly than weight 1; a threshold between them vetoes only weight 0
-    between = float((strength[0] + strength[1]) / 2)
-    assert ((strength > between).nonzero().flatten().tolist()) == [0]
+    strength = float(conflict_strength(g, f, eta=1.0)[5])
+    assert contested(w, g, f, 1.0, tau=strength - 1e-3)[5]
+    assert not contested(w, g, f, 1.0, tau=strength + 1e-3).any()
 
 
 def test_conflict_strength_is_scale_free_per_layer():
@@ -40,14 +38,30 @@ def test_conflict_strength_is_scale_free_per_layer():
     assert torch.allclose(conflict_strength(g, f, 1.0), conflict_strength(100 * g, 0.01 * f, 1.0))
 
 
-def test_no_veto_ballot_is_plain_magnitude_top_k():
-    torch.manual_seed(0)
-    weights = {"a": torch.randn(20, 5), "b": torch.randn(7)}
-    magnitudes = {n: w.abs() for n, w in weights.items()}
-    everyone = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
-    ballot = cast_ballot(magnitudes, everyone, k=budget(107, 0.1))
-    expected = Mask.top_k(magnitudes, 0.1, min_per_layer=0)
-    assert all(torch.equal(ballot[n], expected[n]) for n in weights)
+def test_protected_weight_survives_where_magnitude_alone_drops_it():
+    w, g, f = _hand_built_layer()
+    everyone = torch.ones(6, dtype=torch.bool)
+    disputed = contested(w, g, f, 1.0, 0.0)
+    plain = cast_ballot(w.abs(), everyone, k=3)
+    assert plain.tolist() == [True, True, True, False, False, False]
+    protected = cast_ballot(w.abs(), everyone, 3, protected_scores=-w * f, protectable=disputed, protect=1)
+    assert protected.tolist() == [True, True, False, False, False, True]  # weight 5 replaces the weakest vote
+    vetoed = cast_ballot(w.abs(), everyone & ~disputed, k=3)
+    assert vetoed.tolist() == plain.tolist()  # weight 5 was not in the top 3 anyway
+
+
+def test_unused_protected_votes_go_back_to_magnitude():
+    w, g, f = _hand_built_layer()
+    everyone = torch.ones(6, dtype=torch.bool)
+    nobody = torch.zeros(6, dtype=torch.bool)
+    assert cast_ballot(w.abs(), everyone, 3, -w * f, nobody, protect=2).tolist() == [True] * 3 + [False] * 3
+
+
+def test_veto_bars_contested_weights():
+    w, g, f = _hand_built_layer()
+    disputed = contested(w, f, g, 1.0, 0.0)  # roles swapped: now weight 0 is the contested one
+    assert disputed.tolist() == [True] + [False] * 5
+    assert cast_ballot(w.abs(), ~disputed, k=3).tolist() == [False, True, True, True, False, False]
 
 
 def test_taylor_importance_combines_both_gradients():
@@ -56,46 +70,54 @@ def test_taylor_importance_combines_both_gradients():
     assert torch.allclose(importance(w, g, f, "taylor", 0.5), (w * (rms(g) + 0.5 * rms(f))).abs())
 
 
-def test_select_mask_prefers_votes_then_magnitude():
-    votes = {"w": torch.tensor([3, 3, 1, 0], dtype=torch.int32)}
-    magnitudes = {"w": torch.tensor([0.1, 0.9, 5.0, 9.0])}
-    mask = select_mask(votes, magnitudes, 0.5, min_per_layer=0)
-    assert mask["w"].tolist() == [True, True, False, False]
-    tie = select_mask({"w": torch.tensor([1, 1, 1, 0], dtype=torch.int32)}, magnitudes, 0.5, min_per_layer=0)
+def test_select_mask_prefers_votes_then_magnitude_per_layer():
+    votes = {"w": torch.tensor([3, 3, 1, 0], dtype=torch.int32), "v": torch.tensor([0, 1], dtype=torch.int32)}
+    magnitudes = {"w": torch.tensor([0.1, 0.9, 5.0, 9.0]), "v": torch.tensor([7.0, 0.1])}
+    mask = select_mask(votes, magnitudes, {"w": 2, "v": 1})
+    assert mask["w"].tolist() == [True, True, False, False] and mask["v"].tolist() == [False, True]
+    tie = select_mask({"w": torch.tensor([1, 1, 1, 0], dtype=torch.int32)}, {"w": magnitudes["w"]}, {"w": 2})
     assert tie["w"].tolist() == [False, True, True, False]
 
 
-def test_no_veto_and_no_fairness_gradient_both_reduce_to_magnitude_voting(tiny_data, tiny_dense):
-    no_veto = run_prune(tiny_config("prune.ballot.conflict_threshold=.inf"), tiny_data, tiny_dense)
-    no_fairness = run_prune(tiny_config("prune.ballot.fairness_weight=0"), tiny_data, tiny_dense)
-    assert no_veto.mask.to_bytes() == no_fairness.mask.to_bytes()
-    assert all(b["conflicts"] == 0 for b in no_veto.details["ballots"] + no_fairness.details["ballots"])
+@pytest.mark.parametrize("model_name,shape", [("cnn", (1, 28, 28)), ("resnet20", (3, 32, 32)), ("vgg", (3, 32, 32))])
+@pytest.mark.parametrize("density", [0.05, 0.02])
+def test_ballot_layer_budgets_keep_every_layer_above_half_its_uniform_share(model_name, shape, density):
+    model = build_model(model_name, shape, 10)
+    params = dict(model.named_parameters())
+    shapes = {n: tuple(params[n].shape) for n in prunable_names(model)}
+    counts = erk_counts(shapes, density, floor=0.5)
+    assert sum(counts.values()) == budget(sum(params[n].numel() for n in shapes), density)
+    for name, count in counts.items():
+        assert count >= math.floor(0.5 * density * params[name].numel()), f"{name} starved"
 
 
-def test_veto_changes_the_mask_and_is_recorded(tiny_data, tiny_dense):
-    vetoing = run_prune(tiny_config("prune.ballot.conflict_threshold=0"), tiny_data, tiny_dense)
-    plain = run_prune(tiny_config("prune.ballot.conflict_threshold=.inf"), tiny_data, tiny_dense)
-    ballots = vetoing.details["ballots"]
-    assert len(ballots) == 2  # one per observation epoch
-    assert all(b["conflicts"] > 0 and b["vetoed_from_top_k"] > 0 for b in ballots)
-    assert vetoing.mask.to_bytes() != plain.mask.to_bytes()
-    assert vetoing.mask.kept == plain.mask.kept
+def test_ballot_meets_the_density_with_nested_rounds_and_zero_pruned_weights(tiny_data, tiny_dense):
+    result = run_prune(tiny_config("prune.ballot.rounds=3", "base.density=0.05"), tiny_data, tiny_dense)
+    assert result.mask.kept == budget(result.mask.total, 0.05)
+    masks = result.round_masks
+    assert [m.kept for m in masks] == [budget(result.mask.total, d) for d in density_schedule(0.05, 3)]
+    assert masks[2].is_subset_of(masks[1]) and masks[1].is_subset_of(masks[0])
+    assert masks[-1].to_bytes() == result.mask.to_bytes()
+    params = dict(result.model.named_parameters())
+    assert all(torch.count_nonzero(params[n][~keep]) == 0 for n, keep in result.mask.items())
+
+
+def test_same_seed_same_mask(tiny_data, tiny_dense):
+    first = run_prune(tiny_config(), tiny_data, tiny_dense)
+    second = run_prune(tiny_config(), tiny_data, tiny_dense)
+    assert first.mask.to_bytes() == second.mask.to_bytes()
 
 
 def test_votes_history_and_ballot_period(tiny_data, tiny_dense):
-    result = run_prune(tiny_config("prune.ballot.ballot_every=5"), tiny_data, tiny_dense)
+    result = run_prune(tiny_config("prune.ballot.ballot_every=5", "prune.ballot.rounds=2"), tiny_data, tiny_dense)
     steps_per_epoch = math.ceil(len(tiny_data.train) / 64)
-    total = 2 * steps_per_epoch
+    total = 2 * steps_per_epoch  # obs_epochs = 2 in the tiny configuration
     full = [5 * (i + 1) for i in range(total // 5)]
     leftover_collected = any(step % 4 == 0 for step in range(5 * (total // 5), total))  # collect_every = 4
-    ballots = result.details["ballots"]
+    ballots = result.details["rounds"][1]["ballots"]
     assert [b["step"] for b in ballots] == full + ([total] if leftover_collected else [])
     votes = result.details["votes"]
     assert max(int(v.max()) for v in votes.values()) <= len(ballots)
-    # a weight never voted for by any ballot is kept only to fill the budget, after all voted ones
-    voted = sum(int((v > 0).sum()) for v in votes.values())
-    kept_unvoted = sum(int((result.mask[n] & (votes[n] == 0)).sum()) for n in votes)
-    assert kept_unvoted == max(0, result.mask.kept - voted)
 
 
 def test_pruned_weights_stay_zero_through_refined_training_with_plateau(tiny_data, tiny_dense):
@@ -104,11 +126,6 @@ def test_pruned_weights_stay_zero_through_refined_training_with_plateau(tiny_dat
     params = dict(result.model.named_parameters())
     assert all(torch.count_nonzero(params[n][~keep]) == 0 for n, keep in result.mask.items())
     assert all("val_metric" in r for r in result.details["history"])
-
-
-def test_observation_density_below_target_is_rejected(tiny_data, tiny_dense):
-    with pytest.raises(ValueError, match="obs_density"):
-        run_prune(tiny_config("prune.ballot.obs_density=0.05"), tiny_data, tiny_dense)
 
 
 def test_on_epoch_sees_validation_metrics_and_can_stop_the_run(tiny_data, tiny_dense):
@@ -127,11 +144,14 @@ def test_on_epoch_sees_validation_metrics_and_can_stop_the_run(tiny_data, tiny_d
     assert [e for e, _ in seen] == [1, 2] and all(0 <= a <= 1 for _, a in seen)
 
 
-def test_taylor_importance_without_fairness_gradient_still_uses_the_accuracy_gradient(tiny_data, tiny_dense):
-    result = run_prune(tiny_config("prune.ballot.importance=taylor", "prune.ballot.fairness_weight=0"),
-                       tiny_data, tiny_dense)
-    first = next(iter(result.mask.values())).flatten()
-    kept = int(first.sum())
-    assert 0 < kept < first.numel()
-    assert not bool(first[:kept].all()), "scores were all zero: the mask degenerated to a prefix"
+@pytest.mark.parametrize("model_name", ["cnn", "resnet20"])
+def test_no_layer_of_a_convolutional_ballot_mask_falls_below_its_floor(model_name, tiny_data):
+    from ballot.experiment import train_dense
 
+    cfg = tiny_config(f"base.model={model_name}", "base.density=0.02", "train_dense.epochs=1",
+                      "prune.ballot.obs_epochs=1", "prune.ballot.refine_train.epochs=1")
+    _, dense, _ = train_dense(cfg, tiny_data, progress=False)
+    result = run_prune(cfg, tiny_data, dense)
+    assert result.mask.kept == budget(result.mask.total, 0.02)
+    for layer in result.mask.report():
+        assert layer.kept >= math.floor(0.5 * 0.02 * layer.total), f"{layer.name} starved: {layer.kept}/{layer.total}"

@@ -55,11 +55,14 @@ def test_help_on_every_command(command):
     assert result.returncode == 0 and "usage: ballot" in result.stdout
 
 
-def test_ballot_candidate_density_below_target_is_a_usage_error(tmp_path, capsys):
-    code = main(["prune", "--dataset", "digits", "--method", "ballot", "--density", "0.5", "--out", str(tmp_path / "r"),
-                 *TINY_FLAGS, "--set", "prune.ballot.obs_density=0.2"])
-    assert code == 2
-    assert "prune.ballot.obs_density (0.2) must be >= base.density (0.5)" in capsys.readouterr().err
+def test_every_default_fits_a_small_dataset(tmp_path):
+    """`ballot prune --dataset digits` with no other flag: the rewind point and every schedule scale with the data."""
+    out = tmp_path / "run"
+    assert main(["prune", "--dataset", "digits", "--device", "cpu", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "ballot" and metrics["acc"] > 0.8
+    mask = Mask.load(out / "mask.safetensors")
+    assert mask.kept == budget(mask.total, 0.05)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -19,6 +19,10 @@ def test_defaults_build_and_nested_partial_groups_keep_their_own_defaults():
     ({"base": {"seed": "zero"}}, "base.seed: expected an integer"),
     ({"prune": {"retrain": {"schedule": "linear"}}}, "prune.retrain.schedule: unknown 'linear'"),
     ({"prune": {"ballot": {"conflict_threshold": -1}}}, "prune.ballot.conflict_threshold: must be >= 0"),
+    ({"prune": {"ballot": {"conflict": "maybe"}}}, r"prune.ballot.conflict: unknown 'maybe'"),
+    ({"prune": {"ballot": {"rounds": 0}}}, "prune.ballot.rounds: must be >= 1"),
+    ({"prune": {"final_train": "fancy"}}, r"prune.final_train: unknown 'fancy'"),
+    ({"train_dense": {"rewind_fraction": 1.5}}, r"train_dense.rewind_fraction: must be in \[0, 1\]"),
     ({"bogus_group": {}}, r"unknown group\(s\) \['bogus_group'\]"),
     ({"data": {"val_fraction": 1.0}}, "data.val_fraction"),
     ({"base": 3}, "base: expected a group of keys, got 3"),
@@ -45,8 +49,8 @@ def test_yaml_infinity_and_exponent_strings():
 
 
 def test_overrides_parse_yaml_values():
-    params = apply_overrides({"base": {"seed": 1}}, ["base.density=0.1", "prune.ballot.refine=false"])
-    assert params == {"base": {"seed": 1, "density": 0.1}, "prune": {"ballot": {"refine": False}}}
+    params = apply_overrides({"base": {"seed": 1}}, ["base.density=0.1", "prune.ballot.rounds=2"])
+    assert params == {"base": {"seed": 1, "density": 0.1}, "prune": {"ballot": {"rounds": 2}}}
     with pytest.raises(ConfigError, match="group.key=value"):
         apply_overrides({}, ["novalue"])
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from ballot.config import ConfigError
-from ballot.masks import Mask, MaskError, budget, density_schedule, magnitude_scores, prunable_names
+from ballot.masks import Mask, MaskError, budget, density_schedule, erk_counts, magnitude_scores, prunable_names
 from ballot.models import build_model
 from ballot.storage import StorageError
 
@@ -96,3 +96,48 @@ def test_layer_floors_that_exceed_the_budget_are_refused():
 def test_sparsity_is_the_complement_of_density():
     mask = Mask.top_k({"w": torch.rand(40)}, 0.25)
     assert mask.density() == 0.25 and mask.sparsity() == 0.75
+
+
+def test_erk_counts_follow_the_formula_on_a_hand_checked_model():
+    # conv (4, 2, 3, 3): 72 weights, raw (4+2+3+3)/72 = 1/6; fc (10, 36): 360 weights, raw 46/360.
+    # budget round(0.2 * 432) = 86 = eps * (12 + 46) -> eps = 1.4828: conv 17.79 -> 18, fc 68.21 -> 68.
+    assert erk_counts({"conv": (4, 2, 3, 3), "fc": (10, 36)}, 0.2) == {"conv": 18, "fc": 68}
+
+
+def test_erk_keeps_a_layer_dense_when_its_share_exceeds_one():
+    # small (2, 3): eps * 5/6 > 1 at density 0.1, so it stays dense and 'big' takes the rest of the 501
+    assert erk_counts({"small": (2, 3), "big": (50, 100)}, 0.1) == {"small": 6, "big": 495}
+
+
+def test_erk_floor_lifts_a_starved_layer_and_the_others_pay_for_it():
+    shapes = {"big": (100, 100), "mid": (20, 20)}
+    assert erk_counts(shapes, 0.05) == {"big": 433, "mid": 87}  # big at 0.87 of its uniform share
+    assert erk_counts(shapes, 0.05, floor=0.95) == {"big": 475, "mid": 45}
+
+
+@pytest.mark.parametrize("density", [0.3, 0.05, 0.01])
+def test_erk_counts_sum_to_the_budget_and_respect_floor_and_size(density):
+    torch.manual_seed(1)
+    shapes = {f"l{i}": tuple(int(d) for d in torch.randint(1, 40, (int(torch.randint(2, 5, ())),)))
+              for i in range(8)}
+    sizes = {n: int(torch.tensor(s).prod()) for n, s in shapes.items()}
+    counts = erk_counts(shapes, density, floor=0.5)
+    assert sum(counts.values()) == budget(sum(sizes.values()), density)
+    for name, count in counts.items():
+        assert 1 <= count <= sizes[name]
+        assert count >= min(sizes[name], 0.5 * density * sizes[name]) - 1  # rounding may take one weight
+
+
+def test_erk_floors_beyond_the_budget_are_refused():
+    with pytest.raises(MaskError, match="layer floors need"):
+        erk_counts({f"l{i}": (3,) for i in range(5)}, 0.1, min_per_layer=1)
+
+
+def test_top_k_per_layer_keeps_each_layers_best_weights():
+    scores = {"a": torch.tensor([0.1, 0.9, 0.5, 0.9]), "b": torch.tensor([[3.0, 1.0], [2.0, 0.0]])}
+    mask = Mask.top_k_per_layer(scores, {"a": 2, "b": 3})
+    assert mask["a"].tolist() == [False, True, False, True]
+    assert mask["b"].tolist() == [[True, True], [True, False]]
+    assert mask.counts() == {"a": 2, "b": 3}
+    with pytest.raises(MaskError, match="cannot keep 5 of its 4"):
+        Mask.top_k_per_layer(scores, {"a": 5, "b": 1})

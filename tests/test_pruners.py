@@ -10,7 +10,7 @@ from tests.conftest import tiny_config
 @pytest.mark.parametrize("method", sorted(PRUNERS))
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.02])
 def test_each_pruner_meets_the_density_exactly_and_keeps_pruned_weights_zero(method, density, tiny_data, tiny_dense):
-    cfg = tiny_config(f"prune.method={method}", f"base.density={density}", "prune.ballot.obs_density=0.6")
+    cfg = tiny_config(f"prune.method={method}", f"base.density={density}")
     result = run_prune(cfg, tiny_data, tiny_dense)
     assert result.mask.kept == budget(result.mask.total, density)
     params = dict(result.model.named_parameters())
@@ -47,3 +47,16 @@ def test_random_masks_differ_across_seeds(tiny_data, tiny_dense):
 def test_unknown_method_names_the_choices():
     with pytest.raises(UnknownMethodError, match="unknown pruning method 'bogus'.*ballot"):
         get_pruner("bogus")
+
+
+def test_final_train_refined_retrains_the_baselines_mask_with_the_refined_schedule(tiny_data, tiny_dense):
+    plain = run_prune(tiny_config("prune.method=lth"), tiny_data, tiny_dense)
+    refined = run_prune(tiny_config("prune.method=lth", "prune.final_train=refined",
+                                    "prune.ballot.refine_train.epochs=3"), tiny_data, tiny_dense)
+    assert refined.mask.to_bytes() == plain.mask.to_bytes()  # the same selection ...
+    assert len(refined.details["history"][-1]) == 3 and len(plain.details["history"][-1]) == 2  # ... trained anew
+
+
+def test_ballot_with_plain_final_training_uses_the_baselines_schedule(tiny_data, tiny_dense):
+    result = run_prune(tiny_config("prune.final_train=plain", "prune.retrain.epochs=3"), tiny_data, tiny_dense)
+    assert len(result.details["history"]) == 3

@@ -86,7 +86,8 @@ def test_bad_space_entries_are_named(space, message):
 @pytest.mark.parametrize("entry, message", [
     ({"prune.ballot.refine_train.schedule": {"type": "categorical", "choices": ["cosine", "bogus"]}},
      "tune.space.prune.ballot.refine_train.schedule: value 'bogus' is not valid here"),
-    ({"prune.ballot.obs_density": {"type": "float", "low": 0.01, "high": 1.0}}, "below base.density"),
+    ({"prune.ballot.protect_fraction": {"type": "float", "low": 0.0, "high": 1.5}},
+     r"protect_fraction: value 1.5 is not valid here .*must be in \[0, 1\]"),
     ({"prune.ballot.no_such_knob": {"type": "int", "low": 1, "high": 2}}, r"unknown key\(s\) \['no_such_knob'\]"),
 ])
 def test_space_values_are_checked_against_the_whole_configuration(entry, message):

@@ -1,11 +1,15 @@
-"""Ballot (method.md section 5): collect -> score -> select, then refined training.
+"""Ballot (docs/ballot.md): per-layer budgets -> observe and vote -> select -> refined training.
 
-collect  ``GradientCollector`` sums, during the observation training steps themselves, the accuracy
-         gradient g (cross-entropy) and the fairness gradient f (class-reweighted cross-entropy).
-score    ``conflict_strength`` and ``importance``: per layer, g and f are scaled to unit RMS; a weight
-         conflicts when -eta * g_hat * f_hat > tau (the two gradients pull it opposite ways, strongly).
-select   ``cast_ballot`` gives one vote to the top-k non-conflicting candidates by importance;
-         ``select_mask`` keeps the k most-voted weights, ties broken by final magnitude.
+budget   ``layer_counts``: how many weights each layer keeps (ERK shares with a floor, or the magnitude ticket's).
+collect  ``GradientCollector`` sums, during the observation training steps themselves, the accuracy gradient g
+         (cross-entropy) and the fairness gradient f (cross-entropy weighted by the dense model's class weights).
+score    per layer, g and f are scaled to unit RMS. A weight is *contested* when the two pull it opposite ways:
+         fairness would grow it (-w*f_hat > 0) while accuracy would shrink it (-w*g_hat < 0), strongly
+         (-eta*g_hat*f_hat > tau).
+vote     ``cast_ballot``: each layer's votes go to its most important weights (|w|), except a share
+         ``protect_fraction`` that goes to the contested weights of highest fairness saliency -w*f_hat
+         (conflict 'protect'); 'veto' instead bars contested weights; 'none' is plain magnitude voting.
+select   ``select_mask``: each layer keeps its most-voted weights, ties broken by final magnitude.
 """
 
 from __future__ import annotations
@@ -18,8 +22,7 @@ import torch
 from torch import nn
 
 from ballot.config import BallotConfig
-from ballot.fairness import evaluate, fairness_class_weights, fairness_objective
-from ballot.masks import Mask, budget, magnitude_scores
+from ballot.masks import Mask, density_schedule, erk_counts, magnitude_scores
 from ballot.pruning.base import PruneContext, PruneResult
 from ballot.train import steps_per_epoch, train
 
@@ -38,6 +41,14 @@ def conflict_strength(g: torch.Tensor, f: torch.Tensor, eta: float, within: torc
     return -eta * _unit_rms(g, within) * _unit_rms(f, within)
 
 
+def contested(weight: torch.Tensor, g: torch.Tensor, f: torch.Tensor, eta: float, tau: float,
+              within: torch.Tensor | None = None) -> torch.Tensor:
+    """Weights the fairness gradient would grow and the accuracy gradient would shrink, with conflict strength
+    above ``tau``: a gradient step on the fair loss moves |w| up (w * f < 0) while one on the plain loss moves
+    it down (w * g > 0)."""
+    return (weight * f < 0) & (weight * g > 0) & (conflict_strength(g, f, eta, within) > tau)
+
+
 def importance(weight: torch.Tensor, g: torch.Tensor, f: torch.Tensor, kind: str, eta: float,
                within: torch.Tensor | None = None) -> torch.Tensor:
     """|w| ('magnitude') or |w * (g_hat + eta * f_hat)| ('taylor')."""
@@ -48,63 +59,70 @@ def importance(weight: torch.Tensor, g: torch.Tensor, f: torch.Tensor, kind: str
     raise ValueError(f"unknown importance '{kind}'")
 
 
-def cast_ballot(scores: dict[str, torch.Tensor], eligible: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """One vote to each of the ``k`` best-scoring eligible weights (fewer when fewer are eligible)."""
-    flat_scores = torch.cat([scores[n].flatten() for n in scores])
-    flat_ok = torch.cat([eligible[n].flatten() for n in scores])
-    candidates = torch.nonzero(flat_ok).flatten()
-    order = torch.argsort(flat_scores[candidates], descending=True, stable=True)
-    votes = torch.zeros_like(flat_ok)
-    votes[candidates[order[:k]]] = True
-    out, start = {}, 0
-    for name in scores:
-        size = scores[name].numel()
-        out[name] = votes[start:start + size].reshape(scores[name].shape)
-        start += size
-    return out
+def _top(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` best-scoring allowed entries (fewer when fewer are allowed; ties: earlier first)."""
+    flat, ok = scores.flatten(), allowed.flatten()
+    candidates = torch.nonzero(ok).flatten()
+    order = torch.argsort(flat[candidates], descending=True, stable=True)
+    chosen = torch.zeros_like(ok)
+    chosen[candidates[order[:max(k, 0)]]] = True
+    return chosen.reshape(scores.shape)
 
 
-def select_mask(votes: dict[str, torch.Tensor], magnitudes: dict[str, torch.Tensor], density: float,
-                min_per_layer: int = 1) -> Mask:
-    """The most-voted weights at exactly ``density``; among equal votes the larger |w| wins."""
-    peak = max(float(m.max()) for m in magnitudes.values())
-    scale = 2.0 * peak if peak > 0 else 1.0
-    # |w| / (2 max|w|) < 0.5 never outweighs one vote, so it only orders weights with equal votes.
-    combined = {n: votes[n].double() + magnitudes[n].double() / scale for n in votes}
-    return Mask.top_k(combined, density, min_per_layer)
+def cast_ballot(scores: torch.Tensor, eligible: torch.Tensor, k: int, protected_scores: torch.Tensor | None = None,
+                protectable: torch.Tensor | None = None, protect: int = 0) -> torch.Tensor:
+    """One layer's ballot: ``k`` votes, ``protect`` of them reserved for the best ``protected_scores`` among the
+    ``protectable`` weights not voted for on ``scores``; the rest (and any reserved vote left unused) go to the
+    best ``scores`` among the ``eligible``."""
+    votes = _top(scores, eligible, k - protect)
+    if protect and protected_scores is not None and protectable is not None:
+        votes |= _top(protected_scores, protectable & eligible & ~votes, protect)
+    return votes | _top(scores, eligible & ~votes, k - int(votes.sum()))
+
+
+def select_mask(votes: dict[str, torch.Tensor], magnitudes: dict[str, torch.Tensor], counts: dict[str, int]) -> Mask:
+    """Each layer's ``counts[name]`` most-voted weights; among equal votes the larger |w| wins."""
+    combined = {}
+    for name, v in votes.items():
+        peak = float(magnitudes[name].max())
+        # |w| / (2 max|w|) < 0.5 never outweighs one vote, so it only orders weights with equal votes.
+        combined[name] = v.double() + magnitudes[name].double() / (2.0 * peak if peak > 0 else 1.0)
+    return Mask.top_k_per_layer(combined, counts)
 
 
 class GradientCollector:
     """A training-step hook summing g and f over a ballot period and casting a ballot at its end."""
 
-    def __init__(self, model: nn.Module, candidate: Mask, ctx: PruneContext, cfg: BallotConfig,
-                 period: int, k: int) -> None:
+    def __init__(self, model: nn.Module, candidate: Mask, counts: dict[str, int], class_weights: torch.Tensor,
+                 cfg: BallotConfig, period: int) -> None:
         params = dict(model.named_parameters())
-        self.model, self.ctx, self.cfg, self.period, self.k = model, ctx, cfg, period, k
+        self.cfg, self.period, self.counts, self.class_weights = cfg, period, counts, class_weights
+        self.fair_steps = cfg.obs_loss == "fair"  # the training step's own gradient is f (else g)
         self.names = list(candidate)
         self.params = [params[n] for n in self.names]
         self.candidate = {n: candidate[n].to(self.params[0].device) for n in self.names}
         self.g = [torch.zeros_like(p) for p in self.params]
         self.f = [torch.zeros_like(p) for p in self.params]
         self.votes = {n: torch.zeros(p.shape, dtype=torch.int32) for n, p in zip(self.names, self.params)}
-        self.class_weights = torch.ones(ctx.data.num_classes)
         self.history: list[dict[str, Any]] = []
         self._collecting = False
         self._collected = 0  # steps collected in the current period
 
     def before_backward(self, step: int, per_sample_loss: torch.Tensor, y: torch.Tensor) -> None:
-        if step % self.period == 0:
-            self._refresh_class_weights()
+        """On a collected step, the gradient of the loss the step does not train on, by one extra backward."""
         self._collecting = step % self.cfg.collect_every == 0
-        if self._collecting and self.cfg.fairness_weight > 0:
-            w = self.class_weights.to(y.device)[y]
-            fair_loss = (per_sample_loss * w).sum() / w.sum()
-            for acc, grad in zip(self.f, torch.autograd.grad(fair_loss, self.params, retain_graph=True)):
+        if self._collecting and (self.fair_steps or self.cfg.fairness_weight > 0):
+            if self.fair_steps:
+                other, loss = self.g, per_sample_loss.mean()
+            else:
+                w = self.class_weights.to(y.device)[y]
+                other, loss = self.f, (per_sample_loss * w).sum() / w.sum()
+            for acc, grad in zip(other, torch.autograd.grad(loss, self.params, retain_graph=True)):
                 acc.add_(grad)
 
     def after_backward(self, step: int) -> None:
         if self._collecting:
-            for acc, p in zip(self.g, self.params):
+            for acc, p in zip(self.f if self.fair_steps else self.g, self.params):
                 acc.add_(p.grad)
             self._collected += 1
         if (step + 1) % self.period == 0:
@@ -114,99 +132,95 @@ class GradientCollector:
         """Cast a ballot on what the last, incomplete period collected (step 0 is always collected)."""
         self.cast(steps)
 
-    def _refresh_class_weights(self) -> None:
-        val = self.ctx.data.val
-        metrics = evaluate(self.model, val.x, val.y, self.ctx.data.num_classes, device=self.ctx.device)
-        self.class_weights = fairness_class_weights(metrics["per_class"], self.cfg.class_weight_floor)
-
     @torch.no_grad()
     def cast(self, step: int) -> None:
         """Score the period's summed gradients, vote, and start a new period (no vote if nothing was collected)."""
         if self._collected == 0:
             return
         cfg = self.cfg
-        scores, eligible, conflicts = {}, {}, {}
+        conflicts, changed = {}, 0
         for name, p, g, f in zip(self.names, self.params, self.g, self.f):
-            within = self.candidate[name]
-            strength = conflict_strength(g, f, cfg.fairness_weight, within)
-            veto = (strength > cfg.conflict_threshold) & within
-            scores[name] = importance(p.detach(), g, f, cfg.importance, cfg.fairness_weight, within).cpu()
-            eligible[name] = (self.candidate[name] & ~veto).cpu()
-            conflicts[name] = int(veto.sum())
-        ballot = cast_ballot(scores, eligible, self.k)
-        for name in self.names:
-            self.votes[name] += ballot[name].int()
-        unvetoed = cast_ballot(scores, {n: self.candidate[n].cpu() for n in self.names}, self.k)
-        changed = sum(int((unvetoed[n] & ~ballot[n]).sum()) for n in self.names)
-        self.history.append({
-            "ballot": len(self.history) + 1, "step": step, "conflicts": sum(conflicts.values()),
-            "conflicts_per_layer": conflicts, "vetoed_from_top_k": changed,
-            "class_weights": [round(float(w), 4) for w in self.class_weights],
-        })
+            within, w, k = self.candidate[name], p.detach(), self.counts[name]
+            scores = importance(w, g, f, cfg.importance, cfg.fairness_weight, within)
+            disputed = contested(w, g, f, cfg.fairness_weight, cfg.conflict_threshold, within) & within
+            plain = cast_ballot(scores, within, k)
+            if cfg.conflict == "protect":
+                saliency = -w * _unit_rms(f, within)
+                ballot = cast_ballot(scores, within, k, saliency, disputed, round(cfg.protect_fraction * k))
+            elif cfg.conflict == "veto":
+                ballot = cast_ballot(scores, within & ~disputed, k)
+            else:
+                ballot = plain
+            self.votes[name] += ballot.int().cpu()
+            conflicts[name] = int(disputed.sum())
+            changed += int((ballot & ~plain).sum())
+        self.history.append({"ballot": len(self.history) + 1, "step": step, "conflicts": sum(conflicts.values()),
+                             "conflicts_per_layer": conflicts, "votes_moved_by_conflict": changed})
         for acc in self.g + self.f:
             acc.zero_()
         self._collected = 0
 
 
-def _mixed_weights(class_weights: torch.Tensor, mix: float) -> torch.Tensor | None:
-    """(1 - mix) * uniform + mix * fairness weights; None (plain CE) when mix is 0."""
-    return None if mix == 0 else (1 - mix) + mix * class_weights
+def round_counts(ctx: PruneContext, shapes: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:
+    """Per-layer kept counts of each round: ERK shares (with ``layer_floor``) at the round's density, each round
+    within the previous one, so the masks can be nested."""
+    cfg = ctx.config.ballot
+    counts: list[dict[str, int]] = []
+    for density in density_schedule(ctx.density, cfg.rounds):
+        counts.append(erk_counts(shapes, density, cfg.layer_floor, ctx.config.min_per_layer,
+                                 capacity=counts[-1] if counts else None))
+    return counts
+
+
+def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str) -> tuple[Mask, GradientCollector]:
+    """Train ``mask`` from theta_k (prune.retrain, ``obs_epochs``), casting a ballot each period; the next mask is
+    each layer's ``counts`` most-voted survivors."""
+    cfg = ctx.config.ballot
+    observer = ctx.model_from(ctx.dense.rewind_state)
+    per_epoch = steps_per_epoch(len(ctx.data.train), ctx.config.retrain.batch_size)
+    collector = GradientCollector(observer, mask, counts, ctx.dense_class_weights, cfg, cfg.ballot_every or per_epoch)
+    obs_cfg = dataclasses.replace(ctx.config.retrain, epochs=cfg.obs_epochs)
+    train(observer, ctx.data.train, obs_cfg, seed=ctx.seed, mask=mask, device=ctx.device, hook=collector,
+          class_weights=ctx.dense_class_weights if cfg.obs_loss == "fair" else None, desc=desc,
+          progress=ctx.progress)
+    collector.finish(per_epoch * cfg.obs_epochs)
+    return select_mask(collector.votes, magnitude_scores(observer, list(mask)), counts), collector
 
 
 def prune(ctx: PruneContext) -> PruneResult:
-    """Candidate mask -> observation with voting -> final mask -> rewind to theta_k -> refined training."""
+    """Rounds of observation and voting at shrinking densities, then rewind to theta_k and the final training.
+
+    Round 1 keeps each layer's largest weights of theta_T (its ERK count at density ** (1 / rounds)); every
+    further round trains the current mask from theta_k and keeps the most-voted survivors at the next density of
+    the schedule, so the masks are nested and the last one has exactly the target density.
+    """
     cfg = ctx.config.ballot
-    if cfg.obs_density < ctx.density:
-        raise ValueError(f"ballot.obs_density ({cfg.obs_density}) must be >= the target density ({ctx.density})")
     started = time.perf_counter()
     trained = ctx.model_from(ctx.dense.trained_state)
-    candidate = Mask.top_k(magnitude_scores(trained), cfg.obs_density, ctx.config.min_per_layer)
-
-    observer = ctx.model_from(ctx.dense.rewind_state)
-    k = budget(candidate.total, ctx.density)
-    per_epoch = steps_per_epoch(len(ctx.data.train), ctx.config.retrain.batch_size)
-    collector = GradientCollector(observer, candidate, ctx, cfg, cfg.ballot_every or per_epoch, k)
-    obs_cfg = dataclasses.replace(ctx.config.retrain, epochs=cfg.obs_epochs, schedule="constant")
-    train(observer, ctx.data.train, obs_cfg, seed=ctx.seed, mask=candidate, device=ctx.device, hook=collector,
-          desc="ballot observe", progress=ctx.progress)
-    collector.finish(per_epoch * cfg.obs_epochs)
-    mask = select_mask(collector.votes, magnitude_scores(observer, list(candidate)), ctx.density,
-                       ctx.config.min_per_layer)
+    scores = magnitude_scores(trained)
+    counts = round_counts(ctx, {name: tuple(t.shape) for name, t in scores.items()})
+    mask = Mask.top_k_per_layer(scores, counts[0])
+    rounds: list[dict[str, Any]] = [{"density": mask.density(), "kept": mask.kept}]
+    masks, votes = [mask], {}
+    for number, kept in enumerate(counts[1:], start=2):
+        mask, collector = observe(ctx, mask, kept, f"ballot round {number}")
+        masks.append(mask)
+        votes = collector.votes
+        rounds.append({"density": mask.density(), "kept": mask.kept, "ballots": collector.history})
     observe_seconds = time.perf_counter() - started
 
     model = ctx.model_from(ctx.dense.rewind_state)
-    val = ctx.data.val
-    if cfg.refine:
-        refine_cfg = cfg.refine_train
-        end_metrics = evaluate(observer, val.x, val.y, ctx.data.num_classes, device=ctx.device)
-        weights = _mixed_weights(fairness_class_weights(end_metrics["per_class"], cfg.class_weight_floor),
-                                 cfg.fairness_loss_weight)
-    else:
-        refine_cfg, weights = ctx.config.retrain, None
-
-    epochs_done = 0
-
-    def val_objective(m: nn.Module) -> float:
-        nonlocal epochs_done
-        epochs_done += 1
-        metrics = evaluate(m, val.x, val.y, ctx.data.num_classes, device=ctx.device)
-        if ctx.on_epoch is not None:
-            ctx.on_epoch(epochs_done, metrics)
-        return fairness_objective(metrics, cfg.objective_mcd_weight)
-
-    watch = refine_cfg.schedule == "plateau" or ctx.on_epoch is not None
-    result = train(model, ctx.data.train, refine_cfg, seed=ctx.seed, mask=mask, device=ctx.device,
-                   class_weights=weights, desc="ballot refine", progress=ctx.progress,
-                   epoch_metric=val_objective if watch else None)
-    ticket = Mask.top_k(magnitude_scores(trained), ctx.density, ctx.config.min_per_layer)
+    result = ctx.final_train(model, mask, "ballot refine")
+    ticket = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
     overlap = sum(int((ticket[n] & mask[n]).sum()) for n in mask) / mask.kept
     details = {
-        "ballots": collector.history,
-        "votes": collector.votes,
+        "rounds": rounds,
+        "votes": votes,
+        "class_weights": [round(float(w), 4) for w in ctx.dense_class_weights],
+        "layer_counts": mask.counts(),
         "overlap_with_magnitude_ticket": overlap,
         "observe_seconds": observe_seconds,
         "refine_seconds": result.seconds,
         "history": result.history,
     }
-    return PruneResult(mask, model, details)
-
+    return PruneResult(mask, model, details, round_masks=masks)

@@ -1,8 +1,9 @@
-"""What every pruner receives and returns."""
+"""What every pruner receives and returns, and the final training every pruner shares."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable
 
 import torch
@@ -10,8 +11,10 @@ from torch import nn
 
 from ballot.config import PruneConfig
 from ballot.data import DataBundle
+from ballot.fairness import evaluate, fairness_class_weights, fairness_objective
 from ballot.masks import Mask
 from ballot.models import build_model
+from ballot.train import TrainResult, train
 
 
 @dataclass
@@ -35,8 +38,8 @@ class PruneContext:
     config: PruneConfig
     device: torch.device = torch.device("cpu")
     progress: bool | None = None
-    # Called after each epoch of the final (re)training with (epoch, validation metrics); it may raise to stop
-    # the run early (Optuna's TrialPruned). Methods that support it: ballot.
+    # Called after each epoch of the final training with (epoch, validation metrics); it may raise to stop the
+    # run early (Optuna's TrialPruned).
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None
 
     def model_from(self, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -44,6 +47,43 @@ class PruneContext:
         model = build_model(self.model_name, self.data.input_shape, self.data.num_classes)
         model.load_state_dict(state)
         return model.to(self.device)
+
+    def val_metrics(self, model: nn.Module) -> dict[str, Any]:
+        """Class metrics of ``model`` on the validation split."""
+        val = self.data.val
+        return evaluate(model, val.x, val.y, self.data.num_classes, device=self.device)
+
+    @cached_property
+    def dense_class_weights(self) -> torch.Tensor:
+        """Fairness class weights w_c = 1 / max(acc_c, delta) (mean 1) from theta_T's validation accuracy.
+
+        Taken from the dense model, not from the method's own models, so every method's refined training and
+        Ballot's fairness gradient weigh the classes alike."""
+        per_class = self.val_metrics(self.model_from(self.dense.trained_state))["per_class"]
+        return fairness_class_weights(per_class, self.config.ballot.class_weight_floor)
+
+    def final_train(self, model: nn.Module, mask: Mask, desc: str) -> TrainResult:
+        """Train the final mask: plain (prune.retrain, cross-entropy) or refined (prune.ballot.refine_train with the
+        fairness-weighted loss), as prune.final_train says; ``on_epoch`` sees each epoch's validation metrics."""
+        ballot = self.config.ballot
+        if self.config.refined():
+            cfg, mix = ballot.refine_train, ballot.fairness_loss_weight
+            weights = None if mix == 0 else (1 - mix) + mix * self.dense_class_weights
+        else:
+            cfg, weights = self.config.retrain, None
+        epochs_done = 0
+
+        def val_objective(m: nn.Module) -> float:
+            nonlocal epochs_done
+            epochs_done += 1
+            metrics = self.val_metrics(m)
+            if self.on_epoch is not None:
+                self.on_epoch(epochs_done, metrics)
+            return fairness_objective(metrics, ballot.objective_mcd_weight)
+
+        watch = cfg.schedule == "plateau" or self.on_epoch is not None
+        return train(model, self.data.train, cfg, seed=self.seed, mask=mask, device=self.device, class_weights=weights,
+                     desc=desc, progress=self.progress, epoch_metric=val_objective if watch else None)
 
 
 @dataclass

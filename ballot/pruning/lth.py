@@ -11,18 +11,24 @@ def prune(ctx: PruneContext) -> PruneResult:
     """n rounds: prune the smallest surviving weights, rewind survivors to theta_k, retrain.
 
     Round r keeps density ** (r / n) of all prunable weights, chosen among the previous round's
-    survivors, so masks are nested. The first round prunes the dense phase's theta_T.
+    survivors, so masks are nested. The first round prunes the dense phase's theta_T. The last round's
+    training is the shared final training (plain, or refined with prune.final_train).
     """
     trained = ctx.model_from(ctx.dense.trained_state)
     mask = Mask.ones_like(trained)
     rounds, history, masks = [], [], []
-    for round_density in density_schedule(ctx.density, ctx.config.lth_rounds):
+    schedule = density_schedule(ctx.density, ctx.config.lth_rounds)
+    for number, round_density in enumerate(schedule, start=1):
         scores = magnitude_scores(trained)
         survivors_only = {n: s.masked_fill(~mask[n], -1.0) for n, s in scores.items()}  # |w| >= 0 > -1
         mask = Mask.top_k(survivors_only, round_density, ctx.config.min_per_layer)
         trained = ctx.model_from(ctx.dense.rewind_state)
-        result = train(trained, ctx.data.train, ctx.config.retrain, seed=ctx.seed, mask=mask, device=ctx.device,
-                       desc=f"lth round {len(rounds) + 1}", progress=ctx.progress)
+        desc = f"lth round {number}"
+        if number == len(schedule):
+            result = ctx.final_train(trained, mask, desc)
+        else:
+            result = train(trained, ctx.data.train, ctx.config.retrain, seed=ctx.seed, mask=mask, device=ctx.device,
+                           desc=desc, progress=ctx.progress)
         rounds.append({"density": mask.density(), "kept": mask.kept})
         masks.append(mask)
         history.append(result.history)

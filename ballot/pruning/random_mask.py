@@ -6,7 +6,6 @@ import torch
 
 from ballot.masks import Mask, prunable_names
 from ballot.pruning.base import PruneContext, PruneResult
-from ballot.train import train
 
 
 def prune(ctx: PruneContext) -> PruneResult:
@@ -16,6 +15,5 @@ def prune(ctx: PruneContext) -> PruneResult:
     generator = torch.Generator().manual_seed(ctx.seed)
     scores = {n: torch.rand(params[n].shape, generator=generator) for n in prunable_names(model)}
     mask = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
-    result = train(model, ctx.data.train, ctx.config.retrain, seed=ctx.seed, mask=mask, device=ctx.device,
-                   desc="random retrain", progress=ctx.progress)
+    result = ctx.final_train(model, mask, "random retrain")
     return PruneResult(mask, model, {"history": result.history})

@@ -83,13 +83,14 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, fl
     claim_slot(trial, tune.n_trials)
     cfg = with_values(ctx.cfg, {knob.key: knob.suggest(trial) for knob in ctx.knobs})
     knobs = cfg.prune.ballot
+    observed = (knobs.rounds - 1) * knobs.obs_epochs
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    trial.set_user_attr("epochs_planned", knobs.obs_epochs + knobs.refine_train.epochs)
-    trial.set_user_attr("epochs_run", knobs.obs_epochs)
+    trial.set_user_attr("epochs_planned", observed + knobs.refine_train.epochs)
+    trial.set_user_attr("epochs_run", observed)
     single = tune.mode == "single"
 
     def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
-        trial.set_user_attr("epochs_run", knobs.obs_epochs + epoch)
+        trial.set_user_attr("epochs_run", observed + epoch)
         if single:
             trial.report(fairness_objective(metrics, tune.mcd_weight), epoch)
             if trial.should_prune():

@@ -1,0 +1,325 @@
+"""The method matrix: datasets x models x densities x seeds, every method; resumable, cells in parallel processes.
+
+Every run is one JSON file under ``<out>/runs/`` named by a hash of its whole configuration, so a killed or
+extended matrix skips what is done, and a variant whose configuration equals another's reuses it. Dense states are
+cached under ``<cache>/dense/`` and shared by every density and method of a (dataset, model, seed). Each record holds
+validation *and* test metrics: defaults are chosen on validation (``--split val``), the report is on test.
+
+    python benchmarks/matrix.py --workers 2                       # the whole matrix -> reports/matrix.md, .json, .png
+    python benchmarks/matrix.py --datasets digits --models cnn --seeds 0 --methods lth ballot --out runs/m
+    python benchmarks/matrix.py --report-only --split val         # re-render from the finished runs
+
+Caps (so the matrix fits a 2-core machine): see CAPS; every cell uses data.val_fraction 0.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from variants import METRICS, VARIANTS, parse_extra  # noqa: E402
+
+from ballot.config import ExperimentConfig, apply_overrides, experiment_from_params, load_yaml, to_dict  # noqa: E402
+from ballot.storage import write_json, write_text  # noqa: E402
+
+DATASETS: dict[str, list[str]] = {
+    "fmnist-lt": ["base.dataset=fashion-mnist", "data.imbalance_ratio=10"],
+    "fmnist": ["base.dataset=fashion-mnist", "data.imbalance_ratio=1"],
+    "digits": ["base.dataset=digits", "data.imbalance_ratio=1"],
+}
+MODELS = ("mlp", "cnn", "resnet20")
+DENSITIES = (0.05, 0.02)
+# Training-pool caps (samples drawn before the long tail and the validation split) where a full pass is too slow for
+# 2 CPU cores. The long tail keeps about 41% of a capped pool: fmnist-lt/cnn trains on about 3,300 images.
+CAPS: dict[tuple[str, str], int] = {
+    ("fmnist-lt", "cnn"): 10000, ("fmnist-lt", "resnet20"): 6000,
+    ("fmnist", "cnn"): 4000, ("fmnist", "resnet20"): 2500,
+}
+COMMON = ["data.val_fraction=0.2"]
+DEFAULT_METHODS = ("magnitude", "lth", "lth + refined", "ballot", "ballot (conflict off)", "ballot (plain retraining)")
+# the cost of a unit in epochs of its dataset (for the schedule: longest first)
+COST = {"mlp": 0.05, "cnn": 1.0, "resnet20": 2.2}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One (dataset, model, seed): its dense phase is shared by every density and method run on it."""
+
+    dataset: str
+    model: str
+    seed: int
+
+
+def cell_overrides(dataset: str, model: str, seed: int) -> list[str]:
+    cap = CAPS.get((dataset, model))
+    return [*DATASETS[dataset], f"base.model={model}", f"base.seed={seed}", *COMMON,
+            *([f"data.max_train_samples={cap}"] if cap else [])]
+
+
+def run_key(cfg: ExperimentConfig) -> str:
+    """Hash of what decides a run's numbers (Ballot's knobs only where they are used)."""
+    d = to_dict(cfg)
+    prune = dict(d["prune"])
+    if cfg.prune.method != "ballot":
+        refined = ("refine_train", "fairness_loss_weight", "class_weight_floor", "objective_mcd_weight")
+        prune["ballot"] = {k: v for k, v in prune["ballot"].items() if cfg.prune.refined() and k in refined}
+    payload = {"base": {k: v for k, v in d["base"].items() if k != "device"}, "data": d["data"],
+               "train_dense": d["train_dense"], "prune": prune}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def dense_key(cfg: ExperimentConfig) -> str:
+    from ballot.experiment import dense_manifest
+
+    return hashlib.sha256(json.dumps(dense_manifest(cfg), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def layer_floor_ratio(mask: Any, density: float) -> float:
+    """The smallest kept / (density x size) over the mask's layers (1 = a uniform share)."""
+    return min(r.kept / (density * r.total) for r in mask.report())
+
+
+def _metrics(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: m[k] for k in (*METRICS, "per_class")}
+
+
+def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods: dict[str, list[str]],
+             out: Path, cache: Path, threads: int) -> list[dict[str, Any]]:
+    """Every missing (density, method) run of ``unit``; returns the records written."""
+    import torch
+
+    from ballot import experiment
+
+    torch.set_num_threads(threads)
+    base = apply_overrides(params, cell_overrides(unit.dataset, unit.model, unit.seed))
+    cfg = experiment_from_params(base)
+    todo = []
+    for density in densities:
+        for name, overrides in methods.items():
+            run_cfg = experiment_from_params(apply_overrides(base, [f"base.density={density}", *overrides]))
+            path = out / "runs" / f"{run_key(run_cfg)}.json"
+            if not path.is_file():
+                todo.append((density, name, run_cfg, path))
+    dense_path = out / "runs" / f"dense-{dense_key(cfg)}.json"
+    if not todo and dense_path.is_file():
+        return []
+    data = experiment.prepare_data(cfg)
+    dense_dir = cache / "dense" / dense_key(cfg)
+    written = []
+    if (dense_dir / experiment.DENSE_MANIFEST).is_file():
+        dense = experiment.load_dense(dense_dir)
+    else:
+        (model, dense, _), seconds = experiment.timed(experiment.train_dense, cfg, data, progress=False)
+        experiment.save_dense(dense, dense_dir, cfg)
+        metrics = experiment.model_metrics(model, data, cfg.base.device)
+        record = {"unit": unit.__dict__, "method": "dense", "density": 1.0, "seconds": seconds,
+                  "test": _metrics(metrics), "val": _metrics(metrics["val"])}
+        write_json(dense_path, record)
+        written.append(record)
+    for density, name, run_cfg, path in todo:
+        result, seconds = experiment.timed(experiment.run_prune, run_cfg, data, dense, progress=False)
+        metrics = experiment.model_metrics(result.model, data, run_cfg.base.device)
+        record = {"unit": unit.__dict__, "method": name, "density": density, "seconds": seconds,
+                  "kept_density": result.mask.density(), "layer_floor_ratio": layer_floor_ratio(result.mask, density),
+                  "test": _metrics(metrics), "val": _metrics(metrics["val"]), "overrides": methods[name]}
+        write_json(path, record)
+        written.append(record)
+        print(f"{unit.dataset}/{unit.model} d={density} seed {unit.seed} {name:<28} val acc {record['val']['acc']:.4f}"
+              f" cwv {record['val']['cwv']:.5f} | test acc {record['test']['acc']:.4f} cwv {record['test']['cwv']:.5f}"
+              f" ({seconds:.0f}s)", file=sys.stderr, flush=True)
+    return written
+
+
+def collect(out: Path, units: list[Unit], params: dict[str, Any], densities: list[float],
+            methods: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """The finished records of the requested grid (a missing run is left out)."""
+    rows = []
+    for unit in units:
+        base = apply_overrides(params, cell_overrides(unit.dataset, unit.model, unit.seed))
+        dense_path = out / "runs" / f"dense-{dense_key(experiment_from_params(base))}.json"
+        for density in densities:
+            if dense_path.is_file():
+                rows.append({**json.loads(dense_path.read_text()), "density": density})
+            for name, overrides in methods.items():
+                run_cfg = experiment_from_params(apply_overrides(base, [f"base.density={density}", *overrides]))
+                path = out / "runs" / f"{run_key(run_cfg)}.json"
+                if path.is_file():
+                    rows.append({**json.loads(path.read_text()), "method": name})
+    return rows
+
+
+Stats = dict[str, tuple[float, float, int]]  # metric -> (mean, std, n)
+
+
+def summarise(rows: list[dict[str, Any]], split: str) -> dict[tuple[str, str, float], dict[str, Stats]]:
+    """(dataset, model, density) -> method -> metric -> (mean, std over seeds, seeds)."""
+    table: dict[tuple[str, str, float], dict[str, Stats]] = {}
+    for row in rows:
+        cell = (row["unit"]["dataset"], row["unit"]["model"], row["density"])
+        table.setdefault(cell, {}).setdefault(row["method"], {})
+    for cell, by_method in table.items():
+        for method in by_method:
+            group = [r for r in rows if (r["unit"]["dataset"], r["unit"]["model"], r["density"]) == cell
+                     and r["method"] == method]
+            for key in METRICS:
+                values = [r[split][key] for r in group]
+                by_method[method][key] = (statistics.fmean(values),
+                                          statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+    return table
+
+
+def _cwv_gain(ours: Stats, theirs: Stats) -> float:
+    """Relative CWV reduction (positive = ours fairer)."""
+    return 1 - ours["cwv"][0] / theirs["cwv"][0] if theirs["cwv"][0] > 0 else math.nan
+
+
+def verdict(table: dict[tuple[str, str, float], dict[str, Stats]], split: str) -> list[str]:
+    """The issue's acceptance lines, computed from ``table``."""
+    lines = []
+    cells = [c for c, m in table.items() if {"ballot", "lth"} <= set(m)]
+    if not cells:
+        return ["(no cell has both ballot and lth)"]
+    ok_acc = [c for c in cells if table[c]["ballot"]["acc"][0] >= table[c]["lth"]["acc"][0] - 0.01]
+    ok_cwv = [c for c in cells if table[c]["ballot"]["cwv"][0] <= table[c]["lth"]["cwv"][0]]
+    gains = [_cwv_gain(table[c]["ballot"], table[c]["lth"]) for c in cells]
+    lines.append(f"- cells with Ballot's mean accuracy >= LTH's - 1 point: {len(ok_acc)} of {len(cells)}")
+    lines.append(f"- cells with Ballot's mean CWV <= LTH's: {len(ok_cwv)} of {len(cells)}")
+    lines.append(f"- Ballot's CWV vs LTH, mean over cells of the per-cell reduction: {100 * statistics.fmean(gains):+.1f}%"
+                 f" (ratio of the cell-averaged CWVs: {100 * (1 - _mean_cwv(table, cells, 'ballot') / _mean_cwv(table, cells, 'lth')):+.1f}%)")
+    for other in ("lth + refined", "magnitude"):
+        both = [c for c in cells if other in table[c]]
+        if both:
+            g = [_cwv_gain(table[c]["ballot"], table[c][other]) for c in both]
+            lines.append(f"- Ballot's CWV vs {other}, mean over {len(both)} cells: {100 * statistics.fmean(g):+.1f}%")
+    ablated = [c for c in cells if "ballot (conflict off)" in table[c]]
+    if ablated:
+        moved = []
+        for c in ablated:
+            on, off = table[c]["ballot"]["cwv"], table[c]["ballot (conflict off)"]["cwv"]
+            noise = (on[1] + off[1]) / 2
+            if off[0] - on[0] > noise:
+                moved.append(c)
+        lines.append(f"- cells where switching the conflict component off raises mean CWV by more than the seed-to-seed "
+                     f"std (mean of the two): {len(moved)} of {len(ablated)}")
+    return lines
+
+
+def _mean_cwv(table: dict, cells: list, method: str) -> float:
+    return statistics.fmean(table[c][method]["cwv"][0] for c in cells)
+
+
+def markdown(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, methods: list[str], notes: str) -> str:
+    lines = [f"# Method matrix ({split} split)", "", notes, "", "## Acceptance figures", "", *verdict(table, split), "",
+             "## Per cell (mean ± std over seeds; CWV unscaled)", "",
+             "| dataset | model | density | method | seeds | acc | CWV | MCD | worst-class acc |", "|---|---|---|---|---|---|---|---|---|"]
+    for cell in sorted(table, key=lambda c: (list(DATASETS).index(c[0]) if c[0] in DATASETS else 99,
+                                              MODELS.index(c[1]) if c[1] in MODELS else 99, -c[2])):
+        for method in ["dense", *methods]:
+            if method not in table[cell]:
+                continue
+            s = table[cell][method]
+            lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]:g} | {method} | {s['acc'][2]} | "
+                         f"{s['acc'][0]:.4f} ± {s['acc'][1]:.4f} | {s['cwv'][0]:.5f} ± {s['cwv'][1]:.5f} | "
+                         f"{s['mcd'][0]:.4f} ± {s['mcd'][1]:.4f} | {s['worst_class'][0]:.4f} ± {s['worst_class'][1]:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, split: str) -> None:
+    """Ballot's relative CWV reduction per cell against LTH and against LTH + refined training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted({(c[0], c[1]) for c in table}, key=lambda r: (list(DATASETS).index(r[0]) if r[0] in DATASETS else 99,
+                                                                MODELS.index(r[1]) if r[1] in MODELS else 99))
+    cols = sorted({c[2] for c in table}, reverse=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.5 * len(rows) + 2))
+    for ax, other in zip(axes, ("lth", "lth + refined")):
+        grid = [[100 * _cwv_gain(table[(r[0], r[1], d)]["ballot"], table[(r[0], r[1], d)][other])
+                 if (r[0], r[1], d) in table and {"ballot", other} <= set(table[(r[0], r[1], d)]) else math.nan
+                 for d in cols] for r in rows]
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=-100, vmax=100, aspect="auto")
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                ax.text(j, i, "n/a" if math.isnan(value) else f"{value:+.0f}%", ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(cols)), [f"density {d:g}" for d in cols])
+        ax.set_yticks(range(len(rows)), [f"{r[0]} / {r[1]}" for r in rows])
+        ax.set_title(f"CWV reduction vs {other}", fontsize=10)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="Ballot's CWV reduction (%), green = fairer")
+    fig.suptitle(f"Ballot's class-wise variance against the baselines ({split} split, mean over seeds)", fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", help="params.yaml to start from (default: the library's defaults)")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--resnet-seeds", nargs="+", type=int, help="seeds of the resnet20 cells (default: --seeds)")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                        help=f"from {list(VARIANTS)} and --variant names")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="an extra method, e.g. 'rho 0.4:prune.method=ballot,prune.ballot.protect_fraction=0.4'")
+    parser.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", help="override for every run")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--out", default="reports/matrix", help="folder for runs/ and the report")
+    parser.add_argument("--cache", default="runs/matrix-cache", help="folder for the dense states")
+    parser.add_argument("--split", default="test", choices=("test", "val"), help="split of the report")
+    parser.add_argument("--report-only", action="store_true", help="render the report from finished runs only")
+    args = parser.parse_args(argv)
+
+    known = {**VARIANTS, **parse_extra(args.variant)}
+    unknown = [m for m in args.methods if m not in known]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(known)}")
+    methods = {m: known[m] for m in args.methods}
+    params = load_yaml(args.params) if args.params else {}
+    params = apply_overrides({k: v for k, v in params.items() if k in ("base", "data", "train_dense", "prune")}, args.set)
+    experiment_from_params(params)  # validate once, before any work
+    out, cache = Path(args.out), Path(args.cache)
+    units = [Unit(d, m, s) for d in args.datasets for m in args.models
+             for s in (args.resnet_seeds if m == "resnet20" and args.resnet_seeds else args.seeds)]
+    started = time.perf_counter()
+    if not args.report_only:
+        units.sort(key=lambda u: -COST[u.model] * (CAPS.get((u.dataset, u.model)) or 1))
+        threads = 1 if args.workers > 1 else (os.cpu_count() or 1)
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_unit, u, params, args.densities, methods, out, cache, threads) for u in units]
+            for done, future in enumerate(as_completed(futures), start=1):
+                future.result()
+                print(f"[{done}/{len(units)} units done, {time.perf_counter() - started:.0f}s]", file=sys.stderr,
+                      flush=True)
+    rows = collect(out, units, params, args.densities, methods)
+    table = summarise(rows, args.split)
+    caps = ", ".join(f"{d}/{m} {c}" for (d, m), c in CAPS.items())
+    notes = (f"Seeds {args.seeds}" + (f" (resnet20: {args.resnet_seeds})" if args.resnet_seeds else "") +
+             f"; densities {args.densities}; overrides {args.set or 'none'}. Training-pool caps: {caps} "
+             f"(before the long tail); validation fraction 0.2; full test sets. {len(rows)} records.")
+    suffix = "" if args.split == "test" else "_val"
+    write_text(out / f"matrix{suffix}.md", markdown(table, args.split, list(methods), notes))
+    write_json(out / f"matrix{suffix}.json", {"rows": rows, "methods": methods, "set": args.set})
+    if any({"ballot", "lth", "lth + refined"} <= set(m) for m in table.values()):
+        heatmap(table, out / f"cwv_gain{suffix}.png", args.split)
+    print("\n".join(verdict(table, args.split)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

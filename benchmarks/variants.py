@@ -1,0 +1,29 @@
+"""The methods the benchmarks compare: name -> overrides of the prune group (the method first)."""
+
+from __future__ import annotations
+
+VARIANTS: dict[str, list[str]] = {
+    "random": ["prune.method=random"],
+    "magnitude": ["prune.method=magnitude"],
+    "lth": ["prune.method=lth"],
+    "lth-oneshot": ["prune.method=lth", "prune.lth_rounds=1"],
+    # the strong baseline: LTH's mask with the same refined, fairness-weighted training Ballot gets
+    "lth + refined": ["prune.method=lth", "prune.final_train=refined"],
+    "ballot": ["prune.method=ballot"],
+    "ballot (conflict off)": ["prune.method=ballot", "prune.ballot.conflict=none"],
+    "ballot (veto)": ["prune.method=ballot", "prune.ballot.conflict=veto"],
+    "ballot (plain retraining)": ["prune.method=ballot", "prune.final_train=plain"],
+}
+BASELINES = ("random", "magnitude", "lth", "lth-oneshot", "lth + refined")
+METRICS = ("acc", "cwv", "mcd", "worst_class")
+
+
+def parse_extra(specs: list[str]) -> dict[str, list[str]]:
+    """Extra variants from 'NAME:key=value,key=value' (e.g. 'ballot rho 0.4:prune.method=ballot,...')."""
+    extra = {}
+    for spec in specs:
+        name, sep, body = spec.partition(":")
+        if not sep or not name.strip() or not body.strip():
+            raise SystemExit(f"--variant '{spec}' must look like NAME:group.key=value[,group.key=value...]")
+        extra[name.strip()] = [item.strip() for item in body.split(",") if item.strip()]
+    return extra
