@@ -237,7 +237,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 IMPORTANCES = ("magnitude", "taylor")
 OBS_LOSSES = ("fair", "plain")
-CONFLICT_RULES = ("protect", "veto", "none")
+CONFLICT_RULES = ("protect", "veto", "none", "excess")
 
 
 @dataclass

@@ -97,8 +97,8 @@ def _metrics(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods: dict[str, list[str]],
-             out: Path, cache: Path, threads: int) -> list[dict[str, Any]]:
-    """Every missing (density, method) run of ``unit``; returns the records written."""
+             out: Path, cache: Path, threads: int, split: str) -> list[dict[str, Any]]:
+    """Every missing (density, method) run of ``unit`` (progress lines show ``split``); returns the records written."""
     import torch
 
     from ballot import experiment
@@ -137,9 +137,9 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
                   "test": _metrics(metrics), "val": _metrics(metrics["val"]), "overrides": methods[name]}
         write_json(path, record)
         written.append(record)
-        print(f"{unit.dataset}/{unit.model} d={density} seed {unit.seed} {name:<28} val acc {record['val']['acc']:.4f}"
-              f" cwv {record['val']['cwv']:.5f} | test acc {record['test']['acc']:.4f} cwv {record['test']['cwv']:.5f}"
-              f" ({seconds:.0f}s)", file=sys.stderr, flush=True)
+        shown = record[split]
+        print(f"{unit.dataset}/{unit.model} d={density} seed {unit.seed} {name:<28} {split} acc {shown['acc']:.4f} "
+              f"cwv {shown['cwv']:.5f} ({seconds:.0f}s)", file=sys.stderr, flush=True)
     return written
 
 
@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         units.sort(key=lambda u: -COST[u.model] * (CAPS.get((u.dataset, u.model)) or 1))
         threads = 1 if args.workers > 1 else (os.cpu_count() or 1)
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_unit, u, params, args.densities, methods, out, cache, threads) for u in units]
+            futures = [pool.submit(run_unit, u, params, args.densities, methods, out, cache, threads, args.split)
+                       for u in units]
             for done, future in enumerate(as_completed(futures), start=1):
                 future.result()
                 print(f"[{done}/{len(units)} units done, {time.perf_counter() - started:.0f}s]", file=sys.stderr,

@@ -147,6 +147,9 @@ class GradientCollector:
             if cfg.conflict == "protect":
                 saliency = -w * _unit_rms(f, within)
                 ballot = cast_ballot(scores, within, k, saliency, disputed, round(cfg.protect_fraction * k))
+            elif cfg.conflict == "excess":
+                excess = -w * (_unit_rms(f, within) - _unit_rms(g, within))
+                ballot = cast_ballot(scores, within, k, excess, within & (excess > 0), round(cfg.protect_fraction * k))
             elif cfg.conflict == "veto":
                 ballot = cast_ballot(scores, within & ~disputed, k)
             else:
