@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ballot.pruning import ballot, lth, magnitude, random_mask, safecompress
+from ballot.pruning import ballot, fairscratch, lth, magnitude, random_mask, safecompress
 from ballot.pruning.base import DenseArtifacts, PruneContext, PruneResult
 
 PRUNERS: dict[str, Callable[[PruneContext], PruneResult]] = {
@@ -13,6 +13,7 @@ PRUNERS: dict[str, Callable[[PruneContext], PruneResult]] = {
     "random": random_mask.prune,
     "ballot": ballot.prune,
     "safecompress": safecompress.prune,
+    "fairscratch": fairscratch.prune,
 }
 
 
