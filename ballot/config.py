@@ -285,6 +285,100 @@ class BallotConfig:
                f"must be in [0, 1], got {self.fairness_loss_weight}")
 
 
+GROWTHS = ("random", "gradient")
+SAFE_FAIR_LOSSES = ("variance", "reweighted", "none")
+
+
+@dataclass
+class SafeCompressConfig:
+    """SafeCompress (Zhu et al., ASE 2022) with a fairness test in place of its attack test (docs/baselines.md)."""
+
+    epochs: int = _help("Sparse training epochs from theta_0 (60 = LTH's 3 rounds x 20 epochs of prune.retrain).", 60)
+    batch_size: int = _help("Mini-batch size.", 128)
+    lr: float = _help("SGD learning rate.", 0.1)
+    momentum: float = _help("SGD momentum.", 0.9)
+    nesterov: bool = _help("Nesterov momentum.", True)
+    weight_decay: float = _help("L2 weight decay.", 5e-4)
+    lr_milestones: list[float] = _help("Fractions of the epochs after which the lr is multiplied by lr_gamma.",
+                                       factory=lambda: [0.5, 0.75])
+    lr_gamma: float = _help("Learning-rate decay factor at each milestone.", 0.1)
+    update_frequency: int | None = _help("Optimiser steps between mask updates (null = spread `updates` evenly).",
+                                         None)
+    updates: int = _help("About this many mask updates over training when update_frequency is null.", 30)
+    rescale_init: bool = _help("Scale theta_0's kept weights by 1 / sqrt(layer density) so a sparse network "
+                               "without BatchNorm starts at a dense one's activation scale.", True)
+    death_rate: float = _help("Share of each layer's active weights dropped (and regrown) at the first update.", 0.5)
+    death_rate_min: float = _help("The death rate is cosine-annealed from death_rate down to this.", 0.005)
+    growth: list[str] = _help("Update strategies, one candidate mask each: 'random' and/or 'gradient' regrowth.",
+                              factory=lambda: ["random"])
+    tolerance: float = _help("A candidate passes the validation test when its score is at least the current "
+                             "model's score minus this; else the update is rejected.", 0.02)
+    cwv_weight: float = _help("mu in the test's score val acc - mu * val CWV (also picks the checkpoint kept).", 10.0)
+    fair_loss: str = _help("Fairness term added to the loss: 'reweighted' cross-entropy (the dense model's class "
+                           "weights, prune.ballot.class_weight_floor), 'variance' of the batch's per-class mean "
+                           "losses, or 'none'.", "reweighted")
+    fair_loss_weight: float = _help("lambda: loss = cross-entropy + lambda * fairness term.", 1.0)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "updates"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(not self.nesterov or self.momentum > 0, "nesterov", "needs momentum > 0")
+        _check(0 <= self.weight_decay < math.inf, "weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        _check(all(0 < m < 1 for m in self.lr_milestones), "lr_milestones",
+               f"must be fractions in (0, 1), got {self.lr_milestones}")
+        _check(0 < self.lr_gamma <= 1, "lr_gamma", f"must be in (0, 1], got {self.lr_gamma}")
+        _check(self.update_frequency is None or self.update_frequency >= 1, "update_frequency",
+               f"must be >= 1 (or null), got {self.update_frequency}")
+        _check(0 < self.death_rate < 1, "death_rate", f"must be in (0, 1), got {self.death_rate}")
+        _check(0 <= self.death_rate_min <= self.death_rate, "death_rate_min",
+               f"must be in [0, death_rate], got {self.death_rate_min}")
+        _check(bool(self.growth) and all(g in GROWTHS for g in self.growth), "growth",
+               f"must list one or more of {GROWTHS}, got {self.growth}")
+        _check(0 <= self.tolerance < math.inf, "tolerance", f"must be a finite number >= 0, got {self.tolerance}")
+        _check(self.cwv_weight >= 0, "cwv_weight", f"must be >= 0, got {self.cwv_weight}")
+        _check(self.fair_loss in SAFE_FAIR_LOSSES, "fair_loss",
+               f"unknown '{self.fair_loss}', choose from {SAFE_FAIR_LOSSES}")
+        _check(self.fair_loss_weight >= 0, "fair_loss_weight", f"must be >= 0, got {self.fair_loss_weight}")
+
+
+SCRATCH_SELECTIONS = ("global", "per_layer")
+SCRATCH_PENALTIES = ("auto", "class_variance", "group_parity", "none")
+
+
+@dataclass
+class FairScratchConfig:
+    """Fair Scratch Tickets (Tang et al., CVPR 2023): a mask learnt on frozen signed-constant weights (docs/baselines.md)."""
+
+    epochs: int = _help("Score-training epochs (60 = LTH's 3 rounds x 20 epochs of prune.retrain).", 60)
+    batch_size: int = _help("Mini-batch size.", 128)
+    lr: float = _help("SGD learning rate of the scores (cosine-annealed per epoch).", 0.01)
+    momentum: float = _help("SGD momentum.", 0.9)
+    weight_decay: float = _help("L2 weight decay on the scores.", 1e-4)
+    scale_fan: bool = _help("Signed constant sqrt(2 / (fan_in x density)) instead of sqrt(2 / fan_in), so a sparse "
+                            "network without BatchNorm keeps its activation scale (the original's --scale-fan).", True)
+    selection: str = _help("Mask = top-k |score| 'global' (network-wide, each layer's scores divided by their "
+                           "initial scale 1/sqrt(fan_in)) or 'per_layer' (each layer keeps the density of its own "
+                           "weights, as in the original); either way exactly the budget.", "per_layer")
+    penalty: str = _help("Fairness penalty: 'group_parity' (demographic-parity gap over data's sensitive "
+                         "attribute), 'class_variance' (variance of per-class losses), 'auto' (group_parity when "
+                         "the data has a group, else class_variance) or 'none'.", "auto")
+    fairness_weight: float = _help("lambda: loss = cross-entropy + lambda * penalty.", 0.1)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(0 <= self.weight_decay < math.inf, "weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        _check(self.selection in SCRATCH_SELECTIONS, "selection",
+               f"unknown '{self.selection}', choose from {SCRATCH_SELECTIONS}")
+        _check(self.penalty in SCRATCH_PENALTIES, "penalty",
+               f"unknown '{self.penalty}', choose from {SCRATCH_PENALTIES}")
+        _check(self.fairness_weight >= 0, "fairness_weight", f"must be >= 0, got {self.fairness_weight}")
+
+
 FINAL_TRAININGS = ("auto", "plain", "refined")
 
 
@@ -301,6 +395,8 @@ class PruneConfig:
     lth_rounds: int = _help("LTH: iterative magnitude pruning rounds n ((1-p)^n = density; 1 = one-shot).", 3)
     min_per_layer: int = _help("Every layer keeps at least this many weights.", 1)
     ballot: BallotConfig = _help("Ballot's knobs.", factory=BallotConfig)
+    safecompress: SafeCompressConfig = _help("SafeCompress's knobs.", factory=SafeCompressConfig)
+    fairscratch: FairScratchConfig = _help("FairScratch's knobs.", factory=FairScratchConfig)
 
     def __post_init__(self) -> None:
         _check(self.retrain.schedule != "plateau", "retrain.schedule", NO_PLATEAU)

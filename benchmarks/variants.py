@@ -9,12 +9,14 @@ VARIANTS: dict[str, list[str]] = {
     "lth-oneshot": ["prune.method=lth", "prune.lth_rounds=1"],
     # the strong baseline: LTH's mask with the same refined, fairness-weighted training Ballot gets
     "lth + refined": ["prune.method=lth", "prune.final_train=refined"],
+    "safecompress": ["prune.method=safecompress"],
+    "fairscratch": ["prune.method=fairscratch"],
     "ballot": ["prune.method=ballot"],
     "ballot (conflict off)": ["prune.method=ballot", "prune.ballot.conflict=none"],
     "ballot (veto)": ["prune.method=ballot", "prune.ballot.conflict=veto"],
     "ballot (plain retraining)": ["prune.method=ballot", "prune.final_train=plain"],
 }
-BASELINES = ("random", "magnitude", "lth", "lth-oneshot", "lth + refined")
+BASELINES = ("random", "magnitude", "lth", "lth-oneshot", "lth + refined", "safecompress", "fairscratch")
 METRICS = ("acc", "cwv", "mcd", "worst_class")
 
 

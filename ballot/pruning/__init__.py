@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ballot.pruning import ballot, lth, magnitude, random_mask
+from ballot.pruning import ballot, fairscratch, lth, magnitude, random_mask, safecompress
 from ballot.pruning.base import DenseArtifacts, PruneContext, PruneResult
 
 PRUNERS: dict[str, Callable[[PruneContext], PruneResult]] = {
@@ -12,6 +12,8 @@ PRUNERS: dict[str, Callable[[PruneContext], PruneResult]] = {
     "lth": lth.prune,
     "random": random_mask.prune,
     "ballot": ballot.prune,
+    "safecompress": safecompress.prune,
+    "fairscratch": fairscratch.prune,
 }
 
 

@@ -1,0 +1,121 @@
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ballot.cli import main
+from ballot.experiment import run_prune
+from ballot.masks import Mask, budget
+from ballot.models import build_model
+from ballot.pruning import PruneContext
+from ballot.pruning.fair_terms import group_parity_gap
+from ballot.pruning.fairscratch import ScratchTicket, fit_scores, freeze_as_scratch, uniform_counts
+from tests.conftest import tiny_config
+from tests.test_cli import TINY_FLAGS
+
+FAST = ["prune.method=fairscratch", "prune.fairscratch.epochs=2"]
+
+
+def context(data, dense, *overrides: str) -> PruneContext:
+    cfg = tiny_config(*FAST, *overrides)
+    return PruneContext(data=data, model_name=cfg.base.model, density=cfg.base.density, seed=cfg.base.seed,
+                        dense=dense, config=cfg.prune)
+
+
+def ticket_for(ctx: PruneContext, selection: str = "per_layer") -> ScratchTicket:
+    return ScratchTicket(ctx.model_from(ctx.dense.init_state), ctx.density, selection, 1,
+                         torch.Generator().manual_seed(0), scale_fan=True)
+
+
+def test_weights_never_change_while_the_scores_do(tiny_data, tiny_dense):
+    ctx = context(tiny_data, tiny_dense)
+    ticket = ticket_for(ctx)
+    weights = {n: w.detach().clone() for n, w in ticket.weights.items()}
+    scores = {n: s.detach().clone() for n, s in ticket.scores.items()}
+    fit = fit_scores(ticket, ctx, ctx.config.fairscratch)
+    for name, w in ticket.weights.items():
+        assert w.numpy().tobytes() == weights[name].numpy().tobytes()
+        assert not torch.equal(ticket.scores[name], scores[name])
+        fan_in = w[0].numel()
+        expected = ctx.dense.init_state[name].sign() * math.sqrt(2.0 / (fan_in * ctx.density))
+        assert torch.equal(w, expected)  # theta_0's signs times the scaled constant
+    final = dict(fit.model.named_parameters())
+    for name, keep in fit.mask.items():
+        assert torch.equal(final[name][keep], weights[name][keep]) and torch.all(final[name][~keep] == 0)
+
+
+def test_straight_through_gradients_reach_the_scores_of_pruned_weights_too(tiny_data, tiny_dense):
+    ticket = ticket_for(context(tiny_data, tiny_dense))
+    F.cross_entropy(ticket(tiny_data.train.x[:128]), tiny_data.train.y[:128]).backward()
+    keep = ticket.keep()
+    for name, score in ticket.scores.items():
+        assert score.grad is not None and torch.count_nonzero(score.grad[~keep[name]]) > 0, name
+        assert ticket.weights[name].grad is None and not ticket.weights[name].requires_grad
+
+
+@pytest.mark.parametrize("selection", ["per_layer", "global"])
+def test_same_seed_same_mask_bytes_and_exact_budget(selection, tiny_data, tiny_dense):
+    cfg = tiny_config(*FAST, f"prune.fairscratch.selection={selection}", "base.density=0.05")
+    first, second = run_prune(cfg, tiny_data, tiny_dense), run_prune(cfg, tiny_data, tiny_dense)
+    assert first.mask.to_bytes() == second.mask.to_bytes()
+    assert first.mask.kept == budget(first.mask.total, 0.05)
+    other = run_prune(tiny_config(*FAST, f"prune.fairscratch.selection={selection}", "base.density=0.05",
+                                  "base.seed=1"), tiny_data, tiny_dense)
+    assert other.mask.to_bytes() != first.mask.to_bytes()
+    json.dumps(first.details)
+
+
+def test_per_layer_counts_share_one_density_and_sum_to_the_budget():
+    counts = uniform_counts({"a": 1000, "b": 300, "c": 7}, budget(1307, 0.1), floor=1)
+    assert sum(counts.values()) == 131 and counts == {"a": 100, "b": 30, "c": 1}
+    # the floor lifts three tiny layers above their share; the big layer pays for it
+    assert uniform_counts({"a": 1000, "b": 3, "c": 3, "d": 3}, 10, floor=1) == {"a": 7, "b": 1, "c": 1, "d": 1}
+
+
+def test_the_group_penalty_is_used_when_the_data_has_a_group(tiny_data, tiny_dense):
+    generator = torch.Generator().manual_seed(0)
+    group = torch.randint(0, 2, (len(tiny_data.train),), generator=generator)
+    grouped = dataclasses.replace(tiny_data, train=dataclasses.replace(tiny_data.train, group=group))
+    fit = fit_scores(ticket_for(context(grouped, tiny_dense)), context(grouped, tiny_dense),
+                     context(grouped, tiny_dense).config.fairscratch)
+    assert fit.penalty == "group_parity" and all(h["penalty"] > 0 for h in fit.history)
+    plain = fit_scores(ticket_for(context(tiny_data, tiny_dense)), context(tiny_data, tiny_dense),
+                       context(tiny_data, tiny_dense).config.fairscratch)
+    assert plain.penalty == "class_variance"
+    with pytest.raises(ValueError, match="needs a dataset with a group"):
+        ctx = context(tiny_data, tiny_dense, "prune.fairscratch.penalty=group_parity")
+        fit_scores(ticket_for(ctx), ctx, ctx.config.fairscratch)
+
+
+def test_group_parity_gap_by_hand():
+    # group 0 predicts class 0 with prob 0.9 and 0.7 (mean 0.8), group 1 predicts class 0 with prob 0.4
+    probs = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.4, 0.6]])
+    gap = group_parity_gap(probs.log(), torch.tensor([0, 0, 1]))
+    assert float(gap) == pytest.approx(0.4)
+    assert float(group_parity_gap(probs.log(), torch.tensor([1, 1, 1]))) == 0.0
+
+
+def test_batchnorm_is_frozen_at_the_identity_affine_and_the_model_keeps_its_architecture():
+    model = build_model("resnet20", (3, 8, 8), 10)
+    freeze_as_scratch(model)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in norms)
+    assert not any(p.requires_grad for p in model.parameters())
+    build_model("resnet20", (3, 8, 8), 10).load_state_dict(model.state_dict())
+
+
+def test_cli_prunes_digits_with_fairscratch(tmp_path):
+    out = tmp_path / "run"
+    code = main(["prune", "--dataset", "digits", "--model", "mlp", "--method", "fairscratch", "--density", "0.05",
+                 "--seed", "0", "--device", "cpu", "--out", str(out), *TINY_FLAGS,
+                 "--set", "prune.fairscratch.epochs=3"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "fairscratch"
+    mask = Mask.load(out / "mask.safetensors")
+    assert mask.kept == budget(mask.total, 0.05)
+    assert json.loads((out / "details.json").read_text())["penalty"] == "class_variance"
