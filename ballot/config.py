@@ -237,7 +237,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 IMPORTANCES = ("magnitude", "taylor")
 OBS_LOSSES = ("fair", "plain")
-CONFLICT_RULES = ("protect", "veto", "none", "excess")
+CONFLICT_RULES = ("protect", "veto", "none")
 
 
 @dataclass
@@ -267,8 +267,14 @@ class BallotConfig:
                                       factory=lambda: TrainConfig(epochs=20, schedule="cosine"))
     fairness_loss_weight: float = _help("lambda in [0, 1]: mix of the fairness-weighted loss in refined training.", 1.0)
     objective_mcd_weight: float = _help("Plateau schedule watches val acc - this * val MCD.", 0.5)
+    regrow_fraction: float = _help("Refined training: share of each layer's kept weights swapped once per epoch "
+                                   "(cosine-annealed to 0 at 75% of training; 0 = the mask stays fixed).", 0.0)
+    regrow_by: str = _help("Regrowth picks the pruned weights with the largest gradient of 'fair' (the "
+                           "fairness-weighted loss) or 'accuracy' (plain cross-entropy).", "fair")
 
     def __post_init__(self) -> None:
+        _check(0 <= self.regrow_fraction < 1, "regrow_fraction", f"must be in [0, 1), got {self.regrow_fraction}")
+        _check(self.regrow_by in ("fair", "accuracy"), "regrow_by", f"unknown '{self.regrow_by}'")
         _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         _check(self.obs_epochs >= 1, "obs_epochs", f"must be >= 1, got {self.obs_epochs}")
         _check(self.obs_loss in OBS_LOSSES, "obs_loss", f"unknown '{self.obs_loss}', choose from {OBS_LOSSES}")

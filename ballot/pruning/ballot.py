@@ -15,6 +15,7 @@ select   ``select_mask``: each layer keeps its most-voted weights, ties broken b
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -22,9 +23,10 @@ import torch
 from torch import nn
 
 from ballot.config import BallotConfig
-from ballot.masks import Mask, density_schedule, erk_counts, magnitude_scores
+from ballot.masks import BoundMask, Mask, density_schedule, erk_counts, magnitude_scores
+from ballot.pruning.dst import apply_update, drop_and_grow
 from ballot.pruning.base import PruneContext, PruneResult
-from ballot.train import steps_per_epoch, train
+from ballot.train import StepHook, steps_per_epoch, train
 
 
 def _unit_rms(t: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,17 +82,26 @@ def cast_ballot(scores: torch.Tensor, eligible: torch.Tensor, k: int, protected_
     return votes | _top(scores, eligible & ~votes, k - int(votes.sum()))
 
 
-def select_mask(votes: dict[str, torch.Tensor], magnitudes: dict[str, torch.Tensor], counts: dict[str, int]) -> Mask:
-    """Each layer's ``counts[name]`` most-voted weights; among equal votes the larger |w| wins."""
-    combined = {}
+def select_mask(votes: dict[str, torch.Tensor], magnitudes: dict[str, torch.Tensor], counts: dict[str, int],
+                protection: dict[str, torch.Tensor] | None = None, protect_fraction: float = 0.0) -> Mask:
+    """Each layer's ``counts[name]`` most-voted weights (among equal votes the larger |w| wins), except a share
+    ``protect_fraction`` that goes to the weights of highest ``protection`` score (> 0) not already chosen."""
+    chosen = {}
     for name, v in votes.items():
         peak = float(magnitudes[name].max())
         # |w| / (2 max|w|) < 0.5 never outweighs one vote, so it only orders weights with equal votes.
-        combined[name] = v.double() + magnitudes[name].double() / (2.0 * peak if peak > 0 else 1.0)
-    return Mask.top_k_per_layer(combined, counts)
+        combined = v.double() + magnitudes[name].double() / (2.0 * peak if peak > 0 else 1.0)
+        everyone = torch.ones_like(v, dtype=torch.bool)
+        k = counts[name]
+        if protection is None or protect_fraction == 0:
+            chosen[name] = cast_ballot(combined, everyone, k)
+        else:
+            score = protection[name]
+            chosen[name] = cast_ballot(combined, everyone, k, score, score > 0, round(protect_fraction * k))
+    return Mask(chosen)
 
 
-class GradientCollector:
+class GradientCollector(StepHook):
     """A training-step hook summing g and f over a ballot period and casting a ballot at its end."""
 
     def __init__(self, model: nn.Module, candidate: Mask, counts: dict[str, int], class_weights: torch.Tensor,
@@ -104,6 +115,8 @@ class GradientCollector:
         self.g = [torch.zeros_like(p) for p in self.params]
         self.f = [torch.zeros_like(p) for p in self.params]
         self.votes = {n: torch.zeros(p.shape, dtype=torch.int32) for n, p in zip(self.names, self.params)}
+        # summed over ballots: the fairness saliency -w*f_hat of a weight on the ballots where it was contested
+        self.protection = {n: torch.zeros(p.shape) for n, p in zip(self.names, self.params)}
         self.history: list[dict[str, Any]] = []
         self._collecting = False
         self._collected = 0  # steps collected in the current period
@@ -144,24 +157,67 @@ class GradientCollector:
             scores = importance(w, g, f, cfg.importance, cfg.fairness_weight, within)
             disputed = contested(w, g, f, cfg.fairness_weight, cfg.conflict_threshold, within) & within
             plain = cast_ballot(scores, within, k)
+            ballot = cast_ballot(scores, within & ~disputed, k) if cfg.conflict == "veto" else plain
             if cfg.conflict == "protect":
-                saliency = -w * _unit_rms(f, within)
-                ballot = cast_ballot(scores, within, k, saliency, disputed, round(cfg.protect_fraction * k))
-            elif cfg.conflict == "excess":
-                excess = -w * (_unit_rms(f, within) - _unit_rms(g, within))
-                ballot = cast_ballot(scores, within, k, excess, within & (excess > 0), round(cfg.protect_fraction * k))
-            elif cfg.conflict == "veto":
-                ballot = cast_ballot(scores, within & ~disputed, k)
-            else:
-                ballot = plain
+                self.protection[name] += (-w * _unit_rms(f, within)).clamp(min=0).mul(disputed).cpu()
             self.votes[name] += ballot.int().cpu()
             conflicts[name] = int(disputed.sum())
             changed += int((ballot & ~plain).sum())
         self.history.append({"ballot": len(self.history) + 1, "step": step, "conflicts": sum(conflicts.values()),
-                             "conflicts_per_layer": conflicts, "votes_moved_by_conflict": changed})
+                             "conflicts_per_layer": conflicts, "votes_vetoed": changed})
         for acc in self.g + self.f:
             acc.zero_()
         self._collected = 0
+
+
+class FairRegrowth(StepHook):
+    """Refined-training hook: once per ``period`` steps until ``until`` steps, each layer swaps a share of its kept
+    weights (``fraction`` at the start, cosine-annealed to 0): the smallest |w| go, the pruned weights with the
+    largest summed gradient of the growth loss come in at zero ('fair': the fairness-weighted training loss itself;
+    'accuracy': plain cross-entropy, one extra backward on every ``collect_every``-th step)."""
+
+    def __init__(self, model: nn.Module, bound: BoundMask, fraction: float, by: str, period: int, until: int,
+                 collect_every: int, seed: int) -> None:
+        params = dict(model.named_parameters())
+        self.model, self.bound, self.fraction, self.by = model, bound, fraction, by
+        self.period, self.until, self.collect_every = period, until, collect_every
+        self.names = bound.names
+        self.params = [params[n] for n in self.names]
+        self.sums = [torch.zeros_like(p) for p in self.params]
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.updates: list[dict[str, Any]] = []
+
+    def start(self, optimizer: torch.optim.Optimizer, bound: BoundMask | None) -> None:
+        self.optimizer = optimizer
+
+    def before_backward(self, step: int, per_sample_loss: torch.Tensor, y: torch.Tensor) -> None:
+        if self.by == "accuracy" and step % self.collect_every == 0 and step < self.until:
+            for acc, grad in zip(self.sums, torch.autograd.grad(per_sample_loss.mean(), self.params, retain_graph=True)):
+                acc.add_(grad)
+
+    def after_backward(self, step: int) -> None:
+        if step >= self.until:
+            return
+        if self.by == "fair":
+            for acc, p in zip(self.sums, self.params):
+                acc.add_(p.grad)
+        if (step + 1) % self.period == 0 and step + 1 < self.until:
+            self.swap(step + 1)
+
+    @torch.no_grad()
+    def swap(self, step: int) -> None:
+        rate = self.fraction * 0.5 * (1 + math.cos(math.pi * step / self.until))
+        old = self.bound.mask()
+        weights = {n: p.detach() for n, p in zip(self.names, self.params)}
+        sums = {n: s for n, s in zip(self.names, self.sums)}
+        new = drop_and_grow(weights, old, rate, "gradient", self.generator, sums)
+        assert self.optimizer is not None
+        apply_update(self.model, self.optimizer, old, new)
+        self.bound.replace(new)
+        self.updates.append({"step": step, "rate": rate, "moved": sum(int((new[n] & ~old[n]).sum()) for n in new)})
+        for acc in self.sums:
+            acc.zero_()
 
 
 def round_counts(ctx: PruneContext, shapes: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:
@@ -187,7 +243,9 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str) ->
           class_weights=ctx.dense_class_weights if cfg.obs_loss == "fair" else None, desc=desc,
           progress=ctx.progress)
     collector.finish(per_epoch * cfg.obs_epochs)
-    return select_mask(collector.votes, magnitude_scores(observer, list(mask)), counts), collector
+    protect = cfg.protect_fraction if cfg.conflict == "protect" else 0.0
+    selected = select_mask(collector.votes, magnitude_scores(observer, list(mask)), counts, collector.protection, protect)
+    return selected, collector
 
 
 def prune(ctx: PruneContext) -> PruneResult:
@@ -213,7 +271,17 @@ def prune(ctx: PruneContext) -> PruneResult:
     observe_seconds = time.perf_counter() - started
 
     model = ctx.model_from(ctx.dense.rewind_state)
-    result = ctx.final_train(model, mask, "ballot refine")
+    regrowth = None
+    if cfg.regrow_fraction > 0 and ctx.config.refined():
+        bound = mask.on(model)
+        per_epoch = steps_per_epoch(len(ctx.data.train), cfg.refine_train.batch_size)
+        until = int(0.75 * per_epoch * cfg.refine_train.epochs)
+        regrowth = FairRegrowth(model, bound, cfg.regrow_fraction, cfg.regrow_by, per_epoch, until, cfg.collect_every,
+                                ctx.seed)
+        result = ctx.final_train(model, bound, "ballot refine", hook=regrowth)
+        mask = bound.mask()
+    else:
+        result = ctx.final_train(model, mask, "ballot refine")
     ticket = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
     overlap = sum(int((ticket[n] & mask[n]).sum()) for n in mask) / mask.kept
     details = {
@@ -225,5 +293,6 @@ def prune(ctx: PruneContext) -> PruneResult:
         "observe_seconds": observe_seconds,
         "refine_seconds": result.seconds,
         "history": result.history,
+        "regrowth": regrowth.updates if regrowth else [],
     }
     return PruneResult(mask, model, details, round_masks=masks)
