@@ -235,7 +235,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-IMPORTANCES = ("magnitude", "taylor")
 OBS_LOSSES = ("fair", "plain")
 CONFLICT_RULES = ("protect", "veto", "none")
 
@@ -253,28 +252,21 @@ class BallotConfig:
     layer_floor: float = _help("Per-layer counts are ERK shares, each layer keeping at least this fraction of its "
                                "uniform share (floor x density x layer size).", 0.5)
     conflict: str = _help("What a conflict between the accuracy and fairness gradients does: 'protect' the "
-                          "conflicting weights the fairness gradient relies on, 'veto' them, or 'none'.", "protect")
+                          "contested weights the fairness gradient relies on, 'veto' them, or 'none' (the default: "
+                          "neither helped on validation, docs/ballot.md).", "none")
     conflict_threshold: float = _help(
-        "tau: a weight conflicts when the strength -eta*g_hat*f_hat exceeds tau (inf = never).", 0.5
+        "tau: a weight is contested when the strength -g_hat*f_hat exceeds tau (inf = never).", 0.5
     )
-    protect_fraction: float = _help("'protect': share of each layer's votes per ballot reserved for conflicting "
-                                    "weights, ranked by fairness saliency |w*f_hat|.", 0.2)
-    fairness_weight: float = _help("eta: weight of the fairness gradient (0 = fairness gradient off).", 1.0)
-    importance: str = _help("Vote by 'magnitude' |w| or 'taylor' |w*(g_hat + eta*f_hat)|.", "magnitude")
+    protect_fraction: float = _help("'protect': share of each layer's count reserved for contested weights, ranked by "
+                                    "their fairness saliency -w*f_hat summed over the ballots.", 0.2)
     class_weight_floor: float = _help("delta in w_c = 1/max(acc_c, delta) for the fairness loss (1/delta caps the "
                                       "ratio of two class weights).", 0.2)
     refine_train: TrainConfig = _help("Refined-training schedule (any method with prune.final_train refined).",
                                       factory=lambda: TrainConfig(epochs=20, schedule="cosine"))
     fairness_loss_weight: float = _help("lambda in [0, 1]: mix of the fairness-weighted loss in refined training.", 1.0)
     objective_mcd_weight: float = _help("Plateau schedule watches val acc - this * val MCD.", 0.5)
-    regrow_fraction: float = _help("Refined training: share of each layer's kept weights swapped once per epoch "
-                                   "(cosine-annealed to 0 at 75% of training; 0 = the mask stays fixed).", 0.0)
-    regrow_by: str = _help("Regrowth picks the pruned weights with the largest gradient of 'fair' (the "
-                           "fairness-weighted loss) or 'accuracy' (plain cross-entropy).", "fair")
 
     def __post_init__(self) -> None:
-        _check(0 <= self.regrow_fraction < 1, "regrow_fraction", f"must be in [0, 1), got {self.regrow_fraction}")
-        _check(self.regrow_by in ("fair", "accuracy"), "regrow_by", f"unknown '{self.regrow_by}'")
         _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         _check(self.obs_epochs >= 1, "obs_epochs", f"must be >= 1, got {self.obs_epochs}")
         _check(self.obs_loss in OBS_LOSSES, "obs_loss", f"unknown '{self.obs_loss}', choose from {OBS_LOSSES}")
@@ -284,8 +276,6 @@ class BallotConfig:
         _check(self.conflict in CONFLICT_RULES, "conflict", f"unknown '{self.conflict}', choose from {CONFLICT_RULES}")
         _check(self.conflict_threshold >= 0, "conflict_threshold", f"must be >= 0 (or .inf), got {self.conflict_threshold}")
         _check(0 <= self.protect_fraction <= 1, "protect_fraction", f"must be in [0, 1], got {self.protect_fraction}")
-        _check(self.fairness_weight >= 0, "fairness_weight", f"must be >= 0, got {self.fairness_weight}")
-        _check(self.importance in IMPORTANCES, "importance", f"unknown '{self.importance}', choose from {IMPORTANCES}")
         _check(0 < self.class_weight_floor <= 1, "class_weight_floor", f"must be in (0, 1], got {self.class_weight_floor}")
         _check(0 <= self.fairness_loss_weight <= 1, "fairness_loss_weight",
                f"must be in [0, 1], got {self.fairness_loss_weight}")
@@ -469,8 +459,8 @@ PRUNERS = ("median", "halving", "none")
 def default_space() -> dict[str, Any]:
     """The search space params.yaml declares (docs/tuning.md); it contains Ballot's defaults."""
     return {
-        "prune.ballot.conflict_threshold": {"type": "float", "low": 0.05, "high": 5.0, "log": True},
-        "prune.ballot.protect_fraction": {"type": "float", "low": 0.0, "high": 0.5},
+        "prune.ballot.conflict": {"type": "categorical", "choices": ["none", "protect"]},
+        "prune.ballot.protect_fraction": {"type": "float", "low": 0.05, "high": 0.5},
         "prune.ballot.obs_epochs": {"type": "int", "low": 8, "high": 20, "step": 4},
         "prune.ballot.class_weight_floor": {"type": "float", "low": 0.1, "high": 0.5},
         "prune.ballot.fairness_loss_weight": {"type": "float", "low": 0.0, "high": 1.0},

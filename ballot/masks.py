@@ -253,21 +253,7 @@ class BoundMask:
     def __init__(self, mask: Mask, model: nn.Module) -> None:
         mask.validate(model)
         params = dict(model.named_parameters())
-        self.names = list(mask)
         self.pairs = [(params[n], mask[n].to(params[n].device, params[n].dtype)) for n in mask]
-
-    def mask(self) -> Mask:
-        """The mask in force now."""
-        return Mask({name: keep.bool() for name, (_, keep) in zip(self.names, self.pairs)})
-
-    @torch.no_grad()
-    def replace(self, mask: Mask) -> None:
-        """Enforce ``mask`` (same entries and shapes) from now on; weights it prunes become zero."""
-        if list(mask) != self.names:
-            raise MaskError("a replacement mask must cover the same parameters in the same order")
-        for (param, keep), name in zip(self.pairs, self.names):
-            keep.copy_(mask[name].to(keep.device, keep.dtype))
-        self.zero_weights()
 
     @torch.no_grad()
     def zero_weights(self) -> None:

@@ -6,7 +6,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ballot.config import TrainConfig
 from ballot.data import Split
-from ballot.masks import BoundMask, Mask
+from ballot.masks import Mask
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -34,19 +34,12 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-class StepHook:
-    """Observes (and may act on) training steps; Ballot's gradient collection and regrowth are hooks. Every method
-    is optional: ``start`` sees the optimiser and the bound mask before the first step; ``after_backward`` runs
-    before the pruned weights' gradients are zeroed, so it sees the dense gradient."""
+class StepHook(Protocol):
+    """Observes training steps; Ballot's gradient collection is one."""
 
-    def start(self, optimizer: torch.optim.Optimizer, bound: BoundMask | None) -> None:
-        pass
+    def before_backward(self, step: int, per_sample_loss: torch.Tensor, y: torch.Tensor) -> None: ...
 
-    def before_backward(self, step: int, per_sample_loss: torch.Tensor, y: torch.Tensor) -> None:
-        pass
-
-    def after_backward(self, step: int) -> None:
-        pass
+    def after_backward(self, step: int) -> None: ...
 
 
 @dataclass
@@ -98,7 +91,7 @@ class _Plateau:
             self.bad_epochs = 0
 
 
-def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mask: Mask | BoundMask | None = None,
+def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mask: Mask | None = None,
           device: torch.device | str = "cpu", class_weights: torch.Tensor | None = None,
           rewind_iter: int | None = None, hook: StepHook | None = None,
           epoch_metric: Callable[[nn.Module], float] | None = None, desc: str = "train",
@@ -106,8 +99,7 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
     """Train ``model`` in place on ``data``.
 
     - ``mask``: pruned weights are zeroed before training and kept exactly zero after every step
-      (their gradients are zeroed too, so momentum and weight decay never move them). A ``BoundMask`` (bound to
-      ``model``) is used as it is, so a hook holding it may change the mask mid-run.
+      (their gradients are zeroed too, so momentum and weight decay never move them).
     - ``class_weights``: per-class loss weights (a fairness-weighted cross-entropy); None = plain CE.
     - ``rewind_iter``: the returned ``rewind_state`` is a copy of the state after that many steps.
     - ``epoch_metric``: called after each epoch (higher is better); drives the 'plateau' schedule.
@@ -119,12 +111,10 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
         raise ValueError("cannot train on an empty split")
     device = torch.device(device)
     model.to(device).train()
-    bound = mask if isinstance(mask, BoundMask) or mask is None else mask.on(model)
+    bound = mask.on(model) if mask is not None else None
     if bound is not None:
         bound.zero_weights()
     optimizer = make_optimizer(model, cfg)
-    if hook is not None:
-        hook.start(optimizer, bound)
     x_all, y_all = data.x.to(device), data.y.to(device)
     weights = class_weights.to(device) if class_weights is not None else None
     n = len(data)

@@ -12,7 +12,7 @@ VARIANTS: dict[str, list[str]] = {
     "safecompress": ["prune.method=safecompress"],
     "fairscratch": ["prune.method=fairscratch"],
     "ballot": ["prune.method=ballot"],
-    "ballot (conflict off)": ["prune.method=ballot", "prune.ballot.conflict=none"],
+    "ballot (protect)": ["prune.method=ballot", "prune.ballot.conflict=protect"],
     "ballot (veto)": ["prune.method=ballot", "prune.ballot.conflict=veto"],
     "ballot (plain retraining)": ["prune.method=ballot", "prune.final_train=plain"],
 }

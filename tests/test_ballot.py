@@ -6,7 +6,7 @@ import torch
 from ballot.experiment import run_prune
 from ballot.masks import Mask, budget, density_schedule, erk_counts, prunable_names
 from ballot.models import build_model
-from ballot.pruning.ballot import cast_ballot, conflict_strength, contested, importance, select_mask
+from ballot.pruning.ballot import cast_ballot, conflict_strength, contested, select_mask
 from tests.conftest import tiny_config
 
 
@@ -21,27 +21,27 @@ def _hand_built_layer():
 
 def test_contested_weights_are_those_fairness_grows_and_accuracy_shrinks():
     w, g, f = _hand_built_layer()
-    strength = conflict_strength(g, f, eta=1.0)
+    strength = conflict_strength(g, f)
     assert strength[0] > 0 and strength[5] > 0 and (strength[1:5] < 0).all()  # both 0 and 5 disagree in sign
-    assert contested(w, g, f, eta=1.0, tau=0.0).tolist() == [False, False, False, False, False, True]
+    assert contested(w, g, f, tau=0.0).tolist() == [False, False, False, False, False, True]
 
 
 def test_threshold_decides_which_conflicts_count():
     w, g, f = _hand_built_layer()
-    strength = float(conflict_strength(g, f, eta=1.0)[5])
-    assert contested(w, g, f, 1.0, tau=strength - 1e-3)[5]
-    assert not contested(w, g, f, 1.0, tau=strength + 1e-3).any()
+    strength = float(conflict_strength(g, f)[5])
+    assert contested(w, g, f, tau=strength - 1e-3)[5]
+    assert not contested(w, g, f, tau=strength + 1e-3).any()
 
 
 def test_conflict_strength_is_scale_free_per_layer():
     _, g, f = _hand_built_layer()
-    assert torch.allclose(conflict_strength(g, f, 1.0), conflict_strength(100 * g, 0.01 * f, 1.0))
+    assert torch.allclose(conflict_strength(g, f), conflict_strength(100 * g, 0.01 * f))
 
 
 def test_protected_weight_survives_where_magnitude_alone_drops_it():
     w, g, f = _hand_built_layer()
     everyone = torch.ones(6, dtype=torch.bool)
-    disputed = contested(w, g, f, 1.0, 0.0)
+    disputed = contested(w, g, f, 0.0)
     plain = cast_ballot(w.abs(), everyone, k=3)
     assert plain.tolist() == [True, True, True, False, False, False]
     protected = cast_ballot(w.abs(), everyone, 3, protected_scores=-w * f, protectable=disputed, protect=1)
@@ -59,15 +59,9 @@ def test_unused_protected_votes_go_back_to_magnitude():
 
 def test_veto_bars_contested_weights():
     w, g, f = _hand_built_layer()
-    disputed = contested(w, f, g, 1.0, 0.0)  # roles swapped: now weight 0 is the contested one
+    disputed = contested(w, f, g, 0.0)  # roles swapped: now weight 0 is the contested one
     assert disputed.tolist() == [True] + [False] * 5
     assert cast_ballot(w.abs(), ~disputed, k=3).tolist() == [False, True, True, True, False, False]
-
-
-def test_taylor_importance_combines_both_gradients():
-    w, g, f = _hand_built_layer()
-    rms = lambda t: t / t.pow(2).mean().sqrt()  # noqa: E731
-    assert torch.allclose(importance(w, g, f, "taylor", 0.5), (w * (rms(g) + 0.5 * rms(f))).abs())
 
 
 def test_select_mask_prefers_votes_then_magnitude_per_layer():
@@ -77,6 +71,15 @@ def test_select_mask_prefers_votes_then_magnitude_per_layer():
     assert mask["w"].tolist() == [True, True, False, False] and mask["v"].tolist() == [False, True]
     tie = select_mask({"w": torch.tensor([1, 1, 1, 0], dtype=torch.int32)}, {"w": magnitudes["w"]}, {"w": 2})
     assert tie["w"].tolist() == [False, True, True, False]
+
+
+def test_protection_reserves_its_share_of_the_layer_at_selection():
+    votes = {"w": torch.tensor([5, 5, 5, 1, 0, 0], dtype=torch.int32)}
+    magnitudes = {"w": torch.tensor([6.0, 5.0, 4.0, 3.0, 2.0, 1.0])}
+    protection = {"w": torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 2.0])}
+    assert select_mask(votes, magnitudes, {"w": 3})["w"].tolist() == [True, True, True, False, False, False]
+    protected = select_mask(votes, magnitudes, {"w": 3}, protection, protect_fraction=1 / 3)
+    assert protected["w"].tolist() == [True, True, False, False, False, True]
 
 
 @pytest.mark.parametrize("model_name,shape", [("cnn", (1, 28, 28)), ("resnet20", (3, 32, 32)), ("vgg", (3, 32, 32))])
@@ -155,3 +158,19 @@ def test_no_layer_of_a_convolutional_ballot_mask_falls_below_its_floor(model_nam
     assert result.mask.kept == budget(result.mask.total, 0.02)
     for layer in result.mask.report():
         assert layer.kept >= math.floor(0.5 * 0.02 * layer.total), f"{layer.name} starved: {layer.kept}/{layer.total}"
+
+
+def test_protection_puts_contested_weights_into_the_mask_when_classes_are_served_unequally():
+    from ballot.experiment import prepare_data, train_dense
+
+    cfg = tiny_config("data.imbalance_ratio=10", "prune.ballot.rounds=2")
+    data = prepare_data(cfg)
+    _, dense, _ = train_dense(cfg, data, progress=False)
+    plain = run_prune(cfg, data, dense)
+    protected = run_prune(tiny_config("data.imbalance_ratio=10", "prune.ballot.rounds=2",
+                                      "prune.ballot.conflict=protect", "prune.ballot.conflict_threshold=0"), data, dense)
+    assert len(set(round(float(w), 4) for w in protected.details["class_weights"])) > 1
+    assert plain.details["rounds"][1]["protected"] == 0
+    moved = protected.details["rounds"][1]["protected"]
+    assert 0 < moved <= round(0.2 * protected.mask.kept) + len(protected.mask)
+    assert protected.mask.kept == plain.mask.kept and protected.mask.to_bytes() != plain.mask.to_bytes()

@@ -1,21 +1,20 @@
-"""Ballot (docs/ballot.md): per-layer budgets -> observe and vote -> select -> refined training.
+"""Ballot (docs/ballot.md): rounds of observation and voting at shrinking densities, then refined training.
 
-budget   ``layer_counts``: how many weights each layer keeps (ERK shares with a floor, or the magnitude ticket's).
-collect  ``GradientCollector`` sums, during the observation training steps themselves, the accuracy gradient g
-         (cross-entropy) and the fairness gradient f (cross-entropy weighted by the dense model's class weights).
-score    per layer, g and f are scaled to unit RMS. A weight is *contested* when the two pull it opposite ways:
-         fairness would grow it (-w*f_hat > 0) while accuracy would shrink it (-w*g_hat < 0), strongly
-         (-eta*g_hat*f_hat > tau).
-vote     ``cast_ballot``: each layer's votes go to its most important weights (|w|), except a share
-         ``protect_fraction`` that goes to the contested weights of highest fairness saliency -w*f_hat
-         (conflict 'protect'); 'veto' instead bars contested weights; 'none' is plain magnitude voting.
-select   ``select_mask``: each layer keeps its most-voted weights, ties broken by final magnitude.
+budget   ``round_counts``: each round's per-layer counts, ERK shares with a floor (no layer is starved).
+collect  ``GradientCollector``, a hook of the observation's own training steps, sums the fairness gradient f
+         (cross-entropy weighted by the dense model's class weights) and the accuracy gradient g (plain
+         cross-entropy), one of them from the step itself and the other by one extra backward pass.
+vote     each epoch (a ballot) gives one vote to each layer's largest surviving |w|.
+conflict a surviving weight is *contested* when fairness would grow it (w*f < 0) while accuracy would shrink it
+         (w*g > 0), with strength -g_hat*f_hat above tau. 'protect' sums its fairness saliency -w*f_hat over the
+         ballots and reserves ``protect_fraction`` of each layer's count for the best-protected weights; 'veto'
+         bars contested weights from a ballot; 'none' (default, chosen on validation) votes on |w| alone.
+select   ``select_mask``: each layer keeps its most-voted weights, ties broken by the final magnitude.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
@@ -23,8 +22,7 @@ import torch
 from torch import nn
 
 from ballot.config import BallotConfig
-from ballot.masks import BoundMask, Mask, density_schedule, erk_counts, magnitude_scores
-from ballot.pruning.dst import apply_update, drop_and_grow
+from ballot.masks import Mask, density_schedule, erk_counts, magnitude_scores
 from ballot.pruning.base import PruneContext, PruneResult
 from ballot.train import StepHook, steps_per_epoch, train
 
@@ -36,29 +34,18 @@ def _unit_rms(t: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tens
     return t / rms if rms > 0 else torch.zeros_like(t)
 
 
-def conflict_strength(g: torch.Tensor, f: torch.Tensor, eta: float, within: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-    """-eta * g_hat * f_hat, with g and f scaled to unit RMS over the layer's candidate weights (``within``);
-    > 0 where the two gradients disagree in sign. eta scales the fairness gradient, so eta = 0 turns it off."""
-    return -eta * _unit_rms(g, within) * _unit_rms(f, within)
+def conflict_strength(g: torch.Tensor, f: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
+    """-g_hat * f_hat, with g and f scaled to unit RMS over the layer's surviving weights (``within``);
+    > 0 where the two gradients disagree in sign."""
+    return -_unit_rms(g, within) * _unit_rms(f, within)
 
 
-def contested(weight: torch.Tensor, g: torch.Tensor, f: torch.Tensor, eta: float, tau: float,
+def contested(weight: torch.Tensor, g: torch.Tensor, f: torch.Tensor, tau: float,
               within: torch.Tensor | None = None) -> torch.Tensor:
     """Weights the fairness gradient would grow and the accuracy gradient would shrink, with conflict strength
     above ``tau``: a gradient step on the fair loss moves |w| up (w * f < 0) while one on the plain loss moves
     it down (w * g > 0)."""
-    return (weight * f < 0) & (weight * g > 0) & (conflict_strength(g, f, eta, within) > tau)
-
-
-def importance(weight: torch.Tensor, g: torch.Tensor, f: torch.Tensor, kind: str, eta: float,
-               within: torch.Tensor | None = None) -> torch.Tensor:
-    """|w| ('magnitude') or |w * (g_hat + eta * f_hat)| ('taylor')."""
-    if kind == "magnitude":
-        return weight.abs()
-    if kind == "taylor":
-        return (weight * (_unit_rms(g, within) + eta * _unit_rms(f, within))).abs()
-    raise ValueError(f"unknown importance '{kind}'")
+    return (weight * f < 0) & (weight * g > 0) & (conflict_strength(g, f, within) > tau)
 
 
 def _top(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
@@ -124,7 +111,7 @@ class GradientCollector(StepHook):
     def before_backward(self, step: int, per_sample_loss: torch.Tensor, y: torch.Tensor) -> None:
         """On a collected step, the gradient of the loss the step does not train on, by one extra backward."""
         self._collecting = step % self.cfg.collect_every == 0
-        if self._collecting and (self.fair_steps or self.cfg.fairness_weight > 0):
+        if self._collecting and self.cfg.conflict != "none":
             if self.fair_steps:
                 other, loss = self.g, per_sample_loss.mean()
             else:
@@ -154,8 +141,9 @@ class GradientCollector(StepHook):
         conflicts, changed = {}, 0
         for name, p, g, f in zip(self.names, self.params, self.g, self.f):
             within, w, k = self.candidate[name], p.detach(), self.counts[name]
-            scores = importance(w, g, f, cfg.importance, cfg.fairness_weight, within)
-            disputed = contested(w, g, f, cfg.fairness_weight, cfg.conflict_threshold, within) & within
+            scores = w.abs()
+            disputed = (contested(w, g, f, cfg.conflict_threshold, within) & within if cfg.conflict != "none"
+                        else torch.zeros_like(within))
             plain = cast_ballot(scores, within, k)
             ballot = cast_ballot(scores, within & ~disputed, k) if cfg.conflict == "veto" else plain
             if cfg.conflict == "protect":
@@ -170,56 +158,6 @@ class GradientCollector(StepHook):
         self._collected = 0
 
 
-class FairRegrowth(StepHook):
-    """Refined-training hook: once per ``period`` steps until ``until`` steps, each layer swaps a share of its kept
-    weights (``fraction`` at the start, cosine-annealed to 0): the smallest |w| go, the pruned weights with the
-    largest summed gradient of the growth loss come in at zero ('fair': the fairness-weighted training loss itself;
-    'accuracy': plain cross-entropy, one extra backward on every ``collect_every``-th step)."""
-
-    def __init__(self, model: nn.Module, bound: BoundMask, fraction: float, by: str, period: int, until: int,
-                 collect_every: int, seed: int) -> None:
-        params = dict(model.named_parameters())
-        self.model, self.bound, self.fraction, self.by = model, bound, fraction, by
-        self.period, self.until, self.collect_every = period, until, collect_every
-        self.names = bound.names
-        self.params = [params[n] for n in self.names]
-        self.sums = [torch.zeros_like(p) for p in self.params]
-        self.generator = torch.Generator().manual_seed(seed)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.updates: list[dict[str, Any]] = []
-
-    def start(self, optimizer: torch.optim.Optimizer, bound: BoundMask | None) -> None:
-        self.optimizer = optimizer
-
-    def before_backward(self, step: int, per_sample_loss: torch.Tensor, y: torch.Tensor) -> None:
-        if self.by == "accuracy" and step % self.collect_every == 0 and step < self.until:
-            for acc, grad in zip(self.sums, torch.autograd.grad(per_sample_loss.mean(), self.params, retain_graph=True)):
-                acc.add_(grad)
-
-    def after_backward(self, step: int) -> None:
-        if step >= self.until:
-            return
-        if self.by == "fair":
-            for acc, p in zip(self.sums, self.params):
-                acc.add_(p.grad)
-        if (step + 1) % self.period == 0 and step + 1 < self.until:
-            self.swap(step + 1)
-
-    @torch.no_grad()
-    def swap(self, step: int) -> None:
-        rate = self.fraction * 0.5 * (1 + math.cos(math.pi * step / self.until))
-        old = self.bound.mask()
-        weights = {n: p.detach() for n, p in zip(self.names, self.params)}
-        sums = {n: s for n, s in zip(self.names, self.sums)}
-        new = drop_and_grow(weights, old, rate, "gradient", self.generator, sums)
-        assert self.optimizer is not None
-        apply_update(self.model, self.optimizer, old, new)
-        self.bound.replace(new)
-        self.updates.append({"step": step, "rate": rate, "moved": sum(int((new[n] & ~old[n]).sum()) for n in new)})
-        for acc in self.sums:
-            acc.zero_()
-
-
 def round_counts(ctx: PruneContext, shapes: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:
     """Per-layer kept counts of each round: ERK shares (with ``layer_floor``) at the round's density, each round
     within the previous one, so the masks can be nested."""
@@ -231,9 +169,11 @@ def round_counts(ctx: PruneContext, shapes: dict[str, tuple[int, ...]]) -> list[
     return counts
 
 
-def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str) -> tuple[Mask, GradientCollector]:
+def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
+            ) -> tuple[Mask, GradientCollector, int]:
     """Train ``mask`` from theta_k (prune.retrain, ``obs_epochs``), casting a ballot each period; the next mask is
-    each layer's ``counts`` most-voted survivors."""
+    each layer's ``counts`` most-voted survivors (with 'protect', a share goes to the best-protected ones). Returns
+    it, the collector, and how many of its weights protection put there."""
     cfg = ctx.config.ballot
     observer = ctx.model_from(ctx.dense.rewind_state)
     per_epoch = steps_per_epoch(len(ctx.data.train), ctx.config.retrain.batch_size)
@@ -243,9 +183,12 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str) ->
           class_weights=ctx.dense_class_weights if cfg.obs_loss == "fair" else None, desc=desc,
           progress=ctx.progress)
     collector.finish(per_epoch * cfg.obs_epochs)
-    protect = cfg.protect_fraction if cfg.conflict == "protect" else 0.0
-    selected = select_mask(collector.votes, magnitude_scores(observer, list(mask)), counts, collector.protection, protect)
-    return selected, collector
+    magnitudes = magnitude_scores(observer, list(mask))
+    by_votes = select_mask(collector.votes, magnitudes, counts)
+    if cfg.conflict != "protect":
+        return by_votes, collector, 0
+    selected = select_mask(collector.votes, magnitudes, counts, collector.protection, cfg.protect_fraction)
+    return selected, collector, sum(int((selected[n] & ~by_votes[n]).sum()) for n in selected)
 
 
 def prune(ctx: PruneContext) -> PruneResult:
@@ -264,24 +207,15 @@ def prune(ctx: PruneContext) -> PruneResult:
     rounds: list[dict[str, Any]] = [{"density": mask.density(), "kept": mask.kept}]
     masks, votes = [mask], {}
     for number, kept in enumerate(counts[1:], start=2):
-        mask, collector = observe(ctx, mask, kept, f"ballot round {number}")
+        mask, collector, protected = observe(ctx, mask, kept, f"ballot round {number}")
         masks.append(mask)
         votes = collector.votes
-        rounds.append({"density": mask.density(), "kept": mask.kept, "ballots": collector.history})
+        rounds.append({"density": mask.density(), "kept": mask.kept, "protected": protected,
+                       "ballots": collector.history})
     observe_seconds = time.perf_counter() - started
 
     model = ctx.model_from(ctx.dense.rewind_state)
-    regrowth = None
-    if cfg.regrow_fraction > 0 and ctx.config.refined():
-        bound = mask.on(model)
-        per_epoch = steps_per_epoch(len(ctx.data.train), cfg.refine_train.batch_size)
-        until = int(0.75 * per_epoch * cfg.refine_train.epochs)
-        regrowth = FairRegrowth(model, bound, cfg.regrow_fraction, cfg.regrow_by, per_epoch, until, cfg.collect_every,
-                                ctx.seed)
-        result = ctx.final_train(model, bound, "ballot refine", hook=regrowth)
-        mask = bound.mask()
-    else:
-        result = ctx.final_train(model, mask, "ballot refine")
+    result = ctx.final_train(model, mask, "ballot refine")
     ticket = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
     overlap = sum(int((ticket[n] & mask[n]).sum()) for n in mask) / mask.kept
     details = {
@@ -293,6 +227,5 @@ def prune(ctx: PruneContext) -> PruneResult:
         "observe_seconds": observe_seconds,
         "refine_seconds": result.seconds,
         "history": result.history,
-        "regrowth": regrowth.updates if regrowth else [],
     }
     return PruneResult(mask, model, details, round_masks=masks)

@@ -12,9 +12,9 @@ from torch import nn
 from ballot.config import PruneConfig
 from ballot.data import DataBundle
 from ballot.fairness import evaluate, fairness_class_weights, fairness_objective
-from ballot.masks import BoundMask, Mask
+from ballot.masks import Mask
 from ballot.models import build_model
-from ballot.train import StepHook, TrainResult, train
+from ballot.train import TrainResult, train
 
 
 @dataclass
@@ -62,8 +62,7 @@ class PruneContext:
         per_class = self.val_metrics(self.model_from(self.dense.trained_state))["per_class"]
         return fairness_class_weights(per_class, self.config.ballot.class_weight_floor)
 
-    def final_train(self, model: nn.Module, mask: Mask | BoundMask, desc: str, hook: StepHook | None = None
-                    ) -> TrainResult:
+    def final_train(self, model: nn.Module, mask: Mask, desc: str) -> TrainResult:
         """Train the final mask: plain (prune.retrain, cross-entropy) or refined (prune.ballot.refine_train with the
         fairness-weighted loss), as prune.final_train says; ``on_epoch`` sees each epoch's validation metrics."""
         ballot = self.config.ballot
@@ -84,7 +83,7 @@ class PruneContext:
 
         watch = cfg.schedule == "plateau" or self.on_epoch is not None
         return train(model, self.data.train, cfg, seed=self.seed, mask=mask, device=self.device, class_weights=weights,
-                     hook=hook, desc=desc, progress=self.progress, epoch_metric=val_objective if watch else None)
+                     desc=desc, progress=self.progress, epoch_metric=val_objective if watch else None)
 
 
 @dataclass
