@@ -85,6 +85,15 @@ def improvements(summary: dict[str, dict[str, tuple[float, float]]]) -> list[str
     return lines
 
 
+def cost_lines(summary: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
+    """Each method's pruning wall time (dense phase excluded) as a ratio of LTH's."""
+    if "lth" not in summary:
+        return []
+    lth = summary["lth"]["prune_seconds"][0]
+    return [f"- {method}: {stats['prune_seconds'][0] / lth:.2f}x" for method, stats in summary.items()
+            if method not in ("dense", "lth")]
+
+
 def markdown(summary: dict[str, dict[str, tuple[float, float]]], header: str) -> str:
     lines = [header, "", "| method | acc | CWV | MCD | worst-class acc | prune time (s) | dense + prune (s) |",
              "|---|---|---|---|---|---|---|"]
@@ -97,6 +106,8 @@ def markdown(summary: dict[str, dict[str, tuple[float, float]]], header: str) ->
     if "ballot" in summary:
         lines += ["", "Ballot relative to each baseline (means over seeds; positive = Ballot fairer):", ""]
         lines += improvements(summary)
+    if cost_lines(summary):
+        lines += ["", "Pruning wall time relative to LTH's (the shared dense phase excluded):", ""] + cost_lines(summary)
     return "\n".join(lines) + "\n"
 
 
