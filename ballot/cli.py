@@ -8,17 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ballot.config import ConfigError, ExperimentConfig, apply_overrides, experiment_from_params, load_yaml, to_dict
-from ballot.data import DataBundle, DatasetError
-from ballot.masks import MaskError
-from ballot.models import ModelError
-from ballot.promote import PromotionError
-from ballot.pruning import DenseArtifacts, UnknownMethodError
-from ballot.storage import StorageError, staged_folder
-from ballot.tuning import TuneError
-
-USER_ERRORS = (ConfigError, DatasetError, MaskError, ModelError, UnknownMethodError, StorageError, PromotionError,
-               TuneError)
+from ballot.config import ExperimentConfig, apply_overrides, experiment_from_params, load_yaml, to_dict
+from ballot.data import DataBundle
+from ballot.errors import StorageError, UserError
+from ballot.pruning import DenseArtifacts
+from ballot.storage import staged_folder
 
 
 def _flag_overrides(flags: dict[str, Any]) -> list[str]:
@@ -244,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
         code = func(args)
-    except USER_ERRORS as error:
+    except UserError as error:
         print(f"ballot: error: {error}", file=sys.stderr)
         return 2
     return code or 0

@@ -18,11 +18,12 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
+from ballot.errors import ConfigError
+from ballot.knobs import Knob, parse_space
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names it."""
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -511,13 +512,25 @@ class TuneConfig:
         _check(self.mcd_weight >= 0, "mcd_weight", f"must be >= 0, got {self.mcd_weight}")
         _check(0 <= self.max_acc_drop <= 1, "max_acc_drop", f"must be in [0, 1], got {self.max_acc_drop}")
         _check(bool(self.experiment.strip()), "experiment", "must not be empty")
-        from ballot.tuning.space import parse_space  # imported here: the tuning package imports this module
-
-        parse_space(self.space, where="space")
+        self.knobs()
         if self.storage is not None:
-            from ballot.tuning.study import check_storage_url
-
             check_storage_url(self.storage, where="storage")
+
+    def knobs(self) -> list[Knob]:
+        """The search space as typed knobs (ConfigError names a malformed entry)."""
+        return parse_space(self.space, where="space")
+
+
+def check_storage_url(url: str, where: str = "tune.storage") -> Any:
+    """The parsed SQLAlchemy URL; ConfigError naming ``where`` when ``url`` is not one."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"{where}: '{url}' is not a database URL; use sqlite:///path/study.db or "
+                          "postgresql://user@host:port/db") from None
 
 
 @dataclass

@@ -16,10 +16,7 @@ import numpy as np
 import torch
 
 from ballot.config import DataConfig
-
-
-class DatasetError(RuntimeError):
-    """A dataset is unknown, missing or malformed; the message says which and what to do."""
+from ballot.errors import DatasetError
 
 
 @dataclass

@@ -10,13 +10,14 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ballot.config import ConfigError, ExperimentConfig, flatten, to_dict
+from ballot.config import ExperimentConfig, flatten, to_dict
 from ballot.data import DataBundle, dataset_loader, load_data
+from ballot.errors import ConfigError, StorageError
 from ballot.fairness import evaluate
 from ballot.masks import Mask
 from ballot.models import build_model, model_builder
 from ballot.pruning import DenseArtifacts, PruneContext, PruneResult, get_pruner
-from ballot.storage import StorageError, atomic_save_tensors, load_state, load_tensors, save_state, write_json
+from ballot.storage import atomic_save_tensors, load_state, load_tensors, save_state, write_json
 from ballot.train import TrainResult, resolve_device, seed_everything, steps_per_epoch, train
 
 DENSE_MANIFEST = "dense.json"

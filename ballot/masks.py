@@ -7,23 +7,21 @@ weights. Masks are saved as safetensors, never pickled.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
-
-import math
 
 import torch
 from torch import nn
 
 from ballot.config import check_density
+from ballot.errors import MaskError
 from ballot.storage import atomic_save_tensors, load_tensors
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class MaskError(ValueError):
-    """A mask does not fit its model, or a mask file holds something other than 0/1 tensors."""
 
 
 def prunable_names(model: nn.Module) -> list[str]:

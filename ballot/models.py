@@ -7,9 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-
-class ModelError(ValueError):
-    """Unknown model name or a model that cannot take the dataset's inputs."""
+from ballot.errors import ModelError
 
 
 class Standardize(nn.Module):

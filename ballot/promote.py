@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ballot.config import PromoteConfig
+from ballot.errors import PromotionError
 from ballot.tracking import CHAMPION
 
 _SLACK = 1e-12  # float noise must not decide a tie at the boundary
 
 
-class PromotionError(ValueError):
-    """The model or version does not exist, or lacks the tags the gate reads; the message says which."""
 
 
 @dataclass

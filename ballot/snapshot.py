@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ballot.data import DataBundle, Split
-from ballot.storage import StorageError, atomic_save_tensors, load_tensors, write_json
+from ballot.errors import StorageError
+from ballot.storage import atomic_save_tensors, load_tensors, write_json
 
 SPLITS = ("train", "val", "test")
 

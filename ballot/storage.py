@@ -14,13 +14,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ballot.errors import StorageError
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-class StorageError(ValueError):
-    """A file is missing or unreadable; the message names it."""
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ballot.cli import USER_ERRORS
 from ballot.config import ExperimentConfig, experiment_from_params, load_yaml
+from ballot.errors import StorageError, UserError
 from ballot.experiment import check_experiment
-from ballot.storage import StorageError
 
 PARAMS = Path("params.yaml")
 DATA = Path("artifacts/data")
@@ -46,6 +45,6 @@ def run_stage(name: str, body: Callable[[ExperimentConfig], None],
     '<name>: error: ...' and exits with 2."""
     try:
         body(load_config())
-    except (*USER_ERRORS, *errors) as error:
+    except (UserError, *errors) as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ballot.config import ConfigError, ExperimentConfig
+from ballot.config import ExperimentConfig
+from ballot.errors import ConfigError
 from ballot.experiment import load_dense
 from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ballot.experiment import run_prune
-from ballot.masks import Mask, budget, density_schedule, erk_counts, prunable_names
+from ballot.masks import budget, density_schedule, erk_counts, prunable_names
 from ballot.models import build_model
 from ballot.pruning.ballot import cast_ballot, conflict_strength, contested, select_mask
 from tests.conftest import tiny_config

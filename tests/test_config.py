@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from ballot.config import (BallotConfig, ConfigError, PruneConfig, apply_overrides, experiment_from_params, from_dict,
-                           load_yaml)
+from ballot.config import BallotConfig, PruneConfig, apply_overrides, experiment_from_params, from_dict, load_yaml
+from ballot.errors import ConfigError
 
 
 def test_defaults_build_and_nested_partial_groups_keep_their_own_defaults():

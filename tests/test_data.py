@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ballot.config import DataConfig
-from ballot.data import DEBIAN_FASHION_DIR, DatasetError, load_data, long_tail_index, stratified_split
+from ballot.data import DEBIAN_FASHION_DIR, load_data, long_tail_index, stratified_split
+from ballot.errors import DatasetError
 
 
 def _write_npz(path: Path, n: int = 200, with_test: bool = True, **extra) -> Path:

@@ -2,10 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from ballot.config import ConfigError
-from ballot.masks import Mask, MaskError, budget, density_schedule, erk_counts, magnitude_scores, prunable_names
+from ballot.errors import ConfigError, MaskError, StorageError
+from ballot.masks import Mask, budget, density_schedule, erk_counts, magnitude_scores, prunable_names
 from ballot.models import build_model
-from ballot.storage import StorageError
 
 
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.02, 1.0])

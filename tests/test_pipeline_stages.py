@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from ballot.config import ConfigError, ExperimentConfig, load_yaml
-from ballot.pruning import UnknownMethodError
+from ballot.config import ExperimentConfig, load_yaml
+from ballot.errors import ConfigError, StorageError, UnknownMethodError
 from ballot.snapshot import load_snapshot, save_snapshot
-from ballot.storage import StorageError, atomic_save_tensors, staged_folder, write_json
+from ballot.storage import atomic_save_tensors, staged_folder, write_json
 from pipelines.common import load_config, run_stage
 from pipelines.evaluate import summarise
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from ballot.errors import UnknownMethodError
 from ballot.experiment import run_prune
 from ballot.masks import budget
-from ballot.pruning import PRUNERS, UnknownMethodError, get_pruner
+from ballot.pruning import PRUNERS, get_pruner
 from tests.conftest import tiny_config
 
 

@@ -7,13 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ballot.cli import main
-from ballot.config import ConfigError
+from ballot.errors import ConfigError
 from ballot.experiment import model_metrics, run_prune
 from ballot.fairness import evaluate
 from ballot.masks import Mask, budget, magnitude_scores
 from ballot.pruning.dst import apply_update, death_rate_at, drop_and_grow, erk_random_mask, masked_step
 from ballot.pruning.fair_terms import class_loss_variance
-from ballot.pruning.safecompress import lr_at, gated_update, validation_score
+from ballot.pruning.safecompress import gated_update, lr_at, validation_score
 from tests.conftest import tiny_config
 from tests.test_cli import TINY_FLAGS
 

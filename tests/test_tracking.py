@@ -12,10 +12,20 @@ from torch import nn
 
 from ballot.cli import main
 from ballot.config import PromoteConfig
+from ballot.errors import PromotionError
 from ballot.export import export_onnx
-from ballot.promote import PromotionError, gate
-from ballot.tracking import (CHALLENGER, CHAMPION, VERSION_TAG_KEYS, connect, flatten, numeric_metrics,
-                             register_onnx, resolve_tracking_uri, tag_value)
+from ballot.promote import gate
+from ballot.tracking import (
+    CHALLENGER,
+    CHAMPION,
+    VERSION_TAG_KEYS,
+    connect,
+    flatten,
+    numeric_metrics,
+    register_onnx,
+    resolve_tracking_uri,
+    tag_value,
+)
 
 mlflow = pytest.importorskip("mlflow")
 

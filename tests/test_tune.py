@@ -12,13 +12,21 @@ import torch
 import yaml
 
 from ballot.cli import main
-from ballot.config import ConfigError, ExperimentConfig, experiment_from_params
+from ballot.config import ExperimentConfig, experiment_from_params
+from ballot.errors import ConfigError, TuneError
+from ballot.knobs import parse_space
 from ballot.pruning import DenseArtifacts
-from ballot.tuning import TuneError
 from ballot.tuning.objective import SurplusTrial, TrialContext, claim_slot, dense_val_accuracy, run_trial
 from ballot.tuning.report import choose, pareto_front, summarise
-from ballot.tuning.space import (apply_best, check_space, current_values, load_best, parse_space, trial_base,
-                                 with_values, write_best)
+from ballot.tuning.space import (
+    apply_best,
+    check_space,
+    current_values,
+    load_best,
+    trial_base,
+    with_values,
+    write_best,
+)
 from ballot.tuning.study import fingerprint, make_pruner, make_storage, open_study, redact, sqlite_url
 from tests.conftest import TINY, tiny_config
 

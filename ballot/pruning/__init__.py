@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ballot.errors import UnknownMethodError
 from ballot.pruning import ballot, fairscratch, lth, magnitude, random_mask, safecompress
 from ballot.pruning.base import DenseArtifacts, PruneContext, PruneResult
 
@@ -17,8 +18,6 @@ PRUNERS: dict[str, Callable[[PruneContext], PruneResult]] = {
 }
 
 
-class UnknownMethodError(ValueError):
-    """The requested pruning method is not in the registry."""
 
 
 def get_pruner(method: str) -> Callable[[PruneContext], PruneResult]:

@@ -17,7 +17,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ballot.masks import BoundMask, Mask, MaskError, erk_counts, prunable_names
+from ballot.errors import MaskError
+from ballot.masks import BoundMask, Mask, erk_counts, prunable_names
 
 
 def erk_random_mask(model: nn.Module, density: float, min_per_layer: int, generator: torch.Generator) -> Mask:

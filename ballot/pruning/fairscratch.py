@@ -24,7 +24,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ballot.config import FairScratchConfig
-from ballot.masks import Mask, MaskError, budget, prunable_names
+from ballot.errors import MaskError
+from ballot.masks import Mask, budget, prunable_names
 from ballot.pruning.base import PruneContext, PruneResult
 from ballot.pruning.fair_terms import class_loss_variance, group_parity_gap
 from ballot.pruning.loop import batches, epoch_bar, set_lr

@@ -9,5 +9,3 @@ runner       ``run_study``: all of the above in one call, for `ballot tune` and 
 """
 
 
-class TuneError(RuntimeError):
-    """A study cannot be joined or a worker failed; the message says why."""

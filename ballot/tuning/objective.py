@@ -25,10 +25,11 @@ from ballot.config import ExperimentConfig
 from ballot.data import DataBundle
 from ballot.experiment import run_prune
 from ballot.fairness import evaluate, fairness_objective
+from ballot.knobs import Knob
 from ballot.models import build_model
 from ballot.pruning import DenseArtifacts
 from ballot.train import resolve_device
-from ballot.tuning.space import Knob, with_values
+from ballot.tuning.space import with_values
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 CONSTRAINT = "acc_drop"

@@ -18,8 +18,17 @@ from ballot.tuning.mlflow_runs import PARENT_ATTR, TrialLogger, finish_parent, s
 from ballot.tuning.objective import dense_val_accuracy
 from ballot.tuning.report import choose, write_report
 from ballot.tuning.space import check_space, current_values, trial_base, write_best
-from ballot.tuning.study import (DENSE_ACC_ATTR, WorkerJob, fingerprint, make_storage, open_study, redact,
-                                 run_workers, sqlite_url, work)
+from ballot.tuning.study import (
+    DENSE_ACC_ATTR,
+    WorkerJob,
+    fingerprint,
+    make_storage,
+    open_study,
+    redact,
+    run_workers,
+    sqlite_url,
+    work,
+)
 
 RULES = {
     "single": "highest val acc - mcd_weight * val MCD among feasible complete trials",

@@ -1,10 +1,6 @@
-"""The search space: declared under ``tune.space`` in params, parsed into typed knobs, applied to a config.
+"""The search space applied to a configuration: trial bases, edge checks, best-parameter files.
 
-Format (docs/tuning.md), one entry per knob, keyed by its dotted path under ``prune.ballot``::
-
-    prune.ballot.conflict_threshold: {type: float, low: 0.05, high: 5.0, log: true}
-    prune.ballot.refine_train.epochs: {type: int, low: 6, high: 20, step: 2}
-    prune.ballot.refine_train.schedule: {type: categorical, choices: [cosine, step, plateau]}
+The spec's format and parsing live in ``ballot.knobs`` (the ground floor, so config can validate it).
 
 Only Ballot's own knobs can be tuned: every trial re-uses the study's one dense model, so dense-phase settings
 (``train_dense.*``, including ``rewind_iter``, which fixes theta_k) and the data cannot vary per trial.
@@ -13,108 +9,15 @@ Only Ballot's own knobs can be tuned: every trial re-uses the study's one dense 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from ballot.config import ConfigError, ExperimentConfig, apply_overrides, experiment_from_params, load_yaml, to_dict
+from ballot.config import ExperimentConfig, apply_overrides, experiment_from_params, load_yaml, to_dict
+from ballot.errors import ConfigError
+from ballot.knobs import TUNABLE, Knob
 from ballot.storage import write_text
-
-TUNABLE = "prune.ballot."
-KINDS = {"float": {"low", "high", "log"}, "int": {"low", "high", "step", "log"}, "categorical": {"choices"}}
-Scalar = str | int | float | bool | None
-
-
-@dataclass(frozen=True)
-class Knob:
-    """One searched parameter: its dotted config key and its distribution."""
-
-    key: str
-    kind: str
-    low: float = 0.0
-    high: float = 0.0
-    log: bool = False
-    step: int = 1
-    choices: tuple[Scalar, ...] = ()
-
-    def suggest(self, trial: Any) -> Scalar:
-        """Sample this knob's value from an Optuna trial (the param is named by ``key``)."""
-        if self.kind == "float":
-            return trial.suggest_float(self.key, self.low, self.high, log=self.log)
-        if self.kind == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), step=self.step, log=self.log)
-        return trial.suggest_categorical(self.key, list(self.choices))
-
-    def contains(self, value: Any) -> bool:
-        """Whether ``value`` is a point of this knob's distribution."""
-        if self.kind == "categorical":
-            return any(type(value) is type(c) and value == c for c in self.choices)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
-            return False
-        return self.kind == "float" or (isinstance(value, int) and (value - int(self.low)) % self.step == 0)
-
-    def edges(self) -> list[Scalar]:
-        """The extreme values (every choice of a categorical knob): enough to validate the knob once."""
-        if self.kind == "categorical":
-            return list(self.choices)
-        return [int(self.low), int(self.high)] if self.kind == "int" else [self.low, self.high]
-
-
-def parse_space(space: Any, where: str = "tune.space") -> list[Knob]:
-    """Knobs from a ``tune.space`` mapping; ConfigError names the entry and what is wrong with it."""
-    if not isinstance(space, Mapping) or not space:
-        raise ConfigError(f"{where}: expected a non-empty mapping of knob -> spec (see docs/tuning.md), got {space!r}")
-    return [_parse_knob(str(key), spec, f"{where}.{key}") for key, spec in space.items()]
-
-
-def _parse_knob(key: str, spec: Any, where: str) -> Knob:
-    if not key.startswith(TUNABLE):
-        raise ConfigError(f"{where}: a knob is named by its whole dotted path under {TUNABLE} (e.g. "
-                          f"{TUNABLE}conflict_threshold; on the command line set the whole space: "
-                          "--set 'tune.space={...}'). Only Ballot's knobs can be tuned: every trial re-uses one "
-                          "dense model, so dense-phase settings such as train_dense.rewind_iter cannot vary per trial")
-    if not isinstance(spec, Mapping) or spec.get("type") not in KINDS:
-        raise ConfigError(f"{where}: expected a mapping with type: one of {sorted(KINDS)}, got {spec!r}")
-    kind = spec["type"]
-    extra = sorted(set(spec) - KINDS[kind] - {"type"})
-    if extra:
-        raise ConfigError(f"{where}: unknown key(s) {extra} for type {kind}; allowed: {sorted(KINDS[kind])}")
-    if kind == "categorical":
-        choices = spec.get("choices")
-        ok = isinstance(choices, list) and choices and all(isinstance(c, Scalar) for c in choices)
-        if not ok:
-            raise ConfigError(f"{where}.choices: expected a non-empty list of plain values, got {choices!r}")
-        if len({json.dumps(c) for c in choices}) != len(choices):
-            raise ConfigError(f"{where}.choices: duplicate values in {choices!r}")
-        return Knob(key, kind, choices=tuple(choices))
-    bounds = {}
-    for name in ("low", "high"):
-        value = spec.get(name)
-        if kind == "float" and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        number = int if kind == "int" else (int, float)
-        if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
-            raise ConfigError(f"{where}.{name}: expected a finite {'integer' if kind == 'int' else 'number'}, "
-                              f"got {value!r}")
-        bounds[name] = value
-    log, step = spec.get("log", False), spec.get("step", 1)
-    if not isinstance(log, bool):
-        raise ConfigError(f"{where}.log: expected true/false, got {log!r}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ConfigError(f"{where}.step: expected a positive integer, got {step!r}")
-    if not bounds["low"] < bounds["high"]:
-        raise ConfigError(f"{where}: low ({bounds['low']}) must be below high ({bounds['high']})")
-    if log and bounds["low"] <= 0:
-        raise ConfigError(f"{where}: a log scale needs low > 0, got {bounds['low']}")
-    if log and step != 1:
-        raise ConfigError(f"{where}: step and log cannot be combined")
-    return Knob(key, kind, low=float(bounds["low"]), high=float(bounds["high"]), log=log, step=step)
 
 
 def with_values(cfg: ExperimentConfig, values: Mapping[str, Any]) -> ExperimentConfig:
@@ -131,7 +34,7 @@ def trial_base(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def check_space(cfg: ExperimentConfig) -> list[Knob]:
     """The knobs of ``cfg.tune.space``, each extreme value checked against the whole configuration."""
-    knobs = parse_space(cfg.tune.space)
+    knobs = cfg.tune.knobs()
     base = trial_base(cfg)
     for knob in knobs:
         for value in knob.edges():

@@ -24,11 +24,10 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from ballot.config import ConfigError, ExperimentConfig, TuneConfig, experiment_from_params, to_dict
+from ballot.config import ExperimentConfig, TuneConfig, check_storage_url, experiment_from_params, to_dict
 from ballot.data import DataBundle
+from ballot.errors import StorageError, TuneError
 from ballot.pruning import DenseArtifacts
-from ballot.storage import StorageError
-from ballot.tuning import TuneError
 from ballot.tuning.objective import COUNTED, SurplusTrial, TrialContext, run_trial
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -53,18 +52,6 @@ def redact(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return url
-
-
-def check_storage_url(url: str, where: str = "tune.storage") -> Any:
-    """The parsed SQLAlchemy URL; ConfigError naming ``where`` when ``url`` is not one."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url)
-    except ArgumentError:
-        raise ConfigError(f"{where}: '{url}' is not a database URL; use sqlite:///path/study.db or "
-                          "postgresql://user@host:port/db") from None
 
 
 def make_storage(url: str, heartbeat_s: int,
@@ -208,7 +195,6 @@ def work(job: WorkerJob, data: DataBundle | None = None, dense: DenseArtifacts |
     from ballot.experiment import load_dense, prepare_data
     from ballot.tracking import connect
     from ballot.tuning.mlflow_runs import TrialLogger
-    from ballot.tuning.space import parse_space
 
     cfg = experiment_from_params(job.params)
     if data is None:
@@ -222,7 +208,7 @@ def work(job: WorkerJob, data: DataBundle | None = None, dense: DenseArtifacts |
     logger = TrialLogger(connect(job.tracking_uri))
     storage = make_storage(job.storage, cfg.tune.heartbeat_s, on_stale=logger)
     study, _ = open_study(cfg, storage, job.study_name, job.fingerprint, job.worker)
-    ctx = TrialContext(cfg, data, dense, parse_space(cfg.tune.space), float(study.user_attrs[DENSE_ACC_ATTR]))
+    ctx = TrialContext(cfg, data, dense, cfg.tune.knobs(), float(study.user_attrs[DENSE_ACC_ATTR]))
     return run_worker(study, ctx, callbacks=[logger])
 
 

@@ -1,0 +1,42 @@
+"""Every error a user can cause, in one place; the ground floor: it imports nothing.
+
+Each is a ``UserError``: the command line and the DVC stages print its one-line message and exit with 2.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or a missing prerequisite; the message names it and says what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+class StorageError(UserError, ValueError):
+    """A file is missing or unreadable; the message names it."""
+
+
+class MaskError(UserError, ValueError):
+    """A mask does not fit its model, or a mask file holds something other than 0/1 tensors."""
+
+
+class ModelError(UserError, ValueError):
+    """Unknown model name or a model that cannot take the dataset's inputs."""
+
+
+class DatasetError(UserError, RuntimeError):
+    """A dataset is unknown, missing or malformed; the message says which and what to do."""
+
+
+class UnknownMethodError(UserError, ValueError):
+    """The requested pruning method is not in the registry."""
+
+
+class PromotionError(UserError, ValueError):
+    """The model or version does not exist, or lacks the tags the gate reads; the message says which."""
+
+
+class TuneError(UserError, RuntimeError):
+    """A study cannot be joined or a worker failed; the message says why."""
