@@ -10,8 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY requirements-serve.txt .
-RUN pip install --no-cache-dir -r requirements-serve.txt \
+COPY requirements-serve.txt constraints.txt ./
+RUN pip install --no-cache-dir -r requirements-serve.txt -c constraints.txt \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin ballot
 COPY serving/ serving/
 

@@ -9,10 +9,10 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: run test test-fast install dataset bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[pipeline,serve,test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[pipeline,serve,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
