@@ -415,6 +415,23 @@ class EvaluateConfig:
 
 
 @dataclass
+class SweepConfig:
+    """The sweep stage: accuracy and CWV against density, one curve per method, on the pipeline's dense model."""
+
+    densities: list[float] = _help("Densities of the curve; empty = the stage is off (the default run stays short).",
+                                   factory=list)
+    methods: list[str] = _help("Pruning methods, one curve each (Ballot takes the tuned values, like prune).",
+                               factory=lambda: ["lth", "ballot"])
+
+    def __post_init__(self) -> None:
+        for i, density in enumerate(self.densities):
+            check_density(density, f"densities[{i}]")
+        _check(len(set(self.densities)) == len(self.densities), "densities", f"duplicate values in {self.densities}")
+        _check(bool(self.methods), "methods", "must name at least one method")
+        _check(len(set(self.methods)) == len(self.methods), "methods", f"duplicate values in {self.methods}")
+
+
+@dataclass
 class ExportConfig:
     """The export stage: ONNX with masks baked in, checked against PyTorch."""
 
@@ -542,6 +559,7 @@ class ExperimentConfig:
     train_dense: DenseConfig = _help("Dense training.", factory=DenseConfig)
     prune: PruneConfig = _help("Pruning method and settings.", factory=PruneConfig)
     evaluate: EvaluateConfig = _help("Pipeline: evaluate stage.", factory=EvaluateConfig)
+    sweep: SweepConfig = _help("Pipeline: the density sweep (opt-in).", factory=SweepConfig)
     export: ExportConfig = _help("Pipeline: ONNX export stage.", factory=ExportConfig)
     register: RegisterConfig = _help("Pipeline: MLflow tracking and registry.", factory=RegisterConfig)
     promote: PromoteConfig = _help("Pipeline: promotion gate of `ballot promote`.", factory=PromoteConfig)

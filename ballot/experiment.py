@@ -30,7 +30,8 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     unusable."""
     dataset_loader(cfg.base.dataset)
     model_builder(cfg.base.model)
-    get_pruner(cfg.prune.method)
+    for method in (cfg.prune.method, *cfg.sweep.methods):
+        get_pruner(method)
     try:
         resolve_device(cfg.base.device)
     except (ValueError, RuntimeError) as error:  # torch.device raises RuntimeError for a malformed name

@@ -19,6 +19,10 @@ EXPORT = Path("artifacts/export")
 METRICS = Path("metrics.json")
 PLOTS = Path("plots")
 REGISTER = Path("artifacts/register.json")
+BEST_PARAMS = Path("best_params.yaml")
+STUDY_DB = Path("artifacts/tune/study.db")
+TUNE_REPORT = Path("artifacts/tune/report")
+SWEEP = Path("sweep")
 
 
 def load_config(path: Path = PARAMS) -> ExperimentConfig:

@@ -9,8 +9,7 @@ from ballot.experiment import load_dense, model_metrics, run_prune, save_pruned,
 from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder, write_json
 from ballot.tuning.space import apply_best
-from pipelines.common import DATA, DENSE, PRUNE, run_stage
-from pipelines.tune import BEST_PARAMS
+from pipelines.common import BEST_PARAMS, DATA, DENSE, PRUNE, run_stage
 
 
 def main(cfg: ExperimentConfig) -> None:

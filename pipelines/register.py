@@ -9,9 +9,8 @@ from ballot import tracking
 from ballot.config import ExperimentConfig
 from ballot.export import read_metadata
 from ballot.storage import load_tensors, write_json
-from pipelines.common import EXPORT, METRICS, PARAMS, PLOTS, PRUNE, REGISTER, read_json, run_stage
+from pipelines.common import BEST_PARAMS, EXPORT, METRICS, PARAMS, PLOTS, PRUNE, REGISTER, read_json, run_stage
 from pipelines.export import EXAMPLE_FILE, MODEL_FILE, REPORT_FILE
-from pipelines.tune import BEST_PARAMS
 
 DVC_LOCK = Path("dvc.lock")
 

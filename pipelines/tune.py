@@ -6,20 +6,13 @@ run resumes where it stopped; the report folder is replaced only when the stage 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ballot.config import ExperimentConfig
 from ballot.errors import ConfigError
 from ballot.experiment import load_dense
 from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder
 from ballot.tuning.runner import run_study
-from pipelines.common import DATA, DENSE, run_stage
-
-TUNE = Path("artifacts/tune")
-STUDY_DB = TUNE / "study.db"
-REPORT = TUNE / "report"
-BEST_PARAMS = Path("best_params.yaml")
+from pipelines.common import BEST_PARAMS, DATA, DENSE, STUDY_DB, TUNE_REPORT, run_stage
 
 
 def main(cfg: ExperimentConfig) -> None:
@@ -28,14 +21,14 @@ def main(cfg: ExperimentConfig) -> None:
                           f"leave it null here and share a study between machines with `ballot tune --storage URL`")
     data = load_snapshot(DATA)
     dense = load_dense(DENSE)
-    with staged_folder(REPORT) as folder:
+    with staged_folder(TUNE_REPORT) as folder:
         outcome = run_study(cfg, data, dense, dense_dir=DENSE, best_path=BEST_PARAMS, report_dir=folder,
                             default_storage=STUDY_DB, snapshot=DATA)
     summary, trials = outcome.summary, outcome.summary["trials"]
     best = summary["best"] or {}
     print(f"tune: study {summary['study']}  {trials['finished']} trials ({trials['pruned']} pruned, "
           f"{trials['infeasible']} infeasible)  best trial {best.get('number')}  objective "
-          f"{best.get('objective', float('nan')):.4f} -> {BEST_PARAMS}, {REPORT}")
+          f"{best.get('objective', float('nan')):.4f} -> {BEST_PARAMS}, {TUNE_REPORT}")
 
 
 if __name__ == "__main__":

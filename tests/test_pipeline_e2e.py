@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ("prepare", "train_dense", "tune", "prune", "evaluate", "export", "register")
+STAGES = ("prepare", "train_dense", "tune", "sweep", "prune", "evaluate", "export", "register")
 MODEL_NAME = "ballot-e2e"
 
 
@@ -63,6 +63,11 @@ class Project:
         for folder in ("artifacts", "plots"):
             files += [p for p in (self.root / folder).rglob("*") if p.is_file()]
         return {str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(files)}
+
+    def restore(self) -> None:
+        """Back to the committed run: params, dvc.lock and the git-tracked (uncached) outputs, then DVC's outputs."""
+        self.run("git", "checkout", "--", ".")
+        self.dvc("checkout", "--force")
 
     def tracking_uri(self) -> str:
         return f"sqlite:///{self.root / 'mlflow.db'}"
@@ -182,8 +187,51 @@ def test_changing_prune_params_reruns_prune_not_train_dense(project):
         after = project.output_hashes()
         assert {k: v for k, v in after.items() if k.startswith("artifacts/dense/")} == dense_before
     finally:
-        project.run("git", "checkout", "--", "params.yaml", "dvc.lock")
-        project.dvc("checkout", "--force")
+        project.restore()
+    assert json.loads(project.dvc("status", "--json").stdout) == {}
+
+
+def test_switching_the_method_back_restores_it_from_the_run_cache(project):
+    metrics_before = project.output_hashes()["metrics.json"]
+    method = project.params()["prune"]["method"]
+    assert method != "lth"
+    try:
+        project.dvc("exp", "run", "-S", "prune.method=lth")
+        back = project.dvc("exp", "run", "-S", f"prune.method={method}")
+        assert "Stage 'prune' is cached - skipping run, checking out outputs" in back.stdout
+        assert "Running stage 'prune'" not in back.stdout and "Running stage 'train_dense'" not in back.stdout
+        assert project.output_hashes()["metrics.json"] == metrics_before
+    finally:
+        project.restore()
+    assert json.loads(project.dvc("status", "--json").stdout) == {}
+
+
+def test_the_density_sweep_draws_one_curve_per_method(project):
+    from PIL import Image
+
+    assert project.json("sweep/density_curve.json") == {"points": []}, "the sweep is off by default"
+    try:
+        result = project.dvc("exp", "run", "-S", "sweep.densities=[0.5,0.2]", "-S", "sweep.methods=[magnitude,lth]",
+                             "sweep")
+        assert "Running stage 'sweep'" in result.stdout and "Running stage 'train_dense'" not in result.stdout
+        points = project.json("sweep/density_curve.json")["points"]
+        assert sorted((p["method"], p["target_density"]) for p in points) == [
+            ("lth", 0.2), ("lth", 0.5), ("magnitude", 0.2), ("magnitude", 0.5)]
+        for point in points:
+            assert point["density"] == pytest.approx(point["target_density"], abs=1e-3)
+            assert 0 <= point["acc"] <= 1 and point["cwv"] >= 0
+        for method in ("magnitude", "lth"):
+            assert [r["density"] for r in project.json(f"sweep/accuracy/{method}.json")] == \
+                sorted(p["density"] for p in points if p["method"] == method)
+        with Image.open(project.root / "sweep/density_curve.png") as image:
+            assert image.format == "PNG" and image.size[0] >= 800
+        shown = json.loads(project.dvc("plots", "show", "--json").stdout)
+        assert not shown.get("errors"), shown.get("errors")
+        expected = {"sweep/accuracy/lth.json", "sweep/accuracy/magnitude.json", "sweep/cwv/lth.json", "dense training",
+                    "final training of the pruned model", "tuning trials"}
+        assert expected <= set(shown["data"]), sorted(shown["data"])
+    finally:
+        project.restore()
     assert json.loads(project.dvc("status", "--json").stdout) == {}
 
 
@@ -192,7 +240,7 @@ def test_changing_prune_params_reruns_prune_not_train_dense(project):
     ({"base": {"density": 1.5}}, "tune", "base.density: must be in (0, 1], got 1.5"),
     ({"base": {"dataset": "npz"}, "data": {"path": "missing.npz"}}, "prepare", "npz: file 'missing.npz' not found"),
 ])
-def test_bad_params_fail_fast_and_leave_outputs_intact(project, change, stage, message):
+def test_bad_params_fail_fast_write_nothing_and_the_old_results_come_back(project, change, stage, message):
     before = project.output_hashes()
     good = project.params()
     bad = json.loads(json.dumps(good))
@@ -205,5 +253,19 @@ def test_bad_params_fail_fast_and_leave_outputs_intact(project, change, stage, m
         project.write_params(good)
     assert result.returncode != 0
     assert f"{stage}: error: {message}" in result.stderr + result.stdout
-    assert project.output_hashes() == before, "a failed stage must not touch any output"
+    after = project.output_hashes()
+    changed = sorted(path for path, digest in after.items() if before.get(path) != digest)
+    assert not changed, f"a failed stage changed or half-wrote {changed}"
+    upstream = STAGES[:STAGES.index(stage)]
+    kept = {"prepare": "artifacts/data/", "train_dense": "artifacts/dense/"}
+    for earlier in upstream:
+        if earlier in kept:
+            assert [p for p in after if p.startswith(kept[earlier])], f"{earlier}'s output must stay in place"
+    repaired = project.dvc("repro")
+    for trained in ("prepare", "train_dense", "prune"):
+        assert f"Running stage '{trained}'" not in repaired.stdout, f"{trained} re-ran instead of being restored"
+    final = project.output_hashes()
+    assert final["metrics.json"] == before["metrics.json"]
+    assert {k: v for k, v in final.items() if k.startswith("artifacts/prune/")} == \
+        {k: v for k, v in before.items() if k.startswith("artifacts/prune/")}
     assert json.loads(project.dvc("status", "--json").stdout) == {}

@@ -89,6 +89,12 @@ def trial_table(study: optuna.Study) -> list[dict[str, Any]]:
             for t in study.get_trials(deepcopy=False)]
 
 
+def trial_curve(study: optuna.Study) -> list[dict[str, Any]]:
+    """One flat row per finished trial, in trial order (the rows of the DVC linear plot of the study)."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    return [{**_metrics(t), "trial": t.number} for t in sorted(done, key=lambda t: t.number)]
+
+
 def draw_plots(study: optuna.Study, folder: Path) -> tuple[list[Path], dict[str, str]]:
     """history.png, importances.png, and intermediate.png (single) or pareto_front.png (multi), in ``folder``.
 
@@ -127,12 +133,14 @@ def draw_plots(study: optuna.Study, folder: Path) -> tuple[list[Path], dict[str,
 
 
 def write_report(study: optuna.Study, n_trials: int, chosen: FrozenTrial | None, folder: Path) -> tuple[dict, list]:
-    """summary.json, trials.json, pareto_front.json (multi) and plots/*.png into ``folder``; (summary, files)."""
+    """summary.json, trials.json, trial_curve.json, pareto_front.json (multi) and plots/*.png into ``folder``;
+    (summary, files)."""
     (folder / "plots").mkdir(parents=True, exist_ok=True)
     summary = summarise(study, n_trials, chosen)
     plots, skipped = draw_plots(study, folder / "plots")
     summary["plots_skipped"] = skipped
-    files = [write_json(folder / "trials.json", trial_table(study))]
+    files = [write_json(folder / "trials.json", trial_table(study)),
+             write_json(folder / "trial_curve.json", trial_curve(study))]
     if len(study.directions) > 1:
         front = [{**_metrics(t), "params": t.params, "chosen": chosen is not None and t.number == chosen.number}
                  for t in pareto_front(study)]
