@@ -76,6 +76,7 @@ class DataConfig:
 
 
 SCHEDULES = ("constant", "step", "cosine", "plateau")
+PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -94,9 +95,12 @@ class TrainConfig:
     step_epochs: int = _help("Step schedule: decay every this many epochs.", 10)
     gamma: float = _help("Step / plateau schedule: multiply the lr by this on decay.", 0.1)
     patience: int = _help("Plateau schedule: epochs without improvement before decaying.", 2)
+    precision: str = _help("'fp32', or mixed precision: 'bf16' (autocast) or 'fp16' (autocast and a gradient "
+                           "scaler); meant for GPUs, where they are fast.", "fp32")
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
+        _check(self.precision in PRECISIONS, "precision", f"unknown '{self.precision}', choose from {PRECISIONS}")
         _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         _check(self.optimizer in OPTIMIZERS, "optimizer", f"unknown '{self.optimizer}', choose from {OPTIMIZERS}")
         _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")

@@ -10,13 +10,14 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ballot import distributed
 from ballot.config import ExperimentConfig, flatten, to_dict
 from ballot.data import DataBundle, dataset_loader, load_data
 from ballot.errors import ConfigError, StorageError
 from ballot.fairness import evaluate
 from ballot.masks import Mask
 from ballot.models import build_model, model_builder
-from ballot.pruning import DenseArtifacts, PruneContext, PruneResult, get_pruner
+from ballot.pruning import DATA_PARALLEL, DenseArtifacts, PruneContext, PruneResult, get_pruner
 from ballot.storage import atomic_save_tensors, load_state, load_tensors, save_state, write_json
 from ballot.train import TrainResult, resolve_device, seed_everything, steps_per_epoch, train
 
@@ -32,6 +33,9 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     model_builder(cfg.base.model)
     for method in (cfg.prune.method, *cfg.sweep.methods):
         get_pruner(method)
+    if distributed.requested() and cfg.prune.method not in DATA_PARALLEL:
+        raise ConfigError(f"prune.method: '{cfg.prune.method}' trains in its own loop and runs in one process only; "
+                          f"data-parallel methods: {sorted(DATA_PARALLEL)}")
     try:
         resolve_device(cfg.base.device)
     except (ValueError, RuntimeError) as error:  # torch.device raises RuntimeError for a malformed name
@@ -117,7 +121,9 @@ def run_prune(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, pr
                        dense=dense, config=cfg.prune, device=resolve_device(cfg.base.device), progress=progress,
                        on_epoch=on_epoch)
     seed_everything(cfg.base.seed)
-    return pruner(ctx)
+    result = pruner(ctx)
+    ctx.agree(result.mask, f"{cfg.prune.method}'s final mask")
+    return result
 
 
 def model_metrics(model: nn.Module, data: DataBundle, device: str = "auto") -> dict[str, Any]:
@@ -129,15 +135,15 @@ def model_metrics(model: nn.Module, data: DataBundle, device: str = "auto") -> d
 
 
 def save_pruned(folder: str | Path, result: PruneResult, metrics: dict[str, Any], cfg: ExperimentConfig) -> None:
-    """mask.safetensors, model.safetensors, metrics.json, details.json (and votes.safetensors for Ballot)."""
+    """mask.safetensors, model.safetensors, metrics.json, details.json, history.json (per epoch of the final
+    training) and <name>.safetensors per extra tensor artifact (Ballot: votes.safetensors)."""
     folder = Path(folder)
-    details = dict(result.details)
-    votes = details.pop("votes", None)
-    if votes is not None:
-        atomic_save_tensors(votes, folder / "votes.safetensors")
+    for name, tensors in result.tensors.items():
+        atomic_save_tensors(tensors, folder / f"{name}.safetensors")
     result.mask.save(folder / "mask.safetensors")
     save_state(result.model, folder / "model.safetensors")
-    write_json(folder / "details.json", details)
+    write_json(folder / "details.json", result.details)
+    write_json(folder / "history.json", result.history)
     write_json(folder / "config.json", to_dict(cfg))
     write_json(folder / "metrics.json", metrics)
 

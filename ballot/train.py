@@ -6,26 +6,28 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ballot import distributed
 from ballot.config import TrainConfig
 from ballot.data import Split
 from ballot.masks import Mask
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' gives cuda when available, else cpu; anything else is passed to torch.device."""
+    """'auto' gives cuda when available, else cpu; anything else is passed to torch.device. With several processes
+    on GPUs, each takes its own (cuda:LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{name}' requested but CUDA is not available")
-    return device
+    return distributed.local_device(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -34,12 +36,56 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-class StepHook(Protocol):
-    """Observes training steps; Ballot's gradient collection is one."""
+@dataclass
+class Batch:
+    """This process's share of one global mini-batch: per-sample losses, labels, and the global sums that
+    normalise a loss so that the processes' gradients add up to the single-process gradient."""
 
-    def before_backward(self, step: int, per_sample_loss: torch.Tensor, y: torch.Tensor) -> None: ...
+    per_sample: torch.Tensor
+    y: torch.Tensor
+    global_size: int
+
+    def loss(self, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The (class-weighted) mean loss over the global batch, restricted to this process's samples."""
+        if class_weights is None:
+            return self.per_sample.sum() / self.global_size
+        w = class_weights.to(self.y.device)[self.y]
+        return (self.per_sample * w).sum() / distributed.all_reduce_sum(w.sum().detach().clone())
+
+
+class StepHook(Protocol):
+    """Observes training steps; Ballot's gradient collection is one. ``after_backward`` sees the step's gradient
+    (unscaled, and summed over the processes)."""
+
+    def before_backward(self, step: int, batch: Batch) -> None: ...
 
     def after_backward(self, step: int) -> None: ...
+
+
+class Precision:
+    """fp32, or autocast to bf16/fp16 (fp16 with a gradient scaler, unscaled before the hooks see it)."""
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+        self.device = device
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)  # skipped when the gradient overflowed
+        self.scaler.update()
 
 
 @dataclass
@@ -91,6 +137,22 @@ class _Plateau:
             self.bad_epochs = 0
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The whole split on the training device once (from pinned host memory, without blocking, onto a GPU)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when several processes run (else ``model`` itself)."""
+    if not distributed.active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
 def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mask: Mask | None = None,
           device: torch.device | str = "cpu", class_weights: torch.Tensor | None = None,
           rewind_iter: int | None = None, hook: StepHook | None = None,
@@ -103,7 +165,11 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
     - ``class_weights``: per-class loss weights (a fairness-weighted cross-entropy); None = plain CE.
     - ``rewind_iter``: the returned ``rewind_state`` is a copy of the state after that many steps.
     - ``epoch_metric``: called after each epoch (higher is better); drives the 'plateau' schedule.
-    - ``progress``: None shows a bar only on a terminal.
+    - ``progress``: None shows a bar only on a terminal (on rank 0 only when several processes run).
+
+    Under torch.distributed (docs/scale.md) every process draws the same seeded order, takes every
+    world-size-th sample of each global batch of ``cfg.batch_size`` and trains a DistributedDataParallel copy, so
+    the steps are the single-process steps up to floating-point reduction order.
     """
     if cfg.schedule == "plateau" and epoch_metric is None:
         raise ValueError("schedule 'plateau' needs an epoch_metric (a validation objective)")
@@ -114,10 +180,12 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
     bound = mask.on(model) if mask is not None else None
     if bound is not None:
         bound.zero_weights()
+    net = _parallel(model, device)
     optimizer = make_optimizer(model, cfg)
-    x_all, y_all = data.x.to(device), data.y.to(device)
+    precision = Precision(cfg.precision, device)
+    x_all, y_all = _to_device(data.x, device), _to_device(data.y, device)
     weights = class_weights.to(device) if class_weights is not None else None
-    n = len(data)
+    n, world, rank = len(data), distributed.world_size(), distributed.rank()
     per_epoch = steps_per_epoch(n, cfg.batch_size)
     generator = torch.Generator().manual_seed(seed)
     plateau = _Plateau(cfg)
@@ -125,42 +193,43 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
     if rewind_iter == 0:
         result.rewind_state = copy.deepcopy(model.state_dict())
     start = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=(not progress) if progress is not None else None,
+    show = (not progress) if progress is not None else None
+    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=show if distributed.is_main() else True,
                leave=False)
     for epoch in bar:
-        order = torch.randperm(n, generator=generator).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        order = torch.randperm(n, generator=generator)
+        totals = torch.zeros(2, device=device)  # summed loss, correct predictions
         for i in range(0, n, cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            x, y = x_all[idx], y_all[idx]
+            mine = idx[rank::world].to(device)
+            x, y = x_all[mine], y_all[mine]
             lr = cfg.lr * lr_factor(cfg, result.steps, per_epoch) * plateau.scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits = model(x)
-            per_sample = F.cross_entropy(logits, y, reduction="none")
-            if weights is None:
-                loss = per_sample.mean()
-            else:
-                sample_weights = weights[y]
-                loss = (per_sample * sample_weights).sum() / sample_weights.sum()
+            with precision.autocast():
+                logits = net(x)
+                per_sample = F.cross_entropy(logits.float(), y, reduction="none")
+            batch = Batch(per_sample, y, len(idx))
+            loss = batch.loss(weights) * world  # DistributedDataParallel averages: x world restores the sum
             if hook is not None:
-                hook.before_backward(result.steps, per_sample, y)
+                hook.before_backward(result.steps, batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            precision.backward(loss)
+            precision.unscale(optimizer)
             if hook is not None:
                 hook.after_backward(result.steps)
             if bound is not None:
                 bound.zero_grads()
-            optimizer.step()
+            precision.step(optimizer)
             if bound is not None:
                 bound.zero_weights()
             result.steps += 1
-            loss_sum += per_sample.detach().sum()
-            correct += (logits.detach().argmax(1) == y).sum()
+            totals[0] += per_sample.detach().sum()
+            totals[1] += (logits.detach().argmax(1) == y).sum()
             if rewind_iter is not None and result.steps == rewind_iter:
                 result.rewind_state = copy.deepcopy(model.state_dict())
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / n, "train_acc": float(correct) / n}
+        distributed.all_reduce_sum(totals)
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(totals[0]) / n, "train_acc": float(totals[1]) / n}
         if epoch_metric is not None:
             record["val_metric"] = float(epoch_metric(model))
             model.train()

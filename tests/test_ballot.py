@@ -119,7 +119,7 @@ def test_votes_history_and_ballot_period(tiny_data, tiny_dense):
     leftover_collected = any(step % 4 == 0 for step in range(5 * (total // 5), total))  # collect_every = 4
     ballots = result.details["rounds"][1]["ballots"]
     assert [b["step"] for b in ballots] == full + ([total] if leftover_collected else [])
-    votes = result.details["votes"]
+    votes = result.tensors["votes"]
     assert max(int(v.max()) for v in votes.values()) <= len(ballots)
 
 
@@ -128,7 +128,7 @@ def test_pruned_weights_stay_zero_through_refined_training_with_plateau(tiny_dat
     result = run_prune(cfg, tiny_data, tiny_dense)
     params = dict(result.model.named_parameters())
     assert all(torch.count_nonzero(params[n][~keep]) == 0 for n, keep in result.mask.items())
-    assert all("val_metric" in r for r in result.details["history"])
+    assert len(result.history) == 3 and all("val_metric" in r for r in result.history)
 
 
 def test_on_epoch_sees_validation_metrics_and_can_stop_the_run(tiny_data, tiny_dense):

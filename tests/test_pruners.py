@@ -1,10 +1,13 @@
+import json
+
 import pytest
 import torch
 
 from ballot.errors import UnknownMethodError
-from ballot.experiment import run_prune
+from ballot.experiment import run_prune, save_pruned
 from ballot.masks import budget
 from ballot.pruning import PRUNERS, get_pruner
+from ballot.storage import load_tensors
 from tests.conftest import tiny_config
 
 
@@ -55,9 +58,21 @@ def test_final_train_refined_retrains_the_baselines_mask_with_the_refined_schedu
     refined = run_prune(tiny_config("prune.method=lth", "prune.final_train=refined",
                                     "prune.ballot.refine_train.epochs=3"), tiny_data, tiny_dense)
     assert refined.mask.to_bytes() == plain.mask.to_bytes()  # the same selection ...
-    assert len(refined.details["history"][-1]) == 3 and len(plain.details["history"][-1]) == 2  # ... trained anew
+    assert len(refined.history) == 3 and len(plain.history) == 2  # ... trained anew
+    assert [len(r["history"]) for r in plain.details["rounds"]] == [2, 2]
 
 
 def test_ballot_with_plain_final_training_uses_the_baselines_schedule(tiny_data, tiny_dense):
     result = run_prune(tiny_config("prune.final_train=plain", "prune.retrain.epochs=3"), tiny_data, tiny_dense)
-    assert len(result.details["history"]) == 3
+    assert len(result.history) == 3
+
+
+def test_save_pruned_writes_the_history_and_each_tensor_artifact(tiny_data, tiny_dense, tmp_path):
+    cfg = tiny_config("prune.method=ballot")
+    result = run_prune(cfg, tiny_data, tiny_dense)
+    save_pruned(tmp_path, result, {"acc": 0.5}, cfg)
+    assert json.loads((tmp_path / "history.json").read_text()) == result.history and result.history
+    votes = load_tensors(tmp_path / "votes.safetensors", "votes")
+    assert set(votes) == set(result.tensors["votes"])
+    assert all(torch.equal(votes[n], result.tensors["votes"][n]) for n in votes)
+    assert "votes" not in json.loads((tmp_path / "details.json").read_text())

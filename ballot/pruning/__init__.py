@@ -16,8 +16,8 @@ PRUNERS: dict[str, Callable[[PruneContext], PruneResult]] = {
     "safecompress": safecompress.prune,
     "fairscratch": fairscratch.prune,
 }
-
-
+# the methods whose every training phase goes through ballot.train, so they run data-parallel (docs/scale.md)
+DATA_PARALLEL = frozenset({"magnitude", "lth", "random", "ballot"})
 
 
 def get_pruner(method: str) -> Callable[[PruneContext], PruneResult]:
@@ -27,4 +27,4 @@ def get_pruner(method: str) -> Callable[[PruneContext], PruneResult]:
     return PRUNERS[method]
 
 
-__all__ = ["PRUNERS", "get_pruner", "UnknownMethodError", "DenseArtifacts", "PruneContext", "PruneResult"]
+__all__ = ["PRUNERS", "DATA_PARALLEL", "get_pruner", "DenseArtifacts", "PruneContext", "PruneResult"]

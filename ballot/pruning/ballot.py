@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ballot import distributed
 from ballot.config import BallotConfig
 from ballot.masks import Mask, density_schedule, erk_counts, magnitude_scores
 from ballot.pruning.base import PruneContext, PruneResult
-from ballot.train import StepHook, steps_per_epoch, train
+from ballot.train import Batch, StepHook, steps_per_epoch, train
 
 
 def _unit_rms(t: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,25 +107,26 @@ class GradientCollector(StepHook):
         self.protection = {n: torch.zeros(p.shape) for n, p in zip(self.names, self.params)}
         self.history: list[dict[str, Any]] = []
         self._collecting = False
+        self._other: tuple[torch.Tensor, ...] = ()  # the extra backward's gradient of the current step
         self._collected = 0  # steps collected in the current period
 
-    def before_backward(self, step: int, per_sample_loss: torch.Tensor, y: torch.Tensor) -> None:
-        """On a collected step, the gradient of the loss the step does not train on, by one extra backward."""
+    def before_backward(self, step: int, batch: Batch) -> None:
+        """On a collected step, the gradient of the loss the step does not train on, by one extra backward (this
+        process's share of it: the shares are summed over the processes once per ballot, in ``cast``)."""
         self._collecting = step % self.cfg.collect_every == 0
         if self._collecting and self.cfg.conflict != "none":
-            if self.fair_steps:
-                other, loss = self.g, per_sample_loss.mean()
-            else:
-                w = self.class_weights.to(y.device)[y]
-                other, loss = self.f, (per_sample_loss * w).sum() / w.sum()
-            for acc, grad in zip(other, torch.autograd.grad(loss, self.params, retain_graph=True)):
-                acc.add_(grad)
+            loss = batch.loss(None if self.fair_steps else self.class_weights)
+            self._other = torch.autograd.grad(loss, self.params, retain_graph=True)
 
     def after_backward(self, step: int) -> None:
-        if self._collecting:
+        """Add the step's gradient (and the extra one) unless a mixed-precision overflow made it non-finite."""
+        if self._collecting and all(bool(torch.isfinite(p.grad).all()) for p in self.params):
             for acc, p in zip(self.f if self.fair_steps else self.g, self.params):
                 acc.add_(p.grad)
+            for acc, grad in zip(self.g if self.fair_steps else self.f, self._other):
+                acc.add_(grad)
             self._collected += 1
+        self._other = ()
         if (step + 1) % self.period == 0:
             self.cast(step + 1)
 
@@ -138,6 +140,9 @@ class GradientCollector(StepHook):
         if self._collected == 0:
             return
         cfg = self.cfg
+        if cfg.conflict != "none":
+            for acc in self.g if self.fair_steps else self.f:
+                distributed.all_reduce_sum(acc)
         conflicts, changed = {}, 0
         for name, p, g, f in zip(self.names, self.params, self.g, self.f):
             within, w, k = self.candidate[name], p.detach(), self.counts[name]
@@ -186,9 +191,9 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
     magnitudes = magnitude_scores(observer, list(mask))
     by_votes = select_mask(collector.votes, magnitudes, counts)
     if cfg.conflict != "protect":
-        return by_votes, collector, 0
+        return ctx.agree(by_votes, desc), collector, 0
     selected = select_mask(collector.votes, magnitudes, counts, collector.protection, cfg.protect_fraction)
-    return selected, collector, sum(int((selected[n] & ~by_votes[n]).sum()) for n in selected)
+    return ctx.agree(selected, desc), collector, sum(int((selected[n] & ~by_votes[n]).sum()) for n in selected)
 
 
 def prune(ctx: PruneContext) -> PruneResult:
@@ -198,7 +203,6 @@ def prune(ctx: PruneContext) -> PruneResult:
     further round trains the current mask from theta_k and keeps the most-voted survivors at the next density of
     the schedule, so the masks are nested and the last one has exactly the target density.
     """
-    cfg = ctx.config.ballot
     started = time.perf_counter()
     trained = ctx.model_from(ctx.dense.trained_state)
     scores = magnitude_scores(trained)
@@ -220,12 +224,11 @@ def prune(ctx: PruneContext) -> PruneResult:
     overlap = sum(int((ticket[n] & mask[n]).sum()) for n in mask) / mask.kept
     details = {
         "rounds": rounds,
-        "votes": votes,
         "class_weights": [round(float(w), 4) for w in ctx.dense_class_weights],
         "layer_counts": mask.counts(),
         "overlap_with_magnitude_ticket": overlap,
         "observe_seconds": observe_seconds,
         "refine_seconds": result.seconds,
-        "history": result.history,
     }
-    return PruneResult(mask, model, details, round_masks=masks)
+    return PruneResult(mask, model, details, history=result.history, tensors={"votes": votes} if votes else {},
+                       round_masks=masks)

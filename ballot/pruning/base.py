@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ballot import distributed
 from ballot.config import PruneConfig
 from ballot.data import DataBundle
 from ballot.fairness import evaluate, fairness_class_weights, fairness_objective
@@ -60,7 +61,13 @@ class PruneContext:
         Taken from the dense model, not from the method's own models, so every method's refined training and
         Ballot's fairness gradient weigh the classes alike."""
         per_class = self.val_metrics(self.model_from(self.dense.trained_state))["per_class"]
-        return fairness_class_weights(per_class, self.config.ballot.class_weight_floor)
+        weights = fairness_class_weights(per_class, self.config.ballot.class_weight_floor)
+        return distributed.broadcast(weights.to(self.device)).cpu()  # one validation pass decides, rank 0's
+
+    def agree(self, mask: Mask, what: str = "the mask") -> Mask:
+        """``mask``, after checking that every process selected the same one (DistributedError if not)."""
+        distributed.check_identical({name: mask[name] for name in mask}, what)
+        return mask
 
     def final_train(self, model: nn.Module, mask: Mask, desc: str) -> TrainResult:
         """Train the final mask: plain (prune.retrain, cross-entropy) or refined (prune.ballot.refine_train with the
@@ -88,9 +95,11 @@ class PruneContext:
 
 @dataclass
 class PruneResult:
-    """A mask, the trained sparse model it belongs to, and method-specific details for reports."""
+    """A mask, the trained sparse model it belongs to, its training history, and method-specific details."""
 
     mask: Mask
     model: nn.Module
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # JSON-ready, for reports (details.json)
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch records of the training that made model
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # extra tensor artifacts (Ballot: its votes)
     round_masks: list[Mask] = field(default_factory=list)  # intermediate masks of iterative methods

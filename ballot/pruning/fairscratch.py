@@ -218,8 +218,9 @@ def prune(ctx: PruneContext) -> PruneResult:
     model = ctx.model_from(fit.model.state_dict())
     details: dict[str, Any] = {"penalty": fit.penalty, "selection": cfg.selection, "counts": fit.mask.counts(),
                                "best_epoch": fit.best_epoch, "best_val_acc": fit.best_val_acc,
-                               "history": fit.history, "seconds": time.perf_counter() - started}
+                               "search_history": fit.history, "seconds": time.perf_counter() - started}
+    history = fit.history
     if refined:
         model = ctx.model_from(ctx.dense.rewind_state)
-        details["refined_history"] = ctx.final_train(model, fit.mask, "fairscratch refined").history
-    return PruneResult(fit.mask, model, details)
+        history = ctx.final_train(model, fit.mask, "fairscratch refined").history
+    return PruneResult(fit.mask, model, details, history=history)

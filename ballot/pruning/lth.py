@@ -16,12 +16,12 @@ def prune(ctx: PruneContext) -> PruneResult:
     """
     trained = ctx.model_from(ctx.dense.trained_state)
     mask = Mask.ones_like(trained)
-    rounds, history, masks = [], [], []
+    rounds, masks = [], []
     schedule = density_schedule(ctx.density, ctx.config.lth_rounds)
     for number, round_density in enumerate(schedule, start=1):
         scores = magnitude_scores(trained)
         survivors_only = {n: s.masked_fill(~mask[n], -1.0) for n, s in scores.items()}  # |w| >= 0 > -1
-        mask = Mask.top_k(survivors_only, round_density, ctx.config.min_per_layer)
+        mask = ctx.agree(Mask.top_k(survivors_only, round_density, ctx.config.min_per_layer), f"LTH round {number}")
         trained = ctx.model_from(ctx.dense.rewind_state)
         desc = f"lth round {number}"
         if number == len(schedule):
@@ -29,7 +29,6 @@ def prune(ctx: PruneContext) -> PruneResult:
         else:
             result = train(trained, ctx.data.train, ctx.config.retrain, seed=ctx.seed, mask=mask, device=ctx.device,
                            desc=desc, progress=ctx.progress)
-        rounds.append({"density": mask.density(), "kept": mask.kept})
+        rounds.append({"density": mask.density(), "kept": mask.kept, "history": result.history})
         masks.append(mask)
-        history.append(result.history)
-    return PruneResult(mask, trained, {"rounds": rounds, "history": history}, round_masks=masks)
+    return PruneResult(mask, trained, {"rounds": rounds}, history=result.history, round_masks=masks)

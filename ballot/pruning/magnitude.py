@@ -11,4 +11,4 @@ def prune(ctx: PruneContext) -> PruneResult:
     model = ctx.model_from(ctx.dense.trained_state)
     mask = Mask.top_k(magnitude_scores(model), ctx.density, ctx.config.min_per_layer)
     result = ctx.final_train(model, mask, "magnitude fine-tune")
-    return PruneResult(mask, model, {"history": result.history})
+    return PruneResult(mask, model, history=result.history)

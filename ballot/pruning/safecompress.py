@@ -155,10 +155,10 @@ def prune(ctx: PruneContext) -> PruneResult:
     details: dict[str, Any] = {
         "initial_counts": initial_counts, "update_every": every, "updates": updates,
         "accepted": sum(u["accepted"] for u in updates), "rejected": sum(not u["accepted"] for u in updates),
-        "best_epoch": best["epoch"], "best_val_score": best["score"], "history": history,
+        "best_epoch": best["epoch"], "best_val_score": best["score"], "search_history": history,
         "seconds": time.perf_counter() - started,
     }
     if refined:
         model = ctx.model_from(ctx.dense.rewind_state)
-        details["refined_history"] = ctx.final_train(model, mask, "safecompress refined").history
-    return PruneResult(mask, model, details)
+        history = ctx.final_train(model, mask, "safecompress refined").history
+    return PruneResult(mask, model, details, history=history)
