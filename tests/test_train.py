@@ -105,3 +105,47 @@ def test_empty_split_is_rejected():
     with pytest.raises(ValueError, match="empty"):
         train(build_model("mlp", (1, 4, 4), 2), Split(torch.empty(0, 1, 4, 4), torch.empty(0, dtype=torch.long)),
               TrainConfig(), progress=False)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_keeps_pruned_weights_zero(precision):
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 4, 4), 2)
+    mask = Mask.top_k(magnitude_scores(model), 0.5)
+    cfg = TrainConfig(epochs=15, batch_size=32, lr=0.05, precision=precision)
+    result = train(model, _toy_split(256), cfg, mask=mask, progress=False)
+    assert result.history[-1]["train_acc"] > 0.85
+    params = dict(model.named_parameters())
+    assert all(torch.count_nonzero(params[n][~keep]) == 0 for n, keep in mask.items())
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "autocast leaves the weights in fp32"
+
+
+class _GradientRecorder:
+    """A step hook keeping the gradient norms it sees after backward."""
+
+    def __init__(self, model):
+        self.params, self.norms = list(model.parameters()), []
+
+    def before_backward(self, step, batch):
+        pass
+
+    def after_backward(self, step):
+        self.norms.append(float(torch.sqrt(sum(p.grad.float().pow(2).sum() for p in self.params))))
+
+
+def test_fp16_hooks_see_unscaled_gradients():
+    runs = {}
+    for precision in ("fp32", "fp16"):
+        torch.manual_seed(0)
+        model = build_model("mlp", (1, 4, 4), 2)
+        recorder = _GradientRecorder(model)
+        train(model, _toy_split(64), TrainConfig(epochs=1, batch_size=16, lr=1e-6, precision=precision),
+              hook=recorder, progress=False)
+        runs[precision] = recorder.norms
+    # the scaler multiplies the loss by 2**16; unscaled, the fp16 gradients match fp32's to fp16 accuracy
+    assert runs["fp16"] == pytest.approx(runs["fp32"], rel=0.02)
+
+
+def test_an_unknown_precision_is_named():
+    with pytest.raises(ValueError, match="precision: unknown 'fp8'"):
+        TrainConfig(precision="fp8")
