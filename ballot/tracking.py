@@ -28,6 +28,22 @@ VERSION_TAG_KEYS = ("density", "acc", "cwv", "mcd", "worst_class", "dataset", "m
                     "input_shape")
 OPTIONAL_TAG_KEYS = ("dense_acc",)
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+_ALIAS = re.compile(r"[\w-]+")
+_VERSION_LIKE = re.compile(r"[vV]\d+")
+
+
+class RegistryError(ValueError):
+    """A registry request this project does not allow (e.g. moving ``champion`` outside the gate)."""
+
+
+def check_alias(alias: str) -> None:
+    """RegistryError unless MLflow accepts ``alias`` and it is not ``champion`` (only the gate moves that one)."""
+    if alias == CHAMPION:
+        raise RegistryError(f"alias '{CHAMPION}' moves only through `ballot promote`, which checks accuracy and "
+                            f"fairness first; register with another alias, then promote")
+    if not _ALIAS.fullmatch(alias) or alias.lower() == "latest" or _VERSION_LIKE.fullmatch(alias):
+        raise RegistryError(f"alias '{alias}': use letters, digits, '_' and '-', and neither 'latest' nor a "
+                            f"version-like name such as 'v2'")
 
 
 def resolve_tracking_uri(configured: str, explicit: str | None = None) -> str:
@@ -129,16 +145,20 @@ def register_onnx(onnx_path: str | Path, name: str, example: np.ndarray, tags: M
     return Registration(name, version, alias, run.info.run_id, f"models:/{name}@{alias}", mlflow.get_tracking_uri())
 
 
-def register_run(onnx_path: str | Path, name: str, example: np.ndarray, card: Mapping[str, Any], *,
+def register_run(onnx_path: str | Path, name: str, example: np.ndarray | None, card: Mapping[str, Any], *,
                  experiment: str, metrics: Mapping[str, float], alias: str = CHALLENGER,
                  tags: Mapping[str, str] | None = None, params: Mapping[str, Any] | None = None,
                  artifacts: Sequence[tuple[Path, str]] = ()) -> Registration:
     """One MLflow run in ``experiment`` (tagged with the card's dataset, method and model, and ``tags``) that logs
     ``params``, ``metrics`` and ``artifacts`` ((file, artifact folder) pairs), then registers the ONNX file
-    with the card's version tags (``register_onnx``). The card is checked before the run starts."""
+    with the card's version tags (``register_onnx``); ``example`` None: one all-zero input of the card's
+    ``input_shape``. The card and the alias are checked before the run starts."""
     import mlflow
 
     model_tags = version_tags(card, onnx_path)
+    check_alias(alias)
+    if example is None:
+        example = np.zeros((1, *card["input_shape"]), dtype=np.float32)
     mlflow.set_experiment(experiment)
     run_tags = {**{key: card[key] for key in ("dataset", "method", "model")}, **(tags or {})}
     run_name = f"{card['method']}-{card['model']}-d{card['density']:.3f}"
