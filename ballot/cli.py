@@ -22,7 +22,6 @@ from ballot.storage import StorageError, staged_folder
 from ballot.summary import summary
 from ballot.tracking import RegistryError
 from ballot.tuning import TuneError
-from serving.settings import DEVICES as SERVE_DEVICES, LOG_LEVELS
 
 USER_ERRORS = (ConfigError, DatasetError, MaskError, ModelError, UnknownMethodError, StorageError, PromotionError,
                TuneError, ParityError, RegistryError)
@@ -236,7 +235,6 @@ SERVE_FLAGS = {  # flag -> (setting, type, help); each also has an environment v
     "--max-body-bytes": ("max_body_bytes", int, "largest request body (default 16 MiB)"),
     "--log-level": ("log_level", str, "uvicorn log level (default info)"),
 }
-SERVE_CHOICES = {"device": SERVE_DEVICES, "log_level": LOG_LEVELS}
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -262,6 +260,8 @@ def _add_run_options(parser: argparse.ArgumentParser, with_method: bool = True) 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from serving.settings import DEVICES, LOG_LEVELS  # here: importing this module needs no serving package
+
     parser = argparse.ArgumentParser(prog="ballot", description="Fair sparse neural networks: prune, evaluate, ship.")
     parser.add_argument("--version", action="version", version=f"ballot {metadata.version('ballot')}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -325,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
 
     serve = commands.add_parser("serve", help="serve a registered model (or an .onnx file) over HTTP with ONNX Runtime")
+    choices = {"device": DEVICES, "log_level": LOG_LEVELS}
     for flag, (setting, kind, text) in SERVE_FLAGS.items():
-        serve.add_argument(flag, dest=setting, type=kind, choices=SERVE_CHOICES.get(setting), help=text)
+        serve.add_argument(flag, dest=setting, type=kind, choices=choices.get(setting), help=text)
     serve.set_defaults(func=cmd_serve)
     return parser
 
