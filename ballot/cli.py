@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from ballot.config import ExperimentConfig, apply_overrides, experiment_from_params, load_yaml, to_dict
-from ballot.data import DataBundle
+from ballot.config import BaseConfig, ExperimentConfig, apply_overrides, experiment_from_params, load_yaml, to_dict
+from ballot.data import DATASETS, DataBundle
 from ballot.errors import StorageError, UserError
-from ballot.pruning import DenseArtifacts
+from ballot.models import MODELS
+from ballot.pruning import PRUNERS, DenseArtifacts
 from ballot.storage import staged_folder
+from ballot.summary import summary
 
 
 def _flag_overrides(flags: dict[str, Any]) -> list[str]:
@@ -33,6 +37,29 @@ def _summary(metrics: dict[str, Any]) -> str:
             f"worst-class {metrics['worst_class']:.4f}")
 
 
+def _field_help(config_class: type, name: str) -> str:
+    """The help text of a configuration field (ballot/config.py is the reference)."""
+    return next(f.metadata["help"] for f in dataclasses.fields(config_class) if f.name == name)
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of a `ballot prune` folder; StorageError naming it when it is missing or malformed."""
+    if not path.is_file():
+        raise StorageError(f"'{path.parent}' has no {path.name}: is it the --out folder of `ballot prune`?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise StorageError(f"'{path}' is not valid JSON: {error}") from None
+
+
+def _run_folder(path: str) -> tuple[Path, ExperimentConfig]:
+    """(folder, the configuration it was pruned with) of a `ballot prune` output folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise StorageError(f"'{folder}' is not a folder: pass the --out folder of `ballot prune`")
+    return folder, experiment_from_params(_read_json(folder / "config.json"))
+
+
 def _data(cfg: ExperimentConfig) -> DataBundle:
     from ballot import experiment
 
@@ -43,21 +70,24 @@ def _data(cfg: ExperimentConfig) -> DataBundle:
 
 
 def _dense_states(cfg: ExperimentConfig, data: DataBundle, reuse: str | None, out: Path
-                  ) -> tuple[DenseArtifacts, Path, float]:
-    """(dense states, their folder, seconds spent training): reused from ``reuse`` when it holds them, else
-    trained and saved there (or under out/dense)."""
+                  ) -> tuple[DenseArtifacts, Path, float, dict[str, Any]]:
+    """(dense states, their folder, seconds spent training, the dense model's metrics): reused from ``reuse``
+    when it holds them, else trained and saved there (or under out/dense)."""
     from ballot import experiment
 
     dense_dir = Path(reuse) if reuse else out / "dense"
     if reuse and all((dense_dir / n).exists() for n in experiment.DENSE_FILES.values()):
         experiment.check_dense_reuse(dense_dir, cfg)
+        dense, seconds = experiment.load_dense(dense_dir), 0.0
+        model = experiment.new_model(cfg, data)
+        model.load_state_dict(dense.trained_state)
         print(f"dense: reusing {dense_dir}", file=sys.stderr)
-        return experiment.load_dense(dense_dir), dense_dir, 0.0
-    (model, dense, _), seconds = experiment.timed(experiment.train_dense, cfg, data)
-    experiment.save_dense(dense, dense_dir, cfg)
+    else:
+        (model, dense, _), seconds = experiment.timed(experiment.train_dense, cfg, data)
+        experiment.save_dense(dense, dense_dir, cfg)
     dense_metrics = experiment.model_metrics(model, data, cfg.base.device)
     print(f"dense:  {_summary(dense_metrics)}  ({seconds:.1f}s)", file=sys.stderr)
-    return dense, dense_dir, seconds
+    return dense, dense_dir, seconds, dense_metrics
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -68,16 +98,19 @@ def cmd_prune(args: argparse.Namespace) -> None:
     out = Path(args.out)
     data = _data(cfg)
     with staged_folder(out) as folder:  # the output folder is replaced only when everything succeeded
-        dense, _, dense_seconds = _dense_states(cfg, data, args.dense, folder)
+        dense, _, dense_seconds, dense_metrics = _dense_states(cfg, data, args.dense, folder)
         result, prune_seconds = experiment.timed(experiment.run_prune, cfg, data, dense)
         metrics = experiment.model_metrics(result.model, data, cfg.base.device)
+        worst = metrics["worst_class_index"]
         metrics.update(method=cfg.prune.method, dataset=cfg.base.dataset, model=cfg.base.model, seed=cfg.base.seed,
                        density=result.mask.density(), target_density=cfg.base.density,
+                       worst_class_name=data.class_names[worst] if worst >= 0 else None,
+                       dense={key: dense_metrics[key] for key in ("acc", "cwv", "mcd", "worst_class")},
                        seconds={"dense": dense_seconds, "prune": prune_seconds})
         experiment.save_pruned(folder, result, metrics, cfg)
-    print(f"{cfg.prune.method}: {_summary(metrics)}  density {metrics['density']:.4f}  ({prune_seconds:.1f}s)",
-          file=sys.stderr)
-    print(f"wrote {out}/mask.safetensors, model.safetensors, metrics.json", file=sys.stderr)
+    print(f"{cfg.prune.method}: done in {prune_seconds:.1f}s; wrote {out}/mask.safetensors, model.safetensors, "
+          f"metrics.json", file=sys.stderr)
+    print(summary(metrics))
 
 
 TUNE_FLAGS = {"n_trials": "tune.n_trials", "timeout": "tune.timeout_s", "workers": "tune.workers",
@@ -94,7 +127,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     experiment.check_experiment(cfg)
     out = Path(args.out)
     data = _data(cfg)
-    dense, dense_dir, _ = _dense_states(cfg, data, args.dense, out)
+    dense, dense_dir, _, _ = _dense_states(cfg, data, args.dense, out)
     outcome = run_study(cfg, data, dense, dense_dir=dense_dir, best_path=out / "best_params.yaml",
                         report_dir=out / "report", default_storage=out / "study.db", tracking_uri=args.tracking_uri)
     s, trials = outcome.summary, outcome.summary["trials"]
@@ -114,11 +147,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from ballot import experiment
 
-    folder = Path(args.dir)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise StorageError(f"'{folder}' has no config.json: is it the --out folder of `ballot prune`?")
-    cfg = experiment_from_params(json.loads(config_path.read_text()))
+    folder, cfg = _run_folder(args.dir)
     data = experiment.prepare_data(cfg)
     model, mask = experiment.load_pruned(folder, cfg, data)
     metrics = experiment.model_metrics(model, data, cfg.base.device)
@@ -126,14 +155,54 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps({k: metrics[k] for k in ("acc", "cwv", "mcd", "worst_class", "density", "per_class")}, indent=2))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """A `ballot prune` folder as one ONNX file (masks baked in, model card inside), checked against PyTorch."""
+    from ballot import experiment
+    from ballot.export import bake, export_checked, model_card
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise StorageError(f"--out '{out}' is a folder: give the path of the .onnx file to write")
+    folder, cfg = _run_folder(args.dir)
+    metrics = _read_json(folder / "metrics.json")
+    data = experiment.prepare_data(cfg)
+    model, mask = experiment.load_pruned(folder, cfg, data)
+    card = model_card(metrics, cfg, data.class_names, data.input_shape)
+    report = export_checked(bake(model, mask), data.input_shape, out, card, data.test.x[:cfg.export.parity_samples],
+                            cfg.export.parity_tolerance)
+    parity = report["parity"]
+    print(f"export: parity max |diff| {parity['max_abs_diff']:.2e} on {parity['samples']} test inputs, argmax "
+          f"agreement {parity['argmax_agreement']:.4f}; {report['onnx_bytes']} bytes -> {out}", file=sys.stderr)
+
+
+def _project_config(path: str | None, flags: dict[str, Any]) -> ExperimentConfig:
+    """The params file (default ./params.yaml when present, else the built-in defaults) with ``flags`` applied."""
+    path = path or ("params.yaml" if Path("params.yaml").is_file() else None)
+    return experiment_from_params(apply_overrides(load_yaml(path) if path else {}, _flag_overrides(flags)))
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    """One MLflow run that registers an exported ONNX file as a new version, with its model card as tags."""
+    from ballot import tracking
+    from ballot.export import read_metadata
+
+    cfg = _project_config(args.params, {"register.model_name": args.name, "register.experiment": args.experiment})
+    card = read_metadata(args.onnx)
+    tracking.connect(tracking.resolve_tracking_uri(cfg.register.tracking_uri, args.tracking_uri))
+    registration = tracking.register_run(args.onnx, cfg.register.model_name, None, card,
+                                         experiment=cfg.register.experiment, alias=args.alias,
+                                         metrics=tracking.numeric_metrics(card))
+    print(f"registered {registration.name} version {registration.version} as {registration.model_uri} "
+          f"(run {registration.run_id}, {registration.tracking_uri})")
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     """Move alias champion to a registered version if it passes the gate; 1 when refused."""
     from ballot.promote import promote
     from ballot.tracking import connect, resolve_tracking_uri
 
-    path = args.params or ("params.yaml" if Path("params.yaml").is_file() else None)
-    flags = {"promote.max_acc_drop": args.max_acc_drop, "promote.cwv_tolerance": args.cwv_tolerance}
-    cfg = experiment_from_params(apply_overrides(load_yaml(path) if path else {}, _flag_overrides(flags)))
+    cfg = _project_config(args.params, {"promote.max_acc_drop": args.max_acc_drop,
+                                        "promote.cwv_tolerance": args.cwv_tolerance})
     client = connect(resolve_tracking_uri(cfg.register.tracking_uri, args.tracking_uri))
     decision = promote(client, args.name, args.version, cfg.promote)
     print(decision.message())
@@ -152,7 +221,7 @@ SERVE_FLAGS = {  # flag -> (setting, type, help); each also has an environment v
     "--tracking-uri": ("tracking_uri", str, "MLflow tracking/registry URI for models:/ URIs"),
     "--host": ("host", str, "address to listen on (default 127.0.0.1)"),
     "--port": ("port", int, "port to listen on (default 8000)"),
-    "--device": ("device", str, "auto (CUDA when available, else CPU), cpu or cuda"),
+    "--device": ("device", str, "auto: CUDA when available, else CPU"),
     "--threads": ("threads", int, "ONNX Runtime intra-op threads (0 = automatic)"),
     "--max-batch": ("max_batch", int, "most items per /predict request (default 256)"),
     "--max-body-bytes": ("max_body_bytes", int, "largest request body (default 16 MiB)"),
@@ -171,19 +240,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _add_run_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
     parser.add_argument("--params", help="params.yaml to start from (default: built-in defaults)")
-    parser.add_argument("--dataset", help="dataset name, e.g. fashion-mnist, digits, npz")
-    parser.add_argument("--model", help="model name, e.g. mlp, cnn, resnet20")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), help="dataset (base.dataset)")
+    parser.add_argument("--model", choices=sorted(MODELS), help="model (base.model)")
     if with_method:
-        parser.add_argument("--method", help="pruning method: ballot, lth, magnitude, random")
+        parser.add_argument("--method", choices=sorted(PRUNERS), help="pruning method (prune.method)")
     parser.add_argument("--density", type=float, help="fraction of prunable weights kept, in (0, 1]")
     parser.add_argument("--seed", type=int, help="random seed")
-    parser.add_argument("--device", help="auto, cpu or cuda")
+    parser.add_argument("--device", help=_field_help(BaseConfig, "device"))
     parser.add_argument("--set", action="append", metavar="GROUP.KEY=VALUE",
                         help="override any parameter, e.g. --set prune.ballot.conflict_threshold=0.3")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from serving.settings import DEVICES, LOG_LEVELS  # here: importing this module needs no serving package
+
     parser = argparse.ArgumentParser(prog="ballot", description="Fair sparse neural networks: prune, evaluate, ship.")
+    parser.add_argument("--version", action="version", version=f"ballot {metadata.version('ballot')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     prune = commands.add_parser("prune", help="train dense, prune with a method, retrain; write mask, weights, metrics")
@@ -211,6 +283,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dir", required=True, help="output folder of `ballot prune`")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    export = commands.add_parser("export", help="write a `ballot prune` output folder as one ONNX file (masks baked "
+                                                "in, model card inside), checked against PyTorch")
+    export.add_argument("--dir", required=True, help="output folder of `ballot prune`")
+    export.add_argument("--out", required=True, help="ONNX file to write (replaced only when the parity check passes)")
+    export.set_defaults(func=cmd_export)
+
+    register = commands.add_parser("register", help="register an exported ONNX file as a new version in the MLflow "
+                                                    "model registry, with an alias")
+    register.add_argument("--onnx", required=True, help="ONNX file written by `ballot export` or the export stage")
+    register.add_argument("--name", help="registered model name (default: register.model_name)")
+    register.add_argument("--alias", default="challenger", help="alias pointed at the new version (default "
+                                                                "challenger; champion moves only through promote)")
+    register.add_argument("--experiment", help="MLflow experiment of the run (default: register.experiment)")
+    register.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                 "else register.tracking_uri of the params file)")
+    register.add_argument("--params", help="params file with the register group (default: ./params.yaml when present)")
+    register.set_defaults(func=cmd_register)
+
     promote = commands.add_parser("promote", help="move alias champion to a registered version if it passes the "
                                                   "accuracy and fairness gate (exit 1 when refused)")
     promote.add_argument("--name", required=True, help="registered model name")
@@ -227,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
 
     serve = commands.add_parser("serve", help="serve a registered model (or an .onnx file) over HTTP with ONNX Runtime")
+    choices = {"device": DEVICES, "log_level": LOG_LEVELS}
     for flag, (setting, kind, text) in SERVE_FLAGS.items():
-        serve.add_argument(flag, dest=setting, type=kind, help=text)
+        serve.add_argument(flag, dest=setting, type=kind, choices=choices.get(setting), help=text)
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -19,9 +19,14 @@ class DistributedError(RuntimeError):
     """The processes of one run disagree (e.g. on a mask), or the group cannot start."""
 
 
+def requested_processes() -> int:
+    """How many processes torchrun started for this run (WORLD_SIZE; 1 when not started by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def requested() -> bool:
-    """Whether this process was started as one of several (torchrun sets WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process was started as one of several."""
+    return requested_processes() > 1
 
 
 def active() -> bool:

@@ -40,3 +40,11 @@ class PromotionError(UserError, ValueError):
 
 class TuneError(UserError, RuntimeError):
     """A study cannot be joined or a worker failed; the message says why."""
+
+
+class ParityError(UserError, ValueError):
+    """ONNX Runtime's logits differ from PyTorch's by more than the configured tolerance."""
+
+
+class RegistryError(UserError, ValueError):
+    """A registry request this project does not allow (e.g. moving ``champion`` outside the gate)."""

@@ -11,10 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ballot.config import ExperimentConfig
+from ballot.errors import ParityError, StorageError
 from ballot.masks import Mask
 from ballot.storage import atomic_write
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+CARD_METRICS = ("density", "acc", "cwv", "mcd", "worst_class")
 
 
 def bake(model: nn.Module, mask: Mask | None) -> nn.Module:
@@ -47,12 +50,32 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path,
     return atomic_write(path, write)
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """metadata_props of an ONNX file written by ``export_onnx``, JSON-decoded."""
-    import onnx
+def model_card(metrics: dict[str, Any], cfg: ExperimentConfig, class_names: list[str],
+               input_shape: Sequence[int]) -> dict[str, Any]:
+    """What the ONNX metadata_props (and later the registry's version tags) say about the model; ``dense_acc``
+    (what `ballot promote` gates on) when ``metrics`` has the dense reference."""
+    card = {**{key: metrics[key] for key in CARD_METRICS}, "dataset": cfg.base.dataset,
+            "method": cfg.prune.method, "model": cfg.base.model, "class_names": list(class_names),
+            "input_shape": list(input_shape)}
+    if "dense" in metrics:
+        card["dense_acc"] = metrics["dense"]["acc"]
+    return card
 
-    proto = onnx.load_model(str(path), load_external_data=False)
-    return {p.key: json.loads(p.value) for p in proto.metadata_props}
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """metadata_props of an ONNX file written by ``export_onnx``, JSON-decoded; StorageError naming the file when
+    it is missing or is not such a file."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise StorageError(f"ONNX file '{path}' not found")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+        return {p.key: json.loads(p.value) for p in proto.metadata_props}
+    except (DecodeError, json.JSONDecodeError, OSError, ValueError) as error:
+        raise StorageError(f"'{path}' is not an ONNX file written by `ballot export`: {error}") from None
 
 
 def check_parity(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor) -> dict[str, float]:
@@ -66,3 +89,34 @@ def check_parity(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor) 
     diff = np.abs(expected - got)
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "argmax_agreement": float((expected.argmax(1) == got.argmax(1)).mean()), "samples": int(len(inputs))}
+
+
+def initializer_counts(path: str | Path) -> dict[str, int]:
+    """Number of stored parameters in the ONNX file and how many of them are non-zero."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_model(str(path))
+    arrays = [numpy_helper.to_array(init) for init in proto.graph.initializer]
+    return {"onnx_parameters": int(sum(a.size for a in arrays)),
+            "onnx_nonzero_parameters": int(sum(np.count_nonzero(a) for a in arrays))}
+
+
+def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Path, card: dict[str, Any],
+                   inputs: torch.Tensor, tolerance: float) -> dict[str, Any]:
+    """Export ``baked`` (see ``bake``) with ``card`` as metadata and check it on ``inputs``; ``path`` is replaced
+    only when ONNX Runtime agrees with PyTorch within ``tolerance`` (else ParityError). Returns the export report:
+    parity, tolerance, file size and initializer counts."""
+    report: dict[str, Any] = {}
+
+    def write(tmp: str) -> None:
+        export_onnx(baked, input_shape, tmp, card)
+        parity = check_parity(baked, tmp, inputs)
+        if not parity["max_abs_diff"] <= tolerance:
+            raise ParityError(f"ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.3g} on "
+                              f"{parity['samples']} test inputs (export.parity_tolerance {tolerance})")
+        report.update(parity=parity, parity_tolerance=tolerance, onnx_bytes=Path(tmp).stat().st_size,
+                      **initializer_counts(tmp))
+
+    atomic_write(path, write)
+    return report

@@ -1,8 +1,9 @@
 """MLflow: where runs go, what a run records, and the registry contract the serving side relies on.
 
 Registry contract: the ONNX model is logged as ``name="model"`` with a signature and an input example,
-registered as a new version of the configured name, given the alias ``challenger`` and tagged with
-``VERSION_TAG_KEYS`` (string values; lists JSON-encoded). Only ``ballot promote`` moves ``champion``.
+registered as a new version of the configured name, given the alias ``challenger`` (or one chosen with
+`ballot register --alias`) and tagged with ``VERSION_TAG_KEYS`` and, when the model card records it,
+``dense_acc`` (string values; lists JSON-encoded). Only ``ballot promote`` moves ``champion``.
 """
 
 from __future__ import annotations
@@ -15,16 +16,30 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ballot.config import flatten
+from ballot.errors import RegistryError, StorageError
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 VERSION_TAG_KEYS = ("density", "acc", "cwv", "mcd", "worst_class", "dataset", "method", "model", "class_names",
                     "input_shape")
+OPTIONAL_TAG_KEYS = ("dense_acc",)
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+_ALIAS = re.compile(r"[\w-]+")
+_VERSION_LIKE = re.compile(r"[vV]\d+")
+
+
+def check_alias(alias: str) -> None:
+    """RegistryError unless MLflow accepts ``alias`` and it is not ``champion`` (only the gate moves that one)."""
+    if alias == CHAMPION:
+        raise RegistryError(f"alias '{CHAMPION}' moves only through `ballot promote`, which checks accuracy and "
+                            f"fairness first; register with another alias, then promote")
+    if not _ALIAS.fullmatch(alias) or alias.lower() == "latest" or _VERSION_LIKE.fullmatch(alias):
+        raise RegistryError(f"alias '{alias}': use letters, digits, '_' and '-', and neither 'latest' nor a "
+                            f"version-like name such as 'v2'")
 
 
 def resolve_tracking_uri(configured: str, explicit: str | None = None) -> str:
@@ -88,9 +103,20 @@ class Registration:
     tracking_uri: str
 
 
-def register_onnx(onnx_path: str | Path, name: str, example: np.ndarray, tags: Mapping[str, Any]) -> Registration:
-    """Inside the active run: log the ONNX file as ``model``, register a new version of ``name``, alias it
-    ``challenger`` and set ``tags`` on the version (see the module docstring)."""
+def version_tags(card: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
+    """The registry's version tags from a model card (an exported file's metadata); StorageError naming
+    ``source`` when the card lacks one of ``VERSION_TAG_KEYS``."""
+    missing = [key for key in VERSION_TAG_KEYS if key not in card]
+    if missing:
+        raise StorageError(f"'{source}' has no model card entries {missing}: write it with `ballot export` "
+                           f"or the export stage")
+    return {key: card[key] for key in (*VERSION_TAG_KEYS, *OPTIONAL_TAG_KEYS) if key in card}
+
+
+def register_onnx(onnx_path: str | Path, name: str, example: np.ndarray, tags: Mapping[str, Any],
+                  alias: str = CHALLENGER) -> Registration:
+    """Inside the active run: log the ONNX file as ``model``, register a new version of ``name``, point
+    ``alias`` at it and set ``tags`` on the version (see the module docstring)."""
     import mlflow
     import mlflow.onnx
     import onnx
@@ -109,8 +135,33 @@ def register_onnx(onnx_path: str | Path, name: str, example: np.ndarray, tags: M
                                  signature=infer_signature(example, logits), input_example=example)
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    client.set_registered_model_alias(name, alias, version)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, tag_value(value))
-    return Registration(name, version, CHALLENGER, run.info.run_id, f"models:/{name}@{CHALLENGER}",
-                        mlflow.get_tracking_uri())
+    return Registration(name, version, alias, run.info.run_id, f"models:/{name}@{alias}", mlflow.get_tracking_uri())
+
+
+def register_run(onnx_path: str | Path, name: str, example: np.ndarray | None, card: Mapping[str, Any], *,
+                 experiment: str, metrics: Mapping[str, float], alias: str = CHALLENGER,
+                 tags: Mapping[str, str] | None = None, params: Mapping[str, Any] | None = None,
+                 artifacts: Sequence[tuple[Path, str]] = ()) -> Registration:
+    """One MLflow run in ``experiment`` (tagged with the card's dataset, method and model, and ``tags``) that logs
+    ``params``, ``metrics`` and ``artifacts`` ((file, artifact folder) pairs), then registers the ONNX file
+    with the card's version tags (``register_onnx``); ``example`` None: one all-zero input of the card's
+    ``input_shape``. The card and the alias are checked before the run starts."""
+    import mlflow
+
+    model_tags = version_tags(card, onnx_path)
+    check_alias(alias)
+    if example is None:
+        example = np.zeros((1, *card["input_shape"]), dtype=np.float32)
+    mlflow.set_experiment(experiment)
+    run_tags = {**{key: card[key] for key in ("dataset", "method", "model")}, **(tags or {})}
+    run_name = f"{card['method']}-{card['model']}-d{card['density']:.3f}"
+    with mlflow.start_run(run_name=run_name, tags=run_tags):
+        if params:
+            mlflow.log_params(params)
+        mlflow.log_metrics(dict(metrics))
+        for path, folder in artifacts:
+            mlflow.log_artifact(str(path), artifact_path=folder)
+        return register_onnx(onnx_path, name, example, model_tags, alias)

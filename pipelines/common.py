@@ -43,12 +43,10 @@ def read_json(path: Path) -> Any:
         raise StorageError(f"'{path}' is not valid JSON: {error}") from None
 
 
-def run_stage(name: str, body: Callable[[ExperimentConfig], None],
-              errors: tuple[type[Exception], ...] = ()) -> None:
-    """Validate params.yaml, then run ``body``; a user error (or one of ``errors``) prints
-    '<name>: error: ...' and exits with 2."""
+def run_stage(name: str, body: Callable[[ExperimentConfig], None]) -> None:
+    """Validate params.yaml, then run ``body``; a user error prints '<name>: error: ...' and exits with 2."""
     try:
         body(load_config())
-    except (UserError, *errors) as error:
+    except UserError as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         sys.exit(2)

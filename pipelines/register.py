@@ -25,25 +25,20 @@ def artifacts() -> list[tuple[Path, str]]:
 
 
 def main(cfg: ExperimentConfig) -> None:
-    import mlflow
-
     metrics = read_json(METRICS)
     export_report = read_json(EXPORT / REPORT_FILE)
     card = read_metadata(EXPORT / MODEL_FILE)
     example = load_tensors(EXPORT / EXAMPLE_FILE, "input example")["input"].numpy()
     tracking.connect(tracking.resolve_tracking_uri(cfg.register.tracking_uri))
-    mlflow.set_experiment(cfg.register.experiment)
-    run_tags = {**tracking.git_state(), **{key: card[key] for key in ("dataset", "method", "model")}}
+    run_tags = tracking.git_state()
     if DVC_LOCK.is_file():
         run_tags["dvc_lock_sha256"] = tracking.file_sha256(DVC_LOCK)
-    with mlflow.start_run(run_name=f"{card['method']}-{card['model']}-d{card['density']:.3f}", tags=run_tags):
+    registration = tracking.register_run(
+        EXPORT / MODEL_FILE, cfg.register.model_name, example, card, experiment=cfg.register.experiment,
+        tags=run_tags, artifacts=artifacts(),
         # the configuration prune actually ran with (params.yaml with the tuned values applied)
-        mlflow.log_params(tracking.flatten(read_json(PRUNE / "config.json")))
-        mlflow.log_metrics({**tracking.numeric_metrics(metrics), **tracking.numeric_metrics(export_report, "export.")})
-        for path, folder in artifacts():
-            mlflow.log_artifact(str(path), artifact_path=folder)
-        version_tags = {**{key: card[key] for key in tracking.VERSION_TAG_KEYS}, "dense_acc": metrics["dense"]["acc"]}
-        registration = tracking.register_onnx(EXPORT / MODEL_FILE, cfg.register.model_name, example, version_tags)
+        params=tracking.flatten(read_json(PRUNE / "config.json")),
+        metrics={**tracking.numeric_metrics(metrics), **tracking.numeric_metrics(export_report, "export.")})
     write_json(REGISTER, asdict(registration))
     print(f"register: {registration.name} version {registration.version} @{registration.alias}  "
           f"run {registration.run_id}  ({registration.tracking_uri})")

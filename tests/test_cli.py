@@ -2,11 +2,16 @@ import json
 import re
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 
 from ballot.cli import main
+from ballot.data import DATASETS
 from ballot.masks import Mask, budget
+from ballot.models import MODELS
+from ballot.pruning import PRUNERS
+from serving.settings import DEVICES, LOG_LEVELS
 from tests.conftest import TINY
 
 TINY_FLAGS = [flag for item in TINY if not item.startswith("base.") for flag in ("--set", item)]
@@ -23,16 +28,18 @@ def test_prune_writes_mask_weights_and_metrics_then_evaluate_reproduces_them(tmp
     mask = Mask.load(out / "mask.safetensors")
     assert mask.kept == budget(mask.total, 0.05) and metrics["density"] == mask.density()
     assert (out / "model.safetensors").is_file() and (out / "dense" / "rewind.safetensors").is_file()
-    capsys.readouterr()
+    assert metrics["dense"]["acc"] > 0 and metrics["worst_class_name"] in [str(c) for c in range(10)]
+    block = capsys.readouterr().out  # the summary block ends the run
+    assert block.splitlines()[0].split() == ["method", "lth"] and "(dense " in block and "worst class" in block
     assert main(["evaluate", "--dir", str(out)]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["acc"] == metrics["acc"] and again["cwv"] == metrics["cwv"]
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--dataset", "nope"], "unknown dataset 'nope'"),
-    (["--model", "transformer"], "unknown model 'transformer'"),
-    (["--method", "prayer"], "unknown pruning method 'prayer'"),
+    (["--set", "base.dataset=nope"], "unknown dataset 'nope'"),
+    (["--set", "base.model=transformer"], "unknown model 'transformer'"),
+    (["--set", "prune.method=prayer"], "unknown pruning method 'prayer'"),
     (["--density", "1.5"], r"base.density: must be in \(0, 1\]"),
     (["--set", "prune.lth_roundz=2"], r"unknown key\(s\) \['lth_roundz'\]"),
 ])
@@ -102,3 +109,147 @@ def test_a_failed_run_leaves_the_previous_output_untouched(tmp_path, capsys):
                  *TINY_FLAGS])
     assert code == 2 and "dense.json" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_version_comes_from_the_package_metadata(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"ballot {metadata.version('ballot')}\n"
+
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps long choice lists
+
+
+def test_help_lists_the_choices_of_every_fixed_set(capsys):
+    text = _help("prune", capsys)
+    for flag, names in (("--dataset", DATASETS), ("--model", MODELS), ("--method", PRUNERS)):
+        assert f"{flag} {{{','.join(sorted(names))}}}" in text
+    assert "'cuda[:N]'" in text  # --device is open-ended (cuda:1, ...): its help names the forms
+    text = _help("serve", capsys)
+    assert f"--device {{{','.join(DEVICES)}}}" in text and f"--log-level {{{','.join(LOG_LEVELS)}}}" in text
+
+
+def test_a_name_outside_the_choices_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "--method", "prayer", "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2 and "argument --method: invalid choice: 'prayer'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """A tiny magnitude-pruned `ballot prune` folder shared by the export and register tests."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["prune", "--dataset", "digits", "--method", "magnitude", "--out", str(out), *TINY_FLAGS]) == 0
+    return out
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """A sqlite MLflow registry in a temp folder (the working directory too, so artifacts land there)."""
+    mlflow = pytest.importorskip("mlflow")
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    yield uri, mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
+
+
+@pytest.mark.slow
+def test_export_writes_an_onnx_file_that_matches_pytorch_then_register_aliases_it(pruned, tmp_path, registry, capsys):
+    import onnxruntime as ort
+    import torch
+
+    from ballot.config import experiment_from_params
+    from ballot.experiment import load_pruned, prepare_data
+    from ballot.export import bake, read_metadata
+
+    onnx_path = tmp_path / "out" / "model.onnx"
+    assert main(["export", "--dir", str(pruned), "--out", str(onnx_path)]) == 0
+    assert [p.name for p in onnx_path.parent.iterdir()] == ["model.onnx"], "no temp file may be left behind"
+    metrics = json.loads((pruned / "metrics.json").read_text())
+    card = read_metadata(onnx_path)
+    assert card["method"] == "magnitude" and card["input_shape"] == [1, 8, 8] and len(card["class_names"]) == 10
+    assert card["acc"] == metrics["acc"] and card["dense_acc"] == metrics["dense"]["acc"]
+    cfg = experiment_from_params(json.loads((pruned / "config.json").read_text()))
+    data = prepare_data(cfg)
+    baked = bake(*load_pruned(pruned, cfg, data))
+    with torch.no_grad():
+        expected = baked(data.test.x).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: data.test.x.numpy()})[0]
+    assert abs(got - expected).max() < 1e-4 and (got.argmax(1) == expected.argmax(1)).all()
+
+    uri, client = registry
+    capsys.readouterr()
+    assert main(["register", "--onnx", str(onnx_path), "--name", "cli-test", "--alias", "staging",
+                 "--tracking-uri", uri]) == 0
+    assert "models:/cli-test@staging" in capsys.readouterr().out
+    version = client.get_model_version_by_alias("cli-test", "staging")
+    assert str(version.version) == "1"
+    assert float(version.tags["acc"]) == metrics["acc"] and float(version.tags["dense_acc"]) == metrics["dense"]["acc"]
+    assert main(["register", "--onnx", str(onnx_path), "--name", "cli-test", "--tracking-uri", uri]) == 0
+    assert str(client.get_model_version_by_alias("cli-test", "challenger").version) == "2"
+    assert str(client.get_model_version_by_alias("cli-test", "staging").version) == "1"
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("ballot: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "missing", "is not a folder"),
+    (lambda tmp: tmp, "has no config.json"),
+])
+def test_export_of_a_folder_that_is_not_a_prune_output(tmp_path, capsys, make, message):
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--dir", str(make(tmp_path)), "--out", str(out)]) == 2
+    assert message in _one_line_error(capsys) and not out.exists()
+
+
+def test_export_of_a_folder_with_a_broken_file(pruned, tmp_path, capsys):
+    broken = tmp_path / "run"
+    broken.mkdir()
+    for name in ("config.json", "mask.safetensors"):
+        (broken / name).write_bytes((pruned / name).read_bytes())
+    (broken / "metrics.json").write_text("{not json")
+    assert main(["export", "--dir", str(broken), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "metrics.json' is not valid JSON" in _one_line_error(capsys)
+    (broken / "metrics.json").write_bytes((pruned / "metrics.json").read_bytes())
+    assert main(["export", "--dir", str(broken), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "model.safetensors' not found" in _one_line_error(capsys)
+    assert main(["export", "--dir", str(pruned), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in _one_line_error(capsys)
+
+
+def _linear():
+    from torch import nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).eval()
+
+
+def test_register_refuses_what_it_cannot_register(tmp_path, registry, capsys):
+    from ballot.export import export_onnx
+
+    uri, client = registry
+    (tmp_path / "garbage.onnx").write_bytes(b"garbage")
+    bare = export_onnx(_linear(), (1, 2, 3), tmp_path / "bare.onnx", {"dataset": "toy"})
+    for path, message in ((tmp_path / "nope.onnx", "not found"), (tmp_path / "garbage.onnx", "is not an ONNX file"),
+                          (bare, "has no model card entries ['density'")):
+        assert main(["register", "--onnx", str(path), "--tracking-uri", uri]) == 2
+        assert message in _one_line_error(capsys)
+    assert client.search_registered_models() == [], "nothing may be registered"
+    card = {"density": 0.5, "acc": 0.8, "cwv": 0.01, "mcd": 0.2, "worst_class": 0.6, "dataset": "toy",
+            "method": "lth", "model": "linear", "class_names": ["a", "b", "c"], "input_shape": [1, 2, 3]}
+    carded = export_onnx(_linear(), (1, 2, 3), tmp_path / "carded.onnx", card)
+    for alias, message in (("champion", "moves only through `ballot promote`"), ("v2", "version-like")):
+        assert main(["register", "--onnx", str(carded), "--alias", alias, "--tracking-uri", uri]) == 2
+        assert message in _one_line_error(capsys)
+    assert client.search_registered_models() == [], "nothing may be registered"

@@ -29,8 +29,9 @@ from ballot.experiment import model_metrics
 from ballot.export import bake, export_onnx
 from ballot.masks import Mask, magnitude_scores
 from ballot.models import build_model
-from serving.client import ClientError, encode_png, predict as client_predict
+from serving.client import ClientError, encode_png
 from serving.client import main as client_main
+from serving.client import predict as client_predict
 from serving.server import build_server, load_model
 from serving.settings import Settings
 

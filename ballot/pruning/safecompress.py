@@ -21,8 +21,14 @@ from torch import nn
 from ballot.config import SafeCompressConfig
 from ballot.masks import Mask
 from ballot.pruning.base import PruneContext, PruneResult
-from ballot.pruning.dst import (apply_update, death_rate_at, drop_and_grow, erk_random_mask, masked_step,
-                               rescale_to_density)
+from ballot.pruning.dst import (
+    apply_update,
+    death_rate_at,
+    drop_and_grow,
+    erk_random_mask,
+    masked_step,
+    rescale_to_density,
+)
 from ballot.pruning.fair_terms import class_loss_variance
 from ballot.pruning.loop import batches, epoch_bar, set_lr
 from ballot.train import steps_per_epoch

@@ -1,0 +1,61 @@
+"""ballot.summary (the block a run ends with) and the pipeline's summary script."""
+
+from __future__ import annotations
+
+import json
+
+from ballot.summary import file_size, summary
+
+METRICS = {"method": "ballot", "density": 0.05, "acc": 0.8123, "cwv": 0.01116, "mcd": 0.3787, "worst_class": 0.595,
+           "worst_class_name": "Shirt", "dense": {"acc": 0.845, "cwv": 0.01736, "mcd": 0.4743, "worst_class": 0.5}}
+
+
+def test_summary_of_a_hand_made_mapping():
+    shipped = {**METRICS, "onnx_bytes": 1_110_000,
+               "registration": {"name": "ballot-fashion-mnist", "version": "3", "alias": "challenger"}}
+    assert summary(shipped).splitlines() == [
+        "method       ballot",
+        "density      0.0500 kept (95.0% pruned)",
+        "accuracy     0.8123 (dense 0.8450, -3.3 pts)",
+        "CWV          0.01116 (dense 0.01736)",
+        "MCD          0.3787 (dense 0.4743)",
+        "worst class  Shirt 0.5950",
+        "ONNX         1.06 MiB",
+        "registered   ballot-fashion-mnist version 3 @challenger",
+    ]
+
+
+def test_summary_without_dense_export_or_registry_and_with_unknown_values():
+    lines = summary({**METRICS, "dense": None, "cwv": None, "mcd": float("nan")}).splitlines()
+    assert lines[2:] == ["accuracy     0.8123", "CWV          n/a", "MCD          n/a", "worst class  Shirt 0.5950"]
+
+
+def test_file_sizes():
+    assert [file_size(n) for n in (812, 14_540, 3 * 1024 ** 2)] == ["812 B", "14.2 KiB", "3.00 MiB"]
+
+
+def test_pipeline_summary_reads_the_stage_outputs(tmp_path, monkeypatch, capsys):
+    from pipelines import summary as script
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({k: v for k, v in METRICS.items() if k != "method"}))
+    (tmp_path / "artifacts/prune").mkdir(parents=True)
+    (tmp_path / "artifacts/prune/metrics.json").write_text(json.dumps({"method": "ballot"}))
+    assert script.main() == 0
+    out = capsys.readouterr().out
+    assert "method       ballot" in out and "ONNX" not in out and "registered" not in out
+    (tmp_path / "artifacts/export").mkdir()
+    (tmp_path / "artifacts/export/export.json").write_text(json.dumps({"onnx_bytes": 900}))
+    (tmp_path / "artifacts/register.json").write_text(json.dumps({"name": "m", "version": "2", "alias": "challenger"}))
+    assert script.main() == 0
+    assert summary({**METRICS, "onnx_bytes": 900, "registration": {"name": "m", "version": "2",
+                                                                    "alias": "challenger"}}) in capsys.readouterr().out
+
+
+def test_pipeline_summary_without_metrics_exits_2(tmp_path, monkeypatch, capsys):
+    from pipelines import summary as script
+
+    monkeypatch.chdir(tmp_path)
+    assert script.main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("summary: error: 'metrics.json' not found") and err.count("\n") == 1
