@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
+import subprocess
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ballot.config import BaseConfig, ExperimentConfig, apply_overrides, experiment_from_params, load_yaml, to_dict
 from ballot.data import DATASETS, DataBundle
-from ballot.errors import StorageError, UserError
+from ballot.errors import ConfigError, StorageError, UserError
 from ballot.models import MODELS
 from ballot.pruning import PRUNERS, DenseArtifacts
 from ballot.storage import staged_folder
@@ -73,7 +77,7 @@ def _dense_states(cfg: ExperimentConfig, data: DataBundle, reuse: str | None, ou
                   ) -> tuple[DenseArtifacts, Path, float, dict[str, Any]]:
     """(dense states, their folder, seconds spent training, the dense model's metrics): reused from ``reuse``
     when it holds them, else trained and saved there (or under out/dense)."""
-    from ballot import experiment
+    from ballot import distributed, experiment
 
     dense_dir = Path(reuse) if reuse else out / "dense"
     if reuse and all((dense_dir / n).exists() for n in experiment.DENSE_FILES.values()):
@@ -84,20 +88,71 @@ def _dense_states(cfg: ExperimentConfig, data: DataBundle, reuse: str | None, ou
         print(f"dense: reusing {dense_dir}", file=sys.stderr)
     else:
         (model, dense, _), seconds = experiment.timed(experiment.train_dense, cfg, data)
-        experiment.save_dense(dense, dense_dir, cfg)
+        if distributed.is_main() or not reuse:  # one process writes a shared --dense folder
+            experiment.save_dense(dense, dense_dir, cfg)
     dense_metrics = experiment.model_metrics(model, data, cfg.base.device)
     print(f"dense:  {_summary(dense_metrics)}  ({seconds:.1f}s)", file=sys.stderr)
     return dense, dense_dir, seconds, dense_metrics
 
 
-def cmd_prune(args: argparse.Namespace) -> None:
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE``."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(f"{option}="):
+            kept.append(item)
+    return kept
+
+
+def _relaunch(processes: int, argv: list[str]) -> int:
+    """This same command in ``processes`` data-parallel processes on this machine (torchrun); its exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "ballot.cli", *_without_option(argv, "--nproc")]
+    return subprocess.run(command).returncode
+
+
+@contextlib.contextmanager
+def _rank_output(out: Path) -> Iterator[Path]:
+    """The staged output folder on rank 0 (the only process that writes or prints); a scratch folder elsewhere."""
+    from ballot import distributed
+
+    if distributed.is_main():
+        with staged_folder(out) as folder:  # the output folder is replaced only when everything succeeded
+            yield folder
+        return
+    with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        yield Path(scratch)
+
+
+def cmd_prune(args: argparse.Namespace) -> int | None:
+    from ballot import distributed, experiment
+    from ballot.train import resolve_device
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
+    cfg = _config_from_args(args)
+    experiment.check_experiment(cfg, processes=args.nproc)
+    if args.nproc > 1 and not distributed.requested():
+        return _relaunch(args.nproc, args.argv)
+    distributed.start(resolve_device(cfg.base.device))
+    try:
+        _prune(cfg, args)
+    finally:
+        distributed.stop()
+    return None
+
+
+def _prune(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     from ballot import experiment
 
-    cfg = _config_from_args(args)
-    experiment.check_experiment(cfg)
     out = Path(args.out)
-    data = _data(cfg)
-    with staged_folder(out) as folder:  # the output folder is replaced only when everything succeeded
+    with _rank_output(out) as folder:
+        data = _data(cfg)
         dense, _, dense_seconds, dense_metrics = _dense_states(cfg, data, args.dense, folder)
         result, prune_seconds = experiment.timed(experiment.run_prune, cfg, data, dense)
         metrics = experiment.model_metrics(result.model, data, cfg.base.device)
@@ -108,9 +163,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
                        dense={key: dense_metrics[key] for key in ("acc", "cwv", "mcd", "worst_class")},
                        seconds={"dense": dense_seconds, "prune": prune_seconds})
         experiment.save_pruned(folder, result, metrics, cfg)
-    print(f"{cfg.prune.method}: done in {prune_seconds:.1f}s; wrote {out}/mask.safetensors, model.safetensors, "
-          f"metrics.json", file=sys.stderr)
-    print(summary(metrics))
+        print(f"{cfg.prune.method}: done in {prune_seconds:.1f}s; writing {out}/mask.safetensors, "
+              f"model.safetensors, metrics.json", file=sys.stderr)
+        print(summary(metrics))
 
 
 TUNE_FLAGS = {"n_trials": "tune.n_trials", "timeout": "tune.timeout_s", "workers": "tune.workers",
@@ -262,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(prune)
     prune.add_argument("--out", required=True, help="output folder")
     prune.add_argument("--dense", help="folder of dense states to reuse (written there when absent)")
+    prune.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine, started "
+                                                              "through torchrun (docs/scale.md; default 1)")
     prune.set_defaults(func=cmd_prune)
 
     tune = commands.add_parser("tune", help="Optuna study over Ballot's knobs (tune.*): run, resume or join it; "
@@ -326,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
         code = func(args)

@@ -1,0 +1,64 @@
+"""Data parallelism on CPU (gloo): two processes started by torchrun select the single-process mask."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ballot.masks import Mask, budget
+from ballot.storage import load_tensors
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+FLAGS = ["--dataset", "digits", "--model", "mlp", "--density", "0.05", "--seed", "0", "--device", "cpu",
+         *[flag for item in TINY if not item.startswith("base.") for flag in ("--set", item)]]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def prune(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ballot.cli", "prune", *FLAGS, "--out", str(out), *extra],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("method", ["lth", "ballot"])
+def test_two_processes_select_the_single_process_mask(tmp_path, method):
+    single, double = prune(tmp_path / "one", "--method", method), prune(tmp_path / "two", "--method", method,
+                                                                         "--nproc", "2")
+    assert single.returncode == 0, single.stderr
+    assert double.returncode == 0, double.stderr
+    one, two = Mask.load(tmp_path / "one" / "mask.safetensors"), Mask.load(tmp_path / "two" / "mask.safetensors")
+    assert two.kept == budget(two.total, 0.05) == one.kept
+    differing = sum(int((one[n] ^ two[n]).sum()) for n in one) / 2
+    assert differing <= 0.005 * one.kept, f"{differing} of {one.kept} kept weights differ from one process"
+    weights = load_tensors(tmp_path / "two" / "model.safetensors", "model")
+    assert all(torch.count_nonzero(weights[n][~two[n]]) == 0 for n in two), "a pruned weight is not zero"
+    assert double.stdout.count("summary") <= 1 and not list((tmp_path / "two").glob(".*.tmp")), "rank 0 alone writes"
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["method"] == method
+
+
+def test_processes_that_disagree_on_a_mask_are_stopped(tmp_path):
+    script = tmp_path / "disagree.py"
+    script.write_text(
+        "import torch\n"
+        "from ballot import distributed\n"
+        "distributed.start(torch.device('cpu'))\n"
+        "distributed.check_identical({'w': torch.full((3,), distributed.rank())}, 'the test mask')\n")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "the test mask differs between rank" in run.stdout + run.stderr
+
+
+def test_methods_with_their_own_loop_refuse_several_processes(tmp_path):
+    run = prune(tmp_path / "sc", "--method", "safecompress", "--nproc", "2")
+    assert run.returncode == 2
+    assert "'safecompress' trains in its own loop and runs in one process only" in run.stderr
