@@ -141,14 +141,20 @@ def register_onnx(onnx_path: str | Path, name: str, example: np.ndarray, tags: M
     return Registration(name, version, alias, run.info.run_id, f"models:/{name}@{alias}", mlflow.get_tracking_uri())
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def register_run(onnx_path: str | Path, name: str, example: np.ndarray | None, card: Mapping[str, Any], *,
                  experiment: str, metrics: Mapping[str, float], alias: str = CHALLENGER,
                  tags: Mapping[str, str] | None = None, params: Mapping[str, Any] | None = None,
-                 artifacts: Sequence[tuple[Path, str]] = ()) -> Registration:
+                 artifacts: Sequence[tuple[Path, str]] = (),
+                 histories: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> Registration:
     """One MLflow run in ``experiment`` (tagged with the card's dataset, method and model, and ``tags``) that logs
-    ``params``, ``metrics`` and ``artifacts`` ((file, artifact folder) pairs), then registers the ONNX file
-    with the card's version tags (``register_onnx``); ``example`` None: one all-zero input of the card's
-    ``input_shape``. The card and the alias are checked before the run starts."""
+    ``params``, ``metrics``, per-epoch ``histories`` (phase -> epoch records: '<phase>.<key>' at step = epoch) and
+    ``artifacts`` ((file, artifact folder) pairs), then registers the ONNX file with the card's version tags
+    (``register_onnx``); ``example`` None: one all-zero input of the card's ``input_shape``. The card and the
+    alias are checked before the run starts."""
     import mlflow
 
     model_tags = version_tags(card, onnx_path)
@@ -162,6 +168,10 @@ def register_run(onnx_path: str | Path, name: str, example: np.ndarray | None, c
         if params:
             mlflow.log_params(params)
         mlflow.log_metrics(dict(metrics))
+        for phase, records in (histories or {}).items():
+            for record in records:
+                values = {f"{phase}.{k}": float(v) for k, v in record.items() if k != "epoch" and _finite(v)}
+                mlflow.log_metrics(values, step=int(record["epoch"]))
         for path, folder in artifacts:
             mlflow.log_artifact(str(path), artifact_path=folder)
         return register_onnx(onnx_path, name, example, model_tags, alias)

@@ -23,6 +23,7 @@ BEST_PARAMS = Path("best_params.yaml")
 STUDY_DB = Path("artifacts/tune/study.db")
 TUNE_REPORT = Path("artifacts/tune/report")
 SWEEP = Path("sweep")
+MODEL_CARD = Path("artifacts/model_card.md")
 
 
 def load_config(path: Path = PARAMS) -> ExperimentConfig:

@@ -5,11 +5,23 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from ballot import tracking
+from ballot import model_card, tracking
 from ballot.config import ExperimentConfig
 from ballot.export import read_metadata
-from ballot.storage import load_tensors, write_json
-from pipelines.common import BEST_PARAMS, EXPORT, METRICS, PARAMS, PLOTS, PRUNE, REGISTER, read_json, run_stage
+from ballot.storage import load_tensors, write_json, write_text
+from pipelines.common import (
+    BEST_PARAMS,
+    DENSE,
+    EXPORT,
+    METRICS,
+    MODEL_CARD,
+    PARAMS,
+    PLOTS,
+    PRUNE,
+    REGISTER,
+    read_json,
+    run_stage,
+)
 from pipelines.export import EXAMPLE_FILE, MODEL_FILE, REPORT_FILE
 
 DVC_LOCK = Path("dvc.lock")
@@ -33,9 +45,12 @@ def main(cfg: ExperimentConfig) -> None:
     run_tags = tracking.git_state()
     if DVC_LOCK.is_file():
         run_tags["dvc_lock_sha256"] = tracking.file_sha256(DVC_LOCK)
+    card_file = write_text(MODEL_CARD, model_card.render(card, read_json(PLOTS / "per_class.json"),
+                                                         (EXPORT / MODEL_FILE).stat().st_size))
     registration = tracking.register_run(
         EXPORT / MODEL_FILE, cfg.register.model_name, example, card, experiment=cfg.register.experiment,
-        tags=run_tags, artifacts=artifacts(),
+        tags=run_tags, artifacts=[*artifacts(), (card_file, "model")],
+        histories={"dense": read_json(DENSE / "history.json"), "final": read_json(PRUNE / "history.json")},
         # the configuration prune actually ran with (params.yaml with the tuned values applied)
         params=tracking.flatten(read_json(PRUNE / "config.json")),
         metrics={**tracking.numeric_metrics(metrics), **tracking.numeric_metrics(export_report, "export.")})

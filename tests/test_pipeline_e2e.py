@@ -162,8 +162,15 @@ def test_registered_challenger_predicts_like_the_exported_file(project):
     run = client.get_run(registration["run_id"])
     assert run.data.tags["git_commit"] == project.commit and len(run.data.tags["dvc_lock_sha256"]) == 64
     assert run.data.params["prune.method"] == "ballot" and run.data.metrics["acc"] == metrics["acc"]
-    logged = {a.path for folder in ("plots", "prune") for a in client.list_artifacts(run.info.run_id, folder)}
-    assert {"plots/per_class.json", "prune/mask_report.json"} <= logged
+    logged = {a.path for folder in ("plots", "prune", "model") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"plots/per_class.json", "prune/mask_report.json", "model/model_card.md"} <= logged
+    card = (project.root / "artifacts/model_card.md").read_text()
+    assert "## Fairness caveats" in card and f"accuracy {metrics['acc']:.4f}" in card
+    dense_curve = client.get_metric_history(run.info.run_id, "dense.train_loss")
+    dense_epochs = len(project.json("artifacts/dense/history.json"))
+    assert [m.step for m in dense_curve] == list(range(1, dense_epochs + 1)), "one point per dense epoch"
+    assert len(client.get_metric_history(run.info.run_id, "final.train_acc")) == \
+        len(project.json("artifacts/prune/history.json"))
 
 
 def test_second_repro_is_a_no_op(project):
