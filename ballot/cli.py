@@ -51,8 +51,8 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise StorageError(f"'{path.parent}' has no {path.name}: is it the --out folder of `ballot prune`?")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise StorageError(f"'{path}' is not valid JSON: {error}") from None
 
 
@@ -61,7 +61,10 @@ def _run_folder(path: str) -> tuple[Path, ExperimentConfig]:
     folder = Path(path)
     if not folder.is_dir():
         raise StorageError(f"'{folder}' is not a folder: pass the --out folder of `ballot prune`")
-    return folder, experiment_from_params(_read_json(folder / "config.json"))
+    params = _read_json(folder / "config.json")
+    if not isinstance(params, dict):
+        raise StorageError(f"'{folder / 'config.json'}' does not hold a configuration (a JSON object)")
+    return folder, experiment_from_params(params)
 
 
 def _data(cfg: ExperimentConfig) -> DataBundle:

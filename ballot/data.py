@@ -8,6 +8,7 @@ deployed model takes the same raw inputs as the loader produces.
 from __future__ import annotations
 
 import gzip
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -218,8 +219,8 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-    except (ValueError, OSError) as error:
-        raise DatasetError(f"npz: cannot read '{path}': {error}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DatasetError(f"npz: cannot read '{path}': {error or type(error).__name__}") from None
     missing = {"x", "y"} - set(arrays)
     if missing:
         raise DatasetError(f"npz: '{path}' lacks array(s) {sorted(missing)}; it has {sorted(arrays)}")
@@ -228,6 +229,11 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
 
     def split(suffix: str) -> Split:
         x, y = arrays["x" + suffix], arrays["y" + suffix]
+        if x.ndim < 2 or y.ndim != 1:
+            raise DatasetError(f"npz: x{suffix} must have shape (samples, features...) and y{suffix} shape (samples,); "
+                               f"got {x.shape} and {y.shape}")
+        if len(x) == 0:
+            raise DatasetError(f"npz: x{suffix} has no rows")
         if len(x) != len(y):
             raise DatasetError(f"npz: x{suffix} has {len(x)} rows but y{suffix} has {len(y)}")
         if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
@@ -303,10 +309,30 @@ def stratified_split(y: torch.Tensor, fraction: float, generator: torch.Generato
     return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(val)).values
 
 
+def _listed(labels: list[int], limit: int = 5) -> str:
+    shown = ", ".join(map(str, labels[:limit]))
+    return f"{shown}, ... ({len(labels)} in all)" if len(labels) > limit else shown
+
+
+def check_labels(raw: RawDataset, name: str) -> None:
+    """DatasetError unless the training split has every class 0..C-1 (C >= 2) and the test split no other."""
+    seen = set(torch.unique(raw.train.y).tolist())
+    if len(seen) < 2:
+        raise DatasetError(f"{name}: the training data holds {len(seen)} class(es); a classifier needs two or more")
+    unseen = sorted(set(torch.unique(raw.test.y).tolist()) - seen)
+    if unseen:
+        raise DatasetError(f"{name}: test labels {_listed(unseen)} never occur in the training data")
+    absent = [c for c in range(len(raw.class_names)) if c not in seen]
+    if absent:
+        raise DatasetError(f"{name}: labels must number the classes 0..{len(raw.class_names) - 1} with each present in "
+                           f"training; absent: {_listed(absent)}")
+
+
 def load_data(name: str, cfg: DataConfig | None = None, seed: int = 0) -> DataBundle:
     """Load dataset ``name`` and carve a seeded validation split (after optional long-tail subsampling)."""
     cfg = cfg or DataConfig()
     raw = dataset_loader(name)(cfg)
+    check_labels(raw, name)
     num_classes = len(raw.class_names)
     generator = torch.Generator().manual_seed(seed)
     pool_index = torch.arange(len(raw.train))

@@ -54,6 +54,9 @@ def model_card(metrics: dict[str, Any], cfg: ExperimentConfig, class_names: list
                input_shape: Sequence[int]) -> dict[str, Any]:
     """What the ONNX metadata_props (and later the registry's version tags) say about the model; ``dense_acc``
     (what `ballot promote` gates on) when ``metrics`` has the dense reference."""
+    missing = [key for key in CARD_METRICS if key not in metrics]
+    if missing:
+        raise StorageError(f"the metrics lack {missing}: were they written by `ballot prune` or the prune stage?")
     card = {**{key: metrics[key] for key in CARD_METRICS}, "dataset": cfg.base.dataset,
             "method": cfg.prune.method, "model": cfg.base.model, "class_names": list(class_names),
             "input_shape": list(input_shape)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -22,11 +23,44 @@ os.umask(_UMASK)
 
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _prefix(path: Path) -> str:
+    """Temp names beside ``path`` carry the writer's pid, so a later writer knows which are leftovers."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def clear_leftovers(path: Path) -> None:
+    """Remove the temp files and folders a killed writer of ``path`` left beside it; if it was killed between
+    moving the old ``path`` aside and moving the new one in, put the old one back (so ``path`` is always the old
+    or the new state)."""
+    for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.*")):
+        pid = leftover.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or pid_alive(int(pid)) or leftover.suffix not in (".tmp", ".old"):
+            continue
+        if leftover.suffix == ".old" and not path.exists():
+            os.replace(leftover, path)
+        elif leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clear_leftovers(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp")
     os.close(handle)
     try:
         write(tmp)
@@ -46,7 +80,8 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    clear_leftovers(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_prefix(final), suffix=".tmp"))
     old = tmp.with_suffix(".old")
     try:
         yield tmp
@@ -119,5 +154,9 @@ def load_state(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         if tensor.shape != own[name].shape:
             raise StorageError(f"weights '{path}': '{name}' has shape {tuple(tensor.shape)}, "
                                f"the model expects {tuple(own[name].shape)}")
+        if tensor.dtype != own[name].dtype:
+            raise StorageError(f"weights '{path}': '{name}' is {tensor.dtype}, the model expects {own[name].dtype}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise StorageError(f"weights '{path}': '{name}' holds NaN or infinite values")
     model.load_state_dict(state)
     return model

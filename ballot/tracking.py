@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 
 from ballot.config import flatten
 from ballot.errors import RegistryError, StorageError
+from ballot.storage import pid_alive
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 VERSION_TAG_KEYS = ("density", "acc", "cwv", "mcd", "worst_class", "dataset", "method", "model", "class_names",
@@ -47,9 +49,27 @@ def resolve_tracking_uri(configured: str, explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or configured
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_sqlite_store(uri: str) -> None:
+    """StorageError when ``uri`` names an existing file that is not an SQLite database (MLflow would fail deep
+    inside SQLAlchemy); a missing file is fine: MLflow creates it."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as handle:
+            if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                raise StorageError(f"tracking store '{path}' is not an SQLite database; point the tracking URI at "
+                                   "an MLflow sqlite file or server")
+
+
 def connect(uri: str):
     """Point MLflow at ``uri`` (tracking and registry) and return a client for it."""
     import mlflow
+
+    check_sqlite_store(uri)
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -115,8 +135,8 @@ def version_tags(card: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
 
 def register_onnx(onnx_path: str | Path, name: str, example: np.ndarray, tags: Mapping[str, Any],
                   alias: str = CHALLENGER) -> Registration:
-    """Inside the active run: log the ONNX file as ``model``, register a new version of ``name``, point
-    ``alias`` at it and set ``tags`` on the version (see the module docstring)."""
+    """Inside the active run: log the ONNX file as ``model``, register it as a new version of ``name`` created
+    with ``tags``, then point ``alias`` at it (see the module docstring)."""
     import mlflow
     import mlflow.onnx
     import onnx
@@ -131,14 +151,40 @@ def register_onnx(onnx_path: str | Path, name: str, example: np.ndarray, tags: M
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
     logits = session.run([output_name], {input_name: example})[0]
-    info = mlflow.onnx.log_model(onnx_model=proto, name="model", registered_model_name=name,
-                                 signature=infer_signature(example, logits), input_example=example)
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    client.set_registered_model_alias(name, alias, version)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, tag_value(value))
+    info = mlflow.onnx.log_model(onnx_model=proto, name="model", signature=infer_signature(example, logits),
+                                 input_example=example)
+    # One create call with every tag: a reader sees the version whole or not at all. The alias moves last, so a
+    # kill before it leaves the alias on the previous, complete version.
+    created = mlflow.register_model(info.model_uri, name, tags={k: tag_value(v) for k, v in tags.items()})
+    version = str(created.version)
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
     return Registration(name, version, alias, run.info.run_id, f"models:/{name}@{alias}", mlflow.get_tracking_uri())
+
+
+HOST_TAG, PID_TAG = "ballot.host", "ballot.pid"
+
+
+def _owner() -> dict[str, str]:
+    """Tags naming the process of a run, so that a later run can tell it was killed."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def fail_orphan_runs(experiment: str) -> list[str]:
+    """End as FAILED the RUNNING runs of ``experiment`` whose process, on this host, no longer exists (a killed
+    register); returns their ids."""
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    client, ended = mlflow.MlflowClient(), []
+    host = socket.gethostname()
+    for run in client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        pid = run.data.tags.get(PID_TAG, "")
+        if run.data.tags.get(HOST_TAG) == host and pid.isdigit() and not pid_alive(int(pid)):
+            client.set_terminated(run.info.run_id, status="FAILED")
+            ended.append(run.info.run_id)
+    return ended
 
 
 def _finite(value: Any) -> bool:
@@ -162,7 +208,8 @@ def register_run(onnx_path: str | Path, name: str, example: np.ndarray | None, c
     if example is None:
         example = np.zeros((1, *card["input_shape"]), dtype=np.float32)
     mlflow.set_experiment(experiment)
-    run_tags = {**{key: card[key] for key in ("dataset", "method", "model")}, **(tags or {})}
+    fail_orphan_runs(experiment)
+    run_tags = {**{key: card[key] for key in ("dataset", "method", "model")}, **(tags or {}), **_owner()}
     run_name = f"{card['method']}-{card['model']}-d{card['density']:.3f}"
     with mlflow.start_run(run_name=run_name, tags=run_tags):
         if params:

@@ -12,10 +12,12 @@ from ballot.errors import StorageError, UserError
 from ballot.experiment import check_experiment
 
 PARAMS = Path("params.yaml")
+DVC_LOCK = Path("dvc.lock")
 DATA = Path("artifacts/data")
 DENSE = Path("artifacts/dense")
 PRUNE = Path("artifacts/prune")
 EXPORT = Path("artifacts/export")
+MODEL_FILE, REPORT_FILE, EXAMPLE_FILE = "model.onnx", "export.json", "input_example.safetensors"  # in EXPORT
 METRICS = Path("metrics.json")
 PLOTS = Path("plots")
 REGISTER = Path("artifacts/register.json")
@@ -39,8 +41,8 @@ def read_json(path: Path) -> Any:
     if not path.is_file():
         raise StorageError(f"'{path}' not found: run the stage that writes it first (dvc repro)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise StorageError(f"'{path}' is not valid JSON: {error}") from None
 
 

@@ -7,9 +7,7 @@ from ballot.experiment import load_pruned
 from ballot.export import bake, export_checked, model_card
 from ballot.snapshot import load_snapshot
 from ballot.storage import atomic_save_tensors, staged_folder, write_json
-from pipelines.common import DATA, EXPORT, METRICS, PRUNE, read_json, run_stage
-
-MODEL_FILE, REPORT_FILE, EXAMPLE_FILE = "model.onnx", "export.json", "input_example.safetensors"
+from pipelines.common import DATA, EXAMPLE_FILE, EXPORT, METRICS, MODEL_FILE, PRUNE, REPORT_FILE, read_json, run_stage
 
 
 def main(cfg: ExperimentConfig) -> None:

@@ -12,19 +12,20 @@ from ballot.storage import load_tensors, write_json, write_text
 from pipelines.common import (
     BEST_PARAMS,
     DENSE,
+    DVC_LOCK,
+    EXAMPLE_FILE,
     EXPORT,
     METRICS,
     MODEL_CARD,
+    MODEL_FILE,
     PARAMS,
     PLOTS,
     PRUNE,
     REGISTER,
+    REPORT_FILE,
     read_json,
     run_stage,
 )
-from pipelines.export import EXAMPLE_FILE, MODEL_FILE, REPORT_FILE
-
-DVC_LOCK = Path("dvc.lock")
 
 
 def artifacts() -> list[tuple[Path, str]]:

@@ -7,8 +7,7 @@ from typing import Any
 
 from ballot.errors import StorageError
 from ballot.summary import summary
-from pipelines.common import EXPORT, METRICS, PRUNE, REGISTER, read_json
-from pipelines.export import REPORT_FILE
+from pipelines.common import EXPORT, METRICS, PRUNE, REGISTER, REPORT_FILE, read_json
 
 
 def collect() -> dict[str, Any]:

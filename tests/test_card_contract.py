@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from ballot.errors import StorageError
 from ballot.export import model_card
 from ballot.tracking import OPTIONAL_TAG_KEYS, VERSION_TAG_KEYS, tag_value, version_tags
 from serving.runtime import LIST_KEYS, NUMBER_KEYS, TEXT_KEYS, recorded_metadata
@@ -33,3 +36,8 @@ def test_a_card_survives_export_registry_and_service_unchanged():
     for props, registry in ((onnx_props, {}), ({}, tags)):
         served = recorded_metadata(props, registry)
         assert served == {key: card[key] for key in VERSION_TAG_KEYS}
+
+
+def test_metrics_without_a_card_key_are_named():
+    with pytest.raises(StorageError, match=r"the metrics lack \['cwv'\]"):
+        model_card({k: v for k, v in METRICS.items() if k != "cwv"}, tiny_config(), ["a", "b"], [1, 8, 8])

@@ -62,3 +62,17 @@ def test_load_yaml_errors(tmp_path):
     bad.write_text("base: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(bad)
+
+
+def test_a_key_given_twice_in_params_is_an_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("base:\n  density: 0.1\n  density: 0.5\n")
+    with pytest.raises(ConfigError, match="duplicate key 'density'"):
+        load_yaml(path)
+
+
+def test_a_binary_params_file_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_yaml(path)

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -148,4 +149,28 @@ def test_fashion_mnist_reads_an_explicit_root(tmp_path):
 def test_npz_group_must_be_integer(tmp_path):
     path = _write_npz(tmp_path / "d.npz", with_test=False, group=np.full(200, 0.5))
     with pytest.raises(DatasetError, match="group must hold integer"):
+        load_data("npz", DataConfig(path=str(path)))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.zeros((0, 4)), "y": np.zeros(0, dtype=np.int64)}, "npz: x has no rows"),
+    ({"x": np.zeros(10), "y": np.zeros(10, dtype=np.int64)}, "npz: x must have shape (samples, features...)"),
+    ({"x": np.zeros((10, 4)), "y": np.zeros((10, 2), dtype=np.int64)}, "and y shape (samples,)"),
+    ({"x": np.zeros((10, 4)), "y": np.zeros(10, dtype=np.int64)}, "holds 1 class(es); a classifier needs two"),
+    ({"x": np.zeros((10, 4)), "y": np.array([0, 1] * 4 + [100000, 1])}, "absent: 2, 3, 4, 5, 6, ... (99998 in all)"),
+    ({"x": np.zeros((10, 4)), "y": np.array([0, 1] * 5), "x_test": np.zeros((2, 4)), "y_test": np.array([0, 2])},
+     "test labels 2 never occur in the training data"),
+])
+def test_malformed_npz_data_is_refused_with_its_reason(tmp_path, arrays, message):
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_data("npz", DataConfig(path=str(path)))
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\xffnot a zip archive at all"])
+def test_an_npz_file_that_is_not_an_archive_is_named(tmp_path, content):
+    path = tmp_path / "broken.npz"
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match="npz: cannot read"):
         load_data("npz", DataConfig(path=str(path)))

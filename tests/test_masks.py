@@ -5,6 +5,7 @@ from torch import nn
 from ballot.errors import ConfigError, MaskError, StorageError
 from ballot.masks import Mask, budget, density_schedule, erk_counts, magnitude_scores, prunable_names
 from ballot.models import build_model
+from ballot.storage import atomic_save_tensors, load_tensors
 
 
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.02, 1.0])
@@ -140,3 +141,21 @@ def test_top_k_per_layer_keeps_each_layers_best_weights():
     assert mask.counts() == {"a": 2, "b": 3}
     with pytest.raises(MaskError, match="cannot keep 5 of its 4"):
         Mask.top_k_per_layer(scores, {"a": 5, "b": 1})
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda t: t.to(torch.int64), "is torch.int64, the model expects torch.float32"),
+    (lambda t: t.fill_(float("nan")), "holds NaN or infinite values"),
+])
+def test_weights_of_the_wrong_type_or_not_finite_are_refused(tmp_path, spoil, message):
+    from ballot.models import build_model
+    from ballot.storage import load_state, save_state
+
+    model = build_model("mlp", (1, 8, 8), 10)
+    save_state(model, tmp_path / "w.safetensors")
+    state = load_tensors(tmp_path / "w.safetensors")
+    first = next(n for n in state if n.endswith("weight"))
+    state[first] = spoil(state[first].clone())
+    atomic_save_tensors(state, tmp_path / "w.safetensors")
+    with pytest.raises(StorageError, match=message):
+        load_state(build_model("mlp", (1, 8, 8), 10), tmp_path / "w.safetensors")

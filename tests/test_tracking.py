@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +17,7 @@ from torch import nn
 
 from ballot.cli import main
 from ballot.config import PromoteConfig
-from ballot.errors import PromotionError
+from ballot.errors import PromotionError, StorageError
 from ballot.export import export_onnx
 from ballot.promote import gate
 from ballot.tracking import (
@@ -191,3 +196,63 @@ def test_promote_a_version_without_pipeline_tags_is_a_usage_error(registry, tmp_
     version = str(client.create_model_version("untagged", "file:///tmp/ballot-test-model").version)
     assert main(["promote", "--name", "untagged", "--version", version, "--tracking-uri", uri]) == 2
     assert "has no 'acc' tag" in capsys.readouterr().err
+
+
+def test_a_tracking_file_that_is_not_sqlite_is_named(tmp_path):
+    junk = tmp_path / "mlflow.db"
+    junk.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(StorageError, match="is not an SQLite database"):
+        connect(f"sqlite:///{junk}")
+
+
+def test_a_corrupt_run_folder_config_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00binary")
+    assert main(["evaluate", "--dir", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert main(["evaluate", "--dir", str(tmp_path)]) == 2
+    assert "does not hold a configuration" in capsys.readouterr().err
+
+
+KILLED_REGISTER = """
+import os, signal, sys
+import mlflow
+from ballot import tracking
+from tests.test_tracking import _card, _tiny_onnx
+
+uri, onnx_path, mode = sys.argv[1:]
+tracking.connect(uri)
+_tiny_onnx(onnx_path, seed=1 if mode == "kill" else 0)
+if mode == "kill":  # SIGKILL at the point where the version exists and the alias has not moved yet
+    mlflow.MlflowClient.set_registered_model_alias = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+reg = tracking.register_run(onnx_path, "killed-model", None, _card(0.5), experiment="killed", metrics={"acc": 0.5})
+print(reg.version)
+"""
+
+
+@pytest.mark.slow
+def test_a_register_killed_after_creating_the_version_leaves_the_registry_consistent(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = tmp_path / "register.py"
+    script.write_text(KILLED_REGISTER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+    def register(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), uri, str(tmp_path / f"{mode}.onnx"), mode], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    first = register("ok")
+    assert first.returncode == 0, first.stderr
+    killed = register("kill")
+    assert killed.returncode == -signal.SIGKILL
+    client = connect(uri)
+    versions = sorted(client.search_model_versions("name='killed-model'"), key=lambda v: int(v.version))
+    assert [str(v.version) for v in versions] == ["1", "2"]
+    assert all(set(VERSION_TAG_KEYS) <= set(v.tags) for v in versions), "no version is missing its tags"
+    assert str(client.get_model_version_by_alias("killed-model", CHALLENGER).version) == "1", "the alias did not move"
+    orphan = client.get_run(versions[1].run_id)
+    assert orphan.info.status == "RUNNING"
+    again = register("ok")
+    assert again.returncode == 0, again.stderr
+    assert client.get_run(versions[1].run_id).info.status == "FAILED", "the next run ends the orphan as FAILED"
+    assert str(client.get_model_version_by_alias("killed-model", CHALLENGER).version) == again.stdout.split()[-1] == "3"
