@@ -135,7 +135,7 @@ def test_models_without_image_inputs_refuse_images():
 
 
 def test_validation_messages_are_one_readable_line():
-    from serving.app import describe_validation
+    from serving.responses import describe_validation
 
     errors = [{"type": "list_type", "loc": ("body", "inputs", 3), "msg": "Input should be a valid list"}] * 2
     errors += [{"type": "string_type", "loc": ("body", "images", i), "msg": "bad"} for i in range(6)]
