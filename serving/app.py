@@ -1,130 +1,132 @@
-"""The FastAPI application: /health, /ready, /metadata and /predict around one loaded model."""
+"""The FastAPI application around one loaded model: health, metadata, predictions (JSON, PNG, raw float32),
+the Open Inference Protocol (``serving.v2``) and Prometheus metrics."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from serving.errors import BatchSizeError, InputError
-from serving.inputs import check_batch_size, from_nested, from_pngs
+from serving.errors import BatchSizeError, InputError, ModelLoadError, NotServedError
+from serving.inputs import check_batch_size, check_shape, from_float32_bytes, from_nested, from_pngs, parse_shape
+from serving.limits import BodyLimit
+from serving.metrics import CONTENT_TYPE, Metrics, RequestMetrics
+from serving.responses import V2_PREFIX, OrjsonRoute, describe_validation, error_response, json_response
 from serving.runtime import OnnxModel
-from serving.schemas import (ErrorBody, Health, MetadataResponse, Prediction, PredictRequest, PredictResponse,
-                             Readiness)
+from serving.schemas import ErrorBody, Health, MetadataResponse, PredictRequest, PredictResponse, Readiness
 from serving.settings import Settings
+from serving.v2 import v2_router
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {413: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+RAW_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary",
+               "description": "the batch as little-endian float32 values in row-major order"}}}}}
+JSON_VALUE_SLACK = 4096  # JSON values beyond the batch's numbers: keys, nesting, small tabular models
 
 
-class BodyLimit:
-    """ASGI middleware: answer 413 to a request body above ``max_bytes`` before the app reads it."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large(scope, receive, send)
-            return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._too_large(scope, receive, send)
-                return
-            more = message.get("more_body", False)
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        detail = f"request body exceeds the limit of {self.max_bytes} bytes; send fewer items per request"
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+def _is_v2(request: Request) -> bool:
+    return request.url.path == V2_PREFIX or request.url.path.startswith(V2_PREFIX + "/")
 
 
-def describe_validation(errors: Sequence[Any]) -> str:
-    """One readable line from pydantic / FastAPI validation errors."""
-    messages: list[str] = []
-    for error in errors:
-        if error["type"] == "json_invalid":
-            return f"request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"][1:]).lstrip(".")
-        message = str(error["msg"]).removeprefix("Value error, ")
-        if not where and error["type"] in ("missing", "model_attributes_type", "dict_type"):
-            message = "the request body must be a JSON object with 'inputs' or 'images' (Content-Type: application/json)"
-        messages.append(f"{where}: {message}" if where else message)
-    unique = list(dict.fromkeys(messages))
-    more = f" (and {len(unique) - 5} more)" if len(unique) > 5 else ""
-    return "; ".join(unique[:5]) + more
-
-
-async def _validation_error(_: Request, error: Exception) -> JSONResponse:
+async def _validation_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RequestValidationError)
-    return JSONResponse({"detail": describe_validation(error.errors())}, status_code=422)
+    return error_response(request.url.path, 400 if _is_v2(request) else 422, describe_validation(error.errors()))
 
 
-async def _input_error(_: Request, error: Exception) -> JSONResponse:
-    status = 413 if isinstance(error, BatchSizeError) else 422
-    return JSONResponse({"detail": str(error)}, status_code=status)
+async def _input_error(request: Request, error: Exception) -> Response:
+    status = 413 if isinstance(error, BatchSizeError) else 400 if _is_v2(request) else 422
+    return error_response(request.url.path, status, str(error))
+
+
+async def _not_served(request: Request, error: Exception) -> Response:
+    return error_response(request.url.path, 404, str(error))
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    response = error_response(request.url.path, error.status_code, str(error.detail))
+    response.headers.update(error.headers or {})
+    return response
+
+
+def max_json_values(settings: Settings, input_shape: tuple[int, ...]) -> int:
+    """Most JSON values a request may hold: twice the numbers of a full batch, plus slack."""
+    return 2 * settings.max_batch * math.prod(input_shape) + JSON_VALUE_SLACK
 
 
 def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
     """The service for ``model``; limits come from ``settings``."""
     card = model.card
+    metrics = Metrics(card, settings.max_batch)
     app = FastAPI(title="ballot model service", description=f"ONNX Runtime predictions of {card.label()}.")
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.router.route_class = OrjsonRoute
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       max_values=max_json_values(settings, card.input_shape))
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=app.routes)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(InputError, _input_error)
-    probe = np.zeros((1, *card.input_shape), dtype=np.float32)
+    app.add_exception_handler(NotServedError, _not_served)
+    app.add_exception_handler(HTTPException, _http_error)
+
+    def answer(route: str, batch: np.ndarray) -> Response:
+        probabilities = model.predict(batch)
+        classes = probabilities.argmax(axis=1)
+        metrics.observe_predictions(route, classes)
+        names = card.class_names
+        return json_response({"model": card.name, "version": card.version, "predictions": [
+            {"class_index": index, "class_name": names[index], "probabilities": row}
+            for index, row in zip(classes.tolist(), probabilities)]})
 
     @app.get("/health", response_model=Health, summary="Liveness: the process answers")
+    @app.head("/health", response_model=Health, include_in_schema=False)
     def health() -> Health:
         return Health(status="ok")
 
     @app.get("/ready", response_model=Readiness, responses={503: {"model": ErrorBody}},
              summary="Readiness: the model is loaded and answers a probe batch")
-    def ready() -> Readiness:
+    def ready(request: Request) -> Readiness | Response:
         try:
-            model.logits(probe)
-        except Exception as error:  # onnxruntime's exception types share no base class below Exception
-            raise HTTPException(503, f"model not ready: {error}") from None
+            model.check_ready()
+        except ModelLoadError as error:
+            return error_response(request.url.path, 503, str(error))
         return Readiness(ready=True, model=card.name, version=card.version)
 
     @app.get("/metadata", response_model=MetadataResponse, summary="The model card")
     def metadata() -> MetadataResponse:
         return MetadataResponse(**card.model_dump(), max_batch=settings.max_batch)
 
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)",
+             response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+    def scrape() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
     @app.post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
               summary="Class, class name and probabilities for each item of a batch")
-    def predict(request: PredictRequest) -> PredictResponse:
+    def predict(request: PredictRequest) -> Response:
         items = request.inputs if request.inputs is not None else request.images
         check_batch_size(len(items or []), settings.max_batch)
         if request.inputs is not None:
             batch = from_nested(request.inputs, card.input_shape)
         else:
             batch = from_pngs(request.images or [], card.input_shape)
-        probabilities = model.predict(batch)
-        predictions = [Prediction(class_index=int(row.argmax()), class_name=card.class_names[int(row.argmax())],
-                                  probabilities=row.tolist()) for row in probabilities]
-        return PredictResponse(model=card.name, version=card.version, predictions=predictions)
+        return answer("/predict", batch)
 
+    @app.post("/predict/raw", response_model=PredictResponse, responses=ERROR_RESPONSES, openapi_extra=RAW_BODY,
+              summary="Predictions for a batch sent as raw float32 bytes (Content-Type: application/octet-stream)")
+    async def predict_raw(request: Request, shape: str = Header(
+            alias="X-Tensor-Shape", description="the batch's shape, comma-separated: n followed by input_shape",
+            examples=["64,1,28,28"])) -> Response:
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/octet-stream":
+            raise InputError("send the batch as raw float32 bytes with Content-Type: application/octet-stream")
+        dims = check_shape(parse_shape(shape), card.input_shape, settings.max_batch)
+        body = await request.body()
+        return await run_in_threadpool(lambda: answer("/predict/raw", from_float32_bytes(body, dims)))
+
+    app.include_router(v2_router(model, settings, metrics))
     return app

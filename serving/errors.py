@@ -25,3 +25,7 @@ class InputError(ServingError):
 
 class BatchSizeError(InputError):
     """A request holds more items than the service accepts; answered with HTTP 413."""
+
+
+class NotServedError(ServingError):
+    """A request names a model or version this service does not serve; answered with HTTP 404."""

@@ -29,34 +29,93 @@ def check_batch_size(count: int, max_batch: int) -> None:
         raise BatchSizeError(f"batch of {count} items exceeds the limit of {max_batch}; split it into smaller requests")
 
 
+def check_shape(shape: Sequence[int], input_shape: Sequence[int], max_batch: int) -> tuple[int, ...]:
+    """``shape`` when it is [n, *input_shape] with 1 <= n <= ``max_batch``; else InputError or BatchSizeError."""
+    expected = list(input_shape)
+    if len(shape) != len(expected) + 1 or list(shape[1:]) != expected or shape[0] < 0:
+        raise InputError(f"tensor shape {list(shape[:8])} does not fit the model: it takes [n, "
+                         f"{', '.join(map(str, expected))}]")
+    check_batch_size(shape[0], max_batch)
+    return tuple(shape)
+
+
+def parse_shape(text: str) -> list[int]:
+    """A shape written as comma-separated sizes (``64,1,28,28``); InputError otherwise."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise InputError(f"the shape must be comma-separated sizes such as 8,1,28,28; got {text[:60]!r}")
+    return [int(part) for part in parts]
+
+
+def from_float32_bytes(raw: bytes, shape: Sequence[int]) -> np.ndarray:
+    """A float32 array of ``shape`` from little-endian float32 bytes in row-major order, checked by ``check_values``."""
+    needed = math.prod(shape) * 4
+    if len(raw) != needed:
+        raise InputError(f"the body holds {len(raw)} bytes; {list(shape)} float32 values take {needed} "
+                         "(send little-endian float32, not float64)")
+    return check_values(np.frombuffer(raw, dtype="<f4").reshape(shape))
+
+
 def from_nested(items: Sequence[Any], input_shape: Sequence[int]) -> np.ndarray:
     """A float32 batch [n, *input_shape] from nested lists of numbers (one list per item).
 
-    Each item has ``input_shape`` or is a flat list of prod(input_shape) numbers. Image-shaped models
-    (C, H, W) take raw pixels in [0, 1]; other models take any finite numbers.
+    Each item has ``input_shape`` or is a flat list of prod(input_shape) numbers; values are checked by
+    ``check_values``.
     """
     shape = tuple(input_shape)
     size = math.prod(shape)
     depth = _depth(items) - 1
     if depth > len(shape):
         raise InputError(f"items nest {depth} levels deep; each must have shape {list(shape)}")
-    grid = np.array(items, dtype=object)
-    leaf_types = set(map(type, grid.flat))
-    if list in leaf_types:
-        raise InputError(f"items are ragged (nested lists of unequal lengths); each must have shape {list(shape)}")
-    wrong = leaf_types - {int, float}
-    if wrong:
-        names = sorted(JSON_TYPES.get(t, t.__name__) for t in wrong)
-        raise InputError(f"inputs must be numbers; found {', '.join(names)}")
+    grid = _number_grid(items, f"each must have shape {list(shape)}")
     item_shape = grid.shape[1:]
     if item_shape not in (shape, (size,)):
         raise InputError(f"each item must have shape {list(shape)} (or be a flat list of {size} numbers); "
                          f"got items of shape {list(item_shape)}")
+    return check_values(_float32(grid, (len(grid), *shape)))
+
+
+def from_tensor_data(data: Any, shape: Sequence[int]) -> np.ndarray:
+    """A float32 array of ``shape`` from an inference tensor's JSON ``data``: flat (row-major) or nested lists."""
+    shape = tuple(shape)
+    if not isinstance(data, list):
+        raise InputError(f"tensor 'data' must be a list of numbers, got {JSON_TYPES.get(type(data), 'a number')}")
+    if _depth(data) > len(shape):
+        raise InputError(f"tensor 'data' nests {_depth(data)} levels deep; the tensor has shape {list(shape)}")
+    grid = _number_grid(data, f"the tensor has shape {list(shape)}")
+    if grid.shape not in (shape, (math.prod(shape),)):
+        raise InputError(f"tensor 'data' of shape {list(grid.shape)} does not fit the tensor's shape "
+                         f"{list(shape)} ({math.prod(shape)} values)")
+    return check_values(_float32(grid, shape))
+
+
+def _number_grid(items: Sequence[Any], expected: str) -> np.ndarray:
+    """``items`` as an object array of numbers; InputError (ending in ``expected``) when ragged or not numbers."""
+    grid = np.array(items, dtype=object)
+    leaf_types = set(map(type, grid.flat))
+    if list in leaf_types:
+        raise InputError(f"values are ragged (nested lists of unequal lengths); {expected}")
+    wrong = leaf_types - {int, float}
+    if wrong:
+        names = sorted(JSON_TYPES.get(t, t.__name__) for t in wrong)
+        raise InputError(f"inputs must be numbers; found {', '.join(names)}")
+    return grid
+
+
+def _float32(grid: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     try:
         with np.errstate(over="ignore"):
-            batch = grid.astype(np.float32).reshape(len(grid), *shape)
+            return grid.astype(np.float32).reshape(shape)
     except OverflowError:
         raise InputError("inputs hold an integer too large for float32") from None
+
+
+def check_values(batch: np.ndarray) -> np.ndarray:
+    """``batch`` [n, *input_shape] float32 unchanged, or InputError for a non-finite value or a pixel outside [0, 1].
+
+    Image-shaped models (C, H, W) take raw pixels in [0, 1]; other models take any finite numbers.
+    """
+    shape = batch.shape[1:]
     bad = ~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
     if bad.any():
         raise InputError(f"inputs must be finite: item {int(np.argmax(bad))} holds NaN or an infinite value "

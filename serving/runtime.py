@@ -108,14 +108,25 @@ class OnnxModel:
         """Raw outputs for a float32 batch of shape [n, *input_shape]."""
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities [n, classes]; InputError when an item drives the logits to inf or NaN."""
+    def classify(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and class probabilities [n, classes]; InputError when an item drives the logits to inf or NaN."""
         logits = self.logits(batch)
         broken = ~np.isfinite(logits).all(axis=1)
         if broken.any():
             raise InputError(f"item {int(np.argmax(broken))} drives the model's outputs to infinity or NaN: "
                              "its values are far outside the range the model was trained on")
-        return softmax(logits)
+        return logits, softmax(logits)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities [n, classes] (see ``classify``)."""
+        return self.classify(batch)[1]
+
+    def check_ready(self) -> None:
+        """Run a zero batch of one; ModelLoadError when the session fails."""
+        try:
+            self.logits(np.zeros((1, *self.card.input_shape), dtype=np.float32))
+        except Exception as error:  # onnxruntime's exception types share no base class below Exception
+            raise ModelLoadError(f"model not ready: {error}") from None
 
 
 def _input_contract(session: ort.InferenceSession) -> tuple[str, tuple[int, ...]]:

@@ -10,6 +10,7 @@ import uvicorn
 from serving.app import create_app
 from serving.errors import ServingError
 from serving.model_source import fetch_model
+from serving.protocol import with_read_timeout
 from serving.runtime import OnnxModel
 from serving.settings import Settings, load_settings
 
@@ -21,9 +22,13 @@ def load_model(settings: Settings) -> OnnxModel:
 
 
 def build_server(model: OnnxModel, settings: Settings) -> uvicorn.Server:
-    """A uvicorn server for ``model`` (one process; ONNX Runtime runs requests in parallel threads)."""
+    """A uvicorn server for ``model`` (one process; ONNX Runtime runs requests in parallel threads).
+
+    Each request must arrive within ``settings.read_timeout`` seconds (``serving.protocol``).
+    """
     config = uvicorn.Config(create_app(model, settings), host=settings.host, port=settings.port,
-                            log_level=settings.log_level, server_header=False)
+                            http=with_read_timeout(settings.read_timeout), log_level=settings.log_level,
+                            server_header=False)
     return uvicorn.Server(config)
 
 

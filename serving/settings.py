@@ -26,6 +26,7 @@ class Settings:
     threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per physical core
     max_batch: int = 256  # most items in one /predict request
     max_body_bytes: int = 16 * 2**20  # largest accepted request body
+    read_timeout: float = 10.0  # seconds a request may take to arrive in full; slower connections are closed
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -36,6 +37,7 @@ class Settings:
         _require(self.threads >= 0, "threads", f"must be >= 0 (0 = automatic), got {self.threads}")
         _require(self.max_batch >= 1, "max_batch", f"must be >= 1, got {self.max_batch}")
         _require(self.max_body_bytes >= 1024, "max_body_bytes", f"must be >= 1024, got {self.max_body_bytes}")
+        _require(0 < self.read_timeout <= 3600, "read_timeout", f"must be in (0, 3600] seconds, got {self.read_timeout}")
         _require(self.log_level in LOG_LEVELS, "log_level", f"must be one of {LOG_LEVELS}, got {self.log_level!r}")
 
 
@@ -48,6 +50,7 @@ ENV = {
     "threads": "BALLOT_THREADS",
     "max_batch": "BALLOT_MAX_BATCH",
     "max_body_bytes": "BALLOT_MAX_BODY_BYTES",
+    "read_timeout": "BALLOT_READ_TIMEOUT",
     "log_level": "BALLOT_LOG_LEVEL",
 }
 
@@ -80,5 +83,10 @@ def _parse(raw: str, hint: Any, name: str) -> Any:
             return int(raw)
         except ValueError:
             raise SettingsError(f"{name} ({ENV[name]}): expected an integer, got {raw!r}") from None
+    if hint is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} ({ENV[name]}): expected a number of seconds, got {raw!r}") from None
     return raw
 

@@ -193,7 +193,8 @@ def test_health_ready_and_metadata_describe_the_registered_champion(service, exp
 
 def test_openapi_schema_documents_every_endpoint(service):
     schema = service.get("/openapi.json").json()
-    assert {"/health", "/ready", "/metadata", "/predict"} <= set(schema["paths"])
+    assert {"/health", "/ready", "/metadata", "/predict", "/predict/raw", "/metrics", "/v2/health/live",
+            "/v2/models/{name}", "/v2/models/{name}/infer"} <= set(schema["paths"])
     predict = schema["paths"]["/predict"]["post"]
     assert {"200", "413", "422"} <= set(predict["responses"])
     assert {"inputs", "images"} <= set(schema["components"]["schemas"]["PredictRequest"]["properties"])

@@ -21,6 +21,7 @@ def test_settings_come_from_the_environment_and_flags_win():
     settings = load_settings(env, {"port": 9002, "max_batch": None})
     assert (settings.model_uri, settings.port, settings.threads, settings.tracking_uri) == ("/m.onnx", 9002, 2, "x")
     assert settings.max_batch == Settings().max_batch
+    assert load_settings({"BALLOT_READ_TIMEOUT": "2.5"}).read_timeout == 2.5
     assert load_settings({}).model_uri == DEFAULT_MODEL_URI == "models:/ballot-fashion-mnist@champion"
 
 
@@ -32,6 +33,8 @@ def test_settings_come_from_the_environment_and_flags_win():
     ({"BALLOT_DEVICE": "tpu"}, "device (BALLOT_DEVICE)"),
     ({"BALLOT_MAX_BODY_BYTES": "10"}, "max_body_bytes (BALLOT_MAX_BODY_BYTES)"),
     ({"BALLOT_LOG_LEVEL": "loud"}, "log_level (BALLOT_LOG_LEVEL)"),
+    ({"BALLOT_READ_TIMEOUT": "soon"}, "read_timeout (BALLOT_READ_TIMEOUT): expected a number of seconds"),
+    ({"BALLOT_READ_TIMEOUT": "0"}, "read_timeout (BALLOT_READ_TIMEOUT): must be in (0, 3600]"),
 ])
 def test_bad_settings_name_their_variable(env, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -135,7 +138,7 @@ def test_models_without_image_inputs_refuse_images():
 
 
 def test_validation_messages_are_one_readable_line():
-    from serving.app import describe_validation
+    from serving.responses import describe_validation
 
     errors = [{"type": "list_type", "loc": ("body", "inputs", 3), "msg": "Input should be a valid list"}] * 2
     errors += [{"type": "string_type", "loc": ("body", "images", i), "msg": "bad"} for i in range(6)]

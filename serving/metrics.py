@@ -1,0 +1,90 @@
+"""Prometheus metrics of the service: requests by route and status, latencies, batch sizes, the model served and
+the classes it predicted (a drift of the served class mix shows there first)."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.schemas import ModelCard
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+UNMATCHED = "unmatched"  # the route label of a path no route serves: raw paths would make labels unbounded
+
+
+class Metrics:
+    """The service's metrics in a registry of their own (one per app, so several apps can share a process)."""
+
+    def __init__(self, card: ModelCard, max_batch: int) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.requests = Counter("ballot_http_requests", "HTTP requests answered, by route template, method and status",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("ballot_http_request_duration_seconds", "Time from request to the end of the answer",
+                                 ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("ballot_batch_size", "Items per prediction request, by route", ["route"],
+                                    buckets=_powers_of_two(max_batch), registry=self.registry)
+        self.predicted = Counter("ballot_predicted_class", "Items predicted as each class",
+                                 ["class_index", "class_name"], registry=self.registry)
+        self.class_counters = [self.predicted.labels(str(index), name) for index, name in enumerate(card.class_names)]
+        Info("ballot_model", "The model served", registry=self.registry).info(
+            {"name": card.name, "version": card.version or "", "alias": card.alias or "", "uri": card.uri,
+             "method": card.method or "", "dataset": card.dataset or "", "providers": ",".join(card.providers)})
+
+    def observe_predictions(self, route: str, classes: np.ndarray) -> None:
+        """Count one prediction request of ``len(classes)`` items and the class of each."""
+        self.batch_size.labels(route).observe(len(classes))
+        for index, count in enumerate(np.bincount(classes, minlength=len(self.class_counters))):
+            if count:
+                self.class_counters[index].inc(int(count))
+
+    def exposition(self) -> bytes:
+        """The text format Prometheus scrapes."""
+        return generate_latest(self.registry)
+
+
+def _powers_of_two(limit: int) -> tuple[float, ...]:
+    bounds = [1]
+    while bounds[-1] < limit:
+        bounds.append(bounds[-1] * 2)
+    return tuple(float(b) for b in bounds)
+
+
+class RequestMetrics:
+    """ASGI middleware counting and timing every HTTP request by its route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            labels = (self._route(scope), scope["method"], str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+
+    def _route(self, scope: Scope) -> str:
+        """The template of the route that served ``scope`` (also when a middleware answered before routing)."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
+        return getattr(route, "path", UNMATCHED)

@@ -1,0 +1,102 @@
+"""Open Inference Protocol (KServe v2) routes, so that Triton / KServe clients and gateways talk to the service.
+
+Errors are ``{"error": "..."}``: 404 for a model or version not served here, 400 for a bad request (413 for too
+many items), 503 when the model does not answer.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version as package_version
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from serving.errors import InputError, ModelLoadError, NotServedError
+from serving.metrics import Metrics
+from serving.oip import DATATYPES, HEADER_LENGTH, decode_request, encode_response
+from serving.responses import error_response, json_response
+from serving.runtime import OnnxModel
+from serving.settings import Settings
+
+PLATFORM = "onnxruntime"
+INFER_ROUTE = "/v2/models/{name}/infer"
+
+
+def server_version() -> str:
+    try:
+        return package_version("ballot")
+    except PackageNotFoundError:  # the serving image holds serving/ without the package metadata
+        return "unpackaged"
+
+
+def v2_router(model: OnnxModel, settings: Settings, metrics: Metrics) -> APIRouter:
+    """The protocol's health, metadata and infer routes for ``model``."""
+    card = model.card
+    router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
+    served_versions = [card.version] if card.version else []
+    input_shape = [-1, *card.input_shape]
+
+    def check_served(name: str, version: str | None) -> None:
+        if name != card.name:
+            raise NotServedError(f"model '{name}' is not served here; this service serves '{card.name}'")
+        if version is not None and version not in served_versions:
+            raise NotServedError(f"model '{name}' has no version '{version}' here; served versions: "
+                                 f"{served_versions or 'none (a plain file)'}")
+
+    def readiness(path: str) -> Response:
+        try:
+            model.check_ready()
+        except ModelLoadError as error:
+            return error_response(path, 503, str(error))
+        return Response(status_code=200)
+
+    @router.get("", summary="Server metadata")
+    def server_metadata() -> Response:
+        return json_response({"name": "ballot", "version": server_version(), "extensions": ["binary_tensor_data"]})
+
+    @router.get("/health/live", summary="Liveness: 200 while the process answers")
+    def live() -> Response:
+        return Response(status_code=200)
+
+    @router.get("/health/ready", summary="Readiness: 200 when the model answers a probe batch, else 503")
+    def ready(request: Request) -> Response:
+        return readiness(request.url.path)
+
+    @router.get("/models/{name}", summary="Model metadata (also under /versions/{version})")
+    @router.get("/models/{name}/versions/{version}", include_in_schema=False)
+    def model_metadata(name: str, version: str | None = None) -> Response:
+        check_served(name, version)
+        outputs = [{"name": output, "datatype": datatype,
+                    "shape": [-1] if output == "class_index" else [-1, len(card.class_names)]}
+                   for output, datatype in DATATYPES.items()]
+        return json_response({"name": card.name, "versions": served_versions, "platform": PLATFORM,
+                              "inputs": [{"name": model.input_name, "datatype": "FP32", "shape": input_shape}],
+                              "outputs": outputs})
+
+    @router.get("/models/{name}/ready", summary="Model readiness (also under /versions/{version})")
+    @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+    def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+        check_served(name, version)
+        return readiness(request.url.path)
+
+    @router.post("/models/{name}/infer", summary="Inference, JSON tensors or the binary-tensor extension")
+    @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        check_served(name, version)
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding != "identity":
+            raise InputError(f"Content-Encoding '{encoding}' is not supported; send the body uncompressed")
+        body = await request.body()
+        content, headers = await run_in_threadpool(answer, body, request.headers.get(HEADER_LENGTH))
+        return Response(content, headers=headers)
+
+    def answer(body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
+        decoded = decode_request(body, header_length, model.input_name, card.input_shape, settings.max_batch)
+        logits, probabilities = model.classify(decoded.batch)
+        classes = probabilities.argmax(axis=1)
+        metrics.observe_predictions(INFER_ROUTE, classes)
+        tensors = {"logits": logits, "probabilities": probabilities, "class_index": classes}
+        wanted = {name: tensors[name] for name in decoded.outputs}
+        return encode_response(card.name, card.version or "", decoded.id, wanted, decoded.outputs)
+
+    return router

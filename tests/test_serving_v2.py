@@ -1,0 +1,249 @@
+"""Open Inference Protocol, raw binary path, Prometheus metrics and connection bounds, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.settings import Settings
+from tests.test_serving import exported, free_port, in_thread, torch_probabilities  # noqa: F401  (fixture)
+
+MAX_BATCH = 16
+MAX_BODY = 64 * 1024
+READ_TIMEOUT = 1.0
+NAME = "digits"  # a plain file is served under its stem
+
+
+@pytest.fixture(scope="module")
+def url(exported):  # noqa: F811
+    settings = Settings(model_uri=str(exported["path"]), port=free_port(), max_batch=MAX_BATCH,
+                        max_body_bytes=MAX_BODY, read_timeout=READ_TIMEOUT, log_level="warning")
+    with in_thread(settings) as base:
+        yield base
+
+
+@pytest.fixture()
+def http(url):
+    with httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+def _classes(http: httpx.Client, x: np.ndarray) -> list[int]:
+    answer = http.post("/predict", json={"inputs": x.tolist()})
+    assert answer.status_code == 200, answer.text
+    return [p["class_index"] for p in answer.json()["predictions"]]
+
+
+# ---------------------------------------------------------------- a third-party client: tritonclient.http
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_tritonclient_infers_the_same_classes_as_predict(url, http, exported, binary):
+    import tritonclient.http as triton
+
+    x = exported["x"][:MAX_BATCH]
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(NAME)
+    meta = client.get_model_metadata(NAME)
+    assert meta["platform"] == "onnxruntime" and meta["inputs"] == [
+        {"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {
+        "logits": "FP32", "probabilities": "FP32", "class_index": "INT64"}
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("logits", "class_index")]
+    result = client.infer(NAME, [tensor], outputs=outputs, request_id="r1")
+    assert result.get_response()["id"] == "r1"
+    logits, classes = result.as_numpy("logits"), result.as_numpy("class_index")
+    assert logits.shape == (len(x), 10) and classes.dtype == np.int64
+    assert classes.tolist() == _classes(http, x) == torch_probabilities(exported["model"], x).argmax(1).tolist()
+    everything = client.infer(NAME, [tensor])  # no outputs named: all of them, binary
+    np.testing.assert_allclose(everything.as_numpy("probabilities").sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(everything.as_numpy("logits"), logits, atol=1e-5)
+    client.close()
+
+
+def test_v2_json_tensors_without_a_client_library(http, exported):
+    x = exported["x"][:3]
+    for data in (x.ravel().tolist(), x.tolist()):  # flat row-major, or nested
+        body = {"inputs": [{"name": "input", "shape": [3, 1, 8, 8], "datatype": "FP32", "data": data}],
+                "outputs": [{"name": "class_index"}]}
+        answer = http.post(f"/v2/models/{NAME}/infer", json=body)
+        assert answer.status_code == 200, answer.text
+        out = answer.json()
+        assert out["model_name"] == NAME and out["outputs"] == [
+            {"name": "class_index", "datatype": "INT64", "shape": [3], "data": _classes(http, x)}]
+    assert http.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert http.get("/v2/health/live").status_code == 200
+
+
+def _v2_body(shape=(1, 1, 8, 8), datatype="FP32", name="input", **extra) -> dict:
+    tensor = {"name": name, "shape": list(shape), "datatype": datatype,
+              "data": [0.5] * 64 * int(shape[0]), **extra}
+    return {"inputs": [tensor]}
+
+
+V2_ERRORS = {
+    "unknown model": ("/v2/models/nope/infer", _v2_body(), {}, 404, "model 'nope' is not served here"),
+    "unknown version": (f"/v2/models/{NAME}/versions/7/infer", _v2_body(), {}, 404, "no version '7'"),
+    "wrong datatype": (None, _v2_body(datatype="FP64"), {}, 400, "must have datatype FP32"),
+    "wrong item shape": (None, _v2_body(shape=(1, 8, 8)), {}, 400, "does not fit the model"),
+    "negative batch": (None, {"inputs": [{"name": "input", "shape": [-1, 1, 8, 8], "datatype": "FP32",
+                                          "data": []}]}, {}, 400, "does not fit the model"),
+    "data of the wrong size": (None, {"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32",
+                                                  "data": [0.5] * 64}]}, {}, 400, "does not fit the tensor's shape"),
+    "strings in data": (None, _v2_body(data=["a"] * 64), {}, 400, "must be numbers"),
+    "NaN in data": (None, json.dumps(_v2_body()).replace("0.5", "NaN", 1), {}, 400, "finite"),
+    "wrong input name": (None, _v2_body(name="x"), {}, 400, "one input named 'input'"),
+    "no inputs": (None, {"inputs": []}, {}, 400, "inputs"),
+    "shape of strings": (None, _v2_body(shape=(1, 1, 8, "8")), {}, 400, "shape[3]"),
+    "batch above the limit": (None, _v2_body(shape=(MAX_BATCH + 1, 1, 8, 8)), {}, 413, f"limit of {MAX_BATCH}"),
+    "unknown output": (None, {**_v2_body(), "outputs": [{"name": "softmax"}]}, {}, 400, "unknown output"),
+    "not JSON": (None, "{inputs", {}, 400, "not valid JSON"),
+    "compressed body": (None, _v2_body(), {"Content-Encoding": "gzip"}, 400, "not supported"),
+    "header length beyond the body": (None, _v2_body(), {"Inference-Header-Content-Length": "99999"}, 400,
+                                      "byte count within the body"),
+    "binary bytes nobody declared": (None, json.dumps(_v2_body()) + "xxxx",
+                                     {"Inference-Header-Content-Length": str(len(json.dumps(_v2_body())))}, 400,
+                                     "no input declares binary_data_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(V2_ERRORS))
+def test_v2_errors_are_4xx_in_the_protocols_format(http, case):
+    path, body, headers, status, message = V2_ERRORS[case]
+    content = body if isinstance(body, str) else json.dumps(body)
+    answer = http.post(path or f"/v2/models/{NAME}/infer", content=content,
+                       headers={"Content-Type": "application/json", **headers})
+    assert answer.status_code == status, answer.text
+    assert set(answer.json()) == {"error"} and message in answer.json()["error"], answer.text
+
+
+def test_v2_binary_size_mismatch_and_other_paths(http):
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 256}}]}).encode()
+    short = http.post(f"/v2/models/{NAME}/infer", content=header + bytes(100),
+                      headers={"Inference-Header-Content-Length": str(len(header))})
+    assert short.status_code == 400 and "declares binary_data_size 256 but 100 bytes" in short.json()["error"]
+    assert http.get(f"/v2/models/{NAME}/infer").status_code == 405
+    assert set(http.get(f"/v2/models/{NAME}/infer").json()) == {"error"}
+    assert http.get("/v2/models/nope").json() == {"error": f"model 'nope' is not served here; this service "
+                                                           f"serves '{NAME}'"}
+    assert http.get("/v2/models/nope/ready").status_code == 404
+    assert http.get(f"/v2/models/{NAME}/ready").status_code == 200
+
+
+# ---------------------------------------------------------------- raw float32 bytes
+
+def test_raw_float32_path_gives_the_json_paths_classes(http, exported):
+    x = exported["x"][:MAX_BATCH]
+    answer = http.post("/predict/raw", content=x.astype("<f4").tobytes(),
+                       headers={"Content-Type": "application/octet-stream", "X-Tensor-Shape": "16,1,8,8"})
+    assert answer.status_code == 200, answer.text
+    assert [p["class_index"] for p in answer.json()["predictions"]] == _classes(http, x)
+    float64 = http.post("/predict/raw", content=x[:2].astype(np.float64).tobytes(),
+                        headers={"Content-Type": "application/octet-stream", "X-Tensor-Shape": "2,1,8,8"})
+    assert float64.status_code == 422 and "not float64" in float64.json()["detail"]
+    missing = http.post("/predict/raw", content=b"\0" * 256, headers={"Content-Type": "application/octet-stream"})
+    assert missing.status_code == 422 and "X-Tensor-Shape" in missing.json()["detail"]
+    bad = http.post("/predict/raw", content=b"\0" * 256,
+                    headers={"Content-Type": "application/octet-stream", "X-Tensor-Shape": "1x1x8x8"})
+    assert bad.status_code == 422 and "comma-separated" in bad.json()["detail"]
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_metrics_count_requests_and_predicted_classes_add_up_to_the_items(exported):
+    settings = Settings(model_uri=str(exported["path"]), port=free_port(), max_batch=MAX_BATCH, log_level="warning")
+    x = exported["x"]
+    with in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as http:
+        predicted = []
+        for start in range(0, 40, 8):
+            predicted += _classes(http, x[start:start + 8])
+        raw = http.post("/predict/raw", content=x[:5].tobytes(),
+                        headers={"Content-Type": "application/octet-stream", "X-Tensor-Shape": "5,1,8,8"})
+        predicted += [p["class_index"] for p in raw.json()["predictions"]]
+        assert http.post("/predict", json={"inputs": []}).status_code == 422
+        text = http.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    by_class = {s.labels["class_index"]: s.value for s in families["ballot_predicted_class"].samples
+                if s.name.endswith("_total")}
+    assert sum(by_class.values()) == len(predicted) == 45
+    assert by_class == {str(c): float(predicted.count(c)) for c in range(10)}
+    requests = {(s.labels["route"], s.labels["status"]): s.value for s in families["ballot_http_requests"].samples
+                if s.name.endswith("_total")}
+    assert requests[("/predict", "200")] == 5 and requests[("/predict", "422")] == 1
+    assert requests[("/predict/raw", "200")] == 1
+    batches = {s.labels["route"]: s.value for s in families["ballot_batch_size"].samples if s.name.endswith("_sum")}
+    assert batches == {"/predict": 40, "/predict/raw": 5}
+    info = next(s for s in families["ballot_model_info"].samples)
+    assert info.labels["name"] == NAME and info.labels["method"] == "magnitude"
+    assert "ballot_http_request_duration_seconds" in families and "process_resident_memory_bytes" in families
+
+
+# ---------------------------------------------------------------- bounds
+
+def _closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closes ``sock`` (reading and discarding anything it sends)."""
+    sock.settimeout(seconds)
+    start = time.monotonic()
+    while sock.recv(4096):
+        pass
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /predict HTTP/1.1\r\nHost: x\r\n",
+                                  b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  b"Content-Length: 1000\r\n\r\n{\"inputs\": [", ])
+def test_slow_loris_connections_are_closed_after_the_read_timeout(url, sent):
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(sent)
+        waited = _closed_within(sock, READ_TIMEOUT + 5)
+    assert READ_TIMEOUT * 0.8 <= waited <= READ_TIMEOUT + 2
+
+
+def test_a_request_sent_in_slow_pieces_within_the_deadline_is_answered(url):
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"inputs": [[0.5] * 64]}).encode()
+    head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port))) as sock:
+        for piece in (head[:20], head[20:], body[:10], body[10:]):
+            sock.sendall(piece)
+            time.sleep(READ_TIMEOUT / 5)
+        sock.settimeout(5)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_head_health_is_200(http):
+    answer = http.head("/health")
+    assert answer.status_code == 200 and answer.content == b""
+
+
+def test_dense_json_within_the_byte_limit_is_refused_before_decoding(http):
+    body = b'{"inputs": [[' + b"0," * 20000 + b'0]]}'
+    assert len(body) < MAX_BODY
+    answer = http.post("/predict", content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413 and "more than the limit" in answer.json()["detail"]
+    v2 = http.post(f"/v2/models/{NAME}/infer", content=body, headers={"Content-Type": "application/json"})
+    assert v2.status_code == 413 and "more than the limit" in v2.json()["error"]
+    assert http.get("/health").status_code == 200
+
+
+def test_a_hundred_silent_connections_are_all_closed(url):
+    host, port = url.removeprefix("http://").split(":")
+    sockets = [socket.create_connection((host, int(port))) for _ in range(100)]
+    try:
+        time.sleep(READ_TIMEOUT + 1)
+        for sock in sockets:
+            sock.settimeout(2)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in sockets:
+            sock.close()
