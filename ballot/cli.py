@@ -12,15 +12,16 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ballot.config import BaseConfig, ExperimentConfig, apply_overrides, experiment_from_params, load_yaml, to_dict
-from ballot.data import DATASETS, DataBundle
 from ballot.errors import ConfigError, StorageError, UserError
-from ballot.models import MODELS
-from ballot.pruning import PRUNERS, DenseArtifacts
-from ballot.storage import staged_folder
 from ballot.summary import summary
+
+if TYPE_CHECKING:
+    from ballot.data import DataBundle
+    from ballot.pruning import DenseArtifacts
+# The training stack (torch) is imported where a command needs it, so `ballot serve` runs without it.
 
 
 def _flag_overrides(flags: dict[str, Any]) -> list[str]:
@@ -122,6 +123,7 @@ def _relaunch(processes: int, argv: list[str]) -> int:
 def _rank_output(out: Path) -> Iterator[Path]:
     """The staged output folder on rank 0 (the only process that writes or prints); a scratch folder elsewhere."""
     from ballot import distributed
+    from ballot.storage import staged_folder
 
     if distributed.is_main():
         with staged_folder(out) as folder:  # the output folder is replaced only when everything succeeded
@@ -283,6 +285,9 @@ SERVE_FLAGS = {  # flag -> (setting, type, help); each also has an environment v
     "--threads": ("threads", int, "ONNX Runtime intra-op threads (0 = automatic)"),
     "--max-batch": ("max_batch", int, "most items per /predict request (default 256)"),
     "--max-body-bytes": ("max_body_bytes", int, "largest request body (default 16 MiB)"),
+    "--read-timeout": ("read_timeout", float, "seconds a request may take to arrive in full (default 10)"),
+    "--registry-timeout": ("registry_timeout", float, "seconds each registry request may take at start-up "
+                                                      "(default 15)"),
     "--log-level": ("log_level", str, "uvicorn log level (default info)"),
 }
 
@@ -297,6 +302,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
+    from ballot.data import DATASETS
+    from ballot.models import MODELS
+    from ballot.pruning import PRUNERS
+
     parser.add_argument("--params", help="params.yaml to start from (default: built-in defaults)")
     parser.add_argument("--dataset", choices=sorted(DATASETS), help="dataset (base.dataset)")
     parser.add_argument("--model", choices=sorted(MODELS), help="model (base.model)")
@@ -309,72 +318,78 @@ def _add_run_options(parser: argparse.ArgumentParser, with_method: bool = True) 
                         help="override any parameter, e.g. --set prune.ballot.conflict_threshold=0.3")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(serve_only: bool = False) -> argparse.ArgumentParser:
+    """The whole command line, or (``serve_only``) just `ballot serve`, whose parser imports no training code."""
     from serving.settings import DEVICES, LOG_LEVELS  # here: importing this module needs no serving package
 
     parser = argparse.ArgumentParser(prog="ballot", description="Fair sparse neural networks: prune, evaluate, ship.")
     parser.add_argument("--version", action="version", version=f"ballot {metadata.version('ballot')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    prune = commands.add_parser("prune", help="train dense, prune with a method, retrain; write mask, weights, metrics")
-    _add_run_options(prune)
-    prune.add_argument("--out", required=True, help="output folder")
-    prune.add_argument("--dense", help="folder of dense states to reuse (written there when absent)")
-    prune.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine, started "
-                                                              "through torchrun (docs/scale.md; default 1)")
-    prune.set_defaults(func=cmd_prune)
+    if not serve_only:  # the other commands' options name the registries, which import torch
+        prune = commands.add_parser("prune", help="train dense, prune with a method, retrain; write mask, weights, "
+                                                  "metrics")
+        _add_run_options(prune)
+        prune.add_argument("--out", required=True, help="output folder")
+        prune.add_argument("--dense", help="folder of dense states to reuse (written there when absent)")
+        prune.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine, started "
+                                                                  "through torchrun (docs/scale.md; default 1)")
+        prune.set_defaults(func=cmd_prune)
 
-    tune = commands.add_parser("tune", help="Optuna study over Ballot's knobs (tune.*): run, resume or join it; "
-                                            "write best_params.yaml and report/ (docs/tuning.md)")
-    _add_run_options(tune, with_method=False)
-    tune.add_argument("--out", required=True, help="output folder (study.db when --storage is not given)")
-    tune.add_argument("--dense", help="folder of dense states to reuse (written there when absent); workers "
-                                      "joining one study must share it")
-    tune.add_argument("--n-trials", type=int, help="finished trials the study must hold (tune.n_trials)")
-    tune.add_argument("--timeout", type=float, help="start no new trial after this many seconds (tune.timeout_s)")
-    tune.add_argument("--workers", type=int, help="worker processes, one torch thread each (tune.workers)")
-    tune.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user@host:5432/db (tune.storage)")
-    tune.add_argument("--study-name", help="study name (tune.study_name; default: from the configuration)")
-    tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                             "register.tracking_uri)")
-    tune.set_defaults(func=cmd_tune)
+        tune = commands.add_parser("tune", help="Optuna study over Ballot's knobs (tune.*): run, resume or join it; "
+                                                "write best_params.yaml and report/ (docs/tuning.md)")
+        _add_run_options(tune, with_method=False)
+        tune.add_argument("--out", required=True, help="output folder (study.db when --storage is not given)")
+        tune.add_argument("--dense", help="folder of dense states to reuse (written there when absent); workers "
+                                          "joining one study must share it")
+        tune.add_argument("--n-trials", type=int, help="finished trials the study must hold (tune.n_trials)")
+        tune.add_argument("--timeout", type=float, help="start no new trial after this many seconds (tune.timeout_s)")
+        tune.add_argument("--workers", type=int, help="worker processes, one torch thread each (tune.workers)")
+        tune.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user@host:5432/db (tune.storage)")
+        tune.add_argument("--study-name", help="study name (tune.study_name; default: from the configuration)")
+        tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                                 "register.tracking_uri)")
+        tune.set_defaults(func=cmd_tune)
 
-    evaluate = commands.add_parser("evaluate", help="re-evaluate a `ballot prune` output folder on the test split")
-    evaluate.add_argument("--dir", required=True, help="output folder of `ballot prune`")
-    evaluate.set_defaults(func=cmd_evaluate)
+        evaluate = commands.add_parser("evaluate", help="re-evaluate a `ballot prune` output folder on the test split")
+        evaluate.add_argument("--dir", required=True, help="output folder of `ballot prune`")
+        evaluate.set_defaults(func=cmd_evaluate)
 
-    export = commands.add_parser("export", help="write a `ballot prune` output folder as one ONNX file (masks baked "
-                                                "in, model card inside), checked against PyTorch")
-    export.add_argument("--dir", required=True, help="output folder of `ballot prune`")
-    export.add_argument("--out", required=True, help="ONNX file to write (replaced only when the parity check passes)")
-    export.set_defaults(func=cmd_export)
+        export = commands.add_parser("export", help="write a `ballot prune` output folder as one ONNX file (masks "
+                                                    "baked in, model card inside), checked against PyTorch")
+        export.add_argument("--dir", required=True, help="output folder of `ballot prune`")
+        export.add_argument("--out", required=True, help="ONNX file to write (replaced only when the parity check "
+                                                         "passes)")
+        export.set_defaults(func=cmd_export)
 
-    register = commands.add_parser("register", help="register an exported ONNX file as a new version in the MLflow "
-                                                    "model registry, with an alias")
-    register.add_argument("--onnx", required=True, help="ONNX file written by `ballot export` or the export stage")
-    register.add_argument("--name", help="registered model name (default: register.model_name)")
-    register.add_argument("--alias", default="challenger", help="alias pointed at the new version (default "
-                                                                "challenger; champion moves only through promote)")
-    register.add_argument("--experiment", help="MLflow experiment of the run (default: register.experiment)")
-    register.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
-                                                 "else register.tracking_uri of the params file)")
-    register.add_argument("--params", help="params file with the register group (default: ./params.yaml when present)")
-    register.set_defaults(func=cmd_register)
+        register = commands.add_parser("register", help="register an exported ONNX file as a new version in the MLflow "
+                                                        "model registry, with an alias")
+        register.add_argument("--onnx", required=True, help="ONNX file written by `ballot export` or the export stage")
+        register.add_argument("--name", help="registered model name (default: register.model_name)")
+        register.add_argument("--alias", default="challenger", help="alias pointed at the new version (default "
+                                                                    "challenger; champion moves only through promote)")
+        register.add_argument("--experiment", help="MLflow experiment of the run (default: register.experiment)")
+        register.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                     "else register.tracking_uri of the params file)")
+        register.add_argument("--params", help="params file with the register group (default: ./params.yaml when "
+                                               "present)")
+        register.set_defaults(func=cmd_register)
 
-    promote = commands.add_parser("promote", help="move alias champion to a registered version if it passes the "
-                                                  "accuracy and fairness gate (exit 1 when refused)")
-    promote.add_argument("--name", required=True, help="registered model name")
-    promote.add_argument("--version", required=True, help="model version to promote")
-    promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
-                                                "else register.tracking_uri of the params file)")
-    promote.add_argument("--params", help="params file with the promote group (default: ./params.yaml when present)")
-    promote.add_argument("--max-acc-drop", type=float, help="override promote.max_acc_drop")
-    promote.add_argument("--cwv-tolerance", type=float, help="override promote.cwv_tolerance")
-    promote.set_defaults(func=cmd_promote)
+        promote = commands.add_parser("promote", help="move alias champion to a registered version if it passes the "
+                                                      "accuracy and fairness gate (exit 1 when refused)")
+        promote.add_argument("--name", required=True, help="registered model name")
+        promote.add_argument("--version", required=True, help="model version to promote")
+        promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                    "else register.tracking_uri of the params file)")
+        promote.add_argument("--params", help="params file with the promote group (default: ./params.yaml when "
+                                              "present)")
+        promote.add_argument("--max-acc-drop", type=float, help="override promote.max_acc_drop")
+        promote.add_argument("--cwv-tolerance", type=float, help="override promote.cwv_tolerance")
+        promote.set_defaults(func=cmd_promote)
 
-    config = commands.add_parser("config", help="print the resolved configuration as YAML")
-    _add_run_options(config)
-    config.set_defaults(func=cmd_config)
+        config = commands.add_parser("config", help="print the resolved configuration as YAML")
+        _add_run_options(config)
+        config.set_defaults(func=cmd_config)
 
     serve = commands.add_parser("serve", help="serve a registered model (or an .onnx file) over HTTP with ONNX Runtime")
     choices = {"device": DEVICES, "log_level": LOG_LEVELS}
@@ -385,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(serve_only=args_in[:1] == ["serve"]).parse_args(args_in)
+    args.argv = args_in
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
         code = func(args)

@@ -6,6 +6,8 @@ them, so serving a file needs no MLflow at all.
 
 from __future__ import annotations
 
+import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,14 +54,29 @@ def parse_registry_uri(uri: str) -> RegistryRef:
 
 
 @contextmanager
-def fetch_model(uri: str, tracking_uri: str | None = None) -> Iterator[ModelSource]:
-    """Yield the model behind ``uri``; a registry model lives in a temp folder until the block exits."""
+def fetch_model(uri: str, tracking_uri: str | None = None, timeout: float = 15.0) -> Iterator[ModelSource]:
+    """Yield the model behind ``uri``; a registry model lives in a temp folder until the block exits. Each
+    registry request may take ``timeout`` seconds, without retries."""
     if not uri.startswith(REGISTRY_SCHEME):
         yield _from_file(uri)
         return
     ref = parse_registry_uri(uri)
-    with tempfile.TemporaryDirectory(prefix="ballot-model-") as folder:
+    with tempfile.TemporaryDirectory(prefix="ballot-model-") as folder, _bounded_requests(timeout):
         yield _from_registry(uri, ref, tracking_uri, Path(folder))
+
+
+@contextmanager
+def _bounded_requests(timeout: float) -> Iterator[None]:
+    """MLflow's HTTP requests time out after ``timeout`` seconds and are not retried (its defaults wait minutes
+    on an unreachable server); a value the operator set in the environment wins."""
+    wanted = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout))), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    added = {key: value for key, value in wanted.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _from_file(uri: str) -> ModelSource:
@@ -78,7 +95,13 @@ def _from_registry(uri: str, ref: RegistryRef, tracking_uri: str | None, folder:
     except ImportError:
         raise ModelSourceError(f"serving '{uri}' needs MLflow (pip install mlflow-skinny); "
                                "or point the model URI at an .onnx file") from None
-    where = f"the registry at {tracking_uri or mlflow.get_registry_uri()}"
+    registry = tracking_uri or mlflow.get_registry_uri()
+    where = f"the registry at {registry}"
+    if registry.startswith("sqlite:///") and not Path(registry.removeprefix("sqlite:///")).is_file():
+        raise ModelSourceError(f"{where}: the sqlite file does not exist (check the tracking URI; serving never "
+                               "creates a registry)")
+    print(f"fetching {_describe(ref)} from {where} (each request gives up after "
+          f"{os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT']} s)", file=sys.stderr, flush=True)
     try:
         client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         registered = client.get_registered_model(ref.name)

@@ -17,7 +17,7 @@ from serving.settings import Settings, load_settings
 
 def load_model(settings: Settings) -> OnnxModel:
     """Resolve ``settings.model_uri`` (file or registry) and open it in ONNX Runtime."""
-    with fetch_model(settings.model_uri, settings.tracking_uri) as source:
+    with fetch_model(settings.model_uri, settings.tracking_uri, settings.registry_timeout) as source:
         return OnnxModel.load(source, device=settings.device, threads=settings.threads)
 
 
