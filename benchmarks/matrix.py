@@ -261,7 +261,7 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
     rows = sorted({(c[0], c[1]) for c in table}, key=lambda r: (list(DATASETS).index(r[0]) if r[0] in DATASETS else 99,
                                                                 MODELS.index(r[1]) if r[1] in MODELS else 99))
     cols = sorted({c[2] for c in table}, reverse=True)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 0.5 * len(rows) + 2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 2))
     for ax, other in zip(axes, ("lth", "lth + refined")):
         grid = [[100 * _cwv_gain(table[(r[0], r[1], d)]["ballot"], table[(r[0], r[1], d)][other])
                  if (r[0], r[1], d) in table and {"ballot", other} <= set(table[(r[0], r[1], d)]) else math.nan
@@ -271,7 +271,7 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
             for j, value in enumerate(line):
                 ax.text(j, i, "n/a" if math.isnan(value) else f"{value:+.0f}%", ha="center", va="center", fontsize=9)
         ax.set_xticks(range(len(cols)), [f"density {d:g}" for d in cols])
-        ax.set_yticks(range(len(rows)), [f"{r[0]} / {r[1]}" for r in rows])
+        ax.set_yticks(range(len(rows)), [f"{r[0]} / {r[1]}" for r in rows] if ax is axes[0] else [])
         ax.set_title(f"CWV reduction vs {other}", fontsize=10)
     fig.colorbar(image, ax=axes, shrink=0.8, label="Ballot's CWV reduction (%), green = fairer")
     fig.suptitle(f"Ballot's class-wise variance against the baselines ({split} split, mean over seeds)", fontsize=10)
