@@ -100,8 +100,9 @@ def _from_registry(uri: str, ref: RegistryRef, tracking_uri: str | None, folder:
     if registry.startswith("sqlite:///") and not Path(registry.removeprefix("sqlite:///")).is_file():
         raise ModelSourceError(f"{where}: the sqlite file does not exist (check the tracking URI; serving never "
                                "creates a registry)")
-    print(f"fetching {_describe(ref)} from {where} (each request gives up after "
-          f"{os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT']} s)", file=sys.stderr, flush=True)
+    if registry.startswith(("http://", "https://")):  # a server may keep us waiting: say for what
+        print(f"fetching {_describe(ref)} from {where} (each request gives up after "
+              f"{os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT']} s)", file=sys.stderr, flush=True)
     try:
         client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         registered = client.get_registered_model(ref.name)
