@@ -49,12 +49,9 @@ def _field_help(config_class: type, name: str) -> str:
 
 def _read_json(path: Path) -> Any:
     """A JSON file of a `ballot prune` folder; StorageError naming it when it is missing or malformed."""
-    if not path.is_file():
-        raise StorageError(f"'{path.parent}' has no {path.name}: is it the --out folder of `ballot prune`?")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise StorageError(f"'{path}' is not valid JSON: {error}") from None
+    from ballot.storage import read_json
+
+    return read_json(path, f"'{path.parent}' has no {path.name}: is it the --out folder of `ballot prune`?")
 
 
 def _run_folder(path: str) -> tuple[Path, ExperimentConfig]:

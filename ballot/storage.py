@@ -104,6 +104,17 @@ def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def read_json(path: str | Path, missing: str) -> Any:
+    """The JSON file at ``path``; StorageError with ``missing`` when it is absent, naming it when it is malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise StorageError(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StorageError(f"'{path}' is not valid JSON: {error}") from None
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     """Atomically write ``data`` as indented JSON (NaN written as null)."""
     return write_text(path, json.dumps(_nan_to_none(data), indent=2, sort_keys=False) + "\n")

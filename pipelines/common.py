@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from ballot import storage
 from ballot.config import ExperimentConfig, experiment_from_params, load_yaml
-from ballot.errors import StorageError, UserError
+from ballot.errors import UserError
 from ballot.experiment import check_experiment
 
 PARAMS = Path("params.yaml")
@@ -38,12 +38,7 @@ def load_config(path: Path = PARAMS) -> ExperimentConfig:
 
 def read_json(path: Path) -> Any:
     """A JSON file written by an earlier stage; StorageError when it is missing or malformed."""
-    if not path.is_file():
-        raise StorageError(f"'{path}' not found: run the stage that writes it first (dvc repro)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise StorageError(f"'{path}' is not valid JSON: {error}") from None
+    return storage.read_json(path, f"'{path}' not found: run the stage that writes it first (dvc repro)")
 
 
 def run_stage(name: str, body: Callable[[ExperimentConfig], None]) -> None:
