@@ -311,3 +311,19 @@ def test_multi_objective_study_writes_the_pareto_front_and_picks_by_the_rule(tmp
     assert best["trial"] == chosen[0]["number"] and best["params"] == chosen[0]["params"] and best["mode"] == "multi"
     assert (out / "report" / "plots" / "pareto_front.png").stat().st_size > 0
     assert all(len(t["values"]) == 2 and not t["user_attrs"].get("surplus") for t in trials)
+
+
+def test_a_race_creating_the_storage_tables_is_retried(tmp_path, monkeypatch):
+    from sqlalchemy.exc import IntegrityError
+
+    calls, real = [], optuna.storages.RDBStorage
+
+    def loses_the_race_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", loses_the_race_once)
+    make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=10)
+    assert len(calls) == 2

@@ -57,7 +57,7 @@ def redact(url: str) -> str:
 def make_storage(url: str, heartbeat_s: int,
                  on_stale: Callable[[optuna.Study, Any], None] | None = None) -> optuna.storages.RDBStorage:
     """An RDB storage (sqlite, PostgreSQL, any SQLAlchemy URL) with heartbeats, so killed trials become FAIL."""
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
     parsed = check_storage_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -66,13 +66,22 @@ def make_storage(url: str, heartbeat_s: int,
         engine: dict[str, Any] = {"connect_args": {"timeout": 60}}  # wait for another process's write lock
     else:
         engine = {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
-                                              grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=on_stale)
-    except (SQLAlchemyError, ImportError) as error:
-        raise StorageError(f"cannot open the Optuna storage {redact(url)}: {error}") from None
+    attempt = 0
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                                                  grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=on_stale)
+        except IntegrityError:
+            # Workers opening a new storage at once race to create its tables; the loser finds them made.
+            attempt += 1
+            if attempt == 3:
+                raise StorageError(f"cannot open the Optuna storage {redact(url)}: its tables could not be "
+                                   "created (another process keeps creating them)") from None
+            time.sleep(0.5 * attempt)
+        except (SQLAlchemyError, ImportError) as error:
+            raise StorageError(f"cannot open the Optuna storage {redact(url)}: {error}") from None
 
 
 def make_sampler(tune: TuneConfig, worker: int) -> optuna.samplers.BaseSampler:
