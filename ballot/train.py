@@ -153,6 +153,55 @@ def _parallel(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+class _Steps:
+    """The moving parts of one training run: the (data-parallel) model, optimiser, precision, mask enforcement and
+    the split on the device; ``step`` is one optimiser step on this process's share of a global batch."""
+
+    def __init__(self, model: nn.Module, data: Split, cfg: TrainConfig, mask: Mask | None, device: torch.device,
+                 class_weights: torch.Tensor | None, hook: StepHook | None) -> None:
+        model.to(device).train()
+        self.bound = mask.on(model) if mask is not None else None
+        if self.bound is not None:
+            self.bound.zero_weights()
+        self.net, self.optimizer = _parallel(model, device), make_optimizer(model, cfg)
+        self.precision, self.hook, self.device = Precision(cfg.precision, device), hook, device
+        self.x, self.y = _to_device(data.x, device), _to_device(data.y, device)
+        self.weights = class_weights.to(device) if class_weights is not None else None
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+
+    def step(self, number: int, idx: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Optimiser step ``number`` on the global batch ``idx`` at learning rate ``lr``; returns this process's
+        summed loss and correct predictions."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        mine = idx[self.rank::self.world].to(self.device)
+        x, y = self.x[mine], self.y[mine]
+        with self.precision.autocast():
+            logits = self.net(x)
+            per_sample = F.cross_entropy(logits.float(), y, reduction="none")
+        batch = Batch(per_sample, y, len(idx))
+        loss = batch.loss(self.weights) * self.world  # DistributedDataParallel averages: x world restores the sum
+        if self.hook is not None:
+            self.hook.before_backward(number, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.precision.unscale(self.optimizer)
+        if self.hook is not None:
+            self.hook.after_backward(number)
+        if self.bound is not None:
+            self.bound.zero_grads()
+        self.precision.step(self.optimizer)
+        if self.bound is not None:
+            self.bound.zero_weights()
+        return per_sample.detach().sum(), (logits.detach().argmax(1) == y).sum()
+
+
+def _progress(epochs: int, desc: str, progress: bool | None) -> Any:
+    """The epoch bar: None shows it only on a terminal, and only rank 0 ever shows it."""
+    hidden = (not progress) if progress is not None else None
+    return tqdm(range(epochs), desc=desc, unit="epoch", disable=hidden if distributed.is_main() else True, leave=False)
+
+
 def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mask: Mask | None = None,
           device: torch.device | str = "cpu", class_weights: torch.Tensor | None = None,
           rewind_iter: int | None = None, hook: StepHook | None = None,
@@ -176,56 +225,22 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
     if len(data) == 0:
         raise ValueError("cannot train on an empty split")
     device = torch.device(device)
-    model.to(device).train()
-    bound = mask.on(model) if mask is not None else None
-    if bound is not None:
-        bound.zero_weights()
-    net = _parallel(model, device)
-    optimizer = make_optimizer(model, cfg)
-    precision = Precision(cfg.precision, device)
-    x_all, y_all = _to_device(data.x, device), _to_device(data.y, device)
-    weights = class_weights.to(device) if class_weights is not None else None
-    n, world, rank = len(data), distributed.world_size(), distributed.rank()
-    per_epoch = steps_per_epoch(n, cfg.batch_size)
-    generator = torch.Generator().manual_seed(seed)
-    plateau = _Plateau(cfg)
-    result = TrainResult()
+    steps = _Steps(model, data, cfg, mask, device, class_weights, hook)
+    n, per_epoch = len(data), steps_per_epoch(len(data), cfg.batch_size)
+    generator, plateau, result = torch.Generator().manual_seed(seed), _Plateau(cfg), TrainResult()
     if rewind_iter == 0:
         result.rewind_state = copy.deepcopy(model.state_dict())
     start = time.perf_counter()
-    show = (not progress) if progress is not None else None
-    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=show if distributed.is_main() else True,
-               leave=False)
+    bar = _progress(cfg.epochs, desc, progress)
     for epoch in bar:
         order = torch.randperm(n, generator=generator)
         totals = torch.zeros(2, device=device)  # summed loss, correct predictions
         for i in range(0, n, cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            mine = idx[rank::world].to(device)
-            x, y = x_all[mine], y_all[mine]
             lr = cfg.lr * lr_factor(cfg, result.steps, per_epoch) * plateau.scale
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with precision.autocast():
-                logits = net(x)
-                per_sample = F.cross_entropy(logits.float(), y, reduction="none")
-            batch = Batch(per_sample, y, len(idx))
-            loss = batch.loss(weights) * world  # DistributedDataParallel averages: x world restores the sum
-            if hook is not None:
-                hook.before_backward(result.steps, batch)
-            optimizer.zero_grad(set_to_none=True)
-            precision.backward(loss)
-            precision.unscale(optimizer)
-            if hook is not None:
-                hook.after_backward(result.steps)
-            if bound is not None:
-                bound.zero_grads()
-            precision.step(optimizer)
-            if bound is not None:
-                bound.zero_weights()
+            loss, correct = steps.step(result.steps, order[i:i + cfg.batch_size], lr)
             result.steps += 1
-            totals[0] += per_sample.detach().sum()
-            totals[1] += (logits.detach().argmax(1) == y).sum()
+            totals[0] += loss
+            totals[1] += correct
             if rewind_iter is not None and result.steps == rewind_iter:
                 result.rewind_state = copy.deepcopy(model.state_dict())
         distributed.all_reduce_sum(totals)
