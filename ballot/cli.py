@@ -14,7 +14,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ballot.config import BaseConfig, ExperimentConfig, apply_overrides, experiment_from_params, load_yaml, to_dict
+from ballot.config import (
+    GRANULARITIES,
+    UNIT_METHODS,
+    BaseConfig,
+    ExperimentConfig,
+    apply_overrides,
+    experiment_from_params,
+    load_yaml,
+    to_dict,
+)
 from ballot.errors import ConfigError, StorageError, UserError
 from ballot.summary import summary
 
@@ -32,7 +41,8 @@ def _flag_overrides(flags: dict[str, Any]) -> list[str]:
 def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     params: dict[str, Any] = load_yaml(args.params) if args.params else {}
     flags = {"base.dataset": args.dataset, "base.model": args.model, "base.density": args.density,
-             "base.seed": args.seed, "prune.method": getattr(args, "method", None), "base.device": args.device}
+             "base.seed": args.seed, "prune.method": getattr(args, "method", None), "base.device": args.device,
+             "prune.granularity": getattr(args, "granularity", None)}
     params = apply_overrides(params, _flag_overrides(flags) + list(args.set or []))
     return experiment_from_params(params)
 
@@ -308,6 +318,8 @@ def _add_run_options(parser: argparse.ArgumentParser, with_method: bool = True) 
     parser.add_argument("--model", choices=sorted(MODELS), help="model (base.model)")
     if with_method:
         parser.add_argument("--method", choices=sorted(PRUNERS), help="pruning method (prune.method)")
+        parser.add_argument("--granularity", choices=GRANULARITIES,
+                            help=f"prune.granularity: weight, or unit for {' and '.join(UNIT_METHODS)}")
     parser.add_argument("--density", type=float, help="fraction of prunable weights kept, in (0, 1]")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--device", help=_field_help(BaseConfig, "device"))

@@ -396,6 +396,8 @@ class FairScratchConfig:
 
 
 FINAL_TRAININGS = ("auto", "plain", "refined")
+GRANULARITIES = ("weight", "unit")
+UNIT_METHODS = ("magnitude", "ballot")  # the methods with a structured (unit) variant
 
 
 @dataclass
@@ -408,6 +410,10 @@ class PruneConfig:
     final_train: str = _help("Training of the final mask: 'plain' (prune.retrain, cross-entropy), 'refined' "
                              "(prune.ballot.refine_train with the fairness-weighted loss) or 'auto' (refined for "
                              "ballot, plain for the baselines).", "auto")
+    granularity: str = _help("'weight' (unstructured) or 'unit': whole neurons / output channels (residual-coupled "
+                             "ones together) go, one keep ratio in every layer but the classifier, chosen so the "
+                             "weight density is as close to base.density as whole units allow; magnitude becomes "
+                             "L1-norm filter pruning (docs/deploy.md).", "weight")
     lth_rounds: int = _help("LTH: iterative magnitude pruning rounds n ((1-p)^n = density; 1 = one-shot).", 3)
     min_per_layer: int = _help("Every layer keeps at least this many weights.", 1)
     ballot: BallotConfig = _help("Ballot's knobs.", factory=BallotConfig)
@@ -418,6 +424,14 @@ class PruneConfig:
         _check(self.retrain.schedule != "plateau", "retrain.schedule", NO_PLATEAU)
         _check(self.final_train in FINAL_TRAININGS, "final_train",
                f"unknown '{self.final_train}', choose from {FINAL_TRAININGS}")
+        _check(self.granularity in GRANULARITIES, "granularity",
+               f"unknown '{self.granularity}', choose from {GRANULARITIES}")
+        if self.granularity == "unit":
+            _check(self.method in UNIT_METHODS, "granularity",
+                   f"'unit' is available for {UNIT_METHODS}, not for '{self.method}'")
+            _check(self.method != "ballot" or self.ballot.conflict == "none", "granularity",
+                   f"'unit' Ballot votes on unit norms alone: set prune.ballot.conflict none "
+                   f"(got '{self.ballot.conflict}')")
         _check(self.lth_rounds >= 1, "lth_rounds", f"must be >= 1, got {self.lth_rounds}")
         _check(self.min_per_layer >= 0, "min_per_layer", f"must be >= 0, got {self.min_per_layer}")
 

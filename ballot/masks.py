@@ -2,7 +2,9 @@
 
 A Mask maps prunable parameter names (conv and linear weights by default) to boolean tensors of the
 same shape. Budgets are met exactly: ``Mask.top_k`` keeps precisely ``round(density * total)``
-weights. Masks are saved as safetensors, never pickled.
+weights. A structured mask also *pins* other parameters (biases, normalisation scales and shifts) of the units it
+removes, so that a removed unit's output is exactly zero; pinned entries are enforced like weights but do not count
+toward the density. Masks are saved as safetensors, never pickled.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from ballot.errors import MaskError
 from ballot.storage import atomic_save_tensors, load_tensors
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
+PINNED_PREFIX = "pinned:"  # key prefix of pinned entries in a saved mask
 
 
 def prunable_names(model: nn.Module) -> list[str]:
@@ -98,16 +99,16 @@ class LayerReport:
 
 
 class Mask(Mapping[str, torch.Tensor]):
-    """Validated {parameter name: bool tensor}."""
+    """Validated {parameter name: bool tensor} over the prunable weights, plus optional ``pinned`` entries (other
+    parameters held at zero where False, not counted in the density)."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, tensors: Mapping[str, torch.Tensor], pinned: Mapping[str, torch.Tensor] | None = None) -> None:
         if not tensors:
             raise MaskError("a mask needs at least one tensor")
-        self._tensors: dict[str, torch.Tensor] = {}
-        for name, tensor in tensors.items():
-            if not isinstance(tensor, torch.Tensor):
-                raise MaskError(f"mask entry '{name}' is not a tensor")
-            self._tensors[name] = tensor.detach().to(device="cpu", dtype=torch.bool)
+        self._tensors, self.pinned = _bool_tensors(tensors), _bool_tensors(pinned or {})
+        overlap = set(self._tensors) & set(self.pinned)
+        if overlap:
+            raise MaskError(f"mask entries {sorted(overlap)} are both weights and pinned")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
@@ -204,10 +205,14 @@ class Mask(Mapping[str, torch.Tensor]):
         """True when every weight kept here is also kept by ``other``."""
         return set(self) == set(other) and all(not bool((self[n] & ~other[n]).any()) for n in self)
 
+    def entries(self) -> dict[str, torch.Tensor]:
+        """Every enforced entry: the weights' and the pinned ones."""
+        return {**self._tensors, **self.pinned}
+
     def validate(self, model: nn.Module) -> None:
         """Raise MaskError unless every entry names a parameter of ``model`` with the same shape."""
         params = dict(model.named_parameters())
-        for name, tensor in self._tensors.items():
+        for name, tensor in self.entries().items():
             if name not in params:
                 raise MaskError(f"mask entry '{name}' is not a parameter of the model")
             if tuple(params[name].shape) != tuple(tensor.shape):
@@ -215,11 +220,11 @@ class Mask(Mapping[str, torch.Tensor]):
                                 f"the parameter has {tuple(params[name].shape)}")
 
     def apply(self, model: nn.Module) -> None:
-        """Zero the pruned weights of ``model`` in place."""
+        """Zero the pruned weights (and pinned entries) of ``model`` in place."""
         self.validate(model)
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, tensor in self._tensors.items():
+            for name, tensor in self.entries().items():
                 params[name].mul_(tensor.to(params[name].device, params[name].dtype))
 
     def on(self, model: nn.Module) -> "BoundMask":
@@ -227,8 +232,9 @@ class Mask(Mapping[str, torch.Tensor]):
         return BoundMask(self, model)
 
     def save(self, path: str | Path) -> None:
-        """Write atomically as safetensors (uint8 tensors)."""
-        atomic_save_tensors({n: t.to(torch.uint8).contiguous() for n, t in self._tensors.items()}, path)
+        """Write atomically as safetensors (uint8 tensors; pinned entries under PINNED_PREFIX)."""
+        stored = {**self._tensors, **{PINNED_PREFIX + n: t for n, t in self.pinned.items()}}
+        atomic_save_tensors({n: t.to(torch.uint8).contiguous() for n, t in stored.items()}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Mask":
@@ -238,11 +244,22 @@ class Mask(Mapping[str, torch.Tensor]):
         for name, tensor in tensors.items():
             if tensor.dtype not in (torch.uint8, torch.bool) or (tensor.numel() and int(tensor.max()) > 1):
                 raise MaskError(f"{path}: entry '{name}' is not a 0/1 tensor")
-        return cls(tensors)
+        pinned = {n[len(PINNED_PREFIX):]: t for n, t in tensors.items() if n.startswith(PINNED_PREFIX)}
+        return cls({n: t for n, t in tensors.items() if not n.startswith(PINNED_PREFIX)}, pinned)
 
     def to_bytes(self) -> bytes:
-        """Canonical byte form (names sorted), for determinism checks and hashing."""
-        return b"".join(name.encode() + self._tensors[name].numpy().tobytes() for name in sorted(self._tensors))
+        """Canonical byte form (names sorted, pinned entries after the weights), for determinism checks and hashing."""
+        return b"".join(name.encode() + group[name].numpy().tobytes()
+                        for group in (self._tensors, self.pinned) for name in sorted(group))
+
+
+def _bool_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    checked = {}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise MaskError(f"mask entry '{name}' is not a tensor")
+        checked[name] = tensor.detach().to(device="cpu", dtype=torch.bool)
+    return checked
 
 
 class BoundMask:
@@ -251,7 +268,7 @@ class BoundMask:
     def __init__(self, mask: Mask, model: nn.Module) -> None:
         mask.validate(model)
         params = dict(model.named_parameters())
-        self.pairs = [(params[n], mask[n].to(params[n].device, params[n].dtype)) for n in mask]
+        self.pairs = [(params[n], t.to(params[n].device, params[n].dtype)) for n, t in mask.entries().items()]
 
     @torch.no_grad()
     def zero_weights(self) -> None:

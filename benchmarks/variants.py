@@ -15,8 +15,12 @@ VARIANTS: dict[str, list[str]] = {
     "ballot (protect)": ["prune.method=ballot", "prune.ballot.conflict=protect"],
     "ballot (veto)": ["prune.method=ballot", "prune.ballot.conflict=veto"],
     "ballot (plain retraining)": ["prune.method=ballot", "prune.final_train=plain"],
+    # structured: whole neurons / channels (L1-norm filter pruning, and Ballot's unit votes); docs/deploy.md
+    "magnitude (unit)": ["prune.method=magnitude", "prune.granularity=unit"],
+    "ballot (unit)": ["prune.method=ballot", "prune.granularity=unit"],
 }
-BASELINES = ("random", "magnitude", "lth", "lth-oneshot", "lth + refined", "safecompress", "fairscratch")
+BASELINES = ("random", "magnitude", "lth", "lth-oneshot", "lth + refined", "safecompress", "fairscratch",
+             "magnitude (unit)")
 METRICS = ("acc", "cwv", "mcd", "worst_class")
 
 

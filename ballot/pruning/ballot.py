@@ -10,6 +10,9 @@ conflict a surviving weight is *contested* when fairness would grow it (w*f < 0)
          ballots and reserves ``protect_fraction`` of each layer's count for the best-protected weights; 'veto'
          bars contested weights from a ballot; 'none' (default, chosen on validation) votes on |w| alone.
 select   ``select_mask``: each layer keeps its most-voted weights, ties broken by the final magnitude.
+
+With prune.granularity 'unit' the same rounds vote on whole units (``UnitVoter``): each ballot gives one vote to
+each coupled group's units of largest L1 norm (ballot.pruning.units), and each group keeps its most-voted units.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ballot import distributed
 from ballot.config import BallotConfig
 from ballot.masks import Mask, density_schedule, erk_counts, magnitude_scores
 from ballot.pruning.base import PruneContext, PruneResult
+from ballot.pruning.units import UnitGroup, kept_units, select_units, unit_counts, unit_mask, unit_scores
 from ballot.train import Batch, StepHook, steps_per_epoch, train
 
 
@@ -70,15 +74,19 @@ def cast_ballot(scores: torch.Tensor, eligible: torch.Tensor, k: int, protected_
     return votes | _top(scores, eligible & ~votes, k - int(votes.sum()))
 
 
+def tie_broken(votes: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+    """Votes plus |w| / (2 max|w|): below half a vote, so the magnitude only orders entries with equal votes."""
+    peak = float(magnitudes.max())
+    return votes.double() + magnitudes.double() / (2.0 * peak if peak > 0 else 1.0)
+
+
 def select_mask(votes: dict[str, torch.Tensor], magnitudes: dict[str, torch.Tensor], counts: dict[str, int],
                 protection: dict[str, torch.Tensor] | None = None, protect_fraction: float = 0.0) -> Mask:
     """Each layer's ``counts[name]`` most-voted weights (among equal votes the larger |w| wins), except a share
     ``protect_fraction`` that goes to the weights of highest ``protection`` score (> 0) not already chosen."""
     chosen = {}
     for name, v in votes.items():
-        peak = float(magnitudes[name].max())
-        # |w| / (2 max|w|) < 0.5 never outweighs one vote, so it only orders weights with equal votes.
-        combined = v.double() + magnitudes[name].double() / (2.0 * peak if peak > 0 else 1.0)
+        combined = tie_broken(v, magnitudes[name])
         everyone = torch.ones_like(v, dtype=torch.bool)
         k = counts[name]
         if protection is None or protect_fraction == 0:
@@ -163,6 +171,71 @@ class GradientCollector(StepHook):
         self._collected = 0
 
 
+class UnitVoter(StepHook):
+    """Unit-granularity ballots: every ``period`` steps, one vote to each group's ``counts`` surviving units of
+    largest L1 norm."""
+
+    def __init__(self, model: nn.Module, groups: list[UnitGroup], candidate: dict[str, torch.Tensor],
+                 counts: dict[str, int], period: int) -> None:
+        self.model, self.groups, self.candidate, self.counts, self.period = model, groups, candidate, counts, period
+        self.votes = {g.name: torch.zeros(g.size, dtype=torch.int32) for g in groups}
+        self.ballots, self.steps = 0, 0
+
+    def before_backward(self, step: int, batch: Batch) -> None:
+        pass
+
+    def after_backward(self, step: int) -> None:
+        self.steps = step + 1
+        if self.steps % self.period == 0:
+            self.cast()
+
+    def finish(self) -> None:
+        """Cast a ballot on the last, incomplete period."""
+        if self.steps % self.period:
+            self.cast()
+
+    @torch.no_grad()
+    def cast(self) -> None:
+        for name, score in unit_scores(self.model, self.groups).items():
+            self.votes[name] += _top(score, self.candidate[name], self.counts[name]).int()
+        self.ballots += 1
+
+
+def prune_units(ctx: PruneContext) -> PruneResult:
+    """Ballot over whole units: round 1 keeps each group's units of largest L1 norm in theta_T, every further round
+    trains the current units from theta_k (``obs_epochs``) and keeps the most-voted ones (ties: the final L1 norm);
+    then the final training of theta_T's surviving units (removing whole units destroys what rewinding relies on:
+    on validation, fine-tuning theta_T beat rewinding to theta_k). The unit sets are nested across rounds."""
+    cfg, started = ctx.config.ballot, time.perf_counter()
+    trained, groups = ctx.model_from(ctx.dense.trained_state), ctx.unit_groups
+    counts = [unit_counts(trained, groups, d) for d in density_schedule(ctx.density, cfg.rounds)]
+    keep = select_units(unit_scores(trained, groups), counts[0])
+    mask = unit_mask(trained, groups, keep)
+    rounds: list[dict[str, Any]] = [{"density": mask.density(), "units": kept_units(mask, groups)}]
+    per_epoch = steps_per_epoch(len(ctx.data.train), ctx.config.retrain.batch_size)
+    masks, votes = [mask], {}
+    for number, wanted in enumerate(counts[1:], start=2):
+        observer = ctx.model_from(ctx.dense.rewind_state)
+        voter = UnitVoter(observer, groups, keep, wanted, cfg.ballot_every or per_epoch)
+        train(observer, ctx.data.train, dataclasses.replace(ctx.config.retrain, epochs=cfg.obs_epochs), seed=ctx.seed,
+              mask=mask, device=ctx.device, hook=voter, desc=f"ballot round {number}", progress=ctx.progress,
+              class_weights=ctx.dense_class_weights if cfg.obs_loss == "fair" else None)
+        voter.finish()
+        votes, final = voter.votes, unit_scores(observer, groups)
+        keep = select_units({n: tie_broken(votes[n], final[n]) for n in final}, wanted)
+        mask = ctx.agree(unit_mask(observer, groups, keep), f"ballot round {number}")
+        masks.append(mask)
+        rounds.append({"density": mask.density(), "units": kept_units(mask, groups), "ballots": voter.ballots})
+    observe_seconds = time.perf_counter() - started
+    model = ctx.model_from(ctx.dense.trained_state)  # fine-tuned, not rewound: docs/deploy.md, "Structured Ballot"
+    result = ctx.final_train(model, mask, "ballot refine")
+    details = {"granularity": "unit", "rounds": rounds, "units_kept": kept_units(mask, groups),
+               "class_weights": [round(float(w), 4) for w in ctx.dense_class_weights],
+               "observe_seconds": observe_seconds, "refine_seconds": result.seconds}
+    return PruneResult(mask, model, details, history=result.history,
+                       tensors={"votes": votes} if votes else {}, round_masks=masks)
+
+
 def round_counts(ctx: PruneContext, shapes: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:
     """Per-layer kept counts of each round: ERK shares (with ``layer_floor``) at the round's density, each round
     within the previous one, so the masks can be nested."""
@@ -203,6 +276,8 @@ def prune(ctx: PruneContext) -> PruneResult:
     further round trains the current mask from theta_k and keeps the most-voted survivors at the next density of
     the schedule, so the masks are nested and the last one has exactly the target density.
     """
+    if ctx.config.granularity == "unit":
+        return prune_units(ctx)
     started = time.perf_counter()
     trained = ctx.model_from(ctx.dense.trained_state)
     scores = magnitude_scores(trained)

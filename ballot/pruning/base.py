@@ -15,6 +15,7 @@ from ballot.data import DataBundle
 from ballot.fairness import evaluate, fairness_class_weights, fairness_objective
 from ballot.masks import Mask
 from ballot.models import build_model
+from ballot.pruning.units import UnitGroup, unit_groups
 from ballot.train import TrainResult, train
 
 
@@ -53,6 +54,12 @@ class PruneContext:
         """Class metrics of ``model`` on the validation split."""
         val = self.data.val
         return evaluate(model, val.x, val.y, self.data.num_classes, device=self.device)
+
+    @cached_property
+    def unit_groups(self) -> list[UnitGroup]:
+        """The architecture's coupled units (prune.granularity 'unit')."""
+        return unit_groups(build_model(self.model_name, self.data.input_shape, self.data.num_classes),
+                           self.data.input_shape)
 
     @cached_property
     def dense_class_weights(self) -> torch.Tensor:
@@ -101,5 +108,6 @@ class PruneResult:
     model: nn.Module
     details: dict[str, Any] = field(default_factory=dict)  # JSON-ready, for reports (details.json)
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch records of the training that made model
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # extra tensor artifacts (Ballot: its votes)
+    # extra tensor files {file stem: {name: tensor}} (Ballot: votes.safetensors)
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     round_masks: list[Mask] = field(default_factory=list)  # intermediate masks of iterative methods

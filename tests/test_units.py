@@ -1,0 +1,113 @@
+"""Structured (unit) pruning: DepGraph's coupled groups, exactly dead units, the density rule, both unit pruners."""
+
+import pytest
+import torch
+
+from ballot.errors import ConfigError
+from ballot.experiment import run_prune
+from ballot.masks import Mask
+from ballot.models import build_model
+from ballot.pruning.units import kept_units, select_units, unit_counts, unit_groups, unit_mask, unit_scores
+from tests.conftest import tiny_config
+
+SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 12, 12), "resnet20": (3, 16, 16)}
+
+
+def _half_mask(name: str):
+    torch.manual_seed(0)
+    model = build_model(name, SHAPES[name], 10).eval()
+    for module in model.modules():  # non-trivial BatchNorm statistics and shifts
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.5, 2), module.bias.data.uniform_(-1, 1)
+    groups = unit_groups(model, SHAPES[name])
+    keep = select_units(unit_scores(model, groups), {g.name: g.size // 2 for g in groups})
+    return model, groups, keep, unit_mask(model, groups, keep)
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_removed_units_are_exactly_dead_physical_removal_keeps_the_outputs(name):
+    import torch_pruning as tp
+
+    model, groups, keep, mask = _half_mask(name)
+    mask.apply(model)
+    x = torch.randn(5, *SHAPES[name])
+    with torch.no_grad():
+        expected = model(x)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x[:2])
+    modules = dict(model.named_modules())
+    for group in groups:
+        root = modules[group.name.rsplit(".", 1)[0]]
+        handler = tp.prune_linear_out_channels if isinstance(root, torch.nn.Linear) else tp.prune_conv_out_channels
+        graph.get_pruning_group(root, handler, idxs=torch.nonzero(~keep[group.name]).flatten().tolist()).prune()
+    with torch.no_grad():
+        got = model(x)
+    assert sum(p.numel() for p in model.parameters()) < sum(t.numel() for t in mask.values())
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_resnet_residual_stream_is_one_group_and_its_normalisations_are_pinned():
+    model = build_model("resnet20", SHAPES["resnet20"], 10)
+    groups = {g.name: g for g in unit_groups(model, SHAPES["resnet20"])}
+    stem = groups["1.0.weight"]  # the stem conv feeds the first stage's residual stream
+    rows = {s.param for s in stem.slices if s.dim == 0}
+    assert {"1.3.conv2.weight", "1.4.conv2.weight", "1.5.conv2.weight", "1.1.weight", "1.3.bn2.bias"} <= rows
+    _, _, keep, mask = _half_mask("resnet20")
+    assert "1.3.bn2.weight" in mask.pinned and "1.3.bn2.weight" not in mask
+    dropped = ~keep["1.0.weight"]
+    assert not mask.pinned["1.3.bn2.bias"][dropped].any() and mask.pinned["1.3.bn2.bias"][~dropped].all()
+
+
+def test_pinned_entries_round_trip_stay_out_of_the_density_and_stay_zero_in_training(tmp_path, tiny_data):
+    model, groups, keep, mask = _half_mask("mlp")
+    assert set(mask.pinned) == {"1.1.bias", "1.3.bias"}
+    weights_only = Mask(dict(mask.items()))
+    assert mask.density() == weights_only.density() and mask.kept == weights_only.kept
+    mask.save(tmp_path / "m.safetensors")
+    loaded = Mask.load(tmp_path / "m.safetensors")
+    assert loaded.to_bytes() == mask.to_bytes() and set(loaded.pinned) == set(mask.pinned)
+
+    from ballot.train import train
+
+    cfg = tiny_config().prune.retrain
+    data_model = build_model("mlp", tiny_data.input_shape, tiny_data.num_classes)
+    groups = unit_groups(data_model, tiny_data.input_shape)
+    mask = unit_mask(data_model, groups, select_units(unit_scores(data_model, groups), {g.name: 5 for g in groups}))
+    train(data_model, tiny_data.train, cfg, mask=mask, progress=False)
+    params = dict(data_model.named_parameters())
+    for name, keep_entries in mask.entries().items():
+        assert torch.count_nonzero(params[name][~keep_entries]) == 0, name
+    assert kept_units(mask, groups) == {g.name: 5 for g in groups}
+
+
+def test_one_keep_ratio_for_every_group_and_the_density_as_close_as_units_allow():
+    model = build_model("cnn", SHAPES["cnn"], 10)
+    groups = unit_groups(model, SHAPES["cnn"])
+    counts = unit_counts(model, groups, 0.25)
+    assert counts == {g.name: g.size // 2 for g in groups}  # 32/64-channel layers: half the units give ~0.25
+    tiny = unit_counts(model, groups, 1e-4)
+    assert all(k == 1 for k in tiny.values())  # never an empty layer
+
+
+@pytest.mark.parametrize("method", ["magnitude", "ballot"])
+def test_unit_pruners_remove_whole_units_deterministically(method, tiny_data, tiny_dense):
+    cfg = tiny_config(f"prune.method={method}", "prune.granularity=unit", "base.density=0.3")
+    first, second = run_prune(cfg, tiny_data, tiny_dense), run_prune(cfg, tiny_data, tiny_dense)
+    assert first.mask.to_bytes() == second.mask.to_bytes()
+    groups = unit_groups(first.model, tiny_data.input_shape)
+    assert kept_units(first.mask, groups) == unit_counts(first.model, groups, 0.3)
+    params = dict(first.model.named_parameters())
+    for name, keep in first.mask.entries().items():
+        assert torch.count_nonzero(params[name][~keep]) == 0, name
+    if method == "ballot":
+        masks = first.round_masks
+        assert all(b.is_subset_of(a) for a, b in zip(masks, masks[1:]))
+
+
+@pytest.mark.parametrize("override, message", [
+    (["prune.method=lth"], "'unit' is available for"),
+    (["prune.method=ballot", "prune.ballot.conflict=protect"], "set prune.ballot.conflict none"),
+    (["prune.granularity=block"], "unknown 'block'"),
+])
+def test_unsupported_unit_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config("prune.granularity=unit", *override)
