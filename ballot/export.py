@@ -176,17 +176,22 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
 
 def _quantized(plain: Any, tmp: str, gate: QuantizationGate, metadata: dict[str, Any]) -> dict[str, Any]:
     """Quantize the dense float graph ``plain`` (the quantizer needs initializers, not packed weights), gate it,
-    and write the INT8 model to ``tmp`` with the INT8 metrics in its card; the quantization report."""
+    and write the INT8 model to ``tmp`` with the INT8 metrics in its card; the quantization report, with the
+    sizes of the float and INT8 files (both without debug info)."""
     import onnx
 
     from ballot.quantize import quantize_checked
 
     with tempfile.TemporaryDirectory() as folder:
         float_path, int8_path = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
-        save_proto(plain, float_path)
+        dense = copy.deepcopy(plain)
+        strip_debug_info(dense)
+        save_proto(dense, float_path)
         result = quantize_checked(float_path, int8_path, gate)
         int8 = onnx.load_model(str(int8_path))
+        result["float_onnx_bytes"] = float_path.stat().st_size
     strip_debug_info(int8)
     set_metadata(int8, {**metadata, **result["int8"], "onnx_format": "dense"})
     save_proto(int8, tmp)
+    result["int8_onnx_bytes"] = Path(tmp).stat().st_size
     return result

@@ -85,8 +85,7 @@ def quantize_checked(float_path: str | Path, out_path: str | Path, gate: Quantiz
             f"{gate.max_acc_drop}), CWV rise {cwv_rise:.5f} (limit export.max_quant_cwv_rise {gate.max_cwv_rise}) "
             f"on {len(gate.y)} test inputs")
     return {"mode": gate.mode, "float": before, "int8": after, "acc_drop": acc_drop, "cwv_rise": cwv_rise,
-            "max_acc_drop": gate.max_acc_drop, "max_cwv_rise": gate.max_cwv_rise, "samples": int(len(gate.y)),
-            "float_onnx_bytes": Path(float_path).stat().st_size, "int8_onnx_bytes": Path(out_path).stat().st_size}
+            "max_acc_drop": gate.max_acc_drop, "max_cwv_rise": gate.max_cwv_rise, "samples": int(len(gate.y))}
 
 
 def _calibration_reader(model_path: Path, inputs: np.ndarray | None) -> Any:

@@ -102,3 +102,97 @@ def test_a_layer_whose_units_are_all_dead_keeps_one(name):
     compact, _ = remove_dead_units(model, SHAPE)
     assert next(m for m in compact.modules() if isinstance(m, (nn.Linear, nn.Conv2d))).weight.shape[0] == 1
     _same_outputs(model, compact)
+
+
+# Packed storage and the compact export ---------------------------------------------------------------------------
+
+FMNIST = (1, 28, 28)
+
+
+def _sparse(name: str, density: float = 0.05) -> nn.Module:
+    from ballot.export import bake
+    from ballot.masks import Mask, magnitude_scores
+
+    torch.manual_seed(0)
+    model = build_model(name, FMNIST, 10)
+    return bake(model, Mask.top_k(magnitude_scores(model), density))
+
+
+def _matmul_graph(weights: dict):
+    """x -> MatMul(W1) -> ... : a hand-built graph whose weights are exactly the given arrays."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = list(weights)
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", name], [f"h{i + 1}"])
+             for i, name in enumerate(names)]
+    first, last = weights[names[0]], weights[names[-1]]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, first.shape[0]])],
+        [helper.make_tensor_value_info(f"h{len(names)}", TensorProto.FLOAT, [None, last.shape[1]])],
+        [numpy_helper.from_array(w, n) for n, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_packing_rebuilds_exact_weights_and_skips_those_it_would_not_shrink():
+    import numpy as np
+    import onnxruntime as ort
+
+    from ballot.packing import pack_sparse_initializers
+
+    rng = np.random.default_rng(0)
+    sparse = (rng.standard_normal((37, 29)) * (rng.random((37, 29)) < 0.1)).astype(np.float32)  # 1073 bits: not /8
+    empty = np.zeros((29, 11), dtype=np.float32)
+    dense = rng.standard_normal((11, 5)).astype(np.float32)
+    proto = _matmul_graph({"sparse": sparse, "empty": empty, "dense": dense})
+    before = proto.ByteSize()
+    assert pack_sparse_initializers(proto, ["sparse", "empty", "dense"]) == ["sparse", "empty"]
+    assert proto.ByteSize() < before
+    stored = {i.name for i in proto.graph.initializer}
+    assert "dense" in stored and not {"sparse", "empty"} & stored
+    x = rng.standard_normal((4, 37)).astype(np.float32)
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, x @ sparse @ empty @ dense)
+    assert pack_sparse_initializers(_matmul_graph({"w": dense}), ["w"]) == [], "a dense weight is not packed"
+
+
+def test_onnx_runtime_folds_the_packed_subgraph_away(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from ballot.export import export_checked
+
+    path = tmp_path / "mlp.onnx"
+    export_checked(_sparse("mlp"), FMNIST, path, {}, torch.rand(8, *FMNIST), 1e-4)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"BitShift", "CumSum", "Where"} <= ops
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    folded = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert not folded & {"BitShift", "BitwiseAnd", "CumSum", "Gather", "Where", "Split"}, folded
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_compact_export_meets_the_size_targets_with_parity(name, tmp_path):
+    import onnxruntime as ort
+
+    from ballot.export import export_checked, read_metadata
+
+    baked = _sparse(name)
+    card = {"acc": 0.5}
+    compact = export_checked(baked, FMNIST, tmp_path / "compact.onnx", card, torch.rand(32, *FMNIST), 1e-4)
+    dense = export_checked(baked, FMNIST, tmp_path / "dense.onnx", card, torch.rand(32, *FMNIST), 1e-4, compact=False)
+    size = (tmp_path / "compact.onnx").stat().st_size
+    assert compact["onnx_bytes"] == size and compact["onnx_format"] == "compact" and dense["onnx_format"] == "dense"
+    assert dense["removed_units"] == {} and dense["packed_tensors"] == []
+    assert compact["dense_onnx_bytes"] == pytest.approx(dense["onnx_bytes"], rel=0.01), "the estimate of the plain file"
+    assert size <= 1.2 * compact["lossless_floor_bytes"], (size, compact["lossless_floor_bytes"])
+    assert size <= 0.12 * dense["onnx_bytes"]
+    x = torch.rand(64, *FMNIST)
+    with torch.no_grad():
+        expected = baked(x).numpy()
+    got = ort.InferenceSession(str(tmp_path / "compact.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    assert abs(got - expected).max() <= 1e-4
+    assert read_metadata(tmp_path / "compact.onnx") == {**card, "onnx_format": "compact", "granularity": "weight",
+                                                        "quantization": "none"}
