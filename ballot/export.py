@@ -145,28 +145,30 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
     ``quantization``. Returns the export report: parity, sizes (the file, the plain dense export, the lossless
     floor), removed units, packed tensors, parameter counts and the quantization report."""
     deployed, removed = remove_dead_units(baked, input_shape) if compact else (baked, {})
-    plain = onnx_proto(deployed, input_shape, card)
-    removed_values = parameter_counts(baked)["onnx_parameters"] - parameter_counts(deployed)["onnx_parameters"]
-    report: dict[str, Any] = {"dense_onnx_bytes": plain.ByteSize() + FLOAT_BYTES * removed_values,
-                              "lossless_floor_bytes": storage_floor(baked), "removed_units": removed}
+    plain = onnx_proto(deployed, input_shape)
     proto, packed = plain, []
     if compact:
         proto = copy.deepcopy(plain)
         strip_debug_info(proto)
         packed = pack_sparse_initializers(proto, prunable_names(deployed))
-    fields = {"onnx_format": "compact" if packed else "dense", "granularity": granularity,
-              "quantization": quantization.mode if quantization else "none"}
+    fields = {"onnx_format": "compact" if packed else "dense", "granularity": granularity}
+    metadata = {**card, **fields, "quantization": quantization.mode if quantization else "none"}
+    set_metadata(plain, metadata)
+    set_metadata(proto, metadata)
+    removed_values = parameter_counts(baked)["onnx_parameters"] - parameter_counts(deployed)["onnx_parameters"]
+    report: dict[str, Any] = {"dense_onnx_bytes": plain.ByteSize() + FLOAT_BYTES * removed_values,
+                              "lossless_floor_bytes": storage_floor(baked), "removed_units": removed,
+                              "packed_tensors": packed, **fields}
 
     def write(tmp: str) -> None:
-        set_metadata(proto, {**card, **fields})
         save_proto(proto, tmp)
         parity = check_parity(baked, tmp, inputs)
         if not parity["max_abs_diff"] <= tolerance:
             raise ParityError(f"ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.3g} on "
                               f"{parity['samples']} test inputs (export.parity_tolerance {tolerance})")
-        report.update(parity=parity, parity_tolerance=tolerance, packed_tensors=packed, **fields)
+        report.update(parity=parity, parity_tolerance=tolerance)
         if quantization is not None:
-            report.update(quantization=_quantized(plain, tmp, quantization, {**card, **fields}), onnx_format="dense")
+            report.update(quantization=_quantized(plain, tmp, quantization, metadata), onnx_format="dense")
         report["onnx_bytes"] = Path(tmp).stat().st_size
 
     atomic_write(path, write)

@@ -185,6 +185,7 @@ def test_compact_export_meets_the_size_targets_with_parity(name, tmp_path):
     size = (tmp_path / "compact.onnx").stat().st_size
     assert compact["onnx_bytes"] == size and compact["onnx_format"] == "compact" and dense["onnx_format"] == "dense"
     assert dense["removed_units"] == {} and dense["packed_tensors"] == []
+    assert dense["dense_onnx_bytes"] == dense["onnx_bytes"] and "quantization" not in compact
     assert compact["dense_onnx_bytes"] == pytest.approx(dense["onnx_bytes"], rel=0.01), "the estimate of the plain file"
     assert size <= 1.2 * compact["lossless_floor_bytes"], (size, compact["lossless_floor_bytes"])
     assert size <= 0.12 * dense["onnx_bytes"]
