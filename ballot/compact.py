@@ -10,8 +10,8 @@ index blocks). One coupled index is removed only when its removal is exact in ev
   constant comes from the bias and BatchNorm) or when its BatchNorm scale is zero (the constant is the BN shift);
   the unit is dead when that constant is 0, or negative and clamped by the ReLU.
 
-Every other op in the group must map zero to zero channel-wise (ReLU, add, pooling, mean, reshape); a group with
-anything else is left alone. A constant non-zero unit could be folded into the next layer's bias, but with padded
+Every other op in the group must map zero to zero channel-wise (ReLU, the add of two tensors, pooling, mean,
+reshape); a group with anything else is left alone. A constant non-zero unit could be folded into the next layer's bias, but with padded
 convolutions that is not exact, so it stays.
 """
 
@@ -63,6 +63,8 @@ def _removable(graph: object, group: object) -> list[int]:
             norms.append(module)
         elif not (type(module).__name__ == "_ReshapeOp" or any(op in str(module) for op in ZERO_PRESERVING_OPS)):
             return []
+        elif "AddBackward" in str(module) and len(graph.module2node[module].inputs) < 2:  # type: ignore[attr-defined]
+            return []  # x + constant: a zero input is not a zero output
     chains = {id(p.dep.target.module): _chain(graph, p.dep.target.module) for p in producers}
     if any(not any(bn is norm for bn, _ in chains.values()) for norm in norms):
         return []  # a BatchNorm that follows no producer of the group: its shift could make a zero unit non-zero
