@@ -197,3 +197,24 @@ def test_compact_export_meets_the_size_targets_with_parity(name, tmp_path):
     assert abs(got - expected).max() <= 1e-4
     assert read_metadata(tmp_path / "compact.onnx") == {**card, "onnx_format": "compact", "granularity": "weight",
                                                         "quantization": "none"}
+
+
+class _Shifted(nn.Module):
+    """Linear -> x + 1 -> ReLU -> Linear: a zero unit of the first layer reaches the second as 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x) + 1.0))
+
+
+@torch.no_grad()
+def test_a_unit_that_an_added_constant_revives_stays():
+    model = _Shifted().eval()
+    model.first.weight[2] = 0; model.first.bias[2] = 0
+    compact, removed = remove_dead_units(model, (6,))
+    assert removed == {}
+    x = torch.rand(8, 6)
+    assert torch.equal(model(x), compact(x))
