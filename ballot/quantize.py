@@ -11,13 +11,16 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ballot.config import ExportConfig
 from ballot.errors import QuantizationError
 from ballot.fairness import class_metrics
+
+if TYPE_CHECKING:
+    from ballot.data import DataBundle
 
 METRIC_KEYS = ("acc", "cwv", "mcd", "worst_class")
 CALIBRATION_BATCH = 64
@@ -41,6 +44,15 @@ class QuantizationGate:
             raise QuantizationError(f"quantization mode '{self.mode}': choose from {modes}")
         if self.mode == "static" and (self.calibration is None or not len(self.calibration)):
             raise QuantizationError("static quantization needs calibration inputs (export.calibration_samples > 0)")
+
+
+def gate_for(cfg: ExportConfig, data: DataBundle) -> QuantizationGate | None:
+    """The gate that ``cfg`` (export.quantize and its limits) asks for, on the test split with calibration inputs
+    from the training split; None for 'none'."""
+    if cfg.quantize == "none":
+        return None
+    return QuantizationGate(cfg.quantize, cfg.max_quant_acc_drop, cfg.max_quant_cwv_rise, data.test.x.numpy(),
+                            data.test.y.numpy(), data.num_classes, data.train.x[:cfg.calibration_samples].numpy())
 
 
 def onnx_class_metrics(path: str | Path, x: np.ndarray, y: np.ndarray, num_classes: int,

@@ -4,23 +4,12 @@ storage and the fairness-checked INT8 step as export.compact and export.quantize
 from __future__ import annotations
 
 from ballot.config import ExperimentConfig
-from ballot.data import DataBundle
 from ballot.experiment import load_pruned
 from ballot.export import bake, export_checked, model_card
-from ballot.quantize import QuantizationGate
+from ballot.quantize import gate_for
 from ballot.snapshot import load_snapshot
 from ballot.storage import atomic_save_tensors, staged_folder, write_json
 from pipelines.common import DATA, EXAMPLE_FILE, EXPORT, METRICS, MODEL_FILE, PRUNE, REPORT_FILE, read_json, run_stage
-
-
-def quantization_gate(cfg: ExperimentConfig, data: DataBundle) -> QuantizationGate | None:
-    """The INT8 gate of export.quantize on the test split (None for 'none'); calibration from the training split."""
-    export = cfg.export
-    if export.quantize == "none":
-        return None
-    return QuantizationGate(export.quantize, export.max_quant_acc_drop, export.max_quant_cwv_rise,
-                            data.test.x.numpy(), data.test.y.numpy(), data.num_classes,
-                            data.train.x[:export.calibration_samples].numpy())
 
 
 def main(cfg: ExperimentConfig) -> None:
@@ -32,7 +21,7 @@ def main(cfg: ExperimentConfig) -> None:
         report = export_checked(bake(model, mask), data.input_shape, folder / MODEL_FILE, card, inputs,
                                 cfg.export.parity_tolerance, compact=cfg.export.compact,
                                 granularity=getattr(cfg.prune, "granularity", "weight"),
-                                quantization=quantization_gate(cfg, data))
+                                quantization=gate_for(cfg.export, data))
         atomic_save_tensors({"input": data.test.x[:2]}, folder / EXAMPLE_FILE)
         write_json(folder / REPORT_FILE, report)
     parity = report["parity"]

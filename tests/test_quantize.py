@@ -77,3 +77,14 @@ def test_static_quantization_without_calibration_inputs_is_refused(tiny_data):
 def test_bad_quantization_settings_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         experiment_from_params(apply_overrides({}, [override]))
+
+
+def test_the_gate_follows_the_export_config(tiny_data):
+    from ballot.quantize import gate_for
+
+    assert gate_for(tiny_config().export, tiny_data) is None, "export.quantize defaults to none"
+    gate = gate_for(tiny_config("export.quantize=static", "export.calibration_samples=100",
+                                "export.max_quant_acc_drop=0.02").export, tiny_data)
+    assert gate.mode == "static" and gate.max_acc_drop == 0.02 and gate.max_cwv_rise == 0.005
+    assert len(gate.calibration) == 100 and len(gate.y) == len(tiny_data.test) and gate.num_classes == 10
+    assert (gate.calibration == tiny_data.train.x[:100].numpy()).all(), "calibration comes from the training split"
