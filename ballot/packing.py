@@ -22,7 +22,6 @@ import numpy as np
 FLOAT_BYTES = 4
 MIN_OPSET = 18  # BitwiseAnd
 PER_TENSOR_BYTES = 64  # about what a packed tensor's split output, Reshape and shape constant add to the file
-PREFIX = "p"  # short: the names recur in every node of the subgraph
 
 
 def lossless_floor_bytes(kept_values: int, prunable_weights: int) -> int:
@@ -51,7 +50,7 @@ def pack_sparse_initializers(proto: Any, names: list[str]) -> list[str]:
               and init.data_location != TensorProto.EXTERNAL and _worth_packing(numpy_helper.to_array(init))]
     if opset < MIN_OPSET or not chosen:
         return []
-    tensors, nodes = _rebuild([(init.name, numpy_helper.to_array(init)) for init in chosen])
+    tensors, nodes = _rebuild([(init.name, numpy_helper.to_array(init)) for init in chosen], _free_prefix(graph))
     saved = sum(init.ByteSize() for init in chosen)
     if sum(t.ByteSize() for t in tensors) + sum(n.ByteSize() for n in nodes) >= saved:
         return []
@@ -66,13 +65,22 @@ def pack_sparse_initializers(proto: Any, names: list[str]) -> list[str]:
     return packed
 
 
+def _free_prefix(graph: Any) -> str:
+    """A short name prefix (the names recur in every node of the subgraph) that no tensor of ``graph`` uses."""
+    names = {i.name for i in graph.initializer} | {v.name for v in [*graph.input, *graph.output]}
+    names |= {name for node in graph.node for name in [*node.input, *node.output]}
+    return next(prefix for prefix in (f"p{i}" if i else "p" for i in range(len(names) + 1))
+                if not any(name.startswith(f"{prefix}.") for name in names))
+
+
 def _worth_packing(weight: np.ndarray) -> bool:
     """Values + bits + the tensor's share of the subgraph below its dense bytes."""
     return FLOAT_BYTES * int(np.count_nonzero(weight)) + weight.size / 8 + PER_TENSOR_BYTES < FLOAT_BYTES * weight.size
 
 
-def _rebuild(weights: list[tuple[str, np.ndarray]]) -> tuple[list[Any], list[Any]]:
-    """The initializers and nodes that rebuild each (name, array) of ``weights`` under its name."""
+def _rebuild(weights: list[tuple[str, np.ndarray]], prefix: str) -> tuple[list[Any], list[Any]]:
+    """The initializers and nodes (their tensors named ``prefix``.*) that rebuild each (name, array) of
+    ``weights`` under its name."""
     from onnx import TensorProto, helper, numpy_helper
 
     flat = np.concatenate([w.reshape(-1) for _, w in weights]).astype(np.float32)
@@ -80,10 +88,10 @@ def _rebuild(weights: list[tuple[str, np.ndarray]]) -> tuple[list[Any], list[Any
     values = flat[mask] if mask.any() else np.zeros(1, dtype=np.float32)  # Gather needs one value to index
 
     def const(name: str, value: Any, dtype: Any = np.int64) -> Any:
-        return numpy_helper.from_array(np.array(value, dtype=dtype), f"{PREFIX}.{name}")
+        return numpy_helper.from_array(np.array(value, dtype=dtype), f"{prefix}.{name}")
 
     def t(name: str) -> str:
-        return f"{PREFIX}.{name}"
+        return f"{prefix}.{name}"
 
     tensors = [numpy_helper.from_array(values, t("values")),
                numpy_helper.from_array(np.packbits(mask).reshape(-1, 1), t("bits")),
