@@ -466,14 +466,30 @@ class SweepConfig:
 
 @dataclass
 class ExportConfig:
-    """The export stage: ONNX with masks baked in, checked against PyTorch."""
+    """The export stage: ONNX with masks baked in, checked against PyTorch; optionally compact and INT8."""
+
+    QUANTIZE_MODES = ("none", "dynamic", "static")  # a class constant, not a field
 
     parity_samples: int = _help("Test inputs on which ONNX Runtime and PyTorch logits are compared.", 256)
     parity_tolerance: float = _help("Fail the export when the max absolute logit difference exceeds this.", 1e-4)
+    compact: bool = _help("Remove dead units and store sparse weights packed (values + bitmask), rebuilt inside the "
+                          "graph; false writes the plain dense file.", True)
+    quantize: str = _help("INT8 quantization with onnxruntime.quantization: 'none', 'dynamic' or 'static' "
+                          "(activation ranges calibrated on training inputs).", "none")
+    max_quant_acc_drop: float = _help("Refuse the INT8 model when its test accuracy is more than this below the "
+                                      "float model's.", 0.01)
+    max_quant_cwv_rise: float = _help("Refuse the INT8 model when its test CWV exceeds the float model's by more "
+                                      "than this (absolute).", 0.005)
+    calibration_samples: int = _help("Training inputs that calibrate static quantization.", 512)
 
     def __post_init__(self) -> None:
         _check(self.parity_samples > 0, "parity_samples", f"must be positive, got {self.parity_samples}")
         _check(self.parity_tolerance > 0, "parity_tolerance", f"must be positive, got {self.parity_tolerance}")
+        _check(self.quantize in self.QUANTIZE_MODES, "quantize",
+               f"must be one of {list(self.QUANTIZE_MODES)}, got '{self.quantize}'")
+        for name in ("max_quant_acc_drop", "max_quant_cwv_rise"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(self.calibration_samples > 0, "calibration_samples", f"must be positive, got {self.calibration_samples}")
 
 
 @dataclass

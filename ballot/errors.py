@@ -48,3 +48,7 @@ class ParityError(UserError, ValueError):
 
 class RegistryError(UserError, ValueError):
     """A registry request this project does not allow (e.g. moving ``champion`` outside the gate)."""
+
+
+class QuantizationError(UserError, ValueError):
+    """The INT8 model loses more accuracy or fairness than the export's limits allow."""

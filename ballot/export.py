@@ -1,20 +1,27 @@
-"""Bake masks into the weights, export to ONNX (with metadata), and check numeric parity with PyTorch."""
+"""Bake masks into the weights, export to ONNX (with metadata; compact or dense storage, optionally INT8), and check
+numeric parity with PyTorch."""
 
 from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ballot.compact import remove_dead_units
 from ballot.config import ExperimentConfig
 from ballot.errors import ParityError, StorageError
-from ballot.masks import Mask
+from ballot.masks import Mask, prunable_names
+from ballot.packing import FLOAT_BYTES, lossless_floor_bytes, pack_sparse_initializers, strip_debug_info
 from ballot.storage import atomic_write
+
+if TYPE_CHECKING:
+    from ballot.quantize import QuantizationGate
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 CARD_METRICS = ("density", "acc", "cwv", "mcd", "worst_class")
@@ -28,26 +35,39 @@ def bake(model: nn.Module, mask: Mask | None) -> nn.Module:
     return baked
 
 
-def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path,
-                metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` as ONNX with a dynamic batch axis; ``metadata`` goes into metadata_props (JSON values)."""
-    import onnx
-
+def onnx_proto(model: nn.Module, input_shape: Sequence[int], metadata: dict[str, Any] | None = None) -> Any:
+    """``model`` as an ONNX ModelProto with a dynamic batch axis; ``metadata`` goes into metadata_props."""
     model = copy.deepcopy(model).cpu().eval()
     example = torch.rand(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                dynamic_shapes=({0: batch},), verbose=False)
+    proto = program.model_proto
+    set_metadata(proto, metadata or {})
+    return proto
 
-    def write(tmp: str) -> None:
-        program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)
-        proto = program.model_proto
-        for key, value in (metadata or {}).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(value)
-        onnx.checker.check_model(proto)
-        onnx.save_model(proto, tmp)
 
-    return atomic_write(path, write)
+def set_metadata(proto: Any, metadata: dict[str, Any]) -> None:
+    """Replace the metadata_props of ``proto`` with ``metadata`` (JSON values)."""
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+
+
+def save_proto(proto: Any, path: str | Path) -> None:
+    """Check ``proto`` and write it to ``path`` (as it is: callers give a temp path or wrap in atomic_write)."""
+    import onnx
+
+    onnx.checker.check_model(proto)
+    onnx.save_model(proto, str(path))
+
+
+def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path,
+                metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as ONNX with a dynamic batch axis; ``metadata`` goes into metadata_props (JSON values)."""
+    proto = onnx_proto(model, input_shape, metadata)
+    return atomic_write(path, lambda tmp: save_proto(proto, tmp))
 
 
 def model_card(metrics: dict[str, Any], cfg: ExperimentConfig, class_names: list[str],
@@ -94,32 +114,86 @@ def check_parity(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor) 
             "argmax_agreement": float((expected.argmax(1) == got.argmax(1)).mean()), "samples": int(len(inputs))}
 
 
-def initializer_counts(path: str | Path) -> dict[str, int]:
-    """Number of stored parameters in the ONNX file and how many of them are non-zero."""
-    import onnx
-    from onnx import numpy_helper
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Float values the model stores (parameters and buffers: what its ONNX graph holds as weights, packed or not)
+    and how many of them are non-zero."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    return {"onnx_parameters": int(sum(t.numel() for t in tensors)),
+            "onnx_nonzero_parameters": int(sum(int(torch.count_nonzero(t)) for t in tensors))}
 
-    proto = onnx.load_model(str(path))
-    arrays = [numpy_helper.to_array(init) for init in proto.graph.initializer]
-    return {"onnx_parameters": int(sum(a.size for a in arrays)),
-            "onnx_nonzero_parameters": int(sum(np.count_nonzero(a) for a in arrays))}
+
+def storage_floor(baked: nn.Module) -> int:
+    """The lossless floor of ``baked``: float32 for every non-zero prunable weight and every other float value
+    (biases, BatchNorm, input statistics), plus one bit per prunable weight."""
+    params = dict(baked.named_parameters())
+    prunable = [params[name] for name in prunable_names(baked)]
+    other = parameter_counts(baked)["onnx_parameters"] - sum(w.numel() for w in prunable)
+    return lossless_floor_bytes(int(sum(int(torch.count_nonzero(w)) for w in prunable)) + other,
+                                sum(w.numel() for w in prunable))
 
 
 def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Path, card: dict[str, Any],
-                   inputs: torch.Tensor, tolerance: float) -> dict[str, Any]:
+                   inputs: torch.Tensor, tolerance: float, compact: bool = True, granularity: str = "weight",
+                   quantization: QuantizationGate | None = None) -> dict[str, Any]:
     """Export ``baked`` (see ``bake``) with ``card`` as metadata and check it on ``inputs``; ``path`` is replaced
-    only when ONNX Runtime agrees with PyTorch within ``tolerance`` (else ParityError). Returns the export report:
-    parity, tolerance, file size and initializer counts."""
-    report: dict[str, Any] = {}
+    only when ONNX Runtime agrees with PyTorch within ``tolerance`` (else ParityError) and, with ``quantization``,
+    when the INT8 model passes its gate (else QuantizationError; the INT8 file is then what is written, its card
+    carrying the INT8 metrics).
+
+    ``compact`` removes dead units (ballot.compact) and packs the sparse weights (ballot.packing). The metadata
+    also records ``onnx_format`` ("compact" when weights are packed, else "dense"), ``granularity`` and
+    ``quantization``. Returns the export report: parity, sizes (the file, the plain dense export, the lossless
+    floor), removed units, packed tensors, parameter counts and the quantization report."""
+    deployed, removed = remove_dead_units(baked, input_shape) if compact else (baked, {})
+    plain = onnx_proto(deployed, input_shape)
+    proto, packed = plain, []
+    if compact:
+        proto = copy.deepcopy(plain)
+        strip_debug_info(proto)
+        packed = pack_sparse_initializers(proto, prunable_names(deployed))
+    fields = {"onnx_format": "compact" if packed else "dense", "granularity": granularity}
+    metadata = {**card, **fields, "quantization": quantization.mode if quantization else "none"}
+    set_metadata(plain, metadata)
+    set_metadata(proto, metadata)
+    removed_values = parameter_counts(baked)["onnx_parameters"] - parameter_counts(deployed)["onnx_parameters"]
+    report: dict[str, Any] = {"dense_onnx_bytes": plain.ByteSize() + FLOAT_BYTES * removed_values,
+                              "lossless_floor_bytes": storage_floor(baked), "removed_units": removed,
+                              "packed_tensors": packed, **fields}
 
     def write(tmp: str) -> None:
-        export_onnx(baked, input_shape, tmp, card)
+        save_proto(proto, tmp)
         parity = check_parity(baked, tmp, inputs)
         if not parity["max_abs_diff"] <= tolerance:
             raise ParityError(f"ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.3g} on "
                               f"{parity['samples']} test inputs (export.parity_tolerance {tolerance})")
-        report.update(parity=parity, parity_tolerance=tolerance, onnx_bytes=Path(tmp).stat().st_size,
-                      **initializer_counts(tmp))
+        report.update(parity=parity, parity_tolerance=tolerance)
+        if quantization is not None:
+            report.update(quantization=_quantized(plain, tmp, quantization, metadata), onnx_format="dense")
+        report["onnx_bytes"] = Path(tmp).stat().st_size
 
     atomic_write(path, write)
+    report.update(parameter_counts(deployed))
     return report
+
+
+def _quantized(plain: Any, tmp: str, gate: QuantizationGate, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Quantize the dense float graph ``plain`` (the quantizer needs initializers, not packed weights), gate it,
+    and write the INT8 model to ``tmp`` with the INT8 metrics in its card; the quantization report, with the
+    sizes of the float and INT8 files (both without debug info)."""
+    import onnx
+
+    from ballot.quantize import quantize_checked
+
+    with tempfile.TemporaryDirectory() as folder:
+        float_path, int8_path = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
+        dense = copy.deepcopy(plain)
+        strip_debug_info(dense)
+        save_proto(dense, float_path)
+        result = quantize_checked(float_path, int8_path, gate)
+        int8 = onnx.load_model(str(int8_path))
+        result["float_onnx_bytes"] = float_path.stat().st_size
+    strip_debug_info(int8)
+    set_metadata(int8, {**metadata, **result["int8"], "onnx_format": "dense"})
+    save_proto(int8, tmp)
+    result["int8_onnx_bytes"] = Path(tmp).stat().st_size
+    return result

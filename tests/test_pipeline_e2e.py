@@ -119,11 +119,13 @@ def test_outputs_hold_the_promised_metrics_mask_and_export(project):
     export = project.json("artifacts/export/export.json")
     assert export["parity"]["max_abs_diff"] <= 1e-4 and export["parity"]["samples"] == 200
     assert export["onnx_bytes"] == (project.root / "artifacts/export/model.onnx").stat().st_size
+    assert export["onnx_format"] == "compact" and export["onnx_bytes"] < 0.7 * export["dense_onnx_bytes"]
     from ballot.export import read_metadata
 
     card = read_metadata(project.root / "artifacts/export/model.onnx")
     assert card["acc"] == metrics["acc"] and card["density"] == metrics["density"]
     assert card["dataset"] == "digits" and card["method"] == "ballot" and card["input_shape"] == [1, 8, 8]
+    assert card["onnx_format"] == "compact" and card["granularity"] == "weight" and card["quantization"] == "none"
 
     rows = project.json("plots/per_class.json")
     assert [r["sparse"] for r in rows] == per_class and (project.root / "plots/per_class.png").stat().st_size > 0

@@ -1,0 +1,220 @@
+"""Dead-unit removal: exactly the dead or unread units go, and the outputs do not move."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ballot.compact import remove_dead_units
+from ballot.models import build_model
+
+SHAPE = (1, 8, 8)
+
+
+def _randomise_norms(model: nn.Module) -> None:
+    """Non-trivial BatchNorm statistics, so a zero conv output is not a zero BN output."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+
+
+def _same_outputs(before: nn.Module, after: nn.Module) -> None:
+    x = torch.rand(16, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = before.eval()(x), after.eval()(x)
+    assert torch.allclose(expected, got, atol=1e-5, rtol=0), (expected - got).abs().max()
+
+
+@torch.no_grad()
+def test_mlp_loses_dead_and_unread_neurons_but_keeps_a_constant_one():
+    model = build_model("mlp", SHAPE, 10).eval()
+    first, second, head = model[1][1], model[1][3], model[1][5]
+    first.weight[3] = 0; first.bias[3] = 0          # dead: zero in, zero bias
+    first.weight[5] = 0; first.bias[5] = -0.5       # dead after the ReLU: constant -0.5 clamped to 0
+    first.weight[9] = 0; first.bias[9] = 0.5        # constant 0.5 that the next layer reads: must stay
+    second.weight[:, 11] = 0                        # unread: no consumer weight on it
+    head.weight[:, 7] = 0                           # unread by the classifier
+    compact, removed = remove_dead_units(model, SHAPE)
+    assert removed == {"1.1": 3, "1.3": 1}
+    assert compact[1][1].out_features == 297 and compact[1][3].in_features == 297
+    assert compact[1][5].out_features == 10, "the classifier's outputs are never removed"
+    _same_outputs(model, compact)
+
+
+@torch.no_grad()
+def test_nothing_dead_leaves_the_model_as_it_is():
+    model = build_model("cnn", SHAPE, 10).eval()
+    compact, removed = remove_dead_units(model, SHAPE)
+    assert removed == {}
+    assert [p.shape for p in compact.parameters()] == [p.shape for p in model.parameters()]
+
+
+@torch.no_grad()
+def test_cnn_channels_through_pooling_and_flatten():
+    model = build_model("cnn", SHAPE, 10).eval()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    convs[0].weight[4] = 0; convs[0].bias[4] = 0    # dead channel before a max-pool-free block
+    convs[1].weight[2] = 0; convs[1].bias[2] = -1.0  # dead after ReLU, then max-pooled
+    convs[3].weight[6] = 0; convs[3].bias[6] = 0.2   # constant through mean -> linear: must stay
+    model[1][-1].weight[:, 9] = 0                    # last conv's channel 9 unread through mean + flatten
+    compact, removed = remove_dead_units(model, SHAPE)
+    assert removed == {"1.0": 1, "1.2": 1, "1.7": 1}
+    assert model[1][-1].in_features == 64 and compact[1][-1].in_features == 63
+    _same_outputs(model, compact)
+
+
+@torch.no_grad()
+def test_resnet20_residual_coupled_channel_goes_only_when_every_member_allows_it():
+    model = build_model("resnet20", SHAPE, 10).eval()
+    _randomise_norms(model)
+    net = model[1]
+    # stage 1 (16 channels) is one group: stem, three blocks' conv2/bn2 and adds, the consumers conv1 of each
+    # block and the next stage's conv1 and shortcut. Channel 5 is unread by all of them.
+    for block in (net[3], net[4], net[5]):
+        block.conv1.weight[:, 5] = 0
+    net[6].conv1.weight[:, 5] = 0
+    net[6].shortcut[0].weight[:, 5] = 0
+    # channel 8: unread by every consumer but one (the next stage's shortcut): must stay
+    for block in (net[3], net[4], net[5]):
+        block.conv1.weight[:, 8] = 0
+    net[6].conv1.weight[:, 8] = 0
+    # inside block 1.4 (conv1 -> bn1 -> relu -> conv2): channel 2 dead by a zero BN (scale and shift 0),
+    # channel 3 by zero conv weights and a BN whose constant is negative before the ReLU
+    net[4].bn1.weight[2] = 0; net[4].bn1.bias[2] = 0
+    net[4].conv1.weight[3] = 0; net[4].bn1.bias[3] = -1.0
+    # channel 4: zero BN scale but shift 0.3, a constant the block's conv2 reads: must stay
+    net[4].bn1.weight[4] = 0; net[4].bn1.bias[4] = 0.3
+    compact, removed = remove_dead_units(model, SHAPE)
+    assert removed == {"1.0": 1, "1.3.conv2": 1, "1.4.conv1": 2, "1.4.conv2": 1, "1.5.conv2": 1}
+    assert compact[1][6].shortcut[0].in_channels == 15 and compact[1][4].bn1.num_features == 14
+    _same_outputs(model, compact)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@torch.no_grad()
+def test_a_layer_whose_units_are_all_dead_keeps_one(name):
+    model = build_model(name, SHAPE, 10).eval()
+    first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    first.weight.zero_(); first.bias.zero_()
+    compact, _ = remove_dead_units(model, SHAPE)
+    assert next(m for m in compact.modules() if isinstance(m, (nn.Linear, nn.Conv2d))).weight.shape[0] == 1
+    _same_outputs(model, compact)
+
+
+# Packed storage and the compact export ---------------------------------------------------------------------------
+
+FMNIST = (1, 28, 28)
+
+
+def _sparse(name: str, density: float = 0.05) -> nn.Module:
+    from ballot.export import bake
+    from ballot.masks import Mask, magnitude_scores
+
+    torch.manual_seed(0)
+    model = build_model(name, FMNIST, 10)
+    return bake(model, Mask.top_k(magnitude_scores(model), density))
+
+
+def _matmul_graph(weights: dict):
+    """x -> MatMul(W1) -> ... : a hand-built graph whose weights are exactly the given arrays."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = list(weights)
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", name], [f"h{i + 1}"])
+             for i, name in enumerate(names)]
+    first, last = weights[names[0]], weights[names[-1]]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, first.shape[0]])],
+        [helper.make_tensor_value_info(f"h{len(names)}", TensorProto.FLOAT, [None, last.shape[1]])],
+        [numpy_helper.from_array(w, n) for n, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_packing_rebuilds_exact_weights_and_skips_those_it_would_not_shrink():
+    import numpy as np
+    import onnxruntime as ort
+
+    from ballot.packing import pack_sparse_initializers
+
+    rng = np.random.default_rng(0)
+    sparse = (rng.standard_normal((37, 29)) * (rng.random((37, 29)) < 0.1)).astype(np.float32)  # 1073 bits: not /8
+    empty = np.zeros((29, 11), dtype=np.float32)
+    dense = rng.standard_normal((11, 5)).astype(np.float32)
+    proto = _matmul_graph({"sparse": sparse, "empty": empty, "p.values": dense})  # a name the subgraph could take
+    before = proto.ByteSize()
+    assert pack_sparse_initializers(proto, ["sparse", "empty", "p.values"]) == ["sparse", "empty"]
+    assert proto.ByteSize() < before
+    stored = {i.name for i in proto.graph.initializer}
+    assert "p.values" in stored and not {"sparse", "empty"} & stored
+    x = rng.standard_normal((4, 37)).astype(np.float32)
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, x @ sparse @ empty @ dense)
+    assert pack_sparse_initializers(_matmul_graph({"w": dense}), ["w"]) == [], "a dense weight is not packed"
+
+
+def test_onnx_runtime_folds_the_packed_subgraph_away(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from ballot.export import export_checked
+
+    path = tmp_path / "mlp.onnx"
+    export_checked(_sparse("mlp"), FMNIST, path, {}, torch.rand(8, *FMNIST), 1e-4)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"BitShift", "CumSum", "Where"} <= ops
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    folded = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert not folded & {"BitShift", "BitwiseAnd", "CumSum", "Gather", "Where", "Split"}, folded
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_compact_export_meets_the_size_targets_with_parity(name, tmp_path):
+    import onnxruntime as ort
+
+    from ballot.export import export_checked, read_metadata
+
+    baked = _sparse(name)
+    card = {"acc": 0.5}
+    compact = export_checked(baked, FMNIST, tmp_path / "compact.onnx", card, torch.rand(32, *FMNIST), 1e-4)
+    dense = export_checked(baked, FMNIST, tmp_path / "dense.onnx", card, torch.rand(32, *FMNIST), 1e-4, compact=False)
+    size = (tmp_path / "compact.onnx").stat().st_size
+    assert compact["onnx_bytes"] == size and compact["onnx_format"] == "compact" and dense["onnx_format"] == "dense"
+    assert dense["removed_units"] == {} and dense["packed_tensors"] == []
+    assert dense["dense_onnx_bytes"] == dense["onnx_bytes"] and "quantization" not in compact
+    assert compact["dense_onnx_bytes"] == pytest.approx(dense["onnx_bytes"], rel=0.01), "the estimate of the plain file"
+    assert size <= 1.2 * compact["lossless_floor_bytes"], (size, compact["lossless_floor_bytes"])
+    assert size <= 0.12 * dense["onnx_bytes"]
+    x = torch.rand(64, *FMNIST)
+    with torch.no_grad():
+        expected = baked(x).numpy()
+    got = ort.InferenceSession(str(tmp_path / "compact.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    assert abs(got - expected).max() <= 1e-4
+    assert read_metadata(tmp_path / "compact.onnx") == {**card, "onnx_format": "compact", "granularity": "weight",
+                                                        "quantization": "none"}
+
+
+class _Shifted(nn.Module):
+    """Linear -> x + 1 -> ReLU -> Linear: a zero unit of the first layer reaches the second as 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x) + 1.0))
+
+
+@torch.no_grad()
+def test_a_unit_that_an_added_constant_revives_stays():
+    model = _Shifted().eval()
+    model.first.weight[2] = 0; model.first.bias[2] = 0
+    compact, removed = remove_dead_units(model, (6,))
+    assert removed == {}
+    x = torch.rand(8, 6)
+    assert torch.equal(model(x), compact(x))

@@ -1,0 +1,90 @@
+"""The fairness-checked INT8 step of the export: a passing model is written with its INT8 metrics, a failing one
+leaves nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ballot.config import ConfigError, apply_overrides, experiment_from_params
+from ballot.errors import QuantizationError
+from ballot.experiment import new_model
+from ballot.export import bake, export_checked, read_metadata
+from ballot.quantize import QuantizationGate
+from tests.conftest import tiny_config
+
+CARD = {"acc": 0.9, "cwv": 0.01, "mcd": 0.1, "worst_class": 0.8, "dense_acc": 0.92}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tiny_dense):
+    model = new_model(tiny_config(), tiny_data)
+    model.load_state_dict(tiny_dense.trained_state)
+    return bake(model, None)
+
+
+def _gate(data, mode: str = "dynamic", acc_drop: float = 0.05, cwv_rise: float = 0.02) -> QuantizationGate:
+    return QuantizationGate(mode, acc_drop, cwv_rise, data.test.x.numpy(), data.test.y.numpy(), data.num_classes,
+                            data.train.x[:256].numpy())
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_a_model_within_the_limits_is_written_as_int8_with_its_int8_metrics(trained, tiny_data, tmp_path, mode):
+    path = tmp_path / "model.onnx"
+    report = export_checked(trained, tiny_data.input_shape, path, CARD, tiny_data.test.x[:64], 1e-4, compact=False,
+                            quantization=_gate(tiny_data, mode))
+    quant = report["quantization"]
+    assert quant["mode"] == mode and quant["acc_drop"] <= 0.05 and quant["cwv_rise"] <= 0.02
+    assert quant["acc_drop"] == pytest.approx(quant["float"]["acc"] - quant["int8"]["acc"])
+    assert quant["float"]["acc"] > 0.5, "the float model is the trained one"
+    card = read_metadata(path)
+    assert card["quantization"] == mode and card["onnx_format"] == "dense" and card["dense_acc"] == 0.92
+    assert {k: card[k] for k in ("acc", "cwv", "mcd", "worst_class")} == quant["int8"], "the card describes INT8"
+    assert report["onnx_bytes"] == path.stat().st_size == quant["int8_onnx_bytes"]
+    if mode == "dynamic":
+        assert quant["int8_onnx_bytes"] <= 0.3 * quant["float_onnx_bytes"], quant
+
+
+def test_a_model_that_quantization_breaks_is_refused_and_nothing_is_written(trained, tiny_data, tmp_path):
+    import copy
+
+    broken = copy.deepcopy(trained)
+    with torch.no_grad():  # one outlier per layer: per-tensor INT8 steps then round every other weight to 0
+        for layer in (m for m in broken.modules() if isinstance(m, torch.nn.Linear)):
+            layer.weight[0, 0] = 1000 * layer.weight.abs().max()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"the previous export")
+    with pytest.raises(QuantizationError, match=r"accuracy drop 0\.\d+ \(limit export\.max_quant_acc_drop 0\.01\), "
+                                                 r"CWV rise -?\d\.\d+ \(limit export\.max_quant_cwv_rise 0\.005\)"):
+        export_checked(broken, tiny_data.input_shape, path, CARD, tiny_data.test.x[:64], 1e-4,
+                       quantization=_gate(tiny_data, acc_drop=0.01, cwv_rise=0.005))
+    assert path.read_bytes() == b"the previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"], "no temp file is left behind"
+
+
+def test_static_quantization_without_calibration_inputs_is_refused(tiny_data):
+    with pytest.raises(QuantizationError, match="static quantization needs calibration inputs"):
+        QuantizationGate("static", 0.01, 0.005, tiny_data.test.x.numpy(), tiny_data.test.y.numpy(), 10, None)
+    with pytest.raises(QuantizationError, match=r"quantization mode 'int4': choose from \['dynamic', 'static'\]"):
+        QuantizationGate("int4", 0.01, 0.005, tiny_data.test.x.numpy(), tiny_data.test.y.numpy(), 10, None)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("export.quantize=int4", r"export.quantize: must be one of \['none', 'dynamic', 'static'\], got 'int4'"),
+    ("export.max_quant_cwv_rise=-0.1", "export.max_quant_cwv_rise: must be >= 0"),
+    ("export.calibration_samples=0", "export.calibration_samples: must be positive"),
+])
+def test_bad_quantization_settings_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        experiment_from_params(apply_overrides({}, [override]))
+
+
+def test_the_gate_follows_the_export_config(tiny_data):
+    from ballot.quantize import gate_for
+
+    assert gate_for(tiny_config().export, tiny_data) is None, "export.quantize defaults to none"
+    gate = gate_for(tiny_config("export.quantize=static", "export.calibration_samples=100",
+                                "export.max_quant_acc_drop=0.02").export, tiny_data)
+    assert gate.mode == "static" and gate.max_acc_drop == 0.02 and gate.max_cwv_rise == 0.005
+    assert len(gate.calibration) == 100 and len(gate.y) == len(tiny_data.test) and gate.num_classes == 10
+    assert (gate.calibration == tiny_data.train.x[:100].numpy()).all(), "calibration comes from the training split"
