@@ -225,7 +225,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     """A `ballot prune` folder as one ONNX file (masks baked in, model card inside), checked against PyTorch."""
     from ballot import experiment
-    from ballot.export import bake, export_checked, model_card
+    from ballot.export import describe, export_run
 
     out = Path(args.out)
     if out.is_dir():
@@ -234,12 +234,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     metrics = _read_json(folder / "metrics.json")
     data = experiment.prepare_data(cfg)
     model, mask = experiment.load_pruned(folder, cfg, data)
-    card = model_card(metrics, cfg, data.class_names, data.input_shape)
-    report = export_checked(bake(model, mask), data.input_shape, out, card, data.test.x[:cfg.export.parity_samples],
-                            cfg.export.parity_tolerance)
-    parity = report["parity"]
-    print(f"export: parity max |diff| {parity['max_abs_diff']:.2e} on {parity['samples']} test inputs, argmax "
-          f"agreement {parity['argmax_agreement']:.4f}; {report['onnx_bytes']} bytes -> {out}", file=sys.stderr)
+    report = export_run(model, mask, data, cfg, metrics, out)
+    print("\n".join(describe(report)) + f" -> {out}", file=sys.stderr)
 
 
 def _project_config(path: str | None, flags: dict[str, Any]) -> ExperimentConfig:

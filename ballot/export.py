@@ -21,6 +21,7 @@ from ballot.packing import FLOAT_BYTES, lossless_floor_bytes, pack_sparse_initia
 from ballot.storage import atomic_write
 
 if TYPE_CHECKING:
+    from ballot.data import DataBundle
     from ballot.quantize import QuantizationGate
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -174,6 +175,32 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
     atomic_write(path, write)
     report.update(parameter_counts(deployed))
     return report
+
+
+def export_run(model: nn.Module, mask: Mask | None, data: DataBundle, cfg: ExperimentConfig,
+               metrics: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """A pruned run as its deployed ONNX file, as the export.* settings say: masks baked in, the card from
+    ``metrics``, parity on the first test inputs, compact storage and the optional INT8 gate."""
+    from ballot.quantize import gate_for
+
+    card = model_card(metrics, cfg, data.class_names, data.input_shape)
+    return export_checked(bake(model, mask), data.input_shape, path, card, data.test.x[:cfg.export.parity_samples],
+                          cfg.export.parity_tolerance, compact=cfg.export.compact,
+                          granularity=cfg.prune.granularity, quantization=gate_for(cfg.export, data))
+
+
+def describe(report: dict[str, Any]) -> list[str]:
+    """The export report in a line or two: parity, format, size against the dense file and the lossless floor."""
+    parity = report["parity"]
+    lines = [f"export: parity max |diff| {parity['max_abs_diff']:.2e} on {parity['samples']} test inputs, argmax "
+             f"agreement {parity['argmax_agreement']:.4f}; {report['onnx_format']} {report['onnx_bytes']:,} bytes "
+             f"({report['onnx_bytes'] / report['dense_onnx_bytes']:.3f}x dense, "
+             f"{report['onnx_bytes'] / report['lossless_floor_bytes']:.2f}x lossless floor)"]
+    if "quantization" in report:
+        quant = report["quantization"]
+        lines.append(f"export: {quant['mode']} INT8 accuracy {quant['float']['acc']:.4f} -> {quant['int8']['acc']:.4f},"
+                     f" CWV {quant['float']['cwv']:.5f} -> {quant['int8']['cwv']:.5f}")
+    return lines
 
 
 def _quantized(plain: Any, tmp: str, gate: QuantizationGate, metadata: dict[str, Any]) -> dict[str, Any]:
