@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from serving.errors import BatchSizeError, InputError, ModelLoadError, ModelSourceError, SettingsError
-from serving.inputs import check_batch_size, from_nested, from_pngs
+from serving.inputs import check_batch_size, from_float32_bytes, from_nested, from_pngs
 from serving.model_source import RegistryRef, parse_registry_uri
 from serving.runtime import recorded_metadata, softmax
 from serving.settings import DEFAULT_MODEL_URI, Settings, load_settings
@@ -22,6 +22,9 @@ def test_settings_come_from_the_environment_and_flags_win():
     assert (settings.model_uri, settings.port, settings.threads, settings.tracking_uri) == ("/m.onnx", 9002, 2, "x")
     assert settings.max_batch == Settings().max_batch
     assert load_settings({"BALLOT_READ_TIMEOUT": "2.5"}).read_timeout == 2.5
+    assert load_settings({}).access_log is False
+    assert load_settings({"BALLOT_ACCESS_LOG": "True"}).access_log is True
+    assert load_settings({"BALLOT_ACCESS_LOG": "0"}).access_log is False
     assert load_settings({}).model_uri == DEFAULT_MODEL_URI == "models:/ballot-fashion-mnist@champion"
 
 
@@ -35,6 +38,7 @@ def test_settings_come_from_the_environment_and_flags_win():
     ({"BALLOT_LOG_LEVEL": "loud"}, "log_level (BALLOT_LOG_LEVEL)"),
     ({"BALLOT_READ_TIMEOUT": "soon"}, "read_timeout (BALLOT_READ_TIMEOUT): expected a number of seconds"),
     ({"BALLOT_READ_TIMEOUT": "0"}, "read_timeout (BALLOT_READ_TIMEOUT): must be in (0, 3600]"),
+    ({"BALLOT_ACCESS_LOG": "maybe"}, "access_log (BALLOT_ACCESS_LOG): expected true or false"),
 ])
 def test_bad_settings_name_their_variable(env, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -112,6 +116,24 @@ def test_tabular_models_take_any_finite_values_but_images_take_pixels():
     assert from_nested([[-5.0, 300.0]], (2,)).tolist() == [[-5.0, 300.0]]
     with pytest.raises(InputError, match=r"\[0, 1\]"):
         from_nested([[[[-5.0]]]], (1, 1, 1))
+
+
+@pytest.mark.parametrize("shape, bad, message", [
+    ((4, 1, 2, 2), (2, 0, 1, 1, float("nan")), "item 2 holds NaN"),
+    ((4, 1, 2, 2), (3, 0, 0, 0, float("-inf")), "item 3 holds NaN or an infinite value"),
+    ((4, 3), (1, 2, float("inf")), "item 1 holds NaN or an infinite value"),
+    ((4, 1, 2, 2), (0, 0, 0, 1, 1.5), r"pixels scaled to \[0, 1\]; got values in \[0.0\d+, 1.5\]"),
+])
+def test_raw_bytes_are_viewed_in_place_and_checked(shape, bad, message):
+    batch = np.random.default_rng(0).random(shape, dtype=np.float32)
+    body = bytearray(b"header" + batch.tobytes())
+    viewed = from_float32_bytes(memoryview(body)[6:], shape)
+    np.testing.assert_array_equal(viewed, batch)
+    body[6:10] = np.float32(0.25).tobytes()
+    assert viewed.flat[0] == 0.25  # a view of the body, not a copy
+    batch[bad[:-1]] = bad[-1]
+    with pytest.raises(InputError, match=message):
+        from_float32_bytes(batch.tobytes(), shape)
 
 
 def _png(array: np.ndarray) -> str:
