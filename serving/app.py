@@ -1,5 +1,5 @@
-"""The FastAPI application around one loaded model: health, metadata, predictions (JSON, PNG, raw float32),
-the Open Inference Protocol (``serving.v2``) and Prometheus metrics."""
+"""The FastAPI application around one loaded model: health, metadata, the model card, predictions (JSON, PNG, raw
+float32), the Open Inference Protocol (``serving.v2``) and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from serving.errors import BatchSizeError, InputError, ModelLoadError, NotServed
 from serving.inputs import check_batch_size, check_shape, from_float32_bytes, from_nested, from_pngs, parse_shape
 from serving.limits import BodyLimit
 from serving.metrics import CONTENT_TYPE, Metrics, RequestMetrics
+from serving.model_source import CARD_FILE
 from serving.responses import V2_PREFIX, OrjsonRoute, describe_validation, error_response, json_response
 from serving.runtime import OnnxModel
 from serving.schemas import ErrorBody, Health, MetadataResponse, PredictRequest, PredictResponse, Readiness
@@ -26,6 +27,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {413: {"model": ErrorBody}, 4
 RAW_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary",
                "description": "the batch as little-endian float32 values in row-major order"}}}}}
+MARKDOWN = "text/markdown; charset=utf-8"
 JSON_VALUE_SLACK = 4096  # JSON values beyond the batch's numbers: keys, nesting, small tabular models
 
 
@@ -101,6 +103,15 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
     @app.get("/metadata", response_model=MetadataResponse, summary="The model card")
     def metadata() -> MetadataResponse:
         return MetadataResponse(**card.model_dump(), max_batch=settings.max_batch)
+
+    @app.get("/model-card", summary="The model card (markdown) the registration logged, or the file's model_card.md",
+             response_class=Response, responses={200: {"content": {MARKDOWN: {}}}, 404: {"model": ErrorBody}})
+    def model_card(request: Request) -> Response:
+        if model.card_markdown is None:
+            return error_response(request.url.path, 404, f"{card.label()} has no model card (a registered version "
+                                  f"gets the model/{CARD_FILE} artifact of its run; a plain file, {CARD_FILE} "
+                                  "next to it)")
+        return Response(model.card_markdown, media_type=MARKDOWN)
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)",
              response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})

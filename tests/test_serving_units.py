@@ -11,6 +11,7 @@ from PIL import Image
 
 from serving.errors import BatchSizeError, InputError, ModelLoadError, ModelSourceError, SettingsError
 from serving.inputs import check_batch_size, from_float32_bytes, from_nested, from_pngs
+from serving.model_size import model_bytes
 from serving.model_source import RegistryRef, parse_registry_uri
 from serving.runtime import recorded_metadata, softmax
 from serving.settings import DEFAULT_MODEL_URI, Settings, load_settings
@@ -72,11 +73,41 @@ def test_registry_tags_override_onnx_metadata_and_are_decoded_by_type():
     assert meta == {"acc": 0.75, "dataset": "fashion-mnist", "class_names": ["x", "y"], "input_shape": [1, 2, 2]}
 
 
+def test_optional_text_keys_are_read_from_either_source_and_absent_ones_are_left_out():
+    assert recorded_metadata({"granularity": '"unit"', "onnx_format": '"compact"'}, {}) == {
+        "granularity": "unit", "onnx_format": "compact"}
+    assert recorded_metadata({"granularity": '"unit"'}, {"granularity": "weight", "onnx_format": "dense"}) == {
+        "granularity": "weight", "onnx_format": "dense"}
+    assert recorded_metadata({"acc": "0.5"}, {}) == {"acc": 0.5}
+
+
+def test_model_bytes_count_the_external_data_files_a_model_names(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = [numpy_helper.from_array(np.full((64, 64), i, dtype=np.float32), f"w{i}") for i in range(2)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("MatMul", ["h", "w1"], ["y"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])], weights))
+    inline = tmp_path / "inline.onnx"
+    onnx.save_model(model, str(inline))
+    assert model_bytes(inline) == inline.stat().st_size > 2 * 64 * 64 * 4
+    (tmp_path / "split").mkdir()
+    split = tmp_path / "split" / "model.onnx"
+    onnx.save_model(model, str(split), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    (tmp_path / "split" / "unrelated.bin").write_bytes(bytes(10_000))
+    data = (tmp_path / "split" / "weights.bin").stat().st_size
+    assert data >= 2 * 64 * 64 * 4 and split.stat().st_size < 1000
+    assert model_bytes(split) == split.stat().st_size + data
+
+
 @pytest.mark.parametrize("props, message", [
     ({"acc": "high"}, "'acc' is not valid JSON"),
     ({"cwv": '"0.1"'}, "'cwv' must be a number"),
     ({"class_names": '"abc"'}, "'class_names' must be a JSON list"),
     ({"method": "3"}, "'method' must be a string"),
+    ({"granularity": '["unit"]'}, "'granularity' must be a string"),
 ])
 def test_malformed_recorded_metadata_stops_loading(props, message):
     with pytest.raises(ModelLoadError, match=message):

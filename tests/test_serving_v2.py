@@ -221,6 +221,12 @@ def test_a_request_sent_in_slow_pieces_within_the_deadline_is_answered(url):
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
 
 
+def test_a_file_without_a_model_card_answers_404_naming_where_a_card_goes(http):
+    answer = http.get("/model-card")
+    assert answer.status_code == 404 and answer.headers["content-type"] == "application/json"
+    assert "has no model card" in answer.json()["detail"] and "model_card.md next to it" in answer.json()["detail"]
+
+
 def test_head_health_is_200(http):
     answer = http.head("/health")
     assert answer.status_code == 200 and answer.content == b""
