@@ -13,11 +13,13 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from serving.errors import BatchSizeError, InputError, ModelLoadError, NotServedError
-from serving.inputs import check_batch_size, check_shape, from_float32_bytes, from_nested, from_pngs, parse_shape
+from serving.inputs import (check_batch_size, check_shape, check_uncompressed, from_float32_bytes, from_nested, from_pngs,
+                            parse_shape)
 from serving.limits import BodyLimit
 from serving.metrics import CONTENT_TYPE, Metrics, RequestMetrics
 from serving.model_source import CARD_FILE
-from serving.responses import V2_PREFIX, OrjsonRoute, describe_validation, error_response, json_response
+from serving.responses import (OrjsonRoute, describe_validation, error_response, input_error_response,
+                               json_response)
 from serving.runtime import OnnxModel
 from serving.schemas import ErrorBody, Health, MetadataResponse, PredictRequest, PredictResponse, Readiness
 from serving.settings import Settings
@@ -31,18 +33,15 @@ MARKDOWN = "text/markdown; charset=utf-8"
 JSON_VALUE_SLACK = 4096  # JSON values beyond the batch's numbers: keys, nesting, small tabular models
 
 
-def _is_v2(request: Request) -> bool:
-    return request.url.path == V2_PREFIX or request.url.path.startswith(V2_PREFIX + "/")
-
-
 async def _validation_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RequestValidationError)
-    return error_response(request.url.path, 400 if _is_v2(request) else 422, describe_validation(error.errors()))
+    return input_error_response(request.url.path, describe_validation(error.errors()))
 
 
 async def _input_error(request: Request, error: Exception) -> Response:
-    status = 413 if isinstance(error, BatchSizeError) else 400 if _is_v2(request) else 422
-    return error_response(request.url.path, status, str(error))
+    if isinstance(error, BatchSizeError):
+        return error_response(request.url.path, 413, str(error))
+    return input_error_response(request.url.path, str(error))
 
 
 async def _not_served(request: Request, error: Exception) -> Response:
@@ -136,6 +135,7 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
             examples=["64,1,28,28"])) -> Response:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/octet-stream":
             raise InputError("send the batch as raw float32 bytes with Content-Type: application/octet-stream")
+        check_uncompressed(request.headers.get("content-encoding"))
         dims = check_shape(parse_shape(shape), card.input_shape, settings.max_batch)
         return answer("/predict/raw", from_float32_bytes(await request.body(), dims))  # on the loop, as in serving.v2
 

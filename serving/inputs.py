@@ -47,6 +47,12 @@ def parse_shape(text: str) -> list[int]:
     return [int(part) for part in parts]
 
 
+def check_uncompressed(encoding: str | None) -> None:
+    """InputError for a Content-Encoding other than identity (gzip bodies are inflated before the routes)."""
+    if encoding is not None and encoding.strip().lower() != "identity":
+        raise InputError(f"Content-Encoding '{encoding[:40]}' is not supported; send the body gzip or uncompressed")
+
+
 def from_float32_bytes(raw: bytes | memoryview, shape: Sequence[int]) -> np.ndarray:
     """A float32 array of ``shape`` viewing little-endian float32 bytes in row-major order (not copied), checked by
     ``check_values``."""

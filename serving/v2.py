@@ -10,7 +10,8 @@ from importlib.metadata import PackageNotFoundError, version as package_version
 
 from fastapi import APIRouter, Request, Response
 
-from serving.errors import InputError, ModelLoadError, NotServedError
+from serving.errors import ModelLoadError, NotServedError
+from serving.inputs import check_uncompressed
 from serving.metrics import Metrics
 from serving.oip import DATATYPES, HEADER_LENGTH, decode_request, encode_response
 from serving.responses import error_response, json_response
@@ -58,9 +59,7 @@ def v2_router(model: OnnxModel, settings: Settings, metrics: Metrics) -> APIRout
     @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
     async def infer(request: Request) -> Response:
         check_served(request.path_params["name"], request.path_params.get("version"))
-        encoding = request.headers.get("content-encoding", "identity").lower()
-        if encoding != "identity":
-            raise InputError(f"Content-Encoding '{encoding}' is not supported; send the body uncompressed")
+        check_uncompressed(request.headers.get("content-encoding"))
         content, headers = answer(await request.body(), request.headers.get(HEADER_LENGTH))
         return Response(content, headers=headers)
 
