@@ -80,3 +80,12 @@ class OrjsonRoute(APIRoute):
             return await handler(OrjsonRequest(request.scope, request.receive))
 
         return decode_fast
+
+
+class RequestRoute(APIRoute):
+    """A FastAPI route whose endpoint takes the Request and returns a Response itself, called directly: FastAPI's
+    parameter resolution and response handling are skipped (for the inference path, where they cost about as much
+    as decoding the request). The route is documented in the OpenAPI schema as usual."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return self.endpoint

@@ -14,7 +14,7 @@ from serving.errors import ModelLoadError, NotServedError
 from serving.inputs import check_uncompressed
 from serving.metrics import Metrics
 from serving.oip import DATATYPES, HEADER_LENGTH, decode_request, encode_response
-from serving.responses import error_response, json_response
+from serving.responses import RequestRoute, error_response, json_response
 from serving.runtime import OnnxModel
 from serving.settings import Settings
 
@@ -52,11 +52,6 @@ def v2_router(model: OnnxModel, settings: Settings, metrics: Metrics) -> APIRout
             return error_response(path, 503, str(error))
         return Response(status_code=200)
 
-    # The hot path first, as routes are matched in order; the path parameters are read from the request rather
-    # than declared, which spares FastAPI's parameter resolution on every inference (documented by NAME_PARAMETER).
-    @router.post("/models/{name}/infer", summary="Inference, JSON tensors or the binary-tensor extension",
-                 openapi_extra=NAME_PARAMETER)
-    @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
     async def infer(request: Request) -> Response:
         check_served(request.path_params["name"], request.path_params.get("version"))
         check_uncompressed(request.headers.get("content-encoding"))
@@ -65,7 +60,7 @@ def v2_router(model: OnnxModel, settings: Settings, metrics: Metrics) -> APIRout
 
     def answer(body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
         """Decode, run and encode on the event loop: the model's intra-op threads use the cores, and handing a
-        batch to a worker thread costs as much as running it (see docs/serving.md, "Throughput")."""
+        batch to a worker thread costs as much as running it (docs/serving.md, "Speed")."""
         decoded = decode_request(body, header_length, model.input_name, card.input_shape, settings.max_batch)
         logits, probabilities = model.classify(decoded.batch)
         classes = probabilities.argmax(axis=1)
@@ -73,6 +68,13 @@ def v2_router(model: OnnxModel, settings: Settings, metrics: Metrics) -> APIRout
         tensors = {"logits": logits, "probabilities": probabilities, "class_index": classes}
         wanted = {name: tensors[name] for name in decoded.outputs}
         return encode_response(card.name, card.version or "", decoded.id, wanted, decoded.outputs)
+
+    # The hot path first, as routes are matched in order; RequestRoute calls it without FastAPI's parameter
+    # resolution, so the path parameters are read from the request (and documented by NAME_PARAMETER).
+    router.add_api_route("/models/{name}/infer", infer, methods=["POST"], route_class_override=RequestRoute,
+                         summary="Inference, JSON tensors or the binary-tensor extension", openapi_extra=NAME_PARAMETER)
+    router.add_api_route("/models/{name}/versions/{version}/infer", infer, methods=["POST"],
+                         route_class_override=RequestRoute, include_in_schema=False)
 
     @router.get("", summary="Server metadata")
     def server_metadata() -> Response:
