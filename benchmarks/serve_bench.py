@@ -6,9 +6,9 @@ each also as a fraction of in-process ONNX Runtime. The engines take turns in ``
 machine whose load changes during the run slows all of them alike and the ratios compare like with like.
 
 The HTTP client is one persistent connection of the standard library's http.client sending one request after
-the other (latency-bound, as a caller that waits for each answer; batching is the way to throughput, and a
-second core would only run a second client against the same cores as the service). Its own cost is printed as
-the client floor: the same requests against a socket that answers at once. ``--load`` adds a load test
+the other, as a caller that waits for each answer (batching is the way to throughput: on the 2-core machine two
+or four concurrent connections measured no more items/s, as their threads take the cores the service needs).
+Its own cost is printed as the client floor: the same requests against a socket that answers at once. ``--load`` adds a load test
 (requests at a concurrency, the three paths in turn, errors and the service's peak RSS). The default model is
 LeNet-300-100 (`mlp`) on 1x28x28 inputs with random weights and a 5% magnitude mask; ``--model-uri`` benchmarks
 a registered model or an .onnx file instead (its PyTorch twin is rebuilt from the ONNX weights and checked for
