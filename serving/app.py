@@ -13,13 +13,12 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from serving.errors import BatchSizeError, InputError, ModelLoadError, NotServedError
-from serving.inputs import (check_batch_size, check_shape, check_uncompressed, from_float32_bytes, from_nested, from_pngs,
-                            parse_shape)
+from serving.inputs import (check_batch_size, check_shape, check_uncompressed, from_float32_bytes, from_nested,
+                            from_pngs, parse_shape)
 from serving.limits import BodyLimit
 from serving.metrics import CONTENT_TYPE, Metrics, RequestMetrics
-from serving.model_source import CARD_FILE
-from serving.responses import (OrjsonRoute, describe_validation, error_response, input_error_response,
-                               json_response)
+from serving.model_source import CARD_FILE, CARD_FOLDER
+from serving.responses import OrjsonRoute, describe_validation, error_response, input_error_response, json_response
 from serving.runtime import OnnxModel
 from serving.schemas import ErrorBody, Health, MetadataResponse, PredictRequest, PredictResponse, Readiness
 from serving.settings import Settings
@@ -108,8 +107,8 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
     def model_card(request: Request) -> Response:
         if model.card_markdown is None:
             return error_response(request.url.path, 404, f"{card.label()} has no model card (a registered version "
-                                  f"gets the model/{CARD_FILE} artifact of its run; a plain file, {CARD_FILE} "
-                                  "next to it)")
+                                  f"has it as the {CARD_FOLDER}/{CARD_FILE} artifact of its run, a plain file as "
+                                  f"{CARD_FILE} next to it)")
         return Response(model.card_markdown, media_type=MARKDOWN)
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)",

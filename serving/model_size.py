@@ -20,6 +20,7 @@ def model_bytes(path: Path) -> int:
 
 
 def _locations(path: Path) -> set[str]:
+    """The external-data locations named in the ONNX file ``path`` (relative to its folder)."""
     found: set[str] = set()
     if path.stat().st_size == 0:
         return found

@@ -20,8 +20,7 @@ from typing import Any, Iterator, Mapping
 from serving.errors import ModelSourceError
 
 REGISTRY_SCHEME = "models:/"
-CARD_FILE = "model_card.md"
-CARD_ARTIFACT = f"model/{CARD_FILE}"  # in the artifacts of the run that registered the version
+CARD_FILE, CARD_FOLDER = "model_card.md", "model"  # the card's artifact path in the run that registered the version
 MAX_CARD_BYTES = 1 << 20
 
 
@@ -150,11 +149,11 @@ def _download_card(client: Any, run_id: str | None, folder: Path, tracking_uri: 
     if not run_id:
         return None
     root = client.get_run(run_id).info.artifact_uri.rstrip("/")
-    folder_uri = f"{root}/{CARD_ARTIFACT.rpartition('/')[0]}"
-    if CARD_FILE not in {Path(entry.path).name for entry in list_artifacts(folder_uri, tracking_uri=tracking_uri)}:
+    listed = list_artifacts(f"{root}/{CARD_FOLDER}", tracking_uri=tracking_uri)
+    if CARD_FILE not in {Path(entry.path).name for entry in listed}:
         return None
     folder.mkdir()
-    return _read_card(Path(download_artifacts(artifact_uri=f"{root}/{CARD_ARTIFACT}", dst_path=str(folder),
+    return _read_card(Path(download_artifacts(artifact_uri=f"{root}/{CARD_FOLDER}/{CARD_FILE}", dst_path=str(folder),
                                               tracking_uri=tracking_uri)))
 
 
