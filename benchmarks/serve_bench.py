@@ -1,14 +1,21 @@
 """Serving speed: ONNX Runtime through the HTTP service and in-process, against PyTorch eager on the same model.
 
-Throughput and p50 / p99 latency at batch 1 and 64, one engine after the other in one run, printed with the
-ratios to PyTorch eager; over HTTP, JSON (/predict), raw float32 (/predict/raw) and the Open Inference Protocol's
-binary tensors (/v2/models/NAME/infer), each also as a fraction of in-process ONNX Runtime. ``--load`` adds a load
-test (requests at a concurrency, the three paths in turn, errors and the service's peak RSS). The default model
-is LeNet-300-100 (`mlp`) on 1x28x28 inputs with random weights and a 5% magnitude mask; ``--model-uri`` benchmarks a registered model or an .onnx file instead (its PyTorch twin is
-rebuilt from the ONNX weights and checked for parity first).
+Throughput and p50 / p99 latency at batch 1 and 64, printed with the ratios to PyTorch eager; over HTTP, JSON
+(/predict), raw float32 (/predict/raw) and the Open Inference Protocol's binary tensors (/v2/models/NAME/infer),
+each also as a fraction of in-process ONNX Runtime. The engines take turns in ``--rounds`` rounds, so that a
+machine whose load changes during the run slows all of them alike and the ratios compare like with like.
+
+The HTTP client is one persistent connection of the standard library's http.client sending one request after
+the other, as a caller that waits for each answer (batching is the way to throughput: on the 2-core machine two
+or four concurrent connections measured no more items/s, as their threads take the cores the service needs).
+Its own cost is printed as the client floor: the same requests against a socket that answers at once. ``--load`` adds a load test
+(requests at a concurrency, the three paths in turn, errors and the service's peak RSS). The default model is
+LeNet-300-100 (`mlp`) on 1x28x28 inputs with random weights and a 5% magnitude mask; ``--model-uri`` benchmarks
+a registered model or an .onnx file instead (its PyTorch twin is rebuilt from the ONNX weights and checked for
+parity first).
 
     .venv/bin/python benchmarks/serve_bench.py [--model-uri models:/NAME@champion] [--threads 2] [--seconds 3]
-                                               [--load 3000 --concurrency 32]
+                                               [--rounds 5] [--load 3000 --concurrency 32]
 """
 
 from __future__ import annotations
@@ -17,13 +24,16 @@ import argparse
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import httpx
@@ -70,20 +80,29 @@ def torch_twin(onnx_path: Path, onnx_model: OnnxModel) -> nn.Module:
     return model.eval()
 
 
-def measure(call: Callable[[], object], batch: int, seconds: float) -> dict[str, float]:
-    """Call repeatedly for about ``seconds`` after a warm-up; items/s and latency percentiles in ms."""
-    for _ in range(10):
-        call()
-    latencies = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(latencies) < 30:
-        begin = time.perf_counter()
-        call()
-        latencies.append(time.perf_counter() - begin)
-    total = time.perf_counter() - start
-    p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
-    return {"items_per_s": batch * len(latencies) / total, "p50_ms": float(p50), "p99_ms": float(p99),
-            "calls": len(latencies)}
+def measure(calls: dict[tuple[str, int], Callable[[], object]], seconds: float, rounds: int
+            ) -> dict[tuple[str, int], dict[str, float]]:
+    """Each call (engine, batch) repeatedly for ``seconds`` in all, in ``rounds`` turns after a warm-up; items/s and
+    latency percentiles in ms."""
+    latencies: dict[tuple[str, int], list[float]] = {key: [] for key in calls}
+    elapsed = dict.fromkeys(calls, 0.0)
+    for call in calls.values():
+        for _ in range(10):
+            call()
+    for _ in range(rounds):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds / rounds or len(latencies[key]) < 30:
+                begin = time.perf_counter()
+                call()
+                latencies[key].append(time.perf_counter() - begin)
+            elapsed[key] += time.perf_counter() - start
+    results = {}
+    for (engine, batch), times in latencies.items():
+        p50, p99 = np.percentile(np.array(times) * 1000, [50, 99])
+        results[engine, batch] = {"items_per_s": batch * len(times) / elapsed[engine, batch], "p50_ms": float(p50),
+                                  "p99_ms": float(p99), "calls": len(times)}
+    return results
 
 
 def free_port() -> int:
@@ -118,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="threads for PyTorch and ONNX Runtime alike (default 1: on a busy 2-core machine, "
                              "more PyTorch threads spin against each other)")
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per engine and batch size")
+    parser.add_argument("--rounds", type=int, default=5, help="turns the engines take, each of seconds / rounds")
     parser.add_argument("--load", type=int, default=0, help="also send this many batch-1 requests (e.g. 3000)")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients of the load test")
     args = parser.parse_args(argv)
@@ -131,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         with fetch_model(uri, args.tracking_uri) as source:
             ort_model = OnnxModel.load(source, device="cpu", threads=args.threads)
             model = baked if baked is not None else torch_twin(source.path, ort_model)
-            results, load = run_all(model, ort_model, source.path, args)
-    report(results)
+            results, floor, load = run_all(model, ort_model, source.path, args)
+    report(results, floor)
     if load:
         print(load)
     return 0
@@ -155,49 +175,81 @@ def requests_for(path: str, batch: np.ndarray, model_name: str) -> tuple[str, by
 
 
 def run_all(model: nn.Module, ort_model: OnnxModel, onnx_path: Path, args: argparse.Namespace
-            ) -> tuple[dict[tuple[str, int], dict[str, float]], str]:
-    """Every engine at every batch size, on the same random inputs; and the load test's summary line."""
+            ) -> tuple[dict[tuple[str, int], dict[str, float]], float, str]:
+    """Every engine at every batch size, on the same random inputs; the client floor of the binary path at the
+    largest batch (ms); and the load test's summary line."""
     shape = ort_model.card.input_shape
     rng = np.random.default_rng(0)
     inputs = {b: rng.random((b, *shape), dtype=np.float32) for b in BATCHES}
     parity = check_parity(model, onnx_path, torch.from_numpy(inputs[max(BATCHES)]))
     print(f"{ort_model.card.label()}; input {list(shape)}; threads {args.threads}; "
           f"parity max |diff| {parity['max_abs_diff']:.2e}, argmax agreement {parity['argmax_agreement']:.3f}")
-    results: dict[tuple[str, int], dict[str, float]] = {}
-    for batch in BATCHES:
-        tensor = torch.from_numpy(inputs[batch])
-
-        def eager() -> None:
-            with torch.inference_mode():
-                model(tensor)
-
-        results["pytorch eager", batch] = measure(eager, batch, args.seconds)
-        results["onnxruntime in-process", batch] = measure(lambda: ort_model.predict(inputs[batch]), batch,
-                                                           args.seconds)
     process, url = start_service(onnx_path, args.threads)
     load = ""
     try:
         # the standard library's client: about 0.9 ms less per request than httpx here, which is not the service's
         connection = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=60)
+        calls: dict[tuple[str, int], Callable[[], object]] = {}
+        for batch in BATCHES:
+            calls["pytorch eager", batch] = partial(eager, model, torch.from_numpy(inputs[batch]))
+            calls["onnxruntime in-process", batch] = partial(ort_model.predict, inputs[batch])
         for path in HTTP_PATHS:
             for batch in BATCHES:
-                route, body, headers = requests_for(path, inputs[batch], ort_model.card.name)
-
-                def over_http() -> None:
-                    connection.request("POST", route, body=body, headers=headers)
-                    answer = connection.getresponse()
-                    answer.read()
-                    if answer.status != 200:
-                        sys.exit(f"serve_bench: {route} answered {answer.status}")
-
-                results[f"HTTP {path}", batch] = measure(over_http, batch, args.seconds)
+                calls[f"HTTP {path}", batch] = partial(post, connection, *requests_for(path, inputs[batch],
+                                                                                       ort_model.card.name))
+        results = measure(calls, args.seconds, args.rounds)
         connection.close()
+        floor = client_floor(requests_for("v2 binary", inputs[max(BATCHES)], ort_model.card.name), args.seconds)
         if args.load:
             load = load_test(url, process.pid, ort_model, args.load, args.concurrency)
     finally:
         process.terminate()
         process.wait(30)
-    return results, load
+    return results, floor, load
+
+
+def eager(model: nn.Module, batch: torch.Tensor) -> None:
+    with torch.inference_mode():
+        model(batch)
+
+
+def post(connection: http.client.HTTPConnection, route: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """One request on the persistent ``connection``; the answer's body (exit unless 200)."""
+    connection.request("POST", route, body=body, headers=headers)
+    answer = connection.getresponse()
+    content = answer.read()
+    if answer.status != 200:
+        sys.exit(f"serve_bench: {route} answered {answer.status}: {content[:200]!r}")
+    return content
+
+
+def client_floor(request: tuple[str, bytes, dict[str, str]], seconds: float) -> float:
+    """Median ms of ``request`` sent as the benchmark sends it, to a socket that answers each one at once: what
+    the client and the loopback take, without the service."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 512\r\n\r\n" + bytes(512)
+
+    def serve() -> None:
+        peer, _ = listener.accept()
+        with peer:
+            pending = b""
+            while chunk := peer.recv(1 << 20):
+                pending += chunk
+                while (end := pending.find(b"\r\n\r\n")) >= 0:
+                    length = int(re.search(rb"content-length: *(\d+)", pending[:end].lower()).group(1))
+                    if len(pending) < end + 4 + length:
+                        break
+                    pending = pending[end + 4 + length:]
+                    peer.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    connection = http.client.HTTPConnection("127.0.0.1", listener.getsockname()[1], timeout=60)
+    result = measure({("floor", 1): partial(post, connection, *request)}, seconds, 1)
+    connection.close()
+    thread.join(10)
+    listener.close()
+    return result["floor", 1]["p50_ms"]
 
 
 def load_test(url: str, pid: int, ort_model: OnnxModel, total: int, concurrency: int) -> str:
@@ -248,7 +300,7 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def report(results: dict[tuple[str, int], dict[str, float]]) -> None:
+def report(results: dict[tuple[str, int], dict[str, float]], floor: float) -> None:
     print(f"\n{'engine':<26}{'batch':>6}{'items/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'calls':>8}{'vs eager':>10}"
           f"{'vs ORT':>9}")
     for (engine, batch), r in results.items():
@@ -263,6 +315,9 @@ def report(results: dict[tuple[str, int], dict[str, float]]) -> None:
     shares = ", ".join(f"{path} {results[f'HTTP {path}', big]['items_per_s'] / in_process:.1%}" for path in HTTP_PATHS)
     print(f"HTTP items/s at batch {big} as a share of in-process ONNX Runtime: {shares} (aim: binary >= 25%; one "
           "sequential client on the same machine)")
+    binary = results["HTTP v2 binary", big]["p50_ms"]
+    print(f"client floor at batch {big} (the binary requests against a socket answering at once): p50 {floor:.3f} ms, "
+          f"{floor / binary:.0%} of the binary path's p50 {binary:.3f} ms")
 
 
 if __name__ == "__main__":

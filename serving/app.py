@@ -1,5 +1,5 @@
-"""The FastAPI application around one loaded model: health, metadata, predictions (JSON, PNG, raw float32),
-the Open Inference Protocol (``serving.v2``) and Prometheus metrics."""
+"""The FastAPI application around one loaded model: health, metadata, the model card, predictions (JSON, PNG, raw
+float32), the Open Inference Protocol (``serving.v2``) and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import numpy as np
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from serving.errors import BatchSizeError, InputError, ModelLoadError, NotServedError
-from serving.inputs import check_batch_size, check_shape, from_float32_bytes, from_nested, from_pngs, parse_shape
+from serving.inputs import (check_batch_size, check_shape, check_uncompressed, from_float32_bytes, from_nested,
+                            from_pngs, parse_shape)
 from serving.limits import BodyLimit
 from serving.metrics import CONTENT_TYPE, Metrics, RequestMetrics
-from serving.responses import V2_PREFIX, OrjsonRoute, describe_validation, error_response, json_response
+from serving.model_source import CARD_FILE, CARD_FOLDER
+from serving.responses import OrjsonRoute, describe_validation, error_response, input_error_response, json_response
 from serving.runtime import OnnxModel
 from serving.schemas import ErrorBody, Health, MetadataResponse, PredictRequest, PredictResponse, Readiness
 from serving.settings import Settings
@@ -27,21 +28,19 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {413: {"model": ErrorBody}, 4
 RAW_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary",
                "description": "the batch as little-endian float32 values in row-major order"}}}}}
+MARKDOWN = "text/markdown; charset=utf-8"
 JSON_VALUE_SLACK = 4096  # JSON values beyond the batch's numbers: keys, nesting, small tabular models
-
-
-def _is_v2(request: Request) -> bool:
-    return request.url.path == V2_PREFIX or request.url.path.startswith(V2_PREFIX + "/")
 
 
 async def _validation_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RequestValidationError)
-    return error_response(request.url.path, 400 if _is_v2(request) else 422, describe_validation(error.errors()))
+    return input_error_response(request.url.path, describe_validation(error.errors()))
 
 
 async def _input_error(request: Request, error: Exception) -> Response:
-    status = 413 if isinstance(error, BatchSizeError) else 400 if _is_v2(request) else 422
-    return error_response(request.url.path, status, str(error))
+    if isinstance(error, BatchSizeError):
+        return error_response(request.url.path, 413, str(error))
+    return input_error_response(request.url.path, str(error))
 
 
 async def _not_served(request: Request, error: Exception) -> Response:
@@ -83,6 +82,8 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
             {"class_index": index, "class_name": names[index], "probabilities": row}
             for index, row in zip(classes.tolist(), probabilities)]})
 
+    app.include_router(v2_router(model, settings, metrics))  # first: its inference route is the busiest
+
     @app.get("/health", response_model=Health, summary="Liveness: the process answers")
     @app.head("/health", response_model=Health, include_in_schema=False)
     def health() -> Health:
@@ -100,6 +101,15 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
     @app.get("/metadata", response_model=MetadataResponse, summary="The model card")
     def metadata() -> MetadataResponse:
         return MetadataResponse(**card.model_dump(), max_batch=settings.max_batch)
+
+    @app.get("/model-card", summary="The model card (markdown) the registration logged, or the file's model_card.md",
+             response_class=Response, responses={200: {"content": {MARKDOWN: {}}}, 404: {"model": ErrorBody}})
+    def model_card(request: Request) -> Response:
+        if model.card_markdown is None:
+            return error_response(request.url.path, 404, f"{card.label()} has no model card (a registered version "
+                                  f"has it as the {CARD_FOLDER}/{CARD_FILE} artifact of its run, a plain file as "
+                                  f"{CARD_FILE} next to it)")
+        return Response(model.card_markdown, media_type=MARKDOWN)
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)",
              response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
@@ -124,9 +134,8 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
             examples=["64,1,28,28"])) -> Response:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/octet-stream":
             raise InputError("send the batch as raw float32 bytes with Content-Type: application/octet-stream")
+        check_uncompressed(request.headers.get("content-encoding"))
         dims = check_shape(parse_shape(shape), card.input_shape, settings.max_batch)
-        body = await request.body()
-        return await run_in_threadpool(lambda: answer("/predict/raw", from_float32_bytes(body, dims)))
+        return answer("/predict/raw", from_float32_bytes(await request.body(), dims))  # on the loop, as in serving.v2
 
-    app.include_router(v2_router(model, settings, metrics))
     return app

@@ -47,8 +47,15 @@ def parse_shape(text: str) -> list[int]:
     return [int(part) for part in parts]
 
 
-def from_float32_bytes(raw: bytes, shape: Sequence[int]) -> np.ndarray:
-    """A float32 array of ``shape`` from little-endian float32 bytes in row-major order, checked by ``check_values``."""
+def check_uncompressed(encoding: str | None) -> None:
+    """InputError for a Content-Encoding other than identity (gzip bodies are inflated before the routes)."""
+    if encoding is not None and encoding.strip().lower() != "identity":
+        raise InputError(f"Content-Encoding '{encoding[:40]}' is not supported; send the body gzip or uncompressed")
+
+
+def from_float32_bytes(raw: bytes | memoryview, shape: Sequence[int]) -> np.ndarray:
+    """A float32 array of ``shape`` viewing little-endian float32 bytes in row-major order (not copied), checked by
+    ``check_values``."""
     needed = math.prod(shape) * 4
     if len(raw) != needed:
         raise InputError(f"the body holds {len(raw)} bytes; {list(shape)} float32 values take {needed} "
@@ -116,14 +123,15 @@ def check_values(batch: np.ndarray) -> np.ndarray:
     Image-shaped models (C, H, W) take raw pixels in [0, 1]; other models take any finite numbers.
     """
     shape = batch.shape[1:]
+    low, high = float(batch.min()), float(batch.max())  # NaN or an infinity shows in one of them
+    if math.isfinite(low) and math.isfinite(high) and (len(shape) != 3 or (low >= 0.0 and high <= 1.0)):
+        return batch
     bad = ~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
     if bad.any():
         raise InputError(f"inputs must be finite: item {int(np.argmax(bad))} holds NaN or an infinite value "
                          "(or a number too large for float32)")
-    if len(shape) == 3 and (batch.min() < 0.0 or batch.max() > 1.0):
-        raise InputError(f"image inputs must be raw pixels scaled to [0, 1]; got values in "
-                         f"[{float(batch.min()):g}, {float(batch.max()):g}] (divide 8-bit pixels by 255)")
-    return batch
+    raise InputError(f"image inputs must be raw pixels scaled to [0, 1]; got values in [{low:g}, {high:g}] "
+                     "(divide 8-bit pixels by 255)")
 
 
 def _depth(value: Any) -> int:

@@ -34,16 +34,26 @@ class Metrics:
         self.predicted = Counter("ballot_predicted_class", "Items predicted as each class",
                                  ["class_index", "class_name"], registry=self.registry)
         self.class_counters = [self.predicted.labels(str(index), name) for index, name in enumerate(card.class_names)]
+        self._children: dict[tuple[str, ...], tuple[Counter, Histogram]] = {}  # labels() takes a lock each call
         Info("ballot_model", "The model served", registry=self.registry).info(
             {"name": card.name, "version": card.version or "", "alias": card.alias or "", "uri": card.uri,
              "method": card.method or "", "dataset": card.dataset or "", "providers": ",".join(card.providers)})
 
+    def observe_request(self, route: str, method: str, status: str, seconds: float) -> None:
+        """Count one HTTP request and its duration."""
+        labels = (route, method, status)
+        children = self._children.get(labels)
+        if children is None:
+            children = self._children[labels] = (self.requests.labels(*labels), self.latency.labels(*labels))
+        children[0].inc()
+        children[1].observe(seconds)
+
     def observe_predictions(self, route: str, classes: np.ndarray) -> None:
         """Count one prediction request of ``len(classes)`` items and the class of each."""
         self.batch_size.labels(route).observe(len(classes))
-        for index, count in enumerate(np.bincount(classes, minlength=len(self.class_counters))):
-            if count:
-                self.class_counters[index].inc(int(count))
+        counts = np.bincount(classes, minlength=len(self.class_counters))
+        for index in np.flatnonzero(counts).tolist():
+            self.class_counters[index].inc(int(counts[index]))
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""
@@ -78,9 +88,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_noting_status)
         finally:
-            labels = (self._route(scope), scope["method"], str(status))
-            self.metrics.requests.labels(*labels).inc()
-            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+            self.metrics.observe_request(self._route(scope), scope["method"], str(status), time.perf_counter() - start)
 
     def _route(self, scope: Scope) -> str:
         """The template of the route that served ``scope`` (also when a middleware answered before routing)."""

@@ -2,6 +2,9 @@
 
 Registry URIs are ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``. mlflow is imported only for
 them, so serving a file needs no MLflow at all.
+
+The markdown model card comes along when there is one: ``model_card.md`` next to a plain file, or the
+``model/model_card.md`` artifact of the run that registered the version (the pipeline's register stage logs it).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any, Iterator, Mapping
 from serving.errors import ModelSourceError
 
 REGISTRY_SCHEME = "models:/"
+CARD_FILE, CARD_FOLDER = "model_card.md", "model"  # the card's artifact path in the run that registered the version
+MAX_CARD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class ModelSource:
     version: str | None = None
     alias: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)  # registry version tags (strings)
+    card_markdown: str | None = None  # the model card (markdown), None when the model has none
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,20 @@ def _from_file(uri: str) -> ModelSource:
     if not path.is_file():
         raise ModelSourceError(f"model file '{path}' not found (the model URI is neither an existing .onnx file "
                                f"nor a {REGISTRY_SCHEME}NAME@ALIAS registry URI)")
-    return ModelSource(path=path, uri=uri, name=path.stem)
+    card = path.with_name(CARD_FILE)
+    return ModelSource(path=path, uri=uri, name=path.stem, card_markdown=_read_card(card) if card.is_file() else None)
+
+
+def _read_card(path: Path) -> str:
+    """The text of a model card file; ModelSourceError when it is too large or not UTF-8."""
+    if path.stat().st_size > MAX_CARD_BYTES:
+        raise ModelSourceError(f"model card '{path}' holds {path.stat().st_size} bytes, more than the "
+                               f"{MAX_CARD_BYTES} a card may take")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ModelSourceError(f"model card '{path}' is not UTF-8 text ({error.reason} at byte {error.start})"
+                               ) from None
 
 
 def _from_registry(uri: str, ref: RegistryRef, tracking_uri: str | None, folder: Path) -> ModelSource:
@@ -110,6 +129,7 @@ def _from_registry(uri: str, ref: RegistryRef, tracking_uri: str | None, folder:
         model_version = client.get_model_version(ref.name, version)
         artifacts = client.get_model_version_download_uri(ref.name, version)
         local = Path(download_artifacts(artifact_uri=artifacts, dst_path=str(folder), tracking_uri=tracking_uri))
+        card = _download_card(client, model_version.run_id, folder / "card", tracking_uri)
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise ModelSourceError(f"{_describe(ref)} not found in {where}: {error.message}") from None
@@ -117,7 +137,24 @@ def _from_registry(uri: str, ref: RegistryRef, tracking_uri: str | None, folder:
     except OSError as error:
         raise ModelSourceError(f"cannot download {_describe(ref)} from {where}: {error}") from None
     return ModelSource(path=_onnx_file(local, ref), uri=uri, name=ref.name, version=str(model_version.version),
-                       alias=ref.alias, tags=dict(model_version.tags))
+                       alias=ref.alias, tags=dict(model_version.tags), card_markdown=card)
+
+
+def _download_card(client: Any, run_id: str | None, folder: Path, tracking_uri: str | None) -> str | None:
+    """The model card logged by the run that registered the version; None when it logged none.
+
+    The run's own artifact store is read (``runs:/`` URIs would mix in the logged model's files)."""
+    from mlflow.artifacts import download_artifacts, list_artifacts
+
+    if not run_id:
+        return None
+    root = client.get_run(run_id).info.artifact_uri.rstrip("/")
+    listed = list_artifacts(f"{root}/{CARD_FOLDER}", tracking_uri=tracking_uri)
+    if CARD_FILE not in {Path(entry.path).name for entry in listed}:
+        return None
+    folder.mkdir()
+    return _read_card(Path(download_artifacts(artifact_uri=f"{root}/{CARD_FOLDER}/{CARD_FILE}", dst_path=str(folder),
+                                              tracking_uri=tracking_uri)))
 
 
 def _alias_version(ref: RegistryRef, aliases: Mapping[str, Any], where: str) -> str:

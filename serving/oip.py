@@ -106,13 +106,14 @@ def decode_request(body: bytes, header_length: str | None, input_name: str, inpu
     return Decoded(batch, _requested(request), request.id)
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """The JSON header and a view of the binary data after it (not copied: the batch is a view of the body)."""
     if header_length is None:
-        return body, b""
+        return body, memoryview(b"")
     if not header_length.strip().isdigit() or int(header_length) > len(body):
         raise InputError(f"{HEADER_LENGTH} must be a byte count within the body ({len(body)} bytes), "
                          f"got {header_length[:40]!r}")
-    return body[:int(header_length)], body[int(header_length):]
+    return body[:int(header_length)], memoryview(body)[int(header_length):]
 
 
 def _requested(request: InferRequest) -> dict[str, bool]:

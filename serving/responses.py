@@ -30,10 +30,19 @@ def json_response(content: Any, status: int = 200, headers: Mapping[str, str] | 
                     headers=headers, media_type="application/json")
 
 
+def is_v2(path: str) -> bool:
+    """Whether ``path`` belongs to the Open Inference Protocol (its errors: ``{"error": ...}``, bad input 400)."""
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
 def error_response(path: str, status: int, message: str) -> Response:
     """An error in the format of the protocol ``path`` belongs to: ``{"error": ...}`` under /v2, else ``{"detail": ...}``."""
-    key = "error" if path == V2_PREFIX or path.startswith(V2_PREFIX + "/") else "detail"
-    return json_response({key: message}, status)
+    return json_response({"error" if is_v2(path) else "detail": message}, status)
+
+
+def input_error_response(path: str, message: str) -> Response:
+    """Bad input in the format and status of ``path``'s protocol: 400 under /v2, else 422."""
+    return error_response(path, 400 if is_v2(path) else 422, message)
 
 
 def describe_validation(errors: Sequence[Any]) -> str:
@@ -71,3 +80,12 @@ class OrjsonRoute(APIRoute):
             return await handler(OrjsonRequest(request.scope, request.receive))
 
         return decode_fast
+
+
+class RequestRoute(APIRoute):
+    """A FastAPI route whose endpoint takes the Request and returns a Response itself, called directly: FastAPI's
+    parameter resolution and response handling are skipped (for the inference path, where they cost about as much
+    as decoding the request). The route is documented in the OpenAPI schema as usual."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return self.endpoint

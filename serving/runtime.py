@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serving.errors import InputError, ModelLoadError
+from serving.model_size import model_bytes
 from serving.model_source import ModelSource
 from serving.schemas import ModelCard
 
@@ -17,6 +18,7 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 NUMBER_KEYS = ("density", "acc", "cwv", "mcd", "worst_class")
 TEXT_KEYS = ("dataset", "method", "model")
 LIST_KEYS = ("class_names", "input_shape")
+OPTIONAL_TEXT_KEYS = ("granularity", "onnx_format")  # recorded by newer exports only; None when absent
 
 
 def providers_for(device: str) -> list[str]:
@@ -37,7 +39,7 @@ def recorded_metadata(onnx_props: Mapping[str, str], tags: Mapping[str, str]) ->
     """
     merged: dict[str, Any] = {}
     for source, props, is_tag in (("ONNX metadata", onnx_props, False), ("registry tag", tags, True)):
-        for key in NUMBER_KEYS + TEXT_KEYS + LIST_KEYS:
+        for key in NUMBER_KEYS + TEXT_KEYS + OPTIONAL_TEXT_KEYS + LIST_KEYS:
             if key in props:
                 merged[key] = _decode(key, props[key], is_tag, f"{source} '{key}'")
     return merged
@@ -45,14 +47,14 @@ def recorded_metadata(onnx_props: Mapping[str, str], tags: Mapping[str, str]) ->
 
 def _decode(key: str, raw: str, is_tag: bool, where: str) -> Any:
     try:
-        value = raw if is_tag and key in TEXT_KEYS else json.loads(raw)
+        value = raw if is_tag and key in TEXT_KEYS + OPTIONAL_TEXT_KEYS else json.loads(raw)
     except json.JSONDecodeError:
         raise ModelLoadError(f"{where} is not valid JSON: {raw!r}") from None
     if key in NUMBER_KEYS:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ModelLoadError(f"{where} must be a number, got {raw!r}")
         return float(value) if math.isfinite(value) else None  # NaN (e.g. an undefined metric) is unknown
-    if key in TEXT_KEYS:
+    if key in TEXT_KEYS + OPTIONAL_TEXT_KEYS:
         if not isinstance(value, str):
             raise ModelLoadError(f"{where} must be a string, got {raw!r}")
         return value
@@ -69,10 +71,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class OnnxModel:
-    """An ONNX classifier: float32 [batch, *input_shape] raw inputs in, logits out."""
+    """An ONNX classifier: float32 [batch, *input_shape] raw inputs in, logits out; its card (metadata) and, when
+    it has one, its markdown model card."""
 
-    def __init__(self, session: ort.InferenceSession, card: ModelCard, input_name: str, output_name: str) -> None:
-        self.session, self.card = session, card
+    def __init__(self, session: ort.InferenceSession, card: ModelCard, input_name: str, output_name: str,
+                 card_markdown: str | None = None) -> None:
+        self.session, self.card, self.card_markdown = session, card, card_markdown
         self.input_name, self.output_name = input_name, output_name
 
     @classmethod
@@ -101,8 +105,9 @@ class OnnxModel:
                                  f"{num_classes} logits")
         card = ModelCard(name=source.name, version=source.version, alias=source.alias, uri=source.uri,
                          input_shape=input_shape, class_names=class_names, providers=tuple(session.get_providers()),
-                         **{k: meta.get(k) for k in NUMBER_KEYS + TEXT_KEYS})
-        return cls(session, card, input_name, output_name)
+                         file_bytes=model_bytes(source.path),
+                         **{k: meta.get(k) for k in NUMBER_KEYS + TEXT_KEYS + OPTIONAL_TEXT_KEYS})
+        return cls(session, card, input_name, output_name, source.card_markdown)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw outputs for a float32 batch of shape [n, *input_shape]."""

@@ -62,6 +62,9 @@ class ModelCard(BaseModel):
     dataset: str | None = None
     method: str | None = None
     model: str | None = Field(None, description="architecture name, e.g. mlp")
+    granularity: str | None = Field(None, description="what pruning removed: 'weight' or 'unit'")
+    onnx_format: str | None = Field(None, description="how the file stores the pruned model, e.g. 'dense', 'compact'")
+    file_bytes: int = Field(description="size of the ONNX file served, in bytes (measured by the service)")
 
     def label(self) -> str:
         """'NAME version V (alias A)' for messages and logs."""

@@ -29,6 +29,7 @@ class Settings:
     read_timeout: float = 10.0  # seconds a request may take to arrive in full; slower connections are closed
     registry_timeout: float = 15.0  # seconds each registry request may take before the start-up gives up
     log_level: str = "info"
+    access_log: bool = False  # one uvicorn log line per request; off by default, as it costs time on every request
 
     def __post_init__(self) -> None:
         _require(bool(self.model_uri.strip()), "model_uri", "must not be empty")
@@ -56,7 +57,9 @@ ENV = {
     "read_timeout": "BALLOT_READ_TIMEOUT",
     "registry_timeout": "BALLOT_REGISTRY_TIMEOUT",
     "log_level": "BALLOT_LOG_LEVEL",
+    "access_log": "BALLOT_ACCESS_LOG",
 }
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def _require(condition: bool, name: str, message: str) -> None:
@@ -82,6 +85,10 @@ def load_settings(environ: Mapping[str, str] | None = None,
 
 
 def _parse(raw: str, hint: Any, name: str) -> Any:
+    if hint is bool:
+        if raw.lower() not in BOOLEANS:
+            raise SettingsError(f"{name} ({ENV[name]}): expected true or false (or 1 / 0), got {raw!r}")
+        return BOOLEANS[raw.lower()]
     if hint is int:
         try:
             return int(raw)

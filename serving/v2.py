@@ -9,17 +9,19 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version as package_version
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
-from serving.errors import InputError, ModelLoadError, NotServedError
+from serving.errors import ModelLoadError, NotServedError
+from serving.inputs import check_uncompressed
 from serving.metrics import Metrics
 from serving.oip import DATATYPES, HEADER_LENGTH, decode_request, encode_response
-from serving.responses import error_response, json_response
+from serving.responses import RequestRoute, error_response, json_response
 from serving.runtime import OnnxModel
 from serving.settings import Settings
 
 PLATFORM = "onnxruntime"
 INFER_ROUTE = "/v2/models/{name}/infer"
+NAME_PARAMETER = {"parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                                  "description": "the served model's name (see /metadata)"}]}
 
 
 def server_version() -> str:
@@ -50,6 +52,30 @@ def v2_router(model: OnnxModel, settings: Settings, metrics: Metrics) -> APIRout
             return error_response(path, 503, str(error))
         return Response(status_code=200)
 
+    async def infer(request: Request) -> Response:
+        check_served(request.path_params["name"], request.path_params.get("version"))
+        check_uncompressed(request.headers.get("content-encoding"))
+        content, headers = answer(await request.body(), request.headers.get(HEADER_LENGTH))
+        return Response(content, headers=headers)
+
+    def answer(body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
+        """Decode, run and encode on the event loop: the model's intra-op threads use the cores, and handing a
+        batch to a worker thread costs as much as running it (docs/serving.md, "Speed")."""
+        decoded = decode_request(body, header_length, model.input_name, card.input_shape, settings.max_batch)
+        logits, probabilities = model.classify(decoded.batch)
+        classes = probabilities.argmax(axis=1)
+        metrics.observe_predictions(INFER_ROUTE, classes)
+        tensors = {"logits": logits, "probabilities": probabilities, "class_index": classes}
+        wanted = {name: tensors[name] for name in decoded.outputs}
+        return encode_response(card.name, card.version or "", decoded.id, wanted, decoded.outputs)
+
+    # The hot path first, as routes are matched in order; RequestRoute calls it without FastAPI's parameter
+    # resolution, so the path parameters are read from the request (and documented by NAME_PARAMETER).
+    router.add_api_route("/models/{name}/infer", infer, methods=["POST"], route_class_override=RequestRoute,
+                         summary="Inference, JSON tensors or the binary-tensor extension", openapi_extra=NAME_PARAMETER)
+    router.add_api_route("/models/{name}/versions/{version}/infer", infer, methods=["POST"],
+                         route_class_override=RequestRoute, include_in_schema=False)
+
     @router.get("", summary="Server metadata")
     def server_metadata() -> Response:
         return json_response({"name": "ballot", "version": server_version(), "extensions": ["binary_tensor_data"]})
@@ -78,25 +104,5 @@ def v2_router(model: OnnxModel, settings: Settings, metrics: Metrics) -> APIRout
     def model_ready(request: Request, name: str, version: str | None = None) -> Response:
         check_served(name, version)
         return readiness(request.url.path)
-
-    @router.post("/models/{name}/infer", summary="Inference, JSON tensors or the binary-tensor extension")
-    @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
-    async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        check_served(name, version)
-        encoding = request.headers.get("content-encoding", "identity").lower()
-        if encoding != "identity":
-            raise InputError(f"Content-Encoding '{encoding}' is not supported; send the body uncompressed")
-        body = await request.body()
-        content, headers = await run_in_threadpool(answer, body, request.headers.get(HEADER_LENGTH))
-        return Response(content, headers=headers)
-
-    def answer(body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
-        decoded = decode_request(body, header_length, model.input_name, card.input_shape, settings.max_batch)
-        logits, probabilities = model.classify(decoded.batch)
-        classes = probabilities.argmax(axis=1)
-        metrics.observe_predictions(INFER_ROUTE, classes)
-        tensors = {"logits": logits, "probabilities": probabilities, "class_index": classes}
-        wanted = {name: tensors[name] for name in decoded.outputs}
-        return encode_response(card.name, card.version or "", decoded.id, wanted, decoded.outputs)
 
     return router

@@ -12,7 +12,7 @@ import pytest
 from ballot.errors import StorageError
 from ballot.export import model_card
 from ballot.tracking import OPTIONAL_TAG_KEYS, VERSION_TAG_KEYS, tag_value, version_tags
-from serving.runtime import LIST_KEYS, NUMBER_KEYS, TEXT_KEYS, recorded_metadata
+from serving.runtime import LIST_KEYS, NUMBER_KEYS, OPTIONAL_TEXT_KEYS, TEXT_KEYS, recorded_metadata
 from serving.schemas import ModelCard
 from tests.conftest import tiny_config
 
@@ -27,6 +27,19 @@ def test_the_export_card_holds_exactly_the_registry_keys():
 def test_the_service_reads_every_registry_key_and_reports_it():
     assert set(NUMBER_KEYS + TEXT_KEYS + LIST_KEYS) == set(VERSION_TAG_KEYS)
     assert set(VERSION_TAG_KEYS) <= set(ModelCard.model_fields)
+
+
+def test_the_services_optional_keys_are_reported_and_null_when_not_recorded():
+    """granularity and onnx_format: read when the export or the registry records them (newer exports do)."""
+    assert set(OPTIONAL_TEXT_KEYS) == {"granularity", "onnx_format"} and set(OPTIONAL_TEXT_KEYS) <= set(
+        ModelCard.model_fields)
+    assert not set(OPTIONAL_TEXT_KEYS) & set(VERSION_TAG_KEYS)  # not required of a registered version (yet)
+    recorded = {"granularity": "unit", "onnx_format": "compact"}
+    for props, registry in (({key: json.dumps(value) for key, value in recorded.items()}, {}), ({}, recorded)):
+        assert recorded_metadata(props, registry) == recorded
+    unrecorded = ModelCard(name="m", version=None, alias=None, uri="m.onnx", input_shape=(1,), class_names=("a",),
+                           providers=(), file_bytes=1)
+    assert all(getattr(unrecorded, key) is None for key in OPTIONAL_TEXT_KEYS)
 
 
 def test_a_card_survives_export_registry_and_service_unchanged():

@@ -28,6 +28,7 @@ from ballot.cli import main as ballot_main
 from ballot.experiment import model_metrics
 from ballot.export import bake, export_onnx
 from ballot.masks import Mask, magnitude_scores
+from ballot.model_card import render as render_card
 from ballot.models import build_model
 from serving.client import ClientError, encode_png
 from serving.client import main as client_main
@@ -132,9 +133,15 @@ def exported(tiny_data, tiny_dense, tmp_path_factory):
     return {"model": baked, "path": path, "meta": meta, "x": tiny_data.test.x[:64].numpy()}
 
 
+def markdown_card(exported: dict) -> str:
+    """The pipeline's markdown model card of the exported model."""
+    return render_card(exported["meta"], [], exported["path"].stat().st_size)
+
+
 @pytest.fixture(scope="module")
 def registry(exported, tmp_path_factory):
-    """A sqlite MLflow registry holding the model as the contract says: v1 champion, v2 challenger."""
+    """A sqlite MLflow registry holding the model as the contract says: v1 champion (with a model card), v2
+    challenger (without)."""
     import mlflow
     import onnx
     from mlflow.models import infer_signature
@@ -152,6 +159,8 @@ def registry(exported, tmp_path_factory):
         for method in ("magnitude", "ballot"):
             proto = onnx.load_model(str(exported["path"]))  # log_model moves weights out of the proto it gets
             with mlflow.start_run(experiment_id=experiment):
+                if method == "magnitude":  # as the register stage does: the card in the run's model/ folder
+                    mlflow.log_text(markdown_card(exported), "model/model_card.md")
                 info = mlflow.onnx.log_model(onnx_model=proto, name="model", registered_model_name=NAME,
                                              signature=signature, input_example=example)
             version = str(info.registered_model_version)
@@ -189,12 +198,38 @@ def test_health_ready_and_metadata_describe_the_registered_champion(service, exp
     for key in ("density", "acc", "cwv", "mcd", "worst_class"):
         assert card[key] == pytest.approx(meta[key], rel=1e-6)
     assert card["providers"][-1] == "CPUExecutionProvider" and card["max_batch"] == MAX_BATCH
+    assert card["granularity"] is None and card["onnx_format"] is None  # not recorded by this export
+    # MLflow keeps the weights in an external-data file next to model.onnx; both count
+    assert card["file_bytes"] == pytest.approx(exported["path"].stat().st_size, rel=0.01)
+
+
+def test_the_registered_versions_model_card_is_served_as_markdown(service, registry, exported):
+    answer = service.get("/model-card")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "text/markdown; charset=utf-8"
+    assert answer.text == markdown_card(exported) and answer.text.startswith("# Model card: magnitude / mlp")
+    assert load_model(Settings(model_uri=f"models:/{NAME}@challenger", tracking_uri=registry)).card_markdown is None
+
+
+def test_a_files_model_card_is_the_model_card_md_next_to_it(exported, tmp_path, capsys):
+    path = Path(shutil.copy(exported["path"], tmp_path / "digits.onnx"))
+    text = "# Model card: digits\n\nAccuracy — 0.93 ✓ (test split)\n"
+    (tmp_path / "model_card.md").write_text(text, encoding="utf-8")
+    settings = Settings(model_uri=str(path), port=free_port(), log_level="warning")
+    with in_thread(settings) as url, httpx.Client(base_url=url) as client:
+        answer = client.get("/model-card")
+        assert answer.status_code == 200 and answer.headers["content-type"] == "text/markdown; charset=utf-8"
+        assert answer.content == text.encode("utf-8")
+        assert client.get("/metadata").json()["file_bytes"] == path.stat().st_size
+    (tmp_path / "model_card.md").write_bytes(b"# card \xff\xfe")
+    assert "model_card.md' is not UTF-8 text" in _serve_error(capsys, "--model-uri", str(path))
 
 
 def test_openapi_schema_documents_every_endpoint(service):
     schema = service.get("/openapi.json").json()
-    assert {"/health", "/ready", "/metadata", "/predict", "/predict/raw", "/metrics", "/v2/health/live",
+    assert {"/health", "/ready", "/metadata", "/model-card", "/predict", "/predict/raw", "/metrics", "/v2/health/live",
             "/v2/models/{name}", "/v2/models/{name}/infer"} <= set(schema["paths"])
+    infer = schema["paths"]["/v2/models/{name}/infer"]["post"]
+    assert [(p["name"], p["in"], p["required"]) for p in infer["parameters"]] == [("name", "path", True)]
     predict = schema["paths"]["/predict"]["post"]
     assert {"200", "413", "422"} <= set(predict["responses"])
     assert {"inputs", "images"} <= set(schema["components"]["schemas"]["PredictRequest"]["properties"])
@@ -490,6 +525,7 @@ def test_image_command_serves_the_champion_from_an_mlflow_tracking_server(export
             time.sleep(0.25)
         client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         run = client.create_run(client.create_experiment("serving-http")).info.run_id
+        client.log_text(run, markdown_card(exported), "model/model_card.md")  # through the artifact proxy
         previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
@@ -510,6 +546,7 @@ def test_image_command_serves_the_champion_from_an_mlflow_tracking_server(export
             assert (card["name"], card["version"], card["alias"], card["method"]) == (NAME, version, "champion",
                                                                                       "ballot")
             assert card["acc"] == pytest.approx(exported["meta"]["acc"])  # from the ONNX file's metadata
+            assert httpx.get(f"{url}/model-card").text == markdown_card(exported)
     finally:
         tracking.terminate()
         tracking.wait(30)

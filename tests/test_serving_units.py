@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from serving.errors import BatchSizeError, InputError, ModelLoadError, ModelSourceError, SettingsError
-from serving.inputs import check_batch_size, from_nested, from_pngs
+from serving.inputs import check_batch_size, from_float32_bytes, from_nested, from_pngs
+from serving.model_size import model_bytes
 from serving.model_source import RegistryRef, parse_registry_uri
 from serving.runtime import recorded_metadata, softmax
 from serving.settings import DEFAULT_MODEL_URI, Settings, load_settings
@@ -22,6 +23,9 @@ def test_settings_come_from_the_environment_and_flags_win():
     assert (settings.model_uri, settings.port, settings.threads, settings.tracking_uri) == ("/m.onnx", 9002, 2, "x")
     assert settings.max_batch == Settings().max_batch
     assert load_settings({"BALLOT_READ_TIMEOUT": "2.5"}).read_timeout == 2.5
+    assert load_settings({}).access_log is False
+    assert load_settings({"BALLOT_ACCESS_LOG": "True"}).access_log is True
+    assert load_settings({"BALLOT_ACCESS_LOG": "0"}).access_log is False
     assert load_settings({}).model_uri == DEFAULT_MODEL_URI == "models:/ballot-fashion-mnist@champion"
 
 
@@ -35,6 +39,7 @@ def test_settings_come_from_the_environment_and_flags_win():
     ({"BALLOT_LOG_LEVEL": "loud"}, "log_level (BALLOT_LOG_LEVEL)"),
     ({"BALLOT_READ_TIMEOUT": "soon"}, "read_timeout (BALLOT_READ_TIMEOUT): expected a number of seconds"),
     ({"BALLOT_READ_TIMEOUT": "0"}, "read_timeout (BALLOT_READ_TIMEOUT): must be in (0, 3600]"),
+    ({"BALLOT_ACCESS_LOG": "maybe"}, "access_log (BALLOT_ACCESS_LOG): expected true or false"),
 ])
 def test_bad_settings_name_their_variable(env, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -68,11 +73,41 @@ def test_registry_tags_override_onnx_metadata_and_are_decoded_by_type():
     assert meta == {"acc": 0.75, "dataset": "fashion-mnist", "class_names": ["x", "y"], "input_shape": [1, 2, 2]}
 
 
+def test_optional_text_keys_are_read_from_either_source_and_absent_ones_are_left_out():
+    assert recorded_metadata({"granularity": '"unit"', "onnx_format": '"compact"'}, {}) == {
+        "granularity": "unit", "onnx_format": "compact"}
+    assert recorded_metadata({"granularity": '"unit"'}, {"granularity": "weight", "onnx_format": "dense"}) == {
+        "granularity": "weight", "onnx_format": "dense"}
+    assert recorded_metadata({"acc": "0.5"}, {}) == {"acc": 0.5}
+
+
+def test_model_bytes_count_the_external_data_files_a_model_names(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = [numpy_helper.from_array(np.full((64, 64), i, dtype=np.float32), f"w{i}") for i in range(2)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("MatMul", ["h", "w1"], ["y"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])], weights))
+    inline = tmp_path / "inline.onnx"
+    onnx.save_model(model, str(inline))
+    assert model_bytes(inline) == inline.stat().st_size > 2 * 64 * 64 * 4
+    (tmp_path / "split").mkdir()
+    split = tmp_path / "split" / "model.onnx"
+    onnx.save_model(model, str(split), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    (tmp_path / "split" / "unrelated.bin").write_bytes(bytes(10_000))
+    data = (tmp_path / "split" / "weights.bin").stat().st_size
+    assert data >= 2 * 64 * 64 * 4 and split.stat().st_size < 1000
+    assert model_bytes(split) == split.stat().st_size + data
+
+
 @pytest.mark.parametrize("props, message", [
     ({"acc": "high"}, "'acc' is not valid JSON"),
     ({"cwv": '"0.1"'}, "'cwv' must be a number"),
     ({"class_names": '"abc"'}, "'class_names' must be a JSON list"),
     ({"method": "3"}, "'method' must be a string"),
+    ({"granularity": '["unit"]'}, "'granularity' must be a string"),
 ])
 def test_malformed_recorded_metadata_stops_loading(props, message):
     with pytest.raises(ModelLoadError, match=message):
@@ -112,6 +147,24 @@ def test_tabular_models_take_any_finite_values_but_images_take_pixels():
     assert from_nested([[-5.0, 300.0]], (2,)).tolist() == [[-5.0, 300.0]]
     with pytest.raises(InputError, match=r"\[0, 1\]"):
         from_nested([[[[-5.0]]]], (1, 1, 1))
+
+
+@pytest.mark.parametrize("shape, bad, message", [
+    ((4, 1, 2, 2), (2, 0, 1, 1, float("nan")), "item 2 holds NaN"),
+    ((4, 1, 2, 2), (3, 0, 0, 0, float("-inf")), "item 3 holds NaN or an infinite value"),
+    ((4, 3), (1, 2, float("inf")), "item 1 holds NaN or an infinite value"),
+    ((4, 1, 2, 2), (0, 0, 0, 1, 1.5), r"pixels scaled to \[0, 1\]; got values in \[0.0\d+, 1.5\]"),
+])
+def test_raw_bytes_are_viewed_in_place_and_checked(shape, bad, message):
+    batch = np.random.default_rng(0).random(shape, dtype=np.float32)
+    body = bytearray(b"header" + batch.tobytes())
+    viewed = from_float32_bytes(memoryview(body)[6:], shape)
+    np.testing.assert_array_equal(viewed, batch)
+    body[6:10] = np.float32(0.25).tobytes()
+    assert viewed.flat[0] == 0.25  # a view of the body, not a copy
+    batch[bad[:-1]] = bad[-1]
+    with pytest.raises(InputError, match=message):
+        from_float32_bytes(batch.tobytes(), shape)
 
 
 def _png(array: np.ndarray) -> str:

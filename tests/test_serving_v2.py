@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import time
@@ -105,7 +106,8 @@ V2_ERRORS = {
     "batch above the limit": (None, _v2_body(shape=(MAX_BATCH + 1, 1, 8, 8)), {}, 413, f"limit of {MAX_BATCH}"),
     "unknown output": (None, {**_v2_body(), "outputs": [{"name": "softmax"}]}, {}, 400, "unknown output"),
     "not JSON": (None, "{inputs", {}, 400, "not valid JSON"),
-    "compressed body": (None, _v2_body(), {"Content-Encoding": "gzip"}, 400, "not supported"),
+    "gzip that is not gzip": (None, _v2_body(), {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
+    "an unsupported encoding": (None, _v2_body(), {"Content-Encoding": "br"}, 400, "'br' is not supported"),
     "header length beyond the body": (None, _v2_body(), {"Inference-Header-Content-Length": "99999"}, 400,
                                       "byte count within the body"),
     "binary bytes nobody declared": (None, json.dumps(_v2_body()) + "xxxx",
@@ -154,6 +156,49 @@ def test_raw_float32_path_gives_the_json_paths_classes(http, exported):
     bad = http.post("/predict/raw", content=b"\0" * 256,
                     headers={"Content-Type": "application/octet-stream", "X-Tensor-Shape": "1x1x8x8"})
     assert bad.status_code == 422 and "comma-separated" in bad.json()["detail"]
+
+
+# ---------------------------------------------------------------- gzip request bodies
+
+def test_tritonclient_gzip_requests_infer_the_same_classes(url, http, exported):
+    import tritonclient.http as triton
+
+    x = exported["x"][:MAX_BATCH]
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    for binary in (True, False):
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        result = client.infer(NAME, [tensor], outputs=[triton.InferRequestedOutput("class_index", binary_data=binary)],
+                              request_compression_algorithm="gzip")
+        assert result.as_numpy("class_index").tolist() == _classes(http, x)
+    client.close()
+
+
+def test_gzip_raw_bodies_are_inflated_and_bad_or_huge_ones_refused(http, exported):
+    x = exported["x"][:MAX_BATCH]
+    headers = {"Content-Type": "application/octet-stream", "X-Tensor-Shape": "16,1,8,8", "Content-Encoding": "gzip"}
+    packed = gzip.compress(x.astype("<f4").tobytes())
+    answer = http.post("/predict/raw", content=packed, headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert [p["class_index"] for p in answer.json()["predictions"]] == _classes(http, x)
+    for broken, problem in ((packed[:-9], "truncated stream"), (packed + b"tail", "4 bytes follow the stream"),
+                            (x.tobytes(), "incorrect header check")):
+        refused = http.post("/predict/raw", content=broken, headers=headers)
+        assert refused.status_code == 422 and problem in refused.json()["detail"], refused.text
+    bomb = gzip.compress(bytes(MAX_BODY + 1))
+    assert len(bomb) < 1024
+    refused = http.post("/predict/raw", content=bomb, headers=headers)
+    assert refused.status_code == 413 and "inflates beyond the limit" in refused.json()["detail"]
+    deflate = http.post("/predict/raw", content=packed, headers={**headers, "Content-Encoding": "deflate"})
+    assert deflate.status_code == 422 and "'deflate' is not supported" in deflate.json()["detail"]
+
+
+def test_dense_json_is_counted_after_inflating(http):
+    body = gzip.compress(b'{"inputs": [[' + b"0," * 20000 + b'0]]}')
+    assert len(body) < 1024
+    answer = http.post("/predict", content=body,
+                       headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert answer.status_code == 413 and "more than the limit" in answer.json()["detail"]
 
 
 # ---------------------------------------------------------------- metrics
@@ -219,6 +264,12 @@ def test_a_request_sent_in_slow_pieces_within_the_deadline_is_answered(url):
             time.sleep(READ_TIMEOUT / 5)
         sock.settimeout(5)
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_a_file_without_a_model_card_answers_404_naming_where_a_card_goes(http):
+    answer = http.get("/model-card")
+    assert answer.status_code == 404 and answer.headers["content-type"] == "application/json"
+    assert "has no model card" in answer.json()["detail"] and "model_card.md next to it" in answer.json()["detail"]
 
 
 def test_head_health_is_200(http):
