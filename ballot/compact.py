@@ -11,8 +11,8 @@ index blocks). One coupled index is removed only when its removal is exact in ev
   the unit is dead when that constant is 0, or negative and clamped by the ReLU.
 
 Every other op in the group must map zero to zero channel-wise (ReLU, the add of two tensors, pooling, mean,
-reshape); a group with anything else is left alone. A constant non-zero unit could be folded into the next layer's bias, but with padded
-convolutions that is not exact, so it stays.
+reshape); a group with anything else is left alone. A constant non-zero unit could be folded into the next
+layer's bias, but with padded convolutions that is not exact, so it stays.
 """
 
 from __future__ import annotations

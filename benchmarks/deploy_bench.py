@@ -1,15 +1,16 @@
 """Deployment cost of sparsity: file size, ONNX Runtime speed and fairness of dense, sparse and structured exports.
 
-For each model (default ``mlp``, ``cnn``, ``resnet20``), trained briefly on scikit-learn's digits (offline, 8x8):
+For each model (default ``mlp``, ``cnn``, ``resnet20``), trained briefly on scikit-learn's digits (offline, 8x8;
+``--dataset fashion-mnist --max-train N`` for 28x28 inputs on a capped training set):
 
 - ``dense``: the trained model, plain dense export;
 - ``sparse``: a 5% magnitude mask with Erdos-Renyi-Kernel layer budgets (a global one kills the small digits
   models), fine-tuned under the mask, compact export (dead units removed, sparse
   weights packed);
-- ``structured`` (``--structured``, on by default): half the output units of every prunable layer but the
-  classifier zeroed by L1 norm together with their bias and BatchNorm (so they are exactly dead), fine-tuned under
-  that mask, compact export (dead-unit removal shrinks the layers). A stand-in until a structured pruning method
-  provides the mask;
+- ``structured`` (``--structured``, on by default): half the units of every prunable layer but the classifier
+  removed by L1 norm, residual-coupled channels together (prune.granularity 'unit' magnitude; their biases and
+  BatchNorm pinned at zero, so they are exactly dead), fine-tuned under that mask, compact export (dead-unit
+  removal shrinks the layers);
 - ``int8``: the dense model quantized (onnxruntime.quantization; static QDQ by default, ``--int8 dynamic``), with
   its measured accuracy change.
 
@@ -35,11 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ballot.config import TrainConfig
+from ballot.config import DataConfig, TrainConfig
 from ballot.data import DataBundle, load_data
 from ballot.export import bake, export_checked
-from ballot.masks import PRUNABLE_TYPES, Mask, erk_counts, magnitude_scores, prunable_names
+from ballot.masks import Mask, erk_counts, magnitude_scores, prunable_names
 from ballot.models import build_model
+from ballot.pruning.units import select_units, unit_groups, unit_mask, unit_scores
 from ballot.quantize import QuantizationGate, onnx_class_metrics
 from ballot.storage import atomic_write, write_json, write_text
 from ballot.train import train
@@ -48,25 +50,12 @@ BATCHES, THREADS = (1, 64), (1, 2)
 PACK_OPS = {"BitShift", "BitwiseAnd", "CumSum", "Gather", "Where", "Split"}
 
 
-def structured_mask(model: nn.Module, keep: float = 0.5) -> Mask:
-    """Kill the (1 - keep) lowest-L1 output units of every prunable layer but the last: their weights, bias and
-    the BatchNorm right after them (module order) are masked, so each killed unit outputs exactly zero."""
-    modules = list(model.named_modules())
-    tensors: dict[str, torch.Tensor] = {}
-    layers = [(i, name, m) for i, (name, m) in enumerate(modules) if isinstance(m, PRUNABLE_TYPES)]
-    for i, name, layer in layers[:-1]:
-        norms = layer.weight.detach().abs().flatten(1).sum(1)
-        alive = torch.zeros(len(norms), dtype=torch.bool)
-        alive[torch.argsort(norms, descending=True)[:max(1, round(keep * len(norms)))]] = True
-        rows = alive.view(-1, *[1] * (layer.weight.dim() - 1)).expand_as(layer.weight)
-        tensors[f"{name}.weight"] = rows.clone()
-        if layer.bias is not None:
-            tensors[f"{name}.bias"] = alive.clone()
-        following = modules[i + 1][1] if i + 1 < len(modules) else None
-        if isinstance(following, (nn.BatchNorm1d, nn.BatchNorm2d)) and following.affine:
-            tensors[f"{modules[i + 1][0]}.weight"] = alive.clone()
-            tensors[f"{modules[i + 1][0]}.bias"] = alive.clone()
-    return Mask(tensors)
+def structured_mask(model: nn.Module, input_shape: tuple[int, ...], keep: float = 0.5) -> Mask:
+    """Half (``keep``) of the units of every coupled group kept by L1 norm (prune.granularity 'unit' magnitude:
+    ballot.pruning.units), the others exactly dead."""
+    groups = unit_groups(model, input_shape)
+    counts = {g.name: max(1, round(keep * g.size)) for g in groups}
+    return unit_mask(model, groups, select_units(unit_scores(model, groups), counts))
 
 
 def latencies(paths: list[Path], shape: tuple[int, ...], batch: int, threads: int, seconds: float,
@@ -136,9 +125,9 @@ def rows_for(name: str, data: DataBundle, args: argparse.Namespace, folder: Path
     variants.append(("sparse", sparse, mask, {}))
     if args.structured:
         unit = copy.deepcopy(dense)
-        unit_mask = structured_mask(unit)
-        train(unit, data.train, _train_cfg(args.finetune_epochs), seed=args.seed, mask=unit_mask, progress=False)
-        variants.append(("structured", unit, unit_mask, {}))
+        halved = structured_mask(unit, data.input_shape)
+        train(unit, data.train, _train_cfg(args.finetune_epochs), seed=args.seed, mask=halved, progress=False)
+        variants.append(("structured", unit, halved, {}))
     gate = QuantizationGate(args.int8, 1.0, 1.0, data.test.x.numpy(), data.test.y.numpy(), data.num_classes,
                             data.train.x[:256].numpy())
     variants.append(("int8", dense, None, {"compact": False, "quantization": gate}))
@@ -223,11 +212,13 @@ def main() -> None:
     parser.add_argument("--structured", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--int8", choices=["dynamic", "static"], default="static",
                         help="quantization of the int8 row (static: QDQ, calibrated on 256 training inputs)")
+    parser.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits")
+    parser.add_argument("--max-train", type=int, help="cap on the training pool (data.max_train_samples)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("reports/deploy"))
     args = parser.parse_args()
     torch.set_num_threads(max(THREADS))
-    data = load_data("digits", seed=args.seed)
+    data = load_data(args.dataset, DataConfig(max_train_samples=args.max_train), seed=args.seed)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
