@@ -111,3 +111,19 @@ def test_unit_pruners_remove_whole_units_deterministically(method, tiny_data, ti
 def test_unsupported_unit_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config("prune.granularity=unit", *override)
+
+
+def test_a_unit_pruned_run_exports_as_a_smaller_dense_network_with_the_same_outputs(tmp_path, tiny_data, tiny_dense):
+    from ballot.export import export_run, read_metadata
+    from ballot.experiment import model_metrics
+
+    cfg = tiny_config("prune.method=magnitude", "prune.granularity=unit", "base.density=0.3")
+    result = run_prune(cfg, tiny_data, tiny_dense)
+    metrics = {**model_metrics(result.model, tiny_data, "cpu"), "density": result.mask.density()}
+    report = export_run(result.model, result.mask, tiny_data, cfg, metrics, tmp_path / "model.onnx")
+    groups = unit_groups(result.model, tiny_data.input_shape)
+    kept = kept_units(result.mask, groups)
+    assert sum(report["removed_units"].values()) == sum(g.size - kept[g.name] for g in groups)
+    assert report["parity"]["max_abs_diff"] <= cfg.export.parity_tolerance
+    assert report["onnx_parameters"] < sum(p.numel() for p in result.model.parameters())
+    assert read_metadata(tmp_path / "model.onnx")["granularity"] == "unit"
