@@ -278,3 +278,21 @@ def test_bad_params_fail_fast_write_nothing_and_the_old_results_come_back(projec
     assert {k: v for k, v in final.items() if k.startswith("artifacts/prune/")} == \
         {k: v for k, v in before.items() if k.startswith("artifacts/prune/")}
     assert json.loads(project.dvc("status", "--json").stdout) == {}
+
+
+def test_the_service_serves_the_registered_compact_model_and_its_card(project):
+    import httpx
+
+    from serving.settings import Settings
+    from tests.test_serving import free_port, in_thread
+
+    export, metrics = project.json("artifacts/export/export.json"), project.json("metrics.json")
+    settings = Settings(model_uri=f"models:/{MODEL_NAME}@challenger", tracking_uri=project.tracking_uri(),
+                        port=free_port(), log_level="warning")
+    with in_thread(settings) as url:
+        meta = httpx.get(f"{url}/metadata").json()
+        card = httpx.get(f"{url}/model-card")
+    assert meta["onnx_format"] == "compact" and meta["granularity"] == "weight"
+    assert meta["density"] == metrics["density"]
+    assert 0 < meta["file_bytes"] <= 1.05 * export["onnx_bytes"] + 4096  # the registry may add a small header
+    assert card.status_code == 200 and card.text == (project.root / "artifacts/model_card.md").read_text()
