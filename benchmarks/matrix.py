@@ -74,17 +74,22 @@ def cell_overrides(dataset: str, model: str, seed: int) -> list[str]:
             *([f"data.max_train_samples={cap}"] if cap else [])]
 
 
-def _without_default_precision(tree: Any) -> Any:
-    """``tree`` without 'precision: fp32' entries: fp32 is the training loop as it ran before mixed precision was
-    an option (bit-identical), so the keys of the runs recorded before then stay valid."""
+# settings added after runs were recorded, at the values that reproduce those runs bit for bit
+LATER_DEFAULTS = {"precision": "fp32", "granularity": "weight"}
+
+
+def _without_later_defaults(tree: Any) -> Any:
+    """``tree`` without the LATER_DEFAULTS entries (fp32 is the loop before mixed precision, 'weight' the pruning
+    before structured units), so the keys of the runs recorded before them stay valid."""
     if isinstance(tree, dict):
-        return {k: _without_default_precision(v) for k, v in tree.items() if not (k == "precision" and v == "fp32")}
+        return {k: _without_later_defaults(v) for k, v in tree.items()
+                if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     return tree
 
 
 def run_key(cfg: ExperimentConfig) -> str:
     """Hash of what decides a run's numbers (Ballot's knobs only where they are used)."""
-    d = _without_default_precision(to_dict(cfg))
+    d = _without_later_defaults(to_dict(cfg))
     prune = dict(d["prune"])
     if cfg.prune.method != "ballot":
         refined = ("refine_train", "fairness_loss_weight", "class_weight_floor", "objective_mcd_weight")
@@ -97,7 +102,7 @@ def run_key(cfg: ExperimentConfig) -> str:
 def dense_key(cfg: ExperimentConfig) -> str:
     from ballot.experiment import dense_manifest
 
-    manifest = _without_default_precision(dense_manifest(cfg))
+    manifest = _without_later_defaults(dense_manifest(cfg))
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
 
 
