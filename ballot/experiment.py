@@ -134,15 +134,20 @@ def model_metrics(model: nn.Module, data: DataBundle, device: str = "auto") -> d
     return {**test, "class_names": data.class_names, "val": val}
 
 
-def save_pruned(folder: str | Path, result: PruneResult, metrics: dict[str, Any], cfg: ExperimentConfig) -> None:
-    """mask.safetensors, model.safetensors, metrics.json, details.json, history.json (per epoch of the final
-    training) and <name>.safetensors per extra tensor artifact (Ballot: votes.safetensors)."""
+def save_pruned(folder: str | Path, result: PruneResult, metrics: dict[str, Any], cfg: ExperimentConfig,
+                tuned_params: dict[str, Any] | None = None) -> None:
+    """mask.safetensors, model.safetensors, metrics.json, details.json (the method's details, plus the tuned values
+    that ran, if given), history.json (per epoch of the final training) and <name>.safetensors per extra tensor
+    artifact (Ballot: votes.safetensors)."""
     folder = Path(folder)
     for name, tensors in result.tensors.items():
         atomic_save_tensors(tensors, folder / f"{name}.safetensors")
     result.mask.save(folder / "mask.safetensors")
     save_state(result.model, folder / "model.safetensors")
-    write_json(folder / "details.json", result.details)
+    details = result.details.to_json()
+    if tuned_params is not None:
+        details["tuned_params"] = tuned_params
+    write_json(folder / "details.json", details)
     write_json(folder / "history.json", result.history)
     write_json(folder / "config.json", to_dict(cfg))
     write_json(folder / "metrics.json", metrics)

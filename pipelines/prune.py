@@ -19,13 +19,12 @@ def main(cfg: ExperimentConfig) -> None:
     data = load_snapshot(DATA)
     dense = load_dense(DENSE)
     result, seconds = timed(run_prune, cfg, data, dense)
-    result.details["tuned_params"] = tuned
     metrics = model_metrics(result.model, data, cfg.base.device)
     metrics.update(method=cfg.prune.method, density=result.mask.density(), target_density=cfg.base.density,
                    seconds=seconds)
     report = [{**asdict(layer), "density": layer.density} for layer in result.mask.report()]
     with staged_folder(PRUNE) as folder:
-        save_pruned(folder, result, metrics, cfg)
+        save_pruned(folder, result, metrics, cfg, tuned_params=tuned)
         write_json(folder / "mask_report.json", report)
     print(f"prune: {cfg.prune.method}  acc {metrics['acc']:.4f}  cwv {metrics['cwv']:.5f}  mcd {metrics['mcd']:.4f}  "
           f"density {metrics['density']:.4f}  ({seconds:.1f}s) -> {PRUNE}")

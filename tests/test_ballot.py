@@ -117,7 +117,7 @@ def test_votes_history_and_ballot_period(tiny_data, tiny_dense):
     total = 2 * steps_per_epoch  # obs_epochs = 2 in the tiny configuration
     full = [5 * (i + 1) for i in range(total // 5)]
     leftover_collected = any(step % 4 == 0 for step in range(5 * (total // 5), total))  # collect_every = 4
-    ballots = result.details["rounds"][1]["ballots"]
+    ballots = result.details.rounds[1].ballots
     assert [b["step"] for b in ballots] == full + ([total] if leftover_collected else [])
     votes = result.tensors["votes"]
     assert max(int(v.max()) for v in votes.values()) <= len(ballots)
@@ -169,8 +169,8 @@ def test_protection_puts_contested_weights_into_the_mask_when_classes_are_served
     plain = run_prune(cfg, data, dense)
     protected = run_prune(tiny_config("data.imbalance_ratio=10", "prune.ballot.rounds=2",
                                       "prune.ballot.conflict=protect", "prune.ballot.conflict_threshold=0"), data, dense)
-    assert len(set(round(float(w), 4) for w in protected.details["class_weights"])) > 1
-    assert plain.details["rounds"][1]["protected"] == 0
-    moved = protected.details["rounds"][1]["protected"]
+    assert len(set(round(float(w), 4) for w in protected.details.class_weights)) > 1
+    assert plain.details.rounds[1].protected == 0
+    moved = protected.details.rounds[1].protected
     assert 0 < moved <= round(0.2 * protected.mask.kept) + len(protected.mask)
     assert protected.mask.kept == plain.mask.kept and protected.mask.to_bytes() != plain.mask.to_bytes()

@@ -66,7 +66,7 @@ def test_same_seed_same_mask_bytes_and_exact_budget(selection, tiny_data, tiny_d
     other = run_prune(tiny_config(*FAST, f"prune.fairscratch.selection={selection}", "base.density=0.05",
                                   "base.seed=1"), tiny_data, tiny_dense)
     assert other.mask.to_bytes() != first.mask.to_bytes()
-    json.dumps(first.details)
+    json.dumps(first.details.to_json())
 
 
 def test_per_layer_counts_share_one_density_and_sum_to_the_budget():

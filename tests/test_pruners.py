@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -7,6 +8,7 @@ from ballot.errors import UnknownMethodError
 from ballot.experiment import run_prune, save_pruned
 from ballot.masks import budget
 from ballot.pruning import PRUNERS, get_pruner
+from ballot.pruning.base import MethodDetails
 from ballot.storage import load_tensors
 from tests.conftest import tiny_config
 
@@ -21,6 +23,8 @@ def test_each_pruner_meets_the_density_exactly_and_keeps_pruned_weights_zero(met
     for name, keep in result.mask.items():
         assert torch.count_nonzero(params[name][~keep]) == 0, f"{method}: pruned weights of {name} moved"
         assert keep.any(), f"{method}: layer {name} died"
+    details = result.details.to_json()  # typed per method, JSON-ready as it is written to details.json
+    assert isinstance(result.details, MethodDetails) and json.loads(json.dumps(details)) == details
 
 
 def test_lth_masks_are_nested_across_rounds(tiny_data, tiny_dense):
@@ -59,7 +63,7 @@ def test_final_train_refined_retrains_the_baselines_mask_with_the_refined_schedu
                                     "prune.ballot.refine_train.epochs=3"), tiny_data, tiny_dense)
     assert refined.mask.to_bytes() == plain.mask.to_bytes()  # the same selection ...
     assert len(refined.history) == 3 and len(plain.history) == 2  # ... trained anew
-    assert [len(r["history"]) for r in plain.details["rounds"]] == [2, 2]
+    assert [len(r.history) for r in plain.details.rounds] == [2, 2]
 
 
 def test_ballot_with_plain_final_training_uses_the_baselines_schedule(tiny_data, tiny_dense):
@@ -70,9 +74,11 @@ def test_ballot_with_plain_final_training_uses_the_baselines_schedule(tiny_data,
 def test_save_pruned_writes_the_history_and_each_tensor_artifact(tiny_data, tiny_dense, tmp_path):
     cfg = tiny_config("prune.method=ballot")
     result = run_prune(cfg, tiny_data, tiny_dense)
-    save_pruned(tmp_path, result, {"acc": 0.5}, cfg)
+    save_pruned(tmp_path, result, {"acc": 0.5}, cfg, tuned_params={"prune.ballot.obs_epochs": 8})
     assert json.loads((tmp_path / "history.json").read_text()) == result.history and result.history
     votes = load_tensors(tmp_path / "votes.safetensors", "votes")
     assert set(votes) == set(result.tensors["votes"])
     assert all(torch.equal(votes[n], result.tensors["votes"][n]) for n in votes)
-    assert "votes" not in json.loads((tmp_path / "details.json").read_text())
+    details = json.loads((tmp_path / "details.json").read_text())
+    assert "votes" not in details and details["tuned_params"] == {"prune.ballot.obs_epochs": 8}
+    assert details["rounds"] == [dataclasses.asdict(r) for r in result.details.rounds]

@@ -155,7 +155,7 @@ def test_safecompress_is_deterministic_and_meets_the_budget(tiny_data, tiny_dens
     assert first.mask.to_bytes() == second.mask.to_bytes()
     assert model_metrics(first.model, tiny_data, "cpu") == model_metrics(second.model, tiny_data, "cpu")
     assert first.mask.kept == budget(first.mask.total, 0.05)
-    details = json.loads(json.dumps(first.details))
+    details = json.loads(json.dumps(first.details.to_json()))
     assert len(details["updates"]) == details["accepted"] + details["rejected"] >= 2
     assert 1 <= details["best_epoch"] <= 3
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 from ballot import distributed
 from ballot.config import BallotConfig
 from ballot.masks import Mask, density_schedule, erk_counts, magnitude_scores
-from ballot.pruning.base import PruneContext, PruneResult
+from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
 from ballot.pruning.units import UnitGroup, kept_units, select_units, unit_counts, unit_mask, unit_scores
 from ballot.train import Batch, StepHook, steps_per_epoch, train
 
@@ -201,6 +202,45 @@ class UnitVoter(StepHook):
         self.ballots += 1
 
 
+@dataclass
+class BallotRound:
+    density: float
+    kept: int
+    protected: int = 0  # weights the 'protect' conflict placed beyond the most-voted ones
+    ballots: list[dict[str, Any]] = field(default_factory=list)  # GradientCollector.history (round 1 casts none)
+
+
+@dataclass
+class BallotDetails(MethodDetails):
+    rounds: list[BallotRound]
+    class_weights: list[float]  # the dense model's class weights w_c (fair loss, protection)
+    layer_counts: dict[str, int]
+    overlap_with_magnitude_ticket: float  # share of the kept weights the one-shot magnitude mask also keeps
+    observe_seconds: float
+    refine_seconds: float
+
+
+@dataclass
+class UnitBallotRound:
+    density: float
+    units: dict[str, int]  # units kept per group
+    ballots: int = 0
+
+
+@dataclass
+class UnitBallotDetails(MethodDetails):
+    rounds: list[UnitBallotRound]
+    units_kept: dict[str, int]
+    class_weights: list[float]
+    observe_seconds: float
+    refine_seconds: float
+    granularity: str = "unit"
+
+
+def _rounded(weights: torch.Tensor) -> list[float]:
+    return [round(float(w), 4) for w in weights]
+
+
 def prune_units(ctx: PruneContext) -> PruneResult:
     """Ballot over whole units: round 1 keeps each group's units of largest L1 norm in theta_T, every further round
     trains the current units from theta_k (``obs_epochs``) and keeps the most-voted ones (ties: the final L1 norm);
@@ -211,7 +251,7 @@ def prune_units(ctx: PruneContext) -> PruneResult:
     counts = [unit_counts(trained, groups, d) for d in density_schedule(ctx.density, cfg.rounds)]
     keep = select_units(unit_scores(trained, groups), counts[0])
     mask = unit_mask(trained, groups, keep)
-    rounds: list[dict[str, Any]] = [{"density": mask.density(), "units": kept_units(mask, groups)}]
+    rounds = [UnitBallotRound(mask.density(), kept_units(mask, groups))]
     per_epoch = steps_per_epoch(len(ctx.data.train), ctx.config.retrain.batch_size)
     masks, votes = [mask], {}
     for number, wanted in enumerate(counts[1:], start=2):
@@ -225,13 +265,12 @@ def prune_units(ctx: PruneContext) -> PruneResult:
         keep = select_units({n: tie_broken(votes[n], final[n]) for n in final}, wanted)
         mask = ctx.agree(unit_mask(observer, groups, keep), f"ballot round {number}")
         masks.append(mask)
-        rounds.append({"density": mask.density(), "units": kept_units(mask, groups), "ballots": voter.ballots})
+        rounds.append(UnitBallotRound(mask.density(), kept_units(mask, groups), voter.ballots))
     observe_seconds = time.perf_counter() - started
     model = ctx.model_from(ctx.dense.trained_state)  # fine-tuned, not rewound: docs/deploy.md, "Structured Ballot"
     result = ctx.final_train(model, mask, "ballot refine")
-    details = {"granularity": "unit", "rounds": rounds, "units_kept": kept_units(mask, groups),
-               "class_weights": [round(float(w), 4) for w in ctx.dense_class_weights],
-               "observe_seconds": observe_seconds, "refine_seconds": result.seconds}
+    details = UnitBallotDetails(rounds, kept_units(mask, groups), _rounded(ctx.dense_class_weights), observe_seconds,
+                                result.seconds)
     return PruneResult(mask, model, details, history=result.history,
                        tensors={"votes": votes} if votes else {}, round_masks=masks)
 
@@ -283,27 +322,20 @@ def prune(ctx: PruneContext) -> PruneResult:
     scores = magnitude_scores(trained)
     counts = round_counts(ctx, {name: tuple(t.shape) for name, t in scores.items()})
     mask = Mask.top_k_per_layer(scores, counts[0])
-    rounds: list[dict[str, Any]] = [{"density": mask.density(), "kept": mask.kept}]
+    rounds = [BallotRound(mask.density(), mask.kept)]
     masks, votes = [mask], {}
     for number, kept in enumerate(counts[1:], start=2):
         mask, collector, protected = observe(ctx, mask, kept, f"ballot round {number}")
         masks.append(mask)
         votes = collector.votes
-        rounds.append({"density": mask.density(), "kept": mask.kept, "protected": protected,
-                       "ballots": collector.history})
+        rounds.append(BallotRound(mask.density(), mask.kept, protected, collector.history))
     observe_seconds = time.perf_counter() - started
 
     model = ctx.model_from(ctx.dense.rewind_state)
     result = ctx.final_train(model, mask, "ballot refine")
     ticket = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
     overlap = sum(int((ticket[n] & mask[n]).sum()) for n in mask) / mask.kept
-    details = {
-        "rounds": rounds,
-        "class_weights": [round(float(w), 4) for w in ctx.dense_class_weights],
-        "layer_counts": mask.counts(),
-        "overlap_with_magnitude_ticket": overlap,
-        "observe_seconds": observe_seconds,
-        "refine_seconds": result.seconds,
-    }
+    details = BallotDetails(rounds, _rounded(ctx.dense_class_weights), mask.counts(), overlap, observe_seconds,
+                            result.seconds)
     return PruneResult(mask, model, details, history=result.history, tensors={"votes": votes} if votes else {},
                        round_masks=masks)

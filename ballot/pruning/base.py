@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable
@@ -101,12 +102,21 @@ class PruneContext:
 
 
 @dataclass
+class MethodDetails:
+    """What a method reports besides its mask and model (details.json); each method with more to say subclasses it
+    with typed fields, JSON-ready values only."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class PruneResult:
     """A mask, the trained sparse model it belongs to, its training history, and method-specific details."""
 
     mask: Mask
     model: nn.Module
-    details: dict[str, Any] = field(default_factory=dict)  # JSON-ready, for reports (details.json)
+    details: MethodDetails = field(default_factory=MethodDetails)
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch records of the training that made model
     # extra tensor files {file stem: {name: tensor}} (Ballot: votes.safetensors)
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)

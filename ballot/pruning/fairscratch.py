@@ -26,7 +26,7 @@ from torch.func import functional_call
 from ballot.config import FairScratchConfig
 from ballot.errors import MaskError
 from ballot.masks import Mask, budget, prunable_names
-from ballot.pruning.base import PruneContext, PruneResult
+from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
 from ballot.pruning.fair_terms import class_loss_variance, group_parity_gap
 from ballot.pruning.loop import batches, epoch_bar, set_lr
 
@@ -205,6 +205,17 @@ def fit_scores(ticket: ScratchTicket, ctx: PruneContext, cfg: FairScratchConfig,
     return ScoreFit(best["model"], best["mask"], best["epoch"], best["acc"], kind, history)
 
 
+@dataclass
+class FairScratchDetails(MethodDetails):
+    penalty: str  # the fairness penalty that ran (auto resolved)
+    selection: str
+    counts: dict[str, int]
+    best_epoch: int
+    best_val_acc: float
+    search_history: list[dict[str, Any]]  # per epoch of the score training
+    seconds: float
+
+
 def prune(ctx: PruneContext) -> PruneResult:
     """Score training on theta_0's signed-constant weights (see the module docstring); prune.final_train 'refined'
     additionally trains the found mask's weights from theta_k with the refined schedule."""
@@ -216,9 +227,8 @@ def prune(ctx: PruneContext) -> PruneResult:
     refined = ctx.config.final_train == "refined"
     fit = fit_scores(ticket, ctx, cfg, report=not refined)
     model = ctx.model_from(fit.model.state_dict())
-    details: dict[str, Any] = {"penalty": fit.penalty, "selection": cfg.selection, "counts": fit.mask.counts(),
-                               "best_epoch": fit.best_epoch, "best_val_acc": fit.best_val_acc,
-                               "search_history": fit.history, "seconds": time.perf_counter() - started}
+    details = FairScratchDetails(fit.penalty, cfg.selection, fit.mask.counts(), fit.best_epoch, fit.best_val_acc,
+                                 fit.history, time.perf_counter() - started)
     history = fit.history
     if refined:
         model = ctx.model_from(ctx.dense.rewind_state)

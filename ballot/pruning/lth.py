@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from ballot.masks import Mask, density_schedule, magnitude_scores
-from ballot.pruning.base import PruneContext, PruneResult
+from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
 from ballot.train import train
+
+
+@dataclass
+class LthRound:
+    density: float
+    kept: int
+    history: list[dict[str, Any]]  # per epoch of the round's training
+
+
+@dataclass
+class LthDetails(MethodDetails):
+    rounds: list[LthRound]
 
 
 def prune(ctx: PruneContext) -> PruneResult:
@@ -16,7 +31,8 @@ def prune(ctx: PruneContext) -> PruneResult:
     """
     trained = ctx.model_from(ctx.dense.trained_state)
     mask = Mask.ones_like(trained)
-    rounds, masks = [], []
+    rounds: list[LthRound] = []
+    masks = []
     schedule = density_schedule(ctx.density, ctx.config.lth_rounds)
     for number, round_density in enumerate(schedule, start=1):
         scores = magnitude_scores(trained)
@@ -29,6 +45,6 @@ def prune(ctx: PruneContext) -> PruneResult:
         else:
             result = train(trained, ctx.data.train, ctx.config.retrain, seed=ctx.seed, mask=mask, device=ctx.device,
                            desc=desc, progress=ctx.progress)
-        rounds.append({"density": mask.density(), "kept": mask.kept, "history": result.history})
+        rounds.append(LthRound(mask.density(), mask.kept, result.history))
         masks.append(mask)
-    return PruneResult(mask, trained, {"rounds": rounds}, history=result.history, round_masks=masks)
+    return PruneResult(mask, trained, LthDetails(rounds), history=result.history, round_masks=masks)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from ballot.config import SafeCompressConfig
 from ballot.masks import Mask
-from ballot.pruning.base import PruneContext, PruneResult
+from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
 from ballot.pruning.dst import (
     apply_update,
     death_rate_at,
@@ -91,6 +92,19 @@ def fairness_term(ctx: PruneContext, cfg: SafeCompressConfig
     return lambda per_sample, y: (per_sample * weights[y]).sum() / weights[y].sum()
 
 
+@dataclass
+class SafeCompressDetails(MethodDetails):
+    initial_counts: dict[str, int]
+    update_every: int  # steps between mask updates
+    updates: list[dict[str, Any]]  # every fairness test: step, death rate, candidate scores, accepted
+    accepted: int
+    rejected: int
+    best_epoch: int  # the checkpoint kept (best validation score)
+    best_val_score: float
+    search_history: list[dict[str, Any]]  # per epoch of the sparse training
+    seconds: float
+
+
 def prune(ctx: PruneContext) -> PruneResult:
     """Test-driven dynamic sparse training from theta_0 (see the module docstring); prune.final_train 'refined'
     additionally retrains the chosen mask from theta_k with the refined schedule."""
@@ -158,12 +172,9 @@ def prune(ctx: PruneContext) -> PruneResult:
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     model.load_state_dict(best["state"])
     mask = best["mask"]
-    details: dict[str, Any] = {
-        "initial_counts": initial_counts, "update_every": every, "updates": updates,
-        "accepted": sum(u["accepted"] for u in updates), "rejected": sum(not u["accepted"] for u in updates),
-        "best_epoch": best["epoch"], "best_val_score": best["score"], "search_history": history,
-        "seconds": time.perf_counter() - started,
-    }
+    details = SafeCompressDetails(initial_counts, every, updates, sum(u["accepted"] for u in updates),
+                                  sum(not u["accepted"] for u in updates), best["epoch"], best["score"], history,
+                                  time.perf_counter() - started)
     if refined:
         model = ctx.model_from(ctx.dense.rewind_state)
         history = ctx.final_train(model, mask, "safecompress refined").history
