@@ -24,6 +24,7 @@ REGISTER = Path("artifacts/register.json")
 BEST_PARAMS = Path("best_params.yaml")
 STUDY_DB = Path("artifacts/tune/study.db")
 TUNE_REPORT = Path("artifacts/tune/report")
+TUNE_CHOSEN = Path("artifacts/tune/chosen")  # the chosen trial's model (ballot.tuning.kept)
 SWEEP = Path("sweep")
 MODEL_CARD = Path("artifacts/model_card.md")
 

@@ -1,15 +1,21 @@
-"""Stage prune: the configured method on the dense states -> mask, sparse model, details (Ballot: vote history)."""
+"""Stage prune: the configured method on the dense states -> mask, sparse model, details (Ballot: vote history).
+
+When the tune stage kept a trial model made with exactly this stage's recipe (ballot.tuning.kept), that model is
+the result and nothing is trained again.
+"""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 
 from ballot.config import ExperimentConfig
-from ballot.experiment import load_dense, model_metrics, run_prune, save_pruned, timed
+from ballot.experiment import load_dense, load_pruned, model_metrics, run_prune, save_pruned, timed
 from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder, write_json
+from ballot.tuning.kept import KEPT_FILE, find_kept, prune_recipe
 from ballot.tuning.space import apply_best
-from pipelines.common import BEST_PARAMS, DATA, DENSE, PRUNE, run_stage
+from pipelines.common import BEST_PARAMS, DATA, DENSE, PRUNE, TUNE_CHOSEN, run_stage
 
 
 def main(cfg: ExperimentConfig) -> None:
@@ -18,13 +24,25 @@ def main(cfg: ExperimentConfig) -> None:
         print(f"prune: applying {len(tuned)} tuned value(s) from {BEST_PARAMS}")
     data = load_snapshot(DATA)
     dense = load_dense(DENSE)
-    result, seconds = timed(run_prune, cfg, data, dense)
-    metrics = model_metrics(result.model, data, cfg.base.device)
-    metrics.update(method=cfg.prune.method, density=result.mask.density(), target_density=cfg.base.density,
-                   seconds=seconds)
-    report = [{**asdict(layer), "density": layer.density} for layer in result.mask.report()]
+    kept = find_kept(TUNE_CHOSEN, prune_recipe(cfg, dense))
     with staged_folder(PRUNE) as folder:
-        save_pruned(folder, result, metrics, cfg, tuned_params=tuned)
+        if kept is not None:
+            print(f"prune: reusing the model of tune trial {kept.trial} from {kept.folder} (the same recipe: "
+                  "data, dense states and every prune setting)")
+            shutil.copytree(kept.folder, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(KEPT_FILE))
+            model, mask = load_pruned(folder, cfg, data)
+            seconds = kept.seconds
+        else:
+            result, seconds = timed(run_prune, cfg, data, dense)
+            model, mask = result.model, result.mask
+        metrics = model_metrics(model, data, cfg.base.device)
+        metrics.update(method=cfg.prune.method, density=mask.density(), target_density=cfg.base.density,
+                       seconds=seconds, reused_trial=kept.trial if kept else None)
+        if kept is None:
+            save_pruned(folder, result, metrics, cfg, tuned_params=tuned)
+        else:
+            write_json(folder / "metrics.json", metrics)
+        report = [{**asdict(layer), "density": layer.density} for layer in mask.report()]
         write_json(folder / "mask_report.json", report)
     print(f"prune: {cfg.prune.method}  acc {metrics['acc']:.4f}  cwv {metrics['cwv']:.5f}  mcd {metrics['mcd']:.4f}  "
           f"density {metrics['density']:.4f}  ({seconds:.1f}s) -> {PRUNE}")

@@ -1,7 +1,9 @@
 """Stage tune: an Optuna study over Ballot's knobs on the dense model -> best_params.yaml (for prune) and a report.
 
 The study lives in ``tune.storage`` (default artifacts/tune/study.db, which persists between runs), so a killed
-run resumes where it stopped; the report folder is replaced only when the stage succeeds.
+run resumes where it stopped; the report folder is replaced only when the stage succeeds. Trial models are kept in
+``artifacts/tune/chosen``, which persists with the study (each trial's folder appears complete or not at all, and
+only the chosen one stays); prune reuses it when it would train the same model (ballot.tuning.kept).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from ballot.experiment import load_dense
 from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder
 from ballot.tuning.runner import run_study
-from pipelines.common import BEST_PARAMS, DATA, DENSE, STUDY_DB, TUNE_REPORT, run_stage
+from pipelines.common import BEST_PARAMS, DATA, DENSE, STUDY_DB, TUNE_CHOSEN, TUNE_REPORT, run_stage
 
 
 def main(cfg: ExperimentConfig) -> None:
@@ -23,7 +25,7 @@ def main(cfg: ExperimentConfig) -> None:
     dense = load_dense(DENSE)
     with staged_folder(TUNE_REPORT) as folder:
         outcome = run_study(cfg, data, dense, dense_dir=DENSE, best_path=BEST_PARAMS, report_dir=folder,
-                            default_storage=STUDY_DB, snapshot=DATA)
+                            default_storage=STUDY_DB, snapshot=DATA, keep_dir=TUNE_CHOSEN)
     summary, trials = outcome.summary, outcome.summary["trials"]
     best = summary["best"] or {}
     print(f"tune: study {summary['study']}  {trials['finished']} trials ({trials['pruned']} pruned, "

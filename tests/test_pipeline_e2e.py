@@ -114,6 +114,9 @@ def test_outputs_hold_the_promised_metrics_mask_and_export(project):
 
     mask = Mask.load(project.root / "artifacts/prune/mask.safetensors")
     assert mask.kept == budget(mask.total, 0.1), "exactly the budget survives"
+    chosen = project.json("artifacts/tune/report/summary.json")["best"]["number"]
+    assert project.json("artifacts/prune/metrics.json")["reused_trial"] == chosen, "prune reused tune's model"
+    assert [p.name for p in (project.root / "artifacts/tune/chosen").iterdir()] == [f"trial-{chosen}"]
     assert metrics["density"] == mask.kept / mask.total and metrics["kept_weights"] == mask.kept
 
     export = project.json("artifacts/export/export.json")

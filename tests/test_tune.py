@@ -14,10 +14,13 @@ import yaml
 from ballot.cli import main
 from ballot.config import ExperimentConfig, experiment_from_params
 from ballot.errors import ConfigError, TuneError
+from ballot.experiment import load_pruned, run_prune
 from ballot.knobs import parse_space
 from ballot.pruning import DenseArtifacts
+from ballot.tuning.kept import find_kept, prune_recipe
 from ballot.tuning.objective import SurplusTrial, TrialContext, claim_slot, dense_val_accuracy, run_trial
 from ballot.tuning.report import choose, pareto_front, summarise
+from ballot.tuning.runner import run_study
 from ballot.tuning.space import (
     apply_best,
     check_space,
@@ -145,7 +148,8 @@ def test_fingerprint_covers_what_decides_a_trial_and_nothing_else(tiny_dense):
             "prune.method=lth", "tune.use_best=false", "tune.heartbeat_s=3"]
     assert all(fingerprint(tune_config(o), tiny_dense) == base for o in same)
     different = ["tune.mcd_weight=0.3", "tune.max_acc_drop=0.1", "tune.mode=multi", "tune.seed=1",
-                 "prune.ballot.obs_epochs=3", "base.density=0.2", "tune.pruner=none"]
+                 "prune.ballot.obs_epochs=3", "base.density=0.2", "tune.pruner=none", "prune.granularity=unit",
+                 "prune.final_train=plain"]
     assert all(fingerprint(tune_config(o), tiny_dense) != base for o in different)
     other = DenseArtifacts(tiny_dense.init_state, tiny_dense.rewind_state,
                            {k: v + 1e-3 if v.is_floating_point() else v for k, v in tiny_dense.trained_state.items()})
@@ -292,6 +296,27 @@ def test_two_trial_study_end_to_end_then_resumed_to_three(tmp_path):
     assert summary["trials"]["finished"] == 3 and len(json.loads((out / "report" / "trials.json").read_text())) == 3
     parent_again, children = _mlflow_runs(uri, summary["study"])
     assert parent_again.info.run_id == parent.info.run_id and len(children) == 3
+
+
+def test_the_chosen_trials_kept_model_is_what_prune_would_train(tiny_data, tiny_dense, tmp_path):
+    cfg = tune_config("tune.n_trials=2", "tune.pruner=none")
+    kept_dir = tmp_path / "kept"
+    outcome = run_study(cfg, tiny_data, tiny_dense, dense_dir=tmp_path / "dense", best_path=tmp_path / "best.yaml",
+                        report_dir=tmp_path / "report", default_storage=tmp_path / "study.db",
+                        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", keep_dir=kept_dir)
+    assert [p.name for p in kept_dir.iterdir()] == [f"trial-{outcome.chosen.number}"], "only the chosen one stays"
+
+    tuned, _ = apply_best(cfg, tmp_path / "best.yaml")
+    kept = find_kept(kept_dir, prune_recipe(tuned, tiny_dense))
+    assert kept is not None and kept.trial == outcome.chosen.number and kept.seconds > 0
+    model, mask = load_pruned(kept.folder, tuned, tiny_data)
+    again = run_prune(tuned, tiny_data, tiny_dense, progress=False)
+    assert set(mask) == set(again.mask) and all(torch.equal(mask[name], again.mask[name]) for name in mask)
+    ours, theirs = model.state_dict(), again.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), "bitwise the same"
+
+    for key, value in {"base.seed": 1, "prune.ballot.layer_floor": 0.3, "prune.final_train": "plain"}.items():
+        assert find_kept(kept_dir, prune_recipe(with_values(tuned, {key: value}), tiny_dense)) is None, key
 
 
 def test_multi_objective_study_writes_the_pareto_front_and_picks_by_the_rule(tmp_path):

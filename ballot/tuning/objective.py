@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -29,6 +31,7 @@ from ballot.knobs import Knob
 from ballot.models import build_model
 from ballot.pruning import DenseArtifacts
 from ballot.train import resolve_device
+from ballot.tuning.kept import keep_trial
 from ballot.tuning.space import with_values
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -48,6 +51,7 @@ class TrialContext:
     dense: DenseArtifacts
     knobs: list[Knob]
     dense_val_acc: float
+    keep_dir: Path | None = None  # each completed trial's model is kept here (ballot.tuning.kept)
 
 
 def dense_val_accuracy(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts) -> float:
@@ -82,7 +86,8 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, fl
     """The Optuna objective: one Ballot run with the trial's knobs, reported per refined-training epoch."""
     tune = ctx.cfg.tune
     claim_slot(trial, tune.n_trials)
-    cfg = with_values(ctx.cfg, {knob.key: knob.suggest(trial) for knob in ctx.knobs})
+    values = {knob.key: knob.suggest(trial) for knob in ctx.knobs}
+    cfg = with_values(ctx.cfg, values)
     knobs = cfg.prune.ballot
     observed = (knobs.rounds - 1) * knobs.obs_epochs
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -98,9 +103,13 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, fl
                 _record(trial, metrics, tune.mcd_weight)
                 raise optuna.TrialPruned(f"pruned after {epoch} refined-training epochs")
 
+    start = time.perf_counter()
     result = run_prune(cfg, ctx.data, ctx.dense, progress=False, on_epoch=on_epoch)
+    seconds = time.perf_counter() - start
     val = ctx.data.val
     metrics = evaluate(result.model, val.x, val.y, ctx.data.num_classes, device=resolve_device(cfg.base.device))
+    if ctx.keep_dir is not None:
+        keep_trial(ctx.keep_dir, trial.number, result, cfg, ctx.dense, values, metrics, seconds)
     value = _record(trial, metrics, tune.mcd_weight)
     floor = ctx.dense_val_acc - tune.max_acc_drop
     trial.set_constraint(CONSTRAINT, floor - float(metrics["acc"]))

@@ -14,6 +14,7 @@ from ballot.config import ExperimentConfig, to_dict
 from ballot.data import DataBundle
 from ballot.pruning import DenseArtifacts
 from ballot.tracking import connect, resolve_tracking_uri
+from ballot.tuning.kept import keep_only
 from ballot.tuning.mlflow_runs import PARENT_ATTR, TrialLogger, finish_parent, start_parent
 from ballot.tuning.objective import dense_val_accuracy
 from ballot.tuning.report import choose, write_report
@@ -48,13 +49,15 @@ class TuneOutcome:
 
 def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *, dense_dir: str | Path,
               best_path: str | Path, report_dir: str | Path, default_storage: str | Path,
-              snapshot: str | Path | None = None, tracking_uri: str | None = None) -> TuneOutcome:
+              snapshot: str | Path | None = None, tracking_uri: str | None = None,
+              keep_dir: str | Path | None = None) -> TuneOutcome:
     """Create or join the study of ``cfg.tune``, run ``tune.workers`` workers until it holds ``tune.n_trials``
     finished trials (or ``tune.timeout_s`` passes), then write best_params.yaml and the report.
 
     ``dense_dir`` holds ``dense`` as files (spawned workers load it); ``snapshot`` is the data snapshot workers
     load (None: they load the configured dataset); ``default_storage`` is the sqlite file used when
-    ``tune.storage`` is null; ``tracking_uri`` overrides MLflow's (else MLFLOW_TRACKING_URI, else register's).
+    ``tune.storage`` is null; ``tracking_uri`` overrides MLflow's (else MLFLOW_TRACKING_URI, else register's);
+    ``keep_dir``, when given, keeps the trial models and ends with only the chosen one's (ballot.tuning.kept).
     """
     knobs = check_space(cfg)
     base = trial_base(cfg)
@@ -79,13 +82,15 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
     # pid so that it never replays the sampler sequence of another process.
     offset = 0 if created else 1000 + os.getpid()
     job = WorkerJob(to_dict(base), storage_url, name, fp, str(dense_dir), str(snapshot) if snapshot else None, uri,
-                    offset)
+                    offset, str(keep_dir) if keep_dir is not None else None)
     if tune.workers == 1:
         work(job, data, dense)
     else:
         run_workers(job, tune.workers)
 
     chosen = choose(study)
+    if keep_dir is not None:
+        keep_only(keep_dir, chosen.number if chosen else None)
     summary, files = write_report(study, tune.n_trials, chosen, Path(report_dir))
     info = {"study": name, "storage": redact(storage_url), "mode": tune.mode, "rule": RULES[tune.mode],
             "trial": chosen.number if chosen else None, "metrics": summary["best"],

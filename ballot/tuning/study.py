@@ -28,6 +28,7 @@ from ballot.config import ExperimentConfig, TuneConfig, check_storage_url, exper
 from ballot.data import DataBundle
 from ballot.errors import StorageError, TuneError
 from ballot.pruning import DenseArtifacts
+from ballot.tuning.kept import update_with_states
 from ballot.tuning.objective import COUNTED, SurplusTrial, TrialContext, run_trial
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -110,14 +111,11 @@ def fingerprint(cfg: ExperimentConfig, dense: DenseArtifacts) -> str:
         "base": {k: v for k, v in d["base"].items() if k != "device"},
         "data": {k: v for k, v in d["data"].items() if k not in ("root", "download")},
         "train_dense": d["train_dense"],
-        "prune": {k: d["prune"][k] for k in ("ballot", "retrain", "min_per_layer")},
+        "prune": {k: d["prune"][k] for k in ("ballot", "retrain", "min_per_layer", "granularity", "final_train")},
         "tune": {k: d["tune"][k] for k in SEARCH_KEYS},
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
-    for state in (dense.rewind_state, dense.trained_state):
-        for name in sorted(state):
-            digest.update(name.encode())
-            digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    update_with_states(digest, (dense.rewind_state, dense.trained_state))
     return digest.hexdigest()
 
 
@@ -197,6 +195,7 @@ class WorkerJob:
     snapshot: str | None  # a data snapshot folder; None = load the configured dataset
     tracking_uri: str
     worker: int  # offset of the sampler seed: 0 for the study's creator, so a one-process study is reproducible
+    keep_dir: str | None = None  # where completed trials keep their models (None: nowhere)
 
 
 def work(job: WorkerJob, data: DataBundle | None = None, dense: DenseArtifacts | None = None) -> int:
@@ -217,7 +216,8 @@ def work(job: WorkerJob, data: DataBundle | None = None, dense: DenseArtifacts |
     logger = TrialLogger(connect(job.tracking_uri))
     storage = make_storage(job.storage, cfg.tune.heartbeat_s, on_stale=logger)
     study, _ = open_study(cfg, storage, job.study_name, job.fingerprint, job.worker)
-    ctx = TrialContext(cfg, data, dense, cfg.tune.knobs(), float(study.user_attrs[DENSE_ACC_ATTR]))
+    ctx = TrialContext(cfg, data, dense, cfg.tune.knobs(), float(study.user_attrs[DENSE_ACC_ATTR]),
+                       Path(job.keep_dir) if job.keep_dir else None)
     return run_worker(study, ctx, callbacks=[logger])
 
 
