@@ -27,8 +27,8 @@ def main(cfg: ExperimentConfig) -> None:
     kept = find_kept(TUNE_CHOSEN, prune_recipe(cfg, dense))
     with staged_folder(PRUNE) as folder:
         if kept is not None:
-            print(f"prune: reusing the model of tune trial {kept.trial} from {kept.folder} (the same recipe: "
-                  "data, dense states and every prune setting)")
+            print(f"prune: reusing tune trial {kept.trial}'s model from {kept.folder} (the same recipe: data, "
+                  "dense states and every prune setting; docs/tuning.md)")
             shutil.copytree(kept.folder, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(KEPT_FILE))
             model, mask = load_pruned(folder, cfg, data)
             seconds = kept.seconds
@@ -44,8 +44,9 @@ def main(cfg: ExperimentConfig) -> None:
             write_json(folder / "metrics.json", metrics)
         report = [{**asdict(layer), "density": layer.density} for layer in mask.report()]
         write_json(folder / "mask_report.json", report)
+    took = f"trained in {seconds:.1f}s by tune trial {kept.trial}" if kept else f"{seconds:.1f}s"
     print(f"prune: {cfg.prune.method}  acc {metrics['acc']:.4f}  cwv {metrics['cwv']:.5f}  mcd {metrics['mcd']:.4f}  "
-          f"density {metrics['density']:.4f}  ({seconds:.1f}s) -> {PRUNE}")
+          f"density {metrics['density']:.4f}  ({took}) -> {PRUNE}")
 
 
 if __name__ == "__main__":
