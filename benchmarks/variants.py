@@ -17,10 +17,12 @@ VARIANTS: dict[str, list[str]] = {
     "ballot (plain retraining)": ["prune.method=ballot", "prune.final_train=plain"],
     # structured: whole neurons / channels (L1-norm filter pruning, and Ballot's unit votes); docs/deploy.md
     "magnitude (unit)": ["prune.method=magnitude", "prune.granularity=unit"],
+    # L1 filter pruning's units with Ballot's refined training: what Ballot's unit votes add beyond the refinement
+    "magnitude (unit) + refined": ["prune.method=magnitude", "prune.granularity=unit", "prune.final_train=refined"],
     "ballot (unit)": ["prune.method=ballot", "prune.granularity=unit"],
 }
 BASELINES = ("random", "magnitude", "lth", "lth-oneshot", "lth + refined", "safecompress", "fairscratch",
-             "magnitude (unit)")
+             "magnitude (unit)", "magnitude (unit) + refined")
 METRICS = ("acc", "cwv", "mcd", "worst_class")
 
 

@@ -1,0 +1,30 @@
+"""The benchmarks' named methods: each is a valid configuration that trains the way its name says."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from ballot.config import apply_overrides, experiment_from_params
+
+_SPEC = importlib.util.spec_from_file_location("variants", Path(__file__).parents[1] / "benchmarks" / "variants.py")
+variants = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(variants)
+
+
+@pytest.mark.parametrize("name", list(variants.VARIANTS))
+def test_every_variant_is_a_valid_configuration_named_after_what_it_runs(name: str) -> None:
+    prune = experiment_from_params(apply_overrides({}, variants.VARIANTS[name])).prune
+    assert name.startswith(prune.method)
+    assert prune.granularity == ("unit" if "(unit)" in name else "weight")
+    if name.endswith("+ refined"):
+        assert prune.refined()
+    if name == "ballot (plain retraining)" or (prune.method != "ballot" and not name.endswith("+ refined")):
+        assert not prune.refined()
+
+
+def test_every_baseline_is_a_variant_and_not_ballot() -> None:
+    assert set(variants.BASELINES) <= set(variants.VARIANTS)
+    assert not any(variants.VARIANTS[name][0] == "prune.method=ballot" for name in variants.BASELINES)
