@@ -19,10 +19,8 @@ def test_every_variant_is_a_valid_configuration_named_after_what_it_runs(name: s
     prune = experiment_from_params(apply_overrides({}, variants.VARIANTS[name])).prune
     assert name.startswith(prune.method)
     assert prune.granularity == ("unit" if "(unit)" in name else "weight")
-    if name.endswith("+ refined"):
-        assert prune.refined()
-    if name == "ballot (plain retraining)" or (prune.method != "ballot" and not name.endswith("+ refined")):
-        assert not prune.refined()
+    refined = name.endswith("+ refined") or (prune.method == "ballot" and "plain retraining" not in name)
+    assert prune.refined() == refined
 
 
 def test_every_baseline_is_a_variant_and_not_ballot() -> None:
