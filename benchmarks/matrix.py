@@ -240,12 +240,33 @@ def _mean_cwv(table: dict, cells: list, method: str) -> float:
     return statistics.fmean(table[c][method]["cwv"][0] for c in cells)
 
 
+def _ordered(table: dict[tuple[str, str, float], dict[str, Stats]]) -> list[tuple[str, str, float]]:
+    """The cells in the order of DATASETS and MODELS, densest first."""
+    return sorted(table, key=lambda c: (list(DATASETS).index(c[0]) if c[0] in DATASETS else 99,
+                                        MODELS.index(c[1]) if c[1] in MODELS else 99, -c[2]))
+
+
+def summary(table: dict[tuple[str, str, float], dict[str, Stats]], methods: list[str]) -> list[str]:
+    """One row per cell: each method's mean accuracy / CWV x 1000, with its seed count where it ran fewer seeds."""
+    shown = ["dense", *methods]
+    lines = [f"| cell | seeds | {' | '.join(shown)} |", "|" + "---|" * (len(shown) + 2)]
+    for cell in _ordered(table):
+        seeds = max(stats["acc"][2] for stats in table[cell].values())
+        entries = []
+        for method in shown:
+            s = table[cell].get(method)
+            fewer = f" ({s['acc'][2]} seeds)" if s and s["acc"][2] != seeds else ""
+            entries.append(f"{s['acc'][0]:.3f} / {1000 * s['cwv'][0]:.1f}{fewer}" if s else "–")
+        lines.append(f"| {cell[0]} {cell[1]} d{cell[2]:g} | {seeds} | {' | '.join(entries)} |")
+    return lines
+
+
 def markdown(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, methods: list[str], notes: str) -> str:
     lines = [f"# Method matrix ({split} split)", "", notes, "", "## Acceptance figures", "", *verdict(table, split), "",
+             "## Summary (accuracy / CWV x 1000, mean over seeds)", "", *summary(table, methods), "",
              "## Per cell (mean ± std over seeds; CWV unscaled)", "",
              "| dataset | model | density | method | seeds | acc | CWV | MCD | worst-class acc |", "|---|---|---|---|---|---|---|---|---|"]
-    for cell in sorted(table, key=lambda c: (list(DATASETS).index(c[0]) if c[0] in DATASETS else 99,
-                                              MODELS.index(c[1]) if c[1] in MODELS else 99, -c[2])):
+    for cell in _ordered(table):
         for method in ["dense", *methods]:
             if method not in table[cell]:
                 continue
@@ -263,8 +284,7 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted({(c[0], c[1]) for c in table}, key=lambda r: (list(DATASETS).index(r[0]) if r[0] in DATASETS else 99,
-                                                                MODELS.index(r[1]) if r[1] in MODELS else 99))
+    rows = list(dict.fromkeys((c[0], c[1]) for c in _ordered(table)))
     cols = sorted({c[2] for c in table}, reverse=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 2))
     for ax, other in zip(axes, ("lth", "lth + refined")):

@@ -1,0 +1,45 @@
+"""benchmarks/matrix.py's report: the summary table and the acceptance lines against hand-computed values."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+_BENCH = Path(__file__).parents[1] / "benchmarks" / "matrix.py"
+_SPEC = importlib.util.spec_from_file_location("matrix_bench", _BENCH)
+matrix = sys.modules["matrix_bench"] = importlib.util.module_from_spec(_SPEC)  # its dataclasses look themselves up
+_SPEC.loader.exec_module(matrix)
+
+
+def _row(dataset: str, method: str, seed: int, acc: float, cwv: float) -> dict:
+    scores = {"acc": acc, "cwv": cwv, "mcd": 0.1, "worst_class": 0.5}
+    return {"unit": {"dataset": dataset, "model": "mlp", "seed": seed}, "method": method, "density": 0.05,
+            "test": scores, "val": scores}
+
+
+ROWS = [
+    _row("digits", "dense", 0, 0.98, 0.0010), _row("digits", "dense", 1, 0.96, 0.0030),
+    _row("digits", "lth", 0, 0.97, 0.0020), _row("digits", "lth", 1, 0.95, 0.0040),
+    _row("digits", "ballot", 0, 0.96, 0.0010), _row("digits", "ballot", 1, 0.94, 0.0020),
+    _row("digits", "ballot (protect)", 0, 0.96, 0.0010),
+    _row("fmnist-lt", "lth", 0, 0.80, 0.0200), _row("fmnist-lt", "ballot", 0, 0.82, 0.0250),
+]
+
+
+def test_summary_gives_mean_accuracy_and_cwv_per_cell_with_short_seed_counts_marked() -> None:
+    table = matrix.summarise(ROWS, "test")
+    lines = matrix.summary(table, ["lth", "ballot", "ballot (protect)"])
+    assert lines[0] == "| cell | seeds | dense | lth | ballot | ballot (protect) |"
+    assert lines[2] == "| fmnist-lt mlp d0.05 | 1 | – | 0.800 / 20.0 | 0.820 / 25.0 | – |"  # DATASETS order
+    assert lines[3] == "| digits mlp d0.05 | 2 | 0.970 / 2.0 | 0.960 / 3.0 | 0.950 / 1.5 | 0.960 / 1.0 (1 seeds) |"
+
+
+def test_acceptance_lines_count_cells_and_average_the_per_cell_reductions() -> None:
+    lines = matrix.verdict(matrix.summarise(ROWS, "test"), "test")
+    # digits: ballot 0.950 vs lth 0.960 (within 1 point), CWV 1.5 vs 3.0; fmnist-lt: 0.82 vs 0.80, CWV 25 vs 20
+    assert lines[0] == "- cells with Ballot's mean accuracy >= LTH's - 1 point: 2 of 2"
+    assert lines[1] == "- cells with Ballot's mean CWV <= LTH's: 1 of 2"
+    # per-cell reductions +50% and -25% -> +12.5%; cell-averaged CWV 13.25 vs 11.5 x 1e-3 -> -15.2%
+    assert lines[2] == ("- Ballot's CWV vs LTH, mean over cells of the per-cell reduction: +12.5% (ratio of the "
+                        "cell-averaged CWVs: -15.2%)")
