@@ -139,10 +139,14 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
     dense_dir = cache / "dense" / dense_key(cfg)
     written = []
     if (dense_dir / experiment.DENSE_MANIFEST).is_file():
-        dense = experiment.load_dense(dense_dir)
+        dense, model, seconds = experiment.load_dense(dense_dir), None, None  # trained by another --out
     else:
         (model, dense, _), seconds = experiment.timed(experiment.train_dense, cfg, data, progress=False)
         experiment.save_dense(dense, dense_dir, cfg)
+    if not dense_path.is_file():
+        if model is None:
+            model = experiment.new_model(cfg, data)
+            model.load_state_dict(dense.trained_state)
         metrics = experiment.model_metrics(model, data, cfg.base.device)
         record = {"unit": unit.__dict__, "method": "dense", "density": 1.0, "seconds": seconds,
                   "test": _metrics(metrics), "val": _metrics(metrics["val"])}
@@ -250,7 +254,7 @@ def summary(table: dict[tuple[str, str, float], dict[str, Stats]], methods: list
     """One row per cell: each method's mean accuracy / CWV x 1000, with its seed count where it ran fewer seeds."""
     shown = ["dense", *methods]
     lines = [f"| cell | seeds | {' | '.join(shown)} |", "|" + "---|" * (len(shown) + 2)]
-    for cell in _ordered(table):
+    for cell in [c for c in _ordered(table) if set(table[c]) - {"dense"}]:
         seeds = max(stats["acc"][2] for stats in table[cell].values())
         entries = []
         for method in shown:
