@@ -11,10 +11,10 @@ or four concurrent connections measured no more items/s, as their threads take t
 Its own cost is printed as the client floor: the same requests against a socket that answers at once. ``--load``
 adds a load test (requests at a concurrency, the three paths in turn, errors and the service's peak RSS). The
 default model is LeNet-300-100 (`mlp`) on 1x28x28 inputs with random weights and a 5% magnitude mask;
-``--model-uri`` benchmarks a registered model or an .onnx file instead. Its PyTorch twin is rebuilt from the ONNX weights and checked for parity
-first; where the file's weights do not map back onto the architecture's parameters (a compact file: packed weights,
-removed units; BatchNorm folded into convolutions) PyTorch eager is left out, says so, and the ratios are to
-in-process ONNX Runtime only.
+``--model-uri`` benchmarks a registered model or an .onnx file instead. Its PyTorch twin is rebuilt from the ONNX
+weights and checked for parity first; where the file's weights do not map back onto the architecture's parameters
+(a compact file: packed weights, removed units; BatchNorm folded into convolutions) PyTorch eager is left out, says
+so, and the ratios are to in-process ONNX Runtime only.
 
     .venv/bin/python benchmarks/serve_bench.py [--model-uri models:/NAME@champion] [--threads 2] [--seconds 3]
                                                [--rounds 5] [--load 3000 --concurrency 32]
