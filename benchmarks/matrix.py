@@ -2,8 +2,10 @@
 
 Every run is one JSON file under ``<out>/runs/`` named by a hash of its whole configuration, so a killed or
 extended matrix skips what is done, and a variant whose configuration equals another's reuses it. Dense states are
-cached under ``<cache>/dense/`` and shared by every density and method of a (dataset, model, seed). Each record holds
-validation *and* test metrics: defaults are chosen on validation (``--split val``), the report is on test.
+cached under ``<cache>/dense/`` and shared by every density and method of a (dataset, model, seed); a unit whose
+cached dense state is not the one its records in ``<out>`` were built on (another machine or thread count trained the
+cache: their dense test metrics differ) gets no new runs, with a message, so no cell mixes two dense models. Each
+record holds validation *and* test metrics: defaults are chosen on validation (``--split val``), the report is on test.
 
     python benchmarks/matrix.py --workers 2                       # the whole matrix -> reports/matrix.md, .json, .png
     python benchmarks/matrix.py --datasets digits --models cnn --seeds 0 --methods lth ballot --out runs/m
@@ -139,15 +141,22 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
     dense_dir = cache / "dense" / dense_key(cfg)
     written = []
     if (dense_dir / experiment.DENSE_MANIFEST).is_file():
-        dense, model, seconds = experiment.load_dense(dense_dir), None, None  # trained by another --out
+        dense, seconds = experiment.load_dense(dense_dir), None  # trained earlier, perhaps for another --out
+        model = experiment.new_model(cfg, data)
+        model.load_state_dict(dense.trained_state)
     else:
         (model, dense, _), seconds = experiment.timed(experiment.train_dense, cfg, data, progress=False)
         experiment.save_dense(dense, dense_dir, cfg)
-    if not dense_path.is_file():
-        if model is None:
-            model = experiment.new_model(cfg, data)
-            model.load_state_dict(dense.trained_state)
-        metrics = experiment.model_metrics(model, data, cfg.base.device)
+    metrics = experiment.model_metrics(model, data, cfg.base.device)
+    if dense_path.is_file():
+        recorded = json.loads(dense_path.read_text())["test"]
+        if (recorded["acc"], recorded["cwv"]) != (metrics["acc"], metrics["cwv"]):
+            # another machine or thread count trained this cache: new runs would not be comparable with the old
+            print(f"{unit.dataset}/{unit.model} seed {unit.seed}: skipped, the dense state in {dense_dir} is not the "
+                  f"one the runs in {out} were built on (test acc {metrics['acc']:.4f}, recorded {recorded['acc']:.4f}"
+                  "); pass the --cache they came from, or another --out", file=sys.stderr, flush=True)
+            return []
+    else:
         record = {"unit": unit.__dict__, "method": "dense", "density": 1.0, "seconds": seconds,
                   "test": _metrics(metrics), "val": _metrics(metrics["val"])}
         write_json(dense_path, record)

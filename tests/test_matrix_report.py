@@ -1,8 +1,10 @@
-"""benchmarks/matrix.py's report: the summary table and the acceptance lines against hand-computed values."""
+"""benchmarks/matrix.py: the summary table and the acceptance lines against hand-computed values; resuming never
+mixes runs built on different dense states."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -45,3 +47,18 @@ def test_acceptance_lines_count_cells_and_average_the_per_cell_reductions() -> N
     # per-cell reductions +50% and -25% -> +12.5%; cell-averaged CWV 13.25 vs 11.5 x 1e-3 -> -15.2%
     assert lines[2] == ("- Ballot's CWV vs LTH, mean over cells of the per-cell reduction: +12.5% (ratio of the "
                         "cell-averaged CWVs: -15.2%)")
+
+
+def test_a_unit_whose_cached_dense_state_differs_from_its_records_gets_no_new_runs(tmp_path: Path, capsys) -> None:
+    unit, out, cache = matrix.Unit("digits", "mlp", 0), tmp_path / "out", tmp_path / "cache"
+    magnitude, random = {"magnitude": matrix.VARIANTS["magnitude"]}, {"random": matrix.VARIANTS["random"]}
+    assert [r["method"] for r in matrix.run_unit(unit, {}, [0.5], magnitude, out, cache, 1, "test")] == [
+        "dense", "magnitude"]
+    dense_record = next((out / "runs").glob("dense-*.json"))
+    true_record = json.loads(dense_record.read_text())
+    dense_record.write_text(json.dumps({**true_record, "test": {**true_record["test"], "acc": 0.5}}))
+    assert matrix.run_unit(unit, {}, [0.5], random, out, cache, 1, "test") == []
+    assert "skipped, the dense state" in capsys.readouterr().err
+    assert len(list((out / "runs").glob("*.json"))) == 2, "nothing was added to the unit"
+    dense_record.write_text(json.dumps(true_record))
+    assert [r["method"] for r in matrix.run_unit(unit, {}, [0.5], random, out, cache, 1, "test")] == ["random"]
