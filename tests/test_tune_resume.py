@@ -14,7 +14,7 @@ import mlflow
 import optuna
 import pytest
 from optuna.trial import TrialState
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ballot.experiment import save_dense
 from ballot.tuning.study import sqlite_url
@@ -35,12 +35,13 @@ def _finished(study: optuna.Study) -> dict[int, tuple]:
 
 
 def _load(storage: str, timeout: float = 60.0) -> optuna.Study:
-    """The study, retried while the worker holds the sqlite file locked (a busy machine makes that likely)."""
+    """The study, retried while the worker holds the sqlite file locked (a busy machine makes that likely) or is
+    still creating its schema (opening it then races the worker's stamp of the schema version: IntegrityError)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             return optuna.load_study(study_name=STUDY, storage=storage)
-        except OperationalError:
+        except (OperationalError, IntegrityError):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
