@@ -1,9 +1,10 @@
 """Structured pruning on digits with the CLI's defaults: one `ballot prune` per (model, method, seed), half the units.
 
 Resumable: ``<out>/runs.json`` holds one record per finished run and is rewritten (atomically) after each, a run
-already there is skipped, and a run folder under ``--work`` that already holds metrics.json is read, not retrained.
-The dense states of a (model, seed) are shared by its methods. Each record carries the torch thread count it ran
-with (``OMP_NUM_THREADS``): on data this small another count gives other numbers (docs/decisions.md).
+already there is skipped, and a run folder under ``--work`` that already holds metrics.json is read, not retrained
+(its record takes ``--threads`` as the count it ran with). The dense states of a (model, seed) are shared by its
+methods. Each record carries the torch thread count it ran with (``OMP_NUM_THREADS``): on data this small another
+count gives other numbers (docs/decisions.md).
 
     python benchmarks/unit_digits.py --models cnn resnet20 --seeds 0 1 2 --threads 1
     python benchmarks/unit_digits.py --report-only      # re-render unit_digits.md from runs.json
@@ -20,7 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ballot.storage import write_json, write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from variants import METRICS  # noqa: E402
+
+from ballot.storage import write_json, write_text  # noqa: E402
 
 DENSITY = 0.25  # half the units of each group (a unit's weights scale with its inputs and outputs)
 METHODS: dict[str, tuple[str, list[str]]] = {  # name -> (run folder, `ballot prune` arguments)
@@ -28,7 +33,6 @@ METHODS: dict[str, tuple[str, list[str]]] = {  # name -> (run folder, `ballot pr
     "magnitude (unit) + refined": ("magref", ["--method", "magnitude", "--set", "prune.final_train=refined"]),
     "ballot (unit)": ("ballot", ["--method", "ballot"]),
 }
-SCORES = ("acc", "cwv", "mcd", "worst_class")
 
 
 def command(model: str, method: str, seed: int, work: Path) -> list[str]:
@@ -40,8 +44,8 @@ def command(model: str, method: str, seed: int, work: Path) -> list[str]:
 
 def record(metrics: dict[str, Any], model: str, method: str, seed: int, threads: int) -> dict[str, Any]:
     return {"model": model, "method": method, "seed": seed, "threads": threads, "density": metrics["density"],
-            "test": {k: metrics[k] for k in (*SCORES, "per_class")},
-            "val": {k: metrics["val"][k] for k in SCORES}, "dense_test": {k: metrics["dense"][k] for k in SCORES}}
+            "test": {k: metrics[k] for k in (*METRICS, "per_class")},
+            "val": {k: metrics["val"][k] for k in METRICS}, "dense_test": {k: metrics["dense"][k] for k in METRICS}}
 
 
 def run(model: str, method: str, seed: int, work: Path, threads: int) -> dict[str, Any]:
