@@ -169,7 +169,9 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
                               f"{parity['samples']} test inputs (export.parity_tolerance {tolerance})")
         report.update(parity=parity, parity_tolerance=tolerance)
         if quantization is not None:
-            report.update(quantization=_quantized(plain, tmp, quantization, metadata), onnx_format="dense")
+            quant, int8_packed = _quantized(plain, tmp, quantization, metadata, compact, inputs, tolerance)
+            report.update(quantization=quant, packed_tensors=int8_packed,
+                          onnx_format="compact" if int8_packed else "dense")
         report["onnx_bytes"] = Path(tmp).stat().st_size
 
     atomic_write(path, write)
@@ -203,10 +205,13 @@ def describe(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _quantized(plain: Any, tmp: str, gate: QuantizationGate, metadata: dict[str, Any]) -> dict[str, Any]:
+def _quantized(plain: Any, tmp: str, gate: QuantizationGate, metadata: dict[str, Any], compact: bool,
+               inputs: torch.Tensor, tolerance: float) -> tuple[dict[str, Any], list[str]]:
     """Quantize the dense float graph ``plain`` (the quantizer needs initializers, not packed weights), gate it,
-    and write the INT8 model to ``tmp`` with the INT8 metrics in its card; the quantization report, with the
-    sizes of the float and INT8 files (both without debug info)."""
+    and write the INT8 model to ``tmp`` with the INT8 metrics in its card; with ``compact`` its sparse INT8
+    weights are packed (ballot.packing), checked against the unpacked INT8 model on ``inputs``. Returns the
+    quantization report (with the sizes of the float and INT8 files, both without debug info) and the packed
+    tensors."""
     import onnx
 
     from ballot.quantize import quantize_checked
@@ -219,8 +224,25 @@ def _quantized(plain: Any, tmp: str, gate: QuantizationGate, metadata: dict[str,
         result = quantize_checked(float_path, int8_path, gate)
         int8 = onnx.load_model(str(int8_path))
         result["float_onnx_bytes"] = float_path.stat().st_size
-    strip_debug_info(int8)
-    set_metadata(int8, {**metadata, **result["int8"], "onnx_format": "dense"})
-    save_proto(int8, tmp)
+        strip_debug_info(int8)
+        packed = pack_sparse_initializers(int8, [init.name for init in int8.graph.initializer]) if compact else []
+        set_metadata(int8, {**metadata, **result["int8"], "onnx_format": "compact" if packed else "dense"})
+        save_proto(int8, tmp)
+        if packed:
+            diff = _max_output_diff(int8_path, tmp, inputs)
+            if not diff <= tolerance:
+                raise ParityError(f"the packed INT8 model differs from the INT8 model by {diff:.3g} on "
+                                  f"{len(inputs)} test inputs (export.parity_tolerance {tolerance})")
+            result["packed_max_abs_diff"] = diff
     result["int8_onnx_bytes"] = Path(tmp).stat().st_size
-    return result
+    return result, packed
+
+
+def _max_output_diff(first: str | Path, second: str | Path, inputs: torch.Tensor) -> float:
+    """Max absolute difference of the logits two ONNX files give for ``inputs`` in ONNX Runtime."""
+    import onnxruntime as ort
+
+    x = inputs.cpu().numpy().astype(np.float32)
+    outputs = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+               for path in (first, second)]
+    return float(np.abs(outputs[0] - outputs[1]).max())

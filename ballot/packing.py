@@ -1,15 +1,19 @@
 """Packed storage of sparse weights inside an ONNX graph that ONNX Runtime loads as it is.
 
-The sparse float32 initializers are concatenated (row-major) and stored as two: the non-zero values (float32) and
-a bitmask of where they go (``np.packbits``, one bit per weight). Standard ops (opset >= 18) rebuild them::
+The sparse initializers of one element type (float32, or the integer weights and zero points of a quantized model)
+are concatenated (row-major) and stored as the non-zero values (in that type) plus their positions, in whichever of
+two forms is smaller:
 
-    bits [m, 1] --BitShift(RIGHT, [7..0])--> [m, 8] --BitwiseAnd(1)--> Reshape(-1) --Slice(0, n)--> mask (bool)
-    dense = Where(mask, Gather(values, CumSum(mask) - 1), 0);  W_1, W_2, ... = Reshape(Split(dense), shape_i)
+- **gaps** (below about 1/8 density): the distance of each value from the previous one, one uint8 each (a gap
+  over 255 is bridged by zero-valued entries 255 apart), rebuilt as
+  ``ScatterElements(ConstantOfShape(n, 0), CumSum(gaps) - 1, values)``;
+- **bitmask**: one bit per weight (``np.packbits``), rebuilt as ``Where(mask, Gather(values, CumSum(mask) - 1), 0)``
+  after BitShift + BitwiseAnd unpack the bits.
 
-Every input of that subgraph is an initializer, so ONNX Runtime constant-folds it when it creates the session and
-runs the original dense ops at dense speed (NonZero + ScatterElements would be shorter but is not folded). ONNX's
-own ``sparse_initializer`` was not used: its int64 (int32) indices cost 8 (4) bytes per non-zero next to the 4 of
-the value, where the bitmask costs 1/8 byte per weight, less for any density above 1/64 (1/32).
+Then ``W_1, W_2, ... = Reshape(Split(dense), shape_i)``. Every input of that subgraph is an initializer, so ONNX
+Runtime constant-folds it when it creates the session and runs the original dense ops at dense speed (NonZero would
+be shorter, but is not folded). ONNX's own ``sparse_initializer`` was not used: its int64 (int32) indices cost 8 (4)
+bytes per non-zero, where a gap costs 1 and the bitmask 1/8 byte per weight.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from typing import Any
 import numpy as np
 
 FLOAT_BYTES = 4
+PACKABLE_TYPES = ("FLOAT", "INT8", "UINT8", "INT32")  # onnx.TensorProto element types packing handles
 MIN_OPSET = 18  # BitwiseAnd
+MAX_GAP = 255  # uint8 gaps
 PER_TENSOR_BYTES = 64  # about what a packed tensor's split output, Reshape and shape constant add to the file
 
 
 def lossless_floor_bytes(kept_values: int, prunable_weights: int) -> int:
-    """float32 for every kept value plus one bit per prunable weight: what any exact storage must spend."""
+    """float32 for every kept value plus one bit per prunable weight: the reference size of exact storage (a
+    bitmask's; gaps go below it at low density)."""
     return FLOAT_BYTES * kept_values + math.ceil(prunable_weights / 8)
 
 
@@ -39,30 +46,44 @@ def strip_debug_info(proto: Any) -> None:
 
 
 def pack_sparse_initializers(proto: Any, names: list[str]) -> list[str]:
-    """Rewrite, in place, those float32 initializers among ``names`` that are smaller packed than dense; returns
-    the names packed (none when packing would not make the file smaller, or the model is below opset 18)."""
+    """Rewrite, in place, those initializers among ``names`` (of PACKABLE_TYPES) that are smaller packed than
+    dense, one packed pair per element type; returns the names packed (none when packing would not make the file
+    smaller, or the model is below opset 18)."""
     import onnx
     from onnx import TensorProto, numpy_helper
 
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    graph = proto.graph
-    chosen = [init for init in graph.initializer if init.name in set(names) and init.data_type == TensorProto.FLOAT
-              and init.data_location != TensorProto.EXTERNAL and _worth_packing(numpy_helper.to_array(init))]
-    if opset < MIN_OPSET or not chosen:
+    if opset < MIN_OPSET:
         return []
+    graph, wanted = proto.graph, set(names)
+    packed: list[str] = []
+    for type_name in PACKABLE_TYPES:
+        chosen = [init for init in graph.initializer if init.name in wanted
+                  and init.data_type == getattr(TensorProto, type_name)
+                  and init.data_location != TensorProto.EXTERNAL and _worth_packing(numpy_helper.to_array(init))]
+        if chosen and _pack(graph, chosen):
+            packed += [init.name for init in chosen]
+    if packed:
+        onnx.checker.check_model(proto)
+    return packed
+
+
+def _pack(graph: Any, chosen: list[Any]) -> bool:
+    """Replace the initializers ``chosen`` (one element type) of ``graph`` by their packed form when that is
+    smaller; whether it was."""
+    from onnx import numpy_helper
+
     tensors, nodes = _rebuild([(init.name, numpy_helper.to_array(init)) for init in chosen], _free_prefix(graph))
-    saved = sum(init.ByteSize() for init in chosen)
-    if sum(t.ByteSize() for t in tensors) + sum(n.ByteSize() for n in nodes) >= saved:
-        return []
-    packed = [init.name for init in chosen]
-    rest = [init for init in graph.initializer if init.name not in set(packed)]
+    if sum(t.ByteSize() for t in tensors) + sum(n.ByteSize() for n in nodes) >= sum(i.ByteSize() for i in chosen):
+        return False
+    names = {init.name for init in chosen}
+    rest = [init for init in graph.initializer if init.name not in names]
     del graph.initializer[:]
     graph.initializer.extend([*tensors, *rest])
     old_nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend([*nodes, *old_nodes])  # the rebuilt weights first: the graph stays topologically sorted
-    onnx.checker.check_model(proto)
-    return packed
+    return True
 
 
 def _free_prefix(graph: Any) -> str:
@@ -74,18 +95,65 @@ def _free_prefix(graph: Any) -> str:
 
 
 def _worth_packing(weight: np.ndarray) -> bool:
-    """Values + bits + the tensor's share of the subgraph below its dense bytes."""
-    return FLOAT_BYTES * int(np.count_nonzero(weight)) + weight.size / 8 + PER_TENSOR_BYTES < FLOAT_BYTES * weight.size
+    """Values + positions (gaps or bits, about) + the tensor's share of the subgraph below its dense bytes."""
+    width, kept = weight.dtype.itemsize, int(np.count_nonzero(weight))
+    return width * kept + min(kept, weight.size / 8) + PER_TENSOR_BYTES < width * weight.size
 
 
 def _rebuild(weights: list[tuple[str, np.ndarray]], prefix: str) -> tuple[list[Any], list[Any]]:
     """The initializers and nodes (their tensors named ``prefix``.*) that rebuild each (name, array) of
-    ``weights`` under its name."""
+    ``weights`` (one element type) under its name: the smaller of the gap and bitmask forms, then Split + Reshape."""
+    from onnx import helper, numpy_helper
+
+    flat = np.concatenate([w.reshape(-1) for _, w in weights])
+    forms = [_gap_form(flat, prefix), _bitmask_form(flat, prefix)]
+    tensors, nodes = min(forms, key=lambda form: sum(part.ByteSize() for part in [*form[0], *form[1]]))
+    tensors.append(numpy_helper.from_array(np.array([w.size for _, w in weights], np.int64), f"{prefix}.split"))
+    parts = [f"{prefix}.{i}" for i in range(len(weights))]
+    nodes.append(helper.make_node("Split", [f"{prefix}.dense", f"{prefix}.split"], parts, axis=0))
+    for part, (name, weight) in zip(parts, weights):
+        tensors.append(numpy_helper.from_array(np.array(weight.shape, np.int64), f"{part}.shape"))
+        nodes.append(helper.make_node("Reshape", [part, f"{part}.shape"], [name]))
+    return tensors, nodes
+
+
+def _gap_form(flat: np.ndarray, prefix: str) -> tuple[list[Any], list[Any]]:
+    """``flat`` as values + uint8 gaps, and the nodes that scatter them into ``prefix``.dense."""
     from onnx import TensorProto, helper, numpy_helper
 
-    flat = np.concatenate([w.reshape(-1) for _, w in weights]).astype(np.float32)
+    positions = np.flatnonzero(flat)
+    if not len(positions):
+        positions = np.zeros(1, dtype=np.int64)  # one (zero) value: ScatterElements needs something to write
+    gaps = np.diff(positions, prepend=-1)
+    bridges = (gaps - 1) // MAX_GAP  # zero-valued entries MAX_GAP apart in front of each long gap
+    last = np.cumsum(bridges + 1) - 1
+    stored_gaps = np.full(last[-1] + 1, MAX_GAP, dtype=np.uint8)
+    stored_gaps[last] = gaps - MAX_GAP * bridges
+    values = np.zeros(last[-1] + 1, dtype=flat.dtype)
+    values[last] = flat[positions]
+
+    def t(name: str) -> str:
+        return f"{prefix}.{name}"
+
+    tensors = [numpy_helper.from_array(values, t("values")), numpy_helper.from_array(stored_gaps, t("gaps")),
+               numpy_helper.from_array(np.array(0, np.int64), t("axis")),
+               numpy_helper.from_array(np.array(1, np.int64), t("step")),
+               numpy_helper.from_array(np.array([flat.size], np.int64), t("size"))]
+    nodes = [helper.make_node("Cast", [t("gaps")], [t("gaps64")], to=TensorProto.INT64),
+             helper.make_node("CumSum", [t("gaps64"), t("axis")], [t("end")]),
+             helper.make_node("Sub", [t("end"), t("step")], [t("index")]),
+             helper.make_node("ConstantOfShape", [t("size")], [t("zeros")],
+                              value=numpy_helper.from_array(np.zeros(1, dtype=flat.dtype))),
+             helper.make_node("ScatterElements", [t("zeros"), t("index"), t("values")], [t("dense")], axis=0)]
+    return tensors, nodes
+
+
+def _bitmask_form(flat: np.ndarray, prefix: str) -> tuple[list[Any], list[Any]]:
+    """``flat`` as values + a bitmask, and the nodes that spread them into ``prefix``.dense."""
+    from onnx import TensorProto, helper, numpy_helper
+
     mask = flat != 0
-    values = flat[mask] if mask.any() else np.zeros(1, dtype=np.float32)  # Gather needs one value to index
+    values = flat[mask] if mask.any() else np.zeros(1, dtype=flat.dtype)  # Gather needs one value to index
 
     def const(name: str, value: Any, dtype: Any = np.int64) -> Any:
         return numpy_helper.from_array(np.array(value, dtype=dtype), f"{prefix}.{name}")
@@ -97,7 +165,7 @@ def _rebuild(weights: list[tuple[str, np.ndarray]], prefix: str) -> tuple[list[A
                numpy_helper.from_array(np.packbits(mask).reshape(-1, 1), t("bits")),
                const("shifts", np.arange(7, -1, -1).reshape(1, 8), np.uint8), const("one", 1, np.uint8),
                const("flat", [-1]), const("zero_index", [0]), const("axis", 0), const("step", 1),
-               const("size", [flat.size]), const("zero", 0, np.float32)]
+               const("size", [flat.size]), const("zero", 0, flat.dtype)]
     nodes = [helper.make_node("BitShift", [t("bits"), t("shifts")], [t("shifted")], direction="RIGHT"),
              helper.make_node("BitwiseAnd", [t("shifted"), t("one")], [t("bit")]),
              helper.make_node("Reshape", [t("bit"), t("flat")], [t("bitflat")]),
@@ -108,10 +176,4 @@ def _rebuild(weights: list[tuple[str, np.ndarray]], prefix: str) -> tuple[list[A
              helper.make_node("Sub", [t("rank"), t("step")], [t("index")]),
              helper.make_node("Gather", [t("values"), t("index")], [t("spread")], axis=0),
              helper.make_node("Where", [t("mask"), t("spread"), t("zero")], [t("dense")])]
-    tensors.append(const("split", [w.size for _, w in weights]))
-    parts = [t(f"{i}") for i in range(len(weights))]
-    nodes.append(helper.make_node("Split", [t("dense"), t("split")], parts, axis=0))
-    for part, (name, weight) in zip(parts, weights):
-        tensors.append(const(f"{part}.shape", weight.shape))
-        nodes.append(helper.make_node("Reshape", [part, t(f"{part}.shape")], [name]))
     return tensors, nodes

@@ -18,7 +18,7 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 NUMBER_KEYS = ("density", "acc", "cwv", "mcd", "worst_class")
 TEXT_KEYS = ("dataset", "method", "model")
 LIST_KEYS = ("class_names", "input_shape")
-OPTIONAL_TEXT_KEYS = ("granularity", "onnx_format")  # recorded by newer exports only; None when absent
+OPTIONAL_TEXT_KEYS = ("granularity", "onnx_format", "quantization")  # recorded by newer exports only; None when absent
 
 
 def providers_for(device: str) -> list[str]:

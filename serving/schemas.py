@@ -64,6 +64,7 @@ class ModelCard(BaseModel):
     model: str | None = Field(None, description="architecture name, e.g. mlp")
     granularity: str | None = Field(None, description="what pruning removed: 'weight' or 'unit'")
     onnx_format: str | None = Field(None, description="how the file stores the pruned model, e.g. 'dense', 'compact'")
+    quantization: str | None = Field(None, description="INT8 quantization of the file: 'none', 'dynamic' or 'static'")
     file_bytes: int = Field(description="size of the ONNX file served, in bytes (measured by the service)")
 
     def label(self) -> str:

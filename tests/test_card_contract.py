@@ -30,11 +30,12 @@ def test_the_service_reads_every_registry_key_and_reports_it():
 
 
 def test_the_services_optional_keys_are_reported_and_null_when_not_recorded():
-    """granularity and onnx_format: read when the export or the registry records them (newer exports do)."""
-    assert set(OPTIONAL_TEXT_KEYS) == {"granularity", "onnx_format"} and set(OPTIONAL_TEXT_KEYS) <= set(
+    """granularity, onnx_format and quantization: read when the export or the registry records them (newer exports
+    do)."""
+    assert set(OPTIONAL_TEXT_KEYS) == {"granularity", "onnx_format", "quantization"} and set(OPTIONAL_TEXT_KEYS) <= set(
         ModelCard.model_fields)
     assert not set(OPTIONAL_TEXT_KEYS) & set(VERSION_TAG_KEYS)  # not required of a registered version (yet)
-    recorded = {"granularity": "unit", "onnx_format": "compact"}
+    recorded = {"granularity": "unit", "onnx_format": "compact", "quantization": "static"}
     for props, registry in (({key: json.dumps(value) for key, value in recorded.items()}, {}), ({}, recorded)):
         assert recorded_metadata(props, registry) == recorded
     unrecorded = ModelCard(name="m", version=None, alias=None, uri="m.onnx", input_shape=(1,), class_names=("a",),

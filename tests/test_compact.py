@@ -133,14 +133,16 @@ def _matmul_graph(weights: dict):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
 
-def test_packing_rebuilds_exact_weights_and_skips_those_it_would_not_shrink():
+@pytest.mark.parametrize("density, form", [(0.03, "gaps"), (0.5, "bits")])
+def test_packing_rebuilds_exact_weights_and_skips_those_it_would_not_shrink(density, form):
     import numpy as np
     import onnxruntime as ort
 
     from ballot.packing import pack_sparse_initializers
 
     rng = np.random.default_rng(0)
-    sparse = (rng.standard_normal((37, 29)) * (rng.random((37, 29)) < 0.1)).astype(np.float32)  # 1073 bits: not /8
+    sparse = (rng.standard_normal((137, 29)) * (rng.random((137, 29)) < density)).astype(np.float32)  # 3973 bits
+    sparse[5:20] = 0  # a run of 435 zeros: a gap over 255
     empty = np.zeros((29, 11), dtype=np.float32)
     dense = rng.standard_normal((11, 5)).astype(np.float32)
     proto = _matmul_graph({"sparse": sparse, "empty": empty, "p.values": dense})  # a name the subgraph could take
@@ -148,28 +150,63 @@ def test_packing_rebuilds_exact_weights_and_skips_those_it_would_not_shrink():
     assert pack_sparse_initializers(proto, ["sparse", "empty", "p.values"]) == ["sparse", "empty"]
     assert proto.ByteSize() < before
     stored = {i.name for i in proto.graph.initializer}
-    assert "p.values" in stored and not {"sparse", "empty"} & stored
-    x = rng.standard_normal((4, 37)).astype(np.float32)
+    assert {"p.values", f"p1.{form}"} <= stored and not {"sparse", "empty"} & stored, "the smaller form is kept"
+    x = rng.standard_normal((4, 137)).astype(np.float32)
     got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, x @ sparse @ empty @ dense)
     assert pack_sparse_initializers(_matmul_graph({"w": dense}), ["w"]) == [], "a dense weight is not packed"
 
 
-def test_onnx_runtime_folds_the_packed_subgraph_away(tmp_path):
+def test_int8_weights_are_packed_apart_from_float_ones_and_rebuilt_exactly():
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ballot.packing import pack_sparse_initializers
+
+    rng = np.random.default_rng(1)
+    sparse = (rng.standard_normal((40, 30)) * (rng.random((40, 30)) < 0.1)).astype(np.float32)
+    quantized = (rng.integers(-127, 128, (30, 200)) * (rng.random((30, 200)) < 0.1)).astype(np.int8)
+    scale = np.float32(0.01)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]),
+         helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["wq"]),
+         helper.make_node("MatMul", ["h", "wq"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 40])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 200])],
+        [numpy_helper.from_array(sparse, "w"), numpy_helper.from_array(quantized, "q"),
+         numpy_helper.from_array(np.array(scale), "scale"), numpy_helper.from_array(np.array(0, np.int8), "zero_point")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    before = proto.ByteSize()
+    assert pack_sparse_initializers(proto, ["w", "q", "scale", "zero_point"]) == ["w", "q"]
+    assert proto.ByteSize() < before
+    stored = {i.name: i.data_type for i in proto.graph.initializer}
+    assert stored["p.values"] == TensorProto.FLOAT and stored["p1.values"] == TensorProto.INT8, stored
+    options = ort.SessionOptions()  # no fusion (DequantizeLinear + MatMul would become an INT8 MatMul): plain math
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = rng.standard_normal((4, 40)).astype(np.float32)
+    got = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ sparse @ (quantized.astype(np.float32) * scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("density, form_ops", [(0.05, {"ScatterElements", "CumSum"}), (0.3, {"BitShift", "Where"})])
+def test_onnx_runtime_folds_the_packed_subgraph_away(tmp_path, density, form_ops):
     import onnx
     import onnxruntime as ort
 
     from ballot.export import export_checked
 
     path = tmp_path / "mlp.onnx"
-    export_checked(_sparse("mlp"), FMNIST, path, {}, torch.rand(8, *FMNIST), 1e-4)
+    export_checked(_sparse("mlp", density), FMNIST, path, {}, torch.rand(8, *FMNIST), 1e-4)
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert {"BitShift", "CumSum", "Where"} <= ops
+    assert form_ops <= ops, ops
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     folded = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
-    assert not folded & {"BitShift", "BitwiseAnd", "CumSum", "Gather", "Where", "Split"}, folded
+    packing_ops = {"BitShift", "BitwiseAnd", "CumSum", "Gather", "Where", "ScatterElements", "ConstantOfShape", "Split"}
+    assert not folded & packing_ops, folded
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])

@@ -295,7 +295,7 @@ def test_the_service_serves_the_registered_compact_model_and_its_card(project):
     with in_thread(settings) as url:
         meta = httpx.get(f"{url}/metadata").json()
         card = httpx.get(f"{url}/model-card")
-    assert meta["onnx_format"] == "compact" and meta["granularity"] == "weight"
+    assert meta["onnx_format"] == "compact" and meta["granularity"] == "weight" and meta["quantization"] == "none"
     assert meta["density"] == metrics["density"]
     assert 0 < meta["file_bytes"] <= 1.05 * export["onnx_bytes"] + 4096  # the registry may add a small header
     assert card.status_code == 200 and card.text == (project.root / "artifacts/model_card.md").read_text()

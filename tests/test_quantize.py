@@ -45,6 +45,46 @@ def test_a_model_within_the_limits_is_written_as_int8_with_its_int8_metrics(trai
         assert quant["int8_onnx_bytes"] <= 0.3 * quant["float_onnx_bytes"], quant
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_a_sparse_int8_model_is_stored_packed_and_computes_what_the_unpacked_one_does(trained, tiny_data, tmp_path,
+                                                                                      mode):
+    import collections
+    import copy
+
+    import onnx
+    import onnxruntime as ort
+
+    sparse = copy.deepcopy(trained)
+    *hidden, _ = [m for m in sparse.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():  # 5% of each hidden layer in diagonal stripes: every unit keeps inputs and readers
+        for layer in hidden:
+            rows, cols = torch.meshgrid(*(torch.arange(n) for n in layer.weight.shape), indexing="ij")
+            layer.weight.mul_(((rows + cols) % 20 == 0).float())
+    args = (sparse, tiny_data.input_shape)
+    reports = {compact: export_checked(*args, tmp_path / f"{compact}.onnx", CARD, tiny_data.test.x[:64], 1e-4,
+                                       compact=compact, quantization=_gate(tiny_data, mode, 1.0, 1.0))
+               for compact in (True, False)}
+    packed, plain = reports[True], reports[False]
+    assert packed["onnx_format"] == read_metadata(tmp_path / "True.onnx")["onnx_format"] == "compact"
+    assert plain["onnx_format"] == "dense" and plain["packed_tensors"] == []
+    weights = [name for name in packed["packed_tensors"] if name.endswith("_quantized")]  # (and zero points)
+    assert len(weights) == len(hidden), packed["packed_tensors"]
+    assert packed["quantization"]["packed_max_abs_diff"] == 0.0
+    # 5% of the hidden INT8 weights plus their bits; biases, scales and the dense classifier stay as they are
+    assert packed["onnx_bytes"] <= 0.4 * plain["onnx_bytes"], (packed["onnx_bytes"], plain["onnx_bytes"])
+
+    def optimized_ops(path):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{path.stem}-optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+    # no dead units, so the unpacked file is the same INT8 graph: once ONNX Runtime folds the packed weights,
+    # both run the same (fused INT8) kernels
+    assert packed["removed_units"] == {}
+    assert optimized_ops(tmp_path / "True.onnx") == optimized_ops(tmp_path / "False.onnx")
+
+
 def test_a_model_that_quantization_breaks_is_refused_and_nothing_is_written(trained, tiny_data, tmp_path):
     import copy
 

@@ -198,7 +198,7 @@ def test_health_ready_and_metadata_describe_the_registered_champion(service, exp
     for key in ("density", "acc", "cwv", "mcd", "worst_class"):
         assert card[key] == pytest.approx(meta[key], rel=1e-6)
     assert card["providers"][-1] == "CPUExecutionProvider" and card["max_batch"] == MAX_BATCH
-    assert card["granularity"] is None and card["onnx_format"] is None  # not recorded by this export
+    assert card["granularity"] is None and card["onnx_format"] is None and card["quantization"] is None  # not recorded
     # MLflow keeps the weights in an external-data file next to model.onnx; both count
     assert card["file_bytes"] == pytest.approx(exported["path"].stat().st_size, rel=0.01)
 
