@@ -243,6 +243,6 @@ def _max_output_diff(first: str | Path, second: str | Path, inputs: torch.Tensor
     import onnxruntime as ort
 
     x = inputs.cpu().numpy().astype(np.float32)
-    outputs = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-               for path in (first, second)]
+    sessions = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in (first, second)]
+    outputs = [session.run([OUTPUT_NAME], {INPUT_NAME: x})[0] for session in sessions]
     return float(np.abs(outputs[0] - outputs[1]).max())

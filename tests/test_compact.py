@@ -37,7 +37,7 @@ def test_mlp_loses_dead_and_unread_neurons_but_keeps_a_constant_one():
     first.weight[9] = 0; first.bias[9] = 0.5        # constant 0.5 that the next layer reads: must stay
     second.weight[:, 11] = 0                        # unread: no consumer weight on it
     head.weight[:, 7] = 0                           # unread by the classifier
-    compact, removed = remove_dead_units(model, SHAPE)
+    compact, removed = remove_dead_units(model, SHAPE, channel_multiple=1)
     assert removed == {"1.1": 3, "1.3": 1}
     assert compact[1][1].out_features == 297 and compact[1][3].in_features == 297
     assert compact[1][5].out_features == 10, "the classifier's outputs are never removed"
@@ -47,7 +47,7 @@ def test_mlp_loses_dead_and_unread_neurons_but_keeps_a_constant_one():
 @torch.no_grad()
 def test_nothing_dead_leaves_the_model_as_it_is():
     model = build_model("cnn", SHAPE, 10).eval()
-    compact, removed = remove_dead_units(model, SHAPE)
+    compact, removed = remove_dead_units(model, SHAPE, channel_multiple=1)
     assert removed == {}
     assert [p.shape for p in compact.parameters()] == [p.shape for p in model.parameters()]
 
@@ -60,7 +60,7 @@ def test_cnn_channels_through_pooling_and_flatten():
     convs[1].weight[2] = 0; convs[1].bias[2] = -1.0  # dead after ReLU, then max-pooled
     convs[3].weight[6] = 0; convs[3].bias[6] = 0.2   # constant through mean -> linear: must stay
     model[1][-1].weight[:, 9] = 0                    # last conv's channel 9 unread through mean + flatten
-    compact, removed = remove_dead_units(model, SHAPE)
+    compact, removed = remove_dead_units(model, SHAPE, channel_multiple=1)
     assert removed == {"1.0": 1, "1.2": 1, "1.7": 1}
     assert model[1][-1].in_features == 64 and compact[1][-1].in_features == 63
     _same_outputs(model, compact)
@@ -87,10 +87,26 @@ def test_resnet20_residual_coupled_channel_goes_only_when_every_member_allows_it
     net[4].conv1.weight[3] = 0; net[4].bn1.bias[3] = -1.0
     # channel 4: zero BN scale but shift 0.3, a constant the block's conv2 reads: must stay
     net[4].bn1.weight[4] = 0; net[4].bn1.bias[4] = 0.3
-    compact, removed = remove_dead_units(model, SHAPE)
+    compact, removed = remove_dead_units(model, SHAPE, channel_multiple=1)
     assert removed == {"1.0": 1, "1.3.conv2": 1, "1.4.conv1": 2, "1.4.conv2": 1, "1.5.conv2": 1}
     assert compact[1][6].shortcut[0].in_channels == 15 and compact[1][4].bn1.num_features == 14
     _same_outputs(model, compact)
+
+
+@torch.no_grad()
+def test_convolutions_keep_a_multiple_of_eight_channels_and_linear_layers_lose_every_dead_unit():
+    model = build_model("cnn", SHAPE, 10).eval()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for conv, dead in zip(convs, (3, 0, 0, 10)):  # of 32, 32, 64, 64 channels
+        conv.weight[:dead] = 0
+        conv.bias[:dead] = 0
+    compact, removed = remove_dead_units(model, SHAPE)
+    assert removed == {"1.7": 8}, "29 of 32 live: all 32 kept; 54 of 64 live: 56 kept"
+    _same_outputs(model, compact)
+    mlp = build_model("mlp", SHAPE, 10).eval()
+    mlp[1][1].weight[:3] = 0
+    mlp[1][1].bias[:3] = 0
+    assert remove_dead_units(mlp, SHAPE)[1] == {"1.1": 3}
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
@@ -99,7 +115,7 @@ def test_a_layer_whose_units_are_all_dead_keeps_one(name):
     model = build_model(name, SHAPE, 10).eval()
     first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
     first.weight.zero_(); first.bias.zero_()
-    compact, _ = remove_dead_units(model, SHAPE)
+    compact, _ = remove_dead_units(model, SHAPE, channel_multiple=1)
     assert next(m for m in compact.modules() if isinstance(m, (nn.Linear, nn.Conv2d))).weight.shape[0] == 1
     _same_outputs(model, compact)
 
@@ -175,7 +191,8 @@ def test_int8_weights_are_packed_apart_from_float_ones_and_rebuilt_exactly():
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 40])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 200])],
         [numpy_helper.from_array(sparse, "w"), numpy_helper.from_array(quantized, "q"),
-         numpy_helper.from_array(np.array(scale), "scale"), numpy_helper.from_array(np.array(0, np.int8), "zero_point")])
+         numpy_helper.from_array(np.array(scale), "scale"),
+         numpy_helper.from_array(np.array(0, np.int8), "zero_point")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     before = proto.ByteSize()
     assert pack_sparse_initializers(proto, ["w", "q", "scale", "zero_point"]) == ["w", "q"]

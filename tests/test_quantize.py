@@ -84,6 +84,16 @@ def test_a_sparse_int8_model_is_stored_packed_and_computes_what_the_unpacked_one
     assert packed["removed_units"] == {}
     assert optimized_ops(tmp_path / "True.onnx") == optimized_ops(tmp_path / "False.onnx")
 
+    from serving.server import load_model
+    from serving.settings import Settings
+
+    served = load_model(Settings(model_uri=str(tmp_path / "True.onnx")))  # the service takes the file as it is
+    assert (served.card.quantization, served.card.onnx_format) == (mode, "compact")
+    assert served.card.file_bytes == packed["onnx_bytes"]
+    x = tiny_data.test.x[:32].numpy()
+    unpacked = ort.InferenceSession(str(tmp_path / "False.onnx"), providers=["CPUExecutionProvider"])
+    assert (served.logits(x) == unpacked.run(None, {"input": x})[0]).all()
+
 
 def test_a_model_that_quantization_breaks_is_refused_and_nothing_is_written(trained, tiny_data, tmp_path):
     import copy
