@@ -13,7 +13,8 @@ For each model (default ``mlp``, ``cnn``, ``resnet20``), trained briefly on scik
   removal shrinks the layers);
 - ``int8``: the dense model quantized (onnxruntime.quantization; static QDQ by default, ``--int8 dynamic``), with
   its measured accuracy change;
-- ``sparse-int8``: the sparse model quantized the same way, compact export (its INT8 weights packed).
+- ``sparse-int8`` and ``structured-int8``: the sparse and structured models quantized the same way, compact
+  export (INT8 weights packed, removed units gone).
 
 Columns: file bytes and their ratios to the dense file and the lossless floor, session creation time, ORT latency
 p50 / p99 and throughput at batch 1 and 64 with 1 and 2 intra-op threads (and ratios to dense), whether ONNX
@@ -133,6 +134,8 @@ def rows_for(name: str, data: DataBundle, args: argparse.Namespace, folder: Path
                             data.train.x[:256].numpy())
     variants.append(("int8", dense, None, {"compact": False, "quantization": gate}))
     variants.append(("sparse-int8", sparse, mask, {"quantization": gate}))
+    if args.structured:
+        variants.append(("structured-int8", unit, halved, {"quantization": gate}))
     rows, paths = [], []
     for kind, model, mask, options in variants:
         paths.append(folder / f"{name}-{kind}.onnx")
