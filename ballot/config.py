@@ -256,7 +256,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 OBS_LOSSES = ("fair", "plain")
-CONFLICT_RULES = ("protect", "veto", "none")
+CONFLICT_RULES = ("protect", "veto", "share", "none")
 
 
 @dataclass
@@ -271,14 +271,18 @@ class BallotConfig:
     ballot_every: int = _help("Cast a ballot every N observation steps (0 = once per epoch).", 0)
     layer_floor: float = _help("Per-layer counts are ERK shares, each layer keeping at least this fraction of its "
                                "uniform share (floor x density x layer size).", 0.5)
-    conflict: str = _help("What a conflict between the accuracy and fairness gradients does: 'protect' the "
-                          "contested weights the fairness gradient relies on, 'veto' them, or 'none' (the default: "
-                          "neither helped on validation, docs/ballot.md).", "none")
+    conflict: str = _help("What a conflict between the accuracy and fairness signals does: 'protect' the "
+                          "contested weights the fairness gradient relies on, 'veto' them, 'share': protect the "
+                          "weights some class leans on most (per-class saliency retention), or 'none' (the default: "
+                          "none helped on validation, docs/ballot.md).", "none")
     conflict_threshold: float = _help(
         "tau: a weight is contested when the strength -g_hat*f_hat exceeds tau (inf = never).", 0.5
     )
-    protect_fraction: float = _help("'protect': share of each layer's count reserved for contested weights, ranked by "
-                                    "their fairness saliency -w*f_hat summed over the ballots.", 0.2)
+    protect_fraction: float = _help("'protect' and 'share': share of each layer's count reserved for the protected "
+                                    "weights, ranked by their fairness saliency -w*f_hat ('protect') or class share "
+                                    "('share') summed over the ballots.", 0.2)
+    share_samples: int = _help("'share': training samples per class in the probe that measures the class shares.",
+                               32)
     class_weight_floor: float = _help("delta in w_c = 1/max(acc_c, delta) for the fairness loss (1/delta caps the "
                                       "ratio of two class weights).", 0.2)
     refine_train: TrainConfig = _help("Refined-training schedule (any method with prune.final_train refined).",
@@ -296,6 +300,7 @@ class BallotConfig:
         _check(self.conflict in CONFLICT_RULES, "conflict", f"unknown '{self.conflict}', choose from {CONFLICT_RULES}")
         _check(self.conflict_threshold >= 0, "conflict_threshold", f"must be >= 0 (or .inf), got {self.conflict_threshold}")
         _check(0 <= self.protect_fraction <= 1, "protect_fraction", f"must be in [0, 1], got {self.protect_fraction}")
+        _check(self.share_samples >= 1, "share_samples", f"must be >= 1, got {self.share_samples}")
         _check(0 < self.class_weight_floor <= 1, "class_weight_floor", f"must be in (0, 1], got {self.class_weight_floor}")
         _check(0 <= self.fairness_loss_weight <= 1, "fairness_loss_weight",
                f"must be in [0, 1], got {self.fairness_loss_weight}")

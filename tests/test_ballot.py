@@ -174,3 +174,56 @@ def test_protection_puts_contested_weights_into_the_mask_when_classes_are_served
     moved = protected.details.rounds[1].protected
     assert 0 < moved <= round(0.2 * protected.mask.kept) + len(protected.mask)
     assert protected.mask.kept == plain.mask.kept and protected.mask.to_bytes() != plain.mask.to_bytes()
+
+
+def _two_class_probe():
+    """A bias-free linear classifier 3 -> 2: class 0 reads inputs 0 and 1 through large weights, class 1 only input
+    2 through one small weight, so magnitude ranks that weight last of the live ones."""
+    from ballot.data import Split
+    from ballot.pruning.class_share import ClassShareProbe
+
+    model = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[5.0, 4.0, 0.0], [0.0, 0.0, 0.1]]))
+    x = torch.tensor([[1.0, 1.0, 0.0]] * 4 + [[0.0, 0.0, 1.0]] * 4)
+    y = torch.tensor([0] * 4 + [1] * 4)
+    return model, ClassShareProbe(Split(x, y), num_classes=2, per_class=3, seed=0)
+
+
+def test_class_share_is_each_weights_largest_normalised_class_saliency():
+    model, probe = _two_class_probe()
+    everyone = torch.ones(2, 3, dtype=torch.bool)
+    (share,) = probe.shares(model, [model.weight], [everyone])
+    # class 1's whole saliency sits on weight (1, 2); class 0's on (0, 0) and (0, 1) in the ratio 5 : 4 of w * x, and
+    # its gradient on row 1 is as large as on row 0 but multiplies zero weights. 6 survivors: an even share is 1/6.
+    assert share[1, 2] == pytest.approx(6.0)
+    assert share[0, 0] == pytest.approx(6.0 * 5 / 9, rel=1e-4) and share[0, 1] == pytest.approx(6.0 * 4 / 9, rel=1e-4)
+    assert share[0, 2] == 0 and share[1, 0] == 0 and share[1, 1] == 0
+    assert model.weight.grad is None and model.training  # the probe leaves .grad and the mode alone
+    (outside,) = probe.shares(model, [model.weight], [torch.tensor([[True, True, False], [False, False, False]])])
+    assert outside[1, 2] == 0 and outside[0, 0] == pytest.approx(2.0 * 5 / 9, rel=1e-4)  # only survivors count
+
+
+def test_share_protected_weight_survives_where_magnitude_alone_drops_it():
+    model, probe = _two_class_probe()
+    everyone = torch.ones(2, 3, dtype=torch.bool)
+    (share,) = probe.shares(model, [model.weight], [everyone])
+    votes = {"w": torch.zeros(2, 3, dtype=torch.int32)}
+    magnitudes = {"w": model.weight.detach().abs()}
+    plain = select_mask(votes, magnitudes, {"w": 2})["w"]
+    assert plain.tolist() == [[True, True, False], [False, False, False]]  # class 1 loses its only weight
+    protected = select_mask(votes, magnitudes, {"w": 2}, {"w": share}, protect_fraction=0.5)["w"]
+    assert protected.tolist() == [[True, False, False], [False, False, True]]
+
+
+def test_share_rule_keeps_the_budget_and_moves_the_mask(tiny_data, tiny_dense):
+    plain = run_prune(tiny_config("prune.ballot.rounds=2"), tiny_data, tiny_dense)
+    shared = run_prune(tiny_config("prune.ballot.rounds=2", "prune.ballot.conflict=share"), tiny_data, tiny_dense)
+    again = run_prune(tiny_config("prune.ballot.rounds=2", "prune.ballot.conflict=share"), tiny_data, tiny_dense)
+    assert shared.mask.kept == plain.mask.kept == budget(plain.mask.total, tiny_config().base.density)
+    assert shared.mask.to_bytes() == again.mask.to_bytes()  # deterministic
+    moved = shared.details.rounds[1].protected
+    assert 0 < moved <= round(0.2 * shared.mask.kept) + len(shared.mask)
+    assert shared.mask.to_bytes() != plain.mask.to_bytes()
+    params = dict(shared.model.named_parameters())
+    assert all(torch.count_nonzero(params[n][~keep]) == 0 for n, keep in shared.mask.items())

@@ -8,7 +8,9 @@ vote     each epoch (a ballot) gives one vote to each layer's largest surviving 
 conflict a surviving weight is *contested* when fairness would grow it (w*f < 0) while accuracy would shrink it
          (w*g > 0), with strength -g_hat*f_hat above tau. 'protect' sums its fairness saliency -w*f_hat over the
          ballots and reserves ``protect_fraction`` of each layer's count for the best-protected weights; 'veto'
-         bars contested weights from a ballot; 'none' (default, chosen on validation) votes on |w| alone.
+         bars contested weights from a ballot; 'share' reserves the same fraction for the weights some class leans
+         on most (per-class saliency retention, ``ClassShareProbe``); 'none' (default, chosen on validation) votes
+         on |w| alone.
 select   ``select_mask``: each layer keeps its most-voted weights, ties broken by the final magnitude.
 
 With prune.granularity 'unit' the same rounds vote on whole units (``UnitVoter``): each ballot gives one vote to
@@ -29,6 +31,7 @@ from ballot import distributed
 from ballot.config import BallotConfig
 from ballot.masks import Mask, density_schedule, erk_counts, magnitude_scores
 from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
+from ballot.pruning.class_share import ClassShareProbe
 from ballot.pruning.units import UnitGroup, kept_units, select_units, unit_counts, unit_mask, unit_scores
 from ballot.train import Batch, StepHook, steps_per_epoch, train
 
@@ -98,12 +101,18 @@ def select_mask(votes: dict[str, torch.Tensor], magnitudes: dict[str, torch.Tens
     return Mask(chosen)
 
 
+GRADIENT_RULES = ("protect", "veto")  # the conflict rules that compare g and f (one extra backward per collected step)
+PROTECTING_RULES = ("protect", "share")  # the rules that reserve a share of each layer's count at selection
+
+
 class GradientCollector(StepHook):
-    """A training-step hook summing g and f over a ballot period and casting a ballot at its end."""
+    """A training-step hook summing g and f over a ballot period and casting a ballot at its end ('share': it
+    measures the class shares on ``probe`` at each ballot instead)."""
 
     def __init__(self, model: nn.Module, candidate: Mask, counts: dict[str, int], class_weights: torch.Tensor,
-                 cfg: BallotConfig, period: int) -> None:
+                 cfg: BallotConfig, period: int, probe: ClassShareProbe | None = None) -> None:
         params = dict(model.named_parameters())
+        self.model, self.probe = model, probe
         self.cfg, self.period, self.counts, self.class_weights = cfg, period, counts, class_weights
         self.fair_steps = cfg.obs_loss == "fair"  # the training step's own gradient is f (else g)
         self.names = list(candidate)
@@ -112,7 +121,8 @@ class GradientCollector(StepHook):
         self.g = [torch.zeros_like(p) for p in self.params]
         self.f = [torch.zeros_like(p) for p in self.params]
         self.votes = {n: torch.zeros(p.shape, dtype=torch.int32) for n, p in zip(self.names, self.params)}
-        # summed over ballots: the fairness saliency -w*f_hat of a weight on the ballots where it was contested
+        # summed over ballots: 'protect', the fairness saliency -w*f_hat of a weight on the ballots where it was
+        # contested; 'share', its class share
         self.protection = {n: torch.zeros(p.shape) for n, p in zip(self.names, self.params)}
         self.history: list[dict[str, Any]] = []
         self._collecting = False
@@ -123,7 +133,7 @@ class GradientCollector(StepHook):
         """On a collected step, the gradient of the loss the step does not train on, by one extra backward (this
         process's share of it: the shares are summed over the processes once per ballot, in ``cast``)."""
         self._collecting = step % self.cfg.collect_every == 0
-        if self._collecting and self.cfg.conflict != "none":
+        if self._collecting and self.cfg.conflict in GRADIENT_RULES:
             loss = batch.loss(None if self.fair_steps else self.class_weights)
             self._other = torch.autograd.grad(loss, self.params, retain_graph=True)
 
@@ -149,14 +159,19 @@ class GradientCollector(StepHook):
         if self._collected == 0:
             return
         cfg = self.cfg
-        if cfg.conflict != "none":
+        if cfg.conflict in GRADIENT_RULES:
             for acc in self.g if self.fair_steps else self.f:
                 distributed.all_reduce_sum(acc)
+        if self.probe is not None:  # the same probe on every process; rank 0's shares decide
+            shares = [distributed.broadcast(s) for s in
+                      self.probe.shares(self.model, self.params, [self.candidate[n] for n in self.names])]
+            for name, share in zip(self.names, shares):
+                self.protection[name] += share.cpu()
         conflicts, changed = {}, 0
         for name, p, g, f in zip(self.names, self.params, self.g, self.f):
             within, w, k = self.candidate[name], p.detach(), self.counts[name]
             scores = w.abs()
-            disputed = (contested(w, g, f, cfg.conflict_threshold, within) & within if cfg.conflict != "none"
+            disputed = (contested(w, g, f, cfg.conflict_threshold, within) & within if cfg.conflict in GRADIENT_RULES
                         else torch.zeros_like(within))
             plain = cast_ballot(scores, within, k)
             ballot = cast_ballot(scores, within & ~disputed, k) if cfg.conflict == "veto" else plain
@@ -206,7 +221,7 @@ class UnitVoter(StepHook):
 class BallotRound:
     density: float
     kept: int
-    protected: int = 0  # weights the 'protect' conflict placed beyond the most-voted ones
+    protected: int = 0  # weights 'protect' or 'share' placed beyond the most-voted ones
     ballots: list[dict[str, Any]] = field(default_factory=list)  # GradientCollector.history (round 1 casts none)
 
 
@@ -289,12 +304,15 @@ def round_counts(ctx: PruneContext, shapes: dict[str, tuple[int, ...]]) -> list[
 def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
             ) -> tuple[Mask, GradientCollector, int]:
     """Train ``mask`` from theta_k (prune.retrain, ``obs_epochs``), casting a ballot each period; the next mask is
-    each layer's ``counts`` most-voted survivors (with 'protect', a share goes to the best-protected ones). Returns
-    it, the collector, and how many of its weights protection put there."""
+    each layer's ``counts`` most-voted survivors (with 'protect' or 'share', a share goes to the best-protected
+    ones). Returns it, the collector, and how many of its weights protection put there."""
     cfg = ctx.config.ballot
     observer = ctx.model_from(ctx.dense.rewind_state)
     per_epoch = steps_per_epoch(len(ctx.data.train), ctx.config.retrain.batch_size)
-    collector = GradientCollector(observer, mask, counts, ctx.dense_class_weights, cfg, cfg.ballot_every or per_epoch)
+    probe = (ClassShareProbe(ctx.data.train, ctx.data.num_classes, cfg.share_samples, ctx.seed)
+             if cfg.conflict == "share" else None)
+    collector = GradientCollector(observer, mask, counts, ctx.dense_class_weights, cfg, cfg.ballot_every or per_epoch,
+                                  probe)
     obs_cfg = dataclasses.replace(ctx.config.retrain, epochs=cfg.obs_epochs)
     train(observer, ctx.data.train, obs_cfg, seed=ctx.seed, mask=mask, device=ctx.device, hook=collector,
           class_weights=ctx.dense_class_weights if cfg.obs_loss == "fair" else None, desc=desc,
@@ -302,7 +320,7 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
     collector.finish(per_epoch * cfg.obs_epochs)
     magnitudes = magnitude_scores(observer, list(mask))
     by_votes = select_mask(collector.votes, magnitudes, counts)
-    if cfg.conflict != "protect":
+    if cfg.conflict not in PROTECTING_RULES:
         return ctx.agree(by_votes, desc), collector, 0
     selected = select_mask(collector.votes, magnitudes, counts, collector.protection, cfg.protect_fraction)
     return ctx.agree(selected, desc), collector, sum(int((selected[n] & ~by_votes[n]).sum()) for n in selected)
