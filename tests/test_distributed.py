@@ -27,10 +27,11 @@ def prune(out: Path, *extra: str) -> subprocess.CompletedProcess:
                           env=ENV, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("method", ["lth", "ballot"])
-def test_two_processes_select_the_single_process_mask(tmp_path, method):
-    single, double = prune(tmp_path / "one", "--method", method), prune(tmp_path / "two", "--method", method,
-                                                                         "--nproc", "2")
+@pytest.mark.parametrize("method,extra", [("lth", []), ("ballot", []),
+                                          ("ballot", ["--set", "prune.ballot.conflict=share"])])
+def test_two_processes_select_the_single_process_mask(tmp_path, method, extra):
+    chosen = ["--method", method, *extra]
+    single, double = prune(tmp_path / "one", *chosen), prune(tmp_path / "two", *chosen, "--nproc", "2")
     assert single.returncode == 0, single.stderr
     assert double.returncode == 0, double.stderr
     one, two = Mask.load(tmp_path / "one" / "mask.safetensors"), Mask.load(tmp_path / "two" / "mask.safetensors")
