@@ -226,8 +226,7 @@ def test_minify_shares_identical_constants_and_shortens_every_name_but_the_input
         nodes += [helper.make_node("DequantizeLinear", [f"layer{i}.weight_quantized", f"layer{i}.weight_scale",
                                                         f"layer{i}.weight_zero_point"], [f"layer{i}.weight"],
                                    name=f"layer{i}.weight_DequantizeLinear", axis=1),
-                  helper.make_node("MatMul", [previous, f"layer{i}.weight"], [output], name=f"layer{i}.MatMul",
-                                   doc_string="exporter debug info")]
+                  helper.make_node("MatMul", [previous, f"layer{i}.weight"], [output], name=f"layer{i}.MatMul")]
         previous = output
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 16])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 16])], initializers)
@@ -238,7 +237,7 @@ def test_minify_shares_identical_constants_and_shortens_every_name_but_the_input
     assert [i.name for i in small.graph.input] == ["input"] and [o.name for o in small.graph.output] == ["logits"]
     assert [o.domain for o in small.opset_import] == [""], "the unused ai.onnx.ml import is dropped"
     assert len(small.graph.initializer) == 7, "one zero point serves the three layers"
-    assert all(not node.name and not node.doc_string for node in small.graph.node)
+    assert not any(node.name for node in small.graph.node)
     names = {name for node in small.graph.node for name in [*node.input, *node.output]} - {"input", "logits"}
     assert max(map(len, names)) == 1, names
     x = rng.standard_normal((4, 16)).astype(np.float32)
