@@ -17,7 +17,7 @@ from ballot.compact import remove_dead_units
 from ballot.config import ExperimentConfig
 from ballot.errors import ParityError, StorageError
 from ballot.masks import Mask, prunable_names
-from ballot.packing import FLOAT_BYTES, lossless_floor_bytes, pack_sparse_initializers, strip_debug_info
+from ballot.packing import FLOAT_BYTES, lossless_floor_bytes, minify, pack_sparse_initializers, strip_debug_info
 from ballot.storage import atomic_write
 
 if TYPE_CHECKING:
@@ -141,7 +141,8 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
     when the INT8 model passes its gate (else QuantizationError; the INT8 file is then what is written, its card
     carrying the INT8 metrics).
 
-    ``compact`` removes dead units (ballot.compact) and packs the sparse weights (ballot.packing). The metadata
+    ``compact`` removes dead units (ballot.compact), packs the sparse weights and minifies the graph
+    (ballot.packing; the INT8 file alike, checked against the quantizer's own file on ``inputs``). The metadata
     also records ``onnx_format`` ("compact" when weights are packed, else "dense"), ``granularity`` and
     ``quantization``. Returns the export report: parity, sizes (the file, the plain dense export, the lossless
     floor), removed units, packed tensors, parameter counts and the quantization report."""
@@ -152,6 +153,7 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
         proto = copy.deepcopy(plain)
         strip_debug_info(proto)
         packed = pack_sparse_initializers(proto, prunable_names(deployed))
+        proto = minify(proto)
     fields = {"onnx_format": "compact" if packed else "dense", "granularity": granularity}
     metadata = {**card, **fields, "quantization": quantization.mode if quantization else "none"}
     set_metadata(plain, metadata)
@@ -209,9 +211,9 @@ def _quantized(plain: Any, tmp: str, gate: QuantizationGate, metadata: dict[str,
                inputs: torch.Tensor, tolerance: float) -> tuple[dict[str, Any], list[str]]:
     """Quantize the dense float graph ``plain`` (the quantizer needs initializers, not packed weights), gate it,
     and write the INT8 model to ``tmp`` with the INT8 metrics in its card; with ``compact`` its sparse INT8
-    weights are packed (ballot.packing), checked against the unpacked INT8 model on ``inputs``. Returns the
-    quantization report (with the sizes of the float and INT8 files, both without debug info) and the packed
-    tensors."""
+    weights are packed and the graph minified (ballot.packing), checked against the quantizer's file on
+    ``inputs``. Returns the quantization report (with the sizes of the float and INT8 files, both without debug
+    info and both minified with ``compact``) and the packed tensors."""
     import onnx
 
     from ballot.quantize import quantize_checked
@@ -223,15 +225,16 @@ def _quantized(plain: Any, tmp: str, gate: QuantizationGate, metadata: dict[str,
         save_proto(dense, float_path)
         result = quantize_checked(float_path, int8_path, gate)
         int8 = onnx.load_model(str(int8_path))
-        result["float_onnx_bytes"] = float_path.stat().st_size
+        result["float_onnx_bytes"] = minify(dense).ByteSize() if compact else float_path.stat().st_size
         strip_debug_info(int8)
         packed = pack_sparse_initializers(int8, [init.name for init in int8.graph.initializer]) if compact else []
+        int8 = minify(int8) if compact else int8
         set_metadata(int8, {**metadata, **result["int8"], "onnx_format": "compact" if packed else "dense"})
         save_proto(int8, tmp)
-        if packed:
+        if compact:
             diff = _max_output_diff(int8_path, tmp, inputs)
             if not diff <= tolerance:
-                raise ParityError(f"the packed INT8 model differs from the INT8 model by {diff:.3g} on "
+                raise ParityError(f"the compact INT8 model differs from the quantizer's by {diff:.3g} on "
                                   f"{len(inputs)} test inputs (export.parity_tolerance {tolerance})")
             result["packed_max_abs_diff"] = diff
     result["int8_onnx_bytes"] = Path(tmp).stat().st_size

@@ -69,8 +69,12 @@ def onnx_class_metrics(path: str | Path, x: np.ndarray, y: np.ndarray, num_class
 
 
 def quantize(float_path: str | Path, out_path: str | Path, mode: str, calibration: np.ndarray | None = None) -> None:
-    """Write the INT8 version of ``float_path`` to ``out_path``: dynamic, or static (QDQ, per-channel weights,
-    activation ranges calibrated on ``calibration``); both after ONNX Runtime's pre-processing."""
+    """Write the INT8 version of ``float_path`` to ``out_path``: dynamic, or static (per-channel weights,
+    activation ranges calibrated on ``calibration``); both after ONNX Runtime's pre-processing.
+
+    Static uses the QOperator format (QLinearConv, QGemm, QLinearAdd, ...: the INT8 kernels ONNX Runtime's CPU
+    provider runs) rather than QDQ, whose Quantize/Dequantize pair per activation and Dequantize per weight and
+    bias ONNX Runtime fuses into those same kernels when it loads the file anyway (docs/deploy.md)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
 
     with tempfile.TemporaryDirectory() as folder:
@@ -80,7 +84,7 @@ def quantize(float_path: str | Path, out_path: str | Path, mode: str, calibratio
             quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8)
         else:
             quantize_static(str(prepared), str(out_path), _calibration_reader(prepared, calibration),
-                            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                            quant_format=QuantFormat.QOperator, per_channel=True, weight_type=QuantType.QInt8,
                             activation_type=QuantType.QUInt8)
 
 

@@ -11,12 +11,14 @@ For each model (default ``mlp``, ``cnn``, ``resnet20``), trained briefly on scik
   removed by L1 norm, residual-coupled channels together (prune.granularity 'unit' magnitude; their biases and
   BatchNorm pinned at zero, so they are exactly dead), fine-tuned under that mask, compact export (dead-unit
   removal shrinks the layers);
-- ``int8``: the dense model quantized (onnxruntime.quantization; static QDQ by default, ``--int8 dynamic``), with
-  its measured accuracy change;
+- ``int8``: the dense model quantized (onnxruntime.quantization; static QOperator by default, ``--int8 dynamic``),
+  with its measured accuracy change;
 - ``sparse-int8`` and ``structured-int8``: the sparse and structured models quantized the same way, compact
   export (INT8 weights packed, removed units gone).
 
-Columns: file bytes and their ratios to the dense file and the lossless floor, session creation time, ORT latency
+Columns: file bytes and their ratios to the dense file, to the same model's float file (INT8 rows: ``int8`` to
+``dense``, ``sparse-int8`` to ``sparse``, ``structured-int8`` to ``structured``) and to the lossless floor, session
+creation time, ORT latency
 p50 / p99 and throughput at batch 1 and 64 with 1 and 2 intra-op threads (and ratios to dense), whether ONNX
 Runtime folded the packed subgraph away, and test accuracy / CWV measured on the exported file. Timings of one
 model's rows are interleaved (five rounds) so that background load falls on all of them alike. Writes
@@ -49,6 +51,7 @@ from ballot.storage import atomic_write, write_json, write_text
 from ballot.train import train
 
 BATCHES, THREADS = (1, 64), (1, 2)
+FLOAT_ROW = {"int8": "dense", "sparse-int8": "sparse", "structured-int8": "structured"}  # INT8 row: its float row
 PACK_OPS = {"BitShift", "BitwiseAnd", "CumSum", "Gather", "Where", "ScatterElements", "ConstantOfShape", "Split"}
 
 
@@ -145,8 +148,11 @@ def rows_for(name: str, data: DataBundle, args: argparse.Namespace, folder: Path
                      "packed": len(report["packed_tensors"]),
                      **onnx_class_metrics(paths[-1], data.test.x.numpy(), data.test.y.numpy(), data.num_classes),
                      **load_profile(paths[-1])})
-        print(f"  {name} {kind}: {rows[-1]['bytes']} bytes  acc {rows[-1]['acc']:.4f}  cwv {rows[-1]['cwv']:.5f}",
-              flush=True)
+        row, ratio = rows[-1], ""
+        if kind in FLOAT_ROW:
+            row["float_ratio"] = row["bytes"] / next(r["bytes"] for r in rows if r["row"] == FLOAT_ROW[kind])
+            ratio = f" ({row['float_ratio']:.3f}x {FLOAT_ROW[kind]})"
+        print(f"  {name} {kind}: {row['bytes']} bytes{ratio}  acc {row['acc']:.4f}  cwv {row['cwv']:.5f}", flush=True)
     for batch in BATCHES:
         for threads in THREADS:
             for row, timing in zip(rows, latencies(paths, data.input_shape, batch, threads, args.seconds)):
@@ -163,11 +169,12 @@ def rows_for(name: str, data: DataBundle, args: argparse.Namespace, folder: Path
 def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of ``rows``."""
     speed = [f"b{b}t{t}" for b in BATCHES for t in THREADS]
-    head = (["model", "row", "bytes", "x dense", "x floor", "units removed", "load ms", "folded"]
+    head = (["model", "row", "bytes", "x dense", "x float", "x floor", "units removed", "load ms", "folded"]
             + [f"b{k[1:].replace('t', ' t')} p50/p99 ms (samples/s, x dense)" for k in speed] + ["acc", "CWV"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], r["row"], f"{r['bytes']:,}", f"{r['dense_ratio']:.3f}", f"{r['floor_ratio']:.2f}",
+        cells = [r["model"], r["row"], f"{r['bytes']:,}", f"{r['dense_ratio']:.3f}",
+                 f"{r['float_ratio']:.3f}" if "float_ratio" in r else "-", f"{r['floor_ratio']:.2f}",
                  str(r["removed_units"]), f"{r['load_ms']:.0f}", "yes" if r["folded"] else "no"]
         cells += [f"{r[k]['p50_ms']:.3f}/{r[k]['p99_ms']:.3f} ({r[k]['throughput']:,.0f}, {r[k]['speedup']:.2f})"
                   for k in speed]
@@ -216,7 +223,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="timing per (row, batch, threads)")
     parser.add_argument("--structured", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--int8", choices=["dynamic", "static"], default="static",
-                        help="quantization of the int8 rows (static: QDQ, calibrated on 256 training inputs)")
+                        help="quantization of the int8 rows (static: QOperator, calibrated on 256 training inputs)")
     parser.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits")
     parser.add_argument("--max-train", type=int, help="cap on the training pool (data.max_train_samples)")
     parser.add_argument("--seed", type=int, default=0)

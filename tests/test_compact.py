@@ -207,6 +207,45 @@ def test_int8_weights_are_packed_apart_from_float_ones_and_rebuilt_exactly():
     np.testing.assert_allclose(got, x @ sparse @ (quantized.astype(np.float32) * scale), rtol=1e-5, atol=1e-5)
 
 
+def test_minify_shares_identical_constants_and_shortens_every_name_but_the_inputs_and_outputs():
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ballot.packing import minify
+
+    rng = np.random.default_rng(2)
+    weights = [rng.integers(-127, 128, (16, 16)).astype(np.int8) for _ in range(3)]
+    nodes, initializers, previous = [], [], "input"
+    for i, weight in enumerate(weights):  # per-channel INT8 layers, each with its own copy of the zero points
+        initializers += [numpy_helper.from_array(weight, f"layer{i}.weight_quantized"),
+                         numpy_helper.from_array(rng.random(16, np.float32) / 100, f"layer{i}.weight_scale"),
+                         numpy_helper.from_array(np.zeros(16, np.int8), f"layer{i}.weight_zero_point")]
+        output = "logits" if i == len(weights) - 1 else f"layer{i}.output"
+        nodes += [helper.make_node("DequantizeLinear", [f"layer{i}.weight_quantized", f"layer{i}.weight_scale",
+                                                        f"layer{i}.weight_zero_point"], [f"layer{i}.weight"],
+                                   name=f"layer{i}.weight_DequantizeLinear", axis=1),
+                  helper.make_node("MatMul", [previous, f"layer{i}.weight"], [output], name=f"layer{i}.MatMul")]
+        previous = output
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 16])], initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("ai.onnx.ml", 5)])
+    small = minify(proto)
+    onnx.checker.check_model(small)
+    assert small.ByteSize() < 0.9 * proto.ByteSize(), (small.ByteSize(), proto.ByteSize())
+    assert [i.name for i in small.graph.input] == ["input"] and [o.name for o in small.graph.output] == ["logits"]
+    assert [o.domain for o in small.opset_import] == [""], "the unused ai.onnx.ml import is dropped"
+    assert len(small.graph.initializer) == 7, "one zero point serves the three layers"
+    assert not any(node.name for node in small.graph.node)
+    names = {name for node in small.graph.node for name in [*node.input, *node.output]} - {"input", "logits"}
+    assert max(map(len, names)) == 1, names
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    before, after = (ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0] for p in (proto, small))
+    np.testing.assert_array_equal(before, after)
+
+
 @pytest.mark.parametrize("density, form_ops", [(0.05, {"ScatterElements", "CumSum"}), (0.3, {"BitShift", "Where"})])
 def test_onnx_runtime_folds_the_packed_subgraph_away(tmp_path, density, form_ops):
     import onnx
