@@ -477,8 +477,8 @@ class ExportConfig:
 
     parity_samples: int = _help("Test inputs on which ONNX Runtime and PyTorch logits are compared.", 256)
     parity_tolerance: float = _help("Fail the export when the max absolute logit difference exceeds this.", 1e-4)
-    compact: bool = _help("Remove dead units and store sparse weights packed (values + bitmask), rebuilt inside the "
-                          "graph; false writes the plain dense file.", True)
+    compact: bool = _help("Remove dead units, store sparse weights packed (values + gaps or bitmask, rebuilt inside "
+                          "the graph) and minify the graph; false writes the plain dense file.", True)
     quantize: str = _help("INT8 quantization with onnxruntime.quantization: 'none', 'dynamic' or 'static' "
                           "(activation ranges calibrated on training inputs).", "none")
     max_quant_acc_drop: float = _help("Refuse the INT8 model when its test accuracy is more than this below the "
