@@ -531,7 +531,7 @@ PRUNERS = ("median", "halving", "none")
 def default_space() -> dict[str, Any]:
     """The search space params.yaml declares (docs/tuning.md); it contains Ballot's defaults."""
     return {
-        "prune.ballot.conflict": {"type": "categorical", "choices": ["none", "protect"]},
+        "prune.ballot.conflict": {"type": "categorical", "choices": ["none", "protect", "share"]},
         "prune.ballot.protect_fraction": {"type": "float", "low": 0.05, "high": 0.5},
         "prune.ballot.obs_epochs": {"type": "int", "low": 8, "high": 20, "step": 4},
         "prune.ballot.class_weight_floor": {"type": "float", "low": 0.1, "high": 0.5},
