@@ -138,10 +138,12 @@ class GradientCollector(StepHook):
             self._other = torch.autograd.grad(loss, self.params, retain_graph=True)
 
     def after_backward(self, step: int) -> None:
-        """Add the step's gradient (and the extra one) unless a mixed-precision overflow made it non-finite."""
+        """Count the step, and add its gradient and the extra one where a rule compares them, unless a
+        mixed-precision overflow made it non-finite."""
         if self._collecting and all(bool(torch.isfinite(p.grad).all()) for p in self.params):
-            for acc, p in zip(self.f if self.fair_steps else self.g, self.params):
-                acc.add_(p.grad)
+            if self.cfg.conflict in GRADIENT_RULES:  # 'none' and 'share' never read g or f
+                for acc, p in zip(self.f if self.fair_steps else self.g, self.params):
+                    acc.add_(p.grad)
             for acc, grad in zip(self.g if self.fair_steps else self.f, self._other):
                 acc.add_(grad)
             self._collected += 1
