@@ -241,6 +241,8 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
         if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
             raise DatasetError(f"npz: x{suffix} must be finite numbers")
         group = arrays.get("group" + suffix)
+        if group is not None and group.ndim != 1:
+            raise DatasetError(f"npz: group{suffix} must have shape (samples,); got {group.shape}")
         if group is not None and len(group) != len(y):
             raise DatasetError(f"npz: group{suffix} has {len(group)} rows but y{suffix} has {len(y)}")
         if group is not None and not np.issubdtype(group.dtype, np.integer):
@@ -251,6 +253,9 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
     pool = split("")
     if "x_test" in arrays:
         train, test = pool, split("_test")
+        if test.x.shape[1:] != train.x.shape[1:]:
+            raise DatasetError(f"npz: x_test samples have shape {tuple(test.x.shape[1:])} but x samples "
+                               f"{tuple(train.x.shape[1:])}")
     else:
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
         cut = int(0.8 * len(pool))

@@ -160,6 +160,10 @@ def test_npz_group_must_be_integer(tmp_path):
     ({"x": np.zeros((10, 4)), "y": np.array([0, 1] * 4 + [100000, 1])}, "absent: 2, 3, 4, 5, 6, ... (99998 in all)"),
     ({"x": np.zeros((10, 4)), "y": np.array([0, 1] * 5), "x_test": np.zeros((2, 4)), "y_test": np.array([0, 2])},
      "test labels 2 never occur in the training data"),
+    ({"x": np.zeros((10, 3, 8, 8)), "y": np.array([0, 1] * 5), "x_test": np.zeros((2, 1, 8, 8)),
+      "y_test": np.array([0, 1])}, "npz: x_test samples have shape (1, 8, 8) but x samples (3, 8, 8)"),
+    ({"x": np.zeros((10, 4)), "y": np.array([0, 1] * 5), "group": np.zeros((10, 2), dtype=np.int64)},
+     "npz: group must have shape (samples,); got (10, 2)"),
 ])
 def test_malformed_npz_data_is_refused_with_its_reason(tmp_path, arrays, message):
     path = tmp_path / "data.npz"
