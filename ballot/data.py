@@ -203,6 +203,9 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
         test, test_classes = read(test_dir)
         if test_classes != classes:
             raise DatasetError(f"imagefolder: class folders of train {classes} and test {test_classes} differ")
+        if test.x.shape[1:] != train.x.shape[1:]:
+            raise DatasetError(f"imagefolder: test images are {tuple(test.x.shape[1:])} but training images "
+                               f"{tuple(train.x.shape[1:])}; set data.image_size")
         return RawDataset(train, test, classes)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     cut = int(0.8 * len(train))

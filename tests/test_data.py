@@ -113,6 +113,22 @@ def test_imagefolder_reads_class_folders(tmp_path):
     assert len(data.test) == 4 and len(data.train) + len(data.val) == 12
 
 
+def test_imagefolder_test_images_of_another_size_are_refused(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, side in (("train", 8), ("test", 10)):
+        for name in ("cat", "dog"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    with pytest.raises(DatasetError, match=re.escape("test images are (3, 10, 10) but training images (3, 8, 8); "
+                                                     "set data.image_size")):
+        load_data("imagefolder", DataConfig(path=str(tmp_path)))
+    assert load_data("imagefolder", DataConfig(path=str(tmp_path), image_size=8)).test.x.shape[1:] == (3, 8, 8)
+
+
 def test_cifar_without_files_or_network_gives_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="CIFAR-10 is not in"):
         load_data("cifar10", DataConfig(root=str(tmp_path), download=False))
