@@ -346,6 +346,10 @@ def load_data(name: str, cfg: DataConfig | None = None, seed: int = 0) -> DataBu
     pool_index = torch.arange(len(raw.train))
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(pool_index):
         pool_index = torch.sort(torch.randperm(len(pool_index), generator=generator)[: cfg.max_train_samples]).values
+        absent = sorted(set(range(num_classes)) - set(torch.unique(raw.train.y[pool_index]).tolist()))
+        if absent:
+            raise DatasetError(f"{name}: data.max_train_samples={cfg.max_train_samples} leaves class(es) "
+                               f"{_listed(absent)} without a training sample; raise the cap")
     if cfg.imbalance_ratio > 1.0:
         pool_index = pool_index[long_tail_index(raw.train.y[pool_index], num_classes, cfg.imbalance_ratio, generator)]
     train_pos, val_pos = stratified_split(raw.train.y[pool_index], cfg.val_fraction, generator)

@@ -129,6 +129,12 @@ def test_imagefolder_test_images_of_another_size_are_refused(tmp_path):
     assert load_data("imagefolder", DataConfig(path=str(tmp_path), image_size=8)).test.x.shape[1:] == (3, 8, 8)
 
 
+def test_a_cap_that_leaves_a_class_without_training_samples_is_refused():
+    with pytest.raises(DatasetError, match=re.escape("digits: data.max_train_samples=5 leaves class(es)")):
+        load_data("digits", DataConfig(max_train_samples=5))
+    assert load_data("digits", DataConfig(max_train_samples=200)).num_classes == 10
+
+
 def test_cifar_without_files_or_network_gives_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="CIFAR-10 is not in"):
         load_data("cifar10", DataConfig(root=str(tmp_path), download=False))
