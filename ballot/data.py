@@ -203,6 +203,9 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
         test, test_classes = read(test_dir)
         if test_classes != classes:
             raise DatasetError(f"imagefolder: class folders of train {classes} and test {test_classes} differ")
+        if test.x.shape[1:] != train.x.shape[1:]:
+            raise DatasetError(f"imagefolder: test images are {tuple(test.x.shape[1:])} but training images "
+                               f"{tuple(train.x.shape[1:])}; set data.image_size")
         return RawDataset(train, test, classes)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     cut = int(0.8 * len(train))
@@ -241,6 +244,8 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
         if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
             raise DatasetError(f"npz: x{suffix} must be finite numbers")
         group = arrays.get("group" + suffix)
+        if group is not None and group.ndim != 1:
+            raise DatasetError(f"npz: group{suffix} must have shape (samples,); got {group.shape}")
         if group is not None and len(group) != len(y):
             raise DatasetError(f"npz: group{suffix} has {len(group)} rows but y{suffix} has {len(y)}")
         if group is not None and not np.issubdtype(group.dtype, np.integer):
@@ -251,6 +256,9 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
     pool = split("")
     if "x_test" in arrays:
         train, test = pool, split("_test")
+        if test.x.shape[1:] != train.x.shape[1:]:
+            raise DatasetError(f"npz: x_test samples have shape {tuple(test.x.shape[1:])} but x samples "
+                               f"{tuple(train.x.shape[1:])}")
     else:
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
         cut = int(0.8 * len(pool))
@@ -338,6 +346,10 @@ def load_data(name: str, cfg: DataConfig | None = None, seed: int = 0) -> DataBu
     pool_index = torch.arange(len(raw.train))
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(pool_index):
         pool_index = torch.sort(torch.randperm(len(pool_index), generator=generator)[: cfg.max_train_samples]).values
+        absent = sorted(set(range(num_classes)) - set(torch.unique(raw.train.y[pool_index]).tolist()))
+        if absent:
+            raise DatasetError(f"{name}: data.max_train_samples={cfg.max_train_samples} leaves class(es) "
+                               f"{_listed(absent)} without a training sample; raise the cap")
     if cfg.imbalance_ratio > 1.0:
         pool_index = pool_index[long_tail_index(raw.train.y[pool_index], num_classes, cfg.imbalance_ratio, generator)]
     train_pos, val_pos = stratified_split(raw.train.y[pool_index], cfg.val_fraction, generator)

@@ -32,6 +32,9 @@ def _mlp(shape: Sequence[int], num_classes: int) -> nn.Module:
 def _cnn(shape: Sequence[int], num_classes: int) -> nn.Module:
     """Four 3x3 convolutions (32-32-64-64) with two max-pools, then a linear classifier."""
     channels = _image_channels(shape, "cnn")
+    if min(int(d) for d in shape[1:]) < 4:
+        raise ModelError(f"model 'cnn' needs images of at least 4x4 pixels (two 2x2 max-pools); the dataset gives "
+                         f"shape {tuple(shape)}")
 
     def block(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]

@@ -113,6 +113,28 @@ def test_imagefolder_reads_class_folders(tmp_path):
     assert len(data.test) == 4 and len(data.train) + len(data.val) == 12
 
 
+def test_imagefolder_test_images_of_another_size_are_refused(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, side in (("train", 8), ("test", 10)):
+        for name in ("cat", "dog"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    with pytest.raises(DatasetError, match=re.escape("test images are (3, 10, 10) but training images (3, 8, 8); "
+                                                     "set data.image_size")):
+        load_data("imagefolder", DataConfig(path=str(tmp_path)))
+    assert load_data("imagefolder", DataConfig(path=str(tmp_path), image_size=8)).test.x.shape[1:] == (3, 8, 8)
+
+
+def test_a_cap_that_leaves_a_class_without_training_samples_is_refused():
+    with pytest.raises(DatasetError, match=re.escape("digits: data.max_train_samples=5 leaves class(es)")):
+        load_data("digits", DataConfig(max_train_samples=5))
+    assert load_data("digits", DataConfig(max_train_samples=200)).num_classes == 10
+
+
 def test_cifar_without_files_or_network_gives_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="CIFAR-10 is not in"):
         load_data("cifar10", DataConfig(root=str(tmp_path), download=False))
@@ -160,6 +182,10 @@ def test_npz_group_must_be_integer(tmp_path):
     ({"x": np.zeros((10, 4)), "y": np.array([0, 1] * 4 + [100000, 1])}, "absent: 2, 3, 4, 5, 6, ... (99998 in all)"),
     ({"x": np.zeros((10, 4)), "y": np.array([0, 1] * 5), "x_test": np.zeros((2, 4)), "y_test": np.array([0, 2])},
      "test labels 2 never occur in the training data"),
+    ({"x": np.zeros((10, 3, 8, 8)), "y": np.array([0, 1] * 5), "x_test": np.zeros((2, 1, 8, 8)),
+      "y_test": np.array([0, 1])}, "npz: x_test samples have shape (1, 8, 8) but x samples (3, 8, 8)"),
+    ({"x": np.zeros((10, 4)), "y": np.array([0, 1] * 5), "group": np.zeros((10, 2), dtype=np.int64)},
+     "npz: group must have shape (samples,); got (10, 2)"),
 ])
 def test_malformed_npz_data_is_refused_with_its_reason(tmp_path, arrays, message):
     path = tmp_path / "data.npz"
