@@ -421,6 +421,8 @@ class PruneConfig:
                              "L1-norm filter pruning (docs/deploy.md).", "weight")
     lth_rounds: int = _help("LTH: iterative magnitude pruning rounds n ((1-p)^n = density; 1 = one-shot).", 3)
     min_per_layer: int = _help("Every layer keeps at least this many weights.", 1)
+    recalibrate_bn: bool = _help("Re-estimate BatchNorm running statistics on the training split after the final "
+                                 "training (one forward pass; no effect on models without BatchNorm).", True)
     ballot: BallotConfig = _help("Ballot's knobs.", factory=BallotConfig)
     safecompress: SafeCompressConfig = _help("SafeCompress's knobs.", factory=SafeCompressConfig)
     fairscratch: FairScratchConfig = _help("FairScratch's knobs.", factory=FairScratchConfig)

@@ -19,7 +19,8 @@ from ballot.masks import Mask
 from ballot.models import build_model, model_builder
 from ballot.pruning import DATA_PARALLEL, DenseArtifacts, PruneContext, PruneResult, get_pruner
 from ballot.storage import atomic_save_tensors, load_state, load_tensors, save_state, write_json
-from ballot.train import TrainResult, resolve_device, seed_everything, steps_per_epoch, train
+from ballot.train import (TrainResult, recalibrate_batchnorm, resolve_device, seed_everything, steps_per_epoch,
+                          train)
 
 DENSE_MANIFEST = "dense.json"
 DENSE_FILES = {"init_state": "init.safetensors", "rewind_state": "rewind.safetensors",
@@ -122,6 +123,8 @@ def run_prune(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, pr
                        on_epoch=on_epoch)
     seed_everything(cfg.base.seed)
     result = pruner(ctx)
+    if cfg.prune.recalibrate_bn:
+        recalibrate_batchnorm(result.model, data.train.x, cfg.prune.retrain.batch_size)
     ctx.agree(result.mask, f"{cfg.prune.method}'s final mask")
     return result
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
 from ballot import distributed
@@ -135,6 +136,18 @@ class _Plateau:
         if self.bad_epochs > self.cfg.patience:
             self.scale *= self.cfg.gamma
             self.bad_epochs = 0
+
+
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Every BatchNorm layer's running statistics re-estimated as plain averages over ``x`` in one forward pass of
+    near-equal batches (torch's ``update_bn``; weights untouched). Training leaves a moving average over its last
+    steps, taken while the weights still moved; on small data (a few steps an epoch) a pruned model evaluated with it
+    can fall far below what its weights reach. Models without BatchNorm are unchanged."""
+    if len(x) == 0:
+        return
+    size = math.ceil(len(x) / math.ceil(len(x) / batch_size))
+    device = next(model.parameters()).device
+    update_bn((x[i:i + size] for i in range(0, len(x), size)), model, device=device)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import json
 
@@ -5,11 +6,12 @@ import pytest
 import torch
 
 from ballot.errors import UnknownMethodError
-from ballot.experiment import run_prune, save_pruned
+from ballot.experiment import run_prune, save_pruned, train_dense
 from ballot.masks import budget
 from ballot.pruning import PRUNERS, get_pruner
 from ballot.pruning.base import MethodDetails
 from ballot.storage import load_tensors
+from ballot.train import recalibrate_batchnorm
 from tests.conftest import tiny_config
 
 
@@ -82,3 +84,17 @@ def test_save_pruned_writes_the_history_and_each_tensor_artifact(tiny_data, tiny
     details = json.loads((tmp_path / "details.json").read_text())
     assert "votes" not in details and details["tuned_params"] == {"prune.ballot.obs_epochs": 8}
     assert details["rounds"] == [dataclasses.asdict(r) for r in result.details.rounds]
+
+
+def test_the_final_model_of_a_batchnorm_network_carries_its_training_split_statistics(tiny_data):
+    overrides = ("base.model=resnet20", "prune.method=magnitude", "prune.retrain.epochs=1", "train_dense.epochs=1")
+    _, dense, _ = train_dense(tiny_config(*overrides), tiny_data, progress=False)
+    stale = run_prune(tiny_config(*overrides, "prune.recalibrate_bn=false"), tiny_data, dense, progress=False).model
+    fresh = run_prune(tiny_config(*overrides), tiny_data, dense, progress=False).model
+    expected = copy.deepcopy(stale)
+    recalibrate_batchnorm(expected, tiny_data.train.x, tiny_config().prune.retrain.batch_size)
+    moved = 0
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, expected.state_dict()[name]), name
+        moved += "running_mean" in name and not torch.equal(value, stale.state_dict()[name])
+    assert moved > 0

@@ -7,7 +7,7 @@ from ballot.config import TrainConfig
 from ballot.data import Split
 from ballot.masks import Mask, magnitude_scores
 from ballot.models import build_model
-from ballot.train import lr_factor, resolve_device, train
+from ballot.train import lr_factor, recalibrate_batchnorm, resolve_device, train
 
 
 def _toy_split(n: int = 96) -> Split:
@@ -149,3 +149,30 @@ def test_fp16_hooks_see_unscaled_gradients():
 def test_an_unknown_precision_is_named():
     with pytest.raises(ValueError, match="precision: unknown 'fp8'"):
         TrainConfig(precision="fp8")
+
+
+def test_batchnorm_recalibration_sets_the_exact_training_statistics_and_leaves_weights_alone():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    bn = model[1]
+    bn.running_mean.fill_(7.0)
+    bn.running_var.fill_(9.0)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "tracked" not in k}
+    x = torch.randn(270, 4) * 3 + 1  # 270 with batch 128: three batches of 90, so the mean of means is the mean
+    model.eval()
+    recalibrate_batchnorm(model, x, batch_size=128)
+    with torch.no_grad():
+        hidden = model[0](x)
+    torch.testing.assert_close(bn.running_mean, hidden.mean(0), atol=1e-5, rtol=1e-5)
+    batch_vars = torch.stack([hidden[i:i + 90].var(0) for i in range(0, 270, 90)])  # unbiased, as BatchNorm keeps
+    torch.testing.assert_close(bn.running_var, batch_vars.mean(0), atol=1e-5, rtol=1e-5)
+    assert bn.momentum == 0.1 and not model.training
+    for name, value in weights.items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_batchnorm_recalibration_leaves_a_model_without_batchnorm_unchanged():
+    model = build_model("mlp", (1, 8, 8), 10)
+    before = copy.deepcopy(model.state_dict())
+    recalibrate_batchnorm(model, torch.rand(50, 1, 8, 8), batch_size=16)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
