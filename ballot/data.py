@@ -241,8 +241,10 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
             raise DatasetError(f"npz: x{suffix} has {len(x)} rows but y{suffix} has {len(y)}")
         if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
             raise DatasetError(f"npz: y{suffix} must hold non-negative integer class labels")
-        if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-            raise DatasetError(f"npz: x{suffix} must be finite numbers")
+        if not np.issubdtype(x.dtype, np.number):
+            raise DatasetError(f"npz: x{suffix} must hold numbers, not dtype {x.dtype}")
+        if not np.isfinite(x).all():
+            raise DatasetError(f"npz: x{suffix} must be finite (it holds NaN or inf)")
         group = arrays.get("group" + suffix)
         if group is not None and group.ndim != 1:
             raise DatasetError(f"npz: group{suffix} must have shape (samples,); got {group.shape}")

@@ -69,18 +69,18 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, fl
 
 
 def improvements(summary: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
-    """Lines stating Ballot's relative CWV / MCD reduction and accuracy change against each baseline."""
+    """Lines stating Ballot's relative CWV / MCD change and accuracy change against each baseline."""
     ours = summary["ballot"]
     lines = []
     for base in BASELINES:
         if base not in summary:
             continue
         theirs = summary[base]
-        cwv = 100 * (1 - ours["cwv"][0] / theirs["cwv"][0])
-        mcd = 100 * (1 - ours["mcd"][0] / theirs["mcd"][0])
+        cwv = 100 * (ours["cwv"][0] / theirs["cwv"][0] - 1)
+        mcd = 100 * (ours["mcd"][0] / theirs["mcd"][0] - 1)
         acc = 100 * (ours["acc"][0] - theirs["acc"][0])
         time_ratio = ours["total_seconds"][0] / theirs["total_seconds"][0]
-        lines.append(f"- vs {base}: CWV {cwv:+.1f}% lower, MCD {mcd:+.1f}% lower, accuracy {acc:+.2f} points, "
+        lines.append(f"- vs {base}: CWV {cwv:+.1f}%, MCD {mcd:+.1f}% (negative = fairer), accuracy {acc:+.2f} points, "
                      f"wall time (dense + prune) {time_ratio:.2f}x")
     return lines
 

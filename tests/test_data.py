@@ -39,6 +39,7 @@ def test_npz_without_test_arrays_holds_out_a_fifth(tmp_path):
     ({"y": np.zeros(3, dtype=np.int64)}, "x has 200 rows but y has 3"),
     ({"y": np.full(200, -1)}, "non-negative integer"),
     ({"x": np.full((200, 6), np.nan)}, "finite"),
+    ({"x": np.zeros((200, 6), dtype=bool)}, "numbers, not dtype bool"),
 ])
 def test_malformed_npz_is_named(tmp_path, extra, message):
     path = _write_npz(tmp_path / "d.npz", with_test=False, **extra)
