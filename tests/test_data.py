@@ -99,31 +99,28 @@ def test_missing_imagefolder_path_is_named(tmp_path):
         load_data("imagefolder", DataConfig(path=str(tmp_path / "absent")))
 
 
-def test_imagefolder_reads_class_folders(tmp_path):
+def _write_imagefolder(root, images: dict[str, tuple[int, tuple[int, int]]]) -> None:
+    """root/<split>/{cat,dog}/<i>.png: images[split] = (images per class, (height, width)), random RGB pixels."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split, count in (("train", 6), ("test", 2)):
+    for split, (count, (height, width)) in images.items():
         for name in ("cat", "dog"):
-            folder = tmp_path / split / name
+            folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(count):
-                Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_imagefolder_reads_class_folders(tmp_path):
+    _write_imagefolder(tmp_path, {"train": (6, (10, 12)), "test": (2, (10, 12))})
     data = load_data("imagefolder", DataConfig(path=str(tmp_path), image_size=8, val_fraction=0.2))
     assert data.class_names == ["cat", "dog"] and data.input_shape == (3, 8, 8)
     assert len(data.test) == 4 and len(data.train) + len(data.val) == 12
 
 
 def test_imagefolder_test_images_of_another_size_are_refused(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, side in (("train", 8), ("test", 10)):
-        for name in ("cat", "dog"):
-            folder = tmp_path / split / name
-            folder.mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    _write_imagefolder(tmp_path, {"train": (3, (8, 8)), "test": (3, (10, 10))})
     with pytest.raises(DatasetError, match=re.escape("test images are (3, 10, 10) but training images (3, 8, 8); "
                                                      "set data.image_size")):
         load_data("imagefolder", DataConfig(path=str(tmp_path)))
