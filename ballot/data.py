@@ -324,6 +324,12 @@ def _listed(labels: list[int], limit: int = 5) -> str:
     return f"{shown}, ... ({len(labels)} in all)" if len(labels) > limit else shown
 
 
+def _absent_classes(y: torch.Tensor, num_classes: int) -> list[int]:
+    """The classes 0..num_classes-1 with no sample in ``y``, in order."""
+    present = set(torch.unique(y).tolist())
+    return [c for c in range(num_classes) if c not in present]
+
+
 def check_labels(raw: RawDataset, name: str) -> None:
     """DatasetError unless the training split has every class 0..C-1 (C >= 2) and the test split no other."""
     seen = set(torch.unique(raw.train.y).tolist())
@@ -332,7 +338,7 @@ def check_labels(raw: RawDataset, name: str) -> None:
     unseen = sorted(set(torch.unique(raw.test.y).tolist()) - seen)
     if unseen:
         raise DatasetError(f"{name}: test labels {_listed(unseen)} never occur in the training data")
-    absent = [c for c in range(len(raw.class_names)) if c not in seen]
+    absent = _absent_classes(raw.train.y, len(raw.class_names))
     if absent:
         raise DatasetError(f"{name}: labels must number the classes 0..{len(raw.class_names) - 1} with each present in "
                            f"training; absent: {_listed(absent)}")
@@ -348,7 +354,7 @@ def load_data(name: str, cfg: DataConfig | None = None, seed: int = 0) -> DataBu
     pool_index = torch.arange(len(raw.train))
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(pool_index):
         pool_index = torch.sort(torch.randperm(len(pool_index), generator=generator)[: cfg.max_train_samples]).values
-        absent = sorted(set(range(num_classes)) - set(torch.unique(raw.train.y[pool_index]).tolist()))
+        absent = _absent_classes(raw.train.y[pool_index], num_classes)
         if absent:
             raise DatasetError(f"{name}: data.max_train_samples={cfg.max_train_samples} leaves class(es) "
                                f"{_listed(absent)} without a training sample; raise the cap")
