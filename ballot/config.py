@@ -257,6 +257,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 OBS_LOSSES = ("fair", "plain")
 CONFLICT_RULES = ("protect", "veto", "share", "none")
+LAYER_BUDGETS = ("erk", "ticket")
 
 
 @dataclass
@@ -269,8 +270,10 @@ class BallotConfig:
     obs_loss: str = _help("The observer's training loss: 'fair' (class-reweighted) or 'plain' cross-entropy.", "fair")
     collect_every: int = _help("Collect gradients on every N-th observation step (1 = every step).", 4)
     ballot_every: int = _help("Cast a ballot every N observation steps (0 = once per epoch).", 0)
-    layer_floor: float = _help("Per-layer counts are ERK shares, each layer keeping at least this fraction of its "
-                               "uniform share (floor x density x layer size).", 0.5)
+    layer_budget: str = _help("Per-layer counts: 'erk' shares (Evci et al. 2020) or 'ticket', each layer's share "
+                              "of theta_T's global magnitude top-k (docs/ballot.md, 'Per-layer budget rule').", "erk")
+    layer_floor: float = _help("Every layer keeps at least this fraction of its uniform share (floor x density x "
+                               "layer size) under either budget rule.", 0.5)
     conflict: str = _help("What a conflict between the accuracy and fairness signals does: 'protect' the "
                           "contested weights the fairness gradient relies on, 'veto' them, 'share': protect the "
                           "weights some class leans on most (per-class saliency retention), or 'none' (the default: "
@@ -296,6 +299,8 @@ class BallotConfig:
         _check(self.obs_loss in OBS_LOSSES, "obs_loss", f"unknown '{self.obs_loss}', choose from {OBS_LOSSES}")
         _check(self.collect_every >= 1, "collect_every", f"must be >= 1, got {self.collect_every}")
         _check(self.ballot_every >= 0, "ballot_every", f"must be >= 0, got {self.ballot_every}")
+        _check(self.layer_budget in LAYER_BUDGETS, "layer_budget",
+               f"unknown '{self.layer_budget}', choose from {LAYER_BUDGETS}")
         _check(0 <= self.layer_floor <= 1, "layer_floor", f"must be in [0, 1], got {self.layer_floor}")
         _check(self.conflict in CONFLICT_RULES, "conflict", f"unknown '{self.conflict}', choose from {CONFLICT_RULES}")
         _check(self.conflict_threshold >= 0, "conflict_threshold", f"must be >= 0 (or .inf), got {self.conflict_threshold}")
@@ -534,6 +539,7 @@ def default_space() -> dict[str, Any]:
     """The search space params.yaml declares (docs/tuning.md); it contains Ballot's defaults."""
     return {
         "prune.ballot.conflict": {"type": "categorical", "choices": ["none", "protect", "share"]},
+        "prune.ballot.layer_budget": {"type": "categorical", "choices": ["erk", "ticket"]},
         "prune.ballot.protect_fraction": {"type": "float", "low": 0.05, "high": 0.5},
         "prune.ballot.obs_epochs": {"type": "int", "low": 8, "high": 20, "step": 4},
         "prune.ballot.class_weight_floor": {"type": "float", "low": 0.1, "high": 0.5},

@@ -43,13 +43,31 @@ def erk_counts(shapes: Mapping[str, Sequence[int]], density: float, floor: float
 
     A layer's density is proportional to sum(shape) / prod(shape) (for a conv weight (out, in, kh, kw) that is
     (out + in + kh + kw) / (out * in * kh * kw)), so small layers keep more of their weights and no large layer is
-    starved. Layers whose share would exceed 1 stay dense, and every layer keeps at least ``floor`` x its uniform
-    share (``floor * density * size``) and ``min_per_layer`` weights; the other layers share what is left.
+    starved; floors and caps as in ``shared_counts``.
+    """
+    raw = {name: sum(int(d) for d in shape) / math.prod(int(d) for d in shape) for name, shape in shapes.items()}
+    return shared_counts(shapes, raw, density, floor, min_per_layer, capacity)
+
+
+def ticket_shares(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, float]:
+    """Each layer's density in the global top-k of ``scores`` at ``density`` (one-shot LTH's per-layer counts)."""
+    flat = torch.cat([s.detach().flatten().float() for s in scores.values()])
+    threshold = torch.topk(flat, budget(flat.numel(), density)).values[-1]
+    return {name: float((s >= threshold).sum()) / s.numel() for name, s in scores.items()}
+
+
+def shared_counts(shapes: Mapping[str, Sequence[int]], shares: Mapping[str, float], density: float,
+                  floor: float = 0.0, min_per_layer: int = 1, capacity: Mapping[str, int] | None = None
+                  ) -> dict[str, int]:
+    """Per-layer kept counts with densities proportional to ``shares``, summing exactly to the global budget.
+
+    Layers whose density would exceed 1 stay dense, and every layer keeps at least ``floor`` x its uniform share
+    (``floor * density * size``) and ``min_per_layer`` weights; the other layers share what is left in proportion.
     ``capacity`` caps a layer's count (e.g. at what a candidate subnetwork holds); the budget is over all sizes.
     """
     full = {name: math.prod(int(d) for d in shape) for name, shape in shapes.items()}
     sizes = {name: min(full[name], capacity[name]) if capacity else full[name] for name in full}
-    raw = {name: sum(int(d) for d in shape) / full[name] for name, shape in shapes.items()}
+    raw = {name: max(0.0, float(shares[name])) for name in full}
     keep = budget(sum(full.values()), density)
     if sum(sizes.values()) < keep:
         raise MaskError(f"the layers' capacity ({sum(sizes.values())}) is below the budget of {keep}")
@@ -57,7 +75,7 @@ def erk_counts(shapes: Mapping[str, Sequence[int]], density: float, floor: float
     if sum(low.values()) > keep:
         raise MaskError(f"layer floors need {math.ceil(sum(low.values()))} weights, more than the budget of {keep} "
                         f"at density {density}: lower the floor or min_per_layer, or raise the density")
-    fixed: dict[str, float] = {}  # layers clamped to their floor or to dense
+    fixed: dict[str, float] = {}  # layers clamped to their floor or to their size
     while True:
         free = [n for n in sizes if n not in fixed]
         weight = sum(raw[n] * full[n] for n in free)

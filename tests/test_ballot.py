@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ballot.experiment import run_prune
-from ballot.masks import budget, density_schedule, erk_counts, prunable_names
+from ballot.masks import Mask, budget, density_schedule, erk_counts, prunable_names
 from ballot.models import build_model
 from ballot.pruning.ballot import cast_ballot, conflict_strength, contested, select_mask
 from tests.conftest import tiny_config
@@ -105,6 +105,18 @@ def test_ballot_meets_the_density_with_nested_rounds_and_zero_pruned_weights(tin
     assert all(torch.count_nonzero(params[n][~keep]) == 0 for n, keep in result.mask.items())
 
 
+def test_ticket_budget_keeps_the_density_nested_and_follows_theta_t_where_erk_does_not(tiny_data, tiny_dense):
+    result = run_prune(tiny_config("prune.ballot.layer_budget=ticket", "base.density=0.05"), tiny_data, tiny_dense)
+    masks = result.round_masks
+    assert [m.kept for m in masks] == [budget(result.mask.total, d) for d in density_schedule(0.05, len(masks))]
+    assert all(inner.is_subset_of(outer) for inner, outer in zip(masks[1:], masks))
+    trained = {n: tiny_dense.trained_state[n].abs() for n in result.mask}
+    first_ticket = Mask.top_k(trained, masks[0].density())  # round 1 at its density, no floor binding here
+    assert masks[0].counts() == first_ticket.counts()
+    erk = run_prune(tiny_config("base.density=0.05"), tiny_data, tiny_dense)
+    assert erk.round_masks[0].counts() != masks[0].counts()
+
+
 def test_same_seed_same_mask(tiny_data, tiny_dense):
     first = run_prune(tiny_config(), tiny_data, tiny_dense)
     second = run_prune(tiny_config(), tiny_data, tiny_dense)
@@ -147,12 +159,14 @@ def test_on_epoch_sees_validation_metrics_and_can_stop_the_run(tiny_data, tiny_d
     assert [e for e, _ in seen] == [1, 2] and all(0 <= a <= 1 for _, a in seen)
 
 
-@pytest.mark.parametrize("model_name", ["cnn", "resnet20"])
-def test_no_layer_of_a_convolutional_ballot_mask_falls_below_its_floor(model_name, tiny_data):
+@pytest.mark.parametrize("model_name,layer_budget", [("cnn", "erk"), ("resnet20", "erk"), ("cnn", "ticket"),
+                                                     ("resnet20", "ticket")])
+def test_no_layer_of_a_convolutional_ballot_mask_falls_below_its_floor(model_name, layer_budget, tiny_data):
     from ballot.experiment import train_dense
 
     cfg = tiny_config(f"base.model={model_name}", "base.density=0.02", "train_dense.epochs=1",
-                      "prune.ballot.obs_epochs=1", "prune.ballot.refine_train.epochs=1")
+                      "prune.ballot.obs_epochs=1", "prune.ballot.refine_train.epochs=1",
+                      f"prune.ballot.layer_budget={layer_budget}")
     _, dense, _ = train_dense(cfg, tiny_data, progress=False)
     result = run_prune(cfg, tiny_data, dense)
     assert result.mask.kept == budget(result.mask.total, 0.02)

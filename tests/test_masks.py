@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from ballot.errors import ConfigError, MaskError, StorageError
-from ballot.masks import Mask, budget, density_schedule, erk_counts, magnitude_scores, prunable_names
+from ballot.masks import (Mask, budget, density_schedule, erk_counts, magnitude_scores, prunable_names,
+                          shared_counts, ticket_shares)
 from ballot.models import build_model
 from ballot.storage import atomic_save_tensors, load_tensors
 
@@ -126,6 +127,29 @@ def test_erk_counts_sum_to_the_budget_and_respect_floor_and_size(density):
     for name, count in counts.items():
         assert 1 <= count <= sizes[name]
         assert count >= min(sizes[name], 0.5 * density * sizes[name]) - 1  # rounding may take one weight
+
+
+def test_ticket_shares_are_each_layers_density_in_the_global_top_k():
+    scores = {"a": torch.tensor([9.0, 8.0, 1.0, 0.5]), "b": torch.tensor([7.0, 0.2, 0.1, 0.3, 0.4, 0.6, 0.7, 0.8])}
+    # budget round(0.25 * 12) = 3: the global top 3 are 9, 8 (layer a) and 7 (layer b)
+    assert ticket_shares(scores, 0.25) == {"a": 0.5, "b": 0.125}
+
+
+def test_shared_counts_give_the_ticket_its_own_counts_when_no_floor_binds():
+    torch.manual_seed(0)
+    scores = {"small": torch.rand(50) * 3, "big": torch.rand(1000)}
+    shapes = {n: tuple(s.shape) for n, s in scores.items()}
+    ticket = Mask.top_k(scores, 0.1)
+    assert shared_counts(shapes, ticket_shares(scores, 0.1), 0.1) == ticket.counts()
+
+
+def test_shared_counts_floor_a_layer_the_ticket_leaves_empty_and_scale_the_others():
+    scores = {"a": torch.full((100,), 5.0), "b": torch.full((100,), 4.0), "c": torch.full((800,), 0.1)}
+    shapes = {n: tuple(s.shape) for n, s in scores.items()}
+    shares = ticket_shares(scores, 0.1)  # the global top 100 all lie in layer a
+    assert shares == {"a": 1.0, "b": 0.0, "c": 0.0}
+    # floor 0.5: b keeps 0.5 * 0.1 * 100 = 5 and c 40; a (the only layer with a share) takes the other 55
+    assert shared_counts(shapes, shares, 0.1, floor=0.5) == {"a": 55, "b": 5, "c": 40}
 
 
 def test_erk_floors_beyond_the_budget_are_refused():

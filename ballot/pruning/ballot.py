@@ -1,6 +1,7 @@
 """Ballot (docs/ballot.md): rounds of observation and voting at shrinking densities, then refined training.
 
-budget   ``round_counts``: each round's per-layer counts, ERK shares with a floor (no layer is starved).
+budget   ``round_counts``: each round's per-layer counts, ERK shares (or the one-shot ticket's, ``layer_budget``)
+         with a floor (no layer is starved).
 collect  ``GradientCollector``, a hook of the observation's own training steps, sums the fairness gradient f
          (cross-entropy weighted by the dense model's class weights) and the accuracy gradient g (plain
          cross-entropy), one of them from the step itself and the other by one extra backward pass.
@@ -29,7 +30,7 @@ from torch import nn
 
 from ballot import distributed
 from ballot.config import BallotConfig
-from ballot.masks import Mask, density_schedule, erk_counts, magnitude_scores
+from ballot.masks import Mask, density_schedule, erk_counts, magnitude_scores, shared_counts, ticket_shares
 from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
 from ballot.pruning.class_share import ClassShareProbe
 from ballot.pruning.units import UnitGroup, kept_units, select_units, unit_counts, unit_mask, unit_scores
@@ -292,14 +293,20 @@ def prune_units(ctx: PruneContext) -> PruneResult:
                        tensors={"votes": votes} if votes else {}, round_masks=masks)
 
 
-def round_counts(ctx: PruneContext, shapes: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:
-    """Per-layer kept counts of each round: ERK shares (with ``layer_floor``) at the round's density, each round
-    within the previous one, so the masks can be nested."""
+def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dict[str, int]]:
+    """Per-layer kept counts of each round at the round's density, each within the previous one so the masks can
+    be nested: ERK shares, or with ``layer_budget`` 'ticket' each layer's share of the global top-k of ``scores``
+    (theta_T's |w|); every layer keeps at least ``layer_floor`` x its uniform share."""
     cfg = ctx.config.ballot
+    shapes = {name: tuple(t.shape) for name, t in scores.items()}
     counts: list[dict[str, int]] = []
     for density in density_schedule(ctx.density, cfg.rounds):
-        counts.append(erk_counts(shapes, density, cfg.layer_floor, ctx.config.min_per_layer,
-                                 capacity=counts[-1] if counts else None))
+        capacity = counts[-1] if counts else None
+        if cfg.layer_budget == "ticket":
+            counts.append(shared_counts(shapes, ticket_shares(scores, density), density, cfg.layer_floor,
+                                        ctx.config.min_per_layer, capacity))
+        else:
+            counts.append(erk_counts(shapes, density, cfg.layer_floor, ctx.config.min_per_layer, capacity))
     return counts
 
 
@@ -340,7 +347,7 @@ def prune(ctx: PruneContext) -> PruneResult:
     started = time.perf_counter()
     trained = ctx.model_from(ctx.dense.trained_state)
     scores = magnitude_scores(trained)
-    counts = round_counts(ctx, {name: tuple(t.shape) for name, t in scores.items()})
+    counts = round_counts(ctx, scores)
     mask = Mask.top_k_per_layer(scores, counts[0])
     rounds = [BallotRound(mask.density(), mask.kept)]
     masks, votes = [mask], {}
