@@ -270,8 +270,9 @@ class BallotConfig:
     obs_loss: str = _help("The observer's training loss: 'fair' (class-reweighted) or 'plain' cross-entropy.", "fair")
     collect_every: int = _help("Collect gradients on every N-th observation step (1 = every step).", 4)
     ballot_every: int = _help("Cast a ballot every N observation steps (0 = once per epoch).", 0)
-    layer_budget: str = _help("Per-layer counts: 'erk' shares (Evci et al. 2020) or 'ticket', each layer's share "
-                              "of theta_T's global magnitude top-k (docs/ballot.md, 'Per-layer budget rule').", "erk")
+    layer_budget: str = _help("Per-layer counts (prune.granularity 'weight'): 'erk' shares (Evci et al. 2020) or "
+                              "'ticket', each layer's share of theta_T's global magnitude top-k (docs/ballot.md, "
+                              "'Per-layer budget rule').", "erk")
     layer_floor: float = _help("Every layer keeps at least this fraction of its uniform share (floor x density x "
                                "layer size) under either budget rule.", 0.5)
     conflict: str = _help("What a conflict between the accuracy and fairness signals does: 'protect' the "
