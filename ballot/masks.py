@@ -45,8 +45,12 @@ def erk_counts(shapes: Mapping[str, Sequence[int]], density: float, floor: float
     (out + in + kh + kw) / (out * in * kh * kw)), so small layers keep more of their weights and no large layer is
     starved; floors and caps as in ``shared_counts``.
     """
-    raw = {name: sum(int(d) for d in shape) / math.prod(int(d) for d in shape) for name, shape in shapes.items()}
-    return shared_counts(shapes, raw, density, floor, min_per_layer, capacity)
+    return shared_counts(shapes, erk_shares(shapes), density, floor, min_per_layer, capacity)
+
+
+def erk_shares(shapes: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """Each layer's unscaled ERK density, sum(shape) / prod(shape)."""
+    return {name: sum(int(d) for d in shape) / math.prod(int(d) for d in shape) for name, shape in shapes.items()}
 
 
 def ticket_shares(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, float]:

@@ -30,7 +30,7 @@ from torch import nn
 
 from ballot import distributed
 from ballot.config import BallotConfig
-from ballot.masks import Mask, density_schedule, erk_counts, magnitude_scores, shared_counts, ticket_shares
+from ballot.masks import Mask, density_schedule, erk_shares, magnitude_scores, shared_counts, ticket_shares
 from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
 from ballot.pruning.class_share import ClassShareProbe
 from ballot.pruning.units import UnitGroup, kept_units, select_units, unit_counts, unit_mask, unit_scores
@@ -301,12 +301,9 @@ def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dic
     shapes = {name: tuple(t.shape) for name, t in scores.items()}
     counts: list[dict[str, int]] = []
     for density in density_schedule(ctx.density, cfg.rounds):
-        capacity = counts[-1] if counts else None
-        if cfg.layer_budget == "ticket":
-            counts.append(shared_counts(shapes, ticket_shares(scores, density), density, cfg.layer_floor,
-                                        ctx.config.min_per_layer, capacity))
-        else:
-            counts.append(erk_counts(shapes, density, cfg.layer_floor, ctx.config.min_per_layer, capacity))
+        shares = ticket_shares(scores, density) if cfg.layer_budget == "ticket" else erk_shares(shapes)
+        counts.append(shared_counts(shapes, shares, density, cfg.layer_floor, ctx.config.min_per_layer,
+                                    capacity=counts[-1] if counts else None))
     return counts
 
 
