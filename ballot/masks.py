@@ -60,6 +60,18 @@ def ticket_shares(scores: Mapping[str, torch.Tensor], density: float) -> dict[st
     return {name: float((s >= threshold).sum()) / s.numel() for name, s in scores.items()}
 
 
+def larger_shares(shapes: Mapping[str, Sequence[int]], scores: Mapping[str, torch.Tensor], density: float,
+                  floor: float = 0.0, min_per_layer: int = 1) -> dict[str, float]:
+    """Each layer's larger density of its ERK count and its share of the global top-k of ``scores`` at ``density``.
+
+    Both sets of counts sum to the budget, so ``shared_counts`` scales these densities by at least one half: before
+    floors and rounding every layer keeps at least half of what either rule alone would give it.
+    """
+    erk = erk_counts(shapes, density, floor, min_per_layer)
+    ticket = ticket_shares(scores, density)
+    return {name: max(ticket[name], erk[name] / math.prod(int(d) for d in shape)) for name, shape in shapes.items()}
+
+
 def shared_counts(shapes: Mapping[str, Sequence[int]], shares: Mapping[str, float], density: float,
                   floor: float = 0.0, min_per_layer: int = 1, capacity: Mapping[str, int] | None = None
                   ) -> dict[str, int]:

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from ballot.errors import ConfigError, MaskError, StorageError
-from ballot.masks import (Mask, budget, density_schedule, erk_counts, magnitude_scores, prunable_names,
+from ballot.masks import (Mask, budget, density_schedule, erk_counts, erk_shares, larger_shares, magnitude_scores,
+                          prunable_names,
                           shared_counts, ticket_shares)
 from ballot.models import build_model
 from ballot.storage import atomic_save_tensors, load_tensors
@@ -150,6 +151,35 @@ def test_shared_counts_floor_a_layer_the_ticket_leaves_empty_and_scale_the_other
     assert shares == {"a": 1.0, "b": 0.0, "c": 0.0}
     # floor 0.5: b keeps 0.5 * 0.1 * 100 = 5 and c 40; a (the only layer with a share) takes the other 55
     assert shared_counts(shapes, shares, 0.1, floor=0.5) == {"a": 55, "b": 5, "c": 40}
+
+
+def test_larger_shares_take_each_layers_larger_density_and_halve_at_worst():
+    # a (10, 10): ERK raw 20/100, b (10, 90): raw 100/900; budget 100 -> ERK a 16.7 -> 17, b 83.3 -> 83.
+    # The ticket puts all 100 in a. Larger densities: a 1.0, b 83/900; scaled by 100 / (100 + 83): a 54.6, b 45.4.
+    scores = {"a": torch.full((10, 10), 5.0), "b": torch.full((10, 90), 0.1)}
+    shapes = {n: tuple(s.shape) for n, s in scores.items()}
+    shares = larger_shares(shapes, scores, 0.1)
+    assert shares == {"a": 1.0, "b": 83 / 900}
+    assert shared_counts(shapes, shares, 0.1) == {"a": 55, "b": 45}
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "resnet20"])
+@pytest.mark.parametrize("density", [0.05, 0.02])
+def test_larger_shares_keep_at_least_half_of_what_erk_or_the_ticket_gives_each_layer(model_name, density):
+    torch.manual_seed(0)
+    model = build_model(model_name, (3, 16, 16), 10)
+    names = prunable_names(model)
+    params = dict(model.named_parameters())
+    # trained-like scores: each layer's magnitudes on its own scale, so ERK and the ticket disagree
+    scores = {n: params[n].detach().abs() * float(torch.rand(()) * 4 + 0.1) for n in names}
+    shapes = {n: tuple(s.shape) for n, s in scores.items()}
+    erk = erk_counts(shapes, density)
+    ticket = shared_counts(shapes, ticket_shares(scores, density), density)
+    counts = shared_counts(shapes, larger_shares(shapes, scores, density), density)
+    assert sum(counts.values()) == budget(sum(s.numel() for s in scores.values()), density)
+    assert erk != ticket
+    for name in names:  # no floors here: a binding floor is paid for by the other layers
+        assert counts[name] >= max(erk[name], ticket[name]) // 2 - 1, name
 
 
 def test_erk_floors_beyond_the_budget_are_refused():

@@ -1,7 +1,7 @@
 """Ballot (docs/ballot.md): rounds of observation and voting at shrinking densities, then refined training.
 
-budget   ``round_counts``: each round's per-layer counts, ERK shares (or the one-shot ticket's, ``layer_budget``)
-         with a floor (no layer is starved).
+budget   ``round_counts``: each round's per-layer counts, ERK shares, the one-shot ticket's or the larger of the
+         two (``layer_budget``), with a floor (no layer is starved).
 collect  ``GradientCollector``, a hook of the observation's own training steps, sums the fairness gradient f
          (cross-entropy weighted by the dense model's class weights) and the accuracy gradient g (plain
          cross-entropy), one of them from the step itself and the other by one extra backward pass.
@@ -30,7 +30,8 @@ from torch import nn
 
 from ballot import distributed
 from ballot.config import BallotConfig
-from ballot.masks import Mask, density_schedule, erk_shares, magnitude_scores, shared_counts, ticket_shares
+from ballot.masks import (Mask, density_schedule, erk_shares, larger_shares, magnitude_scores, shared_counts,
+                          ticket_shares)
 from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
 from ballot.pruning.class_share import ClassShareProbe
 from ballot.pruning.units import UnitGroup, kept_units, select_units, unit_counts, unit_mask, unit_scores
@@ -295,13 +296,19 @@ def prune_units(ctx: PruneContext) -> PruneResult:
 
 def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dict[str, int]]:
     """Per-layer kept counts of each round at the round's density, each within the previous one so the masks can
-    be nested: ERK shares, or with ``layer_budget`` 'ticket' each layer's share of the global top-k of ``scores``
-    (theta_T's |w|); every layer keeps at least ``layer_floor`` x its uniform share."""
+    be nested: ERK shares, with ``layer_budget`` 'ticket' each layer's share of the global top-k of ``scores``
+    (theta_T's |w|), with 'max' the larger of the two densities; every layer keeps at least ``layer_floor`` x its
+    uniform share."""
     cfg = ctx.config.ballot
     shapes = {name: tuple(t.shape) for name, t in scores.items()}
     counts: list[dict[str, int]] = []
     for density in density_schedule(ctx.density, cfg.rounds):
-        shares = ticket_shares(scores, density) if cfg.layer_budget == "ticket" else erk_shares(shapes)
+        if cfg.layer_budget == "ticket":
+            shares = ticket_shares(scores, density)
+        elif cfg.layer_budget == "max":
+            shares = larger_shares(shapes, scores, density, cfg.layer_floor, ctx.config.min_per_layer)
+        else:
+            shares = erk_shares(shapes)
         counts.append(shared_counts(shapes, shares, density, cfg.layer_floor, ctx.config.min_per_layer,
                                     capacity=counts[-1] if counts else None))
     return counts
