@@ -7,7 +7,9 @@ erk     the product's rule (ballot.masks.erk_counts with ``layer_floor``);
 ticket  each layer's share of theta_T's global top-k by |w| at the round's density ("the dense ticket's per-layer
         counts"), floored at ``layer_floor`` x its uniform share and capped at the previous round's count; the
         excess over the budget is taken from the layers above their floors in proportion to their margin;
-blend   the mean of the erk and ticket counts (odd sums rounded up in name order until the total is exact).
+blend   the mean of the erk and ticket counts (odd sums rounded up in name order until the total is exact);
+max     the product's ``layer_budget: max`` (each layer's larger density of the two rules, scaled to the budget), added
+        later; its fmnist-lt/cnn rows are the matrix's 'ballot (max)' runs read on validation (``source``).
 
 The dense states come from benchmarks/matrix.py's cache (cells it has not trained are skipped). Usage, from the
 repository root: ``.venv/bin/python reports/budget_study/study.py fmnist-lt/cnn/0/0.05 digits/mlp/1/0.02 ...``;
@@ -68,7 +70,8 @@ def blend_rule(ctx, shapes):
     return counts
 
 
-RULES = {"erk": erk_rule, "ticket": ticket_rule, "blend": blend_rule}
+RULES = {"erk": erk_rule, "ticket": ticket_rule, "blend": blend_rule, "max": erk_rule}
+PRODUCT_RULE = {"max": "max"}  # rules run through the product's ``layer_budget`` rather than a replacement
 
 
 def run_cell(cell: str, rules: list[str], params: dict) -> None:
@@ -80,9 +83,11 @@ def run_cell(cell: str, rules: list[str], params: dict) -> None:
         print(f"{cell}: no cached dense state, skipped", flush=True)
         return
     data, dense = experiment.prepare_data(cfg), experiment.load_dense(folder)
-    pruning = experiment_from_params(apply_overrides(base, [f"base.density={density}", "prune.method=ballot"]))
     for rule in rules:
         ballot_method.round_counts = RULES[rule]
+        pruning = experiment_from_params(apply_overrides(base, [
+            f"base.density={density}", "prune.method=ballot",
+            f"prune.ballot.layer_budget={PRODUCT_RULE.get(rule, 'erk')}"]))
         result = experiment.run_prune(pruning, data, dense, progress=False)
         metrics = evaluate(result.model, data.val.x, data.val.y, data.num_classes)
         kept = result.mask.counts()
@@ -94,27 +99,32 @@ def run_cell(cell: str, rules: list[str], params: dict) -> None:
         print(f"{cell} {rule}: val acc {metrics['acc']:.4f} CWV {metrics['cwv'] * 1e3:.2f}e-3", flush=True)
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown table: per cell (dataset/model/density) the seed-mean validation accuracy and CWV of each rule, and
-    each rule's CWV change against erk."""
-    by_cell: dict[str, dict[str, list[dict]]] = {}
+def table(rows: list[dict], rules: list[str]) -> str:
+    """Markdown table: per cell (dataset/model/density) the seed-mean validation accuracy and CWV of each of
+    ``rules`` (erk first) over the seeds all of them ran, and each other rule's CWV change against erk."""
+    by_seed: dict[str, dict[str, dict]] = {}
     for row in rows:
-        dataset, model, _, density = row["cell"].split("/")
-        by_cell.setdefault(f"{dataset}/{model}/{density}", {}).setdefault(row["rule"], []).append(row)
-    lines = ["| cell | seeds | " + " | ".join(f"{r} acc / CWV e-3" for r in RULES) + " | ticket CWV vs erk | "
-             "blend CWV vs erk |", "|---" * (len(RULES) + 4) + "|"]
-    changes: dict[str, list[float]] = {"ticket": [], "blend": []}
-    for cell, rules in by_cell.items():
-        if set(rules) != set(RULES) or len({len(v) for v in rules.values()}) != 1:
-            continue  # a cell counts once every rule has the same seeds
-        mean = {r: (sum(x["acc"] for x in v) / len(v), sum(x["cwv"] for x in v) / len(v)) for r, v in rules.items()}
-        for rule in changes:
+        by_seed.setdefault(row["cell"], {})[row["rule"]] = row
+    by_cell: dict[str, dict[str, list[dict]]] = {}
+    for cell, by_rule in by_seed.items():
+        if all(r in by_rule for r in rules):  # paired: only the seeds every rule ran
+            dataset, model, _, density = cell.split("/")
+            for r in rules:
+                by_cell.setdefault(f"{dataset}/{model}/{density}", {}).setdefault(r, []).append(by_rule[r])
+    others = rules[1:]
+    lines = ["| cell | seeds | " + " | ".join(f"{r} acc / CWV e-3" for r in rules) + " | "
+             + " | ".join(f"{r} CWV vs erk" for r in others) + " |", "|---" * (len(rules) + len(others) + 2) + "|"]
+    changes: dict[str, list[float]] = {r: [] for r in others}
+    for cell, by_rule in by_cell.items():
+        runs = {r: by_rule[r] for r in rules}
+        mean = {r: (sum(x["acc"] for x in v) / len(v), sum(x["cwv"] for x in v) / len(v)) for r, v in runs.items()}
+        for rule in others:
             changes[rule].append(mean[rule][1] / mean["erk"][1] - 1)
-        lines.append(f"| {cell} | {len(rules['erk'])} | "
-                     + " | ".join(f"{mean[r][0]:.4f} / {mean[r][1] * 1e3:.2f}" for r in RULES) + " | "
-                     + " | ".join(f"{changes[r][-1] * 100:+.1f}%" for r in changes) + " |")
-    if changes["ticket"]:
-        lines.append("| mean per-cell change | | | | | " + " | ".join(
+        lines.append(f"| {cell} | {len(runs['erk'])} | "
+                     + " | ".join(f"{mean[r][0]:.4f} / {mean[r][1] * 1e3:.2f}" for r in rules) + " | "
+                     + " | ".join(f"{changes[r][-1] * 100:+.1f}%" for r in others) + " |")
+    if changes[others[0]]:
+        lines.append("| mean per-cell change | |" + " |" * len(rules) + " " + " | ".join(
             f"{sum(v) / len(v) * 100:+.1f}% (fairer in {sum(c < 0 for c in v)} of {len(v)})"
             for v in changes.values()) + " |")
     return "\n".join(lines)
@@ -144,6 +154,7 @@ def seed_rows(rows: list[dict]) -> str:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--table"]:
         rows = [json.loads(line) for line in open(RESULTS)]
-        print(table(rows) + "\n\n" + seed_rows(rows))
+        print(table(rows, ["erk", "ticket", "blend"]) + "\n\n" + table(rows, ["erk", "max"]) + "\n\n"
+              + seed_rows(rows))
     else:
         main(sys.argv[1:])
