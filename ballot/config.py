@@ -275,7 +275,7 @@ class BallotConfig:
                               "of the two densities scaled to the budget (docs/ballot.md, 'Per-layer budget rule').",
                               "erk")
     layer_floor: float = _help("Every layer keeps at least this fraction of its uniform share (floor x density x "
-                               "layer size) under either budget rule.", 0.5)
+                               "layer size) under every budget rule.", 0.5)
     conflict: str = _help("What a conflict between the accuracy and fairness signals does: 'protect' the "
                           "contested weights the fairness gradient relies on, 'veto' them, 'share': protect the "
                           "weights some class leans on most (per-class saliency retention), or 'none' (the default: "

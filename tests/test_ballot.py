@@ -114,7 +114,7 @@ def test_ticket_budget_keeps_the_density_nested_and_follows_theta_t_where_erk_do
     trained = {n: tiny_dense.trained_state[n].abs() for n in result.mask}
     first_ticket = Mask.top_k(trained, masks[0].density())  # round 1 at its density, no floor binding here
     assert masks[0].counts() == first_ticket.counts()
-    erk = run_prune(tiny_config("base.density=0.05"), tiny_data, tiny_dense)
+    erk = run_prune(tiny_config("prune.ballot.layer_budget=erk", "base.density=0.05"), tiny_data, tiny_dense)
     assert erk.round_masks[0].counts() != masks[0].counts()
 
 
