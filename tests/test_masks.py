@@ -4,8 +4,7 @@ from torch import nn
 
 from ballot.errors import ConfigError, MaskError, StorageError
 from ballot.masks import (Mask, budget, density_schedule, erk_counts, erk_shares, larger_shares, magnitude_scores,
-                          prunable_names,
-                          shared_counts, ticket_shares)
+                          prunable_names, shared_counts, ticket_shares)
 from ballot.models import build_model
 from ballot.storage import atomic_save_tensors, load_tensors
 
