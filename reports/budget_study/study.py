@@ -99,14 +99,19 @@ def run_cell(cell: str, rules: list[str], params: dict) -> None:
         print(f"{cell} {rule}: val acc {metrics['acc']:.4f} CWV {metrics['cwv'] * 1e3:.2f}e-3", flush=True)
 
 
+def by_seed(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """The rows by (dataset/model/seed/density, rule); a later row of the same pair replaces an earlier one."""
+    runs: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        runs.setdefault(row["cell"], {})[row["rule"]] = row
+    return runs
+
+
 def table(rows: list[dict], rules: list[str]) -> str:
     """Markdown table: per cell (dataset/model/density) the seed-mean validation accuracy and CWV of each of
     ``rules`` (erk first) over the seeds all of them ran, and each other rule's CWV change against erk."""
-    by_seed: dict[str, dict[str, dict]] = {}
-    for row in rows:
-        by_seed.setdefault(row["cell"], {})[row["rule"]] = row
     by_cell: dict[str, dict[str, list[dict]]] = {}
-    for cell, by_rule in by_seed.items():
+    for cell, by_rule in by_seed(rows).items():
         if all(r in by_rule for r in rules):  # paired: only the seeds every rule ran
             dataset, model, _, density = cell.split("/")
             for r in rules:
@@ -141,9 +146,7 @@ def main(cells: list[str]) -> None:
 
 def seed_rows(rows: list[dict]) -> str:
     """Markdown table: one line per (cell, seed), validation accuracy / CWV x 1e3 of each rule."""
-    runs: dict[str, dict[str, dict]] = {}
-    for row in rows:
-        runs.setdefault(row["cell"], {})[row["rule"]] = row
+    runs = by_seed(rows)
     lines = ["| dataset/model/seed/density | " + " | ".join(RULES) + " |", "|---" * (len(RULES) + 1) + "|"]
     for cell, by_rule in runs.items():
         lines.append(f"| {cell} | " + " | ".join(
