@@ -257,7 +257,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 OBS_LOSSES = ("fair", "plain")
 CONFLICT_RULES = ("protect", "veto", "share", "none")
-LAYER_BUDGETS = ("erk", "ticket", "max")
+LAYER_BUDGETS = ("erk", "ticket", "max", "blend")
 
 
 @dataclass
@@ -272,7 +272,8 @@ class BallotConfig:
     ballot_every: int = _help("Cast a ballot every N observation steps (0 = once per epoch).", 0)
     layer_budget: str = _help("Per-layer counts (prune.granularity 'weight'): 'erk' shares (Evci et al. 2020), "
                               "'ticket', each layer's share of theta_T's global magnitude top-k, or 'max', the larger "
-                              "of the two densities scaled to the budget (docs/ballot.md, 'Per-layer budget rule').",
+                              "of the two densities scaled to the budget, or 'blend', their mean (docs/ballot.md, "
+                              "'Per-layer budget rule').",
                               "erk")
     layer_floor: float = _help("Every layer keeps at least this fraction of its uniform share (floor x density x "
                                "layer size) under every budget rule.", 0.5)

@@ -67,9 +67,28 @@ def larger_shares(shapes: Mapping[str, Sequence[int]], scores: Mapping[str, torc
     Both sets of counts sum to the budget, so ``shared_counts`` scales these densities by at least one half: before
     floors and rounding every layer keeps at least half of what either rule alone would give it.
     """
+    erk, ticket = _erk_and_ticket_densities(shapes, scores, density, floor, min_per_layer)
+    return {name: max(erk[name], ticket[name]) for name in shapes}
+
+
+def blended_shares(shapes: Mapping[str, Sequence[int]], scores: Mapping[str, torch.Tensor], density: float,
+                   floor: float = 0.0, min_per_layer: int = 1) -> dict[str, float]:
+    """Each layer's mean of its ERK density and its share of the global top-k of ``scores`` at ``density``.
+
+    Both sets of counts sum to the budget, so their mean does too and needs no rescaling: every layer keeps at least
+    half of what either rule alone would give it, and a layer on whose count the two rules agree keeps that count.
+    """
+    erk, ticket = _erk_and_ticket_densities(shapes, scores, density, floor, min_per_layer)
+    return {name: (erk[name] + ticket[name]) / 2 for name in shapes}
+
+
+def _erk_and_ticket_densities(shapes: Mapping[str, Sequence[int]], scores: Mapping[str, torch.Tensor],
+                              density: float, floor: float, min_per_layer: int
+                              ) -> tuple[dict[str, float], dict[str, float]]:
+    """Each layer's density under ERK (with its floors) and in the global top-k of ``scores`` at ``density``."""
     erk = erk_counts(shapes, density, floor, min_per_layer)
-    ticket = ticket_shares(scores, density)
-    return {name: max(ticket[name], erk[name] / math.prod(int(d) for d in shape)) for name, shape in shapes.items()}
+    return ({name: erk[name] / math.prod(int(d) for d in shape) for name, shape in shapes.items()},
+            ticket_shares(scores, density))
 
 
 def shared_counts(shapes: Mapping[str, Sequence[int]], shares: Mapping[str, float], density: float,

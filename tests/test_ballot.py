@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ballot.experiment import run_prune
-from ballot.masks import (Mask, budget, density_schedule, erk_counts, larger_shares, prunable_names,
+from ballot.masks import (Mask, blended_shares, budget, density_schedule, erk_counts, larger_shares, prunable_names,
                           shared_counts)
 from ballot.models import build_model
 from ballot.pruning.ballot import cast_ballot, conflict_strength, contested, select_mask
@@ -118,15 +118,18 @@ def test_ticket_budget_keeps_the_density_nested_and_follows_theta_t_where_erk_do
     assert erk.round_masks[0].counts() != masks[0].counts()
 
 
-def test_max_budget_gives_each_layer_the_larger_of_erk_and_the_ticket_scaled_to_the_budget(tiny_data, tiny_dense):
-    result = run_prune(tiny_config("prune.ballot.layer_budget=max", "base.density=0.05"), tiny_data, tiny_dense)
+@pytest.mark.parametrize("layer_budget, combined_shares", [("max", larger_shares), ("blend", blended_shares)])
+def test_combined_budgets_share_each_layer_between_erk_and_the_ticket_within_the_budget(layer_budget, combined_shares,
+                                                                                        tiny_data, tiny_dense):
+    result = run_prune(tiny_config(f"prune.ballot.layer_budget={layer_budget}", "base.density=0.05"), tiny_data,
+                       tiny_dense)
     masks = result.round_masks
     assert all(inner.is_subset_of(outer) for inner, outer in zip(masks[1:], masks))
     assert result.mask.kept == budget(result.mask.total, 0.05)
     trained = {n: tiny_dense.trained_state[n].abs() for n in result.mask}
     shapes = {n: tuple(t.shape) for n, t in trained.items()}
     density = masks[0].density()
-    assert masks[0].counts() == shared_counts(shapes, larger_shares(shapes, trained, density, 0.5), density, 0.5)
+    assert masks[0].counts() == shared_counts(shapes, combined_shares(shapes, trained, density, 0.5), density, 0.5)
 
 
 def test_same_seed_same_mask(tiny_data, tiny_dense):
@@ -172,7 +175,7 @@ def test_on_epoch_sees_validation_metrics_and_can_stop_the_run(tiny_data, tiny_d
 
 
 @pytest.mark.parametrize("model_name", ["cnn", "resnet20"])
-@pytest.mark.parametrize("layer_budget", ["erk", "ticket", "max"])
+@pytest.mark.parametrize("layer_budget", ["erk", "ticket", "max", "blend"])
 def test_no_layer_of_a_convolutional_ballot_mask_falls_below_its_floor(model_name, layer_budget, tiny_data):
     from ballot.experiment import train_dense
 

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from ballot.errors import ConfigError, MaskError, StorageError
-from ballot.masks import (Mask, budget, density_schedule, erk_counts, erk_shares, larger_shares, magnitude_scores,
-                          prunable_names, shared_counts, ticket_shares)
+from ballot.masks import (Mask, blended_shares, budget, density_schedule, erk_counts, erk_shares, larger_shares,
+                          magnitude_scores, prunable_names, shared_counts, ticket_shares)
 from ballot.models import build_model
 from ballot.storage import atomic_save_tensors, load_tensors
 
@@ -162,9 +162,23 @@ def test_larger_shares_take_each_layers_larger_density_and_halve_at_worst():
     assert shared_counts(shapes, shares, 0.1) == {"a": 55, "b": 45}
 
 
+def test_blended_shares_average_the_erk_and_ticket_densities_and_meet_the_budget_unscaled():
+    # a (10, 10), b (10, 90), budget 100: ERK a 17, b 83. The ticket keeps a's 61 entries of 5.0 and b's 39 of 1.0
+    # (b's other entries 0.01 and a's 0.001 fall below). Mean counts: a (17 + 61) / 2 = 39, b (83 + 39) / 2 = 61.
+    a, b = torch.full((10, 10), 0.001), torch.full((10, 90), 0.01)
+    a.view(-1)[:61], b.view(-1)[:39] = 5.0, 1.0
+    scores = {"a": a, "b": b}
+    shapes = {n: tuple(s.shape) for n, s in scores.items()}
+    shares = blended_shares(shapes, scores, 0.1)
+    assert shares == pytest.approx({"a": (0.17 + 0.61) / 2, "b": (83 / 900 + 39 / 900) / 2})
+    assert shared_counts(shapes, shares, 0.1) == {"a": 39, "b": 61}
+
+
 @pytest.mark.parametrize("model_name", ["mlp", "cnn", "resnet20"])
 @pytest.mark.parametrize("density", [0.05, 0.02])
-def test_larger_shares_keep_at_least_half_of_what_erk_or_the_ticket_gives_each_layer(model_name, density):
+@pytest.mark.parametrize("combined_shares", [larger_shares, blended_shares])
+def test_combined_shares_keep_at_least_half_of_what_erk_or_the_ticket_gives_each_layer(model_name, density,
+                                                                                        combined_shares):
     torch.manual_seed(0)
     model = build_model(model_name, (3, 16, 16), 10)
     names = prunable_names(model)
@@ -174,7 +188,7 @@ def test_larger_shares_keep_at_least_half_of_what_erk_or_the_ticket_gives_each_l
     shapes = {n: tuple(s.shape) for n, s in scores.items()}
     erk = erk_counts(shapes, density)
     ticket = shared_counts(shapes, ticket_shares(scores, density), density)
-    counts = shared_counts(shapes, larger_shares(shapes, scores, density), density)
+    counts = shared_counts(shapes, combined_shares(shapes, scores, density), density)
     assert sum(counts.values()) == budget(sum(s.numel() for s in scores.values()), density)
     assert erk != ticket
     for name in names:  # no floors here: a binding floor is paid for by the other layers

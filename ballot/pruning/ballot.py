@@ -30,8 +30,8 @@ from torch import nn
 
 from ballot import distributed
 from ballot.config import BallotConfig
-from ballot.masks import (Mask, density_schedule, erk_shares, larger_shares, magnitude_scores, shared_counts,
-                          ticket_shares)
+from ballot.masks import (Mask, blended_shares, density_schedule, erk_shares, larger_shares, magnitude_scores,
+                          shared_counts, ticket_shares)
 from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
 from ballot.pruning.class_share import ClassShareProbe
 from ballot.pruning.units import UnitGroup, kept_units, select_units, unit_counts, unit_mask, unit_scores
@@ -297,8 +297,8 @@ def prune_units(ctx: PruneContext) -> PruneResult:
 def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dict[str, int]]:
     """Per-layer kept counts of each round at the round's density, each within the previous one so the masks can
     be nested: ERK shares, with ``layer_budget`` 'ticket' each layer's share of the global top-k of ``scores``
-    (theta_T's |w|), with 'max' the larger of the two densities; every layer keeps at least ``layer_floor`` x its
-    uniform share."""
+    (theta_T's |w|), with 'max' the larger of the two densities, with 'blend' their mean; every layer keeps at
+    least ``layer_floor`` x its uniform share."""
     cfg = ctx.config.ballot
     shapes = {name: tuple(t.shape) for name, t in scores.items()}
     counts: list[dict[str, int]] = []
@@ -307,6 +307,8 @@ def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dic
             shares = ticket_shares(scores, density)
         elif cfg.layer_budget == "max":
             shares = larger_shares(shapes, scores, density, cfg.layer_floor, ctx.config.min_per_layer)
+        elif cfg.layer_budget == "blend":
+            shares = blended_shares(shapes, scores, density, cfg.layer_floor, ctx.config.min_per_layer)
         else:
             shares = erk_shares(shapes)
         counts.append(shared_counts(shapes, shares, density, cfg.layer_floor, ctx.config.min_per_layer,
