@@ -9,11 +9,13 @@ ticket  each layer's share of theta_T's global top-k by |w| at the round's densi
         excess over the budget is taken from the layers above their floors in proportion to their margin;
 blend   the mean of the erk and ticket counts (odd sums rounded up in name order until the total is exact);
 max     the product's ``layer_budget: max`` (each layer's larger density of the two rules, scaled to the budget), added
-        later; its fmnist-lt/cnn rows are the matrix's 'ballot (max)' runs read on validation (``source``).
+        later; its fmnist-lt/cnn rows are the matrix's 'ballot (max)' runs read on validation (``source``);
+product blend  the product's ``layer_budget: blend`` (the mean of the two densities; floors as in ``shared_counts``),
+        added later still, for the resnet20 cells of the blend criterion (``--rules erk "product blend"``).
 
 The dense states come from benchmarks/matrix.py's cache (cells it has not trained are skipped). Usage, from the
 repository root: ``.venv/bin/python reports/budget_study/study.py fmnist-lt/cnn/0/0.05 digits/mlp/1/0.02 ...``;
-``--table`` prints the summary table of the results so far and the per-seed rows.
+``--rules a b --`` runs only those rules; ``--table`` prints the summary table of the results so far and the per-seed rows.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def blend_rule(ctx, shapes):
     return counts
 
 
-RULES = {"erk": erk_rule, "ticket": ticket_rule, "blend": blend_rule, "max": erk_rule}
-PRODUCT_RULE = {"max": "max"}  # rules run through the product's ``layer_budget`` rather than a replacement
+RULES = {"erk": erk_rule, "ticket": ticket_rule, "blend": blend_rule, "max": erk_rule, "product blend": erk_rule}
+PRODUCT_RULE = {"max": "max", "product blend": "blend"}  # rules run through the product's ``layer_budget`` rather than a replacement
 
 
 def run_cell(cell: str, rules: list[str], params: dict) -> None:
@@ -135,11 +137,11 @@ def table(rows: list[dict], rules: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(cells: list[str]) -> None:
+def main(cells: list[str], wanted: list[str]) -> None:
     done = {(r["cell"], r["rule"]) for r in map(json.loads, open(RESULTS))} if os.path.exists(RESULTS) else set()
     params = {k: v for k, v in load_yaml("params.yaml").items() if k in ("base", "data", "train_dense", "prune")}
     for cell in cells:
-        rules = [rule for rule in RULES if (cell, rule) not in done]
+        rules = [rule for rule in wanted if (cell, rule) not in done]
         if rules:
             run_cell(cell, rules, params)
 
@@ -159,5 +161,8 @@ if __name__ == "__main__":
         rows = [json.loads(line) for line in open(RESULTS)]
         print(table(rows, ["erk", "ticket", "blend"]) + "\n\n" + table(rows, ["erk", "max"]) + "\n\n"
               + seed_rows(rows))
+    elif sys.argv[1:2] == ["--rules"]:
+        split = sys.argv.index("--")
+        main(sys.argv[split + 1:], sys.argv[2:split])
     else:
-        main(sys.argv[1:])
+        main(sys.argv[1:], list(RULES))
