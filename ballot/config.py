@@ -257,7 +257,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 OBS_LOSSES = ("fair", "plain")
 CONFLICT_RULES = ("protect", "veto", "share", "none")
-LAYER_BUDGETS = ("erk", "ticket", "max", "blend")
+LAYER_BUDGETS = ("blend", "erk", "ticket", "max")
 
 
 @dataclass
@@ -270,11 +270,10 @@ class BallotConfig:
     obs_loss: str = _help("The observer's training loss: 'fair' (class-reweighted) or 'plain' cross-entropy.", "fair")
     collect_every: int = _help("Collect gradients on every N-th observation step (1 = every step).", 4)
     ballot_every: int = _help("Cast a ballot every N observation steps (0 = once per epoch).", 0)
-    layer_budget: str = _help("Per-layer counts (prune.granularity 'weight'): 'erk' shares (Evci et al. 2020), "
-                              "'ticket', each layer's share of theta_T's global magnitude top-k, or 'max', the larger "
-                              "of the two densities scaled to the budget, or 'blend', their mean (docs/ballot.md, "
-                              "'Per-layer budget rule').",
-                              "erk")
+    layer_budget: str = _help("Per-layer counts (prune.granularity 'weight'): 'blend', the mean of the 'erk' density "
+                              "(Evci et al. 2020) and the 'ticket' density (each layer's share of theta_T's global "
+                              "magnitude top-k), either alone, or 'max', the larger of the two scaled to the budget "
+                              "(docs/ballot.md, 'Per-layer budget rule').", "blend")
     layer_floor: float = _help("Every layer keeps at least this fraction of its uniform share (floor x density x "
                                "layer size) under every budget rule.", 0.5)
     conflict: str = _help("What a conflict between the accuracy and fairness signals does: 'protect' the "
@@ -542,7 +541,7 @@ def default_space() -> dict[str, Any]:
     """The search space params.yaml declares (docs/tuning.md); it contains Ballot's defaults."""
     return {
         "prune.ballot.conflict": {"type": "categorical", "choices": ["none", "protect", "share"]},
-        "prune.ballot.layer_budget": {"type": "categorical", "choices": ["erk", "ticket", "max"]},
+        "prune.ballot.layer_budget": {"type": "categorical", "choices": ["blend", "erk", "ticket", "max"]},
         "prune.ballot.protect_fraction": {"type": "float", "low": 0.05, "high": 0.5},
         "prune.ballot.obs_epochs": {"type": "int", "low": 8, "high": 20, "step": 4},
         "prune.ballot.class_weight_floor": {"type": "float", "low": 0.1, "high": 0.5},

@@ -53,14 +53,16 @@ CAPS: dict[tuple[str, str], int] = {
     ("fmnist", "cnn"): 4000, ("fmnist", "resnet20"): 2500,
 }
 # prune.recalibrate_bn came after the recorded runs: pinned off here so they stay valid (it changes only models with
-# BatchNorm, here resnet20 and vgg; docs/ballot.md says what it does on small data)
-COMMON = ["data.val_fraction=0.2", "prune.recalibrate_bn=false"]
+# BatchNorm, here resnet20 and vgg; docs/ballot.md says what it does on small data). So did Ballot's default budget
+# rule 'blend': the recorded Ballot rows pin ERK, and the 'ballot (blend)' method is the product's Ballot.
+COMMON = ["data.val_fraction=0.2", "prune.recalibrate_bn=false", "prune.ballot.layer_budget=erk"]
 # digits has 1,150 training images (9 steps an epoch): every schedule runs 3x the epochs, else a 2%-dense cnn stays at
 # chance for every method (validation accuracy about 0.2 for LTH and Ballot alike with 20 epochs, 0.97 with 60).
 LONGER = {"digits": ["train_dense.epochs=60", "prune.retrain.epochs=60", "prune.ballot.obs_epochs=60",
                      "prune.ballot.refine_train.epochs=60", "prune.safecompress.epochs=180",
                      "prune.fairscratch.epochs=180"]}
-DEFAULT_METHODS = ("magnitude", "lth", "lth + refined", "ballot", "ballot (protect)", "ballot (plain retraining)")
+DEFAULT_METHODS = ("magnitude", "lth", "lth + refined", "ballot", "ballot (blend)", "ballot (protect)",
+                   "ballot (plain retraining)")
 # the cost of a unit in epochs of its dataset (for the schedule: longest first)
 COST = {"mlp": 0.05, "cnn": 1.0, "resnet20": 2.2, "vgg": 8.0}
 
@@ -88,7 +90,8 @@ LATER_DEFAULTS = {"precision": "fp32", "granularity": "weight", "share_samples":
 def _without_later_defaults(tree: Any) -> Any:
     """``tree`` without the LATER_DEFAULTS entries (fp32 is the loop before mixed precision, 'weight' the pruning
     before structured units, 32 the probe of the later 'share' rule, which no earlier run used, False the runs before
-    BatchNorm recalibration), so the keys of the runs recorded before them stay valid."""
+    BatchNorm recalibration, 'erk' the per-layer budgets before the rule was a choice), so the keys of the runs
+    recorded before them stay valid."""
     if isinstance(tree, dict):
         return {k: _without_later_defaults(v) for k, v in tree.items()
                 if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}

@@ -17,6 +17,8 @@ VARIANTS: dict[str, list[str]] = {
     "ballot (plain retraining)": ["prune.method=ballot", "prune.final_train=plain"],
     # per-layer budgets: the larger of ERK's and the dense ticket's (reports/budget_study/)
     "ballot (max)": ["prune.method=ballot", "prune.ballot.layer_budget=max"],
+    # the product's default budgets, the mean of the two; benchmarks/matrix.py pins ERK for its recorded 'ballot' rows
+    "ballot (blend)": ["prune.method=ballot", "prune.ballot.layer_budget=blend"],
     # structured: whole neurons / channels (L1-norm filter pruning, and Ballot's unit votes); docs/deploy.md
     "magnitude (unit)": ["prune.method=magnitude", "prune.granularity=unit"],
     # L1 filter pruning's units with Ballot's refined training: what Ballot's unit votes add beyond the refinement

@@ -1,7 +1,7 @@
 """Ballot (docs/ballot.md): rounds of observation and voting at shrinking densities, then refined training.
 
-budget   ``round_counts``: each round's per-layer counts, ERK shares, the one-shot ticket's or the larger of the
-         two (``layer_budget``), with a floor (no layer is starved).
+budget   ``round_counts``: each round's per-layer counts, the mean of ERK's and the one-shot ticket's (the default),
+         either alone, or the larger of the two (``layer_budget``), with a floor (no layer is starved).
 collect  ``GradientCollector``, a hook of the observation's own training steps, sums the fairness gradient f
          (cross-entropy weighted by the dense model's class weights) and the accuracy gradient g (plain
          cross-entropy), one of them from the step itself and the other by one extra backward pass.
@@ -296,9 +296,9 @@ def prune_units(ctx: PruneContext) -> PruneResult:
 
 def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dict[str, int]]:
     """Per-layer kept counts of each round at the round's density, each within the previous one so the masks can
-    be nested: ERK shares, with ``layer_budget`` 'ticket' each layer's share of the global top-k of ``scores``
-    (theta_T's |w|), with 'max' the larger of the two densities, with 'blend' their mean; every layer keeps at
-    least ``layer_floor`` x its uniform share."""
+    be nested: with ``layer_budget`` 'erk' ERK shares, with 'ticket' each layer's share of the global top-k of
+    ``scores`` (theta_T's |w|), with 'blend' the mean of the two densities, with 'max' the larger; every layer keeps
+    at least ``layer_floor`` x its uniform share."""
     cfg = ctx.config.ballot
     shapes = {name: tuple(t.shape) for name, t in scores.items()}
     counts: list[dict[str, int]] = []
