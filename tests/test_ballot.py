@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 
+from ballot.config import LAYER_BUDGETS
 from ballot.experiment import run_prune
 from ballot.masks import (Mask, blended_shares, budget, density_schedule, erk_counts, larger_shares, prunable_names,
                           shared_counts)
 from ballot.models import build_model
-from ballot.pruning.ballot import cast_ballot, conflict_strength, contested, select_mask
+from ballot.pruning.ballot import LAYER_SHARES, cast_ballot, conflict_strength, contested, select_mask
 from tests.conftest import tiny_config
 
 
@@ -116,6 +117,10 @@ def test_ticket_budget_keeps_the_density_nested_and_follows_theta_t_where_erk_do
     assert masks[0].counts() == first_ticket.counts()
     erk = run_prune(tiny_config("prune.ballot.layer_budget=erk", "base.density=0.05"), tiny_data, tiny_dense)
     assert erk.round_masks[0].counts() != masks[0].counts()
+
+
+def test_every_configurable_budget_rule_has_shares_and_no_other():
+    assert sorted(LAYER_SHARES) == sorted(LAYER_BUDGETS)
 
 
 @pytest.mark.parametrize("layer_budget, combined_shares", [("max", larger_shares), ("blend", blended_shares)])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -105,6 +105,13 @@ def select_mask(votes: dict[str, torch.Tensor], magnitudes: dict[str, torch.Tens
 
 GRADIENT_RULES = ("protect", "veto")  # the conflict rules that compare g and f (one extra backward per collected step)
 PROTECTING_RULES = ("protect", "share")  # the rules that reserve a share of each layer's count at selection
+# layer_budget -> each layer's unscaled density at a round's density, from (shapes, scores, density, floor, min_per_layer)
+LAYER_SHARES: dict[str, Callable[..., dict[str, float]]] = {
+    "blend": blended_shares,
+    "erk": lambda shapes, scores, density, floor, min_per_layer: erk_shares(shapes),
+    "ticket": lambda shapes, scores, density, floor, min_per_layer: ticket_shares(scores, density),
+    "max": larger_shares,
+}
 
 
 class GradientCollector(StepHook):
@@ -303,14 +310,7 @@ def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dic
     shapes = {name: tuple(t.shape) for name, t in scores.items()}
     counts: list[dict[str, int]] = []
     for density in density_schedule(ctx.density, cfg.rounds):
-        if cfg.layer_budget == "ticket":
-            shares = ticket_shares(scores, density)
-        elif cfg.layer_budget == "max":
-            shares = larger_shares(shapes, scores, density, cfg.layer_floor, ctx.config.min_per_layer)
-        elif cfg.layer_budget == "blend":
-            shares = blended_shares(shapes, scores, density, cfg.layer_floor, ctx.config.min_per_layer)
-        else:
-            shares = erk_shares(shapes)
+        shares = LAYER_SHARES[cfg.layer_budget](shapes, scores, density, cfg.layer_floor, ctx.config.min_per_layer)
         counts.append(shared_counts(shapes, shares, density, cfg.layer_floor, ctx.config.min_per_layer,
                                     capacity=counts[-1] if counts else None))
     return counts
