@@ -105,7 +105,8 @@ def select_mask(votes: dict[str, torch.Tensor], magnitudes: dict[str, torch.Tens
 
 GRADIENT_RULES = ("protect", "veto")  # the conflict rules that compare g and f (one extra backward per collected step)
 PROTECTING_RULES = ("protect", "share")  # the rules that reserve a share of each layer's count at selection
-# layer_budget -> each layer's unscaled density at a round's density, from (shapes, scores, density, floor, min_per_layer)
+# layer_budget -> each layer's unscaled density at a round's density
+# (called with shapes, scores, density, floor, min_per_layer)
 LAYER_SHARES: dict[str, Callable[..., dict[str, float]]] = {
     "blend": blended_shares,
     "erk": lambda shapes, scores, density, floor, min_per_layer: erk_shares(shapes),

@@ -15,7 +15,8 @@ product blend  the product's ``layer_budget: blend`` (the mean of the two densit
 
 The dense states come from benchmarks/matrix.py's cache (cells it has not trained are skipped). Usage, from the
 repository root: ``.venv/bin/python reports/budget_study/study.py fmnist-lt/cnn/0/0.05 digits/mlp/1/0.02 ...``;
-``--rules a b --`` runs only those rules; ``--table`` prints the summary table of the results so far and the per-seed rows.
+``--rules a b --`` runs only those rules; ``--table`` prints the summary table of the results so far and the
+per-seed rows.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def blend_rule(ctx, shapes):
 
 
 RULES = {"erk": erk_rule, "ticket": ticket_rule, "blend": blend_rule, "max": erk_rule, "product blend": erk_rule}
-PRODUCT_RULE = {"max": "max", "product blend": "blend"}  # rules run through the product's ``layer_budget`` rather than a replacement
+# rules run through the product's ``layer_budget`` rather than a replacement
+PRODUCT_RULE = {"max": "max", "product blend": "blend"}
 
 
 def run_cell(cell: str, rules: list[str], params: dict) -> None:
@@ -160,7 +162,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--table"]:
         rows = [json.loads(line) for line in open(RESULTS)]
         print(table(rows, ["erk", "ticket", "blend"]) + "\n\n" + table(rows, ["erk", "max"]) + "\n\n"
-              + seed_rows(rows))
+              + table(rows, ["erk", "product blend"]) + "\n\n" + seed_rows(rows))
     elif sys.argv[1:2] == ["--rules"]:
         split = sys.argv.index("--")
         main(sys.argv[split + 1:], sys.argv[2:split])
