@@ -125,11 +125,10 @@ def table(rows: list[dict], rules: list[str]) -> str:
              + " | ".join(f"{r} CWV vs erk" for r in others) + " |", "|---" * (len(rules) + len(others) + 2) + "|"]
     changes: dict[str, list[float]] = {r: [] for r in others}
     for cell, by_rule in by_cell.items():
-        runs = {r: by_rule[r] for r in rules}
-        mean = {r: (sum(x["acc"] for x in v) / len(v), sum(x["cwv"] for x in v) / len(v)) for r, v in runs.items()}
+        mean = {r: (sum(x["acc"] for x in v) / len(v), sum(x["cwv"] for x in v) / len(v)) for r, v in by_rule.items()}
         for rule in others:
             changes[rule].append(mean[rule][1] / mean["erk"][1] - 1)
-        lines.append(f"| {cell} | {len(runs['erk'])} | "
+        lines.append(f"| {cell} | {len(by_rule['erk'])} | "
                      + " | ".join(f"{mean[r][0]:.4f} / {mean[r][1] * 1e3:.2f}" for r in rules) + " | "
                      + " | ".join(f"{changes[r][-1] * 100:+.1f}%" for r in others) + " |")
     if changes[others[0]]:
