@@ -261,3 +261,46 @@ def test_share_rule_keeps_the_budget_and_moves_the_mask(tiny_data, tiny_dense):
     assert shared.mask.to_bytes() != plain.mask.to_bytes()
     params = dict(shared.model.named_parameters())
     assert all(torch.count_nonzero(params[n][~keep]) == 0 for n, keep in shared.mask.items())
+
+
+def test_even_rows_give_every_class_an_equal_share_where_magnitude_alone_starves_the_rare_one():
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0], [5.0, 4.0, 3.0, 2.0], [0.3, 0.2, 0.1, 0.05]])  # row 2: a rare class
+    everyone = torch.ones_like(scores, dtype=torch.bool)
+    assert cast_ballot(scores, everyone, 6).sum(1).tolist() == [4, 2, 0]
+    even = cast_ballot(scores, everyone, 6, even_rows=True)
+    assert even.tolist() == [[True, True, False, False], [True, True, False, False], [True, True, False, False]]
+    # one left over goes to the row whose next weight scores highest; counts differ by at most one
+    assert cast_ballot(scores, everyone, 7, even_rows=True).sum(1).tolist() == [3, 2, 2]
+
+
+def test_even_rows_pass_what_a_short_row_cannot_take_to_the_others():
+    scores = torch.arange(12, dtype=torch.float).reshape(3, 4)
+    allowed = torch.ones_like(scores, dtype=torch.bool)
+    allowed[0, 1:] = False  # row 0 has a single allowed entry
+    chosen = cast_ballot(scores, allowed, 7, even_rows=True)
+    assert chosen.sum(1).tolist() == [1, 3, 3] and not (chosen & ~allowed).any()
+
+
+def test_select_mask_spreads_only_the_named_layer_over_its_rows():
+    votes = {"a": torch.tensor([[3, 3], [0, 0]]), "b": torch.tensor([[3, 3], [0, 0]])}
+    magnitudes = {n: torch.ones(2, 2) for n in votes}
+    mask = select_mask(votes, magnitudes, {"a": 2, "b": 2}, even_rows="b")
+    assert mask["a"].sum(1).tolist() == [2, 0] and mask["b"].sum(1).tolist() == [1, 1]
+
+
+def test_even_classifier_rows_keep_the_density_nested_and_every_class_level(tiny_data, tiny_dense):
+    config = tiny_config("prune.ballot.classifier_rows=even", "prune.ballot.rounds=3", "base.density=0.05")
+    result = run_prune(config, tiny_data, tiny_dense)
+    masks = result.round_masks
+    assert [m.kept for m in masks] == [budget(result.mask.total, d) for d in density_schedule(0.05, 3)]
+    assert all(inner.is_subset_of(outer) for inner, outer in zip(masks[1:], masks))
+    classifier = list(result.mask)[-1]
+    assert result.mask[classifier].shape[0] == tiny_data.num_classes
+    for mask in masks:
+        rows = mask[classifier].sum(1)
+        assert int(rows.max() - rows.min()) <= 1
+    plain = run_prune(tiny_config("prune.ballot.rounds=3", "base.density=0.05"), tiny_data, tiny_dense)
+    assert plain.mask.counts() == result.mask.counts()  # the same per-layer budgets; only the rows differ
+    plain_rows = plain.mask[classifier].sum(1)
+    assert int(plain_rows.max() - plain_rows.min()) > 1  # by votes alone the classes are not level here
+    assert run_prune(config, tiny_data, tiny_dense).mask.to_bytes() == result.mask.to_bytes()  # deterministic
