@@ -258,7 +258,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 OBS_LOSSES = ("fair", "plain")
 CONFLICT_RULES = ("protect", "veto", "share", "none")
 LAYER_BUDGETS = ("blend", "erk", "ticket", "max")
-CLASSIFIER_ROWS = ("votes", "even")
 
 
 @dataclass
@@ -277,9 +276,6 @@ class BallotConfig:
                               "(docs/ballot.md, 'Per-layer budget rule').", "blend")
     layer_floor: float = _help("Every layer keeps at least this fraction of its uniform share (floor x density x "
                                "layer size) under every budget rule.", 0.5)
-    classifier_rows: str = _help("How the classifier's count is spread over its rows, one per class: by the "
-                                 "'votes' alone, or 'even' (every class keeps an equal share of the classifier's "
-                                 "weights, its most-voted ones; docs/ballot.md).", "votes")
     conflict: str = _help("What a conflict between the accuracy and fairness signals does: 'protect' the "
                           "contested weights the fairness gradient relies on, 'veto' them, 'share': protect the "
                           "weights some class leans on most (per-class saliency retention), or 'none' (the default: "
@@ -308,8 +304,6 @@ class BallotConfig:
         _check(self.layer_budget in LAYER_BUDGETS, "layer_budget",
                f"unknown '{self.layer_budget}', choose from {LAYER_BUDGETS}")
         _check(0 <= self.layer_floor <= 1, "layer_floor", f"must be in [0, 1], got {self.layer_floor}")
-        _check(self.classifier_rows in CLASSIFIER_ROWS, "classifier_rows",
-               f"unknown '{self.classifier_rows}', choose from {CLASSIFIER_ROWS}")
         _check(self.conflict in CONFLICT_RULES, "conflict", f"unknown '{self.conflict}', choose from {CONFLICT_RULES}")
         _check(self.conflict_threshold >= 0, "conflict_threshold", f"must be >= 0 (or .inf), got {self.conflict_threshold}")
         _check(0 <= self.protect_fraction <= 1, "protect_fraction", f"must be in [0, 1], got {self.protect_fraction}")

@@ -59,38 +59,25 @@ def contested(weight: torch.Tensor, g: torch.Tensor, f: torch.Tensor, tau: float
     return (weight * f < 0) & (weight * g > 0) & (conflict_strength(g, f, within) > tau)
 
 
-def _rank_within_rows(rows: torch.Tensor) -> torch.Tensor:
-    """For entries listed best first with their row ids ``rows``: each entry's rank among its own row's entries."""
-    grouped = torch.argsort(rows, stable=True)  # row by row, best first within each row
-    starts = torch.cumsum(torch.bincount(rows), 0) - torch.bincount(rows)
-    rank = torch.empty_like(rows)
-    rank[grouped] = torch.arange(len(rows), device=rows.device) - starts[rows[grouped]]
-    return rank
-
-
-def _top(scores: torch.Tensor, allowed: torch.Tensor, k: int, even_rows: bool = False) -> torch.Tensor:
-    """Boolean mask of the ``k`` best-scoring allowed entries (fewer when fewer are allowed; ties: earlier first).
-    ``even_rows``: spread them evenly over the rows (dim 0; row counts differ by at most one, save rows with too
-    few allowed entries): every row's best entry first, then every row's second best, and so on."""
+def _top(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` best-scoring allowed entries (fewer when fewer are allowed; ties: earlier first)."""
     flat, ok = scores.flatten(), allowed.flatten()
     candidates = torch.nonzero(ok).flatten()
     order = torch.argsort(flat[candidates], descending=True, stable=True)
-    if even_rows and len(order):
-        order = order[torch.argsort(_rank_within_rows(candidates[order] // scores[0].numel()), stable=True)]
     chosen = torch.zeros_like(ok)
     chosen[candidates[order[:max(k, 0)]]] = True
     return chosen.reshape(scores.shape)
 
 
 def cast_ballot(scores: torch.Tensor, eligible: torch.Tensor, k: int, protected_scores: torch.Tensor | None = None,
-                protectable: torch.Tensor | None = None, protect: int = 0, even_rows: bool = False) -> torch.Tensor:
+                protectable: torch.Tensor | None = None, protect: int = 0) -> torch.Tensor:
     """One layer's ballot: ``k`` votes, ``protect`` of them reserved for the best ``protected_scores`` among the
     ``protectable`` weights not voted for on ``scores``; the rest (and any reserved vote left unused) go to the
-    best ``scores`` among the ``eligible``; each part spread evenly over the rows with ``even_rows``."""
-    votes = _top(scores, eligible, k - protect, even_rows)
+    best ``scores`` among the ``eligible``."""
+    votes = _top(scores, eligible, k - protect)
     if protect and protected_scores is not None and protectable is not None:
-        votes |= _top(protected_scores, protectable & eligible & ~votes, protect, even_rows)
-    return votes | _top(scores, eligible & ~votes, k - int(votes.sum()), even_rows)
+        votes |= _top(protected_scores, protectable & eligible & ~votes, protect)
+    return votes | _top(scores, eligible & ~votes, k - int(votes.sum()))
 
 
 def tie_broken(votes: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
@@ -100,30 +87,20 @@ def tie_broken(votes: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
 
 
 def select_mask(votes: dict[str, torch.Tensor], magnitudes: dict[str, torch.Tensor], counts: dict[str, int],
-                protection: dict[str, torch.Tensor] | None = None, protect_fraction: float = 0.0,
-                even_rows: str | None = None) -> Mask:
+                protection: dict[str, torch.Tensor] | None = None, protect_fraction: float = 0.0) -> Mask:
     """Each layer's ``counts[name]`` most-voted weights (among equal votes the larger |w| wins), except a share
-    ``protect_fraction`` that goes to the weights of highest ``protection`` score (> 0) not already chosen; the
-    layer ``even_rows`` spreads its count evenly over its rows."""
+    ``protect_fraction`` that goes to the weights of highest ``protection`` score (> 0) not already chosen."""
     chosen = {}
     for name, v in votes.items():
         combined = tie_broken(v, magnitudes[name])
         everyone = torch.ones_like(v, dtype=torch.bool)
-        k, even = counts[name], name == even_rows
+        k = counts[name]
         if protection is None or protect_fraction == 0:
-            chosen[name] = cast_ballot(combined, everyone, k, even_rows=even)
+            chosen[name] = cast_ballot(combined, everyone, k)
         else:
             score = protection[name]
-            chosen[name] = cast_ballot(combined, everyone, k, score, score > 0, round(protect_fraction * k), even)
+            chosen[name] = cast_ballot(combined, everyone, k, score, score > 0, round(protect_fraction * k))
     return Mask(chosen)
-
-
-def even_rows_layer(cfg: BallotConfig, shapes: dict[str, tuple[int, ...]], num_classes: int) -> str | None:
-    """The layer whose rows are kept even (``classifier_rows: even``): the classifier, the last layer with one
-    row per class (None when the rule is off or no layer has one)."""
-    if cfg.classifier_rows != "even":
-        return None
-    return next((n for n in reversed(list(shapes)) if shapes[n][0] == num_classes), None)
 
 
 GRADIENT_RULES = ("protect", "veto")  # the conflict rules that compare g and f (one extra backward per collected step)
@@ -143,10 +120,9 @@ class GradientCollector(StepHook):
     measures the class shares on ``probe`` at each ballot instead)."""
 
     def __init__(self, model: nn.Module, candidate: Mask, counts: dict[str, int], class_weights: torch.Tensor,
-                 cfg: BallotConfig, period: int, probe: ClassShareProbe | None = None,
-                 even_rows: str | None = None) -> None:
+                 cfg: BallotConfig, period: int, probe: ClassShareProbe | None = None) -> None:
         params = dict(model.named_parameters())
-        self.model, self.probe, self.even_rows = model, probe, even_rows
+        self.model, self.probe = model, probe
         self.cfg, self.period, self.counts, self.class_weights = cfg, period, counts, class_weights
         self.fair_steps = cfg.obs_loss == "fair"  # the training step's own gradient is f (else g)
         self.names = list(candidate)
@@ -209,9 +185,8 @@ class GradientCollector(StepHook):
             scores = w.abs()
             disputed = (contested(w, g, f, cfg.conflict_threshold, within) & within if cfg.conflict in GRADIENT_RULES
                         else torch.zeros_like(within))
-            even = name == self.even_rows
-            plain = cast_ballot(scores, within, k, even_rows=even)
-            ballot = cast_ballot(scores, within & ~disputed, k, even_rows=even) if cfg.conflict == "veto" else plain
+            plain = cast_ballot(scores, within, k)
+            ballot = cast_ballot(scores, within & ~disputed, k) if cfg.conflict == "veto" else plain
             if cfg.conflict == "protect":
                 self.protection[name] += (-w * _unit_rms(f, within)).clamp(min=0).mul(disputed).cpu()
             self.votes[name] += ballot.int().cpu()
@@ -342,7 +317,7 @@ def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dic
     return counts
 
 
-def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str, even_rows: str | None
+def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
             ) -> tuple[Mask, GradientCollector, int]:
     """Train ``mask`` from theta_k (prune.retrain, ``obs_epochs``), casting a ballot each period; the next mask is
     each layer's ``counts`` most-voted survivors (with 'protect' or 'share', a share goes to the best-protected
@@ -353,18 +328,17 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str, ev
     probe = (ClassShareProbe(ctx.data.train, ctx.data.num_classes, cfg.share_samples, ctx.seed)
              if cfg.conflict == "share" else None)
     collector = GradientCollector(observer, mask, counts, ctx.dense_class_weights, cfg, cfg.ballot_every or per_epoch,
-                                  probe, even_rows)
+                                  probe)
     obs_cfg = dataclasses.replace(ctx.config.retrain, epochs=cfg.obs_epochs)
     train(observer, ctx.data.train, obs_cfg, seed=ctx.seed, mask=mask, device=ctx.device, hook=collector,
           class_weights=ctx.dense_class_weights if cfg.obs_loss == "fair" else None, desc=desc,
           progress=ctx.progress)
     collector.finish(per_epoch * cfg.obs_epochs)
     magnitudes = magnitude_scores(observer, list(mask))
-    by_votes = select_mask(collector.votes, magnitudes, counts, even_rows=even_rows)
+    by_votes = select_mask(collector.votes, magnitudes, counts)
     if cfg.conflict not in PROTECTING_RULES:
         return ctx.agree(by_votes, desc), collector, 0
-    selected = select_mask(collector.votes, magnitudes, counts, collector.protection, cfg.protect_fraction,
-                           even_rows)
+    selected = select_mask(collector.votes, magnitudes, counts, collector.protection, cfg.protect_fraction)
     return ctx.agree(selected, desc), collector, sum(int((selected[n] & ~by_votes[n]).sum()) for n in selected)
 
 
@@ -381,12 +355,11 @@ def prune(ctx: PruneContext) -> PruneResult:
     trained = ctx.model_from(ctx.dense.trained_state)
     scores = magnitude_scores(trained)
     counts = round_counts(ctx, scores)
-    even = even_rows_layer(ctx.config.ballot, {n: tuple(s.shape) for n, s in scores.items()}, ctx.data.num_classes)
-    mask = Mask({n: _top(s, torch.ones_like(s, dtype=torch.bool), counts[0][n], n == even) for n, s in scores.items()})
+    mask = Mask.top_k_per_layer(scores, counts[0])
     rounds = [BallotRound(mask.density(), mask.kept)]
     masks, votes = [mask], {}
     for number, kept in enumerate(counts[1:], start=2):
-        mask, collector, protected = observe(ctx, mask, kept, f"ballot round {number}", even)
+        mask, collector, protected = observe(ctx, mask, kept, f"ballot round {number}")
         masks.append(mask)
         votes = collector.votes
         rounds.append(BallotRound(mask.density(), mask.kept, protected, collector.history))
