@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -127,6 +128,26 @@ def run_prune(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, pr
         recalibrate_batchnorm(result.model, data.train.x, cfg.prune.retrain.batch_size)
     ctx.agree(result.mask, f"{cfg.prune.method}'s final mask")
     return result
+
+
+# a dense model whose balanced validation accuracy covers less than this share of the way from chance to perfect
+# has not learned enough to prune: every method degenerates on it (docs/ballot.md, "Known limits")
+WEAK_DENSE_SHARE = 0.25
+
+
+def weak_dense_warning(val: dict[str, Any]) -> str | None:
+    """A one-line warning when the dense model's validation metrics ``val`` (``evaluate``'s) put its balanced
+    accuracy (the mean over the classes present) below WEAK_DENSE_SHARE of the way from chance to perfect."""
+    present = [a for a in val["per_class"] if not math.isnan(a)]
+    if not present:
+        return None
+    chance = 1 / len(val["per_class"])
+    balanced = sum(present) / len(present)
+    if balanced >= chance + WEAK_DENSE_SHARE * (1 - chance):
+        return None
+    return (f"warning: the dense model's balanced validation accuracy is {balanced:.3f} against a chance level of "
+            f"{chance:.3f}; pruning a model this weak gives unreliable results for every method (Ballot's class "
+            f"weights are noise): train it longer first (train_dense.epochs, and the prune schedules with it)")
 
 
 def model_metrics(model: nn.Module, data: DataBundle, device: str = "auto") -> dict[str, Any]:

@@ -8,6 +8,7 @@ import pytest
 
 from ballot.cli import main
 from ballot.data import DATASETS
+from ballot.experiment import weak_dense_warning
 from ballot.masks import Mask, budget
 from ballot.models import MODELS
 from ballot.pruning import PRUNERS
@@ -94,6 +95,14 @@ def test_dense_reuse_is_checked_against_the_configuration(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "c"), "--seed", "7"]) == 2
     assert "trained with other settings (seed)" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_dense_model_near_chance_is_warned_about(tmp_path, capsys):
+    args = ["prune", "--dataset", "digits", "--method", "magnitude", *TINY_FLAGS]
+    assert main([*args, "--out", str(tmp_path / "fit")]) == 0
+    assert "warning:" not in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "unfit"), "--set", "train_dense.lr=1e-6"]) == 0
+    assert "warning: the dense model's balanced validation accuracy is 0." in capsys.readouterr().err
 
 
 def test_a_failed_run_leaves_the_previous_output_untouched(tmp_path, capsys):
@@ -253,3 +262,13 @@ def test_register_refuses_what_it_cannot_register(tmp_path, registry, capsys):
         assert main(["register", "--onnx", str(carded), "--alias", alias, "--tracking-uri", uri]) == 2
         assert message in _one_line_error(capsys)
     assert client.search_registered_models() == [], "nothing may be registered"
+
+
+@pytest.mark.parametrize("per_class, warned", [
+    ([0.3, 0.2, float("nan")], True),  # balanced 0.25 over the 2 classes present; chance 1/3, the bar 0.5
+    ([0.6, 0.4, 0.5], False),  # balanced 0.5: exactly at the bar
+    ([0.9, 0.0, 0.9], False),  # one class lost, but the model has learned
+    ([float("nan")] * 3, False),  # no validation samples: nothing to judge
+])
+def test_weak_dense_warning_compares_balanced_accuracy_with_chance(per_class, warned):
+    assert (weak_dense_warning({"per_class": per_class}) is not None) == warned
