@@ -8,9 +8,7 @@ from ballot.experiment import run_prune
 from ballot.masks import (Mask, blended_shares, budget, density_schedule, erk_counts, larger_shares, prunable_names,
                           shared_counts)
 from ballot.models import build_model
-from ballot.pruning.base import PruneContext
-from ballot.pruning.ballot import (LAYER_SHARES, cast_ballot, conflict_strength, contested, observer_class_weights,
-                                   select_mask)
+from ballot.pruning.ballot import LAYER_SHARES, cast_ballot, conflict_strength, contested, select_mask
 from tests.conftest import tiny_config
 
 
@@ -263,30 +261,3 @@ def test_share_rule_keeps_the_budget_and_moves_the_mask(tiny_data, tiny_dense):
     assert shared.mask.to_bytes() != plain.mask.to_bytes()
     params = dict(shared.model.named_parameters())
     assert all(torch.count_nonzero(params[n][~keep]) == 0 for n, keep in shared.mask.items())
-
-
-def _context(data, dense, *overrides: str) -> PruneContext:
-    cfg = tiny_config(*overrides)
-    return PruneContext(data=data, model_name=cfg.base.model, density=cfg.base.density, seed=cfg.base.seed,
-                        dense=dense, config=cfg.prune)
-
-
-def test_observer_class_weights_lean_harder_with_the_power_and_keep_mean_one(tiny_data, tiny_dense):
-    ctx = _context(tiny_data, tiny_dense, "prune.ballot.class_weight_floor=0.2")
-    dense = ctx.dense_class_weights = torch.tensor([0.5, 1.0, 1.5])  # w_c as the refined training sees them
-    assert observer_class_weights(ctx) is dense  # p = 1: the refined training's weights, bit for bit
-    squared = _context(tiny_data, tiny_dense, "prune.ballot.obs_weight_power=2")
-    squared.dense_class_weights = dense
-    assert torch.allclose(observer_class_weights(squared), torch.tensor([0.25, 1.0, 2.25]) / (3.5 / 3))
-    plain = _context(tiny_data, tiny_dense, "prune.ballot.obs_loss=plain")
-    plain.dense_class_weights = dense
-    assert observer_class_weights(plain) is None and observer_class_weights(plain, fair=True) is dense
-
-
-def test_a_harder_leaning_observer_moves_the_mask_within_the_same_budget(tiny_data, tiny_dense):
-    plain = run_prune(tiny_config("prune.ballot.rounds=2"), tiny_data, tiny_dense)
-    config = tiny_config("prune.ballot.rounds=2", "prune.ballot.obs_weight_power=3")
-    leaning = run_prune(config, tiny_data, tiny_dense)
-    assert leaning.mask.counts() == plain.mask.counts()
-    assert leaning.mask.to_bytes() != plain.mask.to_bytes()
-    assert run_prune(config, tiny_data, tiny_dense).mask.to_bytes() == leaning.mask.to_bytes()

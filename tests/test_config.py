@@ -20,7 +20,6 @@ def test_defaults_build_and_nested_partial_groups_keep_their_own_defaults():
     ({"prune": {"retrain": {"schedule": "linear"}}}, "prune.retrain.schedule: unknown 'linear'"),
     ({"prune": {"ballot": {"conflict_threshold": -1}}}, "prune.ballot.conflict_threshold: must be >= 0"),
     ({"prune": {"ballot": {"conflict": "maybe"}}}, r"prune.ballot.conflict: unknown 'maybe'"),
-    ({"prune": {"ballot": {"obs_weight_power": -1}}}, "prune.ballot.obs_weight_power: must be >= 0"),
     ({"prune": {"ballot": {"rounds": 0}}}, "prune.ballot.rounds: must be >= 1"),
     ({"prune": {"final_train": "fancy"}}, r"prune.final_train: unknown 'fancy'"),
     ({"train_dense": {"rewind_fraction": 1.5}}, r"train_dense.rewind_fraction: must be in \[0, 1\]"),

@@ -286,7 +286,7 @@ def prune_units(ctx: PruneContext) -> PruneResult:
         voter = UnitVoter(observer, groups, keep, wanted, cfg.ballot_every or per_epoch)
         train(observer, ctx.data.train, dataclasses.replace(ctx.config.retrain, epochs=cfg.obs_epochs), seed=ctx.seed,
               mask=mask, device=ctx.device, hook=voter, desc=f"ballot round {number}", progress=ctx.progress,
-              class_weights=observer_class_weights(ctx))
+              class_weights=ctx.dense_class_weights if cfg.obs_loss == "fair" else None)
         voter.finish()
         votes, final = voter.votes, unit_scores(observer, groups)
         keep = select_units({n: tie_broken(votes[n], final[n]) for n in final}, wanted)
@@ -300,18 +300,6 @@ def prune_units(ctx: PruneContext) -> PruneResult:
                                 result.seconds)
     return PruneResult(mask, model, details, history=result.history,
                        tensors={"votes": votes} if votes else {}, round_masks=masks)
-
-
-def observer_class_weights(ctx: PruneContext, fair: bool = False) -> torch.Tensor | None:
-    """The class weights of the observer's loss: the dense model's w_c raised to ``obs_weight_power`` and scaled
-    to mean 1 (None, plain cross-entropy, when ``obs_loss`` is 'plain' and ``fair`` is not asked for)."""
-    cfg = ctx.config.ballot
-    if cfg.obs_loss == "plain" and not fair:
-        return None
-    if cfg.obs_weight_power == 1:
-        return ctx.dense_class_weights
-    weights = ctx.dense_class_weights.pow(cfg.obs_weight_power)
-    return weights / weights.mean()
 
 
 def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dict[str, int]]:
@@ -339,12 +327,11 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
     per_epoch = steps_per_epoch(len(ctx.data.train), ctx.config.retrain.batch_size)
     probe = (ClassShareProbe(ctx.data.train, ctx.data.num_classes, cfg.share_samples, ctx.seed)
              if cfg.conflict == "share" else None)
-    weights = observer_class_weights(ctx)
-    collector = GradientCollector(observer, mask, counts, observer_class_weights(ctx, fair=True), cfg,
-                                  cfg.ballot_every or per_epoch, probe)
+    collector = GradientCollector(observer, mask, counts, ctx.dense_class_weights, cfg, cfg.ballot_every or per_epoch,
+                                  probe)
     obs_cfg = dataclasses.replace(ctx.config.retrain, epochs=cfg.obs_epochs)
     train(observer, ctx.data.train, obs_cfg, seed=ctx.seed, mask=mask, device=ctx.device, hook=collector,
-          class_weights=weights, desc=desc,
+          class_weights=ctx.dense_class_weights if cfg.obs_loss == "fair" else None, desc=desc,
           progress=ctx.progress)
     collector.finish(per_epoch * cfg.obs_epochs)
     magnitudes = magnitude_scores(observer, list(mask))
