@@ -81,6 +81,9 @@ def _data(cfg: ExperimentConfig) -> DataBundle:
     data = experiment.prepare_data(cfg)
     print(f"data: {cfg.base.dataset}  train {len(data.train)}  val {len(data.val)}  test {len(data.test)}  "
           f"classes {data.num_classes}", file=sys.stderr)
+    notice = experiment.stretch_notice(cfg, len(data.train))
+    if notice:
+        print(notice, file=sys.stderr)
     return data
 
 

@@ -80,6 +80,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adam")
 
 
+MIN_STEPS_HELP = ("Fewest optimiser steps: on a training split so small that `epochs` passes make fewer, the "
+                  "epochs (and every setting counted in epochs) are stretched to reach this; 0 = exactly `epochs`.")
+
+
 @dataclass
 class TrainConfig:
     """One training run: optimiser and learning-rate schedule."""
@@ -97,9 +101,11 @@ class TrainConfig:
     patience: int = _help("Plateau schedule: epochs without improvement before decaying.", 2)
     precision: str = _help("'fp32', or mixed precision: 'bf16' (autocast) or 'fp16' (autocast and a gradient "
                            "scaler); meant for GPUs, where they are fast.", "fp32")
+    min_steps: int = _help(MIN_STEPS_HELP, 500)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
+        _check(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
         _check(self.precision in PRECISIONS, "precision", f"unknown '{self.precision}', choose from {PRECISIONS}")
         _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         _check(self.optimizer in OPTIMIZERS, "optimizer", f"unknown '{self.optimizer}', choose from {OPTIMIZERS}")
@@ -347,10 +353,13 @@ class SafeCompressConfig:
                            "losses, or 'none'.", "reweighted")
     fair_loss_weight: float = _help("lambda: loss = cross-entropy + lambda * fairness term.", 1.0)
 
+    min_steps: int = _help(MIN_STEPS_HELP + " 1500 = 3 x prune.retrain's 500, as epochs is 3 x 20.", 1500)
+
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "updates"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         _check(not self.nesterov or self.momentum > 0, "nesterov", "needs momentum > 0")
         _check(0 <= self.weight_decay < math.inf, "weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
@@ -394,10 +403,13 @@ class FairScratchConfig:
                          "the data has a group, else class_variance) or 'none'.", "auto")
     fairness_weight: float = _help("lambda: loss = cross-entropy + lambda * penalty.", 0.1)
 
+    min_steps: int = _help(MIN_STEPS_HELP + " 1500 = 3 x prune.retrain's 500, as epochs is 3 x 20.", 1500)
+
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         _check(0 <= self.weight_decay < math.inf, "weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
         _check(self.selection in SCRATCH_SELECTIONS, "selection",
@@ -452,6 +464,10 @@ class PruneConfig:
     def refined(self) -> bool:
         """Whether the final mask is trained with the refined, fairness-weighted schedule."""
         return self.final_train == "refined" or (self.final_train == "auto" and self.method == "ballot")
+
+    def observation(self) -> TrainConfig:
+        """The schedule of a Ballot observation round: prune.retrain's, over prune.ballot.obs_epochs epochs."""
+        return dataclasses.replace(self.retrain, epochs=self.ballot.obs_epochs)
 
 
 @dataclass

@@ -20,8 +20,8 @@ from ballot.masks import Mask
 from ballot.models import build_model, model_builder
 from ballot.pruning import DATA_PARALLEL, DenseArtifacts, PruneContext, PruneResult, get_pruner
 from ballot.storage import atomic_save_tensors, load_state, load_tensors, save_state, write_json
-from ballot.train import (TrainResult, recalibrate_batchnorm, resolve_device, seed_everything, steps_per_epoch,
-                          train)
+from ballot.train import (TrainResult, floored, recalibrate_batchnorm, resolve_device, seed_everything,
+                          steps_per_epoch, stretched, train)
 
 DENSE_MANIFEST = "dense.json"
 DENSE_FILES = {"init_state": "init.safetensors", "rewind_state": "rewind.safetensors",
@@ -58,7 +58,7 @@ def new_model(cfg: ExperimentConfig, data: DataBundle) -> nn.Module:
 
 def rewind_step(cfg: ExperimentConfig, train_samples: int) -> int:
     """The optimiser step whose state is theta_k: train_dense.rewind_iter, else rewind_fraction of dense training."""
-    dense = cfg.train_dense
+    dense = stretched(cfg.train_dense, train_samples)
     steps = dense.epochs * steps_per_epoch(train_samples, dense.batch_size)
     if dense.rewind_iter is None:
         return round(dense.rewind_fraction * steps)
@@ -67,6 +67,21 @@ def rewind_step(cfg: ExperimentConfig, train_samples: int) -> int:
                           f"training: theta_k would be theta_T; lower it, train longer, or set it to null to use "
                           f"train_dense.rewind_fraction")
     return dense.rewind_iter
+
+
+def stretch_notice(cfg: ExperimentConfig, train_samples: int) -> str | None:
+    """One line naming the schedules that their ``min_steps`` lengthens on this training split, or None."""
+    prune = cfg.prune
+    phases = {"train_dense": (cfg.train_dense, stretched), "prune.retrain": (prune.retrain, stretched),
+              "prune.ballot.obs_epochs": (prune.observation(), stretched),
+              "prune.ballot.refine_train": (prune.ballot.refine_train, stretched),
+              "prune.safecompress": (prune.safecompress, floored), "prune.fairscratch": (prune.fairscratch, floored)}
+    longer = [f"{name} {schedule.epochs} -> {rule(schedule, train_samples).epochs}"
+              for name, (schedule, rule) in phases.items() if rule(schedule, train_samples).epochs != schedule.epochs]
+    if not longer:
+        return None
+    return (f"note: {train_samples} training samples make few optimiser steps an epoch, so the schedules below their "
+            f"min_steps run longer (epochs): {', '.join(longer)}; min_steps=0 keeps a schedule's epochs as given")
 
 
 def train_dense(cfg: ExperimentConfig, data: DataBundle, progress: bool | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -100,6 +101,31 @@ class TrainResult:
 def steps_per_epoch(samples: int, batch_size: int) -> int:
     """Optimiser steps in one pass over ``samples`` (the last batch may be partial)."""
     return max(1, math.ceil(samples / batch_size))
+
+
+def floor_epochs(epochs: int, per_epoch: int, min_steps: int) -> int:
+    """``epochs``, raised so that ``epochs x per_epoch`` reaches ``min_steps`` (0 epochs stay 0: no training)."""
+    return max(epochs, math.ceil(min_steps / per_epoch)) if epochs else 0
+
+
+def floored(cfg: Any, samples: int) -> Any:
+    """A config with ``epochs``, ``batch_size`` and ``min_steps`` (SafeCompress, FairScratch) whose epochs reach
+    ``min_steps`` optimiser steps on ``samples`` training samples (their other settings are fractions of it)."""
+    return dataclasses.replace(cfg, epochs=floor_epochs(cfg.epochs, steps_per_epoch(samples, cfg.batch_size),
+                                                        cfg.min_steps))
+
+
+def stretched(cfg: TrainConfig, samples: int) -> TrainConfig:
+    """``cfg`` as it runs on ``samples`` training samples: when its epochs make fewer than ``cfg.min_steps``
+    optimiser steps, the epochs and every setting counted in epochs (warm-up, step length, patience) are scaled by
+    the same factor, so the schedule keeps its shape on a small data set."""
+    epochs = floor_epochs(cfg.epochs, steps_per_epoch(samples, cfg.batch_size), cfg.min_steps)
+    if epochs == cfg.epochs:
+        return cfg
+    factor = epochs / cfg.epochs
+    return dataclasses.replace(cfg, epochs=epochs, warmup_epochs=cfg.warmup_epochs * factor,
+                               step_epochs=max(1, round(cfg.step_epochs * factor)),
+                               patience=round(cfg.patience * factor))
 
 
 def lr_factor(cfg: TrainConfig, step: int, per_epoch: int) -> float:
@@ -238,6 +264,7 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
     if len(data) == 0:
         raise ValueError("cannot train on an empty split")
     device = torch.device(device)
+    cfg = stretched(cfg, len(data))
     steps = _Steps(model, data, cfg, mask, device, class_weights, hook)
     n, per_epoch = len(data), steps_per_epoch(len(data), cfg.batch_size)
     generator, plateau, result = torch.Generator().manual_seed(seed), _Plateau(cfg), TrainResult()

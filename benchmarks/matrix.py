@@ -54,8 +54,11 @@ CAPS: dict[tuple[str, str], int] = {
 }
 # prune.recalibrate_bn came after the recorded runs: pinned off here so they stay valid (it changes only models with
 # BatchNorm, here resnet20 and vgg; docs/ballot.md says what it does on small data). So did Ballot's default budget
-# rule 'blend': the recorded Ballot rows pin ERK, and the 'ballot (blend)' method is the product's Ballot.
-COMMON = ["data.val_fraction=0.2", "prune.recalibrate_bn=false", "prune.ballot.layer_budget=erk"]
+# rule 'blend': the recorded Ballot rows pin ERK, and the 'ballot (blend)' method is the product's Ballot. And the
+# schedules' min_steps floors: 0 here, the matrix states its schedules itself (LONGER).
+UNFLOORED = [f"{schedule}.min_steps=0" for schedule in ("train_dense", "prune.retrain", "prune.ballot.refine_train",
+                                                         "prune.safecompress", "prune.fairscratch")]
+COMMON = ["data.val_fraction=0.2", "prune.recalibrate_bn=false", "prune.ballot.layer_budget=erk", *UNFLOORED]
 # digits has 1,150 training images (9 steps an epoch): every schedule runs 3x the epochs, else a 2%-dense cnn stays at
 # chance for every method (validation accuracy about 0.2 for LTH and Ballot alike with 20 epochs, 0.97 with 60).
 LONGER = {"digits": ["train_dense.epochs=60", "prune.retrain.epochs=60", "prune.ballot.obs_epochs=60",
@@ -84,14 +87,14 @@ def cell_overrides(dataset: str, model: str, seed: int) -> list[str]:
 
 # settings added after runs were recorded, at the values that reproduce those runs bit for bit
 LATER_DEFAULTS = {"precision": "fp32", "granularity": "weight", "share_samples": 32, "recalibrate_bn": False,
-                  "layer_budget": "erk"}
+                  "layer_budget": "erk", "min_steps": 0}
 
 
 def _without_later_defaults(tree: Any) -> Any:
     """``tree`` without the LATER_DEFAULTS entries (fp32 is the loop before mixed precision, 'weight' the pruning
     before structured units, 32 the probe of the later 'share' rule, which no earlier run used, False the runs before
-    BatchNorm recalibration, 'erk' the per-layer budgets before the rule was a choice), so the keys of the runs
-    recorded before them stay valid."""
+    BatchNorm recalibration, 'erk' the per-layer budgets before the rule was a choice, 0 the schedules before their
+    min_steps floors), so the keys of the runs recorded before them stay valid."""
     if isinstance(tree, dict):
         return {k: _without_later_defaults(v) for k, v in tree.items()
                 if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ballot.config import ExperimentConfig
-from ballot.experiment import model_metrics, save_dense, timed, train_dense, weak_dense_warning
+from ballot.experiment import model_metrics, save_dense, stretch_notice, timed, train_dense, weak_dense_warning
 from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder, write_json
 from pipelines.common import DATA, DENSE, run_stage
@@ -13,6 +13,9 @@ from pipelines.common import DATA, DENSE, run_stage
 
 def main(cfg: ExperimentConfig) -> None:
     data = load_snapshot(DATA)
+    notice = stretch_notice(cfg, len(data.train))
+    if notice:
+        print(notice, file=sys.stderr)
     (model, dense, result), seconds = timed(train_dense, cfg, data)
     metrics = {**model_metrics(model, data, cfg.base.device), "seconds": seconds}
     with staged_folder(DENSE) as folder:

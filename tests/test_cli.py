@@ -1,4 +1,5 @@
 import json
+import math
 import re
 import subprocess
 import sys
@@ -63,10 +64,16 @@ def test_help_on_every_command(command):
     assert result.returncode == 0 and "usage: ballot" in result.stdout
 
 
-def test_every_default_fits_a_small_dataset(tmp_path):
-    """`ballot prune --dataset digits` with no other flag: the rewind point and every schedule scale with the data."""
+def test_every_default_fits_a_small_dataset(tmp_path, capsys):
+    """`ballot prune --dataset digits` with no other flag: the rewind point and every schedule scale with the data,
+    and the schedules that their min_steps lengthens (digits makes 11 steps an epoch) are named."""
     out = tmp_path / "run"
     assert main(["prune", "--dataset", "digits", "--device", "cpu", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    steps_an_epoch = math.ceil(int(re.search(r"train (\d+)", err).group(1)) / 128)
+    epochs = math.ceil(500 / steps_an_epoch)  # the default min_steps over the default batch size's steps
+    assert f"train_dense 20 -> {epochs}, prune.retrain 20 -> {epochs}" in err
+    assert len(json.loads((out / "history.json").read_text())) == epochs, "the refined training ran them"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "ballot" and metrics["acc"] > 0.8
     mask = Mask.load(out / "mask.safetensors")
@@ -100,7 +107,8 @@ def test_dense_reuse_is_checked_against_the_configuration(tmp_path, capsys):
 def test_a_dense_model_near_chance_is_warned_about(tmp_path, capsys):
     args = ["prune", "--dataset", "digits", "--method", "magnitude", *TINY_FLAGS]
     assert main([*args, "--out", str(tmp_path / "fit")]) == 0
-    assert "warning:" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning:" not in err and "note:" not in err, "a fit dense model; min_steps 0: no schedule is lengthened"
     assert main([*args, "--out", str(tmp_path / "unfit"), "--set", "train_dense.lr=1e-6"]) == 0
     assert "warning: the dense model's balanced validation accuracy is 0." in capsys.readouterr().err
 

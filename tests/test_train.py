@@ -1,13 +1,14 @@
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
-from ballot.config import TrainConfig
+from ballot.config import SafeCompressConfig, TrainConfig
 from ballot.data import Split
 from ballot.masks import Mask, magnitude_scores
 from ballot.models import build_model
-from ballot.train import lr_factor, recalibrate_batchnorm, resolve_device, train
+from ballot.train import floored, lr_factor, recalibrate_batchnorm, resolve_device, stretched, train
 
 
 def _toy_split(n: int = 96) -> Split:
@@ -21,7 +22,7 @@ def test_pruned_weights_stay_exactly_zero_with_momentum_and_weight_decay():
     torch.manual_seed(0)
     model = build_model("mlp", (1, 4, 4), 2)
     mask = Mask.top_k(magnitude_scores(model), 0.2)
-    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.5, momentum=0.9, weight_decay=0.1, schedule="constant")
+    cfg = TrainConfig(min_steps=0, epochs=3, batch_size=16, lr=0.5, momentum=0.9, weight_decay=0.1, schedule="constant")
     train(model, _toy_split(), cfg, mask=mask, progress=False)
     params = dict(model.named_parameters())
     for name, keep in mask.items():
@@ -35,7 +36,7 @@ def test_training_is_deterministic_for_a_seed(optimizer):
     for _ in range(2):
         torch.manual_seed(0)
         model = build_model("mlp", (1, 4, 4), 2)
-        train(model, _toy_split(), TrainConfig(epochs=2, batch_size=16, optimizer=optimizer, lr=0.01), seed=3,
+        train(model, _toy_split(), TrainConfig(min_steps=0, epochs=2, batch_size=16, optimizer=optimizer, lr=0.01), seed=3,
               progress=False)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -46,9 +47,9 @@ def test_rewind_state_is_the_state_after_k_steps():
     model = build_model("mlp", (1, 4, 4), 2)
     reference = copy.deepcopy(model)
     data = _toy_split(64)  # 4 steps per epoch at batch 16
-    result = train(model, data, TrainConfig(epochs=3, batch_size=16, schedule="constant"), rewind_iter=4, seed=1,
+    result = train(model, data, TrainConfig(min_steps=0, epochs=3, batch_size=16, schedule="constant"), rewind_iter=4, seed=1,
                    progress=False)
-    train(reference, data, TrainConfig(epochs=1, batch_size=16, schedule="constant"), seed=1, progress=False)
+    train(reference, data, TrainConfig(min_steps=0, epochs=1, batch_size=16, schedule="constant"), seed=1, progress=False)
     assert result.steps == 12
     for name, tensor in reference.state_dict().items():
         assert torch.equal(result.rewind_state[name], tensor)
@@ -58,25 +59,25 @@ def test_rewind_state_is_the_state_after_k_steps():
 def test_training_learns_a_separable_problem():
     torch.manual_seed(0)
     model = build_model("mlp", (1, 4, 4), 2)
-    result = train(model, _toy_split(256), TrainConfig(epochs=15, batch_size=32, lr=0.05), progress=False)
+    result = train(model, _toy_split(256), TrainConfig(min_steps=0, epochs=15, batch_size=32, lr=0.05), progress=False)
     first, last = result.history[0]["train_acc"], result.history[-1]["train_acc"]
     assert last > 0.9 and last > first + 0.1
 
 
 def test_lr_schedules():
-    cosine = TrainConfig(epochs=10, lr=1.0, schedule="cosine", warmup_epochs=1)
+    cosine = TrainConfig(min_steps=0, epochs=10, lr=1.0, schedule="cosine", warmup_epochs=1)
     assert lr_factor(cosine, 0, 10) == pytest.approx(0.1)
     assert lr_factor(cosine, 9, 10) == pytest.approx(1.0)
     assert lr_factor(cosine, 10, 10) == pytest.approx(1.0)
     assert lr_factor(cosine, 100, 10) == pytest.approx(0.0, abs=1e-12)
-    step = TrainConfig(epochs=10, schedule="step", step_epochs=3, gamma=0.5)
+    step = TrainConfig(min_steps=0, epochs=10, schedule="step", step_epochs=3, gamma=0.5)
     assert [lr_factor(step, s, 10) for s in (0, 29, 30, 60)] == [1.0, 1.0, 0.5, 0.25]
 
 
 def test_plateau_needs_a_metric_and_decays_without_improvement():
     torch.manual_seed(0)
     model = build_model("mlp", (1, 4, 4), 2)
-    cfg = TrainConfig(epochs=5, batch_size=32, schedule="plateau", patience=0, gamma=0.5, lr=0.1)
+    cfg = TrainConfig(min_steps=0, epochs=5, batch_size=32, schedule="plateau", patience=0, gamma=0.5, lr=0.1)
     with pytest.raises(ValueError, match="plateau"):
         train(model, _toy_split(), cfg, progress=False)
     result = train(model, _toy_split(), cfg, epoch_metric=lambda m: 0.0, progress=False)
@@ -88,7 +89,7 @@ def test_class_weights_change_the_loss_landscape():
     for weights in (None, torch.tensor([1.0, 50.0])):
         torch.manual_seed(0)
         model = build_model("mlp", (1, 4, 4), 2)
-        train(model, _toy_split(), TrainConfig(epochs=1, batch_size=16), class_weights=weights, progress=False)
+        train(model, _toy_split(), TrainConfig(min_steps=0, epochs=1, batch_size=16), class_weights=weights, progress=False)
         runs.append(model.state_dict()["1.5.weight"])
     assert not torch.equal(*runs)
 
@@ -112,7 +113,7 @@ def test_mixed_precision_trains_and_keeps_pruned_weights_zero(precision):
     torch.manual_seed(0)
     model = build_model("mlp", (1, 4, 4), 2)
     mask = Mask.top_k(magnitude_scores(model), 0.5)
-    cfg = TrainConfig(epochs=15, batch_size=32, lr=0.05, precision=precision)
+    cfg = TrainConfig(min_steps=0, epochs=15, batch_size=32, lr=0.05, precision=precision)
     result = train(model, _toy_split(256), cfg, mask=mask, progress=False)
     assert result.history[-1]["train_acc"] > 0.85
     params = dict(model.named_parameters())
@@ -139,7 +140,7 @@ def test_fp16_hooks_see_unscaled_gradients():
         torch.manual_seed(0)
         model = build_model("mlp", (1, 4, 4), 2)
         recorder = _GradientRecorder(model)
-        train(model, _toy_split(64), TrainConfig(epochs=1, batch_size=16, lr=1e-6, precision=precision),
+        train(model, _toy_split(64), TrainConfig(min_steps=0, epochs=1, batch_size=16, lr=1e-6, precision=precision),
               hook=recorder, progress=False)
         runs[precision] = recorder.norms
     # the scaler multiplies the loss by 2**16; unscaled, the fp16 gradients match fp32's to fp16 accuracy
@@ -176,3 +177,26 @@ def test_batchnorm_recalibration_leaves_a_model_without_batchnorm_unchanged():
     before = copy.deepcopy(model.state_dict())
     recalibrate_batchnorm(model, torch.rand(50, 1, 8, 8), batch_size=16)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_small_split_stretches_the_schedule_to_min_steps_and_keeps_its_shape():
+    cfg = TrainConfig(epochs=4, batch_size=16, min_steps=50, schedule="step", warmup_epochs=0.5, step_epochs=2,
+                      patience=1)
+    long = stretched(cfg, 64)  # 4 steps an epoch: 4 epochs make 16 steps, 13 epochs the first >= 50
+    assert (long.epochs, long.warmup_epochs, long.step_epochs, long.patience) == (13, 0.5 * 13 / 4, 6, 3)
+    assert stretched(cfg, 256) is cfg, "16 steps an epoch: 64 steps already reach min_steps"
+    assert stretched(replace(cfg, min_steps=0), 64).epochs == 4
+    assert stretched(replace(cfg, epochs=0), 64).epochs == 0, "no training stays no training"
+
+
+def test_training_runs_the_stretched_number_of_steps():
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 4, 4), 2)
+    result = train(model, _toy_split(64), TrainConfig(epochs=2, batch_size=16, min_steps=30), progress=False)
+    assert (result.steps, len(result.history)) == (32, 8)
+
+
+def test_sparse_training_configs_are_floored_in_epochs_only():
+    cfg = SafeCompressConfig(epochs=3, batch_size=64, min_steps=100, lr_milestones=[0.5])
+    assert floored(cfg, 640).epochs == 10 and floored(cfg, 640).lr_milestones == [0.5]
+    assert floored(cfg, 6400) == cfg

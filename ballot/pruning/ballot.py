@@ -20,7 +20,6 @@ each coupled group's units of largest L1 norm (ballot.pruning.units), and each g
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -284,8 +283,8 @@ def prune_units(ctx: PruneContext) -> PruneResult:
     for number, wanted in enumerate(counts[1:], start=2):
         observer = ctx.model_from(ctx.dense.rewind_state)
         voter = UnitVoter(observer, groups, keep, wanted, cfg.ballot_every or per_epoch)
-        train(observer, ctx.data.train, dataclasses.replace(ctx.config.retrain, epochs=cfg.obs_epochs), seed=ctx.seed,
-              mask=mask, device=ctx.device, hook=voter, desc=f"ballot round {number}", progress=ctx.progress,
+        train(observer, ctx.data.train, ctx.config.observation(), seed=ctx.seed, mask=mask, device=ctx.device,
+              hook=voter, desc=f"ballot round {number}", progress=ctx.progress,
               class_weights=ctx.dense_class_weights if cfg.obs_loss == "fair" else None)
         voter.finish()
         votes, final = voter.votes, unit_scores(observer, groups)
@@ -329,11 +328,10 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
              if cfg.conflict == "share" else None)
     collector = GradientCollector(observer, mask, counts, ctx.dense_class_weights, cfg, cfg.ballot_every or per_epoch,
                                   probe)
-    obs_cfg = dataclasses.replace(ctx.config.retrain, epochs=cfg.obs_epochs)
-    train(observer, ctx.data.train, obs_cfg, seed=ctx.seed, mask=mask, device=ctx.device, hook=collector,
-          class_weights=ctx.dense_class_weights if cfg.obs_loss == "fair" else None, desc=desc,
-          progress=ctx.progress)
-    collector.finish(per_epoch * cfg.obs_epochs)
+    run = train(observer, ctx.data.train, ctx.config.observation(), seed=ctx.seed, mask=mask, device=ctx.device,
+                hook=collector, class_weights=ctx.dense_class_weights if cfg.obs_loss == "fair" else None, desc=desc,
+                progress=ctx.progress)
+    collector.finish(run.steps)
     magnitudes = magnitude_scores(observer, list(mask))
     by_votes = select_mask(collector.votes, magnitudes, counts)
     if cfg.conflict not in PROTECTING_RULES:

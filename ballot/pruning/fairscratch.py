@@ -29,6 +29,7 @@ from ballot.masks import Mask, budget, prunable_names
 from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
 from ballot.pruning.fair_terms import class_loss_variance, group_parity_gap
 from ballot.pruning.loop import batches, epoch_bar, set_lr
+from ballot.train import floored
 
 
 @torch.no_grad()
@@ -219,7 +220,7 @@ class FairScratchDetails(MethodDetails):
 def prune(ctx: PruneContext) -> PruneResult:
     """Score training on theta_0's signed-constant weights (see the module docstring); prune.final_train 'refined'
     additionally trains the found mask's weights from theta_k with the refined schedule."""
-    cfg = ctx.config.fairscratch
+    cfg = floored(ctx.config.fairscratch, len(ctx.data.train))
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(ctx.seed)
     ticket = ScratchTicket(ctx.model_from(ctx.dense.init_state), ctx.density, cfg.selection,

@@ -32,7 +32,7 @@ from ballot.pruning.dst import (
 )
 from ballot.pruning.fair_terms import class_loss_variance
 from ballot.pruning.loop import batches, epoch_bar, set_lr
-from ballot.train import steps_per_epoch
+from ballot.train import floored, steps_per_epoch
 
 
 def validation_score(metrics: dict[str, Any], cwv_weight: float) -> float:
@@ -108,7 +108,7 @@ class SafeCompressDetails(MethodDetails):
 def prune(ctx: PruneContext) -> PruneResult:
     """Test-driven dynamic sparse training from theta_0 (see the module docstring); prune.final_train 'refined'
     additionally retrains the chosen mask from theta_k with the refined schedule."""
-    cfg = ctx.config.safecompress
+    cfg = floored(ctx.config.safecompress, len(ctx.data.train))
     started = time.perf_counter()
     model = ctx.model_from(ctx.dense.init_state)
     mask_generator = torch.Generator().manual_seed(ctx.seed)

@@ -30,7 +30,7 @@ from ballot.fairness import evaluate, fairness_objective
 from ballot.knobs import Knob
 from ballot.models import build_model
 from ballot.pruning import DenseArtifacts
-from ballot.train import resolve_device
+from ballot.train import resolve_device, stretched
 from ballot.tuning.kept import keep_trial
 from ballot.tuning.space import with_values
 
@@ -88,10 +88,10 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, fl
     claim_slot(trial, tune.n_trials)
     values = {knob.key: knob.suggest(trial) for knob in ctx.knobs}
     cfg = with_values(ctx.cfg, values)
-    knobs = cfg.prune.ballot
-    observed = (knobs.rounds - 1) * knobs.obs_epochs
+    knobs, samples = cfg.prune.ballot, len(ctx.data.train)
+    observed = (knobs.rounds - 1) * stretched(cfg.prune.observation(), samples).epochs
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    trial.set_user_attr("epochs_planned", observed + knobs.refine_train.epochs)
+    trial.set_user_attr("epochs_planned", observed + stretched(knobs.refine_train, samples).epochs)
     trial.set_user_attr("epochs_run", observed)
     single = tune.mode == "single"
 
