@@ -162,7 +162,8 @@ def weak_dense_warning(val: dict[str, Any]) -> str | None:
         return None
     return (f"warning: the dense model's balanced validation accuracy is {balanced:.3f} against a chance level of "
             f"{chance:.3f}; pruning a model this weak gives unreliable results for every method (Ballot's class "
-            f"weights are noise): train it longer first (train_dense.epochs, and the prune schedules with it)")
+            f"weights are noise): train it longer first (train_dense.min_steps or epochs, and the prune schedules' "
+            f"with it)")
 
 
 def model_metrics(model: nn.Module, data: DataBundle, device: str = "auto") -> dict[str, Any]:
