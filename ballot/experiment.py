@@ -15,7 +15,7 @@ from ballot import distributed
 from ballot.config import ExperimentConfig, flatten, to_dict
 from ballot.data import DataBundle, dataset_loader, load_data
 from ballot.errors import ConfigError, StorageError
-from ballot.fairness import evaluate
+from ballot.fairness import balanced_accuracy, evaluate
 from ballot.masks import Mask
 from ballot.models import build_model, model_builder
 from ballot.pruning import DATA_PARALLEL, DenseArtifacts, PruneContext, PruneResult, get_pruner
@@ -76,8 +76,8 @@ def stretch_notice(cfg: ExperimentConfig, train_samples: int) -> str | None:
               "prune.ballot.obs_epochs": (prune.observation(), stretched),
               "prune.ballot.refine_train": (prune.ballot.refine_train, stretched),
               "prune.safecompress": (prune.safecompress, floored), "prune.fairscratch": (prune.fairscratch, floored)}
-    longer = [f"{name} {schedule.epochs} -> {rule(schedule, train_samples).epochs}"
-              for name, (schedule, rule) in phases.items() if rule(schedule, train_samples).epochs != schedule.epochs]
+    runs = {name: (schedule.epochs, rule(schedule, train_samples).epochs) for name, (schedule, rule) in phases.items()}
+    longer = [f"{name} {given} -> {run}" for name, (given, run) in runs.items() if run != given]
     if not longer:
         return None
     return (f"note: {train_samples} training samples make few optimiser steps an epoch, so the schedules below their "
@@ -153,17 +153,13 @@ WEAK_DENSE_SHARE = 0.25
 def weak_dense_warning(val: dict[str, Any]) -> str | None:
     """A one-line warning when the dense model's validation metrics ``val`` (``evaluate``'s) put its balanced
     accuracy (the mean over the classes present) below WEAK_DENSE_SHARE of the way from chance to perfect."""
-    present = [a for a in val["per_class"] if not math.isnan(a)]
-    if not present:
-        return None
-    chance = 1 / len(val["per_class"])
-    balanced = sum(present) / len(present)
-    if balanced >= chance + WEAK_DENSE_SHARE * (1 - chance):
+    balanced, chance = balanced_accuracy(val["per_class"]), 1 / len(val["per_class"])
+    if math.isnan(balanced) or balanced >= chance + WEAK_DENSE_SHARE * (1 - chance):
         return None
     return (f"warning: the dense model's balanced validation accuracy is {balanced:.3f} against a chance level of "
             f"{chance:.3f}; pruning a model this weak gives unreliable results for every method (Ballot's class "
-            f"weights are noise): train it longer first (train_dense.min_steps or epochs, and the prune schedules' "
-            f"with it)")
+            f"weights are noise): train it longer first (raise train_dense.min_steps or epochs, and the prune "
+            f"schedules' with them)")
 
 
 def model_metrics(model: nn.Module, data: DataBundle, device: str = "auto") -> dict[str, Any]:

@@ -30,6 +30,12 @@ def per_class_accuracy(y_true: Any, y_pred: Any, num_classes: int) -> list[float
     return [float(h / t) if t > 0 else math.nan for h, t in zip(hits.tolist(), totals.tolist())]
 
 
+def balanced_accuracy(per_class: list[float]) -> float:
+    """The mean of the per-class accuracies over the classes present (NaN entries: no samples); NaN if none is."""
+    present = [a for a in per_class if not math.isnan(a)]
+    return sum(present) / len(present) if present else math.nan
+
+
 def gap_metrics(per_group: list[float], overall: float) -> dict[str, float]:
     """CWV (variance around ``overall``), MCD (max - min) and the worst value, over non-NaN entries."""
     present = [a for a in per_group if not math.isnan(a)]

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from ballot.fairness import class_metrics, evaluate, fairness_class_weights, gap_metrics, group_metrics
+from ballot.fairness import (balanced_accuracy, class_metrics, evaluate, fairness_class_weights, gap_metrics,
+                             group_metrics)
 
 
 def test_class_metrics_match_hand_computed_values():
@@ -46,6 +47,11 @@ def test_group_metrics_by_sensitive_attribute():
     assert g["per_group"] == {5: 0.5, 7: 1.0}
     assert g["group_gap"] == pytest.approx(0.5)
     assert g["group_var"] == pytest.approx(((0.5 - 0.75) ** 2 + (1 - 0.75) ** 2) / 2)
+
+
+def test_balanced_accuracy_averages_the_classes_present():
+    assert balanced_accuracy([1.0, math.nan, 0.5, 0.0]) == pytest.approx(0.5)
+    assert math.isnan(balanced_accuracy([math.nan, math.nan]))
 
 
 def test_gap_metrics_of_nothing_is_nan():

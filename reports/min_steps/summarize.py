@@ -4,10 +4,11 @@ validation accuracy and balanced accuracy, test accuracy and test CWV."""
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from statistics import mean
+
+from ballot.fairness import balanced_accuracy
 
 CELLS = ("digits-lt-cnn", "s20lt-cnn", "c10-cnn", "digits-lt-mlp")
 ARMS = {"unfloored": "20 epochs (min_steps 0)", "floored": "min_steps 500"}
@@ -18,15 +19,10 @@ def runs(out: Path, arm: str, cell: str, method: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in paths if p.is_file()]
 
 
-def balanced(per_class: list[float]) -> float:
-    present = [a for a in per_class if not math.isnan(a)]
-    return sum(present) / len(present)
-
-
 def figures(metrics: list[dict]) -> str:
     if not metrics:
         return "-"
-    return (f"{mean(m['val']['acc'] for m in metrics):.3f} / {mean(balanced(m['val']['per_class']) for m in metrics):.3f}, "
+    return (f"{mean(m['val']['acc'] for m in metrics):.3f} / {mean(balanced_accuracy(m['val']['per_class']) for m in metrics):.3f}, "
             f"{mean(m['acc'] for m in metrics):.3f}, {1e3 * mean(m['cwv'] for m in metrics):.0f} ({len(metrics)})")
 
 
