@@ -80,6 +80,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adam")
 
 
+# every schedule with a min_steps floor, as a parameter group ('group.min_steps=0' turns one off)
+FLOORED_SCHEDULES = ("train_dense", "prune.retrain", "prune.ballot.refine_train", "prune.safecompress",
+                     "prune.fairscratch")
 MIN_STEPS_HELP = ("Fewest optimiser steps: on a training split so small that `epochs` passes make fewer, the "
                   "epochs (and every setting counted in epochs) are stretched to reach this; 0 = exactly `epochs`.")
 

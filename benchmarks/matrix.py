@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from variants import METRICS, VARIANTS, parse_extra  # noqa: E402
 
-from ballot.config import ExperimentConfig, apply_overrides, experiment_from_params, load_yaml, to_dict  # noqa: E402
+from ballot.config import (FLOORED_SCHEDULES, ExperimentConfig, apply_overrides, experiment_from_params,  # noqa: E402
+                           load_yaml, to_dict)
 from ballot.storage import write_json, write_text  # noqa: E402
 
 DATASETS: dict[str, list[str]] = {
@@ -56,8 +57,7 @@ CAPS: dict[tuple[str, str], int] = {
 # BatchNorm, here resnet20 and vgg; docs/ballot.md says what it does on small data). So did Ballot's default budget
 # rule 'blend': the recorded Ballot rows pin ERK, and the 'ballot (blend)' method is the product's Ballot. And the
 # schedules' min_steps floors: 0 here, the matrix states its schedules itself (LONGER).
-UNFLOORED = [f"{schedule}.min_steps=0" for schedule in ("train_dense", "prune.retrain", "prune.ballot.refine_train",
-                                                         "prune.safecompress", "prune.fairscratch")]
+UNFLOORED = [f"{schedule}.min_steps=0" for schedule in FLOORED_SCHEDULES]
 COMMON = ["data.val_fraction=0.2", "prune.recalibrate_bn=false", "prune.ballot.layer_budget=erk", *UNFLOORED]
 # digits has 1,150 training images (9 steps an epoch): every schedule runs 3x the epochs, else a 2%-dense cnn stays at
 # chance for every method (validation accuracy about 0.2 for LTH and Ballot alike with 20 epochs, 0.97 with 60).

@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from ballot.config import ExperimentConfig, apply_overrides, experiment_from_params  # noqa: E402
+from ballot.config import FLOORED_SCHEDULES, ExperimentConfig, apply_overrides, experiment_from_params  # noqa: E402
 from ballot.experiment import prepare_data, train_dense  # noqa: E402
 
 TINY = [
@@ -16,8 +16,7 @@ TINY = [
     "train_dense.epochs=3", "train_dense.rewind_iter=5", "train_dense.batch_size=64",
     "prune.retrain.epochs=2", "prune.retrain.batch_size=64", "prune.lth_rounds=2",
     "prune.ballot.obs_epochs=2", "prune.ballot.refine_train.epochs=2", "prune.ballot.refine_train.batch_size=64",
-    *(f"{schedule}.min_steps=0" for schedule in ("train_dense", "prune.retrain", "prune.ballot.refine_train",
-                                                 "prune.safecompress", "prune.fairscratch")),
+    *(f"{schedule}.min_steps=0" for schedule in FLOORED_SCHEDULES),
 ]
 
 

@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ballot.config import SafeCompressConfig, TrainConfig
+from ballot.config import FLOORED_SCHEDULES, SafeCompressConfig, TrainConfig, apply_overrides, experiment_from_params
 from ballot.data import Split
 from ballot.masks import Mask, magnitude_scores
 from ballot.models import build_model
@@ -200,3 +200,10 @@ def test_sparse_training_configs_are_floored_in_epochs_only():
     cfg = SafeCompressConfig(epochs=3, batch_size=64, min_steps=100, lr_milestones=[0.5])
     assert floored(cfg, 640).epochs == 10 and floored(cfg, 640).lr_milestones == [0.5]
     assert floored(cfg, 6400) == cfg
+
+
+def test_floored_schedules_names_every_group_with_a_floor():
+    cfg = experiment_from_params(apply_overrides({}, [f"{group}.min_steps=7" for group in FLOORED_SCHEDULES]))
+    groups = [cfg.train_dense, cfg.prune.retrain, cfg.prune.ballot.refine_train, cfg.prune.safecompress,
+              cfg.prune.fairscratch]
+    assert [group.min_steps for group in groups] == [7] * 5
