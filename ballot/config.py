@@ -299,6 +299,10 @@ class BallotConfig:
                                32)
     class_weight_floor: float = _help("delta in w_c = 1/max(acc_c, delta) for the fairness loss (1/delta caps the "
                                       "ratio of two class weights).", 0.2)
+    class_weight_prior_images: float = _help(
+        "K: acc_c in w_c is shrunk toward the balanced validation accuracy b as if each class had K more validation "
+        "images at b, (n_c acc_c + K b) / (n_c + K), so classes measured on a few images get near-average weights "
+        "(0, the default = the raw per-class accuracy; reports/class_weights/).", 0.0)
     refine_train: TrainConfig = _help("Refined-training schedule (any method with prune.final_train refined).",
                                       factory=lambda: TrainConfig(epochs=20, schedule="cosine"))
     fairness_loss_weight: float = _help("lambda in [0, 1]: mix of the fairness-weighted loss in refined training.", 1.0)
@@ -318,6 +322,8 @@ class BallotConfig:
         _check(0 <= self.protect_fraction <= 1, "protect_fraction", f"must be in [0, 1], got {self.protect_fraction}")
         _check(self.share_samples >= 1, "share_samples", f"must be >= 1, got {self.share_samples}")
         _check(0 < self.class_weight_floor <= 1, "class_weight_floor", f"must be in (0, 1], got {self.class_weight_floor}")
+        _check(self.class_weight_prior_images >= 0, "class_weight_prior_images",
+               f"must be >= 0, got {self.class_weight_prior_images}")
         _check(0 <= self.fairness_loss_weight <= 1, "fairness_loss_weight",
                f"must be in [0, 1], got {self.fairness_loss_weight}")
 

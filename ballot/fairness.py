@@ -97,7 +97,23 @@ def fairness_objective(metrics: dict[str, Any], mcd_weight: float) -> float:
     return float(metrics["acc"] - mcd_weight * metrics["mcd"])
 
 
-def fairness_class_weights(per_class: list[float], floor: float = 0.05) -> torch.Tensor:
-    """w_c proportional to 1 / max(acc_c, floor), normalised to mean 1; absent classes get weight 1."""
-    raw = torch.tensor([1.0 if math.isnan(a) else 1.0 / max(a, floor) for a in per_class], dtype=torch.float32)
+def shrunk_class_accuracy(per_class: list[float], counts: list[int], prior_images: float) -> list[float]:
+    """Each class's accuracy shrunk toward the balanced accuracy b as if it had ``prior_images`` K more samples
+    at b: (n_c * acc_c + K * b) / (n_c + K) (empirical Bayes). A class measured on few samples moves little from b;
+    an absent one (NaN, n_c = 0) sits at b. With K = 0 the measured accuracies are returned, absent ones as b."""
+    if len(counts) != len(per_class):
+        raise ValueError(f"{len(per_class)} class accuracies but {len(counts)} class counts")
+    prior = balanced_accuracy(per_class)
+    if math.isnan(prior):
+        raise ValueError("no class has a sample: class accuracies cannot be estimated")
+    return [prior if n == 0 else (n * a + prior_images * prior) / (n + prior_images)
+            for a, n in zip(per_class, counts)]
+
+
+def fairness_class_weights(per_class: list[float], counts: list[int], floor: float,
+                           prior_images: float = 0.0) -> torch.Tensor:
+    """w_c proportional to 1 / max(acc_c, floor), normalised to mean 1, with acc_c from shrunk_class_accuracy
+    (``counts``: each class's samples behind ``per_class``)."""
+    estimates = shrunk_class_accuracy(per_class, counts, prior_images)
+    raw = torch.tensor([1.0 / max(a, floor) for a in estimates], dtype=torch.float32)
     return raw / raw.mean()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ballot.fairness import (balanced_accuracy, class_metrics, evaluate, fairness_class_weights, gap_metrics,
-                             group_metrics)
+                             group_metrics, shrunk_class_accuracy)
 
 
 def test_class_metrics_match_hand_computed_values():
@@ -59,10 +59,37 @@ def test_gap_metrics_of_nothing_is_nan():
 
 
 def test_fairness_class_weights_favour_weak_classes_with_mean_one():
-    w = fairness_class_weights([1.0, 0.5, 0.0, math.nan], floor=0.1)
-    raw = torch.tensor([1.0, 2.0, 10.0, 1.0])
+    # balanced accuracy 0.5: the absent class sits there (weight 1 / 0.5)
+    w = fairness_class_weights([1.0, 0.5, 0.0, math.nan], [4, 4, 4, 0], floor=0.1)
+    raw = torch.tensor([1.0, 2.0, 10.0, 2.0])
     assert torch.allclose(w, raw / raw.mean())
     assert w.mean().item() == pytest.approx(1.0)
+
+
+def test_shrunk_class_accuracy_by_hand():
+    # b = (1 + 0 + 0.6) / 3 = 0.5333; K = 10: class 0 (2 images) (2 + 5.333) / 12, class 2 (100 images) (60 + 5.333) / 110
+    shrunk = shrunk_class_accuracy([1.0, 0.0, 0.6], [2, 2, 100], prior_images=10)
+    b = 1.6 / 3
+    assert shrunk == pytest.approx([(2 + 10 * b) / 12, (10 * b) / 12, (60 + 10 * b) / 110])
+    assert shrunk_class_accuracy([1.0, 0.0, 0.6], [2, 2, 100], prior_images=0) == pytest.approx([1.0, 0.0, 0.6])
+
+
+def test_class_weights_from_two_images_a_class_stay_near_average():
+    # the same 0/2 against 2/2 split: raw weights 1/0.2 and 1/1 differ 5x, shrunk by K = 10 only 1.5x
+    raw = fairness_class_weights([0.0, 1.0], [2, 2], floor=0.2)
+    shrunk = fairness_class_weights([0.0, 1.0], [2, 2], floor=0.2, prior_images=10)
+    assert (raw[0] / raw[1]).item() == pytest.approx(5.0)
+    assert (shrunk[0] / shrunk[1]).item() == pytest.approx((7 / 12) / (5 / 12))
+    # a well-measured class keeps nearly its own weight
+    many = fairness_class_weights([0.0, 1.0], [10_000, 10_000], floor=0.2, prior_images=10)
+    assert (many[0] / many[1]).item() == pytest.approx(5.0, rel=1e-2)
+
+
+def test_class_weights_reject_mismatched_counts_and_empty_splits():
+    with pytest.raises(ValueError, match="2 class accuracies but 3 class counts"):
+        fairness_class_weights([0.5, 0.5], [1, 1, 1], floor=0.2)
+    with pytest.raises(ValueError, match="no class has a sample"):
+        fairness_class_weights([math.nan, math.nan], [0, 0], floor=0.2)
 
 
 def test_evaluate_uses_argmax_of_the_model():

@@ -98,3 +98,19 @@ def test_the_final_model_of_a_batchnorm_network_carries_its_training_split_stati
         assert torch.equal(value, expected.state_dict()[name]), name
         moved += "running_mean" in name and not torch.equal(value, stale.state_dict()[name])
     assert moved > 0
+
+
+def test_dense_class_weights_shrink_toward_the_average_as_the_prior_grows(tiny_data, tiny_dense):
+    from ballot.pruning import PruneContext
+
+    def spread(prior_images: float) -> float:
+        cfg = tiny_config(f"prune.ballot.class_weight_prior_images={prior_images}")
+        ctx = PruneContext(data=tiny_data, model_name=cfg.base.model, density=cfg.base.density, seed=cfg.base.seed,
+                           dense=tiny_dense, config=cfg.prune)
+        w = ctx.dense_class_weights
+        assert w.mean().item() == pytest.approx(1.0)
+        return (w.max() / w.min()).item()
+
+    raw, some, overwhelming = spread(0), spread(10), spread(1e9)
+    assert raw > some > 1.0  # the tiny dense model is not equally good on every class
+    assert overwhelming == pytest.approx(1.0, abs=1e-5)

@@ -64,12 +64,15 @@ class PruneContext:
 
     @cached_property
     def dense_class_weights(self) -> torch.Tensor:
-        """Fairness class weights w_c = 1 / max(acc_c, delta) (mean 1) from theta_T's validation accuracy.
+        """Fairness class weights w_c = 1 / max(acc_c, delta) (mean 1) from theta_T's validation accuracy, shrunk
+        toward the balanced accuracy by prune.ballot.class_weight_prior_images.
 
         Taken from the dense model, not from the method's own models, so every method's refined training and
         Ballot's fairness gradient weigh the classes alike."""
         per_class = self.val_metrics(self.model_from(self.dense.trained_state))["per_class"]
-        weights = fairness_class_weights(per_class, self.config.ballot.class_weight_floor)
+        counts = torch.bincount(self.data.val.y.long(), minlength=self.data.num_classes).tolist()
+        ballot = self.config.ballot
+        weights = fairness_class_weights(per_class, counts, ballot.class_weight_floor, ballot.class_weight_prior_images)
         return distributed.broadcast(weights.to(self.device)).cpu()  # one validation pass decides, rank 0's
 
     def agree(self, mask: Mask, what: str = "the mask") -> Mask:
