@@ -1,0 +1,59 @@
+"""Paired comparison of two matrix methods, cell by cell: `paired.py RUNS_DIR METHOD_A METHOD_B [--split val|test]`.
+
+Prints, per (dataset, model, density), both methods' mean accuracy and CWV over the seeds both finished, and the mean
+paired difference (B - A) with its standard error; then the same over all cells."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return mean, se
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("a")
+    parser.add_argument("b")
+    parser.add_argument("--split", default="val", choices=("val", "test"))
+    args = parser.parse_args()
+    by_cell: dict[tuple, dict[int, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for path in args.runs.glob("*.json"):
+        run = json.loads(path.read_text())
+        if run.get("method") in (args.a, args.b):
+            unit = run["unit"]
+            by_cell[(unit["dataset"], unit["model"], run["density"])][unit["seed"]][run["method"]] = run[args.split]
+    print(f"{args.split}: {args.a} (A) against {args.b} (B); acc in points, CWV x 1e3; B - A paired over seeds")
+    print(f"{'cell':28} {'n':>2} {'A acc':>6} {'B acc':>6} {'d acc':>12} {'A cwv':>6} {'B cwv':>6} {'d cwv':>12}")
+    all_acc, all_cwv = [], []
+    for cell in sorted(by_cell):
+        pairs = [(s[args.a], s[args.b]) for s in by_cell[cell].values() if args.a in s and args.b in s]
+        if not pairs:
+            continue
+        acc = [100 * (b["acc"] - a["acc"]) for a, b in pairs]
+        cwv = [1e3 * (b["cwv"] - a["cwv"]) for a, b in pairs]
+        all_acc += acc
+        all_cwv += cwv
+        (da, sa), (dc, sc) = _mean_se(acc), _mean_se(cwv)
+        a_acc = statistics.fmean(100 * a["acc"] for a, _ in pairs)
+        b_acc = statistics.fmean(100 * b["acc"] for _, b in pairs)
+        a_cwv = statistics.fmean(1e3 * a["cwv"] for a, _ in pairs)
+        b_cwv = statistics.fmean(1e3 * b["cwv"] for _, b in pairs)
+        name = "/".join(map(str, cell))
+        print(f"{name:28} {len(pairs):>2} {a_acc:6.1f} {b_acc:6.1f} {da:+6.2f}±{sa:4.2f} {a_cwv:6.1f} {b_cwv:6.1f} "
+              f"{dc:+6.2f}±{sc:4.2f}")
+    if all_acc:
+        (da, sa), (dc, sc) = _mean_se(all_acc), _mean_se(all_cwv)
+        print(f"{'all cells':28} {len(all_acc):>2} {'':6} {'':6} {da:+6.2f}±{sa:4.2f} {'':6} {'':6} {dc:+6.2f}±{sc:4.2f}")
+
+
+if __name__ == "__main__":
+    main()
