@@ -67,7 +67,7 @@ def test_fairness_class_weights_favour_weak_classes_with_mean_one():
 
 
 def test_shrunk_class_accuracy_by_hand():
-    # b = (1 + 0 + 0.6) / 3 = 0.5333; K = 10: class 0 (2 images) (2 + 5.333) / 12, class 2 (100 images) (60 + 5.333) / 110
+    # b = (1 + 0 + 0.6) / 3; K = 10: class 0 (2 images) becomes (2 + 10 b) / 12, class 2 (100 images) (60 + 10 b) / 110
     shrunk = shrunk_class_accuracy([1.0, 0.0, 0.6], [2, 2, 100], prior_images=10)
     b = 1.6 / 3
     assert shrunk == pytest.approx([(2 + 10 * b) / 12, (10 * b) / 12, (60 + 10 * b) / 110])
@@ -75,7 +75,7 @@ def test_shrunk_class_accuracy_by_hand():
 
 
 def test_class_weights_from_two_images_a_class_stay_near_average():
-    # the same 0/2 against 2/2 split: raw weights 1/0.2 and 1/1 differ 5x, shrunk by K = 10 only 1.5x
+    # 0/2 against 2/2 (b = 0.5): raw weights 1/0.2 and 1/1 differ 5x; with K = 10, 1/(5/12) and 1/(7/12) only 1.4x
     raw = fairness_class_weights([0.0, 1.0], [2, 2], floor=0.2)
     shrunk = fairness_class_weights([0.0, 1.0], [2, 2], floor=0.2, prior_images=10)
     assert (raw[0] / raw[1]).item() == pytest.approx(5.0)

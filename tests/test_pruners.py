@@ -8,7 +8,7 @@ import torch
 from ballot.errors import UnknownMethodError
 from ballot.experiment import run_prune, save_pruned, train_dense
 from ballot.masks import budget
-from ballot.pruning import PRUNERS, get_pruner
+from ballot.pruning import PRUNERS, PruneContext, get_pruner
 from ballot.pruning.base import MethodDetails
 from ballot.storage import load_tensors
 from ballot.train import recalibrate_batchnorm
@@ -101,8 +101,6 @@ def test_the_final_model_of_a_batchnorm_network_carries_its_training_split_stati
 
 
 def test_dense_class_weights_shrink_toward_the_average_as_the_prior_grows(tiny_data, tiny_dense):
-    from ballot.pruning import PruneContext
-
     def spread(prior_images: float) -> float:
         cfg = tiny_config(f"prune.ballot.class_weight_prior_images={prior_images}")
         ctx = PruneContext(data=tiny_data, model_name=cfg.base.model, density=cfg.base.density, seed=cfg.base.seed,

@@ -52,7 +52,8 @@ def main() -> None:
               f"{dc:+6.2f}±{sc:4.2f}")
     if all_acc:
         (da, sa), (dc, sc) = _mean_se(all_acc), _mean_se(all_cwv)
-        print(f"{'all cells':28} {len(all_acc):>2} {'':6} {'':6} {da:+6.2f}±{sa:4.2f} {'':6} {'':6} {dc:+6.2f}±{sc:4.2f}")
+        blank = ""
+        print(f"{'all cells':28} {len(all_acc):>2} {blank:13} {da:+6.2f}±{sa:4.2f} {blank:13} {dc:+6.2f}±{sc:4.2f}")
 
 
 if __name__ == "__main__":

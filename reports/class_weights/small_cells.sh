@@ -13,10 +13,12 @@ run() {  # run CELL SEED ballot-prune-flags...
     "$@" > "$dir.log" 2>&1 || echo "failed: $dir (see $dir.log)"
 }
 long_digits=(--dataset digits --set data.imbalance_ratio=10 --set data.val_fraction=0.2)
+dense="$ms/floored/dense"
 for seed in 0 1 2; do
-  dense="$ms/floored/dense"
-  run digits-lt-mlp "$seed" "${long_digits[@]}" --model mlp --density 0.02 --seed "$seed" --dense "${dense}_digits-lt-mlp_$seed"
-  run digits-lt-cnn "$seed" "${long_digits[@]}" --model cnn --density 0.02 --seed "$seed" --dense "${dense}_digits-lt-cnn_$seed"
+  run digits-lt-mlp "$seed" "${long_digits[@]}" --model mlp --density 0.02 --seed "$seed" \
+    --dense "${dense}_digits-lt-mlp_$seed"
+  run digits-lt-cnn "$seed" "${long_digits[@]}" --model cnn --density 0.02 --seed "$seed" \
+    --dense "${dense}_digits-lt-cnn_$seed"
   run s20lt-cnn "$seed" --dataset npz --set "data.path=$ms/data/s20lt.npz" --model cnn --seed "$seed" \
     --dense "${dense}_s20lt-cnn_$seed"
   run c10-cnn "$seed" --dataset npz --set "data.path=$ms/data/c10.npz" --model cnn --seed "$seed" \
