@@ -19,6 +19,7 @@ def test_defaults_build_and_nested_partial_groups_keep_their_own_defaults():
     ({"base": {"seed": "zero"}}, "base.seed: expected an integer"),
     ({"prune": {"retrain": {"schedule": "linear"}}}, "prune.retrain.schedule: unknown 'linear'"),
     ({"prune": {"ballot": {"conflict_threshold": -1}}}, "prune.ballot.conflict_threshold: must be >= 0"),
+    ({"prune": {"ballot": {"class_weight_prior_images": -2}}}, "prune.ballot.class_weight_prior_images: must be >= 0"),
     ({"prune": {"ballot": {"conflict": "maybe"}}}, r"prune.ballot.conflict: unknown 'maybe'"),
     ({"prune": {"ballot": {"rounds": 0}}}, "prune.ballot.rounds: must be >= 1"),
     ({"prune": {"final_train": "fancy"}}, r"prune.final_train: unknown 'fancy'"),
