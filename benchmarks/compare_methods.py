@@ -76,13 +76,20 @@ def improvements(summary: dict[str, dict[str, tuple[float, float]]]) -> list[str
         if base not in summary:
             continue
         theirs = summary[base]
-        cwv = 100 * (ours["cwv"][0] / theirs["cwv"][0] - 1)
-        mcd = 100 * (ours["mcd"][0] / theirs["mcd"][0] - 1)
+        cwv = relative_change(ours["cwv"][0], theirs["cwv"][0])
+        mcd = relative_change(ours["mcd"][0], theirs["mcd"][0])
         acc = 100 * (ours["acc"][0] - theirs["acc"][0])
         time_ratio = ours["total_seconds"][0] / theirs["total_seconds"][0]
-        lines.append(f"- vs {base}: CWV {cwv:+.1f}%, MCD {mcd:+.1f}% (negative = fairer), accuracy {acc:+.2f} points, "
+        lines.append(f"- vs {base}: CWV {cwv}, MCD {mcd} (negative = fairer), accuracy {acc:+.2f} points, "
                      f"wall time (dense + prune) {time_ratio:.2f}x")
     return lines
+
+
+def relative_change(ours: float, theirs: float) -> str:
+    """``ours`` against ``theirs`` in per cent; a baseline at exactly 0 (every class equally accurate) has none."""
+    if theirs == 0:
+        return "level (both 0)" if ours == 0 else f"{ours:.5f} against 0"
+    return f"{100 * (ours / theirs - 1):+.1f}%"
 
 
 def cost_lines(summary: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
@@ -104,7 +111,7 @@ def markdown(summary: dict[str, dict[str, tuple[float, float]]], header: str) ->
         cells += [f"{stats[k][0]:.1f} ± {stats[k][1]:.1f}" for k in ("prune_seconds", "total_seconds")]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if "ballot" in summary:
-        lines += ["", "Ballot relative to each baseline (means over seeds; positive = Ballot fairer):", ""]
+        lines += ["", "Ballot relative to each baseline (means over seeds):", ""]
         lines += improvements(summary)
     if cost_lines(summary):
         lines += ["", "Pruning wall time relative to LTH's (the shared dense phase excluded):", ""] + cost_lines(summary)
