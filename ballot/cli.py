@@ -75,13 +75,15 @@ def _run_folder(path: str) -> tuple[Path, ExperimentConfig]:
     return folder, experiment_from_params(params)
 
 
-def _data(cfg: ExperimentConfig) -> DataBundle:
+def _data(cfg: ExperimentConfig, method: str | None = None) -> DataBundle:
+    """The prepared data, after one line on its sizes and, where min_steps lengthens a schedule of ``method``
+    (default prune.method), one naming those schedules."""
     from ballot import experiment
 
     data = experiment.prepare_data(cfg)
     print(f"data: {cfg.base.dataset}  train {len(data.train)}  val {len(data.val)}  test {len(data.test)}  "
           f"classes {data.num_classes}", file=sys.stderr)
-    notice = experiment.stretch_notice(cfg, len(data.train))
+    notice = experiment.stretch_notice(cfg, len(data.train), method)
     if notice:
         print(notice, file=sys.stderr)
     return data
@@ -199,7 +201,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     cfg = _config_from_args(args)
     experiment.check_experiment(cfg)
     out = Path(args.out)
-    data = _data(cfg)
+    data = _data(cfg, method="ballot")  # every trial runs Ballot
     dense, dense_dir, _, _ = _dense_states(cfg, data, args.dense, out)
     outcome = run_study(cfg, data, dense, dense_dir=dense_dir, best_path=out / "best_params.yaml",
                         report_dir=out / "report", default_storage=out / "study.db", tracking_uri=args.tracking_uri)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -69,13 +70,19 @@ def rewind_step(cfg: ExperimentConfig, train_samples: int) -> int:
     return dense.rewind_iter
 
 
-def stretch_notice(cfg: ExperimentConfig, train_samples: int) -> str | None:
-    """One line naming the schedules that their ``min_steps`` lengthens on this training split, or None."""
-    prune = cfg.prune
-    phases = {"train_dense": (cfg.train_dense, stretched), "prune.retrain": (prune.retrain, stretched),
-              "prune.ballot.obs_epochs": (prune.observation(), stretched),
-              "prune.ballot.refine_train": (prune.ballot.refine_train, stretched),
-              "prune.safecompress": (prune.safecompress, floored), "prune.fairscratch": (prune.fairscratch, floored)}
+def stretch_notice(cfg: ExperimentConfig, train_samples: int, method: str | None = None) -> str | None:
+    """One line naming the schedules of ``method`` (default prune.method) that their ``min_steps`` lengthens on
+    this training split, or None."""
+    prune = dataclasses.replace(cfg.prune, method=method or cfg.prune.method)
+    final = ({"prune.ballot.refine_train": (prune.ballot.refine_train, stretched)} if prune.refined()
+             else {"prune.retrain": (prune.retrain, stretched)})
+    own = {"ballot": {"prune.ballot.obs_epochs": (prune.observation(), stretched)} if prune.ballot.rounds > 1 else {},
+           "lth": {"prune.retrain": (prune.retrain, stretched)},
+           "safecompress": {"prune.safecompress": (prune.safecompress, floored)},
+           "fairscratch": {"prune.fairscratch": (prune.fairscratch, floored)}}.get(prune.method, {})
+    if prune.method in ("safecompress", "fairscratch") and not prune.refined():
+        final = {}  # their own loop trains the final mask
+    phases = {"train_dense": (cfg.train_dense, stretched), **own, **final}
     runs = {name: (schedule.epochs, rule(schedule, train_samples).epochs) for name, (schedule, rule) in phases.items()}
     longer = [f"{name} {given} -> {run}" for name, (given, run) in runs.items() if run != given]
     if not longer:

@@ -9,6 +9,8 @@ import pytest
 
 from ballot.cli import main
 from ballot.data import DATASETS
+from ballot import experiment
+from ballot.config import apply_overrides, experiment_from_params
 from ballot.experiment import weak_dense_warning
 from ballot.masks import Mask, budget
 from ballot.models import MODELS
@@ -72,12 +74,28 @@ def test_every_default_fits_a_small_dataset(tmp_path, capsys):
     err = capsys.readouterr().err
     steps_an_epoch = math.ceil(int(re.search(r"train (\d+)", err).group(1)) / 128)
     epochs = math.ceil(500 / steps_an_epoch)  # the default min_steps over the default batch size's steps
-    assert f"train_dense 20 -> {epochs}, prune.retrain 20 -> {epochs}" in err
+    assert (f"train_dense 20 -> {epochs}, prune.ballot.obs_epochs 20 -> {epochs}, "
+            f"prune.ballot.refine_train 20 -> {epochs};") in err
+    assert "safecompress" not in err and "prune.retrain" not in err, "only the schedules Ballot runs are named"
     assert len(json.loads((out / "history.json").read_text())) == epochs, "the refined training ran them"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "ballot" and metrics["acc"] > 0.8
     mask = Mask.load(out / "mask.safetensors")
     assert mask.kept == budget(mask.total, 0.05)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["prune.method=lth"], ["train_dense 20 -> 63", "prune.retrain 20 -> 63"]),
+    (["prune.method=lth", "prune.final_train=refined"],
+     ["train_dense 20 -> 63", "prune.retrain 20 -> 63", "prune.ballot.refine_train 20 -> 63"]),
+    (["prune.method=magnitude", "prune.retrain.min_steps=0"], ["train_dense 20 -> 63"]),
+    (["prune.method=safecompress"], ["train_dense 20 -> 63", "prune.safecompress 60 -> 188"]),
+    (["prune.method=ballot", "prune.ballot.rounds=1"], ["train_dense 20 -> 63", "prune.ballot.refine_train 20 -> 63"]),
+])
+def test_the_stretch_notice_names_only_the_schedules_the_method_runs(overrides, named):
+    cfg = experiment_from_params(apply_overrides({}, overrides))
+    notice = experiment.stretch_notice(cfg, 1000)  # 8 steps an epoch: 500 steps take 63 epochs, 1500 take 188
+    assert re.search(r"\(epochs\): (.*); min_steps=0", notice).group(1) == ", ".join(named)
 
 
 @pytest.mark.parametrize("flags, message", [
