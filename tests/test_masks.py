@@ -4,7 +4,7 @@ from torch import nn
 
 from ballot.errors import ConfigError, MaskError, StorageError
 from ballot.masks import (Mask, blended_shares, budget, density_schedule, erk_counts, erk_shares, larger_shares,
-                          magnitude_scores, prunable_names, shared_counts, ticket_shares)
+                          magnitude_scores, prunable_names, shared_counts, ticket_shares, top_positions)
 from ballot.models import build_model
 from ballot.storage import atomic_save_tensors, load_tensors
 
@@ -226,3 +226,13 @@ def test_weights_of_the_wrong_type_or_not_finite_are_refused(tmp_path, spoil, me
     atomic_save_tensors(state, tmp_path / "w.safetensors")
     with pytest.raises(StorageError, match=message):
         load_state(build_model("mlp", (1, 8, 8), 10), tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 50, 199, 200, 250])
+def test_top_positions_equals_a_stable_descending_sort_with_many_ties(k):
+    scores = torch.randint(0, 12, (200,), generator=torch.Generator().manual_seed(k)).float()  # ~17 of each value
+    expected = torch.zeros(200, dtype=torch.bool)
+    expected[torch.argsort(scores, descending=True, stable=True)[:k]] = True
+    chosen = top_positions(scores, k)
+    assert torch.equal(chosen, expected)
+    assert int(chosen.sum()) == min(k, 200)

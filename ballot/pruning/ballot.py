@@ -30,7 +30,7 @@ from torch import nn
 from ballot import distributed
 from ballot.config import BallotConfig
 from ballot.masks import (Mask, blended_shares, density_schedule, erk_shares, larger_shares, magnitude_scores,
-                          shared_counts, ticket_shares)
+                          shared_counts, ticket_shares, top_positions)
 from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
 from ballot.pruning.class_share import ClassShareProbe
 from ballot.pruning.units import UnitGroup, kept_units, select_units, unit_counts, unit_mask, unit_scores
@@ -60,11 +60,10 @@ def contested(weight: torch.Tensor, g: torch.Tensor, f: torch.Tensor, tau: float
 
 def _top(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` best-scoring allowed entries (fewer when fewer are allowed; ties: earlier first)."""
-    flat, ok = scores.flatten(), allowed.flatten()
-    candidates = torch.nonzero(ok).flatten()
-    order = torch.argsort(flat[candidates], descending=True, stable=True)
+    ok = allowed.flatten()
     chosen = torch.zeros_like(ok)
-    chosen[candidates[order[:max(k, 0)]]] = True
+    if k > 0:
+        chosen[ok] = top_positions(scores.flatten()[ok], k)
     return chosen.reshape(scores.shape)
 
 
