@@ -215,7 +215,10 @@ def cmd_tune(args: argparse.Namespace) -> None:
             print(f"tune: {label} trial {row['number']}: objective {row['objective']:.4f}  val acc "
                   f"{row['val_acc']:.4f}  cwv {row['val_cwv']:.5f}  mcd {row['val_mcd']:.4f}", file=sys.stderr)
     if outcome.chosen is None:
-        print("tune: no feasible trial; best_params.yaml has no params", file=sys.stderr)
+        floor = s["dense_val_acc"] - cfg.tune.max_acc_drop
+        print(f"tune: no feasible trial: none reached val acc {floor:.4f} (the dense model's {s['dense_val_acc']:.4f} "
+              f"- tune.max_acc_drop {cfg.tune.max_acc_drop}), so best_params.yaml has no params and prune keeps its "
+              f"own values; where this density costs more accuracy, raise tune.max_acc_drop", file=sys.stderr)
     print(f"wrote {out}/best_params.yaml, {out}/report/", file=sys.stderr)
 
 

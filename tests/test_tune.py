@@ -352,3 +352,18 @@ def test_a_race_creating_the_storage_tables_is_retried(tmp_path, monkeypatch):
     monkeypatch.setattr(optuna.storages, "RDBStorage", loses_the_race_once)
     make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=10)
     assert len(calls) == 2
+
+
+def test_a_study_with_no_feasible_trial_says_why_and_what_to_change(tmp_path, capsys):
+    out, uri = tmp_path / "tune", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = main(["tune", *TUNE_FLAGS, "--density", "0.01", "--set", "tune.max_acc_drop=0", "--n-trials", "1",
+                 "--out", str(out), "--tracking-uri", uri])
+    assert code == 0
+    trial = json.loads((out / "report" / "trials.json").read_text())[0]
+    assert trial["user_attrs"]["feasible"] is False, "1% of an mlp on tiny training stays below the dense model"
+    err = capsys.readouterr().err
+    dense_acc = json.loads((out / "report" / "summary.json").read_text())["dense_val_acc"]
+    assert f"tune: no feasible trial: none reached val acc {dense_acc:.4f}" in err
+    assert "raise tune.max_acc_drop" in err
+    best = yaml.safe_load((out / "best_params.yaml").read_text())
+    assert best["params"] == {} and "tune.max_acc_drop 0.0" in best["note"]

@@ -96,7 +96,8 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
             "trial": chosen.number if chosen else None, "metrics": summary["best"],
             "dense_val_acc": summary["dense_val_acc"]}
     if chosen is None:
-        info["note"] = "no feasible trial: params is empty, so prune keeps its own values"
+        info["note"] = (f"no feasible trial (none reached the dense validation accuracy minus tune.max_acc_drop "
+                        f"{tune.max_acc_drop}): params is empty, so prune keeps its own values")
     best = write_best(best_path, chosen.params if chosen else {}, info)
     finish_parent(client, study.user_attrs[PARENT_ATTR], summary, [best, *files])
     return TuneOutcome(study, chosen, summary, [best, *files])
