@@ -1,0 +1,59 @@
+"""The README's results table from a `run.sh` output folder: `summarize.py OUT`.
+
+One row per cell: each method's mean validation and test accuracy / CWV x 1e3 over its seeds, then Ballot's test
+accuracy change (points) and relative CWV change against LTH and against LTH + refined."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+METHODS = ("lth", "lth + refined", "ballot")
+
+
+def _cells(out: Path) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """cell name -> method -> one {val_acc, val_cwv, acc, cwv} per seed."""
+    cells: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
+    matrix = out / "digits" / "matrix.json"
+    for row in json.loads(matrix.read_text())["rows"] if matrix.is_file() else []:
+        method = "ballot" if row["method"] == "ballot (blend)" else row["method"]
+        if method in METHODS:
+            name = f"digits {row['unit']['model']} d{row['density']}"
+            cells[name][method].append({"val_acc": row["val"]["acc"], "val_cwv": row["val"]["cwv"],
+                                        "acc": row["test"]["acc"], "cwv": row["test"]["cwv"]})
+    for compare in sorted(out.glob("*/compare.json")):
+        for row in json.loads(compare.read_text())["rows"]:
+            if row["method"] in METHODS:
+                cells[compare.parent.name][row["method"]].append({k: row[k] for k in ("val_acc", "val_cwv", "acc", "cwv")})
+    return cells
+
+
+def _mean(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.fmean(r[key] for r in runs)
+
+
+def _change(ours: float, theirs: float) -> str:
+    return f"{100 * (ours / theirs - 1):+.0f}%" if theirs > 0 else ("level" if ours == 0 else "n/a")
+
+
+def main() -> None:
+    cells = _cells(Path(sys.argv[1]))
+    print("| cell | seeds | " + " | ".join(f"{m} val / test" for m in METHODS)
+          + " | Ballot vs LTH: acc, CWV | vs LTH + refined: acc, CWV |")
+    print("|---" * (len(METHODS) + 4) + "|")
+    for name, by_method in cells.items():
+        if not all(m in by_method for m in METHODS):
+            continue
+        entries = [f"{_mean(by_method[m], 'val_acc'):.3f} / {1e3 * _mean(by_method[m], 'val_cwv'):.1f}, "
+                   f"{_mean(by_method[m], 'acc'):.3f} / {1e3 * _mean(by_method[m], 'cwv'):.1f}" for m in METHODS]
+        ours = by_method["ballot"]
+        versus = [f"{100 * (_mean(ours, 'acc') - _mean(by_method[m], 'acc')):+.2f}, "
+                  f"{_change(_mean(ours, 'cwv'), _mean(by_method[m], 'cwv'))}" for m in ("lth", "lth + refined")]
+        print(f"| {name} | {len(ours)} | " + " | ".join(entries + versus) + " |")
+
+
+if __name__ == "__main__":
+    main()
