@@ -18,7 +18,8 @@ from ballot.experiment import load_pruned, run_prune
 from ballot.knobs import parse_space
 from ballot.pruning import DenseArtifacts
 from ballot.tuning.kept import find_kept, prune_recipe
-from ballot.tuning.objective import SurplusTrial, TrialContext, claim_slot, dense_val_accuracy, run_trial
+from ballot.tuning.objective import (SurplusTrial, TrialContext, claim_slot, dense_val_accuracy, run_trial,
+                                     thin_validation_warning)
 from ballot.tuning.report import choose, pareto_front, summarise
 from ballot.tuning.runner import run_study
 from ballot.tuning.space import (
@@ -367,3 +368,21 @@ def test_a_study_with_no_feasible_trial_says_why_and_what_to_change(tmp_path, ca
     assert "raise tune.max_acc_drop" in err
     best = yaml.safe_load((out / "best_params.yaml").read_text())
     assert best["params"] == {} and "tune.max_acc_drop 0.0" in best["note"]
+
+
+def test_a_class_with_few_validation_images_is_warned_about_by_name_and_count():
+    names = ["cat", "dog", "eel", "fox"]
+    labels = torch.tensor([0] * 12 + [1] * 30 + [3] * 4)  # no eel at all: an absent class is not the thinnest
+    warning = thin_validation_warning(labels, names)
+    assert warning.startswith("warning: the validation split holds 4 image(s) of class 'fox'")
+    assert "0.25" in warning and "data.val_fraction" in warning
+    assert thin_validation_warning(torch.tensor([0] * 10 + [1] * 10 + [3] * 10), names) is None
+
+
+def test_a_study_on_long_tailed_digits_warns_that_its_validation_split_is_thin(tmp_path, capsys):
+    out, uri = tmp_path / "tune", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [*TUNE_FLAGS, "--n-trials", "1", "--tracking-uri", uri]
+    assert main(["tune", *common, "--set", "data.imbalance_ratio=10", "--out", str(out)]) == 0
+    assert "warning: the validation split holds" in capsys.readouterr().err
+    assert main(["tune", *common, "--out", str(tmp_path / "balanced")]) == 0
+    assert "warning: the validation split" not in capsys.readouterr().err, "balanced digits: 13 or more a class"

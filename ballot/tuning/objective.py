@@ -18,9 +18,10 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from ballot.config import ExperimentConfig
@@ -52,6 +53,24 @@ class TrialContext:
     knobs: list[Knob]
     dense_val_acc: float
     keep_dir: Path | None = None  # each completed trial's model is kept here (ballot.tuning.kept)
+
+
+THIN_CLASS_IMAGES = 10  # fewer validation images than this in a class, and one image moves the objective visibly
+
+
+def thin_validation_warning(val_labels: torch.Tensor, class_names: Sequence[str]) -> str | None:
+    """A one-line warning when a class present in the validation split has fewer than THIN_CLASS_IMAGES images:
+    one image then moves that class's accuracy by 1/n, and the objective's fairness term (MCD or CWV) with it."""
+    counts = torch.bincount(val_labels.long(), minlength=len(class_names))
+    present = torch.nonzero(counts).flatten()
+    thinnest = int(present[torch.argmin(counts[present])]) if len(present) else None
+    if thinnest is None or int(counts[thinnest]) >= THIN_CLASS_IMAGES:
+        return None
+    n = int(counts[thinnest])
+    return (f"warning: the validation split holds {n} image(s) of class '{class_names[thinnest]}', so one image moves "
+            f"its accuracy by {1 / n:.2f} and the study's fairness term with it: the study may fit noise (on held-out "
+            f"long-tailed data such studies lost test accuracy, reports/heldout_checks/); prefer a larger "
+            f"data.val_fraction, a lower tune.mcd_weight, or Ballot's defaults")
 
 
 def dense_val_accuracy(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ballot.pruning import DenseArtifacts
 from ballot.tracking import connect, resolve_tracking_uri
 from ballot.tuning.kept import keep_only
 from ballot.tuning.mlflow_runs import PARENT_ATTR, TrialLogger, finish_parent, start_parent
-from ballot.tuning.objective import dense_val_accuracy
+from ballot.tuning.objective import dense_val_accuracy, thin_validation_warning
 from ballot.tuning.report import choose, write_report
 from ballot.tuning.space import check_space, current_values, trial_base, write_best
 from ballot.tuning.study import (
@@ -60,6 +61,9 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
     ``keep_dir``, when given, keeps the trial models and ends with only the chosen one's (ballot.tuning.kept).
     """
     knobs = check_space(cfg)
+    warning = thin_validation_warning(data.val.y, data.class_names)
+    if warning:
+        print(warning, file=sys.stderr)
     base = trial_base(cfg)
     tune = base.tune
     storage_url = tune.storage or sqlite_url(default_storage)
