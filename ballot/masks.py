@@ -217,15 +217,12 @@ class Mask(Mapping[str, torch.Tensor]):
         chosen = torch.zeros(total, dtype=torch.bool)
         start = 0
         for size in sizes:
-            floor = min(size, min_per_layer)
-            order = torch.argsort(flat[start:start + size], descending=True, stable=True)
-            chosen[start + order[:floor]] = True
+            chosen[start:start + size] = top_positions(flat[start:start + size], min(size, min_per_layer))
             start += size
         remaining = keep - int(chosen.sum())
         if remaining > 0:
-            rest = torch.nonzero(~chosen).flatten()
-            order = torch.argsort(flat[rest], descending=True, stable=True)
-            chosen[rest[order[:remaining]]] = True
+            free = ~chosen
+            chosen[free] = top_positions(flat[free], remaining)
         tensors, start = {}, 0
         for name, size in zip(names, sizes):
             tensors[name] = chosen[start:start + size].reshape(scores[name].shape)
