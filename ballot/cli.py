@@ -195,6 +195,7 @@ TUNE_FLAGS = {"n_trials": "tune.n_trials", "timeout": "tune.timeout_s", "workers
 def cmd_tune(args: argparse.Namespace) -> None:
     """Run, resume or join the Optuna study over Ballot's knobs; write best_params.yaml and report/."""
     from ballot import experiment
+    from ballot.tuning.report import no_choice_reason
     from ballot.tuning.runner import run_study
 
     args.set = [*(args.set or []), *_flag_overrides({key: getattr(args, dest) for dest, key in TUNE_FLAGS.items()})]
@@ -215,10 +216,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
             print(f"tune: {label} trial {row['number']}: objective {row['objective']:.4f}  val acc "
                   f"{row['val_acc']:.4f}  cwv {row['val_cwv']:.5f}  mcd {row['val_mcd']:.4f}", file=sys.stderr)
     if outcome.chosen is None:
-        floor = s["dense_val_acc"] - cfg.tune.max_acc_drop
-        print(f"tune: no feasible trial: none reached val acc {floor:.4f} (the dense model's {s['dense_val_acc']:.4f} "
-              f"- tune.max_acc_drop {cfg.tune.max_acc_drop}), so best_params.yaml has no params and prune keeps its "
-              f"own values; where this density costs more accuracy, raise tune.max_acc_drop", file=sys.stderr)
+        print(f"tune: {no_choice_reason(s, cfg.tune.max_acc_drop)}. best_params.yaml has no params, so prune keeps "
+              f"its own values", file=sys.stderr)
     print(f"wrote {out}/best_params.yaml, {out}/report/", file=sys.stderr)
 
 

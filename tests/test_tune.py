@@ -20,7 +20,7 @@ from ballot.pruning import DenseArtifacts
 from ballot.tuning.kept import find_kept, prune_recipe
 from ballot.tuning.objective import (SurplusTrial, TrialContext, claim_slot, dense_val_accuracy, run_trial,
                                      thin_validation_warning)
-from ballot.tuning.report import choose, pareto_front, summarise
+from ballot.tuning.report import choose, no_choice_reason, pareto_front, summarise
 from ballot.tuning.runner import run_study
 from ballot.tuning.space import (
     apply_best,
@@ -386,3 +386,12 @@ def test_a_study_on_long_tailed_digits_warns_that_its_validation_split_is_thin(t
     assert "warning: the validation split holds" in capsys.readouterr().err
     assert main(["tune", *common, "--out", str(tmp_path / "balanced")]) == 0
     assert "warning: the validation split" not in capsys.readouterr().err, "balanced digits: 13 or more a class"
+
+
+def test_no_choice_reason_tells_a_study_that_completed_nothing_from_one_below_the_accuracy_floor():
+    counts = {"complete": 0, "pruned": 3, "failed": 1}
+    assert no_choice_reason({"trials": counts, "dense_val_acc": 0.9}, 0.02) == \
+        "no feasible trial: none completed (3 pruned, 1 failed)"
+    below = no_choice_reason({"trials": {**counts, "complete": 2}, "dense_val_acc": 0.9}, 0.02)
+    assert below.startswith("no feasible trial: none reached val acc 0.8800 (the dense model's 0.9000 - "
+                            "tune.max_acc_drop 0.02)") and below.endswith("raise tune.max_acc_drop")

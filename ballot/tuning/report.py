@@ -82,6 +82,16 @@ def summarise(study: optuna.Study, n_trials: int, chosen: FrozenTrial | None) ->
     }
 
 
+def no_choice_reason(summary: dict[str, Any], max_acc_drop: float) -> str:
+    """Why a study chose no trial, in one clause, from its ``summarise`` summary."""
+    trials = summary["trials"]
+    if trials["complete"] == 0:
+        return f"no feasible trial: none completed ({trials['pruned']} pruned, {trials['failed']} failed)"
+    dense = summary["dense_val_acc"]
+    return (f"no feasible trial: none reached val acc {dense - max_acc_drop:.4f} (the dense model's {dense:.4f} - "
+            f"tune.max_acc_drop {max_acc_drop}); where this density costs more accuracy, raise tune.max_acc_drop")
+
+
 def trial_table(study: optuna.Study) -> list[dict[str, Any]]:
     """One row per trial: number, state, params, values, recorded metrics and seconds."""
     return [{"number": t.number, "state": t.state.name, "params": t.params, "values": t.values,

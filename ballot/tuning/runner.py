@@ -18,7 +18,7 @@ from ballot.tracking import connect, resolve_tracking_uri
 from ballot.tuning.kept import keep_only
 from ballot.tuning.mlflow_runs import PARENT_ATTR, TrialLogger, finish_parent, start_parent
 from ballot.tuning.objective import dense_val_accuracy, thin_validation_warning
-from ballot.tuning.report import choose, write_report
+from ballot.tuning.report import choose, no_choice_reason, write_report
 from ballot.tuning.space import check_space, current_values, trial_base, write_best
 from ballot.tuning.study import (
     DENSE_ACC_ATTR,
@@ -100,8 +100,7 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
             "trial": chosen.number if chosen else None, "metrics": summary["best"],
             "dense_val_acc": summary["dense_val_acc"]}
     if chosen is None:
-        info["note"] = (f"no feasible trial (none reached the dense validation accuracy minus tune.max_acc_drop "
-                        f"{tune.max_acc_drop}): params is empty, so prune keeps its own values")
+        info["note"] = f"{no_choice_reason(summary, tune.max_acc_drop)}. params is empty, so prune keeps its own values"
     best = write_best(best_path, chosen.params if chosen else {}, info)
     finish_parent(client, study.user_attrs[PARENT_ATTR], summary, [best, *files])
     return TuneOutcome(study, chosen, summary, [best, *files])
