@@ -197,7 +197,6 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from ballot import experiment
     from ballot.tuning.report import no_choice_reason
     from ballot.tuning.runner import run_study
-    from ballot.tuning.significance import describe_guard
 
     args.set = [*(args.set or []), *_flag_overrides({key: getattr(args, dest) for dest, key in TUNE_FLAGS.items()})]
     cfg = _config_from_args(args)
@@ -211,13 +210,11 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"tune: study {s['study']}: {trials['finished']} of {s['n_trials_requested']} trials finished "
           f"({trials['pruned']} pruned, {trials['failed']} failed, {trials['infeasible']} infeasible); "
           f"epochs run {s['epochs']['run']} of {s['epochs']['planned']} planned", file=sys.stderr)
-    for label, key in (("chosen", "best"), ("baseline", "baseline")):
-        row = s[key]
+    for label in ("best", "baseline"):
+        row = s[label]
         if row and "objective" in row:
             print(f"tune: {label} trial {row['number']}: objective {row['objective']:.4f}  val acc "
                   f"{row['val_acc']:.4f}  cwv {row['val_cwv']:.5f}  mcd {row['val_mcd']:.4f}", file=sys.stderr)
-    if guard_line := describe_guard(s["noise_guard"]):
-        print(f"tune: {guard_line}", file=sys.stderr)
     if outcome.chosen is None:
         print(f"tune: {no_choice_reason(s, cfg.tune.max_acc_drop)}. best_params.yaml has no params, so prune keeps "
               f"its own values", file=sys.stderr)

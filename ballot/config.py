@@ -596,9 +596,6 @@ class TuneConfig:
     pruner_warmup_epochs: int = _help("Refined-training epochs every trial runs before it may be pruned.", 2)
     mcd_weight: float = _help("lambda in the objective: val acc - lambda * val MCD.", 0.5)
     max_acc_drop: float = _help("A trial is feasible when val acc >= dense val acc - this.", 0.02)
-    min_win_confidence: float = _help("Single mode: the best trial is chosen over the baseline trial (the configured "
-                                      "values) only if it scores higher on at least this share of class-stratified "
-                                      "bootstrap resamples of validation (0 = always the best).", 0.9)
     storage: str | None = _help("Optuna storage URL (null = sqlite in the output folder; postgresql://... "
                                 "for workers on several machines).", None)
     study_name: str | None = _help("Study name (null = 'ballot-' + fingerprint of the configuration and dense "
@@ -620,8 +617,6 @@ class TuneConfig:
         _check(self.timeout_s is None or self.timeout_s > 0, "timeout_s", f"must be positive, got {self.timeout_s}")
         _check(self.mcd_weight >= 0, "mcd_weight", f"must be >= 0, got {self.mcd_weight}")
         _check(0 <= self.max_acc_drop <= 1, "max_acc_drop", f"must be in [0, 1], got {self.max_acc_drop}")
-        _check(0 <= self.min_win_confidence <= 1, "min_win_confidence",
-               f"must be in [0, 1], got {self.min_win_confidence}")
         _check(bool(self.experiment.strip()), "experiment", "must not be empty")
         self.knobs()
         if self.storage is not None:

@@ -92,11 +92,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
     return metrics
 
 
-def fairness_objective(metrics: dict[str, Any], mcd_weight: float) -> Any:
-    """acc - mcd_weight * MCD (higher is better): the score that validation-driven choices maximise. A float for
-    float metrics; element-wise for tensors of them (one value per bootstrap resample, ballot.tuning.significance)."""
-    value = metrics["acc"] - mcd_weight * metrics["mcd"]
-    return value if isinstance(value, torch.Tensor) else float(value)
+def fairness_objective(metrics: dict[str, Any], mcd_weight: float) -> float:
+    """acc - mcd_weight * MCD (higher is better): the score that validation-driven choices maximise."""
+    return float(metrics["acc"] - mcd_weight * metrics["mcd"])
 
 
 def shrunk_class_accuracy(per_class: list[float], counts: list[int], prior_images: float) -> list[float]:

@@ -14,7 +14,6 @@ from ballot.experiment import load_dense
 from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder
 from ballot.tuning.runner import run_study
-from ballot.tuning.significance import describe_guard
 from pipelines.common import BEST_PARAMS, DATA, DENSE, STUDY_DB, TUNE_CHOSEN, TUNE_REPORT, run_stage
 
 
@@ -30,10 +29,8 @@ def main(cfg: ExperimentConfig) -> None:
     summary, trials = outcome.summary, outcome.summary["trials"]
     best = summary["best"] or {}
     print(f"tune: study {summary['study']}  {trials['finished']} trials ({trials['pruned']} pruned, "
-          f"{trials['infeasible']} infeasible)  chosen trial {best.get('number')}  objective "
+          f"{trials['infeasible']} infeasible)  best trial {best.get('number')}  objective "
           f"{best.get('objective', float('nan')):.4f} -> {BEST_PARAMS}, {TUNE_REPORT}")
-    if guard_line := describe_guard(summary["noise_guard"]):
-        print(f"tune: {guard_line}")
 
 
 if __name__ == "__main__":

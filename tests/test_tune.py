@@ -22,7 +22,6 @@ from ballot.tuning.objective import (SurplusTrial, TrialContext, claim_slot, den
                                      thin_validation_warning)
 from ballot.tuning.report import choose, no_choice_reason, pareto_front, summarise
 from ballot.tuning.runner import run_study
-from ballot.tuning.significance import CORRECT_ATTR, unpack_correct
 from ballot.tuning.space import (
     apply_best,
     check_space,
@@ -266,7 +265,7 @@ def _mlflow_runs(uri: str, study: str) -> tuple[object, list]:
     return parents[0], children
 
 
-def test_two_trial_study_end_to_end_then_resumed_to_three(tmp_path, tiny_data):
+def test_two_trial_study_end_to_end_then_resumed_to_three(tmp_path):
     out, uri = tmp_path / "tune", f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = ["tune", *TUNE_FLAGS, "--out", str(out), "--dense", str(tmp_path / "dense"), "--tracking-uri", uri]
     assert main([*command, "--n-trials", "2"]) == 0
@@ -280,20 +279,8 @@ def test_two_trial_study_end_to_end_then_resumed_to_three(tmp_path, tiny_data):
         assert plot in summary["plots_skipped"] or (path.is_file() and path.stat().st_size > 0), plot
 
     best = load_best(out / "best_params.yaml")
-    top = max((t for t in trials if t["user_attrs"].get("feasible")), key=lambda t: t["values"][0])
-    guard = summary["noise_guard"]
-    if top["number"] == 0 or not trials[0]["user_attrs"]["feasible"]:
-        assert guard is None, "the baseline scored highest or is infeasible: nothing to compare"
-    else:  # the highest-scoring trial is chosen only if it beat trial 0 on enough bootstrap resamples
-        assert guard["challenger"] == top["number"] and guard["baseline"] == 0
-        assert guard["kept"] == ("challenger" if guard["win_probability"] >= 0.9 else "baseline")
-    chosen = top if guard is None or guard["kept"] == "challenger" else trials[0]
+    chosen = max((t for t in trials if t["user_attrs"].get("feasible")), key=lambda t: t["values"][0])
     assert best == chosen["params"] and summary["best"]["number"] == chosen["number"]
-    assert all(CORRECT_ATTR not in t["user_attrs"] for t in trials), "the packed records stay out of trials.json"
-    stored = optuna.load_study(study_name=summary["study"], storage=sqlite_url(out / "study.db")).trials[0]
-    labels = tiny_data.val.y
-    correct = unpack_correct(stored.user_attrs[CORRECT_ATTR], len(labels))
-    assert float(correct.double().mean()) == pytest.approx(stored.user_attrs["val_acc"]), "the record is trial 0's"
     cfg, applied = apply_best(tune_config(), out / "best_params.yaml")
     assert applied == best and cfg.prune.ballot.conflict_threshold == best["prune.ballot.conflict_threshold"]
     assert cfg.prune.ballot.refine_train.epochs == best["prune.ballot.refine_train.epochs"]

@@ -6,8 +6,6 @@ study        storage URLs, sampler and pruner, creating or joining a study, work
 mlflow_runs  one parent MLflow run per study, one nested run per trial (our own callback)
 kept         the chosen trial's model, kept so that the prune stage can reuse it
 report       chosen trial, Pareto front, summary, trial table, plots
-significance the noise guard: the best trial replaces the configured values only if it beats them beyond the
-             validation split's noise (paired, class-stratified bootstrap)
 runner       ``run_study``: all of the above in one call, for `ballot tune` and the tune stage
 """
 

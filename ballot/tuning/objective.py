@@ -27,13 +27,12 @@ from optuna.trial import TrialState
 from ballot.config import ExperimentConfig
 from ballot.data import DataBundle
 from ballot.experiment import run_prune
-from ballot.fairness import class_metrics, evaluate, fairness_objective, predict
+from ballot.fairness import evaluate, fairness_objective
 from ballot.knobs import Knob
 from ballot.models import build_model
 from ballot.pruning import DenseArtifacts
 from ballot.train import resolve_device, stretched
 from ballot.tuning.kept import keep_trial
-from ballot.tuning.significance import CORRECT_ATTR, pack_correct
 from ballot.tuning.space import with_values
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -127,9 +126,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, fl
     result = run_prune(cfg, ctx.data, ctx.dense, progress=False, on_epoch=on_epoch)
     seconds = time.perf_counter() - start
     val = ctx.data.val
-    predicted = predict(result.model, val.x, device=resolve_device(cfg.base.device)).argmax(dim=1)
-    metrics = class_metrics(val.y, predicted, ctx.data.num_classes)
-    trial.set_user_attr(CORRECT_ATTR, pack_correct(predicted == val.y.cpu().long()))  # for the noise guard
+    metrics = evaluate(result.model, val.x, val.y, ctx.data.num_classes, device=resolve_device(cfg.base.device))
     if ctx.keep_dir is not None:
         keep_trial(ctx.keep_dir, trial.number, result, cfg, ctx.dense, values, metrics, seconds)
     value = _record(trial, metrics, tune.mcd_weight)

@@ -16,7 +16,6 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ballot.storage import atomic_write, write_json
-from ballot.tuning.significance import CORRECT_ATTR
 from ballot.tuning.study import FINISHED
 
 METRICS = ("objective", "val_acc", "val_cwv", "val_mcd", "val_worst_class")
@@ -50,10 +49,8 @@ def _metrics(trial: FrozenTrial | None) -> dict[str, Any] | None:
     return {"number": trial.number, **{k: trial.user_attrs[k] for k in METRICS if k in trial.user_attrs}}
 
 
-def summarise(study: optuna.Study, n_trials: int, chosen: FrozenTrial | None,
-              guard: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Study summary in metrics.json form: trial counts, compute spent and saved, the chosen and baseline trials,
-    and what the noise guard decided (``noise_guard``, null when it compared nothing)."""
+def summarise(study: optuna.Study, n_trials: int, chosen: FrozenTrial | None) -> dict[str, Any]:
+    """Study summary in metrics.json form: trial counts, compute spent and saved, the chosen and baseline trials."""
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in FINISHED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -82,7 +79,6 @@ def summarise(study: optuna.Study, n_trials: int, chosen: FrozenTrial | None,
         "dense_val_acc": study.user_attrs.get("dense_val_acc"),
         "best": _metrics(chosen),
         "baseline": _metrics(baseline),
-        "noise_guard": guard,
     }
 
 
@@ -99,8 +95,7 @@ def no_choice_reason(summary: dict[str, Any], max_acc_drop: float) -> str:
 def trial_table(study: optuna.Study) -> list[dict[str, Any]]:
     """One row per trial: number, state, params, values, recorded metrics and seconds."""
     return [{"number": t.number, "state": t.state.name, "params": t.params, "values": t.values,
-             "constraints": t.constraints, "seconds": _seconds(t),
-             "user_attrs": {k: v for k, v in t.user_attrs.items() if k != CORRECT_ATTR}}
+             "constraints": t.constraints, "user_attrs": t.user_attrs, "seconds": _seconds(t)}
             for t in study.get_trials(deepcopy=False)]
 
 
@@ -147,12 +142,11 @@ def draw_plots(study: optuna.Study, folder: Path) -> tuple[list[Path], dict[str,
     return written, skipped
 
 
-def write_report(study: optuna.Study, n_trials: int, chosen: FrozenTrial | None, folder: Path,
-                 guard: dict[str, Any] | None = None) -> tuple[dict, list]:
+def write_report(study: optuna.Study, n_trials: int, chosen: FrozenTrial | None, folder: Path) -> tuple[dict, list]:
     """summary.json, trials.json, trial_curve.json, pareto_front.json (multi) and plots/*.png into ``folder``;
-    (summary, files). ``guard``: the noise guard's record (ballot.tuning.significance)."""
+    (summary, files)."""
     (folder / "plots").mkdir(parents=True, exist_ok=True)
-    summary = summarise(study, n_trials, chosen, guard)
+    summary = summarise(study, n_trials, chosen)
     plots, skipped = draw_plots(study, folder / "plots")
     summary["plots_skipped"] = skipped
     files = [write_json(folder / "trials.json", trial_table(study)),

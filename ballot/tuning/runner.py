@@ -19,7 +19,6 @@ from ballot.tuning.kept import keep_only
 from ballot.tuning.mlflow_runs import PARENT_ATTR, TrialLogger, finish_parent, start_parent
 from ballot.tuning.objective import dense_val_accuracy, thin_validation_warning
 from ballot.tuning.report import choose, no_choice_reason, write_report
-from ballot.tuning.significance import guard_choice
 from ballot.tuning.space import check_space, current_values, trial_base, write_best
 from ballot.tuning.study import (
     DENSE_ACC_ATTR,
@@ -34,8 +33,7 @@ from ballot.tuning.study import (
 )
 
 RULES = {
-    "single": "highest val acc - mcd_weight * val MCD among feasible complete trials; the baseline trial instead "
-              "when that one wins on fewer than min_win_confidence of bootstrap resamples of validation",
+    "single": "highest val acc - mcd_weight * val MCD among feasible complete trials",
     "multi": "lowest val CWV on the feasible Pareto front (val acc up, val CWV down); ties: higher val acc",
 }
 
@@ -94,16 +92,13 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
     else:
         run_workers(job, tune.workers)
 
-    chosen, guard = guard_choice(study, choose(study), data.val.y, data.num_classes, tune.mcd_weight,
-                                 tune.min_win_confidence)
+    chosen = choose(study)
     if keep_dir is not None:
         keep_only(keep_dir, chosen.number if chosen else None)
-    summary, files = write_report(study, tune.n_trials, chosen, Path(report_dir), guard)
+    summary, files = write_report(study, tune.n_trials, chosen, Path(report_dir))
     info = {"study": name, "storage": redact(storage_url), "mode": tune.mode, "rule": RULES[tune.mode],
             "trial": chosen.number if chosen else None, "metrics": summary["best"],
             "dense_val_acc": summary["dense_val_acc"]}
-    if guard:
-        info["noise_guard"] = guard
     if chosen is None:
         info["note"] = f"{no_choice_reason(summary, tune.max_acc_drop)}. params is empty, so prune keeps its own values"
     best = write_best(best_path, chosen.params if chosen else {}, info)
