@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The held-out checks of this folder (README.md): `bash reports/heldout_checks/run.sh OUT` from the repository root.
-# Each line skips what OUT already holds, so a killed run continues where it stopped. About 100 minutes on 2 cores.
+# Each line skips what OUT already holds, so a killed run continues where it stopped. About 100 minutes on 2 cores,
+# plus about 70 for the resnet18 cell.
 set -euo pipefail
 out=${1:?usage: run.sh OUT}
 py=.venv/bin/python
@@ -21,7 +22,7 @@ for model in mlp cnn; do
   compare "fmnist-lt100-$model" --set base.model=$model --set data.imbalance_ratio=100 \
     --set data.max_train_samples=12000
 done
-for model in resnet20 vgg; do
+for model in resnet20 vgg resnet18; do
   compare "digits-lt-$model" --set base.dataset=digits --set base.model=$model --set data.imbalance_ratio=10
 done
 # A 20-trial Optuna study per seed against Ballot's defaults (tuned.py), on the two fast long-tailed cells
