@@ -232,25 +232,26 @@ def _cwv_gain(ours: Stats, theirs: Stats) -> float:
     return 1 - ours["cwv"][0] / theirs["cwv"][0] if theirs["cwv"][0] > 0 else math.nan
 
 
-def verdict(table: dict[tuple[str, str, float], dict[str, Stats]], split: str) -> list[str]:
-    """The issue's acceptance lines, computed from ``table``."""
+def verdict(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, ballot: str = "ballot") -> list[str]:
+    """The issue's acceptance lines, computed from ``table`` for the method ``ballot`` (the conflict ablation only for
+    the matrix's own 'ballot', whose budgets 'ballot (protect)' shares)."""
     lines = []
-    cells = [c for c, m in table.items() if {"ballot", "lth"} <= set(m)]
+    cells = [c for c, m in table.items() if {ballot, "lth"} <= set(m)]
     if not cells:
-        return ["(no cell has both ballot and lth)"]
-    ok_acc = [c for c in cells if table[c]["ballot"]["acc"][0] >= table[c]["lth"]["acc"][0] - 0.01]
-    ok_cwv = [c for c in cells if table[c]["ballot"]["cwv"][0] <= table[c]["lth"]["cwv"][0]]
-    gains = [_cwv_gain(table[c]["ballot"], table[c]["lth"]) for c in cells]
+        return [f"(no cell has both {ballot} and lth)"]
+    ok_acc = [c for c in cells if table[c][ballot]["acc"][0] >= table[c]["lth"]["acc"][0] - 0.01]
+    ok_cwv = [c for c in cells if table[c][ballot]["cwv"][0] <= table[c]["lth"]["cwv"][0]]
+    gains = [_cwv_gain(table[c][ballot], table[c]["lth"]) for c in cells]
     lines.append(f"- cells with Ballot's mean accuracy >= LTH's - 1 point: {len(ok_acc)} of {len(cells)}")
     lines.append(f"- cells with Ballot's mean CWV <= LTH's: {len(ok_cwv)} of {len(cells)}")
     lines.append(f"- Ballot's CWV vs LTH, mean over cells of the per-cell reduction: {100 * statistics.fmean(gains):+.1f}%"
-                 f" (ratio of the cell-averaged CWVs: {100 * (1 - _mean_cwv(table, cells, 'ballot') / _mean_cwv(table, cells, 'lth')):+.1f}%)")
+                 f" (ratio of the cell-averaged CWVs: {100 * (1 - _mean_cwv(table, cells, ballot) / _mean_cwv(table, cells, 'lth')):+.1f}%)")
     for other in ("lth + refined", "magnitude"):
         both = [c for c in cells if other in table[c]]
         if both:
-            g = [_cwv_gain(table[c]["ballot"], table[c][other]) for c in both]
+            g = [_cwv_gain(table[c][ballot], table[c][other]) for c in both]
             lines.append(f"- Ballot's CWV vs {other}, mean over {len(both)} cells: {100 * statistics.fmean(g):+.1f}%")
-    ablated = [c for c in cells if "ballot (protect)" in table[c]]
+    ablated = [c for c in cells if "ballot (protect)" in table[c]] if ballot == "ballot" else []
     if ablated:
         fairer = worse = 0
         for c in ablated:
@@ -288,8 +289,10 @@ def summary(table: dict[tuple[str, str, float], dict[str, Stats]], methods: list
     return lines
 
 
-def markdown(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, methods: list[str], notes: str) -> str:
-    lines = [f"# Method matrix ({split} split)", "", notes, "", "## Acceptance figures", "", *verdict(table, split), "",
+def markdown(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, methods: list[str], notes: str,
+             ballot: str = "ballot") -> str:
+    lines = [f"# Method matrix ({split} split)", "", notes, "", "## Acceptance figures", "",
+             *verdict(table, split, ballot), "",
              "## Summary (accuracy / CWV x 1000, mean over seeds)", "", *summary(table, methods), "",
              "## Per cell (mean ± std over seeds; CWV unscaled)", "",
              "| dataset | model | density | method | seeds | acc | CWV | MCD | worst-class acc |", "|---|---|---|---|---|---|---|---|---|"]
@@ -304,8 +307,9 @@ def markdown(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, 
     return "\n".join(lines) + "\n"
 
 
-def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, split: str) -> None:
-    """Ballot's relative CWV reduction per cell against LTH and against LTH + refined training."""
+def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, split: str,
+            ballot: str = "ballot") -> None:
+    """The relative CWV reduction of ``ballot`` per cell against LTH and against LTH + refined training."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,8 +319,8 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
     cols = sorted({c[2] for c in table}, reverse=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 2))
     for ax, other in zip(axes, ("lth", "lth + refined")):
-        grid = [[100 * _cwv_gain(table[(r[0], r[1], d)]["ballot"], table[(r[0], r[1], d)][other])
-                 if (r[0], r[1], d) in table and {"ballot", other} <= set(table[(r[0], r[1], d)]) else math.nan
+        grid = [[100 * _cwv_gain(table[(r[0], r[1], d)][ballot], table[(r[0], r[1], d)][other])
+                 if (r[0], r[1], d) in table and {ballot, other} <= set(table[(r[0], r[1], d)]) else math.nan
                  for d in cols] for r in rows]
         image = ax.imshow(grid, cmap="RdYlGn", vmin=-100, vmax=100, aspect="auto")
         for i, line in enumerate(grid):
@@ -326,7 +330,7 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
         ax.set_yticks(range(len(rows)), [f"{r[0]} / {r[1]}" for r in rows] if ax is axes[0] else [])
         ax.set_title(f"CWV reduction vs {other}", fontsize=10)
     fig.colorbar(image, ax=axes, shrink=0.8, label="Ballot's CWV reduction (%), green = fairer")
-    fig.suptitle(f"Ballot's class-wise variance against the baselines ({split} split, mean over seeds)", fontsize=10)
+    fig.suptitle(f"CWV of {ballot} against the baselines ({split} split, mean over seeds)", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
