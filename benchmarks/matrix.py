@@ -4,7 +4,8 @@ Every run is one JSON file under ``<out>/runs/`` named by a hash of its whole co
 extended matrix skips what is done, and a variant whose configuration equals another's reuses it. Dense states are
 cached under ``<cache>/dense/`` and shared by every density and method of a (dataset, model, seed); a unit whose
 cached dense state is not the one its records in ``<out>`` were built on (another machine or thread count trained the
-cache: their dense test metrics differ) gets no new runs, with a message, so no cell mixes two dense models. Each
+cache: the hash of its tensors differs, or for records older than the hash its dense test metrics) gets no new runs,
+with a message, so no cell mixes two dense models. Each
 record holds validation *and* test metrics: defaults are chosen on validation (``--split val``), the report is on test.
 
     python benchmarks/matrix.py --workers 2                       # the whole matrix -> reports/matrix.md, .json, .png
@@ -127,6 +128,23 @@ def layer_floor_ratio(mask: Any, density: float) -> float:
     return min(r.kept / (density * r.total) for r in mask.report())
 
 
+def dense_fingerprint(dense: Any) -> str:
+    """A hash of the dense phase's tensors (theta_0, theta_k, theta_T): equal test metrics do not prove two dense
+    states equal on a small test split (digits: 360 images), this does."""
+    digest = hashlib.sha256()
+    for state in (dense.init_state, dense.rewind_state, dense.trained_state):
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _same_dense(recorded: dict[str, Any], fingerprint: str, metrics: dict[str, Any]) -> bool:
+    if "fingerprint" in recorded:
+        return recorded["fingerprint"] == fingerprint
+    return (recorded["test"]["acc"], recorded["test"]["cwv"]) == (metrics["acc"], metrics["cwv"])  # older records
+
+
 def _metrics(m: dict[str, Any]) -> dict[str, Any]:
     return {k: m[k] for k in (*METRICS, "per_class")}
 
@@ -162,16 +180,19 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
         (model, dense, _), seconds = experiment.timed(experiment.train_dense, cfg, data, progress=False)
         experiment.save_dense(dense, dense_dir, cfg)
     metrics = experiment.model_metrics(model, data, cfg.base.device)
+    fingerprint = dense_fingerprint(dense)
     if dense_path.is_file():
-        recorded = json.loads(dense_path.read_text())["test"]
-        if (recorded["acc"], recorded["cwv"]) != (metrics["acc"], metrics["cwv"]):
+        recorded = json.loads(dense_path.read_text())
+        if not _same_dense(recorded, fingerprint, metrics):
             # another machine or thread count trained this cache: new runs would not be comparable with the old
             print(f"{unit.dataset}/{unit.model} seed {unit.seed}: skipped, the dense state in {dense_dir} is not the "
-                  f"one the runs in {out} were built on (test acc {metrics['acc']:.4f}, recorded {recorded['acc']:.4f}"
-                  "); pass the --cache they came from, or another --out", file=sys.stderr, flush=True)
+                  f"one the runs in {out} were built on (test acc {metrics['acc']:.4f}, recorded "
+                  f"{recorded['test']['acc']:.4f}); pass the --cache they came from, or another --out",
+                  file=sys.stderr, flush=True)
             return []
     else:
         record = {"unit": unit.__dict__, "method": "dense", "density": 1.0, "seconds": seconds,
+                  "fingerprint": fingerprint, "threads": threads,
                   "test": _metrics(metrics), "val": _metrics(metrics["val"])}
         write_json(dense_path, record)
         written.append(record)
@@ -179,7 +200,8 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
         result, seconds = experiment.timed(experiment.run_prune, run_cfg, data, dense, progress=False)
         metrics = experiment.model_metrics(result.model, data, run_cfg.base.device)
         record = {"unit": unit.__dict__, "method": name, "density": density, "seconds": seconds,
-                  "kept_density": result.mask.density(), "layer_floor_ratio": layer_floor_ratio(result.mask, density),
+                  "dense_fingerprint": fingerprint, "threads": threads, "kept_density": result.mask.density(),
+                  "layer_floor_ratio": layer_floor_ratio(result.mask, density),
                   "test": _metrics(metrics), "val": _metrics(metrics["val"]), "overrides": methods[name]}
         write_json(path, record)
         written.append(record)
@@ -353,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="runs/matrix-cache", help="folder for the dense states")
     parser.add_argument("--split", default="test", choices=("test", "val"), help="split of the report")
     parser.add_argument("--report-only", action="store_true", help="render the report from finished runs only")
+    parser.add_argument("--judged", default="ballot", help="the method the acceptance figures and the heat-map judge "
+                        "(the recorded matrix: 'ballot', ERK budgets; the product's Ballot: 'ballot (blend)')")
     args = parser.parse_args(argv)
 
     known = {**VARIANTS, **parse_extra(args.variant)}
@@ -384,11 +408,11 @@ def main(argv: list[str] | None = None) -> int:
              f"; densities {args.densities}; overrides {args.set or 'none'}. Training-pool caps: {caps} "
              f"(before the long tail); validation fraction 0.2; full test sets. {len(rows)} records.")
     suffix = "" if args.split == "test" else "_val"
-    write_text(out / f"matrix{suffix}.md", markdown(table, args.split, list(methods), notes))
+    write_text(out / f"matrix{suffix}.md", markdown(table, args.split, list(methods), notes, args.judged))
     write_json(out / f"matrix{suffix}.json", {"rows": rows, "methods": methods, "set": args.set})
-    if any({"ballot", "lth", "lth + refined"} <= set(m) for m in table.values()):
-        heatmap(table, out / f"cwv_gain{suffix}.png", args.split)
-    print("\n".join(verdict(table, args.split)))
+    if any({args.judged, "lth", "lth + refined"} <= set(m) for m in table.values()):
+        heatmap(table, out / f"cwv_gain{suffix}.png", args.split, args.judged)
+    print("\n".join(verdict(table, args.split, args.judged)))
     return 0
 
 

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from ballot.experiment import load_dense
+
 _BENCH = Path(__file__).parents[1] / "benchmarks" / "matrix.py"
 _SPEC = importlib.util.spec_from_file_location("matrix_bench", _BENCH)
 matrix = sys.modules["matrix_bench"] = importlib.util.module_from_spec(_SPEC)  # its dataclasses look themselves up
@@ -52,13 +54,23 @@ def test_acceptance_lines_count_cells_and_average_the_per_cell_reductions() -> N
 def test_a_unit_whose_cached_dense_state_differs_from_its_records_gets_no_new_runs(tmp_path: Path, capsys) -> None:
     unit, out, cache = matrix.Unit("digits", "mlp", 0), tmp_path / "out", tmp_path / "cache"
     magnitude, random = {"magnitude": matrix.VARIANTS["magnitude"]}, {"random": matrix.VARIANTS["random"]}
-    assert [r["method"] for r in matrix.run_unit(unit, {}, [0.5], magnitude, out, cache, 1, "test")] == [
-        "dense", "magnitude"]
+    written = matrix.run_unit(unit, {}, [0.5], magnitude, out, cache, 1, "test")
+    assert [r["method"] for r in written] == ["dense", "magnitude"]
+    fingerprint = matrix.dense_fingerprint(load_dense(next((cache / "dense").iterdir())))
+    assert written[0]["fingerprint"] == written[1]["dense_fingerprint"] == fingerprint
     dense_record = next((out / "runs").glob("dense-*.json"))
     true_record = json.loads(dense_record.read_text())
-    dense_record.write_text(json.dumps({**true_record, "test": {**true_record["test"], "acc": 0.5}}))
+    # equal test metrics do not make two dense states equal: the hash of the tensors decides
+    dense_record.write_text(json.dumps({**true_record, "fingerprint": "0" * 20}))
+    assert matrix.run_unit(unit, {}, [0.5], random, out, cache, 1, "test") == []
+    assert "skipped, the dense state" in capsys.readouterr().err
+    # a record written before the hash existed is compared on its dense test metrics
+    older = {k: v for k, v in true_record.items() if k not in ("fingerprint", "threads")}
+    dense_record.write_text(json.dumps({**older, "test": {**older["test"], "acc": 0.5}}))
     assert matrix.run_unit(unit, {}, [0.5], random, out, cache, 1, "test") == []
     assert "skipped, the dense state" in capsys.readouterr().err
     assert len(list((out / "runs").glob("*.json"))) == 2, "nothing was added to the unit"
-    dense_record.write_text(json.dumps(true_record))
+    dense_record.write_text(json.dumps(older))
     assert [r["method"] for r in matrix.run_unit(unit, {}, [0.5], random, out, cache, 1, "test")] == ["random"]
+    dense_record.write_text(json.dumps(true_record))
+    assert matrix.run_unit(unit, {}, [0.5], {**random, **magnitude}, out, cache, 1, "test") == [], "all done"
