@@ -5,8 +5,8 @@ extended matrix skips what is done, and a variant whose configuration equals ano
 cached under ``<cache>/dense/`` and shared by every density and method of a (dataset, model, seed); a unit whose
 cached dense state is not the one its records in ``<out>`` were built on (another machine or thread count trained the
 cache: the hash of its tensors differs, or for records older than the hash its dense test metrics) gets no new runs,
-with a message, so no cell mixes two dense models. Each
-record holds validation *and* test metrics: defaults are chosen on validation (``--split val``), the report is on test.
+with a message, so no cell mixes two dense models. Each record holds validation *and* test metrics: defaults are
+chosen on validation (``--split val``), the report is on test.
 
     python benchmarks/matrix.py --workers 2                       # the whole matrix -> reports/matrix.md, .json, .png
     python benchmarks/matrix.py --datasets digits --models cnn --seeds 0 --methods lth ballot --out runs/m
@@ -140,6 +140,7 @@ def dense_fingerprint(dense: Any) -> str:
 
 
 def _same_dense(recorded: dict[str, Any], fingerprint: str, metrics: dict[str, Any]) -> bool:
+    """Whether the dense ``recorded`` describes the cached state with ``fingerprint`` and test ``metrics``."""
     if "fingerprint" in recorded:
         return recorded["fingerprint"] == fingerprint
     return (recorded["test"]["acc"], recorded["test"]["cwv"]) == (metrics["acc"], metrics["cwv"])  # older records
@@ -185,9 +186,10 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
         recorded = json.loads(dense_path.read_text())
         if not _same_dense(recorded, fingerprint, metrics):
             # another machine or thread count trained this cache: new runs would not be comparable with the old
+            found = (f"hash {fingerprint}, recorded {recorded['fingerprint']}" if "fingerprint" in recorded else
+                     f"test acc {metrics['acc']:.4f}, recorded {recorded['test']['acc']:.4f}")
             print(f"{unit.dataset}/{unit.model} seed {unit.seed}: skipped, the dense state in {dense_dir} is not the "
-                  f"one the runs in {out} were built on (test acc {metrics['acc']:.4f}, recorded "
-                  f"{recorded['test']['acc']:.4f}); pass the --cache they came from, or another --out",
+                  f"one the runs in {out} were built on ({found}); pass the --cache they came from, or another --out",
                   file=sys.stderr, flush=True)
             return []
     else:
@@ -232,16 +234,19 @@ def collect(out: Path, units: list[Unit], params: dict[str, Any], densities: lis
 Stats = dict[str, tuple[float, float, int]]  # metric -> (mean, std, n)
 
 
+def cell_of(row: dict[str, Any]) -> tuple[str, str, float]:
+    """A record's cell: (dataset, model, density)."""
+    return row["unit"]["dataset"], row["unit"]["model"], row["density"]
+
+
 def summarise(rows: list[dict[str, Any]], split: str) -> dict[tuple[str, str, float], dict[str, Stats]]:
     """(dataset, model, density) -> method -> metric -> (mean, std over seeds, seeds)."""
     table: dict[tuple[str, str, float], dict[str, Stats]] = {}
     for row in rows:
-        cell = (row["unit"]["dataset"], row["unit"]["model"], row["density"])
-        table.setdefault(cell, {}).setdefault(row["method"], {})
+        table.setdefault(cell_of(row), {}).setdefault(row["method"], {})
     for cell, by_method in table.items():
         for method in by_method:
-            group = [r for r in rows if (r["unit"]["dataset"], r["unit"]["model"], r["density"]) == cell
-                     and r["method"] == method]
+            group = [r for r in rows if cell_of(r) == cell and r["method"] == method]
             for key in METRICS:
                 values = [r[split][key] for r in group]
                 by_method[method][key] = (statistics.fmean(values),
@@ -254,33 +259,49 @@ def _cwv_gain(ours: Stats, theirs: Stats) -> float:
     return 1 - ours["cwv"][0] / theirs["cwv"][0] if theirs["cwv"][0] > 0 else math.nan
 
 
-def verdict(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, ballot: str = "ballot") -> list[str]:
-    """The issue's acceptance lines, computed from ``table`` for the method ``ballot`` (the conflict ablation only for
-    the matrix's own 'ballot', whose budgets 'ballot (protect)' shares)."""
+def _beyond_noise(lower: tuple[float, float, int], higher: tuple[float, float, int]) -> bool:
+    """Whether the mean of ``lower`` is below that of ``higher`` by more than the mean of their seed-to-seed std."""
+    return higher[0] - lower[0] > (lower[1] + higher[1]) / 2
+
+
+def cell_name(cell: tuple[str, str, float]) -> str:
+    return f"{cell[0]}/{cell[1]} d{cell[2]:g}"
+
+
+def verdict(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, judged: str = "ballot") -> list[str]:
+    """The issue's acceptance lines, computed from ``table`` for the method ``judged`` (the conflict ablation only for
+    the matrix's own 'ballot', whose budgets 'ballot (protect)' shares). Noise is the mean of the two methods'
+    seed-to-seed standard deviations."""
     lines = []
-    cells = [c for c, m in table.items() if {ballot, "lth"} <= set(m)]
+    cells = [c for c, m in table.items() if {judged, "lth"} <= set(m)]
     if not cells:
-        return [f"(no cell has both {ballot} and lth)"]
-    ok_acc = [c for c in cells if table[c][ballot]["acc"][0] >= table[c]["lth"]["acc"][0] - 0.01]
-    ok_cwv = [c for c in cells if table[c][ballot]["cwv"][0] <= table[c]["lth"]["cwv"][0]]
-    gains = [_cwv_gain(table[c][ballot], table[c]["lth"]) for c in cells]
+        return [f"(no cell has both {judged} and lth)"]
+    ok_acc = [c for c in cells if table[c][judged]["acc"][0] >= table[c]["lth"]["acc"][0] - 0.01]
+    ok_cwv = [c for c in cells if table[c][judged]["cwv"][0] <= table[c]["lth"]["cwv"][0]]
+    gains = [_cwv_gain(table[c][judged], table[c]["lth"]) for c in cells]
     lines.append(f"- cells with Ballot's mean accuracy >= LTH's - 1 point: {len(ok_acc)} of {len(cells)}")
     lines.append(f"- cells with Ballot's mean CWV <= LTH's: {len(ok_cwv)} of {len(cells)}")
-    lines.append(f"- Ballot's CWV vs LTH, mean over cells of the per-cell reduction: {100 * statistics.fmean(gains):+.1f}%"
-                 f" (ratio of the cell-averaged CWVs: {100 * (1 - _mean_cwv(table, cells, ballot) / _mean_cwv(table, cells, 'lth')):+.1f}%)")
+    averaged = 1 - _mean_cwv(table, cells, judged) / _mean_cwv(table, cells, "lth")
+    lines.append(f"- Ballot's CWV vs LTH, mean over cells of the per-cell reduction: "
+                 f"{100 * statistics.fmean(gains):+.1f}% (ratio of the cell-averaged CWVs: {100 * averaged:+.1f}%)")
     for other in ("lth + refined", "magnitude"):
         both = [c for c in cells if other in table[c]]
         if both:
-            g = [_cwv_gain(table[c][ballot], table[c][other]) for c in both]
+            g = [_cwv_gain(table[c][judged], table[c][other]) for c in both]
             lines.append(f"- Ballot's CWV vs {other}, mean over {len(both)} cells: {100 * statistics.fmean(g):+.1f}%")
-    ablated = [c for c in cells if "ballot (protect)" in table[c]] if ballot == "ballot" else []
+    refined = [c for c in cells if "lth + refined" in table[c]]
+    if refined:
+        beyond = [c for c in refined if _beyond_noise(table[c][judged]["cwv"], table[c]["lth + refined"]["cwv"])]
+        named = f" ({', '.join(cell_name(c) for c in beyond)})" if beyond else ""
+        lines.append(f"- cells with Ballot's CWV below lth + refined's by more than the seed-to-seed noise: "
+                     f"{len(beyond)} of {len(refined)}{named}")
+    ablated = [c for c in cells if "ballot (protect)" in table[c]] if judged == "ballot" else []
     if ablated:
         fairer = worse = 0
         for c in ablated:
             on, off = table[c]["ballot (protect)"]["cwv"], table[c]["ballot"]["cwv"]
-            noise = (on[1] + off[1]) / 2  # the mean of the two seed-to-seed standard deviations
-            fairer += off[0] - on[0] > noise
-            worse += on[0] - off[0] > noise
+            fairer += _beyond_noise(on, off)
+            worse += _beyond_noise(off, on)
         lines.append(f"- conflict component (protect vs none): mean CWV lower by more than the seed-to-seed std in "
                      f"{fairer} of {len(ablated)} cells, higher by more than it in {worse}")
     return lines
@@ -290,7 +311,7 @@ def _mean_cwv(table: dict, cells: list, method: str) -> float:
     return statistics.fmean(table[c][method]["cwv"][0] for c in cells)
 
 
-def _ordered(table: dict[tuple[str, str, float], dict[str, Stats]]) -> list[tuple[str, str, float]]:
+def ordered_cells(table: dict[tuple[str, str, float], dict[str, Stats]]) -> list[tuple[str, str, float]]:
     """The cells in the order of DATASETS and MODELS, densest first."""
     return sorted(table, key=lambda c: (list(DATASETS).index(c[0]) if c[0] in DATASETS else 99,
                                         MODELS.index(c[1]) if c[1] in MODELS else 99, -c[2]))
@@ -300,7 +321,7 @@ def summary(table: dict[tuple[str, str, float], dict[str, Stats]], methods: list
     """One row per cell: each method's mean accuracy / CWV x 1000, with its seed count where it ran fewer seeds."""
     shown = ["dense", *methods]
     lines = [f"| cell | seeds | {' | '.join(shown)} |", "|" + "---|" * (len(shown) + 2)]
-    for cell in [c for c in _ordered(table) if set(table[c]) - {"dense"}]:
+    for cell in [c for c in ordered_cells(table) if set(table[c]) - {"dense"}]:
         seeds = max(stats["acc"][2] for stats in table[cell].values())
         entries = []
         for method in shown:
@@ -312,13 +333,13 @@ def summary(table: dict[tuple[str, str, float], dict[str, Stats]], methods: list
 
 
 def markdown(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, methods: list[str], notes: str,
-             ballot: str = "ballot") -> str:
+             judged: str = "ballot") -> str:
     lines = [f"# Method matrix ({split} split)", "", notes, "", "## Acceptance figures", "",
-             *verdict(table, split, ballot), "",
+             *verdict(table, split, judged), "",
              "## Summary (accuracy / CWV x 1000, mean over seeds)", "", *summary(table, methods), "",
              "## Per cell (mean ± std over seeds; CWV unscaled)", "",
              "| dataset | model | density | method | seeds | acc | CWV | MCD | worst-class acc |", "|---|---|---|---|---|---|---|---|---|"]
-    for cell in _ordered(table):
+    for cell in ordered_cells(table):
         for method in ["dense", *methods]:
             if method not in table[cell]:
                 continue
@@ -330,19 +351,19 @@ def markdown(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, 
 
 
 def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, split: str,
-            ballot: str = "ballot") -> None:
-    """The relative CWV reduction of ``ballot`` per cell against LTH and against LTH + refined training."""
+            judged: str = "ballot") -> None:
+    """The relative CWV reduction of ``judged`` per cell against LTH and against LTH + refined training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(dict.fromkeys((c[0], c[1]) for c in _ordered(table)))
+    rows = list(dict.fromkeys((c[0], c[1]) for c in ordered_cells(table)))
     cols = sorted({c[2] for c in table}, reverse=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 2))
     for ax, other in zip(axes, ("lth", "lth + refined")):
-        grid = [[100 * _cwv_gain(table[(r[0], r[1], d)][ballot], table[(r[0], r[1], d)][other])
-                 if (r[0], r[1], d) in table and {ballot, other} <= set(table[(r[0], r[1], d)]) else math.nan
+        grid = [[100 * _cwv_gain(table[(r[0], r[1], d)][judged], table[(r[0], r[1], d)][other])
+                 if (r[0], r[1], d) in table and {judged, other} <= set(table[(r[0], r[1], d)]) else math.nan
                  for d in cols] for r in rows]
         image = ax.imshow(grid, cmap="RdYlGn", vmin=-100, vmax=100, aspect="auto")
         for i, line in enumerate(grid):
@@ -351,8 +372,8 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
         ax.set_xticks(range(len(cols)), [f"density {d:g}" for d in cols])
         ax.set_yticks(range(len(rows)), [f"{r[0]} / {r[1]}" for r in rows] if ax is axes[0] else [])
         ax.set_title(f"CWV reduction vs {other}", fontsize=10)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="Ballot's CWV reduction (%), green = fairer")
-    fig.suptitle(f"CWV of {ballot} against the baselines ({split} split, mean over seeds)", fontsize=10)
+    fig.colorbar(image, ax=axes, shrink=0.8, label=f"{judged}: CWV reduction (%), green = fairer")
+    fig.suptitle(f"CWV of {judged} against the baselines ({split} split, mean over seeds)", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -375,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="runs/matrix-cache", help="folder for the dense states")
     parser.add_argument("--split", default="test", choices=("test", "val"), help="split of the report")
     parser.add_argument("--report-only", action="store_true", help="render the report from finished runs only")
-    parser.add_argument("--judged", default="ballot", help="the method the acceptance figures and the heat-map judge "
-                        "(the recorded matrix: 'ballot', ERK budgets; the product's Ballot: 'ballot (blend)')")
+    parser.add_argument("--judged", help="the method the acceptance figures and the heat-map judge "
+                        "(default 'ballot', the recorded matrix's ERK Ballot; the product's Ballot: 'ballot (blend)')")
     args = parser.parse_args(argv)
 
     known = {**VARIANTS, **parse_extra(args.variant)}
@@ -384,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(known)}")
     methods = {m: known[m] for m in args.methods}
+    if args.judged and args.judged not in methods:
+        parser.error(f"--judged {args.judged!r} is not among --methods {list(methods)}")
+    judged = args.judged or "ballot"
     params = load_yaml(args.params) if args.params else {}
     params = apply_overrides({k: v for k, v in params.items() if k in ("base", "data", "train_dense", "prune")}, args.set)
     experiment_from_params(params)  # validate once, before any work
@@ -408,11 +432,11 @@ def main(argv: list[str] | None = None) -> int:
              f"; densities {args.densities}; overrides {args.set or 'none'}. Training-pool caps: {caps} "
              f"(before the long tail); validation fraction 0.2; full test sets. {len(rows)} records.")
     suffix = "" if args.split == "test" else "_val"
-    write_text(out / f"matrix{suffix}.md", markdown(table, args.split, list(methods), notes, args.judged))
+    write_text(out / f"matrix{suffix}.md", markdown(table, args.split, list(methods), notes, judged))
     write_json(out / f"matrix{suffix}.json", {"rows": rows, "methods": methods, "set": args.set})
-    if any({args.judged, "lth", "lth + refined"} <= set(m) for m in table.values()):
-        heatmap(table, out / f"cwv_gain{suffix}.png", args.split, args.judged)
-    print("\n".join(verdict(table, args.split, args.judged)))
+    if any({judged, "lth", "lth + refined"} <= set(m) for m in table.values()):
+        heatmap(table, out / f"cwv_gain{suffix}.png", args.split, judged)
+    print("\n".join(verdict(table, args.split, judged)))
     return 0
 
 

@@ -3,12 +3,13 @@
 `reports/matrix` was recorded with ERK budgets; the product's Ballot (``ballot (blend)``) ran afterwards where the
 cached dense states still matched, and in reports of their own (one `benchmarks/matrix.py --out` each) where they did
 not. This script puts them together. A cell (dataset, model, density) is taken whole from the **last** folder in
-which the judged method ran on it, and only on the seeds where it ran, so every comparison in a cell is paired on the
-same dense states; no cell mixes two folders. Writes ``<out>/matrix.md`` (which folder each cell came from, the
-acceptance figures, the summary and the per-cell rows) and ``<out>/cwv_gain.png``.
+which the judged method ran on it together with LTH, and only on the seeds where both ran, so the comparisons in a
+cell are paired on the same dense states; no cell mixes two folders. Writes ``<out>/matrix.md`` (``matrix_val.md``
+with ``--split val``: which folder each cell came from, the acceptance figures, the summary and the per-cell rows)
+and ``<out>/cwv_gain.png`` (``cwv_gain_val.png``).
 
     python benchmarks/product_matrix.py reports/matrix reports/matrix_fmnist_cnn_d005 \\
-        reports/matrix_fmnist_cnn_d002 reports/matrix_r20_d002 reports/matrix_r20 --out reports/product_matrix
+        reports/matrix_fmnist_cnn_d002 reports/matrix_r20_d002 reports/matrix_r20 reports/matrix_digits_cnn
 """
 
 from __future__ import annotations
@@ -21,15 +22,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from matrix import heatmap, markdown, summarise  # noqa: E402
+from matrix import cell_name, cell_of, heatmap, markdown, ordered_cells, summarise  # noqa: E402
 
 from ballot.storage import write_text  # noqa: E402
 
 Cell = tuple[str, str, float]
-
-
-def cell_of(row: dict[str, Any]) -> Cell:
-    return row["unit"]["dataset"], row["unit"]["model"], row["density"]
 
 
 def load_rows(folder: Path) -> list[dict[str, Any]]:
@@ -40,17 +37,18 @@ def load_rows(folder: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["rows"]
 
 
-def merge(sources: list[tuple[str, list[dict[str, Any]]]], judged: str) -> tuple[list[dict[str, Any]], dict[Cell, str]]:
-    """The rows of every cell from the last source in which ``judged`` ran on it, restricted to the seeds it ran on;
-    and the source of each cell."""
+def merge(folders: list[tuple[str, list[dict[str, Any]]]], judged: str) -> tuple[list[dict[str, Any]], dict[Cell, str]]:
+    """The rows of every cell from the last folder in which ``judged`` and LTH ran on it, restricted to the seeds both
+    ran on; and the folder of each cell."""
     chosen: dict[Cell, tuple[str, list[dict[str, Any]]]] = {}
-    for name, rows in sources:
-        seeds: dict[Cell, set[int]] = {}
+    for name, rows in folders:
+        seeds: dict[tuple[Cell, str], set[int]] = {}
         for row in rows:
-            if row["method"] == judged:
-                seeds.setdefault(cell_of(row), set()).add(row["unit"]["seed"])
-        for cell, cell_seeds in seeds.items():
-            chosen[cell] = name, [r for r in rows if cell_of(r) == cell and r["unit"]["seed"] in cell_seeds]
+            seeds.setdefault((cell_of(row), row["method"]), set()).add(row["unit"]["seed"])
+        for (cell, method), judged_seeds in seeds.items():
+            paired = judged_seeds & seeds.get((cell, "lth"), set()) if method == judged else set()
+            if paired:
+                chosen[cell] = name, [r for r in rows if cell_of(r) == cell and r["unit"]["seed"] in paired]
     merged = [row for _, rows in chosen.values() for row in rows]
     return merged, {cell: name for cell, (name, _) in chosen.items()}
 
@@ -65,18 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/product_matrix")
     args = parser.parse_args(argv)
 
-    rows, sources = merge([(folder, load_rows(Path(folder))) for folder in args.folders], args.judged)
+    rows, origins = merge([(folder, load_rows(Path(folder))) for folder in args.folders], args.judged)
     if not rows:
-        raise SystemExit(f"no folder has a run of {args.judged!r}")
+        raise SystemExit(f"no folder has a run of {args.judged!r} beside one of lth")
     table = summarise(rows, args.split)
-    origin = "; ".join(f"{d}/{m} d{density:g}: {sources[(d, m, density)]}" for d, m, density in sorted(sources))
-    notes = (f"The acceptance figures judge `{args.judged}`. Each cell comes whole from one folder, on the seeds "
-             f"`{args.judged}` ran on there (`benchmarks/product_matrix.py`): {origin}.")
+    by_folder: dict[str, list[str]] = {}
+    for cell in ordered_cells(origins):
+        by_folder.setdefault(origins[cell], []).append(cell_name(cell))
+    origin = "; ".join(f"{folder}: {', '.join(cells)}" for folder, cells in by_folder.items())
+    notes = (f"The acceptance figures judge `{args.judged}`. Each cell comes whole from one folder, on the seeds where "
+             f"`{args.judged}` and lth both ran there (`benchmarks/product_matrix.py`): {origin}.")
     out = Path(args.out)
     suffix = "" if args.split == "test" else "_val"
     methods = [m for m in args.methods if m != args.judged] + [args.judged]
-    write_text(out / f"matrix{suffix}.md", markdown(table, args.split, methods, notes, ballot=args.judged))
-    heatmap(table, out / f"cwv_gain{suffix}.png", args.split, ballot=args.judged)
+    write_text(out / f"matrix{suffix}.md", markdown(table, args.split, methods, notes, args.judged))
+    heatmap(table, out / f"cwv_gain{suffix}.png", args.split, args.judged)
     print((out / f"matrix{suffix}.md").read_text())
     return 0
 
