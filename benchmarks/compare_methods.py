@@ -23,7 +23,7 @@ from variants import BASELINES, METRICS, VARIANTS  # noqa: E402
 
 from ballot.config import apply_overrides, experiment_from_params, load_yaml  # noqa: E402
 from ballot.experiment import model_metrics, prepare_data, run_prune, timed, train_dense  # noqa: E402
-from ballot.storage import write_json, write_text  # noqa: E402
+from ballot.storage import atomic_write, write_json, write_text  # noqa: E402
 
 
 def run(params: dict[str, Any], seeds: list[int], variants: list[str]) -> list[dict[str, Any]]:
@@ -136,7 +136,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     ax.set_title("Accuracy vs fairness, one point per method and seed")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "acc_vs_cwv.png", dpi=120)
+    atomic_write(out / "acc_vs_cwv.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
     shown = [m for m in ("dense", "lth", "ballot") if m in methods]
@@ -152,7 +152,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend(ncol=len(shown), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "per_class.png", dpi=120)
+    atomic_write(out / "per_class.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 

@@ -37,7 +37,7 @@ from variants import METRICS, VARIANTS, parse_extra  # noqa: E402
 
 from ballot.config import (FLOORED_SCHEDULES, ExperimentConfig, apply_overrides, experiment_from_params,  # noqa: E402
                            load_yaml, to_dict)
-from ballot.storage import write_json, write_text  # noqa: E402
+from ballot.storage import atomic_write, write_json, write_text  # noqa: E402
 
 DATASETS: dict[str, list[str]] = {
     "fmnist-lt": ["base.dataset=fashion-mnist", "data.imbalance_ratio=10"],
@@ -139,11 +139,14 @@ def dense_fingerprint(dense: Any) -> str:
     return digest.hexdigest()[:20]
 
 
-def _same_dense(recorded: dict[str, Any], fingerprint: str, metrics: dict[str, Any]) -> bool:
-    """Whether the dense ``recorded`` describes the cached state with ``fingerprint`` and test ``metrics``."""
+def dense_mismatch(recorded: dict[str, Any], fingerprint: str, metrics: dict[str, Any]) -> str | None:
+    """How the dense ``recorded`` differs from the cached state with ``fingerprint`` and test ``metrics`` (by hash;
+    records older than the hash by test accuracy and CWV); None when it describes that state."""
     if "fingerprint" in recorded:
-        return recorded["fingerprint"] == fingerprint
-    return (recorded["test"]["acc"], recorded["test"]["cwv"]) == (metrics["acc"], metrics["cwv"])  # older records
+        same = recorded["fingerprint"] == fingerprint
+        return None if same else f"hash {fingerprint}, recorded {recorded['fingerprint']}"
+    same = (recorded["test"]["acc"], recorded["test"]["cwv"]) == (metrics["acc"], metrics["cwv"])
+    return None if same else f"test acc {metrics['acc']:.4f}, recorded {recorded['test']['acc']:.4f}"
 
 
 def _metrics(m: dict[str, Any]) -> dict[str, Any]:
@@ -183,11 +186,9 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
     metrics = experiment.model_metrics(model, data, cfg.base.device)
     fingerprint = dense_fingerprint(dense)
     if dense_path.is_file():
-        recorded = json.loads(dense_path.read_text())
-        if not _same_dense(recorded, fingerprint, metrics):
+        found = dense_mismatch(json.loads(dense_path.read_text()), fingerprint, metrics)
+        if found:
             # another machine or thread count trained this cache: new runs would not be comparable with the old
-            found = (f"hash {fingerprint}, recorded {recorded['fingerprint']}" if "fingerprint" in recorded else
-                     f"test acc {metrics['acc']:.4f}, recorded {recorded['test']['acc']:.4f}")
             print(f"{unit.dataset}/{unit.model} seed {unit.seed}: skipped, the dense state in {dense_dir} is not the "
                   f"one the runs in {out} were built on ({found}); pass the --cache they came from, or another --out",
                   file=sys.stderr, flush=True)
@@ -374,7 +375,7 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
         ax.set_title(f"CWV reduction vs {other}", fontsize=10)
     fig.colorbar(image, ax=axes, shrink=0.8, label=f"{judged}: CWV reduction (%), green = fairer")
     fig.suptitle(f"CWV of {judged} against the baselines ({split} split, mean over seeds)", fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
 
 

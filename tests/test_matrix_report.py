@@ -63,7 +63,8 @@ def test_a_unit_whose_cached_dense_state_differs_from_its_records_gets_no_new_ru
     # equal test metrics do not make two dense states equal: the hash of the tensors decides
     dense_record.write_text(json.dumps({**true_record, "fingerprint": "0" * 20}))
     assert matrix.run_unit(unit, {}, [0.5], random, out, cache, 1, "test") == []
-    assert "skipped, the dense state" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "skipped, the dense state" in err and f"hash {fingerprint}, recorded {'0' * 20}" in err
     # a record written before the hash existed is compared on its dense test metrics
     older = {k: v for k, v in true_record.items() if k not in ("fingerprint", "threads")}
     dense_record.write_text(json.dumps({**older, "test": {**older["test"], "acc": 0.5}}))
