@@ -261,3 +261,52 @@ def test_share_rule_keeps_the_budget_and_moves_the_mask(tiny_data, tiny_dense):
     assert shared.mask.to_bytes() != plain.mask.to_bytes()
     params = dict(shared.model.named_parameters())
     assert all(torch.count_nonzero(params[n][~keep]) == 0 for n, keep in shared.mask.items())
+
+
+def test_saliency_tilt_is_each_layers_fair_share_over_its_accuracy_share_clipped():
+    from ballot.pruning.ballot import TILT_BOUND, saliency_tilt
+
+    # fair shares 0.6 / 0.3 / 0.1, accuracy shares 0.4 / 0.4 / 0.2: ratios 1.5, 0.75, 0.5
+    tilt = saliency_tilt({"a": 6.0, "b": 3.0, "c": 1.0}, {"a": 4.0, "b": 4.0, "c": 2.0})
+    assert tilt == pytest.approx({"a": 1.5, "b": 0.75, "c": 0.5})
+    clipped = saliency_tilt({"a": 9.0, "b": 1.0}, {"a": 1.0, "b": 9.0})  # ratios 9 and 1/9
+    assert clipped == pytest.approx({"a": TILT_BOUND, "b": 1 / TILT_BOUND})
+    assert saliency_tilt({"a": 0.0, "b": 0.0}, {"a": 1.0, "b": 2.0}) == {"a": 1.0, "b": 1.0}
+
+
+def test_reallocation_moves_counts_toward_tilted_layers_within_total_floor_and_capacity():
+    from types import SimpleNamespace
+
+    from ballot.pruning.ballot import reallocated_counts
+
+    ctx = SimpleNamespace(config=tiny_config().prune)  # layer_floor 0.5
+    big, small = torch.zeros(100, 100, dtype=torch.bool), torch.zeros(10, 100, dtype=torch.bool)
+    big.view(-1)[:2000], small.view(-1)[:400] = True, True  # the candidate: 2,000 and 400 survivors
+    mask = Mask({"big": big, "small": small})
+    density = 0.1  # 1,100 of 11,000
+    counts = {"big": 1000, "small": 100}
+    moved = reallocated_counts(ctx, mask, counts, density, {"big": 0.5, "small": 2.0})
+    assert sum(moved.values()) == 1100
+    # densities 0.1 x 0.5 and 0.1 x 2 before scaling (0.05 x 10,000 + 0.2 x 1,000 = 700 weights): x 1,100 / 700
+    assert moved["small"] == pytest.approx(1100 * 200 / 700, abs=1) and moved["small"] > counts["small"]
+    assert moved["big"] >= math.floor(0.5 * density * 10000)  # the floor holds
+    capped = reallocated_counts(ctx, mask, {"big": 700, "small": 400}, density, {"big": 1.0, "small": 2.0})
+    assert capped == {"big": 700, "small": 400}  # 'small' cannot grow past its 400 survivors
+    assert reallocated_counts(ctx, mask, counts, density, {"big": 1.0, "small": 1.0}) == counts
+
+
+def test_reallocate_rule_keeps_budget_and_floor_moves_counts_and_is_deterministic(tiny_data, tiny_dense):
+    cfg = ("prune.ballot.rounds=2", "prune.ballot.conflict=reallocate")
+    plain = run_prune(tiny_config("prune.ballot.rounds=2"), tiny_data, tiny_dense)
+    moved = run_prune(tiny_config(*cfg), tiny_data, tiny_dense)
+    again = run_prune(tiny_config(*cfg), tiny_data, tiny_dense)
+    density = tiny_config().base.density
+    assert moved.mask.kept == plain.mask.kept == budget(plain.mask.total, density)
+    assert moved.mask.to_bytes() == again.mask.to_bytes()
+    tilt = moved.details.rounds[1].tilt
+    assert set(tilt) == set(moved.mask) and len(set(tilt.values())) > 1 and plain.details.rounds[1].tilt == {}
+    assert moved.mask.counts() != plain.mask.counts()
+    for layer in moved.mask.report():
+        assert layer.kept >= math.floor(0.5 * density * layer.total)
+    params = dict(moved.model.named_parameters())
+    assert all(torch.count_nonzero(params[n][~keep]) == 0 for n, keep in moved.mask.items())
