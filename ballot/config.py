@@ -265,7 +265,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 OBS_LOSSES = ("fair", "plain")
-CONFLICT_RULES = ("protect", "veto", "share", "reallocate", "none")
+CONFLICT_RULES = ("protect", "veto", "share", "none")
 LAYER_BUDGETS = ("blend", "erk", "ticket", "max")
 
 
@@ -287,9 +287,8 @@ class BallotConfig:
                                "layer size) under every budget rule.", 0.5)
     conflict: str = _help("What a conflict between the accuracy and fairness signals does: 'protect' the "
                           "contested weights the fairness gradient relies on, 'veto' them, 'share': protect the "
-                          "weights some class leans on most (per-class saliency retention), 'reallocate' each "
-                          "layer's count toward the layers the fairness loss leans on more than plain cross-entropy, "
-                          "or 'none' (the default: none helped on validation, docs/ballot.md).", "none")
+                          "weights some class leans on most (per-class saliency retention), or 'none' (the default: "
+                          "none helped on validation, docs/ballot.md).", "none")
     conflict_threshold: float = _help(
         "tau: a weight is contested when the strength -g_hat*f_hat exceeds tau (inf = never).", 0.5
     )

@@ -10,9 +10,8 @@ conflict a surviving weight is *contested* when fairness would grow it (w*f < 0)
          (w*g > 0), with strength -g_hat*f_hat above tau. 'protect' sums its fairness saliency -w*f_hat over the
          ballots and reserves ``protect_fraction`` of each layer's count for the best-protected weights; 'veto'
          bars contested weights from a ballot; 'share' reserves the same fraction for the weights some class leans
-         on most (per-class saliency retention, ``ClassShareProbe``); 'reallocate' moves each layer's count
-         toward the layers the fairness loss leans on more than the accuracy loss (``reallocated_counts``);
-         'none' (default, chosen on validation) votes on |w| alone.
+         on most (per-class saliency retention, ``ClassShareProbe``); 'none' (default, chosen on validation) votes
+         on |w| alone.
 select   ``select_mask``: each layer keeps its most-voted weights, ties broken by the final magnitude.
 
 With prune.granularity 'unit' the same rounds vote on whole units (``UnitVoter``): each ballot gives one vote to
@@ -102,10 +101,7 @@ def select_mask(votes: dict[str, torch.Tensor], magnitudes: dict[str, torch.Tens
     return Mask(chosen)
 
 
-GRADIENT_RULES = ("protect", "veto", "reallocate")  # the rules that read g and f (one extra backward a collected step)
-CONTEST_RULES = ("protect", "veto")  # the rules that judge single weights contested
-# 'reallocate' scales no layer's count by more than this factor either way
-TILT_BOUND = 2.0
+GRADIENT_RULES = ("protect", "veto")  # the conflict rules that compare g and f (one extra backward per collected step)
 PROTECTING_RULES = ("protect", "share")  # the rules that reserve a share of each layer's count at selection
 # layer_budget -> each layer's unscaled density at a round's density
 # (called with shapes, scores, density, floor, min_per_layer)
@@ -136,9 +132,6 @@ class GradientCollector(StepHook):
         # summed over ballots: 'protect', the fairness saliency -w*f_hat of a weight on the ballots where it was
         # contested; 'share', its class share
         self.protection = {n: torch.zeros(p.shape) for n, p in zip(self.names, self.params)}
-        # 'reallocate': per layer (columns), the Taylor saliencies sum|w*f| (row 0) and sum|w*g| (row 1) over its
-        # survivors, summed over the ballots
-        self.saliency = torch.zeros(2, len(self.names), dtype=torch.float64, device=self.params[0].device)
         self.history: list[dict[str, Any]] = []
         self._collecting = False
         self._other: tuple[torch.Tensor, ...] = ()  # the extra backward's gradient of the current step
@@ -185,14 +178,11 @@ class GradientCollector(StepHook):
             for name, share in zip(self.names, shares):
                 self.protection[name] += share.cpu()
         conflicts, changed = {}, 0
-        for i, (name, p, g, f) in enumerate(zip(self.names, self.params, self.g, self.f)):
+        for name, p, g, f in zip(self.names, self.params, self.g, self.f):
             within, w, k = self.candidate[name], p.detach(), self.counts[name]
             scores = w.abs()
-            disputed = (contested(w, g, f, cfg.conflict_threshold, within) & within if cfg.conflict in CONTEST_RULES
+            disputed = (contested(w, g, f, cfg.conflict_threshold, within) & within if cfg.conflict in GRADIENT_RULES
                         else torch.zeros_like(within))
-            if cfg.conflict == "reallocate":
-                self.saliency[0, i] += (w * f).abs()[within].sum()
-                self.saliency[1, i] += (w * g).abs()[within].sum()
             plain = cast_ballot(scores, within, k)
             ballot = cast_ballot(scores, within & ~disputed, k) if cfg.conflict == "veto" else plain
             if cfg.conflict == "protect":
@@ -243,7 +233,6 @@ class BallotRound:
     kept: int
     protected: int = 0  # weights 'protect' or 'share' placed beyond the most-voted ones
     ballots: list[dict[str, Any]] = field(default_factory=list)  # GradientCollector.history (round 1 casts none)
-    tilt: dict[str, float] = field(default_factory=dict)  # 'reallocate': each layer's clipped saliency ratio
 
 
 @dataclass
@@ -326,35 +315,11 @@ def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dic
     return counts
 
 
-def saliency_tilt(fair: dict[str, float], accuracy: dict[str, float]) -> dict[str, float]:
-    """Each layer's share of the fairness saliency over its share of the accuracy saliency, clipped to
-    [1 / TILT_BOUND, TILT_BOUND]: above 1 where the class-weighted loss leans on the layer more than plain
-    cross-entropy does (1 everywhere when either signal is zero)."""
-    fair_total, accuracy_total = sum(fair.values()), sum(accuracy.values())
-    tilt = {}
-    for name in fair:
-        ratio = ((fair[name] / fair_total) / (accuracy[name] / accuracy_total)
-                 if fair_total > 0 and accuracy_total > 0 and accuracy[name] > 0 else 1.0)
-        tilt[name] = min(TILT_BOUND, max(1 / TILT_BOUND, ratio))
-    return tilt
-
-
-def reallocated_counts(ctx: PruneContext, mask: Mask, counts: dict[str, int], density: float,
-                       tilt: dict[str, float]) -> dict[str, int]:
-    """``counts`` with each layer's density scaled by its ``tilt`` and re-shared to the same total: within what
-    ``mask`` holds, never below the layer floor (``shared_counts``)."""
-    shapes = {name: tuple(mask[name].shape) for name in mask}
-    shares = {name: counts[name] / mask[name].numel() * tilt[name] for name in mask}
-    return shared_counts(shapes, shares, density, ctx.config.ballot.layer_floor, ctx.config.min_per_layer,
-                         capacity=mask.counts())
-
-
-def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], density: float, desc: str
-            ) -> tuple[Mask, GradientCollector, int, dict[str, float]]:
+def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
+            ) -> tuple[Mask, GradientCollector, int]:
     """Train ``mask`` from theta_k (prune.retrain, ``obs_epochs``), casting a ballot each period; the next mask is
     each layer's ``counts`` most-voted survivors (with 'protect' or 'share', a share goes to the best-protected
-    ones; with 'reallocate', the counts first move toward the layers the fairness loss leans on). Returns it, the
-    collector, how many of its weights protection put there, and the layers' tilt ('reallocate', else empty)."""
+    ones). Returns it, the collector, and how many of its weights protection put there."""
     cfg = ctx.config.ballot
     observer = ctx.model_from(ctx.dense.rewind_state)
     per_epoch = steps_per_epoch(len(ctx.data.train), ctx.config.retrain.batch_size)
@@ -367,17 +332,11 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], density: floa
                 progress=ctx.progress)
     collector.finish(run.steps)
     magnitudes = magnitude_scores(observer, list(mask))
-    tilt = {}
-    if cfg.conflict == "reallocate":
-        fair, accuracy = distributed.broadcast(collector.saliency).tolist()  # rank 0's decide
-        tilt = saliency_tilt(dict(zip(collector.names, fair)), dict(zip(collector.names, accuracy)))
-        counts = reallocated_counts(ctx, mask, counts, density, tilt)
     by_votes = select_mask(collector.votes, magnitudes, counts)
     if cfg.conflict not in PROTECTING_RULES:
-        return ctx.agree(by_votes, desc), collector, 0, tilt
+        return ctx.agree(by_votes, desc), collector, 0
     selected = select_mask(collector.votes, magnitudes, counts, collector.protection, cfg.protect_fraction)
-    return (ctx.agree(selected, desc), collector, sum(int((selected[n] & ~by_votes[n]).sum()) for n in selected),
-            tilt)
+    return ctx.agree(selected, desc), collector, sum(int((selected[n] & ~by_votes[n]).sum()) for n in selected)
 
 
 def prune(ctx: PruneContext) -> PruneResult:
@@ -389,20 +348,18 @@ def prune(ctx: PruneContext) -> PruneResult:
     """
     if ctx.config.granularity == "unit":
         return prune_units(ctx)
-    cfg, started = ctx.config.ballot, time.perf_counter()
+    started = time.perf_counter()
     trained = ctx.model_from(ctx.dense.trained_state)
     scores = magnitude_scores(trained)
     counts = round_counts(ctx, scores)
     mask = Mask.top_k_per_layer(scores, counts[0])
     rounds = [BallotRound(mask.density(), mask.kept)]
     masks, votes = [mask], {}
-    densities = density_schedule(ctx.density, cfg.rounds)
-    for number, (kept, density) in enumerate(zip(counts[1:], densities[1:]), start=2):
-        mask, collector, protected, tilt = observe(ctx, mask, kept, density, f"ballot round {number}")
+    for number, kept in enumerate(counts[1:], start=2):
+        mask, collector, protected = observe(ctx, mask, kept, f"ballot round {number}")
         masks.append(mask)
         votes = collector.votes
-        rounds.append(BallotRound(mask.density(), mask.kept, protected, collector.history,
-                                  {n: round(t, 4) for n, t in tilt.items()}))
+        rounds.append(BallotRound(mask.density(), mask.kept, protected, collector.history))
     observe_seconds = time.perf_counter() - started
 
     model = ctx.model_from(ctx.dense.rewind_state)
