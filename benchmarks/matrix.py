@@ -139,14 +139,32 @@ def dense_fingerprint(dense: Any) -> str:
     return digest.hexdigest()[:20]
 
 
-def dense_mismatch(recorded: dict[str, Any], fingerprint: str, metrics: dict[str, Any]) -> str | None:
+# what a run's floating-point results depend on besides its configuration: runs reproduce only where all are equal
+ENVIRONMENT_KEYS = ("threads", "cpu", "torch")
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """This process's ENVIRONMENT_KEYS: intra-op threads, the instruction set torch's CPU kernels use, torch's
+    version."""
+    import torch
+
+    return {"threads": threads, "cpu": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
+def dense_mismatch(recorded: dict[str, Any], fingerprint: str, metrics: dict[str, Any],
+                   here: dict[str, Any] | None = None) -> str | None:
     """How the dense ``recorded`` differs from the cached state with ``fingerprint`` and test ``metrics`` (by hash;
-    records older than the hash by test accuracy and CWV); None when it describes that state."""
+    records older than the hash by test accuracy and CWV), naming the ENVIRONMENT_KEYS the record has and ``here``
+    differs in; None when it describes that state."""
     if "fingerprint" in recorded:
         same = recorded["fingerprint"] == fingerprint
-        return None if same else f"hash {fingerprint}, recorded {recorded['fingerprint']}"
-    same = (recorded["test"]["acc"], recorded["test"]["cwv"]) == (metrics["acc"], metrics["cwv"])
-    return None if same else f"test acc {metrics['acc']:.4f}, recorded {recorded['test']['acc']:.4f}"
+        found = None if same else f"hash {fingerprint}, recorded {recorded['fingerprint']}"
+    else:
+        same = (recorded["test"]["acc"], recorded["test"]["cwv"]) == (metrics["acc"], metrics["cwv"])
+        found = None if same else f"test acc {metrics['acc']:.4f}, recorded {recorded['test']['acc']:.4f}"
+    differ = [f"{key} {here[key]}, recorded {recorded[key]}" for key in ENVIRONMENT_KEYS
+              if found and here and key in recorded and recorded[key] != here.get(key)]
+    return f"{found}; {'; '.join(differ)}" if differ else found
 
 
 def _metrics(m: dict[str, Any]) -> dict[str, Any]:
@@ -184,26 +202,25 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
         (model, dense, _), seconds = experiment.timed(experiment.train_dense, cfg, data, progress=False)
         experiment.save_dense(dense, dense_dir, cfg)
     metrics = experiment.model_metrics(model, data, cfg.base.device)
-    fingerprint = dense_fingerprint(dense)
+    fingerprint, here = dense_fingerprint(dense), environment(threads)
     if dense_path.is_file():
-        found = dense_mismatch(json.loads(dense_path.read_text()), fingerprint, metrics)
+        found = dense_mismatch(json.loads(dense_path.read_text()), fingerprint, metrics, here)
         if found:
-            # another machine or thread count trained this cache: new runs would not be comparable with the old
+            # another machine, thread count or torch trained this cache: new runs would not be comparable
             print(f"{unit.dataset}/{unit.model} seed {unit.seed}: skipped, the dense state in {dense_dir} is not the "
                   f"one the runs in {out} were built on ({found}); pass the --cache they came from, or another --out",
                   file=sys.stderr, flush=True)
             return []
     else:
         record = {"unit": unit.__dict__, "method": "dense", "density": 1.0, "seconds": seconds,
-                  "fingerprint": fingerprint, "threads": threads,
-                  "test": _metrics(metrics), "val": _metrics(metrics["val"])}
+                  "fingerprint": fingerprint, **here, "test": _metrics(metrics), "val": _metrics(metrics["val"])}
         write_json(dense_path, record)
         written.append(record)
     for density, name, run_cfg, path in todo:
         result, seconds = experiment.timed(experiment.run_prune, run_cfg, data, dense, progress=False)
         metrics = experiment.model_metrics(result.model, data, run_cfg.base.device)
         record = {"unit": unit.__dict__, "method": name, "density": density, "seconds": seconds,
-                  "dense_fingerprint": fingerprint, "threads": threads, "kept_density": result.mask.density(),
+                  "dense_fingerprint": fingerprint, **here, "kept_density": result.mask.density(),
                   "layer_floor_ratio": layer_floor_ratio(result.mask, density),
                   "test": _metrics(metrics), "val": _metrics(metrics["val"]), "overrides": methods[name]}
         write_json(path, record)

@@ -58,15 +58,18 @@ def test_a_unit_whose_cached_dense_state_differs_from_its_records_gets_no_new_ru
     assert [r["method"] for r in written] == ["dense", "magnitude"]
     fingerprint = matrix.dense_fingerprint(load_dense(next((cache / "dense").iterdir())))
     assert written[0]["fingerprint"] == written[1]["dense_fingerprint"] == fingerprint
+    here = matrix.environment(1)
+    assert all(r[key] == here[key] for r in written for key in matrix.ENVIRONMENT_KEYS)
     dense_record = next((out / "runs").glob("dense-*.json"))
     true_record = json.loads(dense_record.read_text())
     # equal test metrics do not make two dense states equal: the hash of the tensors decides
-    dense_record.write_text(json.dumps({**true_record, "fingerprint": "0" * 20}))
+    dense_record.write_text(json.dumps({**true_record, "fingerprint": "0" * 20, "cpu": "elsewhere"}))
     assert matrix.run_unit(unit, {}, [0.5], random, out, cache, 1, "test") == []
     err = capsys.readouterr().err
     assert "skipped, the dense state" in err and f"hash {fingerprint}, recorded {'0' * 20}" in err
+    assert f"cpu {here['cpu']}, recorded elsewhere" in err and "threads" not in err, "it names what differs"
     # a record written before the hash existed is compared on its dense test metrics
-    older = {k: v for k, v in true_record.items() if k not in ("fingerprint", "threads")}
+    older = {k: v for k, v in true_record.items() if k not in ("fingerprint", *matrix.ENVIRONMENT_KEYS)}
     dense_record.write_text(json.dumps({**older, "test": {**older["test"], "acc": 0.5}}))
     assert matrix.run_unit(unit, {}, [0.5], random, out, cache, 1, "test") == []
     assert "skipped, the dense state" in capsys.readouterr().err
@@ -77,3 +80,12 @@ def test_a_unit_whose_cached_dense_state_differs_from_its_records_gets_no_new_ru
     lth = {"lth": matrix.VARIANTS["lth"]}
     assert [r["method"] for r in matrix.run_unit(unit, {}, [0.5], lth, out, cache, 1, "test")] == ["lth"], \
         "the same hash: new runs go ahead"
+
+
+def test_a_dense_mismatch_names_the_environment_only_where_the_state_differs() -> None:
+    recorded = {"fingerprint": "a" * 20, "threads": 1, "cpu": "AVX2", "torch": "2.14.1"}
+    here = {"threads": 2, "cpu": "AVX2", "torch": "2.14.1"}
+    assert matrix.dense_mismatch(recorded, "a" * 20, {}, here) is None, "the same tensors: the environment is moot"
+    differs = f"hash {'b' * 20}, recorded {'a' * 20}"
+    assert matrix.dense_mismatch(recorded, "b" * 20, {}, here) == f"{differs}; threads 2, recorded 1"
+    assert matrix.dense_mismatch(recorded, "b" * 20, {}, {**here, "threads": 1}) == differs
