@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     suffix = "" if args.split == "test" else "_val"
     methods = [m for m in args.methods if m != args.judged] + [args.judged]
-    write_text(out / f"matrix{suffix}.md", markdown(table, args.split, methods, notes, args.judged))
+    write_text(out / f"matrix{suffix}.md", markdown(table, args.split, methods, notes, args.judged, rows))
     heatmap(table, out / f"cwv_gain{suffix}.png", args.split, args.judged)
     print((out / f"matrix{suffix}.md").read_text())
     return 0

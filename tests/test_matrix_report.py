@@ -51,6 +51,22 @@ def test_acceptance_lines_count_cells_and_average_the_per_cell_reductions() -> N
                         "cell-averaged CWVs: -15.2%)")
 
 
+def test_the_reductions_seed_noise_comes_from_a_paired_bootstrap_of_the_seeds() -> None:
+    # ROWS: the verdict's +12.5%; on digits both seeds halve LTH's CWV, so no resampling moves it
+    assert matrix.reduction_spread(ROWS, "test", "ballot", "lth") == (0.125, 0.0, 2)
+    assert matrix.spread_lines(ROWS, "test", "ballot") == [
+        "- seed noise of the mean per-cell reduction vs lth: +12.5% ± 0.0% (one standard deviation, paired bootstrap "
+        "of the seeds, 2 cells)"]
+    # seeds 0 and 1: ballot 1 and 3, lth 2 and 2 -> 0; resampled: 0.5 (seed 0 twice), -0.5 (seed 1 twice), 0 (both),
+    # with probabilities 1/4, 1/4, 1/2: a standard deviation of sqrt(1/8)
+    rows = [_row("digits", "ballot", 0, 0.9, 0.001), _row("digits", "ballot", 1, 0.9, 0.003),
+            _row("digits", "lth", 0, 0.9, 0.002), _row("digits", "lth", 1, 0.9, 0.002),
+            _row("digits", "lth", 2, 0.9, 0.009)]  # a seed only one method ran is left out
+    mean, spread, cells = matrix.reduction_spread(rows, "test", "ballot", "lth")
+    assert (mean, cells) == (0.0, 1) and abs(spread - 0.125 ** 0.5) < 0.02
+    assert matrix.reduction_spread(rows, "test", "ballot", "lth + refined") is None
+
+
 def test_a_unit_whose_cached_dense_state_differs_from_its_records_gets_no_new_runs(tmp_path: Path, capsys) -> None:
     unit, out, cache = matrix.Unit("digits", "mlp", 0), tmp_path / "out", tmp_path / "cache"
     magnitude, random = {"magnitude": matrix.VARIANTS["magnitude"]}, {"random": matrix.VARIANTS["random"]}
