@@ -163,8 +163,10 @@ def dense_mismatch(recorded: dict[str, Any], fingerprint: str, metrics: dict[str
     else:
         same = (recorded["test"]["acc"], recorded["test"]["cwv"]) == (metrics["acc"], metrics["cwv"])
         found = None if same else f"test acc {metrics['acc']:.4f}, recorded {recorded['test']['acc']:.4f}"
-    differ = [f"{key} {here[key]}, recorded {recorded[key]}" for key in ENVIRONMENT_KEYS
-              if found and here and key in recorded and recorded[key] != here.get(key)]
+    if not found or not here:
+        return found
+    differ = [f"{key} {here.get(key)}, recorded {recorded[key]}" for key in ENVIRONMENT_KEYS
+              if key in recorded and recorded[key] != here.get(key)]
     return f"{found}; {'; '.join(differ)}" if differ else found
 
 
@@ -273,9 +275,14 @@ def summarise(rows: list[dict[str, Any]], split: str) -> dict[tuple[str, str, fl
     return table
 
 
+def _reduction(ours: float, theirs: float) -> float:
+    """Relative CWV reduction (positive = ours fairer); nan where ``theirs`` is 0."""
+    return 1 - ours / theirs if theirs > 0 else math.nan
+
+
 def _cwv_gain(ours: Stats, theirs: Stats) -> float:
-    """Relative CWV reduction (positive = ours fairer)."""
-    return 1 - ours["cwv"][0] / theirs["cwv"][0] if theirs["cwv"][0] > 0 else math.nan
+    """Relative reduction of the mean CWV."""
+    return _reduction(ours["cwv"][0], theirs["cwv"][0])
 
 
 def _beyond_noise(lower: tuple[float, float, int], higher: tuple[float, float, int]) -> bool:
@@ -327,27 +334,45 @@ def verdict(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, j
 
 
 def reduction_spread(rows: list[dict[str, Any]], split: str, judged: str, baseline: str,
-                     draws: int = 2000) -> tuple[float, float, int] | None:
-    """The mean over cells of the per-cell CWV reduction of ``judged`` against ``baseline`` (1 - ratio of their seed
-    means, as in ``verdict``), its standard deviation under a paired bootstrap of the seeds within each cell (a drawn
-    seed brings both methods' runs on its dense state; fixed random seed), and the number of cells; None without a
-    shared cell. It measures the seed-to-seed noise only, not a choice of cells."""
+                     draws: int = 2000) -> tuple[float, int, int] | None:
+    """How much the seeds alone move the mean over cells of the per-cell CWV reduction of ``judged`` against
+    ``baseline`` (``verdict``'s figure): one standard deviation under a paired bootstrap of each cell's seeds (a drawn
+    seed brings both methods' runs on its dense state; a fixed random seed), each cell's deviation scaled by
+    sqrt(n / (n - 1)) for its n seeds, the bootstrap's small-sample shrinkage. Returns it, the number of cells with a
+    paired seed and how many of them have two or more (the others add no spread); None without a paired cell."""
     pairs: dict[tuple[str, str, float], dict[int, dict[str, float]]] = {}
     for row in rows:
         if row["method"] in (judged, baseline):
             pairs.setdefault(cell_of(row), {}).setdefault(row["unit"]["seed"], {})[row["method"]] = row[split]["cwv"]
-    cells = [[(v[judged], v[baseline]) for v in seeds.values() if len(v) == 2] for seeds in pairs.values()]
+    cells = [[(by_seed[s][judged], by_seed[s][baseline]) for s in sorted(by_seed) if len(by_seed[s]) == 2]
+             for _, by_seed in sorted(pairs.items())]
     cells = [c for c in cells if c]
     if not cells:
         return None
 
-    def estimate(samples: list[list[tuple[float, float]]]) -> float:
-        means = [(statistics.fmean(j for j, _ in s), statistics.fmean(b for _, b in s)) for s in samples]
-        return statistics.fmean(1 - j / b if b > 0 else math.nan for j, b in means)
+    def reduction(sample: list[tuple[float, float]]) -> float:
+        return _reduction(statistics.fmean(j for j, _ in sample), statistics.fmean(b for _, b in sample))
 
+    varied = [(c, reduction(c), math.sqrt(len(c) / (len(c) - 1))) for c in cells if len(c) > 1]
+    varied = [(c, centre, scale) for c, centre, scale in varied if not math.isnan(centre)]
     rng = random.Random(0)
-    drawn = [estimate([rng.choices(c, k=len(c)) for c in cells]) for _ in range(draws)]
-    return estimate(cells), statistics.stdev(drawn), len(cells)
+    drawn = [sum(scale * (reduction(rng.choices(c, k=len(c))) - centre) for c, centre, scale in varied) / len(cells)
+             for _ in range(draws)]
+    finite = [d for d in drawn if not math.isnan(d)]
+    return (statistics.stdev(finite) if len(finite) > 1 else math.nan), len(cells), len(varied)
+
+
+def spread_lines(rows: list[dict[str, Any]], split: str, judged: str) -> list[str]:
+    """One line per baseline: the seed noise of the mean per-cell CWV reduction of ``judged`` against it."""
+    lines = []
+    for baseline in ("lth", "lth + refined"):
+        found = reduction_spread(rows, split, judged, baseline)
+        if found:
+            spread, cells, varied = found
+            lines.append(f"- seed noise of the mean per-cell reduction vs {baseline}: ± {100 * spread:.1f} points "
+                         f"(one standard deviation, paired bootstrap of the seeds; {cells} cells, {varied} with 2+ "
+                         f"seeds)")
+    return lines
 
 
 def _mean_cwv(table: dict, cells: list, method: str) -> float:
@@ -372,18 +397,6 @@ def summary(table: dict[tuple[str, str, float], dict[str, Stats]], methods: list
             fewer = f" ({s['acc'][2]} seeds)" if s and s["acc"][2] != seeds else ""
             entries.append(f"{s['acc'][0]:.3f} / {1000 * s['cwv'][0]:.1f}{fewer}" if s else "–")
         lines.append(f"| {cell[0]} {cell[1]} d{cell[2]:g} | {seeds} | {' | '.join(entries)} |")
-    return lines
-
-
-def spread_lines(rows: list[dict[str, Any]], split: str, judged: str) -> list[str]:
-    """One line per baseline: the per-cell CWV reduction of ``judged`` and its seed-to-seed spread."""
-    lines = []
-    for baseline in ("lth", "lth + refined"):
-        found = reduction_spread(rows, split, judged, baseline)
-        if found:
-            mean, spread, cells = found
-            lines.append(f"- seed noise of the mean per-cell reduction vs {baseline}: {100 * mean:+.1f}% ± "
-                         f"{100 * spread:.1f}% (one standard deviation, paired bootstrap of the seeds, {cells} cells)")
     return lines
 
 

@@ -83,6 +83,7 @@ def test_the_script_writes_the_report_and_refuses_a_folder_without_records(tmp_p
     product.main([str(tmp_path / "old"), str(tmp_path / "new"), "--out", str(out), "--methods", "lth"])
     report = (out / "matrix.md").read_text()
     assert "| fmnist cnn d0.05 | 2 | – | 0.830 / 30.0 | 0.825 / 20.0 |" in report
+    assert "- seed noise of the mean per-cell reduction vs lth: ± " in report, "the merged rows reach the report"
     assert (out / "cwv_gain.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="matrix.json not found"):
         product.main([str(tmp_path / "missing")])
