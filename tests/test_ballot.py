@@ -119,19 +119,6 @@ def test_ticket_budget_keeps_the_density_nested_and_follows_theta_t_where_erk_do
     assert erk.round_masks[0].counts() != masks[0].counts()
 
 
-def test_observed_first_round_ranks_a_trained_dense_observer_not_theta_t(tiny_data, tiny_dense):
-    cfg = tiny_config("prune.ballot.first_round=observed", "base.density=0.05")
-    result = run_prune(cfg, tiny_data, tiny_dense)
-    masks = result.round_masks
-    assert [m.kept for m in masks] == [budget(result.mask.total, d) for d in density_schedule(0.05, len(masks))]
-    assert all(inner.is_subset_of(outer) for inner, outer in zip(masks[1:], masks))
-    trained = {n: tiny_dense.trained_state[n].abs() for n in result.mask}
-    assert masks[0].to_bytes() != Mask.top_k_per_layer(trained, masks[0].counts()).to_bytes()
-    default = run_prune(tiny_config("base.density=0.05"), tiny_data, tiny_dense)
-    assert masks[0].to_bytes() != default.round_masks[0].to_bytes()
-    assert run_prune(cfg, tiny_data, tiny_dense).mask.to_bytes() == result.mask.to_bytes()
-
-
 def test_every_configurable_budget_rule_has_shares_and_no_other():
     assert sorted(LAYER_SHARES) == sorted(LAYER_BUDGETS)
 

@@ -339,33 +339,20 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
     return ctx.agree(selected, desc), collector, sum(int((selected[n] & ~by_votes[n]).sum()) for n in selected)
 
 
-def reference_scores(ctx: PruneContext) -> dict[str, torch.Tensor]:
-    """The |w| that round 1 and the ticket's per-layer shares rank: theta_T's ('trained'), or those of the whole
-    network trained from theta_k on the observer's loss for ``obs_epochs`` ('observed')."""
-    cfg = ctx.config.ballot
-    if cfg.first_round == "trained":
-        return magnitude_scores(ctx.model_from(ctx.dense.trained_state))
-    observer = ctx.model_from(ctx.dense.rewind_state)
-    train(observer, ctx.data.train, ctx.config.observation(), seed=ctx.seed, device=ctx.device,
-          class_weights=ctx.dense_class_weights if cfg.obs_loss == "fair" else None, desc="ballot round 1",
-          progress=ctx.progress)
-    return magnitude_scores(observer)
-
-
 def prune(ctx: PruneContext) -> PruneResult:
     """Rounds of observation and voting at shrinking densities, then rewind to theta_k and the final training.
 
-    Round 1 keeps each layer's largest weights of theta_T, or of a dense observer (``first_round``), at its budget
-    count for density ** (1 / rounds); every
+    Round 1 keeps each layer's largest weights of theta_T (its ERK count at density ** (1 / rounds)); every
     further round trains the current mask from theta_k and keeps the most-voted survivors at the next density of
     the schedule, so the masks are nested and the last one has exactly the target density.
     """
     if ctx.config.granularity == "unit":
         return prune_units(ctx)
     started = time.perf_counter()
-    reference = reference_scores(ctx)
-    counts = round_counts(ctx, reference)
-    mask = ctx.agree(Mask.top_k_per_layer(reference, counts[0]), "ballot round 1")
+    trained = ctx.model_from(ctx.dense.trained_state)
+    scores = magnitude_scores(trained)
+    counts = round_counts(ctx, scores)
+    mask = Mask.top_k_per_layer(scores, counts[0])
     rounds = [BallotRound(mask.density(), mask.kept)]
     masks, votes = [mask], {}
     for number, kept in enumerate(counts[1:], start=2):
@@ -377,8 +364,7 @@ def prune(ctx: PruneContext) -> PruneResult:
 
     model = ctx.model_from(ctx.dense.rewind_state)
     result = ctx.final_train(model, mask, "ballot refine")
-    ticket = Mask.top_k(magnitude_scores(ctx.model_from(ctx.dense.trained_state)), ctx.density,
-                        ctx.config.min_per_layer)
+    ticket = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
     overlap = sum(int((ticket[n] & mask[n]).sum()) for n in mask) / mask.kept
     details = BallotDetails(rounds, _rounded(ctx.dense_class_weights), mask.counts(), overlap, observe_seconds,
                             result.seconds)
