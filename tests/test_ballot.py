@@ -8,6 +8,7 @@ from ballot.experiment import run_prune
 from ballot.masks import (Mask, blended_shares, budget, density_schedule, erk_counts, larger_shares, prunable_names,
                           shared_counts)
 from ballot.models import build_model
+from ballot.pruning import ballot as ballot_module
 from ballot.pruning.ballot import LAYER_SHARES, cast_ballot, conflict_strength, contested, select_mask
 from tests.conftest import tiny_config
 
@@ -117,6 +118,30 @@ def test_ticket_budget_keeps_the_density_nested_and_follows_theta_t_where_erk_do
     assert masks[0].counts() == first_ticket.counts()
     erk = run_prune(tiny_config("prune.ballot.layer_budget=erk", "base.density=0.05"), tiny_data, tiny_dense)
     assert erk.round_masks[0].counts() != masks[0].counts()
+
+
+@pytest.mark.parametrize("obs_start", ["rewind", "carry"])
+def test_each_observation_starts_from_theta_k_or_from_the_weights_that_chose_its_mask(obs_start, tiny_data, tiny_dense,
+                                                                                      monkeypatch):
+    starts, ends = [], []
+
+    def recording_train(model, *args, **kwargs):
+        starts.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+        run = real_train(model, *args, **kwargs)
+        ends.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+        return run
+
+    real_train = ballot_module.train
+    monkeypatch.setattr(ballot_module, "train", recording_train)
+    result = run_prune(tiny_config(f"prune.ballot.obs_start={obs_start}", "prune.ballot.rounds=3"), tiny_data,
+                       tiny_dense)
+    masks = result.round_masks
+    assert len(starts) == 2 and all(inner.is_subset_of(outer) for inner, outer in zip(masks[1:], masks))
+    first = tiny_dense.trained_state if obs_start == "carry" else tiny_dense.rewind_state
+    second = ends[0] if obs_start == "carry" else tiny_dense.rewind_state
+    for recorded, expected in ((starts[0], first), (starts[1], second)):
+        assert all(torch.equal(recorded[n], expected[n].to(recorded[n].device)) for n in recorded)
+    assert result.mask.kept == budget(result.mask.total, tiny_config().base.density)
 
 
 def test_every_configurable_budget_rule_has_shares_and_no_other():
