@@ -265,7 +265,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 OBS_LOSSES = ("fair", "plain")
-OBS_STARTS = ("rewind", "carry")
 CONFLICT_RULES = ("protect", "veto", "share", "none")
 LAYER_BUDGETS = ("blend", "erk", "ticket", "max")
 
@@ -278,9 +277,6 @@ class BallotConfig:
                         "further round trains the mask from theta_k and votes (1 = no voting).", 3)
     obs_epochs: int = _help("Epochs of each observation round (prune.retrain's schedule over this length).", 20)
     obs_loss: str = _help("The observer's training loss: 'fair' (class-reweighted) or 'plain' cross-entropy.", "fair")
-    obs_start: str = _help("Where each observation round starts: 'rewind', theta_k, or 'carry', the weights that chose "
-                           "its mask (round 2 theta_T, each later round the previous observer; reports/trajectory/).",
-                           "rewind")
     collect_every: int = _help("Collect gradients on every N-th observation step (1 = every step).", 4)
     ballot_every: int = _help("Cast a ballot every N observation steps (0 = once per epoch).", 0)
     layer_budget: str = _help("Per-layer counts (prune.granularity 'weight'): 'blend', the mean of the 'erk' density "
@@ -316,7 +312,6 @@ class BallotConfig:
         _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         _check(self.obs_epochs >= 1, "obs_epochs", f"must be >= 1, got {self.obs_epochs}")
         _check(self.obs_loss in OBS_LOSSES, "obs_loss", f"unknown '{self.obs_loss}', choose from {OBS_LOSSES}")
-        _check(self.obs_start in OBS_STARTS, "obs_start", f"unknown '{self.obs_start}', choose from {OBS_STARTS}")
         _check(self.collect_every >= 1, "collect_every", f"must be >= 1, got {self.collect_every}")
         _check(self.ballot_every >= 0, "ballot_every", f"must be >= 0, got {self.ballot_every}")
         _check(self.layer_budget in LAYER_BUDGETS, "layer_budget",

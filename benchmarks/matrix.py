@@ -89,16 +89,14 @@ def cell_overrides(dataset: str, model: str, seed: int) -> list[str]:
 
 # settings added after runs were recorded, at the values that reproduce those runs bit for bit
 LATER_DEFAULTS = {"precision": "fp32", "granularity": "weight", "share_samples": 32, "recalibrate_bn": False,
-                  "layer_budget": "erk", "min_steps": 0, "class_weight_prior_images": 0,
-                  "obs_start": "rewind"}
+                  "layer_budget": "erk", "min_steps": 0, "class_weight_prior_images": 0}
 
 
 def _without_later_defaults(tree: Any) -> Any:
     """``tree`` without the LATER_DEFAULTS entries (fp32 is the loop before mixed precision, 'weight' the pruning
     before structured units, 32 the probe of the later 'share' rule, which no earlier run used, False the runs before
     BatchNorm recalibration, 'erk' the per-layer budgets before the rule was a choice, 0 the schedules before their
-    min_steps floors and the class weights before their shrinkage, 'rewind' the observers before they could carry
-    their weights on), so the keys of the runs recorded before them stay
+    min_steps floors and the class weights before their shrinkage), so the keys of the runs recorded before them stay
     valid."""
     if isinstance(tree, dict):
         return {k: _without_later_defaults(v) for k, v in tree.items()

@@ -315,13 +315,13 @@ def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dic
     return counts
 
 
-def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], start: dict[str, torch.Tensor], desc: str
-            ) -> tuple[Mask, GradientCollector, int, nn.Module]:
-    """Train ``mask`` from ``start`` (prune.retrain, ``obs_epochs``), casting a ballot each period; the next mask is
+def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
+            ) -> tuple[Mask, GradientCollector, int]:
+    """Train ``mask`` from theta_k (prune.retrain, ``obs_epochs``), casting a ballot each period; the next mask is
     each layer's ``counts`` most-voted survivors (with 'protect' or 'share', a share goes to the best-protected
-    ones). Returns it, the collector, how many of its weights protection put there, and the trained observer."""
+    ones). Returns it, the collector, and how many of its weights protection put there."""
     cfg = ctx.config.ballot
-    observer = ctx.model_from(start)
+    observer = ctx.model_from(ctx.dense.rewind_state)
     per_epoch = steps_per_epoch(len(ctx.data.train), ctx.config.retrain.batch_size)
     probe = (ClassShareProbe(ctx.data.train, ctx.data.num_classes, cfg.share_samples, ctx.seed)
              if cfg.conflict == "share" else None)
@@ -334,19 +334,17 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], start: dict[s
     magnitudes = magnitude_scores(observer, list(mask))
     by_votes = select_mask(collector.votes, magnitudes, counts)
     if cfg.conflict not in PROTECTING_RULES:
-        return ctx.agree(by_votes, desc), collector, 0, observer
+        return ctx.agree(by_votes, desc), collector, 0
     selected = select_mask(collector.votes, magnitudes, counts, collector.protection, cfg.protect_fraction)
-    protected = sum(int((selected[n] & ~by_votes[n]).sum()) for n in selected)
-    return ctx.agree(selected, desc), collector, protected, observer
+    return ctx.agree(selected, desc), collector, sum(int((selected[n] & ~by_votes[n]).sum()) for n in selected)
 
 
 def prune(ctx: PruneContext) -> PruneResult:
     """Rounds of observation and voting at shrinking densities, then rewind to theta_k and the final training.
 
-    Round 1 keeps each layer's largest weights of theta_T (its budget count at density ** (1 / rounds)); every
-    further round trains the current mask from theta_k (or, with ``obs_start`` 'carry', from the weights that chose
-    it) and keeps the most-voted survivors at the next density of the schedule, so the masks are nested and the
-    last one has exactly the target density.
+    Round 1 keeps each layer's largest weights of theta_T (its ERK count at density ** (1 / rounds)); every
+    further round trains the current mask from theta_k and keeps the most-voted survivors at the next density of
+    the schedule, so the masks are nested and the last one has exactly the target density.
     """
     if ctx.config.granularity == "unit":
         return prune_units(ctx)
@@ -357,12 +355,8 @@ def prune(ctx: PruneContext) -> PruneResult:
     mask = Mask.top_k_per_layer(scores, counts[0])
     rounds = [BallotRound(mask.density(), mask.kept)]
     masks, votes = [mask], {}
-    carry = ctx.config.ballot.obs_start == "carry"
-    start = ctx.dense.trained_state if carry else ctx.dense.rewind_state
     for number, kept in enumerate(counts[1:], start=2):
-        mask, collector, protected, observer = observe(ctx, mask, kept, start, f"ballot round {number}")
-        if carry:
-            start = {name: value.detach().clone() for name, value in observer.state_dict().items()}
+        mask, collector, protected = observe(ctx, mask, kept, f"ballot round {number}")
         masks.append(mask)
         votes = collector.votes
         rounds.append(BallotRound(mask.density(), mask.kept, protected, collector.history))
