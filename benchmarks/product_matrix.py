@@ -8,7 +8,7 @@ cell are paired on the same dense states; no cell mixes two folders. Writes ``<o
 with ``--split val``: which folder each cell came from, the acceptance figures, the summary and the per-cell rows)
 and ``<out>/cwv_gain.png`` (``cwv_gain_val.png``).
 
-    python benchmarks/product_matrix.py reports/matrix reports/matrix_fmnist_cnn_d005 \\
+    python benchmarks/product_matrix.py reports/matrix reports/matrix_fmnist_lt_cnn reports/matrix_fmnist_cnn_d005 \\
         reports/matrix_fmnist_cnn_d002 reports/matrix_r20_d002 reports/matrix_r20 reports/matrix_digits_cnn
 """
 
