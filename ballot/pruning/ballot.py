@@ -342,7 +342,7 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
 def prune(ctx: PruneContext) -> PruneResult:
     """Rounds of observation and voting at shrinking densities, then rewind to theta_k and the final training.
 
-    Round 1 keeps each layer's largest weights of theta_T (its ERK count at density ** (1 / rounds)); every
+    Round 1 keeps each layer's largest weights of theta_T (its ``layer_budget`` count at density ** (1 / rounds)); every
     further round trains the current mask from theta_k and keeps the most-voted survivors at the next density of
     the schedule, so the masks are nested and the last one has exactly the target density.
     """
