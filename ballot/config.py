@@ -306,6 +306,9 @@ class BallotConfig:
     refine_train: TrainConfig = _help("Refined-training schedule (any method with prune.final_train refined).",
                                       factory=lambda: TrainConfig(epochs=20, schedule="cosine"))
     fairness_loss_weight: float = _help("lambda in [0, 1]: mix of the fairness-weighted loss in refined training.", 1.0)
+    fairness_start: float = _help(
+        "Fraction of the refined training's steps run on plain cross-entropy before the class weights apply "
+        "(deferred re-weighting, Cao et al. 2019; 0 = weighted from the first step; reports/deferred_weights/).", 0.0)
     objective_mcd_weight: float = _help("Plateau schedule watches val acc - this * val MCD.", 0.5)
 
     def __post_init__(self) -> None:
@@ -326,6 +329,7 @@ class BallotConfig:
                f"must be >= 0, got {self.class_weight_prior_images}")
         _check(0 <= self.fairness_loss_weight <= 1, "fairness_loss_weight",
                f"must be in [0, 1], got {self.fairness_loss_weight}")
+        _check(0 <= self.fairness_start < 1, "fairness_start", f"must be in [0, 1), got {self.fairness_start}")
 
 
 GROWTHS = ("random", "gradient")

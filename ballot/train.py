@@ -197,7 +197,7 @@ class _Steps:
     the split on the device; ``step`` is one optimiser step on this process's share of a global batch."""
 
     def __init__(self, model: nn.Module, data: Split, cfg: TrainConfig, mask: Mask | None, device: torch.device,
-                 class_weights: torch.Tensor | None, hook: StepHook | None) -> None:
+                 class_weights: torch.Tensor | None, weights_start: int, hook: StepHook | None) -> None:
         model.to(device).train()
         self.bound = mask.on(model) if mask is not None else None
         if self.bound is not None:
@@ -206,6 +206,7 @@ class _Steps:
         self.precision, self.hook, self.device = Precision(cfg.precision, device), hook, device
         self.x, self.y = _to_device(data.x, device), _to_device(data.y, device)
         self.weights = class_weights.to(device) if class_weights is not None else None
+        self.weights_start = weights_start  # steps before it train on plain CE
         self.world, self.rank = distributed.world_size(), distributed.rank()
 
     def step(self, number: int, idx: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +220,7 @@ class _Steps:
             logits = self.net(x)
             per_sample = F.cross_entropy(logits.float(), y, reduction="none")
         batch = Batch(per_sample, y, len(idx))
-        loss = batch.loss(self.weights) * self.world  # DistributedDataParallel averages: x world restores the sum
+        loss = batch.loss(self.weights if number >= self.weights_start else None) * self.world  # DistributedDataParallel averages: x world restores the sum
         if self.hook is not None:
             self.hook.before_backward(number, batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -243,7 +244,7 @@ def _progress(epochs: int, desc: str, progress: bool | None) -> Any:
 
 def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mask: Mask | None = None,
           device: torch.device | str = "cpu", class_weights: torch.Tensor | None = None,
-          rewind_iter: int | None = None, hook: StepHook | None = None,
+          class_weights_from: float = 0.0, rewind_iter: int | None = None, hook: StepHook | None = None,
           epoch_metric: Callable[[nn.Module], float] | None = None, desc: str = "train",
           progress: bool | None = None) -> TrainResult:
     """Train ``model`` in place on ``data``.
@@ -251,6 +252,8 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
     - ``mask``: pruned weights are zeroed before training and kept exactly zero after every step
       (their gradients are zeroed too, so momentum and weight decay never move them).
     - ``class_weights``: per-class loss weights (a fairness-weighted cross-entropy); None = plain CE.
+    - ``class_weights_from``: fraction of the steps trained on plain CE before ``class_weights`` apply (deferred
+      re-weighting).
     - ``rewind_iter``: the returned ``rewind_state`` is a copy of the state after that many steps.
     - ``epoch_metric``: called after each epoch (higher is better); drives the 'plateau' schedule.
     - ``progress``: None shows a bar only on a terminal (on rank 0 only when several processes run).
@@ -265,8 +268,9 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
         raise ValueError("cannot train on an empty split")
     device = torch.device(device)
     cfg = stretched(cfg, len(data))
-    steps = _Steps(model, data, cfg, mask, device, class_weights, hook)
     n, per_epoch = len(data), steps_per_epoch(len(data), cfg.batch_size)
+    weights_start = round(class_weights_from * cfg.epochs * per_epoch)
+    steps = _Steps(model, data, cfg, mask, device, class_weights, weights_start, hook)
     generator, plateau, result = torch.Generator().manual_seed(seed), _Plateau(cfg), TrainResult()
     if rewind_iter == 0:
         result.rewind_state = copy.deepcopy(model.state_dict())

@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ballot.config import FLOORED_SCHEDULES, SafeCompressConfig, TrainConfig, apply_overrides, experiment_from_params
+from ballot.config import FLOORED_SCHEDULES, BallotConfig, SafeCompressConfig, TrainConfig, apply_overrides, experiment_from_params
 from ballot.data import Split
 from ballot.masks import Mask, magnitude_scores
 from ballot.models import build_model
@@ -92,6 +92,23 @@ def test_class_weights_change_the_loss_landscape():
         train(model, _toy_split(), TrainConfig(min_steps=0, epochs=1, batch_size=16), class_weights=weights, progress=False)
         runs.append(model.state_dict()["1.5.weight"])
     assert not torch.equal(*runs)
+
+
+def test_deferred_class_weights_train_on_plain_cross_entropy_until_their_start():
+    cfg = TrainConfig(min_steps=0, epochs=2, batch_size=16, schedule="constant")  # 6 steps an epoch
+    weights = torch.tensor([1.0, 50.0])
+    runs = {}
+    for name, w, start in (("plain", None, 0.0), ("weighted", weights, 0.0), ("deferred", weights, 0.5)):
+        torch.manual_seed(0)
+        model = build_model("mlp", (1, 4, 4), 2)
+        result = train(model, _toy_split(), cfg, class_weights=w, class_weights_from=start, rewind_iter=6,
+                       progress=False)
+        runs[name] = (result.rewind_state["1.5.weight"], model.state_dict()["1.5.weight"])
+    assert torch.equal(runs["deferred"][0], runs["plain"][0])  # epoch 1: plain CE
+    assert not torch.equal(runs["deferred"][0], runs["weighted"][0])
+    assert not torch.equal(runs["deferred"][1], runs["plain"][1])  # epoch 2: weighted
+    with pytest.raises(ValueError, match="fairness_start"):
+        BallotConfig(fairness_start=1.0)  # 1 would never apply the weights
 
 
 def test_device_resolution():

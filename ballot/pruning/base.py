@@ -85,10 +85,10 @@ class PruneContext:
         fairness-weighted loss), as prune.final_train says; ``on_epoch`` sees each epoch's validation metrics."""
         ballot = self.config.ballot
         if self.config.refined():
-            cfg, mix = ballot.refine_train, ballot.fairness_loss_weight
+            cfg, mix, weights_from = ballot.refine_train, ballot.fairness_loss_weight, ballot.fairness_start
             weights = None if mix == 0 else (1 - mix) + mix * self.dense_class_weights
         else:
-            cfg, weights = self.config.retrain, None
+            cfg, weights, weights_from = self.config.retrain, None, 0.0
         epochs_done = 0
 
         def val_objective(m: nn.Module) -> float:
@@ -101,7 +101,8 @@ class PruneContext:
 
         watch = cfg.schedule == "plateau" or self.on_epoch is not None
         return train(model, self.data.train, cfg, seed=self.seed, mask=mask, device=self.device, class_weights=weights,
-                     desc=desc, progress=self.progress, epoch_metric=val_objective if watch else None)
+                     class_weights_from=weights_from, desc=desc, progress=self.progress,
+                     epoch_metric=val_objective if watch else None)
 
 
 @dataclass
