@@ -1,7 +1,9 @@
 """Paired comparison of two matrix methods, cell by cell: `paired.py RUNS_DIR METHOD_A METHOD_B [--split val|test]`.
 
 Prints, per (dataset, model, density), both methods' mean accuracy and CWV over the seeds both finished, and the mean
-paired difference (B - A) with its standard error; then the same over all cells."""
+paired difference (B - A) with its standard error; then the same over all seed pairs, and the cell averages: the mean
+over cells of the cells' accuracy differences, and of their mean CWVs (each cell weighing the same, as the matrix's
+acceptance figures do)."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def main() -> None:
             by_cell[(unit["dataset"], unit["model"], run["density"])][unit["seed"]][run["method"]] = run[args.split]
     print(f"{args.split}: {args.a} (A) against {args.b} (B); acc in points, CWV x 1e3; B - A paired over seeds")
     print(f"{'cell':28} {'n':>2} {'A acc':>6} {'B acc':>6} {'d acc':>12} {'A cwv':>6} {'B cwv':>6} {'d cwv':>12}")
-    all_acc, all_cwv = [], []
+    all_acc, all_cwv, cells = [], [], []
     for cell in sorted(by_cell):
         pairs = [(s[args.a], s[args.b]) for s in by_cell[cell].values() if args.a in s and args.b in s]
         if not pairs:
@@ -47,13 +49,17 @@ def main() -> None:
         b_acc = statistics.fmean(100 * b["acc"] for _, b in pairs)
         a_cwv = statistics.fmean(1e3 * a["cwv"] for a, _ in pairs)
         b_cwv = statistics.fmean(1e3 * b["cwv"] for _, b in pairs)
+        cells.append((da, a_cwv, b_cwv))
         name = "/".join(map(str, cell))
         print(f"{name:28} {len(pairs):>2} {a_acc:6.1f} {b_acc:6.1f} {da:+6.2f}±{sa:4.2f} {a_cwv:6.1f} {b_cwv:6.1f} "
               f"{dc:+6.2f}±{sc:4.2f}")
     if all_acc:
         (da, sa), (dc, sc) = _mean_se(all_acc), _mean_se(all_cwv)
         blank = ""
-        print(f"{'all cells':28} {len(all_acc):>2} {blank:13} {da:+6.2f}±{sa:4.2f} {blank:13} {dc:+6.2f}±{sc:4.2f}")
+        print(f"{'all seed pairs':28} {len(all_acc):>2} {blank:13} {da:+6.2f}±{sa:4.2f} {blank:13} {dc:+6.2f}±{sc:4.2f}")
+        a_cwv, b_cwv = (statistics.fmean(c[i] for c in cells) for i in (1, 2))
+        print(f"cell averages over {len(cells)} cells: B - A accuracy {statistics.fmean(c[0] for c in cells):+.2f} "
+              f"points; mean CWV {a_cwv:.2f} (A) against {b_cwv:.2f} (B) x 1e-3, {100 * (b_cwv / a_cwv - 1):+.1f}%")
 
 
 if __name__ == "__main__":
