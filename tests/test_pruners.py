@@ -68,6 +68,16 @@ def test_final_train_refined_retrains_the_baselines_mask_with_the_refined_schedu
     assert [len(r.history) for r in plain.details.rounds] == [2, 2]
 
 
+def test_fairness_start_defers_the_class_weights_of_the_refined_training_only(tiny_data, tiny_dense):
+    def final_weights(*overrides: str) -> torch.Tensor:
+        result = run_prune(tiny_config("prune.method=lth", *overrides), tiny_data, tiny_dense)
+        return torch.cat([p.detach().flatten() for p in result.model.parameters()])
+
+    refined = ("prune.final_train=refined", "prune.ballot.refine_train.epochs=2")
+    assert not torch.equal(final_weights(*refined), final_weights(*refined, "prune.ballot.fairness_start=0.5"))
+    assert torch.equal(final_weights(), final_weights("prune.ballot.fairness_start=0.5"))  # plain training: no weights
+
+
 def test_ballot_with_plain_final_training_uses_the_baselines_schedule(tiny_data, tiny_dense):
     result = run_prune(tiny_config("prune.final_train=plain", "prune.retrain.epochs=3"), tiny_data, tiny_dense)
     assert len(result.history) == 3

@@ -1,6 +1,6 @@
 """Copy the study's records into reports/deferred_weights/runs: from each working folder (a copy of the report folder
-whose product runs the variant pairs with), the dense, LTH, LTH + refined (plain and DRW), product Ballot and DRW Ballot records of
-the units the DRW Ballot ran on. `collect.py FOLDER...`"""
+whose product runs the variant pairs with), the dense, LTH, LTH + refined (plain and DRW), product Ballot and DRW
+Ballot records of the units the DRW Ballot ran on. `collect.py FOLDER...`"""
 
 from __future__ import annotations
 
