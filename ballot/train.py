@@ -220,7 +220,8 @@ class _Steps:
             logits = self.net(x)
             per_sample = F.cross_entropy(logits.float(), y, reduction="none")
         batch = Batch(per_sample, y, len(idx))
-        loss = batch.loss(self.weights if number >= self.weights_start else None) * self.world  # DistributedDataParallel averages: x world restores the sum
+        weights = self.weights if number >= self.weights_start else None
+        loss = batch.loss(weights) * self.world  # DistributedDataParallel averages: x world restores the sum
         if self.hook is not None:
             self.hook.before_backward(number, batch)
         self.optimizer.zero_grad(set_to_none=True)

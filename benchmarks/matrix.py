@@ -97,8 +97,8 @@ def _without_later_defaults(tree: Any) -> Any:
     """``tree`` without the LATER_DEFAULTS entries (fp32 is the loop before mixed precision, 'weight' the pruning
     before structured units, 32 the probe of the later 'share' rule, which no earlier run used, False the runs before
     BatchNorm recalibration, 'erk' the per-layer budgets before the rule was a choice, 0 the schedules before their
-    min_steps floors and the class weights before their shrinkage, 0 the refined training before deferred weights), so the keys of the runs recorded before them stay
-    valid."""
+    min_steps floors and the class weights before their shrinkage, 0 the refined training before deferred weights),
+    so the keys of the runs recorded before them stay valid."""
     if isinstance(tree, dict):
         return {k: _without_later_defaults(v) for k, v in tree.items()
                 if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}

@@ -56,7 +56,8 @@ def main() -> None:
     if all_acc:
         (da, sa), (dc, sc) = _mean_se(all_acc), _mean_se(all_cwv)
         blank = ""
-        print(f"{'all seed pairs':28} {len(all_acc):>2} {blank:13} {da:+6.2f}±{sa:4.2f} {blank:13} {dc:+6.2f}±{sc:4.2f}")
+        print(f"{'all seed pairs':28} {len(all_acc):>2} {blank:13} {da:+6.2f}±{sa:4.2f} {blank:13} "
+              f"{dc:+6.2f}±{sc:4.2f}")
         a_cwv, b_cwv = (statistics.fmean(c[i] for c in cells) for i in (1, 2))
         print(f"cell averages over {len(cells)} cells: B - A accuracy {statistics.fmean(c[0] for c in cells):+.2f} "
               f"points; mean CWV {a_cwv:.2f} (A) against {b_cwv:.2f} (B) x 1e-3, {100 * (b_cwv / a_cwv - 1):+.1f}%")

@@ -4,7 +4,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ballot.config import FLOORED_SCHEDULES, BallotConfig, SafeCompressConfig, TrainConfig, apply_overrides, experiment_from_params
+from ballot.config import (FLOORED_SCHEDULES, BallotConfig, SafeCompressConfig, TrainConfig, apply_overrides,
+                           experiment_from_params)
 from ballot.data import Split
 from ballot.masks import Mask, magnitude_scores
 from ballot.models import build_model

@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-KEPT = ("dense", "lth", "lth + refined", "lth + refined drw", "ballot (blend)", "ballot (blend) drw")
+KEPT = ("lth", "lth + refined", "lth + refined drw", "ballot (blend)", "ballot (blend) drw")
 OUT = Path(__file__).resolve().parent / "runs"
 
 
