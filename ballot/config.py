@@ -309,7 +309,11 @@ class BallotConfig:
     fairness_start: float = _help(
         "Fraction of the refined training's steps run on plain cross-entropy before the class weights apply "
         "(deferred re-weighting, Cao et al. 2019; 0 = weighted from the first step; reports/deferred_weights/).", 0.0)
-    objective_mcd_weight: float = _help("Plateau schedule watches val acc - this * val MCD.", 0.5)
+    refine_guard: bool = _help(
+        "After a refined final training, train the same mask from the same start plainly too (prune.retrain, "
+        "cross-entropy) and keep the model with the higher validation objective (val acc - objective_mcd_weight x "
+        "val MCD): one more training, against refined trainings that break down (reports/refine_guard/).", False)
+    objective_mcd_weight: float = _help("Plateau schedule and refine_guard: val acc - this * val MCD.", 0.5)
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")

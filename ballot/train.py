@@ -96,6 +96,8 @@ class TrainResult:
     rewind_state: dict[str, torch.Tensor] | None = None
     steps: int = 0
     seconds: float = 0.0
+    # set by prune.ballot.refine_guard: which final training was kept and both validation objectives
+    guard: dict[str, float | str] | None = None
 
 
 def steps_per_epoch(samples: int, batch_size: int) -> int:

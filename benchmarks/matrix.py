@@ -90,7 +90,7 @@ def cell_overrides(dataset: str, model: str, seed: int) -> list[str]:
 # settings added after runs were recorded, at the values that reproduce those runs bit for bit
 LATER_DEFAULTS = {"precision": "fp32", "granularity": "weight", "share_samples": 32, "recalibrate_bn": False,
                   "layer_budget": "erk", "min_steps": 0, "class_weight_prior_images": 0,
-                  "fairness_start": 0}
+                  "fairness_start": 0, "refine_guard": False}
 
 
 def _without_later_defaults(tree: Any) -> Any:
@@ -111,7 +111,7 @@ def run_key(cfg: ExperimentConfig) -> str:
     prune = dict(d["prune"])
     if cfg.prune.method != "ballot":
         refined = ("refine_train", "fairness_loss_weight", "fairness_start", "class_weight_floor",
-                   "class_weight_prior_images", "objective_mcd_weight")
+                   "class_weight_prior_images", "objective_mcd_weight", "refine_guard")
         prune["ballot"] = {k: v for k, v in prune["ballot"].items() if cfg.prune.refined() and k in refined}
     payload = {"base": {k: v for k, v in d["base"].items() if k != "device"}, "data": d["data"],
                "train_dense": d["train_dense"], "prune": prune}

@@ -122,3 +122,30 @@ def test_dense_class_weights_shrink_toward_the_average_as_the_prior_grows(tiny_d
     raw, some, overwhelming = spread(0), spread(10), spread(1e9)
     assert raw > some > 1.0  # the tiny dense model is not equally good on every class
     assert overwhelming == pytest.approx(1.0, abs=1e-5)
+
+
+def test_refine_guard_keeps_the_final_training_with_the_higher_validation_objective(tiny_data, tiny_dense):
+    from ballot.fairness import evaluate, fairness_objective
+
+    def prune(*overrides: str):
+        return run_prune(tiny_config("prune.method=ballot", *overrides), tiny_data, tiny_dense)
+
+    def objective(result) -> float:
+        val = tiny_data.val
+        return fairness_objective(evaluate(result.model, val.x, val.y, tiny_data.num_classes), 0.5)
+
+    def weights(result) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in result.model.parameters()])
+
+    guard = "prune.ballot.refine_guard=true"
+    for starved, winner in [("prune.ballot.refine_train.lr=1e-7", "plain"), ("prune.retrain.lr=1e-7", "refined")]:
+        refined, plain = prune(starved), prune(starved, "prune.final_train=plain")
+        assert (objective(plain) > objective(refined)) == (winner == "plain")  # the set-up: one training cannot learn
+        guarded = prune(starved, guard)
+        assert guarded.mask.to_bytes() == refined.mask.to_bytes()  # the guard changes the training, not the mask
+        assert torch.equal(weights(guarded), weights(plain if winner == "plain" else refined))
+        record = guarded.details.refine_guard
+        assert record["kept"] == winner
+        assert record["refined_objective"] == pytest.approx(objective(refined))
+        assert record["plain_objective"] == pytest.approx(objective(plain))
+    assert prune("prune.final_train=plain", guard).details.refine_guard is None  # no refined training: nothing to guard

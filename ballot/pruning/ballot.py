@@ -242,7 +242,8 @@ class BallotDetails(MethodDetails):
     layer_counts: dict[str, int]
     overlap_with_magnitude_ticket: float  # share of the kept weights the one-shot magnitude mask also keeps
     observe_seconds: float
-    refine_seconds: float
+    refine_seconds: float  # both trainings when refine_guard ran
+    refine_guard: dict[str, float | str] | None = None  # the kept training and both validation objectives
 
 
 @dataclass
@@ -260,6 +261,7 @@ class UnitBallotDetails(MethodDetails):
     observe_seconds: float
     refine_seconds: float
     granularity: str = "unit"
+    refine_guard: dict[str, float | str] | None = None
 
 
 def _rounded(weights: torch.Tensor) -> list[float]:
@@ -295,7 +297,7 @@ def prune_units(ctx: PruneContext) -> PruneResult:
     model = ctx.model_from(ctx.dense.trained_state)  # fine-tuned, not rewound: docs/deploy.md, "Structured Ballot"
     result = ctx.final_train(model, mask, "ballot refine")
     details = UnitBallotDetails(rounds, kept_units(mask, groups), _rounded(ctx.dense_class_weights), observe_seconds,
-                                result.seconds)
+                                result.seconds, refine_guard=result.guard)
     return PruneResult(mask, model, details, history=result.history,
                        tensors={"votes": votes} if votes else {}, round_masks=masks)
 
@@ -367,6 +369,6 @@ def prune(ctx: PruneContext) -> PruneResult:
     ticket = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
     overlap = sum(int((ticket[n] & mask[n]).sum()) for n in mask) / mask.kept
     details = BallotDetails(rounds, _rounded(ctx.dense_class_weights), mask.counts(), overlap, observe_seconds,
-                            result.seconds)
+                            result.seconds, result.guard)
     return PruneResult(mask, model, details, history=result.history, tensors={"votes": votes} if votes else {},
                        round_masks=masks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -81,14 +82,10 @@ class PruneContext:
         return mask
 
     def final_train(self, model: nn.Module, mask: Mask, desc: str) -> TrainResult:
-        """Train the final mask: plain (prune.retrain, cross-entropy) or refined (prune.ballot.refine_train with the
-        fairness-weighted loss), as prune.final_train says; ``on_epoch`` sees each epoch's validation metrics."""
-        ballot = self.config.ballot
-        if self.config.refined():
-            cfg, mix, weights_from = ballot.refine_train, ballot.fairness_loss_weight, ballot.fairness_start
-            weights = None if mix == 0 else (1 - mix) + mix * self.dense_class_weights
-        else:
-            cfg, weights, weights_from = self.config.retrain, None, 0.0
+        """Train the final mask in place: plain (prune.retrain, cross-entropy) or refined (prune.ballot.refine_train
+        with the fairness-weighted loss), as prune.final_train says. With prune.ballot.refine_guard a refined training
+        is followed by a plain one from the same start, and ``model`` ends as the one with the higher validation
+        objective (ties: refined). ``on_epoch`` sees each epoch's validation metrics, numbered across both."""
         epochs_done = 0
 
         def val_objective(m: nn.Module) -> float:
@@ -97,8 +94,38 @@ class PruneContext:
             metrics = self.val_metrics(m)
             if self.on_epoch is not None:
                 self.on_epoch(epochs_done, metrics)
-            return fairness_objective(metrics, ballot.objective_mcd_weight)
+            return fairness_objective(metrics, self.config.ballot.objective_mcd_weight)
 
+        if not (self.config.refined() and self.config.ballot.refine_guard):
+            return self._train_final(model, mask, desc, self.config.refined(), val_objective)
+        start = copy.deepcopy(model.state_dict())
+        refined = self._train_final(model, mask, desc, True, val_objective)
+        refined_state, refined_score = copy.deepcopy(model.state_dict()), self._objective(model)
+        model.load_state_dict(start)
+        plain = self._train_final(model, mask, f"{desc} (guard: plain)", False, val_objective)
+        scores = torch.tensor([refined_score, self._objective(model)], dtype=torch.float64)
+        scores = distributed.broadcast(scores.to(self.device)).cpu()  # rank 0's scores decide
+        kept = plain if scores[1] > scores[0] else refined
+        if kept is refined:
+            model.load_state_dict(refined_state)
+        kept.guard = {"kept": "plain" if kept is plain else "refined", "refined_objective": float(scores[0]),
+                      "plain_objective": float(scores[1])}
+        kept.seconds = refined.seconds + plain.seconds
+        return kept
+
+    def _objective(self, model: nn.Module) -> float:
+        """The validation objective the guard and the plateau schedule compare: val acc - mcd_weight x val MCD."""
+        return fairness_objective(self.val_metrics(model), self.config.ballot.objective_mcd_weight)
+
+    def _train_final(self, model: nn.Module, mask: Mask, desc: str, refined: bool,
+                     val_objective: Callable[[nn.Module], float]) -> TrainResult:
+        """One final training of ``mask``: refined (weighted loss, refine_train) or plain (retrain, cross-entropy)."""
+        ballot = self.config.ballot
+        if refined:
+            cfg, mix, weights_from = ballot.refine_train, ballot.fairness_loss_weight, ballot.fairness_start
+            weights = None if mix == 0 else (1 - mix) + mix * self.dense_class_weights
+        else:
+            cfg, weights, weights_from = self.config.retrain, None, 0.0
         watch = cfg.schedule == "plateau" or self.on_epoch is not None
         return train(model, self.data.train, cfg, seed=self.seed, mask=mask, device=self.device, class_weights=weights,
                      class_weights_from=weights_from, desc=desc, progress=self.progress,
