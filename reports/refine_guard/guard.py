@@ -1,0 +1,75 @@
+"""The refine guard replayed from matrix records: `guard.py [--split val|test] RUNS_DIR...`.
+
+For every seed-cell with both a refined and a plain final training of the same mask (`ballot (blend)` and
+`ballot (blend) plain`; `lth + refined` and `lth`), the guarded result is the one with the higher *validation*
+objective, val acc - 0.5 x val MCD (ties: refined), as `prune.ballot.refine_guard` keeps it. Prints, per cell, the
+refined arm against the guarded one on the chosen split (accuracy in points, CWV x 1e3, mean over seeds), how many
+seeds kept the plain training, and the averages over cells: the accuracy change and the change of the cell-averaged
+CWV (as `benchmarks/paired.py` computes it) and the mean of the per-cell relative CWV changes. Last, Ballot against
+LTH + refined over the cells both ran, without the guard and with it on both."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+ARMS = {"ballot": ("ballot (blend)", "ballot (blend) plain"), "lth": ("lth + refined", "lth")}
+MCD_WEIGHT = 0.5  # prune.ballot.objective_mcd_weight
+
+
+def objective(record: dict) -> float:
+    return record["val"]["acc"] - MCD_WEIGHT * record["val"]["mcd"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--split", default="val", choices=("val", "test"))
+    args = parser.parse_args()
+    seeds: dict[tuple, dict[int, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for folder in args.runs:
+        for path in sorted(folder.glob("*.json")):
+            run = json.loads(path.read_text())
+            unit = run["unit"]
+            seeds[(unit["dataset"], unit["model"], run["density"])][unit["seed"]][run["method"]] = run
+    outcome: dict[str, dict[tuple, tuple[list[float], list[float]]]] = {}
+    for arm, (refined_name, plain_name) in ARMS.items():
+        print(f"\n{arm}: {refined_name} (refined) against the guard's pick ({args.split}; acc in points, CWV x 1e3)")
+        print(f"{'cell':24} {'n':>2} {'plain':>5} {'acc':>6} {'guard':>6} {'CWV':>6} {'guard':>6}")
+        outcome[arm] = {}
+        for cell in sorted(seeds):
+            pairs = [(s[refined_name], s[plain_name]) for s in seeds[cell].values()
+                     if refined_name in s and plain_name in s]
+            if not pairs:
+                continue
+            picks = [plain if objective(plain) > objective(refined) else refined for refined, plain in pairs]
+            rows = ([refined for refined, _ in pairs], picks)
+            acc = [statistics.fmean(100 * r[args.split]["acc"] for r in arm_rows) for arm_rows in rows]
+            cwv = [statistics.fmean(1e3 * r[args.split]["cwv"] for r in arm_rows) for arm_rows in rows]
+            kept_plain = sum(pick is plain for pick, (_, plain) in zip(picks, pairs))
+            outcome[arm][cell] = (acc, cwv)
+            name = "/".join(map(str, cell))
+            print(f"{name:24} {len(pairs):>2} {kept_plain:>5} {acc[0]:6.1f} {acc[1]:6.1f} {cwv[0]:6.1f} {cwv[1]:6.1f}")
+        _averages(list(outcome[arm].values()), 0, 1, f"{len(outcome[arm])} cells, guard - refined")
+    both = sorted(set(outcome["ballot"]) & set(outcome["lth"]))
+    for i, label in ((0, "without the guard"), (1, "with the guard on both")):
+        cells = [([outcome["lth"][c][0][i], outcome["ballot"][c][0][i]],
+                  [outcome["lth"][c][1][i], outcome["ballot"][c][1][i]]) for c in both]
+        _averages(cells, 0, 1, f"ballot - lth + refined, {label}, {len(cells)} cells")
+
+
+def _averages(cells: list[tuple[list[float], list[float]]], a: int, b: int, label: str) -> None:
+    """Print B - A over ``cells`` ((acc, cwv) lists indexed by arm): accuracy and cell-averaged / per-cell CWV."""
+    if not cells:
+        return
+    d_acc = statistics.fmean(acc[b] - acc[a] for acc, _ in cells)
+    mean_a, mean_b = (statistics.fmean(cwv[i] for _, cwv in cells) for i in (a, b))
+    relative = statistics.fmean(cwv[b] / cwv[a] - 1 for _, cwv in cells)
+    print(f"{label}: accuracy {d_acc:+.2f} points; cell-averaged CWV {mean_a:.2f} -> {mean_b:.2f} "
+          f"({100 * (mean_b / mean_a - 1):+.1f}%); mean per-cell CWV change {100 * relative:+.1f}%")
+
+if __name__ == "__main__":
+    main()
