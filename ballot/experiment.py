@@ -21,7 +21,7 @@ from ballot.masks import Mask
 from ballot.models import build_model, model_builder
 from ballot.pruning import DATA_PARALLEL, DenseArtifacts, PruneContext, PruneResult, get_pruner
 from ballot.storage import atomic_save_tensors, load_state, load_tensors, save_state, write_json
-from ballot.train import (TrainResult, floored, recalibrate_batchnorm, resolve_device, seed_everything,
+from ballot.train import (TrainResult, floored, resolve_device, seed_everything,
                           steps_per_epoch, stretched, train)
 
 DENSE_MANIFEST = "dense.json"
@@ -146,8 +146,7 @@ def run_prune(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, pr
                        on_epoch=on_epoch)
     seed_everything(cfg.base.seed)
     result = pruner(ctx)
-    if cfg.prune.recalibrate_bn:
-        recalibrate_batchnorm(result.model, data.train.x, cfg.prune.retrain.batch_size)
+    ctx.recalibrate(result.model)
     ctx.agree(result.mask, f"{cfg.prune.method}'s final mask")
     return result
 

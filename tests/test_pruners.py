@@ -149,3 +149,15 @@ def test_refine_guard_keeps_the_final_training_with_the_higher_validation_object
         assert record["refined_objective"] == pytest.approx(objective(refined))
         assert record["plain_objective"] == pytest.approx(objective(plain))
     assert prune("prune.final_train=plain", guard).details.refine_guard is None  # no refined training: nothing to guard
+
+
+def test_refine_guard_scores_a_batchnorm_network_as_it_ships(tiny_data):
+    from ballot.fairness import evaluate, fairness_objective
+
+    overrides = ("base.model=resnet20", "train_dense.epochs=1", "prune.retrain.epochs=1", "prune.ballot.obs_epochs=1",
+                 "prune.ballot.refine_train.epochs=1", "prune.ballot.refine_guard=true")
+    _, dense, _ = train_dense(tiny_config(*overrides), tiny_data, progress=False)
+    result = run_prune(tiny_config(*overrides), tiny_data, dense, progress=False)
+    record, val = result.details.refine_guard, tiny_data.val
+    shipped = fairness_objective(evaluate(result.model, val.x, val.y, tiny_data.num_classes), 0.5)
+    assert record[f"{record['kept']}_objective"] == pytest.approx(shipped, abs=1e-12)  # recalibrated, then scored

@@ -18,7 +18,7 @@ from ballot.fairness import evaluate, fairness_class_weights, fairness_objective
 from ballot.masks import Mask
 from ballot.models import build_model
 from ballot.pruning.units import UnitGroup, unit_groups
-from ballot.train import TrainResult, train
+from ballot.train import TrainResult, recalibrate_batchnorm, train
 
 
 @dataclass
@@ -76,6 +76,12 @@ class PruneContext:
         weights = fairness_class_weights(per_class, counts, ballot.class_weight_floor, ballot.class_weight_prior_images)
         return distributed.broadcast(weights.to(self.device)).cpu()  # one validation pass decides, rank 0's
 
+    def recalibrate(self, model: nn.Module) -> None:
+        """With prune.recalibrate_bn, re-estimate ``model``'s BatchNorm statistics on the training split (as it ships;
+        idempotent: the statistics are plain averages over the same batches)."""
+        if self.config.recalibrate_bn:
+            recalibrate_batchnorm(model, self.data.train.x, self.config.retrain.batch_size)
+
     def agree(self, mask: Mask, what: str = "the mask") -> Mask:
         """``mask``, after checking that every process selected the same one (DistributedError if not)."""
         distributed.check_identical({name: mask[name] for name in mask}, what)
@@ -85,7 +91,8 @@ class PruneContext:
         """Train the final mask in place: plain (prune.retrain, cross-entropy) or refined (prune.ballot.refine_train
         with the fairness-weighted loss), as prune.final_train says. With prune.ballot.refine_guard a refined training
         is followed by a plain one from the same start, and ``model`` ends as the one with the higher validation
-        objective (ties: refined). ``on_epoch`` sees each epoch's validation metrics, numbered across both."""
+        objective (ties: refined), each scored as it ships (BatchNorm recalibrated). ``on_epoch`` sees each epoch's
+        validation metrics, numbered across both trainings."""
         epochs_done = 0
 
         def val_objective(m: nn.Module) -> float:
@@ -100,9 +107,11 @@ class PruneContext:
             return self._train_final(model, mask, desc, self.config.refined(), val_objective)
         start = copy.deepcopy(model.state_dict())
         refined = self._train_final(model, mask, desc, True, val_objective)
+        self.recalibrate(model)
         refined_state, refined_score = copy.deepcopy(model.state_dict()), self._objective(model)
         model.load_state_dict(start)
         plain = self._train_final(model, mask, f"{desc} (guard: plain)", False, val_objective)
+        self.recalibrate(model)
         scores = torch.tensor([refined_score, self._objective(model)], dtype=torch.float64)
         scores = distributed.broadcast(scores.to(self.device)).cpu()  # rank 0's scores decide
         kept = plain if scores[1] > scores[0] else refined

@@ -2,7 +2,7 @@
 # The guard as a safety net on the min_steps study's c10-cnn cell (217 training images, 23 validation images: the
 # class weights are mostly noise and the refined training predicts one class; reports/min_steps/). Ballot at every
 # default, with and without prune.ballot.refine_guard, on the same dense models, seeds 0-2, one run after another.
-# Resumable.  Usage: reports/refine_guard/c10.sh OUT   (about 20 minutes on 2 cores)
+# Resumable.  Usage: reports/refine_guard/c10.sh OUT   (about 25 minutes on 2 cores)
 set -euo pipefail
 out=${1:?usage: c10.sh OUT}
 cd "$(dirname "$0")/../.."

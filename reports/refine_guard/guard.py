@@ -1,4 +1,4 @@
-"""The refine guard replayed from matrix records: `guard.py [--split val|test] RUNS_DIR...`.
+"""The refine guard replayed from matrix records: `guard.py [--split val|test] [--balanced] RUNS_DIR...`.
 
 For every seed-cell with both a refined and a plain final training of the same mask (`ballot (blend)` and
 `ballot (blend) plain`; `lth + refined` and `lth`), the guarded result is the one with the higher *validation*
@@ -6,7 +6,8 @@ objective, val acc - 0.5 x val MCD (ties: refined), as `prune.ballot.refine_guar
 refined arm against the guarded one on the chosen split (accuracy in points, CWV x 1e3, mean over seeds), how many
 seeds kept the plain training, and the averages over cells: the accuracy change and the change of the cell-averaged
 CWV (as `benchmarks/paired.py` computes it) and the mean of the per-cell relative CWV changes. Last, Ballot against
-LTH + refined over the cells both ran, without the guard and with it on both."""
+LTH + refined over the cells both ran, without the guard and with it on both. `--balanced` replays a guard whose
+objective takes the mean per-class validation accuracy instead of the accuracy (exploratory: not what the knob does)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,16 @@ ARMS = {"ballot": ("ballot (blend)", "ballot (blend) plain"), "lth": ("lth + ref
 MCD_WEIGHT = 0.5  # prune.ballot.objective_mcd_weight
 
 
-def objective(record: dict) -> float:
-    return record["val"]["acc"] - MCD_WEIGHT * record["val"]["mcd"]
+def objective(record: dict, balanced: bool = False) -> float:
+    val = record["val"]
+    return (statistics.fmean(val["per_class"]) if balanced else val["acc"]) - MCD_WEIGHT * val["mcd"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--split", default="val", choices=("val", "test"))
+    parser.add_argument("--balanced", action="store_true", help="objective on the mean per-class accuracy")
     args = parser.parse_args()
     seeds: dict[tuple, dict[int, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
     for folder in args.runs:
@@ -45,7 +48,8 @@ def main() -> None:
                      if refined_name in s and plain_name in s]
             if not pairs:
                 continue
-            picks = [plain if objective(plain) > objective(refined) else refined for refined, plain in pairs]
+            picks = [plain if objective(plain, args.balanced) > objective(refined, args.balanced) else refined
+                     for refined, plain in pairs]
             rows = ([refined for refined, _ in pairs], picks)
             acc = [statistics.fmean(100 * r[args.split]["acc"] for r in arm_rows) for arm_rows in rows]
             cwv = [statistics.fmean(1e3 * r[args.split]["cwv"] for r in arm_rows) for arm_rows in rows]
