@@ -20,6 +20,17 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return mean, se
 
 
+def seed_records(folders: list[Path]) -> dict[tuple, dict[int, dict[str, dict]]]:
+    """Every run record (``*.json``) in ``folders``, as {(dataset, model, density): {seed: {method: record}}}."""
+    records: dict[tuple, dict[int, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for folder in folders:
+        for path in sorted(folder.glob("*.json")):
+            run = json.loads(path.read_text())
+            unit = run["unit"]
+            records[(unit["dataset"], unit["model"], run["density"])][unit["seed"]][run["method"]] = run
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("runs", type=Path)
@@ -27,12 +38,8 @@ def main() -> None:
     parser.add_argument("b")
     parser.add_argument("--split", default="val", choices=("val", "test"))
     args = parser.parse_args()
-    by_cell: dict[tuple, dict[int, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
-    for path in args.runs.glob("*.json"):
-        run = json.loads(path.read_text())
-        if run.get("method") in (args.a, args.b):
-            unit = run["unit"]
-            by_cell[(unit["dataset"], unit["model"], run["density"])][unit["seed"]][run["method"]] = run[args.split]
+    by_cell = {cell: {seed: {m: run[args.split] for m, run in methods.items()} for seed, methods in seeds.items()}
+               for cell, seeds in seed_records([args.runs]).items()}
     print(f"{args.split}: {args.a} (A) against {args.b} (B); acc in points, CWV x 1e3; B - A paired over seeds")
     print(f"{'cell':28} {'n':>2} {'A acc':>6} {'B acc':>6} {'d acc':>12} {'A cwv':>6} {'B cwv':>6} {'d cwv':>12}")
     all_acc, all_cwv, cells = [], [], []

@@ -7,12 +7,22 @@ import torch
 
 from ballot.errors import UnknownMethodError
 from ballot.experiment import run_prune, save_pruned, train_dense
+from ballot.fairness import evaluate, fairness_objective
 from ballot.masks import budget
 from ballot.pruning import PRUNERS, PruneContext, get_pruner
 from ballot.pruning.base import MethodDetails
 from ballot.storage import load_tensors
 from ballot.train import recalibrate_batchnorm
 from tests.conftest import tiny_config
+
+
+def _flat_weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _val_objective(model: torch.nn.Module, data) -> float:
+    """val acc - 0.5 x val MCD, the objective prune.ballot.refine_guard compares (objective_mcd_weight 0.5)."""
+    return fairness_objective(evaluate(model, data.val.x, data.val.y, data.num_classes), 0.5)
 
 
 @pytest.mark.parametrize("method", sorted(PRUNERS))
@@ -70,8 +80,7 @@ def test_final_train_refined_retrains_the_baselines_mask_with_the_refined_schedu
 
 def test_fairness_start_defers_the_class_weights_of_the_refined_training_only(tiny_data, tiny_dense):
     def final_weights(*overrides: str) -> torch.Tensor:
-        result = run_prune(tiny_config("prune.method=lth", *overrides), tiny_data, tiny_dense)
-        return torch.cat([p.detach().flatten() for p in result.model.parameters()])
+        return _flat_weights(run_prune(tiny_config("prune.method=lth", *overrides), tiny_data, tiny_dense).model)
 
     refined = ("prune.final_train=refined", "prune.ballot.refine_train.epochs=2")
     assert not torch.equal(final_weights(*refined), final_weights(*refined, "prune.ballot.fairness_start=0.5"))
@@ -125,17 +134,11 @@ def test_dense_class_weights_shrink_toward_the_average_as_the_prior_grows(tiny_d
 
 
 def test_refine_guard_keeps_the_final_training_with_the_higher_validation_objective(tiny_data, tiny_dense):
-    from ballot.fairness import evaluate, fairness_objective
-
     def prune(*overrides: str):
         return run_prune(tiny_config("prune.method=ballot", *overrides), tiny_data, tiny_dense)
 
     def objective(result) -> float:
-        val = tiny_data.val
-        return fairness_objective(evaluate(result.model, val.x, val.y, tiny_data.num_classes), 0.5)
-
-    def weights(result) -> torch.Tensor:
-        return torch.cat([p.detach().flatten() for p in result.model.parameters()])
+        return _val_objective(result.model, tiny_data)
 
     guard = "prune.ballot.refine_guard=true"
     for starved, winner in [("prune.ballot.refine_train.lr=1e-7", "plain"), ("prune.retrain.lr=1e-7", "refined")]:
@@ -143,7 +146,7 @@ def test_refine_guard_keeps_the_final_training_with_the_higher_validation_object
         assert (objective(plain) > objective(refined)) == (winner == "plain")  # the set-up: one training cannot learn
         guarded = prune(starved, guard)
         assert guarded.mask.to_bytes() == refined.mask.to_bytes()  # the guard changes the training, not the mask
-        assert torch.equal(weights(guarded), weights(plain if winner == "plain" else refined))
+        assert torch.equal(_flat_weights(guarded.model), _flat_weights((plain if winner == "plain" else refined).model))
         record = guarded.details.refine_guard
         assert record["kept"] == winner
         assert record["refined_objective"] == pytest.approx(objective(refined))
@@ -152,12 +155,10 @@ def test_refine_guard_keeps_the_final_training_with_the_higher_validation_object
 
 
 def test_refine_guard_scores_a_batchnorm_network_as_it_ships(tiny_data):
-    from ballot.fairness import evaluate, fairness_objective
-
     overrides = ("base.model=resnet20", "train_dense.epochs=1", "prune.retrain.epochs=1", "prune.ballot.obs_epochs=1",
                  "prune.ballot.refine_train.epochs=1", "prune.ballot.refine_guard=true")
     _, dense, _ = train_dense(tiny_config(*overrides), tiny_data, progress=False)
     result = run_prune(tiny_config(*overrides), tiny_data, dense, progress=False)
-    record, val = result.details.refine_guard, tiny_data.val
-    shipped = fairness_objective(evaluate(result.model, val.x, val.y, tiny_data.num_classes), 0.5)
+    record = result.details.refine_guard
+    shipped = _val_objective(result.model, tiny_data)
     assert record[f"{record['kept']}_objective"] == pytest.approx(shipped, abs=1e-12)  # recalibrated, then scored

@@ -101,18 +101,19 @@ class PruneContext:
             metrics = self.val_metrics(m)
             if self.on_epoch is not None:
                 self.on_epoch(epochs_done, metrics)
-            return fairness_objective(metrics, self.config.ballot.objective_mcd_weight)
+            return self._objective(metrics)
 
         if not (self.config.refined() and self.config.ballot.refine_guard):
             return self._train_final(model, mask, desc, self.config.refined(), val_objective)
         start = copy.deepcopy(model.state_dict())
         refined = self._train_final(model, mask, desc, True, val_objective)
         self.recalibrate(model)
-        refined_state, refined_score = copy.deepcopy(model.state_dict()), self._objective(model)
+        refined_state = copy.deepcopy(model.state_dict())
+        refined_score = self._objective(self.val_metrics(model))
         model.load_state_dict(start)
         plain = self._train_final(model, mask, f"{desc} (guard: plain)", False, val_objective)
         self.recalibrate(model)
-        scores = torch.tensor([refined_score, self._objective(model)], dtype=torch.float64)
+        scores = torch.tensor([refined_score, self._objective(self.val_metrics(model))], dtype=torch.float64)
         scores = distributed.broadcast(scores.to(self.device)).cpu()  # rank 0's scores decide
         kept = plain if scores[1] > scores[0] else refined
         if kept is refined:
@@ -122,9 +123,9 @@ class PruneContext:
         kept.seconds = refined.seconds + plain.seconds
         return kept
 
-    def _objective(self, model: nn.Module) -> float:
-        """The validation objective the guard and the plateau schedule compare: val acc - mcd_weight x val MCD."""
-        return fairness_objective(self.val_metrics(model), self.config.ballot.objective_mcd_weight)
+    def _objective(self, val_metrics: dict[str, Any]) -> float:
+        """The validation objective the plateau schedule watches and the guard compares: val acc - mcd_weight x MCD."""
+        return fairness_objective(val_metrics, self.config.ballot.objective_mcd_weight)
 
     def _train_final(self, model: nn.Module, mask: Mask, desc: str, refined: bool,
                      val_objective: Callable[[nn.Module], float]) -> TrainResult:

@@ -12,10 +12,12 @@ objective takes the mean per-class validation accuracy instead of the accuracy (
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from collections import defaultdict
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from paired import seed_records  # noqa: E402
 
 ARMS = {"ballot": ("ballot (blend)", "ballot (blend) plain"), "lth": ("lth + refined", "lth")}
 MCD_WEIGHT = 0.5  # prune.ballot.objective_mcd_weight
@@ -32,12 +34,7 @@ def main() -> None:
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--balanced", action="store_true", help="objective on the mean per-class accuracy")
     args = parser.parse_args()
-    seeds: dict[tuple, dict[int, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
-    for folder in args.runs:
-        for path in sorted(folder.glob("*.json")):
-            run = json.loads(path.read_text())
-            unit = run["unit"]
-            seeds[(unit["dataset"], unit["model"], run["density"])][unit["seed"]][run["method"]] = run
+    seeds = seed_records(args.runs)
     outcome: dict[str, dict[tuple, tuple[list[float], list[float]]]] = {}
     for arm, (refined_name, plain_name) in ARMS.items():
         print(f"\n{arm}: {refined_name} (refined) against the guard's pick ({args.split}; acc in points, CWV x 1e3)")
