@@ -267,6 +267,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 OBS_LOSSES = ("fair", "plain")
 CONFLICT_RULES = ("protect", "veto", "share", "none")
 LAYER_BUDGETS = ("blend", "erk", "ticket", "max")
+REFINE_STARTS = ("rewind", "trained")
 
 
 @dataclass
@@ -309,6 +310,11 @@ class BallotConfig:
     fairness_start: float = _help(
         "Fraction of the refined training's steps run on plain cross-entropy before the class weights apply "
         "(deferred re-weighting, Cao et al. 2019; 0 = weighted from the first step; reports/deferred_weights/).", 0.0)
+    refine_start: str = _help(
+        "Where a refined final training starts: 'rewind' (the survivors rewound to theta_k, as LTH) or 'trained' "
+        "(theta_T's survivors with the refined schedule restarted: learning-rate rewinding, Renda et al. 2020; "
+        "reports/refine_start/). Methods that already start from theta_T (magnitude, unit Ballot) are unchanged.",
+        "rewind")
     refine_guard: bool = _help(
         "After a refined final training, train the same mask from the same start plainly too (prune.retrain, "
         "cross-entropy) and keep the model with the higher validation objective (val acc - objective_mcd_weight x "
@@ -334,6 +340,8 @@ class BallotConfig:
         _check(0 <= self.fairness_loss_weight <= 1, "fairness_loss_weight",
                f"must be in [0, 1], got {self.fairness_loss_weight}")
         _check(0 <= self.fairness_start < 1, "fairness_start", f"must be in [0, 1), got {self.fairness_start}")
+        _check(self.refine_start in REFINE_STARTS, "refine_start",
+               f"unknown '{self.refine_start}', choose from {REFINE_STARTS}")
 
 
 GROWTHS = ("random", "gradient")

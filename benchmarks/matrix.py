@@ -90,15 +90,15 @@ def cell_overrides(dataset: str, model: str, seed: int) -> list[str]:
 # settings added after runs were recorded, at the values that reproduce those runs bit for bit
 LATER_DEFAULTS = {"precision": "fp32", "granularity": "weight", "share_samples": 32, "recalibrate_bn": False,
                   "layer_budget": "erk", "min_steps": 0, "class_weight_prior_images": 0,
-                  "fairness_start": 0, "refine_guard": False}
+                  "fairness_start": 0, "refine_guard": False, "refine_start": "rewind"}
 
 
 def _without_later_defaults(tree: Any) -> Any:
     """``tree`` without the LATER_DEFAULTS entries (fp32 is the loop before mixed precision, 'weight' the pruning
     before structured units, 32 the probe of the later 'share' rule, which no earlier run used, False the runs before
     BatchNorm recalibration, 'erk' the per-layer budgets before the rule was a choice, 0 the schedules before their
-    min_steps floors and the class weights before their shrinkage, 0 the refined training before deferred weights),
-    so the keys of the runs recorded before them stay valid."""
+    min_steps floors and the class weights before their shrinkage, 0 the refined training before deferred weights,
+    'rewind' its start before the start was a choice), so the keys of the runs recorded before them stay valid."""
     if isinstance(tree, dict):
         return {k: _without_later_defaults(v) for k, v in tree.items()
                 if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
@@ -111,7 +111,7 @@ def run_key(cfg: ExperimentConfig) -> str:
     prune = dict(d["prune"])
     if cfg.prune.method != "ballot":
         refined = ("refine_train", "fairness_loss_weight", "fairness_start", "class_weight_floor",
-                   "class_weight_prior_images", "objective_mcd_weight", "refine_guard")
+                   "class_weight_prior_images", "objective_mcd_weight", "refine_guard", "refine_start")
         prune["ballot"] = {k: v for k, v in prune["ballot"].items() if cfg.prune.refined() and k in refined}
     payload = {"base": {k: v for k, v in d["base"].items() if k != "device"}, "data": d["data"],
                "train_dense": d["train_dense"], "prune": prune}

@@ -87,6 +87,27 @@ def test_fairness_start_defers_the_class_weights_of_the_refined_training_only(ti
     assert torch.equal(final_weights(), final_weights("prune.ballot.fairness_start=0.5"))  # plain training: no weights
 
 
+@pytest.mark.parametrize("method", ["ballot", "lth", "random"])
+def test_refine_start_picks_the_state_the_refined_training_starts_from(method, tiny_data, tiny_dense):
+    """A learning rate of 1e-12 leaves the final model at its start, masked: theta_T with refine_start 'trained',
+    theta_k with 'rewind' or with a plain final training; the mask is the same either way."""
+    def run(*overrides: str):
+        still = ("prune.ballot.refine_train.lr=1e-12", "prune.ballot.refine_train.epochs=1",
+                 "prune.retrain.lr=1e-12", "prune.retrain.epochs=1")
+        return run_prune(tiny_config(f"prune.method={method}", *still, *overrides), tiny_data, tiny_dense)
+
+    def started_from(result, state: dict[str, torch.Tensor]) -> bool:
+        params = dict(result.model.named_parameters())
+        return all(torch.allclose(params[n], state[n] * result.mask[n], atol=1e-6) for n in result.mask)
+
+    trained = run("prune.final_train=refined", "prune.ballot.refine_start=trained")
+    rewound = run("prune.final_train=refined", "prune.ballot.refine_start=rewind")
+    plain = run("prune.final_train=plain", "prune.ballot.refine_start=trained")
+    assert trained.mask.to_bytes() == rewound.mask.to_bytes()
+    assert started_from(trained, tiny_dense.trained_state) and not started_from(trained, tiny_dense.rewind_state)
+    assert started_from(rewound, tiny_dense.rewind_state) and started_from(plain, tiny_dense.rewind_state)
+
+
 def test_ballot_with_plain_final_training_uses_the_baselines_schedule(tiny_data, tiny_dense):
     result = run_prune(tiny_config("prune.final_train=plain", "prune.retrain.epochs=3"), tiny_data, tiny_dense)
     assert len(result.history) == 3

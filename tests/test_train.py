@@ -110,6 +110,8 @@ def test_deferred_class_weights_train_on_plain_cross_entropy_until_their_start()
     assert not torch.equal(runs["deferred"][1], runs["plain"][1])  # epoch 2: weighted
     with pytest.raises(ValueError, match="fairness_start"):
         BallotConfig(fairness_start=1.0)  # 1 would never apply the weights
+    with pytest.raises(ValueError, match="refine_start.*choose from"):
+        BallotConfig(refine_start="theta_0")
 
 
 def test_device_resolution():

@@ -342,7 +342,7 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
 
 
 def prune(ctx: PruneContext) -> PruneResult:
-    """Rounds of observation and voting at shrinking densities, then rewind to theta_k and the final training.
+    """Rounds of observation and voting at shrinking densities, then rewind (ctx.rewound_model) and the final training.
 
     Round 1 keeps each layer's largest weights of theta_T (its ``layer_budget`` count at density ** (1 / rounds)); every
     further round trains the current mask from theta_k and keeps the most-voted survivors at the next density of
@@ -364,7 +364,7 @@ def prune(ctx: PruneContext) -> PruneResult:
         rounds.append(BallotRound(mask.density(), mask.kept, protected, collector.history))
     observe_seconds = time.perf_counter() - started
 
-    model = ctx.model_from(ctx.dense.rewind_state)
+    model = ctx.rewound_model()
     result = ctx.final_train(model, mask, "ballot refine")
     ticket = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
     overlap = sum(int((ticket[n] & mask[n]).sum()) for n in mask) / mask.kept

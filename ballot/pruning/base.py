@@ -76,6 +76,12 @@ class PruneContext:
         weights = fairness_class_weights(per_class, counts, ballot.class_weight_floor, ballot.class_weight_prior_images)
         return distributed.broadcast(weights.to(self.device)).cpu()  # one validation pass decides, rank 0's
 
+    def rewound_model(self) -> nn.Module:
+        """The model a rewinding method (LTH, random, Ballot) trains its final mask from: theta_k, or theta_T when the
+        final training is refined and prune.ballot.refine_start is 'trained' (learning-rate rewinding)."""
+        trained = self.config.refined() and self.config.ballot.refine_start == "trained"
+        return self.model_from(self.dense.trained_state if trained else self.dense.rewind_state)
+
     def recalibrate(self, model: nn.Module) -> None:
         """With prune.recalibrate_bn, re-estimate ``model``'s BatchNorm statistics on the training split (as it ships;
         idempotent: the statistics are plain averages over the same batches)."""

@@ -27,7 +27,7 @@ def prune(ctx: PruneContext) -> PruneResult:
 
     Round r keeps density ** (r / n) of all prunable weights, chosen among the previous round's
     survivors, so masks are nested. The first round prunes the dense phase's theta_T. The last round's
-    training is the shared final training (plain, or refined with prune.final_train).
+    training is the shared final training (plain, or refined with prune.final_train, from ctx.rewound_model).
     """
     trained = ctx.model_from(ctx.dense.trained_state)
     mask = Mask.ones_like(trained)
@@ -38,11 +38,12 @@ def prune(ctx: PruneContext) -> PruneResult:
         scores = magnitude_scores(trained)
         survivors_only = {n: s.masked_fill(~mask[n], -1.0) for n, s in scores.items()}  # |w| >= 0 > -1
         mask = ctx.agree(Mask.top_k(survivors_only, round_density, ctx.config.min_per_layer), f"LTH round {number}")
-        trained = ctx.model_from(ctx.dense.rewind_state)
         desc = f"lth round {number}"
         if number == len(schedule):
+            trained = ctx.rewound_model()
             result = ctx.final_train(trained, mask, desc)
         else:
+            trained = ctx.model_from(ctx.dense.rewind_state)
             result = train(trained, ctx.data.train, ctx.config.retrain, seed=ctx.seed, mask=mask, device=ctx.device,
                            desc=desc, progress=ctx.progress)
         rounds.append(LthRound(mask.density(), mask.kept, result.history))

@@ -9,8 +9,8 @@ from ballot.pruning.base import PruneContext, PruneResult
 
 
 def prune(ctx: PruneContext) -> PruneResult:
-    """Keep uniformly random weights (seeded) network-wide, rewind to theta_k, retrain."""
-    model = ctx.model_from(ctx.dense.rewind_state)
+    """Keep uniformly random weights (seeded) network-wide, rewind (ctx.rewound_model), retrain."""
+    model = ctx.rewound_model()
     params = dict(model.named_parameters())
     generator = torch.Generator().manual_seed(ctx.seed)
     scores = {n: torch.rand(params[n].shape, generator=generator) for n in prunable_names(model)}
