@@ -36,8 +36,9 @@ def summary(metrics: Mapping[str, Any]) -> str:
     """The summary block of a pruned model, one labelled line each.
 
     ``metrics`` has ``method``, ``density`` (fraction kept), ``acc``, ``cwv``, ``mcd``, ``worst_class`` and
-    ``worst_class_name``; optionally ``dense`` ({acc, cwv, mcd} of the dense model), ``onnx_bytes`` and
-    ``registration`` ({name, version, alias}). Unknown numbers (None, NaN) read 'n/a'.
+    ``worst_class_name``; optionally ``dense`` ({acc, cwv, mcd} of the dense model), ``refine_guard`` (the guard's
+    record: which final training it kept and both validation objectives), ``onnx_bytes`` and ``registration``
+    ({name, version, alias}). Unknown numbers (None, NaN) read 'n/a'.
     """
     dense = metrics.get("dense") or {}
     density = metrics["density"]
@@ -49,6 +50,10 @@ def summary(metrics: Mapping[str, Any]) -> str:
         ("MCD", _against_dense(metrics["mcd"], dense.get("mcd"), 4)),
         ("worst class", f"{metrics.get('worst_class_name') or 'n/a'} {_number(metrics['worst_class'], 4)}"),
     ]
+    guard = metrics.get("refine_guard")
+    if guard:
+        rows.append(("guard kept", f"{guard['kept']} training (val objective refined "
+                                   f"{_number(guard['refined_objective'], 4)}, plain {_number(guard['plain_objective'], 4)})"))
     if metrics.get("onnx_bytes") is not None:
         rows.append(("ONNX", file_size(int(metrics["onnx_bytes"]))))
     registration = metrics.get("registration")

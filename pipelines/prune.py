@@ -15,7 +15,7 @@ from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder, write_json
 from ballot.tuning.kept import KEPT_FILE, find_kept, prune_recipe
 from ballot.tuning.space import apply_best
-from pipelines.common import BEST_PARAMS, DATA, DENSE, PRUNE, TUNE_CHOSEN, run_stage
+from pipelines.common import BEST_PARAMS, DATA, DENSE, PRUNE, TUNE_CHOSEN, read_json, run_stage
 
 
 def main(cfg: ExperimentConfig) -> None:
@@ -47,6 +47,9 @@ def main(cfg: ExperimentConfig) -> None:
     took = f"trained in {seconds:.1f}s by tune trial {kept.trial}" if kept else f"{seconds:.1f}s"
     print(f"prune: {cfg.prune.method}  acc {metrics['acc']:.4f}  cwv {metrics['cwv']:.5f}  mcd {metrics['mcd']:.4f}  "
           f"density {metrics['density']:.4f}  ({took}) -> {PRUNE}")
+    if guard := read_json(PRUNE / "details.json").get("refine_guard"):
+        print(f"prune: refine guard kept the {guard['kept']} training (val objective refined "
+              f"{guard['refined_objective']:.4f}, plain {guard['plain_objective']:.4f})")
 
 
 if __name__ == "__main__":

@@ -168,11 +168,24 @@ def test_refine_guard_keeps_the_final_training_with_the_higher_validation_object
         guarded = prune(starved, guard)
         assert guarded.mask.to_bytes() == refined.mask.to_bytes()  # the guard changes the training, not the mask
         assert torch.equal(_flat_weights(guarded.model), _flat_weights((plain if winner == "plain" else refined).model))
-        record = guarded.details.refine_guard
+        record = guarded.guard
         assert record["kept"] == winner
         assert record["refined_objective"] == pytest.approx(objective(refined))
         assert record["plain_objective"] == pytest.approx(objective(plain))
-    assert prune("prune.final_train=plain", guard).details.refine_guard is None  # no refined training: nothing to guard
+    assert prune("prune.final_train=plain", guard).guard is None  # no refined training: nothing to guard
+
+
+@pytest.mark.parametrize("method", ["lth", "magnitude"])
+def test_the_refine_guards_record_reaches_details_json_for_any_method(method, tiny_data, tiny_dense, tmp_path):
+    cfg = tiny_config(f"prune.method={method}", "prune.final_train=refined", "prune.ballot.refine_guard=true",
+                      "prune.ballot.refine_train.epochs=1", "prune.retrain.epochs=1")
+    result = run_prune(cfg, tiny_data, tiny_dense)
+    save_pruned(tmp_path, result, {"acc": 0.5}, cfg)
+    record = json.loads((tmp_path / "details.json").read_text())["refine_guard"]
+    assert record == result.guard and record["kept"] in ("refined", "plain")
+    unguarded = run_prune(tiny_config(f"prune.method={method}"), tiny_data, tiny_dense)
+    save_pruned(tmp_path, unguarded, {"acc": 0.5}, cfg)
+    assert "refine_guard" not in json.loads((tmp_path / "details.json").read_text())
 
 
 def test_refine_guard_scores_a_batchnorm_network_as_it_ships(tiny_data):
@@ -180,6 +193,6 @@ def test_refine_guard_scores_a_batchnorm_network_as_it_ships(tiny_data):
                  "prune.ballot.refine_train.epochs=1", "prune.ballot.refine_guard=true")
     _, dense, _ = train_dense(tiny_config(*overrides), tiny_data, progress=False)
     result = run_prune(tiny_config(*overrides), tiny_data, dense, progress=False)
-    record = result.details.refine_guard
+    record = result.guard
     shipped = _val_objective(result.model, tiny_data)
     assert record[f"{record['kept']}_objective"] == pytest.approx(shipped, abs=1e-12)  # recalibrated, then scored

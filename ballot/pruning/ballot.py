@@ -243,7 +243,6 @@ class BallotDetails(MethodDetails):
     overlap_with_magnitude_ticket: float  # share of the kept weights the one-shot magnitude mask also keeps
     observe_seconds: float
     refine_seconds: float  # both trainings when refine_guard ran
-    refine_guard: dict[str, float | str] | None = None  # the kept training and both validation objectives
 
 
 @dataclass
@@ -261,7 +260,6 @@ class UnitBallotDetails(MethodDetails):
     observe_seconds: float
     refine_seconds: float
     granularity: str = "unit"
-    refine_guard: dict[str, float | str] | None = None
 
 
 def _rounded(weights: torch.Tensor) -> list[float]:
@@ -297,9 +295,9 @@ def prune_units(ctx: PruneContext) -> PruneResult:
     model = ctx.model_from(ctx.dense.trained_state)  # fine-tuned, not rewound: docs/deploy.md, "Structured Ballot"
     result = ctx.final_train(model, mask, "ballot refine")
     details = UnitBallotDetails(rounds, kept_units(mask, groups), _rounded(ctx.dense_class_weights), observe_seconds,
-                                result.seconds, refine_guard=result.guard)
+                                result.seconds)
     return PruneResult(mask, model, details, history=result.history,
-                       tensors={"votes": votes} if votes else {}, round_masks=masks)
+                       tensors={"votes": votes} if votes else {}, round_masks=masks, guard=result.guard)
 
 
 def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dict[str, int]]:
@@ -369,6 +367,6 @@ def prune(ctx: PruneContext) -> PruneResult:
     ticket = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
     overlap = sum(int((ticket[n] & mask[n]).sum()) for n in mask) / mask.kept
     details = BallotDetails(rounds, _rounded(ctx.dense_class_weights), mask.counts(), overlap, observe_seconds,
-                            result.seconds, result.guard)
+                            result.seconds)
     return PruneResult(mask, model, details, history=result.history, tensors={"votes": votes} if votes else {},
-                       round_masks=masks)
+                       round_masks=masks, guard=result.guard)

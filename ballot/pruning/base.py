@@ -77,7 +77,8 @@ class PruneContext:
         return distributed.broadcast(weights.to(self.device)).cpu()  # one validation pass decides, rank 0's
 
     def rewound_model(self) -> nn.Module:
-        """The model a rewinding method (LTH, random, Ballot) trains its final mask from: theta_k, or theta_T when the
+        """The model a rewinding method (LTH, random, Ballot; SafeCompress, FairScratch when refined) trains its final
+        mask from: theta_k, or theta_T when the
         final training is refined and prune.ballot.refine_start is 'trained' (learning-rate rewinding)."""
         trained = self.config.refined() and self.config.ballot.refine_start == "trained"
         return self.model_from(self.dense.trained_state if trained else self.dense.rewind_state)
@@ -168,3 +169,4 @@ class PruneResult:
     # extra tensor files {file stem: {name: tensor}} (Ballot: votes.safetensors)
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     round_masks: list[Mask] = field(default_factory=list)  # intermediate masks of iterative methods
+    guard: dict[str, float | str] | None = None  # prune.ballot.refine_guard's record (TrainResult.guard), if it ran

@@ -230,8 +230,8 @@ def prune(ctx: PruneContext) -> PruneResult:
     model = ctx.model_from(fit.model.state_dict())
     details = FairScratchDetails(fit.penalty, cfg.selection, fit.mask.counts(), fit.best_epoch, fit.best_val_acc,
                                  fit.history, time.perf_counter() - started)
-    history = fit.history
     if refined:
-        model = ctx.model_from(ctx.dense.rewind_state)
-        history = ctx.final_train(model, fit.mask, "fairscratch refined").history
-    return PruneResult(fit.mask, model, details, history=history)
+        model = ctx.rewound_model()
+        final = ctx.final_train(model, fit.mask, "fairscratch refined")
+        return PruneResult(fit.mask, model, details, history=final.history, guard=final.guard)
+    return PruneResult(fit.mask, model, details, history=fit.history)

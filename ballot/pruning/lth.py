@@ -48,4 +48,5 @@ def prune(ctx: PruneContext) -> PruneResult:
                            desc=desc, progress=ctx.progress)
         rounds.append(LthRound(mask.density(), mask.kept, result.history))
         masks.append(mask)
-    return PruneResult(mask, trained, LthDetails(rounds), history=result.history, round_masks=masks)
+    return PruneResult(mask, trained, LthDetails(rounds), history=result.history, round_masks=masks,
+                       guard=result.guard)

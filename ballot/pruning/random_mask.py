@@ -16,4 +16,4 @@ def prune(ctx: PruneContext) -> PruneResult:
     scores = {n: torch.rand(params[n].shape, generator=generator) for n in prunable_names(model)}
     mask = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
     result = ctx.final_train(model, mask, "random retrain")
-    return PruneResult(mask, model, history=result.history)
+    return PruneResult(mask, model, history=result.history, guard=result.guard)

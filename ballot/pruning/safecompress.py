@@ -176,6 +176,7 @@ def prune(ctx: PruneContext) -> PruneResult:
                                   sum(not u["accepted"] for u in updates), best["epoch"], best["score"], history,
                                   time.perf_counter() - started)
     if refined:
-        model = ctx.model_from(ctx.dense.rewind_state)
-        history = ctx.final_train(model, mask, "safecompress refined").history
+        model = ctx.rewound_model()
+        final = ctx.final_train(model, mask, "safecompress refined")
+        return PruneResult(mask, model, details, history=final.history, guard=final.guard)
     return PruneResult(mask, model, details, history=history)
