@@ -591,6 +591,7 @@ def default_space() -> dict[str, Any]:
         "prune.ballot.refine_train.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
         "prune.ballot.refine_train.schedule": {"type": "categorical", "choices": ["cosine", "step", "plateau"]},
         "prune.ballot.refine_train.warmup_epochs": {"type": "float", "low": 0.0, "high": 2.0},
+        "prune.ballot.refine_start": {"type": "categorical", "choices": ["rewind", "trained"]},
     }
 
 
