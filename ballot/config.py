@@ -313,8 +313,9 @@ class BallotConfig:
     refine_start: str = _help(
         "Where a refined final training starts: 'rewind' (the survivors rewound to theta_k, as LTH) or 'trained' "
         "(theta_T's survivors with the refined schedule restarted: learning-rate rewinding, Renda et al. 2020; "
-        "reports/refine_start/). Methods that already start from theta_T (magnitude, unit Ballot) are unchanged.",
-        "rewind")
+        "reports/refine_start/). Applies to Ballot, LTH, random and refined SafeCompress / FairScratch, and to the "
+        "refine guard's plain training; magnitude and unit Ballot start from theta_T anyway. Not in the default "
+        "Optuna space: the per-epoch pruner would favour it (docs/tuning.md).", "rewind")
     refine_guard: bool = _help(
         "After a refined final training, train the same mask from the same start plainly too (prune.retrain, "
         "cross-entropy) and keep the model with the higher validation objective (val acc - objective_mcd_weight x "
@@ -591,7 +592,6 @@ def default_space() -> dict[str, Any]:
         "prune.ballot.refine_train.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
         "prune.ballot.refine_train.schedule": {"type": "categorical", "choices": ["cosine", "step", "plateau"]},
         "prune.ballot.refine_train.warmup_epochs": {"type": "float", "low": 0.0, "high": 2.0},
-        "prune.ballot.refine_start": {"type": "categorical", "choices": ["rewind", "trained"]},
     }
 
 

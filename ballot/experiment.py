@@ -179,8 +179,8 @@ def model_metrics(model: nn.Module, data: DataBundle, device: str = "auto") -> d
 def save_pruned(folder: str | Path, result: PruneResult, metrics: dict[str, Any], cfg: ExperimentConfig,
                 tuned_params: dict[str, Any] | None = None) -> None:
     """mask.safetensors, model.safetensors, metrics.json, details.json (the method's details, plus the refine guard's
-    record and the tuned values that ran, if any), history.json (per epoch of the final training) and <name>.safetensors per extra tensor
-    artifact (Ballot: votes.safetensors)."""
+    record and the tuned values that ran, if any), history.json (per epoch of the final training) and
+    <name>.safetensors per extra tensor artifact (Ballot: votes.safetensors)."""
     folder = Path(folder)
     for name, tensors in result.tensors.items():
         atomic_save_tensors(tensors, folder / f"{name}.safetensors")

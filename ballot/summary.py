@@ -32,6 +32,12 @@ def file_size(n_bytes: int) -> str:
     return f"{n_bytes / 1024 ** 2:.2f} MiB"
 
 
+def guard_choice(guard: Mapping[str, Any]) -> str:
+    """'plain training (val objective refined 0.6123, plain 0.7000)': the refine guard's record in words."""
+    refined, plain = _number(guard["refined_objective"], 4), _number(guard["plain_objective"], 4)
+    return f"{guard['kept']} training (val objective refined {refined}, plain {plain})"
+
+
 def summary(metrics: Mapping[str, Any]) -> str:
     """The summary block of a pruned model, one labelled line each.
 
@@ -50,10 +56,8 @@ def summary(metrics: Mapping[str, Any]) -> str:
         ("MCD", _against_dense(metrics["mcd"], dense.get("mcd"), 4)),
         ("worst class", f"{metrics.get('worst_class_name') or 'n/a'} {_number(metrics['worst_class'], 4)}"),
     ]
-    guard = metrics.get("refine_guard")
-    if guard:
-        rows.append(("guard kept", f"{guard['kept']} training (val objective refined "
-                                   f"{_number(guard['refined_objective'], 4)}, plain {_number(guard['plain_objective'], 4)})"))
+    if metrics.get("refine_guard"):
+        rows.append(("guard kept", guard_choice(metrics["refine_guard"])))
     if metrics.get("onnx_bytes") is not None:
         rows.append(("ONNX", file_size(int(metrics["onnx_bytes"]))))
     registration = metrics.get("registration")

@@ -66,9 +66,10 @@ def main() -> None:
         print(f"{'all seed pairs':28} {len(all_acc):>2} {blank:13} {da:+6.2f}±{sa:4.2f} {blank:13} "
               f"{dc:+6.2f}±{sc:4.2f}")
         a_cwv, b_cwv = (statistics.fmean(c[i] for c in cells) for i in (1, 2))
+        per_cell = statistics.fmean(b / a - 1 for _, a, b in cells if a > 0)
         print(f"cell averages over {len(cells)} cells: B - A accuracy {statistics.fmean(c[0] for c in cells):+.2f} "
               f"points; mean CWV {a_cwv:.2f} (A) against {b_cwv:.2f} (B) x 1e-3, {100 * (b_cwv / a_cwv - 1):+.1f}%; "
-              f"mean of the per-cell relative CWV changes {100 * statistics.fmean(b / a - 1 for _, a, b in cells):+.1f}%")
+              f"mean of the per-cell relative CWV changes {100 * per_cell:+.1f}%")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,7 @@ def test_pipeline_summary_reads_the_stage_outputs(tmp_path, monkeypatch, capsys)
     (tmp_path / "metrics.json").write_text(json.dumps({k: v for k, v in METRICS.items() if k != "method"}))
     (tmp_path / "artifacts/prune").mkdir(parents=True)
     (tmp_path / "artifacts/prune/metrics.json").write_text(json.dumps({"method": "ballot"}))
-    (tmp_path / "artifacts/prune/details.json").write_text(json.dumps({"rounds": []}))
-    assert script.main() == 0
+    assert script.main() == 0  # no details.json: no guard line
     out = capsys.readouterr().out
     assert "method       ballot" in out and "ONNX" not in out and "registered" not in out and "guard" not in out
     guard = {"kept": "refined", "refined_objective": 0.7, "plain_objective": 0.6}

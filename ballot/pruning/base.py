@@ -78,8 +78,8 @@ class PruneContext:
 
     def rewound_model(self) -> nn.Module:
         """The model a rewinding method (LTH, random, Ballot; SafeCompress, FairScratch when refined) trains its final
-        mask from: theta_k, or theta_T when the
-        final training is refined and prune.ballot.refine_start is 'trained' (learning-rate rewinding)."""
+        mask from: theta_k, or theta_T when the final training is refined and prune.ballot.refine_start is 'trained'
+        (learning-rate rewinding; the refine guard's plain training then starts from theta_T too)."""
         trained = self.config.refined() and self.config.ballot.refine_start == "trained"
         return self.model_from(self.dense.trained_state if trained else self.dense.rewind_state)
 

@@ -219,7 +219,8 @@ class FairScratchDetails(MethodDetails):
 
 def prune(ctx: PruneContext) -> PruneResult:
     """Score training on theta_0's signed-constant weights (see the module docstring); prune.final_train 'refined'
-    additionally trains the found mask's weights from theta_k with the refined schedule."""
+    additionally trains the found mask's weights from ctx.rewound_model (theta_k, or theta_T with refine_start
+    'trained') with the refined schedule."""
     cfg = floored(ctx.config.fairscratch, len(ctx.data.train))
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(ctx.seed)

@@ -23,11 +23,12 @@ class LthDetails(MethodDetails):
 
 
 def prune(ctx: PruneContext) -> PruneResult:
-    """n rounds: prune the smallest surviving weights, rewind survivors to theta_k, retrain.
+    """n rounds: prune the smallest surviving weights, rewind survivors to theta_k, retrain (the last round: from
+    ctx.rewound_model).
 
     Round r keeps density ** (r / n) of all prunable weights, chosen among the previous round's
     survivors, so masks are nested. The first round prunes the dense phase's theta_T. The last round's
-    training is the shared final training (plain, or refined with prune.final_train, from ctx.rewound_model).
+    training is the shared final training (plain, or refined with prune.final_train).
     """
     trained = ctx.model_from(ctx.dense.trained_state)
     mask = Mask.ones_like(trained)

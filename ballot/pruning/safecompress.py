@@ -107,7 +107,8 @@ class SafeCompressDetails(MethodDetails):
 
 def prune(ctx: PruneContext) -> PruneResult:
     """Test-driven dynamic sparse training from theta_0 (see the module docstring); prune.final_train 'refined'
-    additionally retrains the chosen mask from theta_k with the refined schedule."""
+    additionally retrains the chosen mask from ctx.rewound_model (theta_k, or theta_T with refine_start 'trained')
+    with the refined schedule."""
     cfg = floored(ctx.config.safecompress, len(ctx.data.train))
     started = time.perf_counter()
     model = ctx.model_from(ctx.dense.init_state)
