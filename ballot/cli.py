@@ -185,7 +185,7 @@ def _prune(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
         experiment.save_pruned(folder, result, metrics, cfg)
         print(f"{cfg.prune.method}: done in {prune_seconds:.1f}s; writing {out}/mask.safetensors, "
               f"model.safetensors, metrics.json", file=sys.stderr)
-        print(summary({**metrics, "refine_guard": result.guard}))
+        print(summary({**metrics, "final_choice": result.final_choice}))
 
 
 TUNE_FLAGS = {"n_trials": "tune.n_trials", "timeout": "tune.timeout_s", "workers": "tune.workers",

@@ -267,7 +267,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 OBS_LOSSES = ("fair", "plain")
 CONFLICT_RULES = ("protect", "veto", "share", "none")
 LAYER_BUDGETS = ("blend", "erk", "ticket", "max")
-REFINE_STARTS = ("rewind", "trained")
+REFINE_STARTS = ("rewind", "trained", "best")
 
 
 @dataclass
@@ -311,16 +311,19 @@ class BallotConfig:
         "Fraction of the refined training's steps run on plain cross-entropy before the class weights apply "
         "(deferred re-weighting, Cao et al. 2019; 0 = weighted from the first step; reports/deferred_weights/).", 0.0)
     refine_start: str = _help(
-        "Where a refined final training starts: 'rewind' (the survivors rewound to theta_k, as LTH) or 'trained' "
-        "(theta_T's survivors with the refined schedule restarted: learning-rate rewinding, Renda et al. 2020; "
-        "reports/refine_start/). Applies to Ballot, LTH, random and refined SafeCompress / FairScratch, and to the "
-        "refine guard's plain training; magnitude and unit Ballot start from theta_T anyway. Not in the default "
-        "Optuna space: the per-epoch pruner would favour it (docs/tuning.md).", "rewind")
+        "Where a refined final training starts: 'rewind' (the survivors rewound to theta_k, as LTH), 'trained' "
+        "(theta_T's survivors with the refined schedule restarted: learning-rate rewinding, Renda et al. 2020) or "
+        "'best' (both, keeping the higher validation objective, val acc - objective_mcd_weight x val MCD; ties: "
+        "rewind; one more training; reports/refine_start/). Applies to Ballot, LTH, random and refined SafeCompress / "
+        "FairScratch, and to the refine guard's plain training ('best': from theta_k); magnitude and unit Ballot start "
+        "from theta_T anyway. Not in the default Optuna space: the per-epoch pruner would favour 'trained' "
+        "(docs/tuning.md).", "rewind")
     refine_guard: bool = _help(
         "After a refined final training, train the same mask from the same start plainly too (prune.retrain, "
         "cross-entropy) and keep the model with the higher validation objective (val acc - objective_mcd_weight x "
         "val MCD): one more training, against refined trainings that break down (reports/refine_guard/).", False)
-    objective_mcd_weight: float = _help("Plateau schedule and refine_guard: val acc - this * val MCD.", 0.5)
+    objective_mcd_weight: float = _help(
+        "Plateau schedule, refine_start 'best' and refine_guard: val acc - this * val MCD.", 0.5)
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")

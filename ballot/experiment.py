@@ -178,8 +178,8 @@ def model_metrics(model: nn.Module, data: DataBundle, device: str = "auto") -> d
 
 def save_pruned(folder: str | Path, result: PruneResult, metrics: dict[str, Any], cfg: ExperimentConfig,
                 tuned_params: dict[str, Any] | None = None) -> None:
-    """mask.safetensors, model.safetensors, metrics.json, details.json (the method's details, plus the refine guard's
-    record and the tuned values that ran, if any), history.json (per epoch of the final training) and
+    """mask.safetensors, model.safetensors, metrics.json, details.json (the method's details, plus the record of
+    competing final trainings and the tuned values that ran, if any), history.json (per epoch of the final training) and
     <name>.safetensors per extra tensor artifact (Ballot: votes.safetensors)."""
     folder = Path(folder)
     for name, tensors in result.tensors.items():
@@ -187,8 +187,8 @@ def save_pruned(folder: str | Path, result: PruneResult, metrics: dict[str, Any]
     result.mask.save(folder / "mask.safetensors")
     save_state(result.model, folder / "model.safetensors")
     details = result.details.to_json()
-    if result.guard is not None:
-        details["refine_guard"] = result.guard
+    if result.final_choice is not None:
+        details["final_choice"] = result.final_choice
     if tuned_params is not None:
         details["tuned_params"] = tuned_params
     write_json(folder / "details.json", details)

@@ -32,18 +32,19 @@ def file_size(n_bytes: int) -> str:
     return f"{n_bytes / 1024 ** 2:.2f} MiB"
 
 
-def guard_choice(guard: Mapping[str, Any]) -> str:
-    """'plain training (val objective refined 0.6123, plain 0.7000)': the refine guard's record in words."""
-    refined, plain = _number(guard["refined_objective"], 4), _number(guard["plain_objective"], 4)
-    return f"{guard['kept']} training (val objective refined {refined}, plain {plain})"
+def final_choice_text(choice: Mapping[str, Any]) -> str:
+    """'plain (val objective 0.7000; refined 0.6123)': which of the competing final trainings was kept, in words."""
+    kept, objectives = choice["kept"], choice["objectives"]
+    rivals = ", ".join(f"{label} {_number(value, 4)}" for label, value in objectives.items() if label != kept)
+    return f"{kept} (val objective {_number(objectives[kept], 4)}; {rivals})"
 
 
 def summary(metrics: Mapping[str, Any]) -> str:
     """The summary block of a pruned model, one labelled line each.
 
     ``metrics`` has ``method``, ``density`` (fraction kept), ``acc``, ``cwv``, ``mcd``, ``worst_class`` and
-    ``worst_class_name``; optionally ``dense`` ({acc, cwv, mcd} of the dense model), ``refine_guard`` (the guard's
-    record: which final training it kept and both validation objectives), ``onnx_bytes`` and ``registration``
+    ``worst_class_name``; optionally ``dense`` ({acc, cwv, mcd} of the dense model), ``final_choice`` (which of
+    competing final trainings was kept, and their validation objectives), ``onnx_bytes`` and ``registration``
     ({name, version, alias}). Unknown numbers (None, NaN) read 'n/a'.
     """
     dense = metrics.get("dense") or {}
@@ -56,8 +57,8 @@ def summary(metrics: Mapping[str, Any]) -> str:
         ("MCD", _against_dense(metrics["mcd"], dense.get("mcd"), 4)),
         ("worst class", f"{metrics.get('worst_class_name') or 'n/a'} {_number(metrics['worst_class'], 4)}"),
     ]
-    if metrics.get("refine_guard"):
-        rows.append(("guard kept", guard_choice(metrics["refine_guard"])))
+    if metrics.get("final_choice"):
+        rows.append(("final training", final_choice_text(metrics["final_choice"])))
     if metrics.get("onnx_bytes") is not None:
         rows.append(("ONNX", file_size(int(metrics["onnx_bytes"]))))
     registration = metrics.get("registration")

@@ -96,8 +96,9 @@ class TrainResult:
     rewind_state: dict[str, torch.Tensor] | None = None
     steps: int = 0
     seconds: float = 0.0
-    # set by prune.ballot.refine_guard: which final training was kept and both validation objectives
-    guard: dict[str, float | str] | None = None
+    # set when final trainings competed (prune.ballot.refine_start 'best', refine_guard): {"kept": label,
+    # "objectives": {label: validation objective}}
+    final_choice: dict[str, Any] | None = None
 
 
 def steps_per_epoch(samples: int, batch_size: int) -> int:

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from ballot.config import ExperimentConfig
 from ballot.experiment import load_dense, load_pruned, model_metrics, run_prune, save_pruned, timed
 from ballot.snapshot import load_snapshot
-from ballot.summary import guard_choice
+from ballot.summary import final_choice_text
 from ballot.storage import staged_folder, write_json
 from ballot.tuning.kept import KEPT_FILE, find_kept, prune_recipe
 from ballot.tuning.space import apply_best
@@ -48,8 +48,8 @@ def main(cfg: ExperimentConfig) -> None:
     took = f"trained in {seconds:.1f}s by tune trial {kept.trial}" if kept else f"{seconds:.1f}s"
     print(f"prune: {cfg.prune.method}  acc {metrics['acc']:.4f}  cwv {metrics['cwv']:.5f}  mcd {metrics['mcd']:.4f}  "
           f"density {metrics['density']:.4f}  ({took}) -> {PRUNE}")
-    if guard := read_json(PRUNE / "details.json").get("refine_guard"):
-        print(f"prune: the refine guard kept the {guard_choice(guard)}")
+    if choice := read_json(PRUNE / "details.json").get("final_choice"):
+        print(f"prune: final training kept: {final_choice_text(choice)}")
 
 
 if __name__ == "__main__":

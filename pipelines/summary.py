@@ -11,12 +11,12 @@ from pipelines.common import EXPORT, METRICS, PRUNE, REGISTER, REPORT_FILE, read
 
 
 def collect() -> dict[str, Any]:
-    """metrics.json with the method (prune's metrics), the refine guard's record (prune's details, when it ran), the
+    """metrics.json with the method (prune's metrics), the record of competing final trainings (prune's details, when they ran), the
     ONNX size (export.json) and the registered version (register.json); the last two only when those stages have
     run."""
     metrics = {**read_json(METRICS), "method": read_json(PRUNE / "metrics.json")["method"]}
     if (PRUNE / "details.json").is_file():
-        metrics["refine_guard"] = read_json(PRUNE / "details.json").get("refine_guard")
+        metrics["final_choice"] = read_json(PRUNE / "details.json").get("final_choice")
     if (EXPORT / REPORT_FILE).is_file():
         metrics["onnx_bytes"] = read_json(EXPORT / REPORT_FILE)["onnx_bytes"]
     if REGISTER.is_file():

@@ -30,11 +30,11 @@ def test_summary_without_dense_export_or_registry_and_with_unknown_values():
     assert lines[2:] == ["accuracy     0.8123", "CWV          n/a", "MCD          n/a", "worst class  Shirt 0.5950"]
 
 
-def test_summary_names_the_training_the_refine_guard_kept():
-    guard = {"kept": "plain", "refined_objective": 0.61234, "plain_objective": 0.70001}
-    assert summary({**METRICS, "refine_guard": guard}).splitlines()[-1] == \
-        "guard kept   plain training (val objective refined 0.6123, plain 0.7000)"
-    assert "guard" not in summary({**METRICS, "refine_guard": None})
+def test_summary_names_the_final_training_that_was_kept():
+    choice = {"kept": "plain", "objectives": {"refined": 0.61234, "refined from theta_T": 0.65, "plain": 0.70001}}
+    assert summary({**METRICS, "final_choice": choice}).splitlines()[-1] == \
+        "final training  plain (val objective 0.7000; refined 0.6123, refined from theta_T 0.6500)"
+    assert "final training" not in summary({**METRICS, "final_choice": None})
 
 
 def test_file_sizes():
@@ -48,18 +48,18 @@ def test_pipeline_summary_reads_the_stage_outputs(tmp_path, monkeypatch, capsys)
     (tmp_path / "metrics.json").write_text(json.dumps({k: v for k, v in METRICS.items() if k != "method"}))
     (tmp_path / "artifacts/prune").mkdir(parents=True)
     (tmp_path / "artifacts/prune/metrics.json").write_text(json.dumps({"method": "ballot"}))
-    assert script.main() == 0  # no details.json: no guard line
+    assert script.main() == 0  # no details.json: no final-training line
     out = capsys.readouterr().out
-    assert "method       ballot" in out and "ONNX" not in out and "registered" not in out and "guard" not in out
-    guard = {"kept": "refined", "refined_objective": 0.7, "plain_objective": 0.6}
-    (tmp_path / "artifacts/prune/details.json").write_text(json.dumps({"rounds": [], "refine_guard": guard}))
+    assert "method       ballot" in out and "ONNX" not in out and "registered" not in out and "final" not in out
+    choice = {"kept": "refined", "objectives": {"refined": 0.7, "plain": 0.6}}
+    (tmp_path / "artifacts/prune/details.json").write_text(json.dumps({"rounds": [], "final_choice": choice}))
     assert script.main() == 0
-    assert "guard kept   refined training" in capsys.readouterr().out
+    assert "final training  refined (val objective 0.7000; plain 0.6000)" in capsys.readouterr().out
     (tmp_path / "artifacts/export").mkdir()
     (tmp_path / "artifacts/export/export.json").write_text(json.dumps({"onnx_bytes": 900}))
     (tmp_path / "artifacts/register.json").write_text(json.dumps({"name": "m", "version": "2", "alias": "challenger"}))
     assert script.main() == 0
-    assert summary({**METRICS, "refine_guard": guard, "onnx_bytes": 900,
+    assert summary({**METRICS, "final_choice": choice, "onnx_bytes": 900,
                     "registration": {"name": "m", "version": "2", "alias": "challenger"}}) in capsys.readouterr().out
 
 

@@ -297,7 +297,7 @@ def prune_units(ctx: PruneContext) -> PruneResult:
     details = UnitBallotDetails(rounds, kept_units(mask, groups), _rounded(ctx.dense_class_weights), observe_seconds,
                                 result.seconds)
     return PruneResult(mask, model, details, history=result.history,
-                       tensors={"votes": votes} if votes else {}, round_masks=masks, guard=result.guard)
+                       tensors={"votes": votes} if votes else {}, round_masks=masks, final_choice=result.final_choice)
 
 
 def round_counts(ctx: PruneContext, scores: dict[str, torch.Tensor]) -> list[dict[str, int]]:
@@ -340,7 +340,7 @@ def observe(ctx: PruneContext, mask: Mask, counts: dict[str, int], desc: str
 
 
 def prune(ctx: PruneContext) -> PruneResult:
-    """Rounds of observation and voting at shrinking densities, then rewind (ctx.rewound_model) and the final training.
+    """Rounds of observation and voting at shrinking densities, then rewind and the final training (ctx.train_rewound).
 
     Round 1 keeps each layer's largest weights of theta_T (its ``layer_budget`` count at density ** (1 / rounds)); every
     further round trains the current mask from theta_k and keeps the most-voted survivors at the next density of
@@ -362,11 +362,10 @@ def prune(ctx: PruneContext) -> PruneResult:
         rounds.append(BallotRound(mask.density(), mask.kept, protected, collector.history))
     observe_seconds = time.perf_counter() - started
 
-    model = ctx.rewound_model()
-    result = ctx.final_train(model, mask, "ballot refine")
+    model, result = ctx.train_rewound(mask, "ballot refine")
     ticket = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
     overlap = sum(int((ticket[n] & mask[n]).sum()) for n in mask) / mask.kept
     details = BallotDetails(rounds, _rounded(ctx.dense_class_weights), mask.counts(), overlap, observe_seconds,
                             result.seconds)
     return PruneResult(mask, model, details, history=result.history, tensors={"votes": votes} if votes else {},
-                       round_masks=masks, guard=result.guard)
+                       round_masks=masks, final_choice=result.final_choice)

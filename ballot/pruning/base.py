@@ -76,12 +76,15 @@ class PruneContext:
         weights = fairness_class_weights(per_class, counts, ballot.class_weight_floor, ballot.class_weight_prior_images)
         return distributed.broadcast(weights.to(self.device)).cpu()  # one validation pass decides, rank 0's
 
-    def rewound_model(self) -> nn.Module:
-        """The model a rewinding method (LTH, random, Ballot; SafeCompress, FairScratch when refined) trains its final
-        mask from: theta_k, or theta_T when the final training is refined and prune.ballot.refine_start is 'trained'
-        (learning-rate rewinding; the refine guard's plain training then starts from theta_T too)."""
-        trained = self.config.refined() and self.config.ballot.refine_start == "trained"
-        return self.model_from(self.dense.trained_state if trained else self.dense.rewind_state)
+    def train_rewound(self, mask: Mask, desc: str) -> tuple[nn.Module, TrainResult]:
+        """The final model and training of a rewinding method (LTH, random, Ballot; SafeCompress, FairScratch when
+        refined): ``mask`` trained by final_train from theta_k, or, when the final training is refined, as
+        prune.ballot.refine_start says: from theta_T's survivors with 'trained' (learning-rate rewinding; the refine
+        guard's plain training then starts there too), from both with 'best' (the refined training from theta_T
+        competes with the one from theta_k)."""
+        start = self.config.ballot.refine_start if self.config.refined() else "rewind"
+        model = self.model_from(self.dense.trained_state if start == "trained" else self.dense.rewind_state)
+        return model, self.final_train(model, mask, desc, self.dense.trained_state if start == "best" else None)
 
     def recalibrate(self, model: nn.Module) -> None:
         """With prune.recalibrate_bn, re-estimate ``model``'s BatchNorm statistics on the training split (as it ships;
@@ -94,12 +97,17 @@ class PruneContext:
         distributed.check_identical({name: mask[name] for name in mask}, what)
         return mask
 
-    def final_train(self, model: nn.Module, mask: Mask, desc: str) -> TrainResult:
+    def final_train(self, model: nn.Module, mask: Mask, desc: str,
+                    theta_t_rival: dict[str, torch.Tensor] | None = None) -> TrainResult:
         """Train the final mask in place: plain (prune.retrain, cross-entropy) or refined (prune.ballot.refine_train
-        with the fairness-weighted loss), as prune.final_train says. With prune.ballot.refine_guard a refined training
-        is followed by a plain one from the same start, and ``model`` ends as the one with the higher validation
-        objective (ties: refined), each scored as it ships (BatchNorm recalibrated). ``on_epoch`` sees each epoch's
-        validation metrics, numbered across both trainings."""
+        with the fairness-weighted loss), as prune.final_train says.
+
+        A refined training may have rivals, each trained on the same mask with the same seed: ``theta_t_rival``
+        (train_rewound with prune.ballot.refine_start 'best') adds the refined training from that state's survivors,
+        prune.ballot.refine_guard a plain training from ``model``'s start. ``model`` then ends as the candidate with
+        the higher validation objective (ties: the earlier one: refined, refined from theta_T, plain), each scored as
+        it ships (BatchNorm recalibrated), and the result's ``final_choice`` records the pick and every objective.
+        ``on_epoch`` sees each epoch's validation metrics, numbered across the trainings."""
         epochs_done = 0
 
         def val_objective(m: nn.Module) -> float:
@@ -110,28 +118,34 @@ class PruneContext:
                 self.on_epoch(epochs_done, metrics)
             return self._objective(metrics)
 
-        if not (self.config.refined() and self.config.ballot.refine_guard):
+        guard = self.config.ballot.refine_guard
+        if not self.config.refined() or (theta_t_rival is None and not guard):
             return self._train_final(model, mask, desc, self.config.refined(), val_objective)
         start = copy.deepcopy(model.state_dict())
-        refined = self._train_final(model, mask, desc, True, val_objective)
-        self.recalibrate(model)
-        refined_state = copy.deepcopy(model.state_dict())
-        refined_score = self._objective(self.val_metrics(model))
-        model.load_state_dict(start)
-        plain = self._train_final(model, mask, f"{desc} (guard: plain)", False, val_objective)
-        self.recalibrate(model)
-        scores = torch.tensor([refined_score, self._objective(self.val_metrics(model))], dtype=torch.float64)
-        scores = distributed.broadcast(scores.to(self.device)).cpu()  # rank 0's scores decide
-        kept = plain if scores[1] > scores[0] else refined
-        if kept is refined:
-            model.load_state_dict(refined_state)
-        kept.guard = {"kept": "plain" if kept is plain else "refined", "refined_objective": float(scores[0]),
-                      "plain_objective": float(scores[1])}
-        kept.seconds = refined.seconds + plain.seconds
+        candidates = {"refined": (start, True)}  # {label: (start state, refined?)}, in tie-breaking order
+        if theta_t_rival is not None:
+            candidates["refined from theta_T"] = (theta_t_rival, True)
+        if guard:
+            candidates["plain"] = (start, False)
+        results, states, scores = [], [], []
+        for label, (initial, refined) in candidates.items():
+            model.load_state_dict(initial)
+            suffix = "" if label == "refined" else f" ({label})"
+            results.append(self._train_final(model, mask, desc + suffix, refined, val_objective))
+            self.recalibrate(model)
+            states.append(copy.deepcopy(model.state_dict()))
+            scores.append(self._objective(self.val_metrics(model)))
+        agreed = distributed.broadcast(torch.tensor(scores, dtype=torch.float64).to(self.device)).cpu().tolist()
+        best = max(range(len(agreed)), key=lambda i: (agreed[i], -i))  # rank 0's scores decide; ties: the earlier
+        model.load_state_dict(states[best])
+        kept = results[best]
+        kept.final_choice = {"kept": list(candidates)[best], "objectives": dict(zip(candidates, agreed))}
+        kept.seconds = sum(result.seconds for result in results)
         return kept
 
     def _objective(self, val_metrics: dict[str, Any]) -> float:
-        """The validation objective the plateau schedule watches and the guard compares: val acc - mcd_weight x MCD."""
+        """The validation objective the plateau schedule watches and rival final trainings are compared on: val acc -
+        mcd_weight x MCD."""
         return fairness_objective(val_metrics, self.config.ballot.objective_mcd_weight)
 
     def _train_final(self, model: nn.Module, mask: Mask, desc: str, refined: bool,
@@ -169,4 +183,4 @@ class PruneResult:
     # extra tensor files {file stem: {name: tensor}} (Ballot: votes.safetensors)
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     round_masks: list[Mask] = field(default_factory=list)  # intermediate masks of iterative methods
-    guard: dict[str, float | str] | None = None  # prune.ballot.refine_guard's record (TrainResult.guard), if it ran
+    final_choice: dict[str, Any] | None = None  # TrainResult.final_choice: the final training kept among rivals

@@ -219,8 +219,8 @@ class FairScratchDetails(MethodDetails):
 
 def prune(ctx: PruneContext) -> PruneResult:
     """Score training on theta_0's signed-constant weights (see the module docstring); prune.final_train 'refined'
-    additionally trains the found mask's weights from ctx.rewound_model (theta_k, or theta_T with refine_start
-    'trained') with the refined schedule."""
+    additionally trains the found mask's weights with the refined schedule (ctx.train_rewound: from theta_k, or as
+    refine_start says)."""
     cfg = floored(ctx.config.fairscratch, len(ctx.data.train))
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -232,7 +232,6 @@ def prune(ctx: PruneContext) -> PruneResult:
     details = FairScratchDetails(fit.penalty, cfg.selection, fit.mask.counts(), fit.best_epoch, fit.best_val_acc,
                                  fit.history, time.perf_counter() - started)
     if refined:
-        model = ctx.rewound_model()
-        final = ctx.final_train(model, fit.mask, "fairscratch refined")
-        return PruneResult(fit.mask, model, details, history=final.history, guard=final.guard)
+        model, final = ctx.train_rewound(fit.mask, "fairscratch refined")
+        return PruneResult(fit.mask, model, details, history=final.history, final_choice=final.final_choice)
     return PruneResult(fit.mask, model, details, history=fit.history)

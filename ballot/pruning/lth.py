@@ -23,8 +23,8 @@ class LthDetails(MethodDetails):
 
 
 def prune(ctx: PruneContext) -> PruneResult:
-    """n rounds: prune the smallest surviving weights, rewind survivors to theta_k, retrain (the last round: from
-    ctx.rewound_model).
+    """n rounds: prune the smallest surviving weights, rewind survivors to theta_k, retrain (the last round:
+    ctx.train_rewound, whose start prune.ballot.refine_start may move).
 
     Round r keeps density ** (r / n) of all prunable weights, chosen among the previous round's
     survivors, so masks are nested. The first round prunes the dense phase's theta_T. The last round's
@@ -41,8 +41,7 @@ def prune(ctx: PruneContext) -> PruneResult:
         mask = ctx.agree(Mask.top_k(survivors_only, round_density, ctx.config.min_per_layer), f"LTH round {number}")
         desc = f"lth round {number}"
         if number == len(schedule):
-            trained = ctx.rewound_model()
-            result = ctx.final_train(trained, mask, desc)
+            trained, result = ctx.train_rewound(mask, desc)
         else:
             trained = ctx.model_from(ctx.dense.rewind_state)
             result = train(trained, ctx.data.train, ctx.config.retrain, seed=ctx.seed, mask=mask, device=ctx.device,
@@ -50,4 +49,4 @@ def prune(ctx: PruneContext) -> PruneResult:
         rounds.append(LthRound(mask.density(), mask.kept, result.history))
         masks.append(mask)
     return PruneResult(mask, trained, LthDetails(rounds), history=result.history, round_masks=masks,
-                       guard=result.guard)
+                       final_choice=result.final_choice)

@@ -28,4 +28,4 @@ def prune(ctx: PruneContext) -> PruneResult:
     else:
         mask = Mask.top_k(magnitude_scores(model), ctx.density, ctx.config.min_per_layer)
     result = ctx.final_train(model, mask, "magnitude fine-tune")
-    return PruneResult(mask, model, details, history=result.history, guard=result.guard)
+    return PruneResult(mask, model, details, history=result.history, final_choice=result.final_choice)

@@ -9,11 +9,11 @@ from ballot.pruning.base import PruneContext, PruneResult
 
 
 def prune(ctx: PruneContext) -> PruneResult:
-    """Keep uniformly random weights (seeded) network-wide, rewind (ctx.rewound_model), retrain."""
-    model = ctx.rewound_model()
-    params = dict(model.named_parameters())
+    """Keep uniformly random weights (seeded) network-wide, rewind and retrain (ctx.train_rewound)."""
+    shapes = ctx.model_from(ctx.dense.rewind_state)
+    params = dict(shapes.named_parameters())
     generator = torch.Generator().manual_seed(ctx.seed)
-    scores = {n: torch.rand(params[n].shape, generator=generator) for n in prunable_names(model)}
+    scores = {n: torch.rand(params[n].shape, generator=generator) for n in prunable_names(shapes)}
     mask = Mask.top_k(scores, ctx.density, ctx.config.min_per_layer)
-    result = ctx.final_train(model, mask, "random retrain")
-    return PruneResult(mask, model, history=result.history, guard=result.guard)
+    model, result = ctx.train_rewound(mask, "random retrain")
+    return PruneResult(mask, model, history=result.history, final_choice=result.final_choice)

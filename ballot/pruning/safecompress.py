@@ -107,8 +107,8 @@ class SafeCompressDetails(MethodDetails):
 
 def prune(ctx: PruneContext) -> PruneResult:
     """Test-driven dynamic sparse training from theta_0 (see the module docstring); prune.final_train 'refined'
-    additionally retrains the chosen mask from ctx.rewound_model (theta_k, or theta_T with refine_start 'trained')
-    with the refined schedule."""
+    additionally retrains the chosen mask with the refined schedule (ctx.train_rewound: from theta_k, or as
+    refine_start says)."""
     cfg = floored(ctx.config.safecompress, len(ctx.data.train))
     started = time.perf_counter()
     model = ctx.model_from(ctx.dense.init_state)
@@ -177,7 +177,6 @@ def prune(ctx: PruneContext) -> PruneResult:
                                   sum(not u["accepted"] for u in updates), best["epoch"], best["score"], history,
                                   time.perf_counter() - started)
     if refined:
-        model = ctx.rewound_model()
-        final = ctx.final_train(model, mask, "safecompress refined")
-        return PruneResult(mask, model, details, history=final.history, guard=final.guard)
+        model, final = ctx.train_rewound(mask, "safecompress refined")
+        return PruneResult(mask, model, details, history=final.history, final_choice=final.final_choice)
     return PruneResult(mask, model, details, history=history)

@@ -34,32 +34,42 @@ def main() -> None:
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--balanced", action="store_true", help="objective on the mean per-class accuracy")
     args = parser.parse_args()
-    seeds = seed_records(args.runs)
-    outcome: dict[str, dict[tuple, tuple[list[float], list[float]]]] = {}
-    for arm, (refined_name, plain_name) in ARMS.items():
-        print(f"\n{arm}: {refined_name} (refined) against the guard's pick ({args.split}; acc in points, CWV x 1e3)")
-        print(f"{'cell':24} {'n':>2} {'plain':>5} {'acc':>6} {'guard':>6} {'CWV':>6} {'guard':>6}")
-        outcome[arm] = {}
-        for cell in sorted(seeds):
-            pairs = [(s[refined_name], s[plain_name]) for s in seeds[cell].values()
-                     if refined_name in s and plain_name in s]
-            if not pairs:
-                continue
-            picks = [plain if objective(plain, args.balanced) > objective(refined, args.balanced) else refined
-                     for refined, plain in pairs]
-            rows = ([refined for refined, _ in pairs], picks)
-            acc = [statistics.fmean(100 * r[args.split]["acc"] for r in arm_rows) for arm_rows in rows]
-            cwv = [statistics.fmean(1e3 * r[args.split]["cwv"] for r in arm_rows) for arm_rows in rows]
-            kept_plain = sum(pick is plain for pick, (_, plain) in zip(picks, pairs))
-            outcome[arm][cell] = (acc, cwv)
-            name = "/".join(map(str, cell))
-            print(f"{name:24} {len(pairs):>2} {kept_plain:>5} {acc[0]:6.1f} {acc[1]:6.1f} {cwv[0]:6.1f} {cwv[1]:6.1f}")
-        _averages(list(outcome[arm].values()), 0, 1, f"{len(outcome[arm])} cells, guard - refined")
+    outcome = replay(seed_records(args.runs), ARMS, args.split, args.balanced, "plain", "guard")
+    versus(outcome, "the guard")
+
+
+def versus(outcome: dict[str, dict[tuple, tuple[list[float], list[float]]]], label: str) -> None:
+    """Ballot against LTH + refined over the cells both arms replayed: without ``label`` and with it on both."""
     both = sorted(set(outcome["ballot"]) & set(outcome["lth"]))
-    for i, label in ((0, "without the guard"), (1, "with the guard on both")):
+    for i, which in ((0, f"without {label}"), (1, f"with {label} on both")):
         cells = [([outcome["lth"][c][0][i], outcome["ballot"][c][0][i]],
                   [outcome["lth"][c][1][i], outcome["ballot"][c][1][i]]) for c in both]
-        _averages(cells, 0, 1, f"ballot - lth + refined, {label}, {len(cells)} cells")
+        _averages(cells, 0, 1, f"ballot - lth + refined, {which}, {len(cells)} cells")
+
+
+def replay(seeds: dict, arms: dict[str, tuple[str, str]], split: str, balanced: bool = False,
+           other: str = "plain", label: str = "guard") -> dict[str, dict[tuple, tuple[list[float], list[float]]]]:
+    """Per arm (name: (kept on ties, the other)), per cell: the tie-kept method's mean (accuracy, CWV) against the
+    mean of whichever of the two has the higher validation objective in each seed; printed with the averages."""
+    outcome: dict[str, dict[tuple, tuple[list[float], list[float]]]] = {}
+    for arm, (first, second) in arms.items():
+        print(f"\n{arm}: {first} against the {label}'s pick ({split}; acc in points, CWV x 1e3)")
+        print(f"{'cell':24} {'n':>2} {other:>7} {'acc':>6} {label:>7} {'CWV':>6} {label:>7}")
+        outcome[arm] = {}
+        for cell in sorted(seeds):
+            pairs = [(s[first], s[second]) for s in seeds[cell].values() if first in s and second in s]
+            if not pairs:
+                continue
+            picks = [b if objective(b, balanced) > objective(a, balanced) else a for a, b in pairs]
+            rows = ([a for a, _ in pairs], picks)
+            acc = [statistics.fmean(100 * r[split]["acc"] for r in arm_rows) for arm_rows in rows]
+            cwv = [statistics.fmean(1e3 * r[split]["cwv"] for r in arm_rows) for arm_rows in rows]
+            switched = sum(pick is b for pick, (_, b) in zip(picks, pairs))
+            outcome[arm][cell] = (acc, cwv)
+            name = "/".join(map(str, cell))
+            print(f"{name:24} {len(pairs):>2} {switched:>7} {acc[0]:6.1f} {acc[1]:7.1f} {cwv[0]:6.1f} {cwv[1]:7.1f}")
+        _averages(list(outcome[arm].values()), 0, 1, f"{len(outcome[arm])} cells, {label} - {first}")
+    return outcome
 
 
 def _averages(cells: list[tuple[list[float], list[float]]], a: int, b: int, label: str) -> None:
