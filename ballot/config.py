@@ -317,7 +317,7 @@ class BallotConfig:
         "rewind; one more training; reports/refine_start/). Applies to Ballot, LTH, random and refined SafeCompress / "
         "FairScratch, and to the refine guard's plain training ('best': from theta_k); magnitude and unit Ballot start "
         "from theta_T anyway. Not in the default Optuna space: the per-epoch pruner would favour 'trained' "
-        "(docs/tuning.md).", "rewind")
+        "(docs/tuning.md).", "best")
     refine_guard: bool = _help(
         "After a refined final training, train the same mask from the same start plainly too (prune.retrain, "
         "cross-entropy) and keep the model with the higher validation objective (val acc - objective_mcd_weight x "
@@ -493,6 +493,20 @@ class PruneConfig:
     def refined(self) -> bool:
         """Whether the final mask is trained with the refined, fairness-weighted schedule."""
         return self.final_train == "refined" or (self.final_train == "auto" and self.method == "ballot")
+
+    def rewinds(self) -> bool:
+        """Whether the final mask is trained from the rewound dense state (PruneContext.train_rewound), where
+        prune.ballot.refine_start applies: every method but magnitude and unit pruning, which start from theta_T."""
+        return self.method != "magnitude" and self.granularity == "weight"
+
+    def final_schedules(self) -> list[TrainConfig]:
+        """The schedules of the final trainings a run trains one after another (PruneContext.final_train): the refined
+        one, once more from theta_T's survivors with refine_start 'best' (rewinding methods), and prune.retrain's with
+        refine_guard; prune.retrain's alone for a plain final training."""
+        if not self.refined():
+            return [self.retrain]
+        both_starts = self.ballot.refine_start == "best" and self.rewinds()
+        return [self.ballot.refine_train] * (2 if both_starts else 1) + [self.retrain] * self.ballot.refine_guard
 
     def observation(self) -> TrainConfig:
         """The schedule of a Ballot observation round: prune.retrain's, over prune.ballot.obs_epochs epochs."""

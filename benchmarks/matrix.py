@@ -58,9 +58,11 @@ CAPS: dict[tuple[str, str], int] = {
 # prune.recalibrate_bn came after the recorded runs: pinned off here so they stay valid (it changes only models with
 # BatchNorm, here resnet20 and vgg; docs/ballot.md says what it does on small data). So did Ballot's default budget
 # rule 'blend': the recorded Ballot rows pin ERK, and the 'ballot (blend)' method is the product's Ballot. And the
-# schedules' min_steps floors: 0 here, the matrix states its schedules itself (LONGER).
+# schedules' min_steps floors: 0 here, the matrix states its schedules itself (LONGER). And the refined training's
+# start: rewound to theta_k, as recorded; the 'best' methods take the product's per-run choice.
 UNFLOORED = [f"{schedule}.min_steps=0" for schedule in FLOORED_SCHEDULES]
-COMMON = ["data.val_fraction=0.2", "prune.recalibrate_bn=false", "prune.ballot.layer_budget=erk", *UNFLOORED]
+COMMON = ["data.val_fraction=0.2", "prune.recalibrate_bn=false", "prune.ballot.layer_budget=erk",
+          "prune.ballot.refine_start=rewind", *UNFLOORED]
 # digits has 1,150 training images (9 steps an epoch): every schedule runs 3x the epochs, else a 2%-dense cnn stays at
 # chance for every method (validation accuracy about 0.2 for LTH and Ballot alike with 20 epochs, 0.97 with 60).
 LONGER = {"digits": ["train_dense.epochs=60", "prune.retrain.epochs=60", "prune.ballot.obs_epochs=60",

@@ -116,6 +116,7 @@ def test_refine_start_leaves_the_methods_that_start_from_theta_t_alone(overrides
         return run_prune(cfg, tiny_data, tiny_dense)
 
     rewound, trained, best = final("rewind"), final("trained"), final("best")
+    assert not tiny_config(*overrides).prune.rewinds()
     assert torch.equal(_flat_weights(rewound.model), _flat_weights(trained.model))
     assert torch.equal(_flat_weights(rewound.model), _flat_weights(best.model))
     assert best.final_choice is None  # nothing to choose from: no second training ran
@@ -134,6 +135,7 @@ def test_refine_start_best_keeps_the_start_with_the_higher_validation_objective(
     def objective(result) -> float:
         return _val_objective(result.model, tiny_data)
 
+    assert tiny_config(f"prune.method={method}").prune.rewinds()
     kept_labels = set()
     # first theta_T's survivors, untrained, against theta_k's (at density 0.9 theta_T's win); then trained, either
     for overrides in [("prune.ballot.refine_train.lr=1e-12", "base.density=0.9"), ()]:
@@ -195,8 +197,9 @@ def test_dense_class_weights_shrink_toward_the_average_as_the_prior_grows(tiny_d
 
 
 def test_refine_guard_keeps_the_final_training_with_the_higher_validation_objective(tiny_data, tiny_dense):
-    def prune(*overrides: str):
-        return run_prune(tiny_config("prune.method=ballot", *overrides), tiny_data, tiny_dense)
+    def prune(*overrides: str):  # one refined start, so the guard's plain training is the only rival
+        return run_prune(tiny_config("prune.method=ballot", "prune.ballot.refine_start=rewind", *overrides), tiny_data,
+                         tiny_dense)
 
     def objective(result) -> float:
         return _val_objective(result.model, tiny_data)
@@ -221,8 +224,10 @@ def test_the_final_choice_reaches_details_json_for_any_method(method, tiny_data,
     result = run_prune(cfg, tiny_data, tiny_dense)
     save_pruned(tmp_path, result, {"acc": 0.5}, cfg)
     record = json.loads((tmp_path / "details.json").read_text())["final_choice"]
-    assert record == result.final_choice and record["kept"] in ("refined", "plain")
-    unguarded = run_prune(tiny_config(f"prune.method={method}"), tiny_data, tiny_dense)
+    rivals = {"refined", "plain"} | ({"refined from theta_T"} if cfg.prune.rewinds() else set())  # 'best' by default
+    assert record == result.final_choice and set(record["objectives"]) == rivals and record["kept"] in rivals
+    unguarded = run_prune(tiny_config(f"prune.method={method}", "prune.ballot.refine_start=rewind"), tiny_data,
+                          tiny_dense)
     save_pruned(tmp_path, unguarded, {"acc": 0.5}, cfg)
     assert "final_choice" not in json.loads((tmp_path / "details.json").read_text())
 

@@ -631,6 +631,7 @@ def _fuzz_strategies():
 FUZZ_REQUESTS = 1200
 
 
+@pytest.mark.slow  # 1,200 requests, about 25 s: the fast subset stays under its 5 minutes
 def test_fuzzed_requests_never_get_a_5xx_and_the_service_stays_up(service):
     from hypothesis import HealthCheck, given, settings
 

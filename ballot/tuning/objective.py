@@ -102,7 +102,8 @@ def _record(trial: optuna.Trial, metrics: dict[str, Any], mcd_weight: float) -> 
 
 
 def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, float]:
-    """The Optuna objective: one Ballot run with the trial's knobs, reported per refined-training epoch."""
+    """The Optuna objective: one Ballot run with the trial's knobs, reported per final-training epoch (numbered
+    across the final trainings when they compete: refine_start 'best', refine_guard)."""
     tune = ctx.cfg.tune
     claim_slot(trial, tune.n_trials)
     values = {knob.key: knob.suggest(trial) for knob in ctx.knobs}
@@ -110,7 +111,8 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, fl
     knobs, samples = cfg.prune.ballot, len(ctx.data.train)
     observed = (knobs.rounds - 1) * stretched(cfg.prune.observation(), samples).epochs
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    trial.set_user_attr("epochs_planned", observed + stretched(knobs.refine_train, samples).epochs)
+    final = sum(stretched(schedule, samples).epochs for schedule in cfg.prune.final_schedules())
+    trial.set_user_attr("epochs_planned", observed + final)
     trial.set_user_attr("epochs_run", observed)
     single = tune.mode == "single"
 
