@@ -451,6 +451,9 @@ class FairScratchConfig:
 FINAL_TRAININGS = ("auto", "plain", "refined")
 GRANULARITIES = ("weight", "unit")
 UNIT_METHODS = ("magnitude", "ballot")  # the methods with a structured (unit) variant
+# the methods whose refined final training starts from the rewound dense state (PruneContext.train_rewound), where
+# prune.ballot.refine_start applies; magnitude and unit pruning start from theta_T
+REWINDING_METHODS = ("lth", "random", "ballot", "safecompress", "fairscratch")
 
 
 @dataclass
@@ -495,14 +498,15 @@ class PruneConfig:
         return self.final_train == "refined" or (self.final_train == "auto" and self.method == "ballot")
 
     def rewinds(self) -> bool:
-        """Whether the final mask is trained from the rewound dense state (PruneContext.train_rewound), where
-        prune.ballot.refine_start applies: every method but magnitude and unit pruning, which start from theta_T."""
-        return self.method != "magnitude" and self.granularity == "weight"
+        """Whether a refined final training starts from the rewound dense state, where prune.ballot.refine_start
+        applies (REWINDING_METHODS at weight granularity)."""
+        return self.method in REWINDING_METHODS and self.granularity == "weight"
 
     def final_schedules(self) -> list[TrainConfig]:
-        """The schedules of the final trainings a run trains one after another (PruneContext.final_train): the refined
-        one, once more from theta_T's survivors with refine_start 'best' (rewinding methods), and prune.retrain's with
-        refine_guard; prune.retrain's alone for a plain final training."""
+        """The schedules of the final trainings PruneContext.final_train runs one after another: the refined one, once
+        more from theta_T's survivors with refine_start 'best' (rewinding methods), and prune.retrain's with
+        refine_guard; prune.retrain's alone for a plain final training (SafeCompress and FairScratch have none: their
+        search is their training)."""
         if not self.refined():
             return [self.retrain]
         both_starts = self.ballot.refine_start == "best" and self.rewinds()

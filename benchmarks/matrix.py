@@ -57,9 +57,10 @@ CAPS: dict[tuple[str, str], int] = {
 }
 # prune.recalibrate_bn came after the recorded runs: pinned off here so they stay valid (it changes only models with
 # BatchNorm, here resnet20 and vgg; docs/ballot.md says what it does on small data). So did Ballot's default budget
-# rule 'blend': the recorded Ballot rows pin ERK, and the 'ballot (blend)' method is the product's Ballot. And the
+# rule 'blend': the recorded Ballot rows pin ERK, and the 'ballot (blend)' method has the product's budgets. And the
 # schedules' min_steps floors: 0 here, the matrix states its schedules itself (LONGER). And the refined training's
-# start: rewound to theta_k, as recorded; the 'best' methods take the product's per-run choice.
+# start: rewound to theta_k, as recorded; the 'best' methods (MATRIX_VARIANTS) take the product's per-run choice, so
+# 'ballot (blend) best' is the product's Ballot.
 UNFLOORED = [f"{schedule}.min_steps=0" for schedule in FLOORED_SCHEDULES]
 COMMON = ["data.val_fraction=0.2", "prune.recalibrate_bn=false", "prune.ballot.layer_budget=erk",
           "prune.ballot.refine_start=rewind", *UNFLOORED]
@@ -68,6 +69,12 @@ COMMON = ["data.val_fraction=0.2", "prune.recalibrate_bn=false", "prune.ballot.l
 LONGER = {"digits": ["train_dense.epochs=60", "prune.retrain.epochs=60", "prune.ballot.obs_epochs=60",
                      "prune.ballot.refine_train.epochs=60", "prune.safecompress.epochs=180",
                      "prune.fairscratch.epochs=180"]}
+# methods only the matrix needs: elsewhere refine_start 'best' is the default and these equal 'ballot (blend)' and
+# 'lth + refined'
+MATRIX_VARIANTS = {
+    "ballot (blend) best": ["prune.method=ballot", "prune.ballot.layer_budget=blend", "prune.ballot.refine_start=best"],
+    "lth + refined best": ["prune.method=lth", "prune.final_train=refined", "prune.ballot.refine_start=best"],
+}
 DEFAULT_METHODS = ("magnitude", "lth", "lth + refined", "ballot", "ballot (blend)", "ballot (protect)",
                    "ballot (plain retraining)")
 # the cost of a unit in epochs of its dataset (for the schedule: longest first)
@@ -458,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--resnet-seeds", nargs="+", type=int, help="seeds of the resnet20 cells (default: --seeds)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
-                        help=f"from {list(VARIANTS)} and --variant names")
+                        help=f"from {list(VARIANTS) + list(MATRIX_VARIANTS)} and --variant names")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="an extra method, e.g. 'rho 0.4:prune.method=ballot,prune.ballot.protect_fraction=0.4'")
     parser.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", help="override for every run")
@@ -468,10 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=("test", "val"), help="split of the report")
     parser.add_argument("--report-only", action="store_true", help="render the report from finished runs only")
     parser.add_argument("--judged", help="the method the acceptance figures and the heat-map judge "
-                        "(default 'ballot', the recorded matrix's ERK Ballot; the product's Ballot: 'ballot (blend)')")
+                        "(default 'ballot', the recorded matrix's ERK Ballot; the product's Ballot: "
+                        "'ballot (blend) best'; 'ballot (blend)' has its budgets and the rewound start)")
     args = parser.parse_args(argv)
 
-    known = {**VARIANTS, **parse_extra(args.variant)}
+    known = {**VARIANTS, **MATRIX_VARIANTS, **parse_extra(args.variant)}
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(known)}")

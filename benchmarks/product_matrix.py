@@ -1,6 +1,7 @@
 """The method matrix judged on the product's Ballot, merged from the matrix and the reports that ran cells again.
 
-`reports/matrix` was recorded with ERK budgets; the product's Ballot (``ballot (blend)``) ran afterwards where the
+`reports/matrix` was recorded with ERK budgets; Ballot with the product's budgets (``ballot (blend)``, the product's
+Ballot until the refined training chose its start per run: ``ballot (blend) best``) ran afterwards where the
 cached dense states still matched, and in reports of their own (one `benchmarks/matrix.py --out` each) where they did
 not. This script puts them together. A cell (dataset, model, density) is taken whole from the **last** folder in
 which the judged method ran on it together with LTH, and only on the seeds where both ran, so the comparisons in a

@@ -19,11 +19,6 @@ VARIANTS: dict[str, list[str]] = {
     "ballot (max)": ["prune.method=ballot", "prune.ballot.layer_budget=max"],
     # the product's default budgets, the mean of the two; benchmarks/matrix.py pins ERK for its recorded 'ballot' rows
     "ballot (blend)": ["prune.method=ballot", "prune.ballot.layer_budget=blend"],
-    # the refined training's start chosen per run, the product's default, which benchmarks/matrix.py pins to 'rewind'
-    # for its recorded runs (elsewhere these equal 'ballot (blend)' and 'lth + refined')
-    "ballot (blend) best": ["prune.method=ballot", "prune.ballot.layer_budget=blend",
-                            "prune.ballot.refine_start=best"],
-    "lth + refined best": ["prune.method=lth", "prune.final_train=refined", "prune.ballot.refine_start=best"],
     # structured: whole neurons / channels (L1-norm filter pruning, and Ballot's unit votes); docs/deploy.md
     "magnitude (unit)": ["prune.method=magnitude", "prune.granularity=unit"],
     # L1 filter pruning's units with Ballot's refined training: what Ballot's unit votes add beyond the refinement

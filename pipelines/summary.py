@@ -11,9 +11,9 @@ from pipelines.common import EXPORT, METRICS, PRUNE, REGISTER, REPORT_FILE, read
 
 
 def collect() -> dict[str, Any]:
-    """metrics.json with the method (prune's metrics), the record of competing final trainings (prune's details, when they ran), the
-    ONNX size (export.json) and the registered version (register.json); the last two only when those stages have
-    run."""
+    """metrics.json with the method (prune's metrics), the record of competing final trainings (prune's details, when
+    they ran), the ONNX size (export.json) and the registered version (register.json); the last two only when those
+    stages have run."""
     metrics = {**read_json(METRICS), "method": read_json(PRUNE / "metrics.json")["method"]}
     if (PRUNE / "details.json").is_file():
         metrics["final_choice"] = read_json(PRUNE / "details.json").get("final_choice")

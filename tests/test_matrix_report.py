@@ -113,3 +113,17 @@ def test_a_dense_mismatch_names_the_environment_only_where_the_state_differs() -
     differs = f"hash {'b' * 20}, recorded {'a' * 20}"
     assert matrix.dense_mismatch(recorded, "b" * 20, {}, here) == f"{differs}; threads 2, recorded 1"
     assert matrix.dense_mismatch(recorded, "b" * 20, {}, {**here, "threads": 1}) == differs
+
+
+def test_the_matrix_pins_the_rewound_start_and_its_best_methods_take_the_products_choice() -> None:
+    from ballot.config import apply_overrides, experiment_from_params, to_dict
+
+    base = apply_overrides({}, matrix.cell_overrides("digits", "mlp", 0))
+    known = {**matrix.VARIANTS, **matrix.MATRIX_VARIANTS}
+    configs = {name: experiment_from_params(apply_overrides(base, known[name]))
+               for name in ("ballot (blend)", "ballot (blend) best", "lth + refined", "lth + refined best")}
+    assert [cfg.prune.ballot.refine_start for cfg in configs.values()] == ["rewind", "best", "rewind", "best"]
+    assert experiment_from_params({}).prune.ballot.refine_start == "best"  # the product's default
+    assert len({matrix.run_key(cfg) for cfg in configs.values()}) == 4
+    # a recorded (rewound) run keeps the key it had before the start was a choice
+    assert "refine_start" not in json.dumps(matrix._without_later_defaults(to_dict(configs["ballot (blend)"])))

@@ -217,6 +217,30 @@ def test_refine_guard_keeps_the_final_training_with_the_higher_validation_object
     assert prune("prune.final_train=plain", guard).final_choice is None  # no refined training: nothing to guard
 
 
+def test_best_start_and_guard_compete_three_ways_with_the_plain_training_from_theta_k(tiny_data, tiny_dense):
+    still = ("prune.ballot.refine_train.lr=1e-12", "prune.retrain.lr=1e-12", "base.density=0.9")  # each stays at start
+    cfg = tiny_config("prune.method=lth", "prune.final_train=refined", "prune.ballot.refine_start=best",
+                      "prune.ballot.refine_guard=true", *still)
+    record = run_prune(cfg, tiny_data, tiny_dense).final_choice
+    assert list(record["objectives"]) == ["refined", "refined from theta_T", "plain"]  # training order = tie order
+    assert record["objectives"]["plain"] == record["objectives"]["refined"]  # the guard starts from theta_k too
+    assert record["objectives"]["refined from theta_T"] > record["objectives"]["refined"]
+    assert record["kept"] == "refined from theta_T"
+
+
+@pytest.mark.parametrize("overrides", [
+    ("prune.method=ballot",), ("prune.method=ballot", "prune.ballot.refine_start=rewind"),
+    ("prune.method=ballot", "prune.ballot.refine_guard=true"), ("prune.method=lth",),
+    ("prune.method=magnitude", "prune.final_train=refined"),
+])
+def test_final_schedules_lists_every_final_training_a_run_trains(overrides, tiny_data, tiny_dense):
+    cfg = tiny_config(*overrides, "prune.retrain.epochs=3")  # refined: 2 epochs, plain: 3
+    epochs = []
+    run_prune(cfg, tiny_data, tiny_dense, progress=False, on_epoch=lambda epoch, _: epochs.append(epoch))
+    planned = [schedule.epochs for schedule in cfg.prune.final_schedules()]
+    assert epochs == list(range(1, sum(planned) + 1))
+
+
 @pytest.mark.parametrize("method", sorted(PRUNERS))
 def test_the_final_choice_reaches_details_json_for_any_method(method, tiny_data, tiny_dense, tmp_path):
     cfg = tiny_config(f"prune.method={method}", "prune.final_train=refined", "prune.ballot.refine_guard=true",

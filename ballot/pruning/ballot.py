@@ -242,7 +242,7 @@ class BallotDetails(MethodDetails):
     layer_counts: dict[str, int]
     overlap_with_magnitude_ticket: float  # share of the kept weights the one-shot magnitude mask also keeps
     observe_seconds: float
-    refine_seconds: float  # both trainings when refine_guard ran
+    refine_seconds: float  # every competing final training (refine_start 'best', refine_guard)
 
 
 @dataclass

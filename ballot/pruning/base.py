@@ -42,8 +42,8 @@ class PruneContext:
     config: PruneConfig
     device: torch.device = torch.device("cpu")
     progress: bool | None = None
-    # Called after each epoch of the final training with (epoch, validation metrics); it may raise to stop the
-    # run early (Optuna's TrialPruned).
+    # Called after each epoch of the final training with (epoch, validation metrics), epochs numbered across competing
+    # final trainings; it may raise to stop the run early (Optuna's TrialPruned).
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None
 
     def model_from(self, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -82,6 +82,9 @@ class PruneContext:
         prune.ballot.refine_start says: from theta_T's survivors with 'trained' (learning-rate rewinding; the refine
         guard's plain training then starts there too), from both with 'best' (the refined training from theta_T
         competes with the one from theta_k)."""
+        if not self.config.rewinds():
+            raise RuntimeError(f"'{self.config.method}' at '{self.config.granularity}' granularity is not in "
+                               "REWINDING_METHODS (ballot.config) but trains from the rewound state")
         start = self.config.ballot.refine_start if self.config.refined() else "rewind"
         model = self.model_from(self.dense.trained_state if start == "trained" else self.dense.rewind_state)
         return model, self.final_train(model, mask, desc, self.dense.trained_state if start == "best" else None)
@@ -127,20 +130,22 @@ class PruneContext:
             candidates["refined from theta_T"] = (theta_t_rival, True)
         if guard:
             candidates["plain"] = (start, False)
-        results, states, scores = [], [], []
+        objectives: dict[str, float] = {}
+        seconds, kept, kept_state = 0.0, None, None
         for label, (initial, refined) in candidates.items():
             model.load_state_dict(initial)
             suffix = "" if label == "refined" else f" ({label})"
-            results.append(self._train_final(model, mask, desc + suffix, refined, val_objective))
+            result = self._train_final(model, mask, desc + suffix, refined, val_objective)
             self.recalibrate(model)
-            states.append(copy.deepcopy(model.state_dict()))
-            scores.append(self._objective(self.val_metrics(model)))
-        agreed = distributed.broadcast(torch.tensor(scores, dtype=torch.float64).to(self.device)).cpu().tolist()
-        best = max(range(len(agreed)), key=lambda i: (agreed[i], -i))  # rank 0's scores decide; ties: the earlier
-        model.load_state_dict(states[best])
-        kept = results[best]
-        kept.final_choice = {"kept": list(candidates)[best], "objectives": dict(zip(candidates, agreed))}
-        kept.seconds = sum(result.seconds for result in results)
+            score = torch.tensor([self._objective(self.val_metrics(model))], dtype=torch.float64)
+            objectives[label] = float(distributed.broadcast(score.to(self.device)).cpu())  # rank 0's score decides
+            seconds += result.seconds
+            if kept is None or objectives[label] > max(objectives[k] for k in objectives if k != label):  # ties: earlier
+                kept, kept_state = result, copy.deepcopy(model.state_dict())
+                kept.final_choice = {"kept": label}
+        model.load_state_dict(kept_state)
+        kept.final_choice["objectives"] = objectives
+        kept.seconds = seconds
         return kept
 
     def _objective(self, val_metrics: dict[str, Any]) -> float:

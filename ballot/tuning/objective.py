@@ -102,8 +102,10 @@ def _record(trial: optuna.Trial, metrics: dict[str, Any], mcd_weight: float) -> 
 
 
 def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, float]:
-    """The Optuna objective: one Ballot run with the trial's knobs, reported per final-training epoch (numbered
-    across the final trainings when they compete: refine_start 'best', refine_guard)."""
+    """The Optuna objective: one Ballot run with the trial's knobs, reported per epoch of its first final training.
+
+    Where final trainings compete (refine_start 'best', refine_guard) the later ones start elsewhere and, when the
+    refined epochs are searched, at different steps in different trials, so the pruner sees the first one only."""
     tune = ctx.cfg.tune
     claim_slot(trial, tune.n_trials)
     values = {knob.key: knob.suggest(trial) for knob in ctx.knobs}
@@ -111,18 +113,18 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, fl
     knobs, samples = cfg.prune.ballot, len(ctx.data.train)
     observed = (knobs.rounds - 1) * stretched(cfg.prune.observation(), samples).epochs
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    final = sum(stretched(schedule, samples).epochs for schedule in cfg.prune.final_schedules())
-    trial.set_user_attr("epochs_planned", observed + final)
+    finals = [stretched(schedule, samples).epochs for schedule in cfg.prune.final_schedules()]  # in training order
+    trial.set_user_attr("epochs_planned", observed + sum(finals))
     trial.set_user_attr("epochs_run", observed)
     single = tune.mode == "single"
 
     def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
         trial.set_user_attr("epochs_run", observed + epoch)
-        if single:
+        if single and epoch <= finals[0]:
             trial.report(fairness_objective(metrics, tune.mcd_weight), epoch)
             if trial.should_prune():
                 _record(trial, metrics, tune.mcd_weight)
-                raise optuna.TrialPruned(f"pruned after {epoch} refined-training epochs")
+                raise optuna.TrialPruned(f"pruned after {epoch} final-training epochs")
 
     start = time.perf_counter()
     result = run_prune(cfg, ctx.data, ctx.dense, progress=False, on_epoch=on_epoch)

@@ -9,7 +9,9 @@ mkdir -p "$out"
 run() {  # run CELL SEED ballot-prune-flags...
   local dir="$out/$1_$2_ballot"; shift 2
   [ -f "$dir/metrics.json" ] && return
-  .venv/bin/ballot prune --method ballot --device cpu --set prune.ballot.class_weight_prior_images=10 --out "$dir" \
+  # refine_start rewind: the start these runs were recorded with ('best' became the default later)
+  .venv/bin/ballot prune --method ballot --device cpu --set prune.ballot.class_weight_prior_images=10 \
+    --set prune.ballot.refine_start=rewind --out "$dir" \
     "$@" > "$dir.log" 2>&1 || echo "failed: $dir (see $dir.log)"
 }
 long_digits=(--dataset digits --set data.imbalance_ratio=10 --set data.val_fraction=0.2)

@@ -11,7 +11,8 @@ for schedule in train_dense prune.retrain prune.ballot.refine_train; do unfloore
 run() {  # run ARM CELL SEED METHOD ballot-prune-flags...
   local dir="$out/$1/$2_$3_$4"; mkdir -p "$out/$1"; shift 4
   [ -f "$dir/metrics.json" ] && return
-  .venv/bin/ballot prune "$@" --out "$dir" > "$dir.log" 2>&1 || echo "failed: $dir (see $dir.log)"
+  # the start these runs were recorded with (refine_start 'best' became the default later; reports/refine_start/)
+  .venv/bin/ballot prune "$@" --set prune.ballot.refine_start=rewind --out "$dir" > "$dir.log" 2>&1 || echo "failed: $dir (see $dir.log)"
 }
 long_digits=(--dataset digits --set data.imbalance_ratio=10 --set data.val_fraction=0.2)
 for arm in floored unfloored; do
