@@ -13,7 +13,7 @@ import yaml
 
 from ballot.cli import main
 from ballot.config import ExperimentConfig, experiment_from_params
-from ballot.errors import ConfigError, TuneError
+from ballot.errors import ConfigError, StorageError, TuneError
 from ballot.experiment import load_pruned, run_prune
 from ballot.knobs import parse_space
 from ballot.pruning import DenseArtifacts
@@ -341,20 +341,39 @@ def test_multi_objective_study_writes_the_pareto_front_and_picks_by_the_rule(tmp
     assert all(len(t["values"]) == 2 and not t["user_attrs"].get("surplus") for t in trials)
 
 
-def test_a_race_creating_the_storage_tables_is_retried(tmp_path, monkeypatch):
-    from sqlalchemy.exc import IntegrityError
+@pytest.mark.parametrize("race", ["stamp", "create"])
+def test_a_race_creating_the_storage_tables_is_retried(race, tmp_path, monkeypatch):
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     calls, real = [], optuna.storages.RDBStorage
+    lost = {"stamp": IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed")),
+            "create": OperationalError("CREATE TABLE alembic_version", {},
+                                       Exception("table alembic_version already exists"))}[race]
 
     def loses_the_race_once(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            raise IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+            raise lost
         return real(*args, **kwargs)
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", loses_the_race_once)
     make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=10)
     assert len(calls) == 2
+
+
+def test_a_storage_error_that_is_not_a_race_fails_at_once(tmp_path, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    calls = []
+
+    def unreadable(*args, **kwargs):
+        calls.append(1)
+        raise OperationalError("SELECT", {}, Exception("file is not a database"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", unreadable)
+    with pytest.raises(StorageError, match="file is not a database"):
+        make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=10)
+    assert len(calls) == 1
 
 
 def test_a_study_with_no_feasible_trial_says_why_and_what_to_change(tmp_path, capsys):

@@ -74,14 +74,17 @@ def make_storage(url: str, heartbeat_s: int,
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
                                                   grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=on_stale)
-        except IntegrityError:
-            # Workers opening a new storage at once race to create its tables; the loser finds them made.
+        except SQLAlchemyError as error:
+            # Workers opening a new storage at once race to create its tables; the loser finds them made (the schema
+            # stamp's IntegrityError, or sqlite's "table ... already exists").
+            if not (isinstance(error, IntegrityError) or "already exists" in str(error)):
+                raise StorageError(f"cannot open the Optuna storage {redact(url)}: {error}") from None
             attempt += 1
             if attempt == 3:
                 raise StorageError(f"cannot open the Optuna storage {redact(url)}: its tables could not be "
                                    "created (another process keeps creating them)") from None
             time.sleep(0.5 * attempt)
-        except (SQLAlchemyError, ImportError) as error:
+        except ImportError as error:
             raise StorageError(f"cannot open the Optuna storage {redact(url)}: {error}") from None
 
 
