@@ -131,7 +131,7 @@ class PruneContext:
         if guard:
             candidates["plain"] = (start, False)
         objectives: dict[str, float] = {}
-        seconds, kept, kept_state = 0.0, None, None
+        seconds, kept, kept_state, best = 0.0, None, None, float("-inf")
         for label, (initial, refined) in candidates.items():
             model.load_state_dict(initial)
             suffix = "" if label == "refined" else f" ({label})"
@@ -140,8 +140,8 @@ class PruneContext:
             score = torch.tensor([self._objective(self.val_metrics(model))], dtype=torch.float64)
             objectives[label] = float(distributed.broadcast(score.to(self.device)).cpu())  # rank 0's score decides
             seconds += result.seconds
-            if kept is None or objectives[label] > max(objectives[k] for k in objectives if k != label):  # ties: earlier
-                kept, kept_state = result, copy.deepcopy(model.state_dict())
+            if kept is None or objectives[label] > best:  # ties: the earlier
+                kept, kept_state, best = result, copy.deepcopy(model.state_dict()), objectives[label]
                 kept.final_choice = {"kept": label}
         model.load_state_dict(kept_state)
         kept.final_choice["objectives"] = objectives

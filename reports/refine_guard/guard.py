@@ -28,13 +28,18 @@ def objective(record: dict, balanced: bool = False) -> float:
     return (statistics.fmean(val["per_class"]) if balanced else val["acc"]) - MCD_WEIGHT * val["mcd"]
 
 
+def pick(first: dict, second: dict, balanced: bool = False) -> dict:
+    """The run a competing final training keeps: ``second`` only if its validation objective is higher."""
+    return second if objective(second, balanced) > objective(first, balanced) else first
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--balanced", action="store_true", help="objective on the mean per-class accuracy")
     args = parser.parse_args()
-    outcome = replay(seed_records(args.runs), ARMS, args.split, args.balanced, "plain", "guard")
+    outcome = replay(seed_records(args.runs), ARMS, args.split, args.balanced)
     versus(outcome, "the guard")
 
 
@@ -60,7 +65,7 @@ def replay(seeds: dict, arms: dict[str, tuple[str, str]], split: str, balanced: 
             pairs = [(s[first], s[second]) for s in seeds[cell].values() if first in s and second in s]
             if not pairs:
                 continue
-            picks = [b if objective(b, balanced) > objective(a, balanced) else a for a, b in pairs]
+            picks = [pick(a, b, balanced) for a, b in pairs]
             rows = ([a for a, _ in pairs], picks)
             acc = [statistics.fmean(100 * r[split]["acc"] for r in arm_rows) for arm_rows in rows]
             cwv = [statistics.fmean(1e3 * r[split]["cwv"] for r in arm_rows) for arm_rows in rows]

@@ -15,16 +15,16 @@ import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2] / folder) for folder in ("benchmarks", "reports/refine_guard")]
-from guard import objective, replay, versus  # noqa: E402
+from guard import pick, replay, versus  # noqa: E402
 from paired import seed_records  # noqa: E402
 
 ARMS = {"ballot": ("ballot (blend)", "ballot (blend) lrr"), "lth": ("lth + refined", "lth + refined lrr")}
 
 
-def pick(runs: dict[str, dict], arm: str, choose: bool) -> dict:
+def chosen(runs: dict[str, dict], arm: str, choose: bool) -> dict:
     """The arm's rewound run, or with ``choose`` the run of the start with the higher validation objective."""
     rewound, trained = (runs[name] for name in ARMS[arm])
-    return trained if choose and objective(trained) > objective(rewound) else rewound
+    return pick(rewound, trained) if choose else rewound
 
 
 def targets(seeds: dict, split: str) -> None:
@@ -37,8 +37,8 @@ def targets(seeds: dict, split: str) -> None:
         for by_seed in seeds.values():
             full = [runs for runs in by_seed.values() if needed <= set(runs)]
             if full:
-                trio = [[r["lth"] for r in full], [pick(r, "ballot", choose) for r in full],
-                        [pick(r, "lth", choose) for r in full]]
+                trio = [[r["lth"] for r in full], [chosen(r, "ballot", choose) for r in full],
+                        [chosen(r, "lth", choose) for r in full]]
                 cells.append([tuple(statistics.fmean(row[split][key] for row in rows) for key in ("acc", "cwv"))
                               for rows in trio])
         close = sum(ballot[0] >= lth[0] - 0.01 for lth, ballot, _ in cells)
