@@ -268,6 +268,9 @@ OBS_LOSSES = ("fair", "plain")
 CONFLICT_RULES = ("protect", "veto", "share", "none")
 LAYER_BUDGETS = ("blend", "erk", "ticket", "max")
 REFINE_STARTS = ("rewind", "trained", "best")
+# the methods whose refined final training starts from the rewound dense state (PruneContext.train_rewound), where
+# prune.ballot.refine_start applies; magnitude and unit pruning start from theta_T
+REWINDING_METHODS = ("lth", "random", "ballot", "safecompress", "fairscratch")
 
 
 @dataclass
@@ -314,10 +317,10 @@ class BallotConfig:
         "Where a refined final training starts: 'rewind' (the survivors rewound to theta_k, as LTH), 'trained' "
         "(theta_T's survivors with the refined schedule restarted: learning-rate rewinding, Renda et al. 2020) or "
         "'best' (both, keeping the higher validation objective, val acc - objective_mcd_weight x val MCD; ties: "
-        "rewind; one more training; reports/refine_start/). Applies to Ballot, LTH, random and refined SafeCompress / "
-        "FairScratch, and to the refine guard's plain training ('best': from theta_k); magnitude and unit Ballot start "
-        "from theta_T anyway. Not in the default Optuna space: the per-epoch pruner would favour 'trained' "
-        "(docs/tuning.md).", "best")
+        "rewind; one more training; reports/refine_start/). Applies to the refined final training of "
+        f"{', '.join(REWINDING_METHODS)} (weight granularity) and to the refine guard's plain training ('best': from "
+        "theta_k); magnitude and unit pruning start from theta_T anyway. Not in the default Optuna space: the "
+        "per-epoch pruner would favour 'trained' (docs/tuning.md).", "best")
     refine_guard: bool = _help(
         "After a refined final training, train the same mask from the same start plainly too (prune.retrain, "
         "cross-entropy) and keep the model with the higher validation objective (val acc - objective_mcd_weight x "
@@ -451,9 +454,6 @@ class FairScratchConfig:
 FINAL_TRAININGS = ("auto", "plain", "refined")
 GRANULARITIES = ("weight", "unit")
 UNIT_METHODS = ("magnitude", "ballot")  # the methods with a structured (unit) variant
-# the methods whose refined final training starts from the rewound dense state (PruneContext.train_rewound), where
-# prune.ballot.refine_start applies; magnitude and unit pruning start from theta_T
-REWINDING_METHODS = ("lth", "random", "ballot", "safecompress", "fairscratch")
 
 
 @dataclass

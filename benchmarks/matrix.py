@@ -235,7 +235,8 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
         record = {"unit": unit.__dict__, "method": name, "density": density, "seconds": seconds,
                   "dense_fingerprint": fingerprint, **here, "kept_density": result.mask.density(),
                   "layer_floor_ratio": layer_floor_ratio(result.mask, density),
-                  "test": _metrics(metrics), "val": _metrics(metrics["val"]), "overrides": methods[name]}
+                  "test": _metrics(metrics), "val": _metrics(metrics["val"]), "overrides": methods[name],
+                  "final_choice": result.final_choice}  # which rival final training was kept (None: no rival)
         write_json(path, record)
         written.append(record)
         shown = record[split]

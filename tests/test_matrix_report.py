@@ -101,9 +101,11 @@ def test_a_unit_whose_cached_dense_state_differs_from_its_records_gets_no_new_ru
     dense_record.write_text(json.dumps(older))
     assert [r["method"] for r in matrix.run_unit(unit, {}, [0.5], random, out, cache, 1, "test")] == ["random"]
     dense_record.write_text(json.dumps(true_record))
-    lth = {"lth": matrix.VARIANTS["lth"]}
-    assert [r["method"] for r in matrix.run_unit(unit, {}, [0.5], lth, out, cache, 1, "test")] == ["lth"], \
-        "the same hash: new runs go ahead"
+    lth = {"lth": matrix.VARIANTS["lth"], "lth + refined best": matrix.MATRIX_VARIANTS["lth + refined best"]}
+    plain, best = matrix.run_unit(unit, {}, [0.5], lth, out, cache, 1, "test")
+    assert [plain["method"], best["method"]] == list(lth), "the same hash: new runs go ahead"
+    assert written[1]["final_choice"] is plain["final_choice"] is None, "a plain final training has no rival"
+    assert set(best["final_choice"]["objectives"]) == {"refined from theta_k", "refined from theta_T"}
 
 
 def test_a_dense_mismatch_names_the_environment_only_where_the_state_differs() -> None:

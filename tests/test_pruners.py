@@ -142,10 +142,10 @@ def test_refine_start_best_keeps_the_start_with_the_higher_validation_objective(
         rewound, trained, best = run("rewind", *overrides), run("trained", *overrides), run("best", *overrides)
         assert best.mask.to_bytes() == rewound.mask.to_bytes() == trained.mask.to_bytes()
         theta_t_wins = objective(trained) > objective(rewound)
-        winner, label = (trained, "refined from theta_T") if theta_t_wins else (rewound, "refined")
+        winner, label = (trained, "refined from theta_T") if theta_t_wins else (rewound, "refined from theta_k")
         assert torch.equal(_flat_weights(best.model), _flat_weights(winner.model))
         assert best.final_choice == {"kept": label, "objectives": pytest.approx(
-            {"refined": objective(rewound), "refined from theta_T": objective(trained)})}
+            {"refined from theta_k": objective(rewound), "refined from theta_T": objective(trained)})}
         kept_labels.add(label)
     assert "refined from theta_T" in kept_labels  # the set-up: the first case has theta_T's survivors win
 
@@ -222,9 +222,9 @@ def test_best_start_and_guard_compete_three_ways_with_the_plain_training_from_th
     cfg = tiny_config("prune.method=lth", "prune.final_train=refined", "prune.ballot.refine_start=best",
                       "prune.ballot.refine_guard=true", *still)
     record = run_prune(cfg, tiny_data, tiny_dense).final_choice
-    assert list(record["objectives"]) == ["refined", "refined from theta_T", "plain"]  # training order = tie order
-    assert record["objectives"]["plain"] == record["objectives"]["refined"]  # the guard starts from theta_k too
-    assert record["objectives"]["refined from theta_T"] > record["objectives"]["refined"]
+    assert list(record["objectives"]) == ["refined from theta_k", "refined from theta_T", "plain"]  # = tie order
+    assert record["objectives"]["plain"] == record["objectives"]["refined from theta_k"]  # the guard starts there too
+    assert record["objectives"]["refined from theta_T"] > record["objectives"]["refined from theta_k"]
     assert record["kept"] == "refined from theta_T"
 
 
@@ -248,7 +248,8 @@ def test_the_final_choice_reaches_details_json_for_any_method(method, tiny_data,
     result = run_prune(cfg, tiny_data, tiny_dense)
     save_pruned(tmp_path, result, {"acc": 0.5}, cfg)
     record = json.loads((tmp_path / "details.json").read_text())["final_choice"]
-    rivals = {"refined", "plain"} | ({"refined from theta_T"} if cfg.prune.rewinds() else set())  # 'best' by default
+    starts = {"refined from theta_k", "refined from theta_T"}  # refine_start 'best', the default, for rewinding methods
+    rivals = {"plain"} | (starts if cfg.prune.rewinds() else {"refined"})
     assert record == result.final_choice and set(record["objectives"]) == rivals and record["kept"] in rivals
     unguarded = run_prune(tiny_config(f"prune.method={method}", "prune.ballot.refine_start=rewind"), tiny_data,
                           tiny_dense)

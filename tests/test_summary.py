@@ -31,9 +31,10 @@ def test_summary_without_dense_export_or_registry_and_with_unknown_values():
 
 
 def test_summary_names_the_final_training_that_was_kept():
-    choice = {"kept": "plain", "objectives": {"refined": 0.61234, "refined from theta_T": 0.65, "plain": 0.70001}}
+    choice = {"kept": "plain",
+              "objectives": {"refined from theta_k": 0.61234, "refined from theta_T": 0.65, "plain": 0.70001}}
     assert summary({**METRICS, "final_choice": choice}).splitlines()[-1] == \
-        "final training  plain (val objective 0.7000; refined 0.6123, refined from theta_T 0.6500)"
+        "final training  plain (val objective 0.7000; refined from theta_k 0.6123, refined from theta_T 0.6500)"
     assert "final training" not in summary({**METRICS, "final_choice": None})
 
 

@@ -108,7 +108,8 @@ class PruneContext:
         A refined training may have rivals, each trained on the same mask with the same seed: ``theta_t_rival``
         (train_rewound with prune.ballot.refine_start 'best') adds the refined training from that state's survivors,
         prune.ballot.refine_guard a plain training from ``model``'s start. ``model`` then ends as the candidate with
-        the higher validation objective (ties: the earlier one: refined, refined from theta_T, plain), each scored as
+        the higher validation objective (ties: the earlier one: refined, named 'refined from theta_k' when theta_T's
+        survivors compete, then refined from theta_T, then plain), each scored as
         it ships (BatchNorm recalibrated), and the result's ``final_choice`` records the pick and every objective.
         ``on_epoch`` sees each epoch's validation metrics, numbered across the trainings."""
         epochs_done = 0
@@ -125,7 +126,8 @@ class PruneContext:
         if not self.config.refined() or (theta_t_rival is None and not guard):
             return self._train_final(model, mask, desc, self.config.refined(), val_objective)
         start = copy.deepcopy(model.state_dict())
-        candidates = {"refined": (start, True)}  # {label: (start state, refined?)}, in tie-breaking order
+        first = "refined" if theta_t_rival is None else "refined from theta_k"
+        candidates = {first: (start, True)}  # {label: (start state, refined?)}, in tie-breaking order
         if theta_t_rival is not None:
             candidates["refined from theta_T"] = (theta_t_rival, True)
         if guard:
@@ -134,7 +136,7 @@ class PruneContext:
         seconds, kept, kept_state, best = 0.0, None, None, float("-inf")
         for label, (initial, refined) in candidates.items():
             model.load_state_dict(initial)
-            suffix = "" if label == "refined" else f" ({label})"
+            suffix = "" if label == first else f" ({label})"
             result = self._train_final(model, mask, desc + suffix, refined, val_objective)
             self.recalibrate(model)
             score = torch.tensor([self._objective(self.val_metrics(model))], dtype=torch.float64)
