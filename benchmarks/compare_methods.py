@@ -39,7 +39,7 @@ def run(params: dict[str, Any], seeds: list[int], variants: list[str]) -> list[d
             variant_cfg = experiment_from_params(apply_overrides(params, [f"base.seed={seed}"] + VARIANTS[name]))
             result, prune_s = timed(run_prune, variant_cfg, data, dense)
             row = _row(name, seed, model_metrics(result.model, data, cfg.base.device), dense_s, prune_s)
-            row["density"] = result.mask.density()
+            row["density"], row["final_choice"] = result.mask.density(), result.final_choice  # the kept rival
             rows.append(row)
             _report(row)
     return rows
