@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The held-out checks of this folder (README.md): `bash reports/heldout_checks/run.sh OUT` from the repository root.
 # Each line skips what OUT already holds, so a killed run continues where it stopped. About 100 minutes on 2 cores,
-# plus about 70 for the resnet18 cell.
+# plus about 70 for the resnet18 cell. compare_methods.py runs the product's defaults: since refine_start 'best'
+# became the default, add --set prune.ballot.refine_start=rewind to compare() for the runs recorded in results/.
 set -euo pipefail
 out=${1:?usage: run.sh OUT}
 py=.venv/bin/python

@@ -1,25 +1,30 @@
-"""The README's results table from a `run.sh` output folder: `summarize.py OUT`.
+"""The README's results table from a `run.sh` output folder: `summarize.py OUT [--start rewind|best]`.
 
 One row per cell: each method's mean validation and test accuracy / CWV x 1e3 over its seeds, then Ballot's test
-accuracy change (points) and relative CWV change against LTH and against LTH + refined."""
+accuracy change (points) and relative CWV change against LTH and against LTH + refined. The digits cells come from a
+matrix run, which pins the rewound start: `--start best` reads its 'best' methods (the product's default since
+`reports/refine_start/`) as Ballot and LTH + refined instead."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 METHODS = ("lth", "lth + refined", "ballot")
+# the matrix's method names read as METHODS, per refined-training start
+MATRIX_NAMES = {"rewind": {"lth": "lth", "lth + refined": "lth + refined", "ballot (blend)": "ballot"},
+                "best": {"lth": "lth", "lth + refined best": "lth + refined", "ballot (blend) best": "ballot"}}
 
 
-def _cells(out: Path) -> dict[str, dict[str, list[dict[str, float]]]]:
+def _cells(out: Path, start: str) -> dict[str, dict[str, list[dict[str, float]]]]:
     """cell name -> method -> one {val_acc, val_cwv, acc, cwv} per seed."""
     cells: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     matrix = out / "digits" / "matrix.json"
     for row in json.loads(matrix.read_text())["rows"] if matrix.is_file() else []:
-        method = "ballot" if row["method"] == "ballot (blend)" else row["method"]
+        method = MATRIX_NAMES[start].get(row["method"])
         if method in METHODS:
             name = f"digits {row['unit']['model']} d{row['density']}"
             cells[name][method].append({"val_acc": row["val"]["acc"], "val_cwv": row["val"]["cwv"],
@@ -40,7 +45,11 @@ def _change(ours: float, theirs: float) -> str:
 
 
 def main() -> None:
-    cells = _cells(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--start", choices=tuple(MATRIX_NAMES), default="rewind")
+    args = parser.parse_args()
+    cells = _cells(args.out, args.start)
     print("| cell | seeds | " + " | ".join(f"{m} val / test" for m in METHODS)
           + " | Ballot vs LTH: acc, CWV | vs LTH + refined: acc, CWV |")
     print("|---" * (len(METHODS) + 4) + "|")
