@@ -12,8 +12,10 @@ compare() {  # compare NAME --set ... : three seeds of LTH, LTH + refined and Ba
   [ -f "$out/$name/compare.json" ] || $py benchmarks/compare_methods.py --params params.yaml --seeds 0 1 2 \
     --methods "${methods[@]}" --set data.val_fraction=0.2 "$@" --out "$out/$name"
 }
+# the matrix pins the rewound start: 'ballot (blend)' was the product's Ballot then, 'ballot (blend) best' is now
 $py benchmarks/matrix.py --params params.yaml --out "$out/digits" --datasets digits --models mlp cnn \
-  --densities 0.01 0.2 --seeds 0 1 2 --methods lth "lth + refined" "ballot (blend)" --workers 2  # the product's Ballot
+  --densities 0.01 0.2 --seeds 0 1 2 --workers 2 \
+  --methods lth "lth + refined" "ballot (blend)" "lth + refined best" "ballot (blend) best"
 $py reports/heldout_checks/make_data.py "$out/data"
 for name in cancer wine tab20lt; do
   compare "$name" --set base.dataset=npz --set "data.path=$out/data/$name.npz" --set base.model=mlp \

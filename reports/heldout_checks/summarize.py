@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,8 +20,17 @@ MATRIX_NAMES = {"rewind": {"lth": "lth", "lth + refined": "lth + refined", "ball
                 "best": {"lth": "lth", "lth + refined best": "lth + refined", "ballot (blend) best": "ballot"}}
 
 
+def _compare_start(row: dict) -> str | None:
+    """The start a compare row's refined training took, read from its final_choice record ('best': theta_T's
+    survivors competed); None for rows written before compare_methods.py kept the record."""
+    if "final_choice" not in row:
+        return None
+    return "best" if "refined from theta_T" in (row["final_choice"] or {}).get("objectives", {}) else "rewind"
+
+
 def _cells(out: Path, start: str) -> dict[str, dict[str, list[dict[str, float]]]]:
-    """cell name -> method -> one {val_acc, val_cwv, acc, cwv} per seed."""
+    """cell name -> method -> one {val_acc, val_cwv, acc, cwv} per seed; warns of a compare row whose recorded
+    start is not ``start``."""
     cells: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     matrix = out / "digits" / "matrix.json"
     for row in json.loads(matrix.read_text())["rows"] if matrix.is_file() else []:
@@ -31,6 +41,10 @@ def _cells(out: Path, start: str) -> dict[str, dict[str, list[dict[str, float]]]
                                         "acc": row["test"]["acc"], "cwv": row["test"]["cwv"]})
     for compare in sorted(out.glob("*/compare.json")):
         for row in json.loads(compare.read_text())["rows"]:
+            ran = _compare_start(row) if row["method"] != "lth" else None  # plain LTH has no refined training
+            if ran is not None and ran != start:
+                print(f"warning: {compare.parent.name} {row['method']} seed {row['seed']} ran with the '{ran}' start, "
+                      f"not '{start}'", file=sys.stderr)
             if row["method"] in METHODS:
                 cells[compare.parent.name][row["method"]].append({k: row[k] for k in ("val_acc", "val_cwv", "acc", "cwv")})
     return cells
@@ -55,6 +69,7 @@ def main() -> None:
     print("|---" * (len(METHODS) + 4) + "|")
     for name, by_method in cells.items():
         if not all(m in by_method for m in METHODS):
+            print(f"warning: {name} skipped, it lacks {[m for m in METHODS if m not in by_method]}", file=sys.stderr)
             continue
         entries = [f"{_mean(by_method[m], 'val_acc'):.3f} / {1e3 * _mean(by_method[m], 'val_cwv'):.1f}, "
                    f"{_mean(by_method[m], 'acc'):.3f} / {1e3 * _mean(by_method[m], 'cwv'):.1f}" for m in METHODS]
