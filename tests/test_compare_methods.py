@@ -37,3 +37,15 @@ def test_improvements_name_each_baseline_with_hand_computed_changes() -> None:
                                    "accuracy +1.00 points, wall time (dense + prune) 2.00x")
     assert by_base["- vs magnitude"] == ("- vs magnitude: CWV -50.0%, MCD -50.0% (negative = fairer), "
                                          "accuracy +11.00 points, wall time (dense + prune) 4.00x")
+
+
+def test_each_row_records_which_final_training_was_kept() -> None:
+    from ballot.config import apply_overrides
+    from tests.conftest import TINY
+
+    rows = {row["method"]: row for row in compare.run(apply_overrides({}, TINY), [0], ["lth", "lth + refined"])}
+    assert "final_choice" not in rows["dense"]
+    assert rows["lth"]["final_choice"] is None, "a plain final training has no rival"
+    choice = rows["lth + refined"]["final_choice"]  # refine_start 'best', the default: both starts compete
+    assert set(choice["objectives"]) == {"refined from theta_k", "refined from theta_T"}
+    assert choice["kept"] in choice["objectives"]
