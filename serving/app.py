@@ -13,8 +13,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from serving.errors import BatchSizeError, InputError, ModelLoadError, NotServedError
-from serving.inputs import (check_batch_size, check_shape, check_uncompressed, from_float32_bytes, from_nested,
-                            from_pngs, parse_shape)
+from serving.inputs import check_batch_size, check_shape, from_float32_bytes, from_nested, from_pngs, parse_shape
 from serving.limits import BodyLimit
 from serving.metrics import CONTENT_TYPE, Metrics, RequestMetrics
 from serving.model_source import CARD_FILE, CARD_FOLDER
@@ -29,6 +28,7 @@ RAW_BODY = {"requestBody": {"required": True, "content": {"application/octet-str
     "schema": {"type": "string", "format": "binary",
                "description": "the batch as little-endian float32 values in row-major order"}}}}}
 MARKDOWN = "text/markdown; charset=utf-8"
+RAW_PATH = "/predict/raw"  # raw float32 bodies: no JSON in them to bound
 JSON_VALUE_SLACK = 4096  # JSON values beyond the batch's numbers: keys, nesting, small tabular models
 
 
@@ -66,7 +66,7 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
     app = FastAPI(title="ballot model service", description=f"ONNX Runtime predictions of {card.label()}.")
     app.router.route_class = OrjsonRoute
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                       max_values=max_json_values(settings, card.input_shape))
+                       max_values=max_json_values(settings, card.input_shape), raw_paths=frozenset({RAW_PATH}))
     app.add_middleware(RequestMetrics, metrics=metrics, routes=app.routes)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(InputError, _input_error)
@@ -127,15 +127,14 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
             batch = from_pngs(request.images or [], card.input_shape)
         return answer("/predict", batch)
 
-    @app.post("/predict/raw", response_model=PredictResponse, responses=ERROR_RESPONSES, openapi_extra=RAW_BODY,
+    @app.post(RAW_PATH, response_model=PredictResponse, responses=ERROR_RESPONSES, openapi_extra=RAW_BODY,
               summary="Predictions for a batch sent as raw float32 bytes (Content-Type: application/octet-stream)")
     async def predict_raw(request: Request, shape: str = Header(
             alias="X-Tensor-Shape", description="the batch's shape, comma-separated: n followed by input_shape",
             examples=["64,1,28,28"])) -> Response:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/octet-stream":
             raise InputError("send the batch as raw float32 bytes with Content-Type: application/octet-stream")
-        check_uncompressed(request.headers.get("content-encoding"))
         dims = check_shape(parse_shape(shape), card.input_shape, settings.max_batch)
-        return answer("/predict/raw", from_float32_bytes(await request.body(), dims))  # on the loop, as in serving.v2
+        return answer(RAW_PATH, from_float32_bytes(await request.body(), dims))  # on the loop, as in serving.v2
 
     return app

@@ -42,15 +42,9 @@ def check_shape(shape: Sequence[int], input_shape: Sequence[int], max_batch: int
 def parse_shape(text: str) -> list[int]:
     """A shape written as comma-separated sizes (``64,1,28,28``); InputError otherwise."""
     parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() for part in parts):
+    if not all(part.isascii() and part.isdigit() for part in parts):
         raise InputError(f"the shape must be comma-separated sizes such as 8,1,28,28; got {text[:60]!r}")
     return [int(part) for part in parts]
-
-
-def check_uncompressed(encoding: str | None) -> None:
-    """InputError for a Content-Encoding other than identity (gzip bodies are inflated before the routes)."""
-    if encoding is not None and encoding.strip().lower() != "identity":
-        raise InputError(f"Content-Encoding '{encoding[:40]}' is not supported; send the body gzip or uncompressed")
 
 
 def from_float32_bytes(raw: bytes | memoryview, shape: Sequence[int]) -> np.ndarray:

@@ -7,7 +7,7 @@ import zlib
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.responses import error_response, input_error_response
+from serving.responses import error_response, input_error_response, is_v2
 
 JSON_HEADER_LENGTH = b"inference-header-content-length"  # the Open Inference Protocol's binary extension
 GZIP = zlib.MAX_WBITS | 16  # zlib's window bits for the gzip container
@@ -20,15 +20,18 @@ class TooLarge(ValueError):
 class BodyLimit:
     """Answer 413 to a body above ``max_bytes``, or to JSON holding more than ``max_values`` values, before the app
     reads it. A ``Content-Encoding: gzip`` body is inflated here, to at most ``max_bytes``, and reaches the app
-    uncompressed (so both bounds hold for what it inflates to); one that is not gzip gets 400 (422 outside /v2).
+    uncompressed (so both bounds hold for what it inflates to); one that is not gzip, or a body in any other
+    encoding but identity, gets 400 (422 outside /v2).
 
     Decoded JSON takes about 30 times its text in memory when the text is dense (``0,0,0,...``), so the values are
     counted first: a JSON value beyond the first of its array or object follows a comma, and the commas in the text
-    bound the values.
+    bound the values. Which part of a body is JSON follows from its route, never from headers alone: none on
+    ``raw_paths``, the leading JSON header of an Open Inference Protocol body with the binary extension, all of it
+    elsewhere.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_values: int) -> None:
-        self.app, self.max_bytes, self.max_values = app, max_bytes, max_values
+    def __init__(self, app: ASGIApp, max_bytes: int, max_values: int, raw_paths: frozenset[str]) -> None:
+        self.app, self.max_bytes, self.max_values, self.raw_paths = app, max_bytes, max_values, raw_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,7 +54,13 @@ class BodyLimit:
                 return
             more = message.get("more_body", False)
         body, replayed = b"".join(chunks), False
-        if headers.get(b"content-encoding", b"").strip().lower() == b"gzip":
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if body and encoding not in (b"gzip", b"identity"):
+            shown = encoding[:40].decode("latin-1")
+            await input_error_response(scope["path"], f"Content-Encoding '{shown}' is not supported; send the body "
+                                                      "gzip or uncompressed")(scope, receive, send)
+            return
+        if body and encoding == b"gzip":
             try:
                 body = gunzip(body, self.max_bytes)
             except TooLarge:
@@ -65,7 +74,7 @@ class BodyLimit:
             scope = {**scope, "headers": [(key, value) for key, value in scope["headers"]
                                           if key not in (b"content-encoding", b"content-length")]
                      + [(b"content-length", str(len(body)).encode())]}
-        values = _json_part(body, headers).count(b",") + 1
+        values = self._json_part(scope["path"], body, headers).count(b",") + 1
         if values > self.max_values:
             await self._refuse(scope, receive, send, f"request JSON holds up to {values} values, more than the limit "
                                                      f"of {self.max_values}")
@@ -79,6 +88,15 @@ class BodyLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+    def _json_part(self, path: str, body: bytes, headers: dict[bytes, bytes]) -> bytes:
+        """The JSON text of a body: none on a raw path, the JSON header of a binary /v2 body, else all of it."""
+        if path in self.raw_paths:
+            return b""
+        length = headers.get(JSON_HEADER_LENGTH, b"")
+        if is_v2(path) and length.isdigit():
+            return body[:int(length)]
+        return body
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, reason: str) -> None:
         response = error_response(scope["path"], 413, f"{reason}; send fewer items per request")
@@ -97,11 +115,3 @@ def gunzip(body: bytes, max_bytes: int) -> bytes:
         raise zlib.error(f"{len(inflater.unused_data)} bytes follow the stream")
     return inflated
 
-
-def _json_part(body: bytes, headers: dict[bytes, bytes]) -> bytes:
-    """The JSON text of a body: all of it, its leading JSON header (binary extension), or none (raw bytes)."""
-    length = headers.get(JSON_HEADER_LENGTH, b"")
-    if length.isdigit():
-        return body[:int(length)]
-    content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-    return b"" if content_type == b"application/octet-stream" else body

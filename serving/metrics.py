@@ -16,6 +16,7 @@ from serving.schemas import ModelCard
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CLIENT_CLOSED = "499"  # nginx's status for a request the client abandoned before the answer
 UNMATCHED = "unmatched"  # the route label of a path no route serves: raw paths would make labels unbounded
 
 
@@ -77,7 +78,7 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status = time.perf_counter(), 500
+        start, status = time.perf_counter(), None
 
         async def send_noting_status(message: Message) -> None:
             nonlocal status
@@ -87,8 +88,12 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_noting_status)
-        finally:
-            self.metrics.observe_request(self._route(scope), scope["method"], str(status), time.perf_counter() - start)
+        except Exception:
+            status = status or 500  # the server error middleware outside answers 500
+            raise
+        finally:  # no response started and nothing raised: the client went away before one could be sent
+            label = CLIENT_CLOSED if status is None else str(status)
+            self.metrics.observe_request(self._route(scope), scope["method"], label, time.perf_counter() - start)
 
     def _route(self, scope: Scope) -> str:
         """The template of the route that served ``scope`` (also when a middleware answered before routing)."""

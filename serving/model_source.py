@@ -95,15 +95,18 @@ def _from_file(uri: str) -> ModelSource:
 
 
 def _read_card(path: Path) -> str:
-    """The text of a model card file; ModelSourceError when it is too large or not UTF-8."""
-    if path.stat().st_size > MAX_CARD_BYTES:
-        raise ModelSourceError(f"model card '{path}' holds {path.stat().st_size} bytes, more than the "
-                               f"{MAX_CARD_BYTES} a card may take")
+    """The text of a model card file; ModelSourceError when it is too large, unreadable or not UTF-8."""
     try:
+        size = path.stat().st_size
+        if size > MAX_CARD_BYTES:
+            raise ModelSourceError(f"model card '{path}' holds {size} bytes, more than the {MAX_CARD_BYTES} a card "
+                                   "may take")
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ModelSourceError(f"model card '{path}' is not UTF-8 text ({error.reason} at byte {error.start})"
                                ) from None
+    except OSError as error:
+        raise ModelSourceError(f"model card '{path}' cannot be read ({error.strerror})") from None
 
 
 def _from_registry(uri: str, ref: RegistryRef, tracking_uri: str | None, folder: Path) -> ModelSource:
@@ -177,7 +180,14 @@ def _onnx_file(folder: Path, ref: RegistryRef) -> Path:
     mlmodel = folder / "MLmodel"
     if not mlmodel.is_file():
         raise ModelSourceError(f"{_describe(ref)} has no MLmodel file: it was not logged with mlflow.onnx.log_model")
-    flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}
+    try:
+        content = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ModelSourceError(f"{_describe(ref)}: its MLmodel file cannot be read as YAML "
+                               f"({str(error).splitlines()[0]})") from None
+    if not isinstance(content, dict):
+        raise ModelSourceError(f"{_describe(ref)}: its MLmodel file is not a YAML mapping")
+    flavors = content.get("flavors") or {}
     data = (flavors.get("onnx") or {}).get("data")
     if not data:
         raise ModelSourceError(f"{_describe(ref)} is not an ONNX model (flavors: {sorted(flavors)}); "

@@ -78,8 +78,6 @@ def decode_request(body: bytes, header_length: str | None, input_name: str, inpu
         request = InferRequest.model_validate(loads(text))
     except json.JSONDecodeError as error:
         raise InputError(f"the inference request header is not valid JSON ({error.msg})") from None
-    except UnicodeDecodeError:
-        raise InputError("the inference request header is not UTF-8 JSON") from None
     except ValidationError as error:
         raise InputError(describe_validation([{**e, "loc": ("body", *e["loc"])} for e in error.errors()])) from None
     if len(request.inputs) != 1 or request.inputs[0].name != input_name:
@@ -110,10 +108,11 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """The JSON header and a view of the binary data after it (not copied: the batch is a view of the body)."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.strip().isdigit() or int(header_length) > len(body):
+    digits = header_length.strip()
+    if not (digits.isascii() and digits.isdigit()) or int(digits) > len(body):
         raise InputError(f"{HEADER_LENGTH} must be a byte count within the body ({len(body)} bytes), "
                          f"got {header_length[:40]!r}")
-    return body[:int(header_length)], memoryview(body)[int(header_length):]
+    return body[:int(digits)], memoryview(body)[int(digits):]
 
 
 def _requested(request: InferRequest) -> dict[str, bool]:

@@ -16,12 +16,23 @@ V2_PREFIX = "/v2"
 def loads(body: bytes) -> Any:
     """Decode JSON with orjson; NaN, Infinity and integers beyond 64 bits (which orjson refuses) by the standard library.
 
-    Raises json.JSONDecodeError for text that is not JSON.
+    Raises json.JSONDecodeError for anything that is not JSON the service can decode: invalid text, text that is
+    not UTF-8, nesting too deep for the standard library or an integer too long to convert.
     """
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
+        pass
+    try:
         return json.loads(body)
+    except json.JSONDecodeError:
+        raise
+    except UnicodeDecodeError as error:
+        raise json.JSONDecodeError(f"not UTF-8 ({error.reason} at byte {error.start})", "", 0) from None
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
+    except ValueError as error:
+        raise json.JSONDecodeError(str(error).split(";")[0], "", 0) from None
 
 
 def json_response(content: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:

@@ -11,7 +11,6 @@ from importlib.metadata import PackageNotFoundError, version as package_version
 from fastapi import APIRouter, Request, Response
 
 from serving.errors import ModelLoadError, NotServedError
-from serving.inputs import check_uncompressed
 from serving.metrics import Metrics
 from serving.oip import DATATYPES, HEADER_LENGTH, decode_request, encode_response
 from serving.responses import RequestRoute, error_response, json_response
@@ -54,7 +53,6 @@ def v2_router(model: OnnxModel, settings: Settings, metrics: Metrics) -> APIRout
 
     async def infer(request: Request) -> Response:
         check_served(request.path_params["name"], request.path_params.get("version"))
-        check_uncompressed(request.headers.get("content-encoding"))
         content, headers = answer(await request.body(), request.headers.get(HEADER_LENGTH))
         return Response(content, headers=headers)
 

@@ -321,6 +321,9 @@ BAD_REQUESTS = {
     "neither": ({}, 422, "exactly one of"),
     "unknown field": ({"images": [], "extra": 1}, 422, "extra"),
     "not JSON": ("{inputs: [", 422, "not valid JSON"),
+    "JSON nested too deeply": ("[" * 5000 + "]" * 5000, 422, "not valid JSON (nested too deeply)"),
+    "integer beyond Python's digit limit": (_with_token("1" * 5000), 422, "not valid JSON (Exceeds the limit"),
+    "not UTF-8": (b'{"inputs": [[0.5, "\xff"]]}', 422, "not valid JSON (not UTF-8"),
     "JSON array body": ([ITEM], 422, "must be a JSON object"),
     "invalid base64": ({"images": ["***"]}, 422, "images[0] is not valid base64"),
     "not an image": ({"images": [_b64(b"hello world")]}, 422, "images[0] is not a PNG image"),
@@ -333,7 +336,7 @@ BAD_REQUESTS = {
 
 
 def _send(client: httpx.Client, body) -> httpx.Response:
-    if isinstance(body, str):
+    if isinstance(body, (str, bytes)):
         return client.post("/predict", content=body, headers={"Content-Type": "application/json"})
     return client.post("/predict", json=body)
 

@@ -12,7 +12,7 @@ from PIL import Image
 from serving.errors import BatchSizeError, InputError, ModelLoadError, ModelSourceError, SettingsError
 from serving.inputs import check_batch_size, from_float32_bytes, from_nested, from_pngs
 from serving.model_size import model_bytes
-from serving.model_source import RegistryRef, parse_registry_uri
+from serving.model_source import RegistryRef, _onnx_file, _read_card, parse_registry_uri
 from serving.runtime import recorded_metadata, softmax
 from serving.settings import DEFAULT_MODEL_URI, Settings, load_settings
 
@@ -198,3 +198,17 @@ def test_validation_messages_are_one_readable_line():
     text = describe_validation(errors)
     assert text.startswith("inputs[3]: Input should be a valid list; images[0]: bad")
     assert text.endswith("(and 2 more)") and "\n" not in text
+
+
+def test_a_broken_mlmodel_or_an_unreadable_card_is_a_one_line_source_error(tmp_path):
+    ref = RegistryRef("m", alias="champion")
+    mlmodel = tmp_path / "MLmodel"
+    for text, problem in (("flavors: [unclosed", "cannot be read as YAML"), ("- a list", "not a YAML mapping")):
+        mlmodel.write_text(text)
+        with pytest.raises(ModelSourceError, match=problem) as error:
+            _onnx_file(tmp_path, ref)
+        assert "registered model 'm' (alias 'champion')" in str(error.value) and "\n" not in str(error.value)
+    unreadable = tmp_path / "model_card.md"
+    unreadable.mkdir()  # reading it fails with an OSError, as a card the service user may not read does
+    with pytest.raises(ModelSourceError, match="model card .* cannot be read"):
+        _read_card(unreadable)

@@ -106,6 +106,13 @@ V2_ERRORS = {
     "batch above the limit": (None, _v2_body(shape=(MAX_BATCH + 1, 1, 8, 8)), {}, 413, f"limit of {MAX_BATCH}"),
     "unknown output": (None, {**_v2_body(), "outputs": [{"name": "softmax"}]}, {}, 400, "unknown output"),
     "not JSON": (None, "{inputs", {}, 400, "not valid JSON"),
+    "JSON nested too deeply": (None, "[" * 5000 + "]" * 5000, {}, 400, "not valid JSON (nested too deeply)"),
+    "integer beyond Python's digit limit": (None, json.dumps(_v2_body()).replace("0.5", "1" * 5000, 1), {}, 400,
+                                            "not valid JSON (Exceeds the limit"),
+    "not UTF-8": (None, json.dumps(_v2_body()).encode().replace(b'"input"', b'"\xffinput"'), {}, 400,
+                  "not valid JSON (not UTF-8"),
+    "a header length in non-ASCII digits": (None, _v2_body(), {"Inference-Header-Content-Length": b"\xb2"}, 400,
+                                            "byte count within the body"),
     "gzip that is not gzip": (None, _v2_body(), {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
     "an unsupported encoding": (None, _v2_body(), {"Content-Encoding": "br"}, 400, "'br' is not supported"),
     "header length beyond the body": (None, _v2_body(), {"Inference-Header-Content-Length": "99999"}, 400,
@@ -119,7 +126,7 @@ V2_ERRORS = {
 @pytest.mark.parametrize("case", sorted(V2_ERRORS))
 def test_v2_errors_are_4xx_in_the_protocols_format(http, case):
     path, body, headers, status, message = V2_ERRORS[case]
-    content = body if isinstance(body, str) else json.dumps(body)
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
     answer = http.post(path or f"/v2/models/{NAME}/infer", content=content,
                        headers={"Content-Type": "application/json", **headers})
     assert answer.status_code == status, answer.text
@@ -153,9 +160,10 @@ def test_raw_float32_path_gives_the_json_paths_classes(http, exported):
     assert float64.status_code == 422 and "not float64" in float64.json()["detail"]
     missing = http.post("/predict/raw", content=b"\0" * 256, headers={"Content-Type": "application/octet-stream"})
     assert missing.status_code == 422 and "X-Tensor-Shape" in missing.json()["detail"]
-    bad = http.post("/predict/raw", content=b"\0" * 256,
-                    headers={"Content-Type": "application/octet-stream", "X-Tensor-Shape": "1x1x8x8"})
-    assert bad.status_code == 422 and "comma-separated" in bad.json()["detail"]
+    for shape in ("1x1x8x8", b"\xb9,1,8,8"):  # the second: a superscript one, which str.isdigit accepts
+        bad = http.post("/predict/raw", content=b"\0" * 256,
+                        headers={"Content-Type": "application/octet-stream", "X-Tensor-Shape": shape})
+        assert bad.status_code == 422 and "comma-separated" in bad.json()["detail"], bad.text
 
 
 # ---------------------------------------------------------------- gzip request bodies
@@ -191,6 +199,9 @@ def test_gzip_raw_bodies_are_inflated_and_bad_or_huge_ones_refused(http, exporte
     assert refused.status_code == 413 and "inflates beyond the limit" in refused.json()["detail"]
     deflate = http.post("/predict/raw", content=packed, headers={**headers, "Content-Encoding": "deflate"})
     assert deflate.status_code == 422 and "'deflate' is not supported" in deflate.json()["detail"]
+    brotli = http.post("/predict", content=json.dumps({"inputs": x[:1].tolist()}),
+                       headers={"Content-Type": "application/json", "Content-Encoding": "br"})
+    assert brotli.status_code == 422 and "'br' is not supported" in brotli.json()["detail"], brotli.text
 
 
 def test_dense_json_is_counted_after_inflating(http):
@@ -214,7 +225,13 @@ def test_metrics_count_requests_and_predicted_classes_add_up_to_the_items(export
                         headers={"Content-Type": "application/octet-stream", "X-Tensor-Shape": "5,1,8,8"})
         predicted += [p["class_index"] for p in raw.json()["predictions"]]
         assert http.post("/predict", json={"inputs": []}).status_code == 422
-        text = http.get("/metrics").text
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:  # a client that leaves mid-body
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"inputs\": [")
+        deadline = time.monotonic() + 10
+        while 'status="499"' not in (text := http.get("/metrics").text) and time.monotonic() < deadline:
+            time.sleep(0.05)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     by_class = {s.labels["class_index"]: s.value for s in families["ballot_predicted_class"].samples
                 if s.name.endswith("_total")}
@@ -223,6 +240,7 @@ def test_metrics_count_requests_and_predicted_classes_add_up_to_the_items(export
     requests = {(s.labels["route"], s.labels["status"]): s.value for s in families["ballot_http_requests"].samples
                 if s.name.endswith("_total")}
     assert requests[("/predict", "200")] == 5 and requests[("/predict", "422")] == 1
+    assert requests[("/predict", "499")] == 1 and ("/predict", "500") not in requests, "a client gone is not a 5xx"
     assert requests[("/predict/raw", "200")] == 1
     batches = {s.labels["route"]: s.value for s in families["ballot_batch_size"].samples if s.name.endswith("_sum")}
     assert batches == {"/predict": 40, "/predict/raw": 5}
@@ -284,6 +302,12 @@ def test_dense_json_within_the_byte_limit_is_refused_before_decoding(http):
     assert answer.status_code == 413 and "more than the limit" in answer.json()["detail"]
     v2 = http.post(f"/v2/models/{NAME}/infer", content=body, headers={"Content-Type": "application/json"})
     assert v2.status_code == 413 and "more than the limit" in v2.json()["error"]
+    # no header switches the count off: what is JSON follows from the route
+    for path, headers in [("/predict", {"Inference-Header-Content-Length": "0"}),
+                          ("/predict", {"Content-Type": "application/octet-stream"}),
+                          (f"/v2/models/{NAME}/infer", {"Content-Type": "application/octet-stream"})]:
+        answer = http.post(path, content=body, headers={"Content-Type": "application/json", **headers})
+        assert answer.status_code == 413, (path, headers, answer.text)
     assert http.get("/health").status_code == 200
 
 
