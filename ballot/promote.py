@@ -18,8 +18,6 @@ from ballot.tracking import CHAMPION
 _SLACK = 1e-12  # float noise must not decide a tie at the boundary
 
 
-
-
 @dataclass
 class Decision:
     """Whether the candidate passed, and one line per check saying why."""
@@ -72,10 +70,12 @@ def promote(client: Any, name: str, version: str, cfg: PromoteConfig) -> Decisio
         candidate = client.get_model_version(name, str(version))
     except MlflowException as error:
         raise PromotionError(f"model '{name}' has no version '{version}': {error.message}") from None
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
+    try:  # the alias list says whether a champion exists; any error reading it must stop the gate
+        aliases = client.get_registered_model(name).aliases
+        champion = client.get_model_version(name, str(aliases[CHAMPION])) if CHAMPION in aliases else None
+    except MlflowException as error:
+        raise PromotionError(f"cannot read @{CHAMPION} of model '{name}' from the registry: {error.message}"
+                             ) from None
     if champion is not None and champion.version == candidate.version:
         return Decision(True, [], f"{name} version {version} already is @{CHAMPION}")
     label = f"champion (version {champion.version})" if champion is not None else "the champion"

@@ -19,7 +19,7 @@ from ballot.cli import main
 from ballot.config import PromoteConfig
 from ballot.errors import PromotionError, StorageError
 from ballot.export import export_onnx
-from ballot.promote import gate
+from ballot.promote import gate, promote
 from ballot.tracking import (
     CHALLENGER,
     CHAMPION,
@@ -176,6 +176,25 @@ def test_promote_command_moves_champion_only_through_the_gate(registry, tmp_path
     code, out = promote(fairer)
     assert code == 0 and f"was version {unfair}" in out
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == fairer
+
+
+def test_a_registry_error_reading_the_champion_stops_the_gate(registry):
+    """A failed read of the aliases (a server's timeout or 5xx) is not "no champion": that would skip the CWV check."""
+    uri, client = registry
+    name = "gated-flaky"
+    champion = _version(client, name, acc=0.89, cwv=0.010)
+    client.set_registered_model_alias(name, CHAMPION, champion)
+    unfair = _version(client, name, acc=0.90, cwv=0.050)
+
+    class FlakyRegistry(mlflow.MlflowClient):  # reads of the model and its aliases fail; versions still read
+        def get_registered_model(self, *args, **kwargs):
+            raise mlflow.exceptions.MlflowException("503 Service Unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+
+        get_model_version_by_alias = get_registered_model
+
+    with pytest.raises(PromotionError, match="cannot read @champion of model 'gated-flaky'.*503"):
+        promote(FlakyRegistry(tracking_uri=uri, registry_uri=uri), name, unfair, CFG)
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == champion
 
 
 @pytest.mark.parametrize("args, message", [
