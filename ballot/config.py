@@ -155,7 +155,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)
     _check(not unknown, where, f"unknown key(s) {unknown}; allowed keys: {names}")
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         # A partial nested group overrides the field's own default, not the nested class's defaults.
@@ -240,6 +240,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a string or a number",
+                                                        key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
             seen.add(key)
@@ -672,9 +675,9 @@ def check_storage_url(url: str, where: str = "tune.storage") -> Any:
 
     try:
         return make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError(f"{where}: '{url}' is not a database URL; use sqlite:///path/study.db or "
-                          "postgresql://user@host:port/db") from None
+                          "postgresql://user@host:5432/db") from None
 
 
 @dataclass
@@ -698,7 +701,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{text}' must look like group.key=value")
-    return key.split("."), yaml.safe_load(raw)
+    try:
+        return key.split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({problem})") from None
 
 
 def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -708,7 +715,9 @@ def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, A
         path, value = parse_override(text)
         node = merged
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty group (a bare `data:` line)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{text}': '{part}' is not a group")
         node[path[-1]] = value
@@ -718,7 +727,7 @@ def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, A
 def experiment_from_params(params: Mapping[str, Any]) -> ExperimentConfig:
     """ExperimentConfig from a params mapping (a whole params.yaml); an unknown group is an error."""
     names = [f.name for f in dataclasses.fields(ExperimentConfig)]
-    unknown = sorted(set(params) - set(names))
+    unknown = sorted(set(params) - set(names), key=str)
     if unknown:
         raise ConfigError(f"params: unknown group(s) {unknown}; allowed groups: {names}")
     hints = typing.get_type_hints(ExperimentConfig)

@@ -54,6 +54,12 @@ def test_overrides_parse_yaml_values():
     assert params == {"base": {"seed": 1, "density": 0.1}, "prune": {"ballot": {"rounds": 2}}}
     with pytest.raises(ConfigError, match="group.key=value"):
         apply_overrides({}, ["novalue"])
+    assert apply_overrides({"data": None}, ["data.val_fraction=0.2"]) == {"data": {"val_fraction": 0.2}}
+    for broken in ("tune.space=[1,", "base.density=: x"):
+        with pytest.raises(ConfigError, match=r"override '.*': the value is not valid YAML \("):
+            apply_overrides({}, [broken])
+    with pytest.raises(ConfigError, match="'seed' is not a group"):
+        apply_overrides({"base": {"seed": 1}}, ["base.seed.x=2"])
 
 
 def test_load_yaml_errors(tmp_path):
@@ -70,6 +76,22 @@ def test_a_key_given_twice_in_params_is_an_error(tmp_path):
     path.write_text("base:\n  density: 0.1\n  density: 0.5\n")
     with pytest.raises(ConfigError, match="duplicate key 'density'"):
         load_yaml(path)
+
+
+def test_params_with_odd_keys_get_config_errors(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("base:\n  ? [a, b]\n  : 1\n")
+    with pytest.raises(ConfigError, match="a key must be a string or a number"):
+        load_yaml(path)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \[1, 'foo'\]"):
+        experiment_from_params({"base": {1: 2, "foo": 3}})
+    with pytest.raises(ConfigError, match=r"unknown group\(s\) \[1, 'x'\]"):
+        experiment_from_params({1: {}, "x": {}})
+
+
+def test_a_storage_url_with_a_port_that_is_no_number_is_a_config_error():
+    with pytest.raises(ConfigError, match="tune.storage: 'postgresql://u@host:port/db' is not a database URL"):
+        experiment_from_params({"tune": {"storage": "postgresql://u@host:port/db"}})
 
 
 def test_a_binary_params_file_is_named(tmp_path):
