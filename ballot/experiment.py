@@ -30,12 +30,19 @@ DENSE_FILES = {"init_state": "init.safetensors", "rewind_state": "rewind.safeten
 
 
 def check_experiment(cfg: ExperimentConfig, processes: int | None = None) -> None:
-    """Fail fast, before any work, when the dataset, model or method is not in its registry, the device is
-    unusable, or the method cannot run in ``processes`` processes (default: as many as torchrun started)."""
+    """Fail fast, before any work, when the dataset, model or method is not in its registry, a sweep method does
+    not fit the prune settings, the device is unusable, or the method cannot run in ``processes`` processes
+    (default: as many as torchrun started)."""
     dataset_loader(cfg.base.dataset)
     model_builder(cfg.base.model)
     for method in (cfg.prune.method, *cfg.sweep.methods):
         get_pruner(method)
+    for index, method in enumerate(cfg.sweep.methods):  # the sweep runs each with the prune settings
+        try:
+            dataclasses.replace(cfg.prune, method=method)
+        except ConfigError as error:
+            raise ConfigError(f"sweep.methods[{index}]: '{method}' does not fit the prune settings "
+                              f"(prune.{error})") from None
     if (processes or distributed.requested_processes()) > 1 and cfg.prune.method not in DATA_PARALLEL:
         raise ConfigError(f"prune.method: '{cfg.prune.method}' trains in its own loop and runs in one process only; "
                           f"data-parallel methods: {sorted(DATA_PARALLEL)}")

@@ -14,6 +14,7 @@ from ballot.config import ExperimentConfig, load_yaml
 from ballot.errors import ConfigError, StorageError, UnknownMethodError
 from ballot.snapshot import load_snapshot, save_snapshot
 from ballot.storage import atomic_save_tensors, staged_folder, write_json
+from ballot.tuning.study import SEARCH_KEYS, TRIAL_PRUNE_KEYS
 from pipelines.common import load_config, run_stage
 from pipelines.evaluate import summarise
 
@@ -62,6 +63,8 @@ def test_every_stage_lists_its_script_and_only_params_that_exist():
             assert any(k == param or k.startswith(param + ".") for k in keys), f"{name}: unknown param {param}"
     dense_params = pipeline["stages"]["train_dense"]["params"]
     assert "base.density" not in dense_params and not any(p.startswith("prune") for p in dense_params)
+    read_by_trials = {f"prune.{key}" for key in TRIAL_PRUNE_KEYS} | {f"tune.{key}" for key in SEARCH_KEYS}
+    assert read_by_trials <= set(pipeline["stages"]["tune"]["params"]), "a setting trials read must re-run tune"
 
 
 @pytest.mark.parametrize("text, error, message", [
@@ -70,6 +73,8 @@ def test_every_stage_lists_its_script_and_only_params_that_exist():
     ("register: {model_name: ' '}\n", ConfigError, "register.model_name: must not be empty"),
     ("prune: {method: prayer}\n", UnknownMethodError, "unknown pruning method 'prayer'"),
     ("base: {device: gpu0}\n", ConfigError, "base.device: "),
+    ("prune: {method: magnitude, granularity: unit}\nsweep: {densities: [0.2], methods: [ballot, lth]}\n",
+     ConfigError, r"sweep.methods\[1\]: 'lth' does not fit the prune settings \(prune.granularity: 'unit'"),
 ])
 def test_load_config_names_the_problem(tmp_path, text, error, message):
     path = tmp_path / "params.yaml"

@@ -23,6 +23,7 @@ from ballot.tuning.objective import (SurplusTrial, TrialContext, claim_slot, den
 from ballot.tuning.report import choose, no_choice_reason, pareto_front, summarise
 from ballot.tuning.runner import run_study
 from ballot.tuning.space import (
+    OBJECTIVE_WEIGHT_KEY,
     apply_best,
     check_space,
     current_values,
@@ -168,6 +169,20 @@ def test_joining_a_study_made_for_another_configuration_fails(tmp_path):
         open_study(cfg, storage, "s", "bbbb", 0)
 
 
+def test_a_study_whose_set_up_fails_is_removed_so_the_next_run_creates_it(tmp_path):
+    cfg = tune_config()
+    storage = make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=1)
+
+    def fail(study: optuna.Study) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while the creator computes the dense accuracy or queues trial 0
+
+    with pytest.raises(KeyboardInterrupt):
+        open_study(cfg, storage, "s", "aaaa", 0, on_create=fail)
+    assert "s" not in optuna.get_all_study_names(storage)
+    study, created = open_study(cfg, storage, "s", "aaaa", 0)
+    assert created and study.user_attrs["ready"] is True
+
+
 def test_a_trial_beyond_the_budget_steps_back(tmp_path):
     storage = make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=1)
     study = optuna.create_study(storage=storage, study_name="budget")
@@ -282,7 +297,8 @@ def test_two_trial_study_end_to_end_then_resumed_to_three(tmp_path):
 
     best = load_best(out / "best_params.yaml")
     chosen = max((t for t in trials if t["user_attrs"].get("feasible")), key=lambda t: t["values"][0])
-    assert best == chosen["params"] and summary["best"]["number"] == chosen["number"]
+    assert summary["best"]["number"] == chosen["number"]
+    assert best == {**chosen["params"], OBJECTIVE_WEIGHT_KEY: tune_config().tune.mcd_weight}, "the trials' weight too"
     cfg, applied = apply_best(tune_config(), out / "best_params.yaml")
     assert applied == best and cfg.prune.ballot.conflict_threshold == best["prune.ballot.conflict_threshold"]
     assert cfg.prune.ballot.refine_train.epochs == best["prune.ballot.refine_train.epochs"]
@@ -336,7 +352,8 @@ def test_multi_objective_study_writes_the_pareto_front_and_picks_by_the_rule(tmp
     chosen = [row for row in front if row["chosen"]]
     assert len(chosen) == 1 and chosen[0]["val_cwv"] == min(row["val_cwv"] for row in front)
     best = yaml.safe_load((out / "best_params.yaml").read_text())
-    assert best["trial"] == chosen[0]["number"] and best["params"] == chosen[0]["params"] and best["mode"] == "multi"
+    assert best["trial"] == chosen[0]["number"] and best["mode"] == "multi"
+    assert best["params"] == {**chosen[0]["params"], OBJECTIVE_WEIGHT_KEY: tune_config().tune.mcd_weight}
     assert (out / "report" / "plots" / "pareto_front.png").stat().st_size > 0
     assert all(len(t["values"]) == 2 and not t["user_attrs"].get("surplus") for t in trials)
 

@@ -19,7 +19,7 @@ from ballot.tuning.kept import keep_only
 from ballot.tuning.mlflow_runs import PARENT_ATTR, TrialLogger, finish_parent, start_parent
 from ballot.tuning.objective import dense_val_accuracy, thin_validation_warning
 from ballot.tuning.report import choose, no_choice_reason, write_report
-from ballot.tuning.space import check_space, current_values, trial_base, write_best
+from ballot.tuning.space import OBJECTIVE_WEIGHT_KEY, check_space, current_values, trial_base, write_best
 from ballot.tuning.study import (
     DENSE_ACC_ATTR,
     WorkerJob,
@@ -101,6 +101,9 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
             "dense_val_acc": summary["dense_val_acc"]}
     if chosen is None:
         info["note"] = f"{no_choice_reason(summary, tune.max_acc_drop)}. params is empty, so prune keeps its own values"
-    best = write_best(best_path, chosen.params if chosen else {}, info)
+    # the trials' objective weight rides along: under refine_start 'best' it picks the kept training, so prune
+    # reproduces the chosen trial only with the same weight
+    chosen_values = {**chosen.params, OBJECTIVE_WEIGHT_KEY: tune.mcd_weight} if chosen else {}
+    best = write_best(best_path, chosen_values, info)
     finish_parent(client, study.user_attrs[PARENT_ATTR], summary, [best, *files])
     return TuneOutcome(study, chosen, summary, [best, *files])

@@ -26,10 +26,13 @@ def with_values(cfg: ExperimentConfig, values: Mapping[str, Any]) -> ExperimentC
     return experiment_from_params(apply_overrides(to_dict(cfg), overrides))
 
 
+OBJECTIVE_WEIGHT_KEY = "prune.ballot.objective_mcd_weight"
+
+
 def trial_base(cfg: ExperimentConfig) -> ExperimentConfig:
     """The configuration every trial starts from: ``cfg`` with Ballot as the pruning method, whose plateau schedule
-    watches the study's own objective (tune.mcd_weight)."""
-    return with_values(cfg, {"prune.method": "ballot", "prune.ballot.objective_mcd_weight": cfg.tune.mcd_weight})
+    and choice of the kept final training watch the study's own objective (tune.mcd_weight)."""
+    return with_values(cfg, {"prune.method": "ballot", OBJECTIVE_WEIGHT_KEY: cfg.tune.mcd_weight})
 
 
 def check_space(cfg: ExperimentConfig) -> list[Knob]:

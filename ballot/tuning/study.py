@@ -36,6 +36,8 @@ DIRECTIONS = {"single": ["maximize"], "multi": ["maximize", "minimize"]}
 FINGERPRINT_ATTR, READY_ATTR, DENSE_ACC_ATTR = "fingerprint", "ready", "dense_val_acc"
 SEARCH_KEYS = ("space", "mode", "sampler", "seed", "pruner", "pruner_startup_trials", "pruner_warmup_epochs",
                "mcd_weight", "max_acc_drop")  # the tune settings that change what a trial means
+TRIAL_PRUNE_KEYS = ("ballot", "retrain", "min_per_layer", "granularity", "final_train", "recalibrate_bn")  # the
+# prune settings a trial reads (its method is always Ballot); dvc.yaml's tune stage lists each of both groups
 READY_TIMEOUT_S = 60.0
 
 
@@ -114,7 +116,7 @@ def fingerprint(cfg: ExperimentConfig, dense: DenseArtifacts) -> str:
         "base": {k: v for k, v in d["base"].items() if k != "device"},
         "data": {k: v for k, v in d["data"].items() if k not in ("root", "download")},
         "train_dense": d["train_dense"],
-        "prune": {k: d["prune"][k] for k in ("ballot", "retrain", "min_per_layer", "granularity", "final_train")},
+        "prune": {k: d["prune"][k] for k in TRIAL_PRUNE_KEYS},
         "tune": {k: d["tune"][k] for k in SEARCH_KEYS},
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
@@ -125,7 +127,8 @@ def fingerprint(cfg: ExperimentConfig, dense: DenseArtifacts) -> str:
 def open_study(cfg: ExperimentConfig, storage: optuna.storages.BaseStorage, name: str, fp: str, worker: int,
                on_create: Callable[[optuna.Study], None] | None = None) -> tuple[optuna.Study, bool]:
     """Create study ``name`` (then ``on_create`` and mark it ready) or join it after checking its fingerprint;
-    (study, whether this call created it)."""
+    (study, whether this call created it). When the set-up fails (an error, Ctrl-C) the study is deleted again, so
+    that the next run creates it afresh instead of finding one that never became ready."""
     tune = cfg.tune
     kwargs = {"storage": storage, "study_name": name, "sampler": make_sampler(tune, worker),
               "pruner": make_pruner(tune)}
@@ -135,16 +138,20 @@ def open_study(cfg: ExperimentConfig, storage: optuna.storages.BaseStorage, name
         study = optuna.load_study(**kwargs)
         _check_joinable(study, tune, fp)
         return study, False
-    study.set_user_attr(FINGERPRINT_ATTR, fp)
-    if on_create is not None:
-        on_create(study)
-    study.set_user_attr(READY_ATTR, True)
+    try:
+        study.set_user_attr(FINGERPRINT_ATTR, fp)
+        if on_create is not None:
+            on_create(study)
+        study.set_user_attr(READY_ATTR, True)
+    except BaseException:
+        optuna.delete_study(study_name=name, storage=storage)
+        raise
     return study, True
 
 
 def _check_joinable(study: optuna.Study, tune: TuneConfig, fp: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while not study.user_attrs.get(READY_ATTR):  # its creator may still be setting it up
+    while not _ready(study):  # its creator may still be setting it up
         if time.monotonic() > deadline:
             raise TuneError(f"study '{study.study_name}' exists but was never made ready (did its creator die?); "
                             "delete it or pick another tune.study_name")
@@ -158,6 +165,15 @@ def _check_joinable(study: optuna.Study, tune: TuneConfig, fp: str) -> None:
     if study.directions != wanted:
         raise TuneError(f"study '{study.study_name}' has directions {study.directions}, mode '{tune.mode}' needs "
                         f"{wanted}")
+
+
+def _ready(study: optuna.Study) -> bool:
+    """Whether the study's creator finished setting it up; TuneError when it deleted the study instead."""
+    try:
+        return bool(study.user_attrs.get(READY_ATTR))
+    except KeyError:  # the storage no longer holds it
+        raise TuneError(f"study '{study.study_name}' was deleted while this run waited to join it (its creator's "
+                        "set-up failed); run again to create it afresh") from None
 
 
 def trial_counts(study: optuna.Study) -> tuple[int, int]:
