@@ -294,7 +294,8 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
         distributed.all_reduce_sum(totals)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(totals[0]) / n, "train_acc": float(totals[1]) / n}
         if epoch_metric is not None:
-            record["val_metric"] = float(epoch_metric(model))
+            value = torch.tensor([epoch_metric(model)], dtype=torch.float64, device=device)
+            record["val_metric"] = float(distributed.broadcast(value).cpu())  # rank 0's: the plateau steps alike
             model.train()
             if cfg.schedule == "plateau":
                 plateau.update(record["val_metric"])

@@ -59,6 +59,36 @@ def test_processes_that_disagree_on_a_mask_are_stopped(tmp_path):
     assert "the test mask differs between rank" in run.stdout + run.stderr
 
 
+def test_the_plateau_schedule_follows_rank_0s_metric_on_every_rank(tmp_path):
+    """Each rank's validation pass may differ (its BatchNorm statistics come from its own shard); the lr must not."""
+    script = tmp_path / "plateau.py"
+    script.write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from ballot import distributed\n"
+        "from ballot.config import TrainConfig\n"
+        "from ballot.data import Split\n"
+        "from ballot.train import train\n"
+        "distributed.start(torch.device('cpu'))\n"
+        "torch.manual_seed(0)\n"
+        "model = nn.Sequential(nn.Linear(4, 3))\n"
+        "data = Split(torch.randn(64, 4), torch.arange(64) % 3)\n"
+        "calls = []\n"
+        "def metric(model):  # rank 0 never improves (its lr decays each epoch); rank 1 always does\n"
+        "    calls.append(1)\n"
+        "    return float(len(calls)) if distributed.rank() == 1 else 0.0\n"
+        "cfg = TrainConfig(epochs=4, batch_size=16, schedule='plateau', patience=0, min_steps=0)\n"
+        "result = train(model, data, cfg, epoch_metric=metric)\n"
+        f"open(f'{tmp_path}/lr{{distributed.rank()}}.txt', 'w').write(str([r['lr'] for r in result.history]))\n"
+        "distributed.check_identical(dict(model.named_parameters()), 'the trained weights')\n")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lrs = [[round(lr, 8) for lr in eval((tmp_path / f"lr{rank}.txt").read_text())] for rank in (0, 1)]
+    assert lrs == [[0.05, 0.05, 0.005, 0.0005]] * 2, lrs
+
+
 def test_methods_with_their_own_loop_refuse_several_processes(tmp_path):
     run = prune(tmp_path / "sc", "--method", "safecompress", "--nproc", "2")
     assert run.returncode == 2
