@@ -66,12 +66,14 @@ def _read_json(path: Path) -> Any:
 
 def _run_folder(path: str) -> tuple[Path, ExperimentConfig]:
     """(folder, the configuration it was pruned with) of a `ballot prune` output folder."""
+    from ballot.experiment import RUN_CONFIG
+
     folder = Path(path)
     if not folder.is_dir():
         raise StorageError(f"'{folder}' is not a folder: pass the --out folder of `ballot prune`")
-    params = _read_json(folder / "config.json")
+    params = _read_json(folder / RUN_CONFIG)
     if not isinstance(params, dict):
-        raise StorageError(f"'{folder / 'config.json'}' does not hold a configuration (a JSON object)")
+        raise StorageError(f"'{folder / RUN_CONFIG}' does not hold a configuration (a JSON object)")
     return folder, experiment_from_params(params)
 
 
@@ -92,11 +94,16 @@ def _data(cfg: ExperimentConfig, method: str | None = None) -> DataBundle:
 def _dense_states(cfg: ExperimentConfig, data: DataBundle, reuse: str | None, out: Path
                   ) -> tuple[DenseArtifacts, Path, float, dict[str, Any]]:
     """(dense states, their folder, seconds spent training, the dense model's metrics): reused from ``reuse``
-    when it holds them, else trained and saved there (or under out/dense)."""
+    when it holds them, else trained and saved there (whole or not at all) or under out/dense."""
     from ballot import distributed, experiment
+    from ballot.storage import staged_folder
 
     dense_dir = Path(reuse) if reuse else out / "dense"
-    if reuse and all((dense_dir / n).exists() for n in experiment.DENSE_FILES.values()):
+    missing = [n for n in experiment.DENSE_FILES.values() if not (dense_dir / n).exists()]
+    if reuse and missing and dense_dir.is_dir() and any(dense_dir.iterdir()):  # saving replaces the folder whole
+        raise ConfigError(f"--dense '{dense_dir}' holds other files but not the dense states ({', '.join(missing)} "
+                          "missing); point it at a new folder or at one a run saved dense states in")
+    if reuse and not missing:
         experiment.check_dense_reuse(dense_dir, cfg)
         dense, seconds = experiment.load_dense(dense_dir), 0.0
         model = experiment.new_model(cfg, data)
@@ -104,8 +111,11 @@ def _dense_states(cfg: ExperimentConfig, data: DataBundle, reuse: str | None, ou
         print(f"dense: reusing {dense_dir}", file=sys.stderr)
     else:
         (model, dense, _), seconds = experiment.timed(experiment.train_dense, cfg, data)
-        if distributed.is_main() or not reuse:  # one process writes a shared --dense folder
+        if not reuse:  # into this process's output folder
             experiment.save_dense(dense, dense_dir, cfg)
+        elif distributed.is_main():  # one process writes the shared --dense folder
+            with staged_folder(dense_dir) as staged:
+                experiment.save_dense(dense, staged, cfg)
     dense_metrics = experiment.model_metrics(model, data, cfg.base.device)
     print(f"dense:  {_summary(dense_metrics)}  ({seconds:.1f}s)", file=sys.stderr)
     warning = experiment.weak_dense_warning(dense_metrics["val"])
@@ -156,7 +166,8 @@ def cmd_prune(args: argparse.Namespace) -> int | None:
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
     cfg = _config_from_args(args)
-    experiment.check_experiment(cfg, processes=args.nproc)
+    experiment.check_experiment(cfg, processes=max(args.nproc, distributed.requested_processes()))
+    _check_replaceable(Path(args.out), args.dense)
     if args.nproc > 1 and not distributed.requested():
         return _relaunch(args.nproc, args.argv)
     distributed.start(resolve_device(cfg.base.device))
@@ -165,6 +176,19 @@ def cmd_prune(args: argparse.Namespace) -> int | None:
     finally:
         distributed.stop()
     return None
+
+
+def _check_replaceable(out: Path, dense: str | None) -> None:
+    """ConfigError unless a run may replace ``out`` whole: it is new, empty or an earlier run's output, and the
+    ``--dense`` folder, which outlives runs, does not lie inside it."""
+    from ballot.experiment import RUN_CONFIG
+
+    if dense and Path(dense).resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"--dense '{dense}' lies inside --out '{out}', which every run replaces whole; keep the "
+                          f"dense states beside it (e.g. --dense {out.parent / 'dense'})")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_CONFIG).is_file())):
+        raise ConfigError(f"--out '{out}' exists and is not a `ballot prune` output (no {RUN_CONFIG}); a run "
+                          "replaces its folder whole, so choose a new folder or an earlier run's")
 
 
 def _prune(cfg: ExperimentConfig, args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ from ballot.storage import atomic_save_tensors, load_state, load_tensors, save_s
 from ballot.train import (TrainResult, floored, resolve_device, seed_everything,
                           steps_per_epoch, stretched, train)
 
+RUN_CONFIG = "config.json"  # in every `ballot prune` output folder: the configuration that ran
 DENSE_MANIFEST = "dense.json"
 DENSE_FILES = {"init_state": "init.safetensors", "rewind_state": "rewind.safetensors",
                "trained_state": "dense.safetensors"}
@@ -200,7 +201,7 @@ def save_pruned(folder: str | Path, result: PruneResult, metrics: dict[str, Any]
         details["tuned_params"] = tuned_params
     write_json(folder / "details.json", details)
     write_json(folder / "history.json", result.history)
-    write_json(folder / "config.json", to_dict(cfg))
+    write_json(folder / RUN_CONFIG, to_dict(cfg))
     write_json(folder / "metrics.json", metrics)
 
 

@@ -120,6 +120,22 @@ def test_dense_reuse_is_checked_against_the_configuration(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "c"), "--seed", "7"]) == 2
     assert "trained with other settings (seed)" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+    assert not list(tmp_path.glob(".*.tmp*")), "the dense folder was written through a staged folder"
+
+
+def test_a_run_never_replaces_a_folder_it_did_not_write_nor_one_holding_its_dense_states(tmp_path, capsys):
+    args = ["prune", "--dataset", "digits", "--method", "magnitude", *TINY_FLAGS]
+    keep = tmp_path / "runs" / "notes.txt"
+    keep.parent.mkdir()
+    keep.write_text("a user's file")
+    assert main([*args, "--out", str(keep.parent)]) == 2
+    assert "--out '" in (err := capsys.readouterr().err) and "is not a `ballot prune` output (no config.json)" in err
+    assert main([*args, "--out", str(tmp_path / "run"), "--dense", str(tmp_path / "run" / "dense")]) == 2
+    assert "lies inside --out" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "run"), "--dense", str(keep.parent)]) == 2
+    assert "holds other files but not the dense states" in capsys.readouterr().err
+    assert keep.read_text() == "a user's file" and not (tmp_path / "run").exists()
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0 and main([*args, "--out", str(tmp_path / "run")]) == 0
 
 
 def test_a_dense_model_near_chance_is_warned_about(tmp_path, capsys):
