@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -137,11 +138,28 @@ def _without_option(argv: list[str], option: str) -> list[str]:
     return kept
 
 
+def _usable_device(name: str) -> Any:
+    """The torch device ``name`` resolves to; ConfigError when it is malformed or absent here."""
+    from ballot.train import resolve_device
+
+    try:
+        return resolve_device(name)
+    except (ValueError, RuntimeError) as error:  # torch.device raises RuntimeError for a malformed name
+        raise ConfigError(f"--device: {error}") from None
+
+
 def _relaunch(processes: int, argv: list[str]) -> int:
-    """This same command in ``processes`` data-parallel processes on this machine (torchrun); its exit code."""
+    """This same command in ``processes`` data-parallel processes on this machine (torchrun); its exit code, 2
+    (with the error, as the last line) when rank 0 stopped on bad input."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "ballot.cli", *_without_option(argv, "--nproc")]
-    return subprocess.run(command).returncode
+    with tempfile.TemporaryDirectory() as folder:
+        error_file = Path(folder) / "error.txt"
+        code = subprocess.run(command, env={**os.environ, ERROR_FILE_ENV: str(error_file)}).returncode
+        if code and error_file.is_file():
+            print(f"ballot: error: {error_file.read_text()}", file=sys.stderr)
+            return 2
+    return code
 
 
 @contextlib.contextmanager
@@ -160,6 +178,8 @@ def _rank_output(out: Path) -> Iterator[Path]:
 
 
 def cmd_prune(args: argparse.Namespace) -> int | None:
+    import torch
+
     from ballot import distributed, experiment
     from ballot.train import resolve_device
 
@@ -169,6 +189,10 @@ def cmd_prune(args: argparse.Namespace) -> int | None:
     experiment.check_experiment(cfg, processes=max(args.nproc, distributed.requested_processes()))
     _check_replaceable(Path(args.out), args.dense)
     if args.nproc > 1 and not distributed.requested():
+        device = _usable_device(cfg.base.device)
+        if device.type == "cuda" and torch.cuda.device_count() < args.nproc:
+            raise ConfigError(f"--nproc {args.nproc}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              "one per process is needed; use fewer processes or --device cpu")
         return _relaunch(args.nproc, args.argv)
     distributed.start(resolve_device(cfg.base.device))
     try:
@@ -212,6 +236,7 @@ def _prune(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
         print(summary({**metrics, "final_choice": result.final_choice}))
 
 
+ERROR_FILE_ENV = "BALLOT_ERROR_FILE"  # where a relaunched rank 0 leaves its one-line error for the launcher
 TUNE_FLAGS = {"n_trials": "tune.n_trials", "timeout": "tune.timeout_s", "workers": "tune.workers",
               "storage": "tune.storage", "study_name": "tune.study_name"}
 
@@ -249,9 +274,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from ballot import experiment
 
     folder, cfg = _run_folder(args.dir)
+    _usable_device(args.device)
     data = experiment.prepare_data(cfg)
     model, mask = experiment.load_pruned(folder, cfg, data)
-    metrics = experiment.model_metrics(model, data, cfg.base.device)
+    metrics = experiment.model_metrics(model, data, args.device)
     metrics["density"] = mask.density()
     print(json.dumps({k: metrics[k] for k in ("acc", "cwv", "mcd", "worst_class", "density", "per_class")}, indent=2))
 
@@ -392,6 +418,8 @@ def build_parser(serve_only: bool = False) -> argparse.ArgumentParser:
 
         evaluate = commands.add_parser("evaluate", help="re-evaluate a `ballot prune` output folder on the test split")
         evaluate.add_argument("--dir", required=True, help="output folder of `ballot prune`")
+        evaluate.add_argument("--device", default="auto", help="where to evaluate (default auto: cuda when "
+                              "available, else cpu), whatever device the run trained on")
         evaluate.set_defaults(func=cmd_evaluate)
 
         export = commands.add_parser("export", help="write a `ballot prune` output folder as one ONNX file (masks "
@@ -446,7 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = func(args)
     except UserError as error:
-        print(f"ballot: error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone reports, through the launcher
+            if ERROR_FILE_ENV in os.environ:
+                Path(os.environ[ERROR_FILE_ENV]).write_text(str(error))
+            else:
+                print(f"ballot: error: {error}", file=sys.stderr)
         return 2
     return code or 0
 

@@ -6,6 +6,7 @@ import sys
 from importlib import metadata
 
 import pytest
+import torch
 
 from ballot.cli import main
 from ballot.data import DATASETS
@@ -38,6 +39,13 @@ def test_prune_writes_mask_weights_and_metrics_then_evaluate_reproduces_them(tmp
     assert main(["evaluate", "--dir", str(out)]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["acc"] == metrics["acc"] and again["cwv"] == metrics["cwv"]
+    if not torch.cuda.is_available():  # a run recorded on a GPU is evaluated here on the CPU
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**config, "base": {**config["base"], "device": "cuda"}}))
+        assert main(["evaluate", "--dir", str(out)]) == 0
+        assert json.loads(capsys.readouterr().out)["acc"] == metrics["acc"]
+        assert main(["evaluate", "--dir", str(out), "--device", "cuda"]) == 2
+        assert "--device: device 'cuda' requested but CUDA is not available" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -89,6 +89,14 @@ def test_the_plateau_schedule_follows_rank_0s_metric_on_every_rank(tmp_path):
     assert lrs == [[0.05, 0.05, 0.005, 0.0005]] * 2, lrs
 
 
+def test_bad_input_found_by_the_processes_exits_2_with_one_error_line_last(tmp_path):
+    run = prune(tmp_path / "npz", "--method", "lth", "--nproc", "2", "--set", "base.dataset=npz",
+                "--set", f"data.path={tmp_path / 'absent.npz'}")
+    assert run.returncode == 2
+    assert run.stderr.count("ballot: error:") == 1, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"ballot: error: npz: file '{tmp_path / 'absent.npz'}' not found"
+
+
 def test_methods_with_their_own_loop_refuse_several_processes(tmp_path):
     run = prune(tmp_path / "sc", "--method", "safecompress", "--nproc", "2")
     assert run.returncode == 2
