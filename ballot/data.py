@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -86,8 +87,12 @@ DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 def _read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file (gzipped or not) into a numpy array."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise DatasetError(f"{path}: cannot be read ({error}); delete it so that it is downloaded again, or "
+                           "replace it") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DatasetError(f"{path}: not an IDX file of unsigned bytes")
     ndim = data[3]
@@ -241,10 +246,13 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
             raise DatasetError(f"npz: x{suffix} has {len(x)} rows but y{suffix} has {len(y)}")
         if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
             raise DatasetError(f"npz: y{suffix} must hold non-negative integer class labels")
-        if not np.issubdtype(x.dtype, np.number):
-            raise DatasetError(f"npz: x{suffix} must hold numbers, not dtype {x.dtype}")
-        if not np.isfinite(x).all():
-            raise DatasetError(f"npz: x{suffix} must be finite (it holds NaN or inf)")
+        if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
+            raise DatasetError(f"npz: x{suffix} must hold real numbers, not dtype {x.dtype}")
+        with np.errstate(over="ignore"):
+            values = x.astype(np.float32)
+        if not np.isfinite(values).all():
+            raise DatasetError(f"npz: x{suffix} must be finite in float32 (it holds NaN, inf or values beyond "
+                               f"{np.finfo(np.float32).max:.3g})")
         group = arrays.get("group" + suffix)
         if group is not None and group.ndim != 1:
             raise DatasetError(f"npz: group{suffix} must have shape (samples,); got {group.shape}")
@@ -252,10 +260,13 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
             raise DatasetError(f"npz: group{suffix} has {len(group)} rows but y{suffix} has {len(y)}")
         if group is not None and not np.issubdtype(group.dtype, np.integer):
             raise DatasetError(f"npz: group{suffix} must hold integer attribute values, got dtype {group.dtype}")
-        return Split(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64)),
+        return Split(torch.from_numpy(values), torch.from_numpy(y.astype(np.int64)),
                      None if group is None else torch.from_numpy(group.astype(np.int64)))
 
     pool = split("")
+    if len(pool) < 2 and "x_test" not in arrays:
+        raise DatasetError(f"npz: '{path}' has {len(pool)} row; without x_test it needs two or more (a fifth "
+                           "become the test split)")
     if "x_test" in arrays:
         train, test = pool, split("_test")
         if test.x.shape[1:] != train.x.shape[1:]:
@@ -265,7 +276,14 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
         cut = int(0.8 * len(pool))
         train, test = pool.subset(order[:cut]), pool.subset(order[cut:])
-    num_classes = int(max(train.y.max(), test.y.max() if len(test) else 0)) + 1
+    labels = torch.cat([train.y, test.y])
+    num_classes = int(labels.max()) + 1
+    if num_classes > len(labels):  # some label is missing from 0..max; check_labels names which, if there are few
+        raise DatasetError(f"npz: labels go up to {num_classes - 1} but there are {len(labels)} samples; labels "
+                           "must number the classes 0..C-1")
+    if "class_names" in arrays and arrays["class_names"].ndim != 1:
+        raise DatasetError(f"npz: class_names must be a list (shape (classes,)), got shape "
+                           f"{arrays['class_names'].shape}")
     names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else [str(c) for c in range(num_classes)]
     if len(names) < num_classes:
         raise DatasetError(f"npz: class_names has {len(names)} entries but labels go up to {num_classes - 1}")
