@@ -142,7 +142,11 @@ def shared_counts(shapes: Mapping[str, Sequence[int]], shares: Mapping[str, floa
 
 
 def _round_to_total(wanted: Mapping[str, float], sizes: Mapping[str, int], total: int) -> dict[str, int]:
-    """Integer counts close to ``wanted`` (largest remainders round up), each within [1, size], summing to ``total``."""
+    """Integer counts close to ``wanted`` (largest remainders round up), each within [1, size], summing to ``total``;
+    MaskError when ``total`` cannot give every layer one weight."""
+    if total < len(wanted):
+        raise MaskError(f"the budget of {total} weights is below one weight for each of the {len(wanted)} layers: "
+                        "raise the density")
     counts = {n: min(sizes[n], max(1, math.floor(w))) for n, w in wanted.items()}
     by_remainder = sorted(wanted, key=lambda n: (-(wanted[n] - math.floor(wanted[n])), n))
     while sum(counts.values()) != total:

@@ -33,9 +33,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch's CPU and CUDA generators."""
+    """Seed torch's CPU and CUDA generators, and keep cuDNN to its deterministic algorithms (docs/decisions.md)."""
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 
 @dataclass

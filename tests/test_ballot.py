@@ -164,11 +164,21 @@ def test_votes_history_and_ballot_period(tiny_data, tiny_dense):
     steps_per_epoch = math.ceil(len(tiny_data.train) / 64)
     total = 2 * steps_per_epoch  # obs_epochs = 2 in the tiny configuration
     full = [5 * (i + 1) for i in range(total // 5)]
-    leftover_collected = any(step % 4 == 0 for step in range(5 * (total // 5), total))  # collect_every = 4
     ballots = result.details.rounds[1].ballots
-    assert [b["step"] for b in ballots] == full + ([total] if leftover_collected else [])
+    assert [b["step"] for b in ballots] == full + ([total] if total % 5 else []), "a leftover period votes too"
     votes = result.tensors["votes"]
     assert max(int(v.max()) for v in votes.values()) <= len(ballots)
+
+
+@pytest.mark.parametrize("conflict", ["none", "protect"])
+def test_every_period_votes_even_one_shorter_than_collect_every(tiny_data, tiny_dense, conflict):
+    """Gradients are collected on every 4th step; a ballot every step must still vote every step."""
+    result = run_prune(tiny_config("prune.ballot.ballot_every=1", "prune.ballot.rounds=2",
+                                   f"prune.ballot.conflict={conflict}"), tiny_data, tiny_dense)
+    total = 2 * math.ceil(len(tiny_data.train) / 64)
+    ballots = result.details.rounds[1].ballots
+    assert [b["step"] for b in ballots] == list(range(1, total + 1))
+    assert max(int(v.max()) for v in result.tensors["votes"].values()) == total, "a weight kept in every ballot"
 
 
 def test_pruned_weights_stay_zero_through_refined_training_with_plateau(tiny_data, tiny_dense):

@@ -200,6 +200,13 @@ def test_erk_floors_beyond_the_budget_are_refused():
         erk_counts({f"l{i}": (3,) for i in range(5)}, 0.1, min_per_layer=1)
 
 
+def test_a_budget_below_one_weight_per_layer_is_refused_even_without_floors():
+    shapes = {"a": (300, 784), "b": (100, 300), "c": (10, 100)}
+    with pytest.raises(MaskError, match="budget of 1 weights is below one weight for each of the 3 layers"):
+        erk_counts(shapes, 3e-6, floor=0.5, min_per_layer=0)
+    assert sum(erk_counts(shapes, 1e-5, floor=0.5, min_per_layer=0).values()) == 3
+
+
 def test_top_k_per_layer_keeps_each_layers_best_weights():
     scores = {"a": torch.tensor([0.1, 0.9, 0.5, 0.9]), "b": torch.tensor([[3.0, 1.0], [2.0, 0.0]])}
     mask = Mask.top_k_per_layer(scores, {"a": 2, "b": 3})

@@ -135,7 +135,8 @@ class GradientCollector(StepHook):
         self.history: list[dict[str, Any]] = []
         self._collecting = False
         self._other: tuple[torch.Tensor, ...] = ()  # the extra backward's gradient of the current step
-        self._collected = 0  # steps collected in the current period
+        self._collected = 0  # steps of the current period whose gradients were collected
+        self._steps = 0  # steps of the current period
 
     def before_backward(self, step: int, batch: Batch) -> None:
         """On a collected step, the gradient of the loss the step does not train on, by one extra backward (this
@@ -148,6 +149,7 @@ class GradientCollector(StepHook):
     def after_backward(self, step: int) -> None:
         """Count the step, and add its gradient and the extra one where a rule compares them, unless a
         mixed-precision overflow made it non-finite."""
+        self._steps += 1
         if self._collecting and all(bool(torch.isfinite(p.grad).all()) for p in self.params):
             if self.cfg.conflict in GRADIENT_RULES:  # 'none' and 'share' never read g or f
                 for acc, p in zip(self.f if self.fair_steps else self.g, self.params):
@@ -160,16 +162,19 @@ class GradientCollector(StepHook):
             self.cast(step + 1)
 
     def finish(self, steps: int) -> None:
-        """Cast a ballot on what the last, incomplete period collected (step 0 is always collected)."""
+        """Cast a ballot at the end of the last, incomplete period, if there is one."""
         self.cast(steps)
 
     @torch.no_grad()
     def cast(self, step: int) -> None:
-        """Score the period's summed gradients, vote, and start a new period (no vote if nothing was collected)."""
-        if self._collected == 0:
+        """Vote, with the period's summed gradients deciding the contested weights where a rule compares them (a
+        period shorter than ``collect_every`` may have collected none: then no weight is contested), and start a
+        new period. Every period with a step casts a ballot."""
+        if self._steps == 0:
             return
         cfg = self.cfg
-        if cfg.conflict in GRADIENT_RULES:
+        compare = cfg.conflict in GRADIENT_RULES and self._collected > 0
+        if compare:
             for acc in self.g if self.fair_steps else self.f:
                 distributed.all_reduce_sum(acc)
         if self.probe is not None:  # the same probe on every process; rank 0's shares decide
@@ -181,7 +186,7 @@ class GradientCollector(StepHook):
         for name, p, g, f in zip(self.names, self.params, self.g, self.f):
             within, w, k = self.candidate[name], p.detach(), self.counts[name]
             scores = w.abs()
-            disputed = (contested(w, g, f, cfg.conflict_threshold, within) & within if cfg.conflict in GRADIENT_RULES
+            disputed = (contested(w, g, f, cfg.conflict_threshold, within) & within if compare
                         else torch.zeros_like(within))
             plain = cast_ballot(scores, within, k)
             ballot = cast_ballot(scores, within & ~disputed, k) if cfg.conflict == "veto" else plain
@@ -194,7 +199,7 @@ class GradientCollector(StepHook):
                              "conflicts_per_layer": conflicts, "votes_vetoed": changed})
         for acc in self.g + self.f:
             acc.zero_()
-        self._collected = 0
+        self._collected = self._steps = 0
 
 
 class UnitVoter(StepHook):
