@@ -38,6 +38,7 @@ from variants import METRICS, VARIANTS, parse_extra  # noqa: E402
 
 from ballot.config import (FLOORED_SCHEDULES, ExperimentConfig, apply_overrides, experiment_from_params,  # noqa: E402
                            load_yaml, to_dict)
+from ballot.errors import ConfigError  # noqa: E402
 from ballot.storage import atomic_write, write_json, write_text  # noqa: E402
 
 DATASETS: dict[str, list[str]] = {
@@ -217,7 +218,11 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
     metrics = experiment.model_metrics(model, data, cfg.base.device)
     fingerprint, here = dense_fingerprint(dense), environment(threads)
     if dense_path.is_file():
-        found = dense_mismatch(json.loads(dense_path.read_text()), fingerprint, metrics, here)
+        recorded = json.loads(dense_path.read_text())
+        found = dense_mismatch(recorded, fingerprint, metrics, here)
+        if not found and recorded.get("threads", threads) != threads:  # the same dense state, other kernels' sums
+            found = (f"its runs used {recorded['threads']} torch thread(s), this one {threads}: resume with the "
+                     "--workers they ran with (one thread per worker when there are several)")
         if found:
             # another machine, thread count or torch trained this cache: new runs would not be comparable
             print(f"{unit.dataset}/{unit.model} seed {unit.seed}: skipped, the dense state in {dense_dir} is not the "
@@ -301,6 +306,21 @@ def _beyond_noise(lower: tuple[float, float, int], higher: tuple[float, float, i
     return higher[0] - lower[0] > (lower[1] + higher[1]) / 2
 
 
+def _seeded(by_method: dict[str, Stats], *methods: str) -> bool:
+    """Whether every one of ``methods`` has two or more seeds in the cell (else it has no seed-to-seed noise)."""
+    return all(by_method[m]["cwv"][2] >= 2 for m in methods)
+
+
+def _cells(values: list[float], cells: list[Any]) -> str:
+    """'N cells', saying how many were left out for a baseline CWV of 0 (no relative reduction)."""
+    dropped = len(cells) - len(values)
+    return f"{len(values)} cells" + (f" ({dropped} left out: baseline CWV 0)" if dropped else "")
+
+
+def _percent(values: list[float]) -> str:
+    return f"{100 * statistics.fmean(values):+.1f}%" if values else "n/a"
+
+
 def cell_name(cell: tuple[str, str, float]) -> str:
     return f"{cell[0]}/{cell[1]} d{cell[2]:g}"
 
@@ -315,24 +335,25 @@ def verdict(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, j
         return [f"(no cell has both {judged} and lth)"]
     ok_acc = [c for c in cells if table[c][judged]["acc"][0] >= table[c]["lth"]["acc"][0] - 0.01]
     ok_cwv = [c for c in cells if table[c][judged]["cwv"][0] <= table[c]["lth"]["cwv"][0]]
-    gains = [_cwv_gain(table[c][judged], table[c]["lth"]) for c in cells]
+    gains = [g for g in (_cwv_gain(table[c][judged], table[c]["lth"]) for c in cells) if not math.isnan(g)]
     lines.append(f"- cells with Ballot's mean accuracy >= LTH's - 1 point: {len(ok_acc)} of {len(cells)}")
     lines.append(f"- cells with Ballot's mean CWV <= LTH's: {len(ok_cwv)} of {len(cells)}")
     averaged = 1 - _mean_cwv(table, cells, judged) / _mean_cwv(table, cells, "lth")
-    lines.append(f"- Ballot's CWV vs LTH, mean over cells of the per-cell reduction: "
-                 f"{100 * statistics.fmean(gains):+.1f}% (ratio of the cell-averaged CWVs: {100 * averaged:+.1f}%)")
+    lines.append(f"- Ballot's CWV vs LTH, mean over {_cells(gains, cells)} of the per-cell reduction: "
+                 f"{_percent(gains)} (ratio of the cell-averaged CWVs: {100 * averaged:+.1f}%)")
     for other in ("lth + refined", "magnitude"):
         both = [c for c in cells if other in table[c]]
         if both:
-            g = [_cwv_gain(table[c][judged], table[c][other]) for c in both]
-            lines.append(f"- Ballot's CWV vs {other}, mean over {len(both)} cells: {100 * statistics.fmean(g):+.1f}%")
-    refined = [c for c in cells if "lth + refined" in table[c]]
+            g = [x for x in (_cwv_gain(table[c][judged], table[c][other]) for c in both) if not math.isnan(x)]
+            lines.append(f"- Ballot's CWV vs {other}, mean over {_cells(g, both)}: {_percent(g)}")
+    refined = [c for c in cells if "lth + refined" in table[c] and _seeded(table[c], judged, "lth + refined")]
     if refined:
         beyond = [c for c in refined if _beyond_noise(table[c][judged]["cwv"], table[c]["lth + refined"]["cwv"])]
         named = f" ({', '.join(cell_name(c) for c in beyond)})" if beyond else ""
         lines.append(f"- cells with Ballot's CWV below lth + refined's by more than the seed-to-seed noise: "
-                     f"{len(beyond)} of {len(refined)}{named}")
-    ablated = [c for c in cells if "ballot (protect)" in table[c]] if judged == "ballot" else []
+                     f"{len(beyond)} of {len(refined)}{named} (cells with two or more seeds of both)")
+    ablated = ([c for c in cells if "ballot (protect)" in table[c] and _seeded(table[c], "ballot", "ballot (protect)")]
+               if judged == "ballot" else [])
     if ablated:
         fairer = worse = 0
         for c in ablated:
@@ -490,10 +511,23 @@ def main(argv: list[str] | None = None) -> int:
     judged = args.judged or "ballot"
     params = load_yaml(args.params) if args.params else {}
     params = apply_overrides({k: v for k, v in params.items() if k in ("base", "data", "train_dense", "prune")}, args.set)
-    experiment_from_params(params)  # validate once, before any work
+    args.densities = list(dict.fromkeys(args.densities))  # a value given twice is one cell, not two
+    units = list(dict.fromkeys(Unit(d, m, s) for d in args.datasets for m in args.models
+                               for s in (args.resnet_seeds if m == "resnet20" and args.resnet_seeds else args.seeds)))
+    fixed = {o.partition("=")[0] for u in units for o in cell_overrides(u.dataset, u.model, u.seed)}
+    pinned = [s for s in args.set if s.partition("=")[0] in fixed]
+    if pinned:
+        parser.error(f"--set {pinned[0]}: the matrix sets this key per cell (DATASETS, COMMON, LONGER, CAPS), which "
+                     "would override it silently; vary it with --variant NAME:KEY=VALUE instead")
+    try:  # validate every run's settings once, before any work
+        for u in {Unit(u.dataset, u.model, 0) for u in units}:
+            base = apply_overrides(params, cell_overrides(u.dataset, u.model, u.seed))
+            for density in args.densities:
+                for overrides in methods.values():
+                    experiment_from_params(apply_overrides(base, [f"base.density={density}", *overrides]))
+    except ConfigError as error:
+        parser.error(str(error))
     out, cache = Path(args.out), Path(args.cache)
-    units = [Unit(d, m, s) for d in args.datasets for m in args.models
-             for s in (args.resnet_seeds if m == "resnet20" and args.resnet_seeds else args.seeds)]
     started = time.perf_counter()
     if not args.report_only:
         units.sort(key=lambda u: -COST[u.model] * (CAPS.get((u.dataset, u.model)) or 1))

@@ -21,13 +21,22 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def seed_records(folders: list[Path]) -> dict[tuple, dict[int, dict[str, dict]]]:
-    """Every run record (``*.json``) in ``folders``, as {(dataset, model, density): {seed: {method: record}}}."""
+    """Every run record (``*.json``) in ``folders``, as {(dataset, model, density): {seed: {method: record}}};
+    SystemExit when two different records share a method name in one seed-cell (runs of two configurations under one
+    name: which one a comparison read would depend on the file names)."""
     records: dict[tuple, dict[int, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    seen: dict[tuple, Path] = {}
     for folder in folders:
         for path in sorted(folder.glob("*.json")):
             run = json.loads(path.read_text())
             unit = run["unit"]
-            records[(unit["dataset"], unit["model"], run["density"])][unit["seed"]][run["method"]] = run
+            cell, where = (unit["dataset"], unit["model"], run["density"]), (unit["seed"], run["method"])
+            earlier = records[cell][where[0]].get(where[1])
+            if earlier is not None and earlier != run:
+                raise SystemExit(f"{path} and {seen[(cell, where)]} are two different '{run['method']}' runs of "
+                                 f"{'/'.join(map(str, cell))} seed {unit['seed']}: keep one configuration per "
+                                 "method name in a folder (matrix.json's rows say which the matrix used)")
+            records[cell][where[0]][where[1]], seen[(cell, where)] = run, path
     return records
 
 

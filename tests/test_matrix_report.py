@@ -49,8 +49,12 @@ def test_acceptance_lines_count_cells_and_average_the_per_cell_reductions() -> N
     assert lines[0] == "- cells with Ballot's mean accuracy >= LTH's - 1 point: 2 of 2"
     assert lines[1] == "- cells with Ballot's mean CWV <= LTH's: 1 of 2"
     # per-cell reductions +50% and -25% -> +12.5%; cell-averaged CWV 13.25 vs 11.5 x 1e-3 -> -15.2%
-    assert lines[2] == ("- Ballot's CWV vs LTH, mean over cells of the per-cell reduction: +12.5% (ratio of the "
+    assert lines[2] == ("- Ballot's CWV vs LTH, mean over 2 cells of the per-cell reduction: +12.5% (ratio of the "
                         "cell-averaged CWVs: -15.2%)")
+    assert not any("conflict component" in line for line in lines), "one seed of 'ballot (protect)': no noise to judge"
+    perfect = [*ROWS, _row("wine", "lth", 0, 1.0, 0.0), _row("wine", "ballot", 0, 1.0, 0.0)]
+    assert matrix.verdict(matrix.summarise(perfect, "test"), "test")[2].startswith(
+        "- Ballot's CWV vs LTH, mean over 2 cells (1 left out: baseline CWV 0) of the per-cell reduction: +12.5%")
 
 
 def test_the_reductions_seed_noise_comes_from_a_paired_bootstrap_of_the_seeds() -> None:
@@ -106,6 +110,26 @@ def test_a_unit_whose_cached_dense_state_differs_from_its_records_gets_no_new_ru
     assert [plain["method"], best["method"]] == list(lth), "the same hash: new runs go ahead"
     assert written[1]["final_choice"] is plain["final_choice"] is None, "a plain final training has no rival"
     assert set(best["final_choice"]["objectives"]) == {"refined from theta_k", "refined from theta_T"}
+    capsys.readouterr()
+    # the same dense state, resumed with another --workers: its kernels would sum in another order
+    slower = {"magnitude, lr 0.01": ["prune.method=magnitude", "prune.retrain.lr=0.01"]}  # a run not yet made
+    assert matrix.run_unit(unit, {}, [0.5], slower, out, cache, 2, "test") == []
+    assert "its runs used 1 torch thread(s), this one 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "lth", "--densities", "0"], "base.density: must be in (0, 1]"),
+    (["--methods", "lth", "odd", "--variant", "odd:prune.ballot.roundz=2"], "unknown key(s) ['roundz']"),
+    (["--methods", "lth", "--set", "prune.ballot.layer_budget=blend"],
+     "--set prune.ballot.layer_budget=blend: the matrix sets this key"),
+    (["--methods", "lth", "--datasets", "digits", "--set", "train_dense.epochs=5"],
+     "--set train_dense.epochs=5: the matrix sets this key"),
+])
+def test_settings_the_matrix_would_ignore_or_refuse_are_named_before_any_work(tmp_path: Path, capsys, flags,
+                                                                               message) -> None:
+    with pytest.raises(SystemExit) as stop:
+        matrix.main(["--report-only", "--out", str(tmp_path), "--models", "mlp", *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_dense_mismatch_names_the_environment_only_where_the_state_differs() -> None:
@@ -129,3 +153,18 @@ def test_the_matrix_pins_the_rewound_start_and_its_best_methods_take_the_product
     assert len({matrix.run_key(cfg) for cfg in configs.values()}) == 4
     # a recorded (rewound) run keeps the key it had before the start was a choice
     assert "refine_start" not in json.dumps(matrix._without_later_defaults(to_dict(configs["ballot (blend)"])))
+
+
+def test_paired_refuses_two_different_runs_under_one_method_name(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("paired_bench", _BENCH.parent / "paired.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    first, copy = tmp_path / "a", tmp_path / "b"
+    for folder in (first, copy):
+        folder.mkdir()
+        (folder / "1.json").write_text(json.dumps(_row("digits", "ballot", 0, 0.9, 0.001)))
+    records = paired.seed_records([first, copy])  # the same record twice (a copied folder) is one record
+    assert records[("digits", "mlp", 0.05)][0]["ballot"]["test"]["cwv"] == 0.001
+    (first / "2.json").write_text(json.dumps(_row("digits", "ballot", 0, 0.9, 0.002)))  # another configuration
+    with pytest.raises(SystemExit, match="two different 'ballot' runs of digits/mlp/0.05 seed 0"):
+        paired.seed_records([first])

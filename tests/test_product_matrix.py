@@ -64,15 +64,19 @@ def test_acceptance_lines_judge_the_named_method_against_hand_computed_values() 
     # (-33.3%); lth's seed 0 on digits (0.50 / 90) would change all three if it were counted
     assert lines[0] == "- cells with Ballot's mean accuracy >= LTH's - 1 point: 2 of 2"
     assert lines[1] == "- cells with Ballot's mean CWV <= LTH's: 2 of 2"
-    assert lines[2] == ("- Ballot's CWV vs LTH, mean over cells of the per-cell reduction: +41.7% (ratio of the "
+    assert lines[2] == ("- Ballot's CWV vs LTH, mean over 2 cells of the per-cell reduction: +41.7% (ratio of the "
                         "cell-averaged CWVs: +37.5%)")
     # fmnist: CWV 20 +- 7.1 against lth + refined's 30 +- 0: 33.3% lower, beyond the noise (7.1 + 0) / 2
     assert lines[3] == "- Ballot's CWV vs lth + refined, mean over 1 cells: +33.3%"
     assert lines[4] == ("- cells with Ballot's CWV below lth + refined's by more than the seed-to-seed noise: 1 of 1 "
-                        "(fmnist/cnn d0.05)")
+                        "(fmnist/cnn d0.05) (cells with two or more seeds of both)")
     assert len(lines) == 5, "no conflict ablation line: 'ballot (protect)' shares the ERK budgets, not blend's"
     erk = matrix.verdict(product.summarise(rows, "test"), "test", "ballot")
-    assert erk[-1].startswith("- conflict component (protect vs none)"), "the matrix's own 'ballot' keeps it"
+    assert not any(line.startswith("- conflict component") for line in erk), "one seed each: no noise to judge by"
+    two = [*rows, _row("digits", "ballot", 2, 0.92, 0.009), _row("digits", "ballot (protect)", 2, 0.92, 0.003)]
+    erk = matrix.verdict(product.summarise(two, "test"), "test", "ballot")
+    assert erk[-1] == ("- conflict component (protect vs none): mean CWV lower by more than the seed-to-seed std in "
+                       "1 of 1 cells, higher by more than it in 0"), "the matrix's own 'ballot' keeps it"
 
 
 def test_the_script_writes_the_report_and_refuses_a_folder_without_records(tmp_path: Path) -> None:
