@@ -496,6 +496,11 @@ class PruneConfig:
         _check(self.lth_rounds >= 1, "lth_rounds", f"must be >= 1, got {self.lth_rounds}")
         _check(self.min_per_layer >= 0, "min_per_layer", f"must be >= 0, got {self.min_per_layer}")
 
+    def for_method(self, method: str) -> "PruneConfig":
+        """These settings with ``method`` instead (as the sweep runs each of its methods); ConfigError when the
+        settings do not fit it."""
+        return dataclasses.replace(self, method=method)
+
     def refined(self) -> bool:
         """Whether the final mask is trained with the refined, fairness-weighted schedule."""
         return self.final_train == "refined" or (self.final_train == "auto" and self.method == "ballot")

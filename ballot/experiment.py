@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import time
@@ -31,16 +30,16 @@ DENSE_FILES = {"init_state": "init.safetensors", "rewind_state": "rewind.safeten
 
 
 def check_experiment(cfg: ExperimentConfig, processes: int | None = None) -> None:
-    """Fail fast, before any work, when the dataset, model or method is not in its registry, a sweep method does
-    not fit the prune settings, the device is unusable, or the method cannot run in ``processes`` processes
-    (default: as many as torchrun started)."""
+    """Fail fast, before any work, when the dataset, model or method is not in its registry, a method of a sweep
+    that will run does not fit the prune settings, the device is unusable, or the method cannot run in ``processes``
+    processes (default: as many as torchrun started)."""
     dataset_loader(cfg.base.dataset)
     model_builder(cfg.base.model)
     for method in (cfg.prune.method, *cfg.sweep.methods):
         get_pruner(method)
-    for index, method in enumerate(cfg.sweep.methods):  # the sweep runs each with the prune settings
+    for index, method in enumerate(cfg.sweep.methods if cfg.sweep.densities else []):  # no densities: no sweep
         try:
-            dataclasses.replace(cfg.prune, method=method)
+            cfg.prune.for_method(method)
         except ConfigError as error:
             raise ConfigError(f"sweep.methods[{index}]: '{method}' does not fit the prune settings "
                               f"(prune.{error})") from None
@@ -81,7 +80,7 @@ def rewind_step(cfg: ExperimentConfig, train_samples: int) -> int:
 def stretch_notice(cfg: ExperimentConfig, train_samples: int, method: str | None = None) -> str | None:
     """One line naming the schedules of ``method`` (default prune.method) that their ``min_steps`` lengthens on
     this training split, or None."""
-    prune = dataclasses.replace(cfg.prune, method=method or cfg.prune.method)
+    prune = cfg.prune.for_method(method or cfg.prune.method)
     final = ({"prune.ballot.refine_train": (prune.ballot.refine_train, stretched)} if prune.refined()
              else {"prune.retrain": (prune.retrain, stretched)})
     own = {"ballot": {"prune.ballot.obs_epochs": (prune.observation(), stretched)} if prune.ballot.rounds > 1 else {},

@@ -27,7 +27,7 @@ def run_sweep(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts,
     for method, density in tqdm(runs, desc="sweep", unit="run", disable=(not progress) if progress is not None else None):
         run_cfg = configure(dataclasses.replace(
             cfg, base=dataclasses.replace(cfg.base, density=density),
-            prune=dataclasses.replace(cfg.prune, method=method)))
+            prune=cfg.prune.for_method(method)))
         result, seconds = timed(run_prune, run_cfg, data, dense, progress=False)
         metrics = model_metrics(result.model, data, cfg.base.device)
         points.append({"method": method, "density": result.mask.density(), "target_density": density,

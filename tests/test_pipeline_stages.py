@@ -83,6 +83,13 @@ def test_load_config_names_the_problem(tmp_path, text, error, message):
         load_config(path)
 
 
+def test_unit_granularity_loads_while_the_sweep_is_off(tmp_path):
+    """The sweep's methods are checked against the prune settings only when the sweep has densities to run."""
+    path = tmp_path / "params.yaml"
+    path.write_text("prune: {method: magnitude, granularity: unit}\nsweep: {densities: [], methods: [ballot, lth]}\n")
+    assert load_config(path).prune.granularity == "unit"
+
+
 def test_run_stage_validates_before_the_body_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text("base: {density: 1.5}\n")
