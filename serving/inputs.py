@@ -19,6 +19,7 @@ JSON_TYPES = {str: "string", bool: "boolean", type(None): "null", dict: "object"
 PNG_ERRORS = (Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
               struct.error, zlib.error)
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+MAX_DIGITS = 18  # longer digit strings are no size or byte count a request can hold (and stay within int64)
 
 
 def check_batch_size(count: int, max_batch: int) -> None:
@@ -39,12 +40,21 @@ def check_shape(shape: Sequence[int], input_shape: Sequence[int], max_batch: int
     return tuple(shape)
 
 
+def parse_count(text: str | bytes) -> int | None:
+    """``text`` as a non-negative integer when it is 1 to MAX_DIGITS ASCII digits (spaces around allowed), else None
+    (str.isdigit alone takes '²', and int() refuses more than 4300 digits)."""
+    digits = text.strip()
+    if not digits or len(digits) > MAX_DIGITS or not (digits.isascii() and digits.isdigit()):
+        return None
+    return int(digits)
+
+
 def parse_shape(text: str) -> list[int]:
     """A shape written as comma-separated sizes (``64,1,28,28``); InputError otherwise."""
-    parts = [part.strip() for part in text.split(",")]
-    if not all(part.isascii() and part.isdigit() for part in parts):
+    sizes = [parse_count(part) for part in text.split(",")]
+    if any(size is None for size in sizes):
         raise InputError(f"the shape must be comma-separated sizes such as 8,1,28,28; got {text[:60]!r}")
-    return [int(part) for part in parts]
+    return sizes  # type: ignore[return-value]
 
 
 def from_float32_bytes(raw: bytes | memoryview, shape: Sequence[int]) -> np.ndarray:

@@ -7,6 +7,7 @@ import zlib
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.inputs import parse_count
 from serving.responses import error_response, input_error_response, is_v2
 
 JSON_HEADER_LENGTH = b"inference-header-content-length"  # the Open Inference Protocol's binary extension
@@ -38,8 +39,8 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        declared = headers.get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        declared = parse_count(headers.get(b"content-length", b"0"))
+        if declared is not None and declared > self.max_bytes:
             await self._refuse(scope, receive, send, f"request body exceeds the limit of {self.max_bytes} bytes")
             return
         chunks, size, more = [], 0, True
@@ -93,9 +94,9 @@ class BodyLimit:
         """The JSON text of a body: none on a raw path, the JSON header of a binary /v2 body, else all of it."""
         if path in self.raw_paths:
             return b""
-        length = headers.get(JSON_HEADER_LENGTH, b"")
-        if is_v2(path) and length.isdigit():
-            return body[:int(length)]
+        length = parse_count(headers.get(JSON_HEADER_LENGTH, b""))
+        if is_v2(path) and length is not None:
+            return body[:length]
         return body
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, reason: str) -> None:

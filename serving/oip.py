@@ -17,7 +17,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from serving.errors import InputError
-from serving.inputs import check_shape, from_float32_bytes, from_tensor_data
+from serving.inputs import check_shape, from_float32_bytes, from_tensor_data, parse_count
 from serving.responses import describe_validation, loads
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -108,11 +108,11 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """The JSON header and a view of the binary data after it (not copied: the batch is a view of the body)."""
     if header_length is None:
         return body, memoryview(b"")
-    digits = header_length.strip()
-    if not (digits.isascii() and digits.isdigit()) or int(digits) > len(body):
+    length = parse_count(header_length)
+    if length is None or length > len(body):
         raise InputError(f"{HEADER_LENGTH} must be a byte count within the body ({len(body)} bytes), "
                          f"got {header_length[:40]!r}")
-    return body[:int(digits)], memoryview(body)[int(digits):]
+    return body[:length], memoryview(body)[length:]
 
 
 def _requested(request: InferRequest) -> dict[str, bool]:

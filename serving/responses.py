@@ -24,7 +24,7 @@ def loads(body: bytes) -> Any:
     except orjson.JSONDecodeError:
         pass
     try:
-        return json.loads(body)
+        return json.loads(body.decode("utf-8"))  # decoded here: on bytes json.loads also takes UTF-16 and UTF-32
     except json.JSONDecodeError:
         raise
     except UnicodeDecodeError as error:

@@ -113,6 +113,8 @@ V2_ERRORS = {
                   "not valid JSON (not UTF-8"),
     "a header length in non-ASCII digits": (None, _v2_body(), {"Inference-Header-Content-Length": b"\xb2"}, 400,
                                             "byte count within the body"),
+    "a header length of 5000 digits": (None, _v2_body(), {"Inference-Header-Content-Length": "1" * 5000}, 400,
+                                       "byte count within the body"),
     "gzip that is not gzip": (None, _v2_body(), {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
     "an unsupported encoding": (None, _v2_body(), {"Content-Encoding": "br"}, 400, "'br' is not supported"),
     "header length beyond the body": (None, _v2_body(), {"Inference-Header-Content-Length": "99999"}, 400,
@@ -160,7 +162,7 @@ def test_raw_float32_path_gives_the_json_paths_classes(http, exported):
     assert float64.status_code == 422 and "not float64" in float64.json()["detail"]
     missing = http.post("/predict/raw", content=b"\0" * 256, headers={"Content-Type": "application/octet-stream"})
     assert missing.status_code == 422 and "X-Tensor-Shape" in missing.json()["detail"]
-    for shape in ("1x1x8x8", b"\xb9,1,8,8"):  # the second: a superscript one, which str.isdigit accepts
+    for shape in ("1x1x8x8", b"\xb9,1,8,8", "1" * 5000 + ",1,8,8"):  # a superscript one passes str.isdigit
         bad = http.post("/predict/raw", content=b"\0" * 256,
                         headers={"Content-Type": "application/octet-stream", "X-Tensor-Shape": shape})
         assert bad.status_code == 422 and "comma-separated" in bad.json()["detail"], bad.text
