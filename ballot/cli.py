@@ -274,10 +274,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from ballot import experiment
 
     folder, cfg = _run_folder(args.dir)
-    _usable_device(args.device)
+    if args.device is not None:
+        device = str(_usable_device(args.device))
+    else:  # the run's own device where this machine has it, so the metrics reproduce exactly
+        try:
+            device = str(_usable_device(cfg.base.device))
+        except ConfigError:
+            device = str(_usable_device("auto"))
+            print(f"evaluate: the run's device '{cfg.base.device}' is not available here; evaluating on {device}",
+                  file=sys.stderr)
     data = experiment.prepare_data(cfg)
     model, mask = experiment.load_pruned(folder, cfg, data)
-    metrics = experiment.model_metrics(model, data, args.device)
+    metrics = experiment.model_metrics(model, data, device)
     metrics["density"] = mask.density()
     print(json.dumps({k: metrics[k] for k in ("acc", "cwv", "mcd", "worst_class", "density", "per_class")}, indent=2))
 
@@ -418,8 +426,8 @@ def build_parser(serve_only: bool = False) -> argparse.ArgumentParser:
 
         evaluate = commands.add_parser("evaluate", help="re-evaluate a `ballot prune` output folder on the test split")
         evaluate.add_argument("--dir", required=True, help="output folder of `ballot prune`")
-        evaluate.add_argument("--device", default="auto", help="where to evaluate (default auto: cuda when "
-                              "available, else cpu), whatever device the run trained on")
+        evaluate.add_argument("--device", help="where to evaluate (default: the run's device where this machine "
+                              "has it, else auto: cuda when available, else cpu)")
         evaluate.set_defaults(func=cmd_evaluate)
 
         export = commands.add_parser("export", help="write a `ballot prune` output folder as one ONNX file (masks "
@@ -474,11 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = func(args)
     except UserError as error:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone reports, through the launcher
-            if ERROR_FILE_ENV in os.environ:
-                Path(os.environ[ERROR_FILE_ENV]).write_text(str(error))
-            else:
-                print(f"ballot: error: {error}", file=sys.stderr)
+        if ERROR_FILE_ENV not in os.environ:
+            print(f"ballot: error: {error}", file=sys.stderr)
+        elif os.environ.get("RANK", "0") == "0":  # under our --nproc launcher rank 0 reports, through the launcher
+            Path(os.environ[ERROR_FILE_ENV]).write_text(str(error))
         return 2
     return code or 0
 

@@ -43,7 +43,9 @@ def test_prune_writes_mask_weights_and_metrics_then_evaluate_reproduces_them(tmp
         config = json.loads((out / "config.json").read_text())
         (out / "config.json").write_text(json.dumps({**config, "base": {**config["base"], "device": "cuda"}}))
         assert main(["evaluate", "--dir", str(out)]) == 0
-        assert json.loads(capsys.readouterr().out)["acc"] == metrics["acc"]
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["acc"] == metrics["acc"]
+        assert "the run's device 'cuda' is not available here; evaluating on cpu" in captured.err
         assert main(["evaluate", "--dir", str(out), "--device", "cuda"]) == 2
         assert "--device: device 'cuda' requested but CUDA is not available" in capsys.readouterr().err
 
@@ -61,6 +63,15 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, flags, message
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not out.exists(), "nothing may be written for bad input"
+
+
+def test_more_processes_than_cuda_devices_are_refused_before_any_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "run"
+    assert main(["prune", "--dataset", "digits", "--device", "cuda", "--nproc", "2", "--out", str(out), *TINY_FLAGS]) == 2
+    assert "--nproc 2: this machine has 1 CUDA device(s), one per process is needed" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_evaluate_of_a_folder_without_outputs(tmp_path, capsys):
