@@ -10,6 +10,7 @@ survivors (or the next run on the same storage) replace, and the finished count 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -135,7 +136,10 @@ def open_study(cfg: ExperimentConfig, storage: optuna.storages.BaseStorage, name
     try:
         study = optuna.create_study(directions=DIRECTIONS[tune.mode], **kwargs)
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(**kwargs)
+        try:
+            study = optuna.load_study(**kwargs)
+        except KeyError:  # deleted between the two calls: its creator's set-up failed
+            raise _deleted(name) from None
         _check_joinable(study, tune, fp)
         return study, False
     try:
@@ -144,7 +148,8 @@ def open_study(cfg: ExperimentConfig, storage: optuna.storages.BaseStorage, name
             on_create(study)
         study.set_user_attr(READY_ATTR, True)
     except BaseException:
-        optuna.delete_study(study_name=name, storage=storage)
+        with contextlib.suppress(Exception):  # the set-up's own error is the one to report
+            optuna.delete_study(study_name=name, storage=storage)
         raise
     return study, True
 
@@ -172,8 +177,12 @@ def _ready(study: optuna.Study) -> bool:
     try:
         return bool(study.user_attrs.get(READY_ATTR))
     except KeyError:  # the storage no longer holds it
-        raise TuneError(f"study '{study.study_name}' was deleted while this run waited to join it (its creator's "
-                        "set-up failed); run again to create it afresh") from None
+        raise _deleted(study.study_name) from None
+
+
+def _deleted(name: str) -> TuneError:
+    return TuneError(f"study '{name}' was deleted while this run waited to join it (its creator's set-up failed); "
+                     "run again to create it afresh")
 
 
 def trial_counts(study: optuna.Study) -> tuple[int, int]:
