@@ -218,11 +218,7 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
     metrics = experiment.model_metrics(model, data, cfg.base.device)
     fingerprint, here = dense_fingerprint(dense), environment(threads)
     if dense_path.is_file():
-        recorded = json.loads(dense_path.read_text())
-        found = dense_mismatch(recorded, fingerprint, metrics, here)
-        if not found and recorded.get("threads", threads) != threads:  # the same dense state, other kernels' sums
-            found = (f"its runs used {recorded['threads']} torch thread(s), this one {threads}: resume with the "
-                     "--workers they ran with (one thread per worker when there are several)")
+        found = dense_mismatch(json.loads(dense_path.read_text()), fingerprint, metrics, here)
         if found:
             # another machine, thread count or torch trained this cache: new runs would not be comparable
             print(f"{unit.dataset}/{unit.model} seed {unit.seed}: skipped, the dense state in {dense_dir} is not the "
