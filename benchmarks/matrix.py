@@ -302,6 +302,12 @@ def _beyond_noise(lower: tuple[float, float, int], higher: tuple[float, float, i
     return higher[0] - lower[0] > (lower[1] + higher[1]) / 2
 
 
+def _gains(table: dict[tuple[str, str, float], dict[str, Stats]], cells: list[Any], ours: str, theirs: str
+           ) -> list[float]:
+    """The per-cell CWV reductions of ``ours`` against ``theirs``, leaving out cells where ``theirs`` has CWV 0."""
+    return [g for g in (_cwv_gain(table[c][ours], table[c][theirs]) for c in cells) if not math.isnan(g)]
+
+
 def _seeded(by_method: dict[str, Stats], *methods: str) -> bool:
     """Whether every one of ``methods`` has two or more seeds in the cell (else it has no seed-to-seed noise)."""
     return all(by_method[m]["cwv"][2] >= 2 for m in methods)
@@ -331,7 +337,7 @@ def verdict(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, j
         return [f"(no cell has both {judged} and lth)"]
     ok_acc = [c for c in cells if table[c][judged]["acc"][0] >= table[c]["lth"]["acc"][0] - 0.01]
     ok_cwv = [c for c in cells if table[c][judged]["cwv"][0] <= table[c]["lth"]["cwv"][0]]
-    gains = [g for g in (_cwv_gain(table[c][judged], table[c]["lth"]) for c in cells) if not math.isnan(g)]
+    gains = _gains(table, cells, judged, "lth")
     lines.append(f"- cells with Ballot's mean accuracy >= LTH's - 1 point: {len(ok_acc)} of {len(cells)}")
     lines.append(f"- cells with Ballot's mean CWV <= LTH's: {len(ok_cwv)} of {len(cells)}")
     averaged = 1 - _mean_cwv(table, cells, judged) / _mean_cwv(table, cells, "lth")
@@ -340,7 +346,7 @@ def verdict(table: dict[tuple[str, str, float], dict[str, Stats]], split: str, j
     for other in ("lth + refined", "magnitude"):
         both = [c for c in cells if other in table[c]]
         if both:
-            g = [x for x in (_cwv_gain(table[c][judged], table[c][other]) for c in both) if not math.isnan(x)]
+            g = _gains(table, both, judged, other)
             lines.append(f"- Ballot's CWV vs {other}, mean over {_cells(g, both)}: {_percent(g)}")
     refined = [c for c in cells if "lth + refined" in table[c] and _seeded(table[c], judged, "lth + refined")]
     if refined:

@@ -30,13 +30,13 @@ def seed_records(folders: list[Path]) -> dict[tuple, dict[int, dict[str, dict]]]
         for path in sorted(folder.glob("*.json")):
             run = json.loads(path.read_text())
             unit = run["unit"]
-            cell, where = (unit["dataset"], unit["model"], run["density"]), (unit["seed"], run["method"])
-            earlier = records[cell][where[0]].get(where[1])
+            cell, seed, method = (unit["dataset"], unit["model"], run["density"]), unit["seed"], run["method"]
+            earlier = records[cell][seed].get(method)
             if earlier is not None and earlier != run:
-                raise SystemExit(f"{path} and {seen[(cell, where)]} are two different '{run['method']}' runs of "
-                                 f"{'/'.join(map(str, cell))} seed {unit['seed']}: keep one configuration per "
-                                 "method name in a folder (matrix.json's rows say which the matrix used)")
-            records[cell][where[0]][where[1]], seen[(cell, where)] = run, path
+                raise SystemExit(f"{path} and {seen[(cell, seed, method)]} are two different '{method}' runs of "
+                                 f"{'/'.join(map(str, cell))} seed {seed}: keep one configuration per method name "
+                                 "in a folder (matrix.json's rows say which the matrix used)")
+            records[cell][seed][method], seen[(cell, seed, method)] = run, path
     return records
 
 

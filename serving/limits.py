@@ -8,9 +8,10 @@ import zlib
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.inputs import parse_count
+from serving.oip import HEADER_LENGTH
 from serving.responses import error_response, input_error_response, is_v2
 
-JSON_HEADER_LENGTH = b"inference-header-content-length"  # the Open Inference Protocol's binary extension
+JSON_HEADER_LENGTH = HEADER_LENGTH.lower().encode()  # as ASGI gives header names
 GZIP = zlib.MAX_WBITS | 16  # zlib's window bits for the gzip container
 
 

@@ -101,9 +101,9 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
             "dense_val_acc": summary["dense_val_acc"]}
     if chosen is None:
         info["note"] = f"{no_choice_reason(summary, tune.max_acc_drop)}. params is empty, so prune keeps its own values"
-    # the trials' objective weight rides along: under refine_start 'best' it picks the kept training, so prune
-    # reproduces the chosen trial only with the same weight
-    chosen_values = {OBJECTIVE_WEIGHT_KEY: tune.mcd_weight, **chosen.params} if chosen else {}  # a searched weight wins
+    # the trials' objective weight rides along (a searched one wins): under refine_start 'best' it picks the kept
+    # training, so prune reproduces the chosen trial only with the same weight
+    chosen_values = {OBJECTIVE_WEIGHT_KEY: tune.mcd_weight, **chosen.params} if chosen else {}
     best = write_best(best_path, chosen_values, info)
     finish_parent(client, study.user_attrs[PARENT_ATTR], summary, [best, *files])
     return TuneOutcome(study, chosen, summary, [best, *files])

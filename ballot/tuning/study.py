@@ -37,8 +37,8 @@ DIRECTIONS = {"single": ["maximize"], "multi": ["maximize", "minimize"]}
 FINGERPRINT_ATTR, READY_ATTR, DENSE_ACC_ATTR = "fingerprint", "ready", "dense_val_acc"
 SEARCH_KEYS = ("space", "mode", "sampler", "seed", "pruner", "pruner_startup_trials", "pruner_warmup_epochs",
                "mcd_weight", "max_acc_drop")  # the tune settings that change what a trial means
-TRIAL_PRUNE_KEYS = ("ballot", "retrain", "min_per_layer", "granularity", "final_train", "recalibrate_bn")  # the
-# prune settings a trial reads (its method is always Ballot); dvc.yaml's tune stage lists each of both groups
+# the prune settings a trial reads (its method is always Ballot); dvc.yaml's tune stage lists them and SEARCH_KEYS
+TRIAL_PRUNE_KEYS = ("ballot", "retrain", "min_per_layer", "granularity", "final_train", "recalibrate_bn")
 READY_TIMEOUT_S = 60.0
 
 
