@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from functools import partial
+from pathlib import Path
 
 import optuna
 import pytest
@@ -32,6 +39,7 @@ from ballot.tuning.space import (
     with_values,
     write_best,
 )
+from ballot.tuning import study as studies
 from ballot.tuning.study import fingerprint, make_pruner, make_storage, open_study, redact, sqlite_url
 from tests.conftest import TINY, tiny_config
 
@@ -181,6 +189,101 @@ def test_a_study_whose_set_up_fails_is_removed_so_the_next_run_creates_it(tmp_pa
     assert "s" not in optuna.get_all_study_names(storage)
     study, created = open_study(cfg, storage, "s", "aaaa", 0)
     assert created and study.user_attrs["ready"] is True
+
+
+HANGING_CREATOR = """
+import sys, time
+from pathlib import Path
+from ballot.config import ExperimentConfig
+from ballot.tuning import study as studies
+studies.SETUP_BEAT_S = 0.1
+
+def hang(study):
+    Path(sys.argv[2]).write_text("setting up")
+    time.sleep(600)
+
+studies.open_study(ExperimentConfig(), studies.make_storage(sys.argv[1], heartbeat_s=1), "s", "aaaa", 0, on_create=hang)
+"""
+
+
+def _fast_set_up_clock(monkeypatch: pytest.MonkeyPatch, stale_s: float) -> None:
+    monkeypatch.setattr(studies, "SETUP_BEAT_S", stale_s / 10)
+    monkeypatch.setattr(studies, "SETUP_POLL_S", stale_s / 20)
+    monkeypatch.setattr(studies, "SETUP_STALE_S", stale_s)
+
+
+def test_a_study_whose_creator_was_killed_during_set_up_is_created_afresh(tmp_path, monkeypatch, capsys):
+    url, marker = sqlite_url(tmp_path / "study.db"), tmp_path / "started"
+    creator = subprocess.Popen([sys.executable, "-c", HANGING_CREATOR, url, str(marker)],
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert creator.poll() is None and time.monotonic() < deadline, "the creator never reached its set-up"
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few set-up beats
+        os.kill(creator.pid, signal.SIGKILL)
+    finally:
+        creator.kill()
+        creator.wait()
+    storage = make_storage(url, heartbeat_s=1)
+    orphan = optuna.load_study(study_name="s", storage=storage)
+    assert orphan.user_attrs["set_up_heartbeat"] >= 1 and "ready" not in orphan.user_attrs
+
+    _fast_set_up_clock(monkeypatch, stale_s=1.0)
+    study, created = open_study(tune_config(), storage, "s", "aaaa", 0)
+    assert created and study.user_attrs["ready"] is True and study.user_attrs["fingerprint"] == "aaaa"
+    assert optuna.get_all_study_names(storage) == ["s"]
+    assert "deleting it to create it afresh" in capsys.readouterr().err
+
+
+def _create_in_thread(cfg: ExperimentConfig, storage, on_create) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def create() -> None:
+        try:
+            outcome["result"] = open_study(cfg, storage, "s", "aaaa", 0, on_create=on_create)
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_joiner_waits_for_a_creator_whose_set_up_is_slow_but_alive(tmp_path, monkeypatch):
+    _fast_set_up_clock(monkeypatch, stale_s=0.5)
+    cfg, storage, started = tune_config(), make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=1), threading.Event()
+
+    def slow(study: optuna.Study) -> None:
+        started.set()
+        time.sleep(2.0)  # four stale windows, beating all the while
+
+    creator, outcome = _create_in_thread(cfg, storage, slow)
+    assert started.wait(60)
+    study, created = open_study(cfg, storage, "s", "aaaa", 1)
+    creator.join()
+    assert not created and study.user_attrs["ready"] is True
+    assert outcome["result"][1] is True and outcome["result"][0]._study_id == study._study_id
+
+
+def test_a_joiner_creates_the_study_when_its_creators_set_up_fails_meanwhile(tmp_path, monkeypatch):
+    _fast_set_up_clock(monkeypatch, stale_s=30.0)  # the creator's own deletion, not staleness, must free the name
+    cfg, storage = tune_config(), make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=1)
+    started, release = threading.Event(), threading.Event()
+
+    def fail(study: optuna.Study) -> None:
+        started.set()
+        release.wait(60)
+        raise RuntimeError("the dense model cannot be read")
+
+    creator, outcome = _create_in_thread(cfg, storage, fail)
+    assert started.wait(60)
+    threading.Timer(0.5, release.set).start()  # fails while the joiner waits
+    study, created = open_study(cfg, storage, "s", "aaaa", 1)
+    creator.join()
+    assert isinstance(outcome["error"], RuntimeError)
+    assert created and study.user_attrs["ready"] is True and optuna.get_all_study_names(storage) == ["s"]
 
 
 def test_a_trial_beyond_the_budget_steps_back(tmp_path):

@@ -14,6 +14,8 @@ import contextlib
 import hashlib
 import json
 import multiprocessing
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,11 +37,15 @@ from ballot.tuning.objective import COUNTED, SurplusTrial, TrialContext, run_tri
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DIRECTIONS = {"single": ["maximize"], "multi": ["maximize", "minimize"]}
 FINGERPRINT_ATTR, READY_ATTR, DENSE_ACC_ATTR = "fingerprint", "ready", "dense_val_acc"
+SETUP_BEAT_ATTR = "set_up_heartbeat"
 SEARCH_KEYS = ("space", "mode", "sampler", "seed", "pruner", "pruner_startup_trials", "pruner_warmup_epochs",
                "mcd_weight", "max_acc_drop")  # the tune settings that change what a trial means
 # the prune settings a trial reads (its method is always Ballot); dvc.yaml's tune stage lists them and SEARCH_KEYS
 TRIAL_PRUNE_KEYS = ("ballot", "retrain", "min_per_layer", "granularity", "final_train", "recalibrate_bn")
-READY_TIMEOUT_S = 60.0
+# a creator beats every SETUP_BEAT_S while it sets a study up; joiners poll every SETUP_POLL_S and take a
+# study whose beat stood still for SETUP_STALE_S for lost (a sqlite write may wait up to 60 s for a lock)
+SETUP_BEAT_S, SETUP_POLL_S, SETUP_STALE_S = 5.0, 0.5, 90.0
+SETUP_ATTEMPTS = 3
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -125,23 +131,52 @@ def fingerprint(cfg: ExperimentConfig, dense: DenseArtifacts) -> str:
     return digest.hexdigest()
 
 
-def open_study(cfg: ExperimentConfig, storage: optuna.storages.BaseStorage, name: str, fp: str, worker: int,
+def open_study(cfg: ExperimentConfig, storage: optuna.storages.RDBStorage, name: str, fp: str, worker: int,
                on_create: Callable[[optuna.Study], None] | None = None) -> tuple[optuna.Study, bool]:
     """Create study ``name`` (then ``on_create`` and mark it ready) or join it after checking its fingerprint;
-    (study, whether this call created it). When the set-up fails (an error, Ctrl-C) the study is deleted again, so
-    that the next run creates it afresh instead of finding one that never became ready."""
+    (study, whether this call created it).
+
+    Set-up is all or nothing. When it fails (an error, Ctrl-C) the creator deletes the study again. While it runs,
+    a thread bumps a set-up heartbeat; a study that is not ready and whose heartbeat stood still for
+    ``SETUP_STALE_S`` lost its creator (SIGKILL, a lost machine), and the next process deletes it and creates it
+    afresh. A study deleted under a waiting process is created by that process instead."""
     tune = cfg.tune
     kwargs = {"storage": storage, "study_name": name, "sampler": make_sampler(tune, worker),
               "pruner": make_pruner(tune)}
-    try:
-        study = optuna.create_study(directions=DIRECTIONS[tune.mode], **kwargs)
-    except optuna.exceptions.DuplicatedStudyError:
+    for _ in range(SETUP_ATTEMPTS):
         try:
-            study = optuna.load_study(**kwargs)
-        except KeyError:  # deleted between the two calls: its creator's set-up failed
-            raise _deleted(name) from None
-        _check_joinable(study, tune, fp)
-        return study, False
+            study = optuna.create_study(directions=DIRECTIONS[tune.mode], **kwargs)
+        except optuna.exceptions.DuplicatedStudyError:
+            try:
+                study = optuna.load_study(**kwargs)
+            except KeyError:  # deleted between the two calls: its creator's set-up failed
+                continue
+            if _await_set_up(study, storage):
+                _check_joinable(study, tune, fp)
+                return study, False
+            continue
+        _set_up(study, storage, fp, on_create)
+        return study, True
+    raise TuneError(f"study '{name}' could not be created or joined: it was deleted {SETUP_ATTEMPTS} times while "
+                    "this run tried (other processes' set-up keeps failing); see their errors")
+
+
+def _set_up(study: optuna.Study, storage: optuna.storages.RDBStorage, fp: str,
+            on_create: Callable[[optuna.Study], None] | None) -> None:
+    """Stamp the fingerprint, run ``on_create`` and mark the study ready, beating all the while; delete the study
+    if anything fails."""
+    study_id = study._study_id  # by id, never by name: a name may already belong to a newer study
+    stop = threading.Event()
+
+    def beat() -> None:
+        count = 0
+        while not stop.wait(SETUP_BEAT_S):
+            count += 1
+            with contextlib.suppress(Exception):  # a missed beat only shortens the joiners' patience
+                storage.set_study_user_attr(study_id, SETUP_BEAT_ATTR, count)
+
+    beater = threading.Thread(target=beat, name="study-set-up-heartbeat", daemon=True)
+    beater.start()
     try:
         study.set_user_attr(FINGERPRINT_ATTR, fp)
         if on_create is not None:
@@ -149,18 +184,38 @@ def open_study(cfg: ExperimentConfig, storage: optuna.storages.BaseStorage, name
         study.set_user_attr(READY_ATTR, True)
     except BaseException:
         with contextlib.suppress(Exception):  # the set-up's own error is the one to report
-            optuna.delete_study(study_name=name, storage=storage)
+            storage.delete_study(study_id)
         raise
-    return study, True
+    finally:
+        stop.set()
+        beater.join()
+
+
+def _await_set_up(study: optuna.Study, storage: optuna.storages.RDBStorage) -> bool:
+    """Wait until the study's creator marks it ready (True). False when the study is gone: deleted by its creator
+    (its set-up failed), or deleted here because its set-up heartbeat stood still for ``SETUP_STALE_S``."""
+    last_beat: object = None
+    since = time.monotonic()
+    while True:
+        try:
+            attrs = study.user_attrs
+        except KeyError:  # the storage no longer holds it
+            return False
+        if attrs.get(READY_ATTR):
+            return True
+        beat = attrs.get(SETUP_BEAT_ATTR)
+        if beat != last_beat:
+            last_beat, since = beat, time.monotonic()
+        elif time.monotonic() - since > SETUP_STALE_S:
+            print(f"study '{study.study_name}' was never made ready and its creator stopped for "
+                  f"{SETUP_STALE_S:.0f} s (killed?): deleting it to create it afresh", file=sys.stderr)
+            with contextlib.suppress(KeyError):  # another process reclaimed it first; its new study is kept
+                storage.delete_study(study._study_id)
+            return False
+        time.sleep(SETUP_POLL_S)
 
 
 def _check_joinable(study: optuna.Study, tune: TuneConfig, fp: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not _ready(study):  # its creator may still be setting it up
-        if time.monotonic() > deadline:
-            raise TuneError(f"study '{study.study_name}' exists but was never made ready (did its creator die?); "
-                            "delete it or pick another tune.study_name")
-        time.sleep(0.5)
     theirs = study.user_attrs.get(FINGERPRINT_ATTR)
     if theirs != fp:
         raise TuneError(f"study '{study.study_name}' was created for another configuration or dense model "
@@ -170,19 +225,6 @@ def _check_joinable(study: optuna.Study, tune: TuneConfig, fp: str) -> None:
     if study.directions != wanted:
         raise TuneError(f"study '{study.study_name}' has directions {study.directions}, mode '{tune.mode}' needs "
                         f"{wanted}")
-
-
-def _ready(study: optuna.Study) -> bool:
-    """Whether the study's creator finished setting it up; TuneError when it deleted the study instead."""
-    try:
-        return bool(study.user_attrs.get(READY_ATTR))
-    except KeyError:  # the storage no longer holds it
-        raise _deleted(study.study_name) from None
-
-
-def _deleted(name: str) -> TuneError:
-    return TuneError(f"study '{name}' was deleted while this run waited to join it (its creator's set-up failed); "
-                     "run again to create it afresh")
 
 
 def trial_counts(study: optuna.Study) -> tuple[int, int]:
