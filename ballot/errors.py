@@ -35,7 +35,8 @@ class UnknownMethodError(UserError, ValueError):
 
 
 class PromotionError(UserError, ValueError):
-    """The model or version does not exist, or lacks the tags the gate reads; the message says which."""
+    """The model or version does not exist, lacks the tags the gate reads, or its registration did not complete; the
+    message says which."""
 
 
 class TuneError(UserError, RuntimeError):
@@ -47,7 +48,8 @@ class ParityError(UserError, ValueError):
 
 
 class RegistryError(UserError, ValueError):
-    """A registry request this project does not allow (e.g. moving ``champion`` outside the gate)."""
+    """A registry request this project does not allow (e.g. moving ``champion`` outside the gate) or MLflow
+    refuses (a name it does not accept, a deleted experiment)."""
 
 
 class QuantizationError(UserError, ValueError):

@@ -62,6 +62,24 @@ def gate(candidate: Mapping[str, str], champion: Mapping[str, str] | None, cfg: 
     return acc_ok and cwv_ok, reasons
 
 
+def _check_complete(client: Any, candidate: Any, name: str) -> None:
+    """PromotionError unless the run that registered ``candidate`` finished: a register ends its run only after the
+    version is whole (tags and alias), so a RUNNING or FAILED run means it was killed or failed half-way."""
+    from mlflow.exceptions import MlflowException
+
+    if not candidate.run_id:  # registered by hand, outside a run: nothing to check
+        return
+    try:
+        status = client.get_run(candidate.run_id).info.status
+    except MlflowException as error:
+        raise PromotionError(f"cannot read run {candidate.run_id} that registered {name} version "
+                             f"{candidate.version}: {error.message}") from None
+    if status != "FINISHED":
+        raise PromotionError(f"{name} version {candidate.version} comes from run {candidate.run_id}, which is "
+                             f"{status}: its registration did not complete (it failed, was killed, or is still "
+                             "running); register the model again")
+
+
 def promote(client: Any, name: str, version: str, cfg: PromoteConfig) -> Decision:
     """Check version ``version`` of ``name`` against the gate; move ``champion`` to it only if it passes."""
     from mlflow.exceptions import MlflowException
@@ -70,6 +88,7 @@ def promote(client: Any, name: str, version: str, cfg: PromoteConfig) -> Decisio
         candidate = client.get_model_version(name, str(version))
     except MlflowException as error:
         raise PromotionError(f"model '{name}' has no version '{version}': {error.message}") from None
+    _check_complete(client, candidate, name)
     try:  # the alias list says whether a champion exists; any error reading it must stop the gate
         aliases = client.get_registered_model(name).aliases
         champion = client.get_model_version(name, str(aliases[CHAMPION])) if CHAMPION in aliases else None

@@ -8,6 +8,7 @@ registered as a new version of the configured name, given the alias ``challenger
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -30,18 +31,23 @@ VERSION_TAG_KEYS = ("density", "acc", "cwv", "mcd", "worst_class", "dataset", "m
                     "input_shape")
 OPTIONAL_TAG_KEYS = ("dense_acc",)
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
-_ALIAS = re.compile(r"[\w-]+")
-_VERSION_LIKE = re.compile(r"[vV]\d+")
 
 
-def check_alias(alias: str) -> None:
-    """RegistryError unless MLflow accepts ``alias`` and it is not ``champion`` (only the gate moves that one)."""
+def check_names(name: str, alias: str) -> None:
+    """RegistryError unless MLflow accepts the model ``name`` and ``alias`` (its own validators: MLflow states the
+    rules) and the alias is not ``champion`` (only the gate moves that one)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
     if alias == CHAMPION:
         raise RegistryError(f"alias '{CHAMPION}' moves only through `ballot promote`, which checks accuracy and "
                             f"fairness first; register with another alias, then promote")
-    if not _ALIAS.fullmatch(alias) or alias.lower() == "latest" or _VERSION_LIKE.fullmatch(alias):
-        raise RegistryError(f"alias '{alias}': use letters, digits, '_' and '-', and neither 'latest' nor a "
-                            f"version-like name such as 'v2'")
+    try:
+        validation._validate_model_name(name)
+        validation._validate_model_alias_name(alias)
+        validation._validate_model_alias_name_reserved(alias)
+    except MlflowException as error:
+        raise RegistryError(f"MLflow refuses model name '{name}' / alias '{alias}': {error.message}") from None
 
 
 def resolve_tracking_uri(configured: str, explicit: str | None = None) -> str:
@@ -156,8 +162,13 @@ def register_onnx(onnx_path: str | Path, name: str, example: np.ndarray, tags: M
     # One create call with every tag: a reader sees the version whole or not at all. The alias moves last, so a
     # kill before it leaves the alias on the previous, complete version.
     created = mlflow.register_model(info.model_uri, name, tags={k: tag_value(v) for k, v in tags.items()})
-    version = str(created.version)
-    mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+    version, client = str(created.version), mlflow.MlflowClient()
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except BaseException:  # a version no alias reaches is half a registration: take it back (a kill: fail_orphan_runs)
+        with contextlib.suppress(Exception):
+            client.delete_model_version(name, version)
+        raise
     return Registration(name, version, alias, run.info.run_id, f"models:/{name}@{alias}", mlflow.get_tracking_uri())
 
 
@@ -171,7 +182,8 @@ def _owner() -> dict[str, str]:
 
 def fail_orphan_runs(experiment: str) -> list[str]:
     """End as FAILED the RUNNING runs of ``experiment`` whose process, on this host, no longer exists (a killed
-    register); returns their ids."""
+    register), after deleting the model versions they created that no alias points at (killed before the alias
+    moved); returns the runs' ids."""
     import mlflow
 
     found = mlflow.get_experiment_by_name(experiment)
@@ -182,6 +194,9 @@ def fail_orphan_runs(experiment: str) -> list[str]:
     for run in client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'"):
         pid = run.data.tags.get(PID_TAG, "")
         if run.data.tags.get(HOST_TAG) == host and pid.isdigit() and not pid_alive(int(pid)):
+            for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+                if not version.aliases:
+                    client.delete_model_version(version.name, version.version)
             client.set_terminated(run.info.run_id, status="FAILED")
             ended.append(run.info.run_id)
     return ended
@@ -199,26 +214,30 @@ def register_run(onnx_path: str | Path, name: str, example: np.ndarray | None, c
     """One MLflow run in ``experiment`` (tagged with the card's dataset, method and model, and ``tags``) that logs
     ``params``, ``metrics``, per-epoch ``histories`` (phase -> epoch records: '<phase>.<key>' at step = epoch) and
     ``artifacts`` ((file, artifact folder) pairs), then registers the ONNX file with the card's version tags
-    (``register_onnx``); ``example`` None: one all-zero input of the card's ``input_shape``. The card and the
-    alias are checked before the run starts."""
+    (``register_onnx``); ``example`` None: one all-zero input of the card's ``input_shape``. The card, the name and
+    the alias are checked before the run starts; MLflow's refusals come out as RegistryError."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     model_tags = version_tags(card, onnx_path)
-    check_alias(alias)
+    check_names(name, alias)
     if example is None:
         example = np.zeros((1, *card["input_shape"]), dtype=np.float32)
-    mlflow.set_experiment(experiment)
-    fail_orphan_runs(experiment)
-    run_tags = {**{key: card[key] for key in ("dataset", "method", "model")}, **(tags or {}), **_owner()}
-    run_name = f"{card['method']}-{card['model']}-d{card['density']:.3f}"
-    with mlflow.start_run(run_name=run_name, tags=run_tags):
-        if params:
-            mlflow.log_params(params)
-        mlflow.log_metrics(dict(metrics))
-        for phase, records in (histories or {}).items():
-            for record in records:
-                values = {f"{phase}.{k}": float(v) for k, v in record.items() if k != "epoch" and _finite(v)}
-                mlflow.log_metrics(values, step=int(record["epoch"]))
-        for path, folder in artifacts:
-            mlflow.log_artifact(str(path), artifact_path=folder)
-        return register_onnx(onnx_path, name, example, model_tags, alias)
+    try:
+        mlflow.set_experiment(experiment)
+        fail_orphan_runs(experiment)
+        run_tags = {**{key: card[key] for key in ("dataset", "method", "model")}, **(tags or {}), **_owner()}
+        run_name = f"{card['method']}-{card['model']}-d{card['density']:.3f}"
+        with mlflow.start_run(run_name=run_name, tags=run_tags):
+            if params:
+                mlflow.log_params(params)
+            mlflow.log_metrics(dict(metrics))
+            for phase, records in (histories or {}).items():
+                for record in records:
+                    values = {f"{phase}.{k}": float(v) for k, v in record.items() if k != "epoch" and _finite(v)}
+                    mlflow.log_metrics(values, step=int(record["epoch"]))
+            for path, folder in artifacts:
+                mlflow.log_artifact(str(path), artifact_path=folder)
+            return register_onnx(onnx_path, name, example, model_tags, alias)
+    except MlflowException as error:  # a deleted experiment, a store that refuses a value: one line, not a trace
+        raise RegistryError(f"MLflow refused to register '{onnx_path}' as '{name}': {error.message}") from None

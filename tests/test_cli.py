@@ -319,8 +319,11 @@ def test_register_refuses_what_it_cannot_register(tmp_path, registry, capsys):
     card = {"density": 0.5, "acc": 0.8, "cwv": 0.01, "mcd": 0.2, "worst_class": 0.6, "dataset": "toy",
             "method": "lth", "model": "linear", "class_names": ["a", "b", "c"], "input_shape": [1, 2, 3]}
     carded = export_onnx(_linear(), (1, 2, 3), tmp_path / "carded.onnx", card)
-    for alias, message in (("champion", "moves only through `ballot promote`"), ("v2", "version-like")):
-        assert main(["register", "--onnx", str(carded), "--alias", alias, "--tracking-uri", uri]) == 2
+    for flags, message in ((["--alias", "champion"], "moves only through `ballot promote`"),
+                           (["--alias", "v2"], "Version alias name 'v2' is reserved"),
+                           (["--alias", "a" * 256], "exceeds the maximum length of 255"),
+                           (["--name", "team/model"], "Names cannot contain '/' or ':'")):
+        assert main(["register", "--onnx", str(carded), *flags, "--tracking-uri", uri]) == 2
         assert message in _one_line_error(capsys)
     assert client.search_registered_models() == [], "nothing may be registered"
 

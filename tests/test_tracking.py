@@ -17,7 +17,7 @@ from torch import nn
 
 from ballot.cli import main
 from ballot.config import PromoteConfig
-from ballot.errors import PromotionError, StorageError
+from ballot.errors import PromotionError, RegistryError, StorageError
 from ballot.export import export_onnx
 from ballot.promote import gate, promote
 from ballot.tracking import (
@@ -28,6 +28,7 @@ from ballot.tracking import (
     flatten,
     numeric_metrics,
     register_onnx,
+    register_run,
     resolve_tracking_uri,
     tag_value,
 )
@@ -113,6 +114,37 @@ def test_register_onnx_needs_an_active_run(tmp_path, registry):
     _, example = _tiny_onnx(tmp_path / "m.onnx", 0)
     with pytest.raises(RuntimeError, match="active MLflow run"):
         register_onnx(tmp_path / "m.onnx", "no-run", example, {})
+
+
+def test_a_failed_alias_move_takes_the_new_version_back(registry, tmp_path, monkeypatch):
+    uri, client = registry
+    _tiny_onnx(tmp_path / "m.onnx", 0)
+
+    def refuse(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("503 Service Unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", refuse)
+    with pytest.raises(RegistryError, match="MLflow refused to register .* as 'half-registered': 503"):
+        register_run(tmp_path / "m.onnx", "half-registered", None, _card(0.8), experiment="half", metrics={})
+    assert client.search_model_versions("name='half-registered'") == [], "no version without its alias"
+    run = client.search_runs([mlflow.get_experiment_by_name("half").experiment_id])[0]
+    assert run.info.status == "FAILED"
+
+
+def test_promote_refuses_a_version_whose_registration_did_not_complete(registry):
+    uri, client = registry
+    name = "gated-incomplete"
+    client.create_registered_model(name)
+    with mlflow.start_run() as run:
+        tags = {"acc": "0.9", "cwv": "0.01", "dense_acc": "0.9"}
+        version = str(client.create_model_version(name, "file:///tmp/ballot-test-model", run_id=run.info.run_id,
+                                                  tags=tags).version)
+        with pytest.raises(PromotionError, match=f"version {version} comes from run .*, which is RUNNING"):
+            promote(client, name, version, CFG)
+    client.set_terminated(run.info.run_id, status="FAILED")
+    with pytest.raises(PromotionError, match="which is FAILED: its registration did not complete"):
+        promote(client, name, version, CFG)
+    assert client.get_registered_model(name).aliases == {}
 
 
 CFG = PromoteConfig(max_acc_drop=0.02, cwv_tolerance=1.0)
@@ -275,3 +307,5 @@ def test_a_register_killed_after_creating_the_version_leaves_the_registry_consis
     assert again.returncode == 0, again.stderr
     assert client.get_run(versions[1].run_id).info.status == "FAILED", "the next run ends the orphan as FAILED"
     assert str(client.get_model_version_by_alias("killed-model", CHALLENGER).version) == again.stdout.split()[-1] == "3"
+    left = sorted(str(v.version) for v in client.search_model_versions("name='killed-model'"))
+    assert left == ["1", "3"], "the orphan's alias-less version is deleted with it"
