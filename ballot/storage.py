@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -19,8 +22,6 @@ from ballot.errors import StorageError
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-
-
 
 
 def pid_alive(pid: int) -> bool:
@@ -39,20 +40,45 @@ def _prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}."
 
 
+def _leftover_pattern(path: Path) -> re.Pattern[str]:
+    """The names ``_prefix`` + mkstemp's random part (no dots) + ``.tmp`` / ``.old``, and no sibling's names:
+    ``.run.20240101.<pid>.<random>.tmp`` belongs to ``run.20240101``, not to ``run``."""
+    return re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[A-Za-z0-9_]+\.(tmp|old)")
+
+
 def clear_leftovers(path: Path) -> None:
     """Remove the temp files and folders a killed writer of ``path`` left beside it; if it was killed between
     moving the old ``path`` aside and moving the new one in, put the old one back (so ``path`` is always the old
     or the new state)."""
+    pattern = _leftover_pattern(path)
     for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.*")):
-        pid = leftover.name[len(path.name) + 2:].split(".", 1)[0]
-        if not pid.isdigit() or pid_alive(int(pid)) or leftover.suffix not in (".tmp", ".old"):
+        match = pattern.fullmatch(leftover.name)
+        if match is None or pid_alive(int(match.group(1))):
             continue
-        if leftover.suffix == ".old" and not path.exists():
+        if match.group(2) == "old" and not path.exists():
             os.replace(leftover, path)
         elif leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one step (Linux renameat2 with RENAME_EXCHANGE, through libc: the standard library
+    has no call for it); False where the platform or file system cannot, and nothing moved."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(error, os.strerror(error), str(a))
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -76,7 +102,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 def staged_folder(final: str | Path) -> Iterator[Path]:
     """An empty temp folder beside ``final`` that takes ``final``'s place only if the block succeeds.
 
-    On failure the temp folder is removed and ``final`` is left exactly as it was.
+    On failure the temp folder is removed and ``final`` is left exactly as it was. The two are swapped in one step
+    where the system allows (Linux), so a reader never finds ``final`` missing.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -86,17 +113,18 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700
-        if final.exists():
-            os.replace(final, old)
-        try:
+        if not final.exists():
             os.replace(tmp, final)
-        except BaseException:
-            if old.exists():
+        elif not _exchange(tmp, final):  # two renames: a kill between them leaves .old, which clear_leftovers restores
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
                 os.replace(old, final)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap, the old state
 
 
 def write_text(path: str | Path, text: str) -> Path:

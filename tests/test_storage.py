@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from ballot.storage import staged_folder, write_text
 
@@ -38,3 +40,40 @@ def test_a_kill_between_the_two_renames_leaves_the_old_folder_restored(tmp_path)
         (folder / "mask.safetensors").write_text("new mask")
     assert (tmp_path / "run" / "mask.safetensors").read_text() == "new mask"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_siblings_temp_files_are_not_taken_for_leftovers(tmp_path):
+    dead = _dead_pid()
+    sibling = tmp_path / f".run.20240101.{dead}.abc.old"  # run.20240101's writer, killed mid-swap
+    sibling.mkdir()
+    (sibling / "f").write_text("old state of run.20240101")
+    live = tmp_path / f".run.20240101.{os.getpid()}.def.tmp"  # run.20240101's writer at work
+    live.mkdir()
+    with staged_folder(tmp_path / "run") as folder:
+        (folder / "f").write_text("run")
+    assert (tmp_path / "run" / "f").read_text() == "run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([sibling.name, live.name, "run"])
+
+
+KILLED_AFTER_ANY_RENAME = """
+import os, signal, sys
+from pathlib import Path
+from ballot import storage
+
+real = os.replace
+def replace_then_die(*args):
+    real(*args)
+    os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace_then_die
+with storage.staged_folder(Path(sys.argv[1])) as folder:
+    (folder / "f").write_text("new")
+"""
+
+
+def test_a_kill_during_the_swap_never_leaves_the_folder_missing(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "f").write_text("old")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_ANY_RENAME, str(tmp_path / "run")], env=env)
+    assert killed.returncode == -signal.SIGKILL or killed.returncode == 0  # the swap itself renames nothing
+    assert (tmp_path / "run" / "f").read_text() in ("old", "new"), "a reader finds the old or the new state"
