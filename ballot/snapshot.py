@@ -9,7 +9,6 @@ Layout of a snapshot folder::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from ballot.data import DataBundle, Split
 from ballot.errors import StorageError
-from ballot.storage import atomic_save_tensors, load_tensors, write_json
+from ballot.storage import atomic_save_tensors, load_tensors, read_json, write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -46,13 +45,11 @@ def load_snapshot(folder: str | Path) -> DataBundle:
     """The DataBundle saved by ``save_snapshot``; StorageError names a missing or inconsistent file."""
     folder = Path(folder)
     summary_path = folder / "summary.json"
-    if not summary_path.is_file():
-        raise StorageError(f"data snapshot '{folder}' has no summary.json: run the prepare stage first")
-    try:
-        summary = json.loads(summary_path.read_text())
-        class_names = [str(name) for name in summary["class_names"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise StorageError(f"'{summary_path}' is not a snapshot summary: {error}") from None
+    summary = read_json(summary_path, f"data snapshot '{folder}' has no summary.json: run the prepare stage first")
+    names = summary.get("class_names") if isinstance(summary, dict) else None
+    if not isinstance(names, list) or not names:
+        raise StorageError(f"'{summary_path}' is not a snapshot summary: it needs a non-empty list 'class_names'")
+    class_names = [str(name) for name in names]
     splits = {name: _load_split(folder / f"{name}.safetensors", len(class_names)) for name in SPLITS}
     index = load_tensors(folder / "splits.safetensors", "split indices")
     if set(index) != {"train_index", "val_index"}:
@@ -69,6 +66,13 @@ def _load_split(path: Path, num_classes: int) -> Split:
     if not {"x", "y"} <= set(tensors):
         raise StorageError(f"data split '{path}' must hold x and y, has {sorted(tensors)}")
     x, y, group = tensors["x"], tensors["y"], tensors.get("group")
+    if x.dtype != torch.float32 or x.dim() < 2:
+        raise StorageError(f"data split '{path}': x must be float32 with a sample dimension and at least one more, "
+                           f"is {x.dtype} of shape {tuple(x.shape)}")
+    for key, tensor in (("y", y), ("group", group)):
+        if tensor is not None and (tensor.dtype != torch.int64 or tensor.dim() != 1):
+            raise StorageError(f"data split '{path}': {key} must be a one-dimensional int64 tensor, is "
+                               f"{tensor.dtype} of shape {tuple(tensor.shape)}")
     if len(x) != len(y) or (group is not None and len(group) != len(y)):
         raise StorageError(f"data split '{path}': x, y (and group) differ in length")
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):

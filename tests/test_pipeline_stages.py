@@ -145,9 +145,20 @@ def test_snapshot_errors_name_the_file(tmp_path, tiny_data):
     atomic_save_tensors({"x": tiny_data.test.x, "y": tiny_data.test.y + 10}, tmp_path / "test.safetensors")
     with pytest.raises(StorageError, match=r"test.safetensors': labels outside \[0, 10\)"):
         load_snapshot(tmp_path)
+    atomic_save_tensors({"x": tiny_data.test.x.double(), "y": tiny_data.test.y}, tmp_path / "test.safetensors")
+    with pytest.raises(StorageError, match="x must be float32 with a sample dimension"):
+        load_snapshot(tmp_path)
+    atomic_save_tensors({"x": tiny_data.test.x, "y": tiny_data.test.y.float()}, tmp_path / "test.safetensors")
+    with pytest.raises(StorageError, match="y must be a one-dimensional int64 tensor, is torch.float32"):
+        load_snapshot(tmp_path)
+    atomic_save_tensors({"x": tiny_data.test.x, "y": tiny_data.test.y}, tmp_path / "test.safetensors")
     (tmp_path / "val.safetensors").unlink()
     with pytest.raises(StorageError, match="val.safetensors' not found"):
         load_snapshot(tmp_path)
+    for summary, message in ((b"\xff\xfe binary", "is not valid JSON"), (b'{"class_names": "abc"}', "non-empty list")):
+        (tmp_path / "summary.json").write_bytes(summary)
+        with pytest.raises(StorageError, match=message):
+            load_snapshot(tmp_path)
 
 
 def test_metrics_summary_reports_density_from_the_mask_and_classes_by_name():
