@@ -233,6 +233,15 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+DATA_LOCATION_KEYS = ("root", "download")
+
+
+def data_identity(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` group's settings (``to_dict`` of a DataConfig, or one read back from a file) less where the files
+    are read from (``DATA_LOCATION_KEYS``): what decides the data, for manifests, fingerprints and provenance."""
+    return {key: value for key, value in data.items() if key not in DATA_LOCATION_KEYS}
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
 

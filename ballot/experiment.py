@@ -12,14 +12,14 @@ from typing import Any, Callable
 from torch import nn
 
 from ballot import distributed
-from ballot.config import ExperimentConfig, flatten, to_dict
+from ballot.config import ExperimentConfig, data_identity, flatten, to_dict
 from ballot.data import DataBundle, dataset_loader, load_data
 from ballot.errors import ConfigError, StorageError
 from ballot.fairness import balanced_accuracy, evaluate
 from ballot.masks import Mask
 from ballot.models import build_model, model_builder
 from ballot.pruning import DATA_PARALLEL, DenseArtifacts, PruneContext, PruneResult, get_pruner
-from ballot.storage import atomic_save_tensors, load_state, load_tensors, save_state, write_json
+from ballot.storage import atomic_save_tensors, load_state, load_tensors, read_json, save_state, write_json
 from ballot.train import (TrainResult, floored, resolve_device, seed_everything,
                           steps_per_epoch, stretched, train)
 
@@ -112,8 +112,8 @@ def train_dense(cfg: ExperimentConfig, data: DataBundle, progress: bool | None =
 
 def dense_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
     """What decides the dense states: written beside them so a reuse can be checked."""
-    return {"dataset": cfg.base.dataset, "model": cfg.base.model, "seed": cfg.base.seed, "data": to_dict(cfg.data),
-            "train_dense": to_dict(cfg.train_dense)}
+    return {"dataset": cfg.base.dataset, "model": cfg.base.model, "seed": cfg.base.seed,
+            "data": data_identity(to_dict(cfg.data)), "train_dense": to_dict(cfg.train_dense)}
 
 
 def save_dense(dense: DenseArtifacts, folder: str | Path, cfg: ExperimentConfig | None = None) -> None:
@@ -127,10 +127,12 @@ def save_dense(dense: DenseArtifacts, folder: str | Path, cfg: ExperimentConfig 
 def check_dense_reuse(folder: str | Path, cfg: ExperimentConfig) -> None:
     """StorageError unless ``folder``'s dense.json records the configuration ``cfg`` would train with."""
     path = Path(folder) / DENSE_MANIFEST
-    if not path.is_file():
-        raise StorageError(f"'{folder}' has no {DENSE_MANIFEST}, so it cannot be checked against this configuration; "
-                           f"point --dense at a folder written by `ballot prune` or at a new folder")
-    saved = flatten(json.loads(path.read_text()))
+    manifest = read_json(path, f"'{folder}' has no {DENSE_MANIFEST}, so it cannot be checked against this "
+                               "configuration; point --dense at a folder written by `ballot prune` or at a new folder")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("data"), dict):
+        raise StorageError(f"'{path}' is not a dense-state manifest (a JSON object with a 'data' object); "
+                           "use another --dense folder")
+    saved = flatten({**manifest, "data": data_identity(manifest["data"])})  # older manifests recorded the location
     wanted = flatten(json.loads(json.dumps(dense_manifest(cfg))))
     differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if differ:

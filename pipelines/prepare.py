@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ballot.config import ExperimentConfig, to_dict
+from ballot.config import ExperimentConfig, data_identity, to_dict
 from ballot.experiment import prepare_data
 from ballot.snapshot import save_snapshot
 from ballot.storage import staged_folder
@@ -11,7 +11,7 @@ from pipelines.common import DATA, run_stage
 
 def main(cfg: ExperimentConfig) -> None:
     data = prepare_data(cfg)
-    provenance = {"dataset": cfg.base.dataset, "seed": cfg.base.seed, "data": to_dict(cfg.data)}
+    provenance = {"dataset": cfg.base.dataset, "seed": cfg.base.seed, "data": data_identity(to_dict(cfg.data))}
     with staged_folder(DATA) as folder:
         save_snapshot(data, folder, provenance)
     print(f"prepare: {cfg.base.dataset}  train {len(data.train)}  val {len(data.val)}  test {len(data.test)}  "

@@ -140,6 +140,15 @@ def test_dense_reuse_is_checked_against_the_configuration(tmp_path, capsys):
     assert "trained with other settings (seed)" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
     assert not list(tmp_path.glob(".*.tmp*")), "the dense folder was written through a staged folder"
+    assert main([*args, "--out", str(tmp_path / "d"), "--set", f"data.root={tmp_path}"]) == 0, \
+        "where the data is read from does not decide the dense states"
+    manifest = json.loads((dense / "dense.json").read_text())
+    for text, message in (("{trunc", "is not valid JSON"), ("[1, 2]", "is not a dense-state manifest")):
+        (dense / "dense.json").write_text(text)
+        assert main([*args, "--out", str(tmp_path / "e")]) == 2
+        assert message in capsys.readouterr().err
+    (dense / "dense.json").write_text(json.dumps({**manifest, "data": {**manifest["data"], "root": "/elsewhere"}}))
+    assert main([*args, "--out", str(tmp_path / "f")]) == 0, "a manifest that recorded the location still matches"
 
 
 def test_a_run_never_replaces_a_folder_it_did_not_write_nor_one_holding_its_dense_states(tmp_path, capsys):

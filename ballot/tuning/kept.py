@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ballot.config import ExperimentConfig, to_dict
+from ballot.config import ExperimentConfig, data_identity, to_dict
 from ballot.experiment import save_pruned
 from ballot.pruning import DenseArtifacts, PruneResult
 from ballot.storage import read_json, staged_folder, write_json
@@ -45,7 +45,7 @@ def prune_recipe(cfg: ExperimentConfig, dense: DenseArtifacts) -> str:
     payload = {
         "base": {"dataset": d["base"]["dataset"], "model": d["base"]["model"], "density": d["base"]["density"],
                  "seed": d["base"]["seed"], "device": resolve_device(cfg.base.device)},
-        "data": {k: v for k, v in d["data"].items() if k not in ("root", "download")},
+        "data": data_identity(d["data"]),
         "prune": d["prune"],
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())

@@ -27,7 +27,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from ballot.config import ExperimentConfig, TuneConfig, check_storage_url, experiment_from_params, to_dict
+from ballot.config import (ExperimentConfig, TuneConfig, check_storage_url, data_identity, experiment_from_params,
+                           to_dict)
 from ballot.data import DataBundle
 from ballot.errors import StorageError, TuneError
 from ballot.pruning import DenseArtifacts
@@ -121,7 +122,7 @@ def fingerprint(cfg: ExperimentConfig, dense: DenseArtifacts) -> str:
     d = to_dict(cfg)
     payload = {
         "base": {k: v for k, v in d["base"].items() if k != "device"},
-        "data": {k: v for k, v in d["data"].items() if k not in ("root", "download")},
+        "data": data_identity(d["data"]),
         "train_dense": d["train_dense"],
         "prune": {k: d["prune"][k] for k in TRIAL_PRUNE_KEYS},
         "tune": {k: d["tune"][k] for k in SEARCH_KEYS},
