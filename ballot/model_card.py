@@ -12,12 +12,27 @@ CAVEATS = ("Pruning hurts classes unevenly. The figures are measured on the test
            "service's predicted-class counters) changes the overall accuracy a user sees.")
 
 
+def _known(value: Any) -> bool:
+    """False for an accuracy without test samples: NaN, or null once read back from JSON."""
+    return value is not None and value == value
+
+
+def _number(value: Any, spec: str) -> str:
+    return format(value, spec) if _known(value) else "n/a"
+
+
+def _change(row: Mapping[str, Any]) -> str:
+    known = _known(row["sparse"]) and _known(row["dense"])
+    return _number(100 * (row["sparse"] - row["dense"]) if known else None, "+.1f")
+
+
 def render(card: Mapping[str, Any], per_class: Sequence[Mapping[str, Any]], file_bytes: int | None = None) -> str:
     """Markdown from an export card (ballot.export.model_card) and per-class rows (class, sparse, dense,
-    test_samples: plots/per_class.json)."""
+    test_samples: plots/per_class.json; an accuracy is null or NaN for a class without test samples)."""
     dense = card.get("dense_acc")
     acc = f"{card['acc']:.4f}" + (f" (dense {dense:.4f}, {100 * (card['acc'] - dense):+.1f} points)" if dense else "")
-    worst = min(per_class, key=lambda r: r["sparse"]) if per_class else None
+    measured = [row for row in per_class if _known(row["sparse"])]
+    worst = min(measured, key=lambda row: row["sparse"]) if measured else None
     lines = [
         f"# Model card: {card['method']} / {card['model']} on {card['dataset']}", "",
         "## Intended use", "", INTENDED_USE.format(dataset=card["dataset"], shape=tuple(card["input_shape"])), "",
@@ -31,7 +46,7 @@ def render(card: Mapping[str, Any], per_class: Sequence[Mapping[str, Any]], file
         f"- class-wise variance (CWV) {card['cwv']:.5f}, max class difference (MCD) {card['mcd']:.4f}",
         *([f"- worst class: {worst['class']} at {worst['sparse']:.4f}"] if worst else []), "",
         "| class | accuracy | dense accuracy | change (points) | test samples |", "|---|---|---|---|---|",
-        *(f"| {r['class']} | {r['sparse']:.4f} | {r['dense']:.4f} | {100 * (r['sparse'] - r['dense']):+.1f} | "
+        *(f"| {r['class']} | {_number(r['sparse'], '.4f')} | {_number(r['dense'], '.4f')} | {_change(r)} | "
           f"{r['test_samples']} |" for r in per_class), "",
         "## Fairness caveats", "", CAVEATS, "",
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,16 +47,19 @@ def main(cfg: ExperimentConfig) -> None:
     run_tags = tracking.git_state()
     if DVC_LOCK.is_file():
         run_tags["dvc_lock_sha256"] = tracking.file_sha256(DVC_LOCK)
-    card_file = write_text(MODEL_CARD, model_card.render(card, read_json(PLOTS / "per_class.json"),
-                                                         (EXPORT / MODEL_FILE).stat().st_size))
-    registration = tracking.register_run(
-        EXPORT / MODEL_FILE, cfg.register.model_name, example, card, experiment=cfg.register.experiment,
-        tags=run_tags, artifacts=[*artifacts(), (card_file, "model")],
-        histories={"dense": read_json(DENSE / "history.json"), "final": read_json(PRUNE / "history.json")},
-        # the configuration prune actually ran with (params.yaml with the tuned values applied)
-        params=tracking.flatten(read_json(PRUNE / "config.json")),
-        metrics={**tracking.numeric_metrics(metrics), **tracking.numeric_metrics(export_report, "export.")})
+    text = model_card.render(card, read_json(PLOTS / "per_class.json"), (EXPORT / MODEL_FILE).stat().st_size)
+    # The card goes to the run from a scratch folder; the stage's own files change only once the version is registered
+    with tempfile.TemporaryDirectory() as scratch:
+        card_file = write_text(Path(scratch) / MODEL_CARD.name, text)
+        registration = tracking.register_run(
+            EXPORT / MODEL_FILE, cfg.register.model_name, example, card, experiment=cfg.register.experiment,
+            tags=run_tags, artifacts=[*artifacts(), (card_file, "model")],
+            histories={"dense": read_json(DENSE / "history.json"), "final": read_json(PRUNE / "history.json")},
+            # the configuration prune actually ran with (params.yaml with the tuned values applied)
+            params=tracking.flatten(read_json(PRUNE / "config.json")),
+            metrics={**tracking.numeric_metrics(metrics), **tracking.numeric_metrics(export_report, "export.")})
     write_json(REGISTER, asdict(registration))
+    write_text(MODEL_CARD, text)
     print(f"register: {registration.name} version {registration.version} @{registration.alias}  "
           f"run {registration.run_id}  ({registration.tracking_uri})")
 

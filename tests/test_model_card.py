@@ -27,3 +27,11 @@ def test_without_a_dense_reference_or_file_size_the_card_says_less():
     card = {k: v for k, v in CARD.items() if k != "dense_acc"}
     text = render(card, ROWS)
     assert "accuracy 0.9000\n" in text and "ONNX file" not in text
+
+
+def test_a_class_without_test_samples_is_shown_as_unknown_and_never_the_worst():
+    rows = [*ROWS, {"class": "two", "sparse": None, "dense": None, "test_samples": 0},
+            {"class": "three", "sparse": float("nan"), "dense": 0.5, "test_samples": 0}]
+    text = render({**CARD, "class_names": ["zero", "one", "two", "three"]}, rows)
+    assert "| two | n/a | n/a | n/a | 0 |" in text and "| three | n/a | 0.5000 | n/a | 0 |" in text
+    assert "worst class: one at 0.8000" in text
