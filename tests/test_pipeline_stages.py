@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 from pathlib import Path
@@ -65,6 +66,34 @@ def test_every_stage_lists_its_script_and_only_params_that_exist():
     assert "base.density" not in dense_params and not any(p.startswith("prune") for p in dense_params)
     read_by_trials = {f"prune.{key}" for key in TRIAL_PRUNE_KEYS} | {f"tune.{key}" for key in SEARCH_KEYS}
     assert read_by_trials <= set(pipeline["stages"]["tune"]["params"]), "a setting trials read must re-run tune"
+
+
+# Modules every stage reads only for plumbing (settings, errors, file writes): listing them would re-run the whole
+# pipeline on any change to them, and none of them decides a result.
+PLUMBING = {"ballot.config", "ballot.errors", "ballot.storage"}
+
+
+def _ballot_imports(script: Path) -> set[str]:
+    """The ballot modules a stage script imports by name (``from ballot.x import ...``, ``from ballot import x``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "ballot":
+            found |= {f"ballot.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ballot."):
+            found.add(node.module)
+    return found
+
+
+def test_every_ballot_module_a_stage_script_imports_is_one_of_its_deps():
+    """Else a change to that module leaves the stage's outputs stale (DVC skips a stage whose deps did not change)."""
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        folders = [dep for dep in stage["deps"] if (REPO / dep).is_dir()]
+        for module in sorted(_ballot_imports(REPO / "pipelines" / f"{name}.py") - PLUMBING):
+            path = module.replace(".", "/")
+            listed = f"{path}.py" in stage["deps"] or any(path == f or path.startswith(f"{f}/") for f in folders)
+            assert listed, f"stage {name} imports {module} but dvc.yaml does not list it among its deps"
+        scripts = [dep for dep in stage["deps"] if dep.startswith("pipelines/")]
+        assert set(scripts) <= {f"pipelines/{name}.py", "pipelines/common.py"}, f"{name}: lists another stage's script"
 
 
 @pytest.mark.parametrize("text, error, message", [
