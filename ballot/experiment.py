@@ -19,6 +19,7 @@ from ballot.fairness import balanced_accuracy, evaluate
 from ballot.masks import Mask
 from ballot.models import build_model, model_builder
 from ballot.pruning import DATA_PARALLEL, DenseArtifacts, PruneContext, PruneResult, get_pruner
+from ballot.pruning.fairscratch import penalty_kind
 from ballot.storage import atomic_save_tensors, load_state, load_tensors, read_json, save_state, write_json
 from ballot.train import (TrainResult, floored, resolve_device, seed_everything,
                           steps_per_epoch, stretched, train)
@@ -53,8 +54,12 @@ def check_experiment(cfg: ExperimentConfig, processes: int | None = None) -> Non
 
 
 def prepare_data(cfg: ExperimentConfig) -> DataBundle:
-    """Load the configured dataset with its seeded splits."""
-    return load_data(cfg.base.dataset, cfg.data, cfg.base.seed)
+    """Load the configured dataset with its seeded splits; ConfigError, before any training, when the configured
+    method needs something the data lacks (FairScratch's group_parity penalty: a sensitive attribute)."""
+    data = load_data(cfg.base.dataset, cfg.data, cfg.base.seed)
+    if cfg.prune.method == "fairscratch":
+        penalty_kind(cfg.prune.fairscratch, has_group=data.train.group is not None)
+    return data
 
 
 def new_model(cfg: ExperimentConfig, data: DataBundle) -> nn.Module:

@@ -12,6 +12,7 @@ from ballot.experiment import run_prune
 from ballot.masks import Mask, budget
 from ballot.models import build_model
 from ballot.pruning import PruneContext
+from ballot.errors import ConfigError
 from ballot.pruning.fair_terms import group_parity_gap
 from ballot.pruning.fairscratch import ScratchTicket, fit_scores, freeze_as_scratch, uniform_counts
 from tests.conftest import tiny_config
@@ -86,7 +87,7 @@ def test_the_group_penalty_is_used_when_the_data_has_a_group(tiny_data, tiny_den
     plain = fit_scores(ticket_for(context(tiny_data, tiny_dense)), context(tiny_data, tiny_dense),
                        context(tiny_data, tiny_dense).config.fairscratch)
     assert plain.penalty == "class_variance"
-    with pytest.raises(ValueError, match="needs a dataset with a group"):
+    with pytest.raises(ConfigError, match="needs a dataset with a group"):
         ctx = context(tiny_data, tiny_dense, "prune.fairscratch.penalty=group_parity")
         fit_scores(ticket_for(ctx), ctx, ctx.config.fairscratch)
 
@@ -119,3 +120,13 @@ def test_cli_prunes_digits_with_fairscratch(tmp_path):
     mask = Mask.load(out / "mask.safetensors")
     assert mask.kept == budget(mask.total, 0.05)
     assert json.loads((out / "details.json").read_text())["penalty"] == "class_variance"
+
+
+def test_a_group_penalty_without_a_group_is_refused_before_any_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["prune", "--dataset", "digits", "--method", "fairscratch", "--out", str(out), *TINY_FLAGS,
+                 "--set", "prune.fairscratch.penalty=group_parity"])
+    err = capsys.readouterr().err
+    assert code == 2 and "ballot: error: prune.fairscratch.penalty: 'group_parity' needs a dataset with a group" in err
+    assert "dense:" not in err, "refused before the dense model trains"
+    assert not out.exists()

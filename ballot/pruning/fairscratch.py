@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ballot.config import FairScratchConfig
-from ballot.errors import MaskError
+from ballot.errors import ConfigError, MaskError
 from ballot.masks import Mask, budget, prunable_names
 from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
 from ballot.pruning.fair_terms import class_loss_variance, group_parity_gap
@@ -145,7 +145,8 @@ def penalty_kind(cfg: FairScratchConfig, has_group: bool) -> str:
     if cfg.penalty == "auto":
         return "group_parity" if has_group else "class_variance"
     if cfg.penalty == "group_parity" and not has_group:
-        raise ValueError("prune.fairscratch.penalty 'group_parity' needs a dataset with a group (sensitive attribute)")
+        raise ConfigError("prune.fairscratch.penalty: 'group_parity' needs a dataset with a group (sensitive "
+                          "attribute); use 'class_variance' or 'auto'")
     return cfg.penalty
 
 
