@@ -35,6 +35,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks since boot, /proc/<pid>/stat field 22), so that a pid reused
+    by a later process is told apart; None where it cannot be read (no such process, no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # the name in parentheses may hold spaces; fields 3.. follow it
+
+
 def _prefix(path: Path) -> str:
     """Temp names beside ``path`` carry the writer's pid, so a later writer knows which are leftovers."""
     return f".{path.name}.{os.getpid()}."

@@ -24,7 +24,7 @@ import numpy as np
 
 from ballot.config import flatten
 from ballot.errors import RegistryError, StorageError
-from ballot.storage import pid_alive
+from ballot.storage import pid_alive, process_start
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 VERSION_TAG_KEYS = ("density", "acc", "cwv", "mcd", "worst_class", "dataset", "method", "model", "class_names",
@@ -172,12 +172,21 @@ def register_onnx(onnx_path: str | Path, name: str, example: np.ndarray, tags: M
     return Registration(name, version, alias, run.info.run_id, f"models:/{name}@{alias}", mlflow.get_tracking_uri())
 
 
-HOST_TAG, PID_TAG = "ballot.host", "ballot.pid"
+HOST_TAG, PID_TAG, PID_START_TAG = "ballot.host", "ballot.pid", "ballot.pid_start"
 
 
 def _owner() -> dict[str, str]:
     """Tags naming the process of a run, so that a later run can tell it was killed."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: process_start(os.getpid()) or ""}
+
+
+def _owner_gone(tags: Mapping[str, str], host: str) -> bool:
+    """Whether the process a run's tags name, on this host, is gone: no such pid, or the pid now belongs to a process
+    that started at another time (a container restarted under the same hostname reuses low pids)."""
+    pid, started = tags.get(PID_TAG, ""), tags.get(PID_START_TAG, "")
+    if tags.get(HOST_TAG) != host or not pid.isdigit():
+        return False
+    return not pid_alive(int(pid)) or bool(started) and process_start(int(pid)) != started
 
 
 def fail_orphan_runs(experiment: str) -> list[str]:
@@ -192,8 +201,7 @@ def fail_orphan_runs(experiment: str) -> list[str]:
     client, ended = mlflow.MlflowClient(), []
     host = socket.gethostname()
     for run in client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'"):
-        pid = run.data.tags.get(PID_TAG, "")
-        if run.data.tags.get(HOST_TAG) == host and pid.isdigit() and not pid_alive(int(pid)):
+        if _owner_gone(run.data.tags, host):
             for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
                 if not version.aliases:
                     client.delete_model_version(version.name, version.version)

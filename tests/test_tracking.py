@@ -25,6 +25,7 @@ from ballot.tracking import (
     CHAMPION,
     VERSION_TAG_KEYS,
     connect,
+    fail_orphan_runs,
     flatten,
     numeric_metrics,
     register_onnx,
@@ -145,6 +146,23 @@ def test_promote_refuses_a_version_whose_registration_did_not_complete(registry)
     with pytest.raises(PromotionError, match="which is FAILED: its registration did not complete"):
         promote(client, name, version, CFG)
     assert client.get_registered_model(name).aliases == {}
+
+
+def test_a_run_whose_pid_was_reused_by_another_process_is_an_orphan(registry):
+    import socket
+
+    from ballot.storage import process_start
+
+    uri, client = registry
+    experiment = client.create_experiment("pid-reuse")
+    me, host = os.getpid(), socket.gethostname()
+    own = {"ballot.host": host, "ballot.pid": str(me), "ballot.pid_start": process_start(me)}
+    live = client.create_run(experiment, tags=own).info.run_id
+    reused = client.create_run(experiment, tags={**own, "ballot.pid_start": "1"}).info.run_id  # same pid, other start
+    other_host = client.create_run(experiment, tags={**own, "ballot.host": f"not-{host}", "ballot.pid_start": "1"})
+    assert fail_orphan_runs("pid-reuse") == [reused]
+    assert client.get_run(reused).info.status == "FAILED"
+    assert {client.get_run(r).info.status for r in (live, other_host.info.run_id)} == {"RUNNING"}
 
 
 CFG = PromoteConfig(max_acc_drop=0.02, cwv_tolerance=1.0)
