@@ -184,13 +184,14 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
 def export_run(model: nn.Module, mask: Mask | None, data: DataBundle, cfg: ExperimentConfig,
                metrics: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """A pruned run as its deployed ONNX file, as the export.* settings say: masks baked in, the card from
-    ``metrics``, parity on the first test inputs, compact storage and the optional INT8 gate."""
+    ``metrics``, parity on the first test inputs, compact storage and the optional INT8 gate (its calibration
+    rows drawn with base.seed)."""
     from ballot.quantize import gate_for
 
     card = model_card(metrics, cfg, data.class_names, data.input_shape)
     return export_checked(bake(model, mask), data.input_shape, path, card, data.test.x[:cfg.export.parity_samples],
                           cfg.export.parity_tolerance, compact=cfg.export.compact,
-                          granularity=cfg.prune.granularity, quantization=gate_for(cfg.export, data))
+                          granularity=cfg.prune.granularity, quantization=gate_for(cfg.export, data, cfg.base.seed))
 
 
 def describe(report: dict[str, Any]) -> list[str]:
