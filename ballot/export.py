@@ -155,7 +155,7 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
         packed = pack_sparse_initializers(proto, prunable_names(deployed))
         proto = minify(proto)
     fields = {"onnx_format": "compact" if packed else "dense", "granularity": granularity}
-    metadata = {**card, **fields, "quantization": quantization.mode if quantization else "none"}
+    metadata = {**card, **fields, "quantization": "none"}  # the float file's; the INT8 file's says its mode
     set_metadata(plain, metadata)
     set_metadata(proto, metadata)
     removed_values = parameter_counts(baked)["onnx_parameters"] - parameter_counts(deployed)["onnx_parameters"]
@@ -171,7 +171,8 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
                               f"{parity['samples']} test inputs (export.parity_tolerance {tolerance})")
         report.update(parity=parity, parity_tolerance=tolerance)
         if quantization is not None:
-            quant, int8_packed = _quantized(plain, tmp, quantization, metadata, compact, inputs, tolerance)
+            quant, int8_packed = _quantized(plain, tmp, quantization, {**metadata, "quantization": quantization.mode},
+                                            compact, inputs, tolerance)
             report.update(quantization=quant, packed_tensors=int8_packed,
                           onnx_format="compact" if int8_packed else "dense")
         report["onnx_bytes"] = Path(tmp).stat().st_size
@@ -211,10 +212,10 @@ def describe(report: dict[str, Any]) -> list[str]:
 def _quantized(plain: Any, tmp: str, gate: QuantizationGate, metadata: dict[str, Any], compact: bool,
                inputs: torch.Tensor, tolerance: float) -> tuple[dict[str, Any], list[str]]:
     """Quantize the dense float graph ``plain`` (the quantizer needs initializers, not packed weights), gate it,
-    and write the INT8 model to ``tmp`` with the INT8 metrics in its card; with ``compact`` its sparse INT8
-    weights are packed and the graph minified (ballot.packing), checked against the quantizer's file on
-    ``inputs``. Returns the quantization report (with the sizes of the float and INT8 files, both without debug
-    info and both minified with ``compact``) and the packed tensors."""
+    and write the INT8 model over the float file at ``tmp`` with the INT8 metrics in its card; with ``compact``
+    its sparse INT8 weights are packed and the graph minified (ballot.packing), checked against the quantizer's
+    file on ``inputs``. Returns the quantization report (with the sizes of the float file ``tmp`` held and of the
+    INT8 file) and the packed tensors."""
     import onnx
 
     from ballot.quantize import quantize_checked
@@ -226,7 +227,7 @@ def _quantized(plain: Any, tmp: str, gate: QuantizationGate, metadata: dict[str,
         save_proto(dense, float_path)
         result = quantize_checked(float_path, int8_path, gate)
         int8 = onnx.load_model(str(int8_path))
-        result["float_onnx_bytes"] = minify(dense).ByteSize() if compact else float_path.stat().st_size
+        result["float_onnx_bytes"] = Path(tmp).stat().st_size
         strip_debug_info(int8)
         packed = pack_sparse_initializers(int8, [init.name for init in int8.graph.initializer]) if compact else []
         int8 = minify(int8) if compact else int8

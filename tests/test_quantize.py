@@ -66,6 +66,10 @@ def test_a_sparse_int8_model_is_stored_packed_and_computes_what_the_unpacked_one
                                        compact=compact, quantization=_gate(tiny_data, mode, 1.0, 1.0))
                for compact in (True, False)}
     packed, plain = reports[True], reports[False]
+    for compact, report in reports.items():  # the float file this export would write without INT8, packed or not
+        float_path = tmp_path / f"float-{compact}.onnx"
+        export_checked(*args, float_path, CARD, tiny_data.test.x[:64], 1e-4, compact=compact)
+        assert report["quantization"]["float_onnx_bytes"] == float_path.stat().st_size, compact
     assert packed["onnx_format"] == read_metadata(tmp_path / "True.onnx")["onnx_format"] == "compact"
     assert plain["onnx_format"] == "dense" and plain["packed_tensors"] == []
     weights = [name for name in packed["packed_tensors"] if name.endswith("_quantized")]  # (and zero points)
@@ -122,7 +126,7 @@ def test_a_structured_int8_file_is_at_most_0_3x_its_float_file_and_runs_int8_ker
     # INT32 biases and one scale / zero point per activation (the structured models of docs/deploy.md: 0.28-0.29x)
     assert int8_report["onnx_bytes"] <= 0.3 * float_report["onnx_bytes"], (int8_report["onnx_bytes"],
                                                                            float_report["onnx_bytes"])
-    assert quant["float_onnx_bytes"] == pytest.approx(float_report["onnx_bytes"], rel=0.01)
+    assert quant["float_onnx_bytes"] == float_report["onnx_bytes"] == (tmp_path / "float.onnx").stat().st_size
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])
