@@ -109,6 +109,27 @@ def test_convolutions_keep_a_multiple_of_eight_channels_and_linear_layers_lose_e
     assert remove_dead_units(mlp, SHAPE)[1] == {"1.1": 3}
 
 
+@pytest.mark.parametrize("how", ["frozen", "inference_mode"])
+def test_removal_is_the_same_for_a_frozen_model_and_under_inference_mode(how):
+    model = build_model("cnn", SHAPE, 10).eval()
+    with torch.no_grad():
+        for conv, dead in zip([m for m in model.modules() if isinstance(m, nn.Conv2d)], (3, 0, 0, 10)):
+            conv.weight[:dead] = 0
+            conv.bias[:dead] = 0
+    trainable = remove_dead_units(model, SHAPE, channel_multiple=1)[1]
+    assert trainable == {"1.0": 3, "1.7": 10}, trainable
+    if how == "frozen":
+        model.requires_grad_(False)
+        compact, removed = remove_dead_units(model, SHAPE, channel_multiple=1)
+        assert not any(p.requires_grad for p in model.parameters()), "the caller's model stays frozen"
+    else:
+        with torch.inference_mode():
+            compact, removed = remove_dead_units(model, SHAPE, channel_multiple=1)
+    assert removed == trainable
+    assert not any(p.is_inference() for p in compact.parameters()), "an ordinary model comes back"
+    _same_outputs(model, compact)
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 @torch.no_grad()
 def test_a_layer_whose_units_are_all_dead_keeps_one(name):
