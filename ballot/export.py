@@ -95,11 +95,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise StorageError(f"ONNX file '{path}' not found")
+    refusal = f"'{path}' is not an ONNX file written by `ballot export`"
     try:
         proto = onnx.load_model(str(path), load_external_data=False)
-        return {p.key: json.loads(p.value) for p in proto.metadata_props}
+        metadata = {p.key: json.loads(p.value) for p in proto.metadata_props}
     except (DecodeError, json.JSONDecodeError, OSError, ValueError) as error:
-        raise StorageError(f"'{path}' is not an ONNX file written by `ballot export`: {error}") from None
+        raise StorageError(f"{refusal}: {error}") from None
+    if not (proto.graph.node and proto.opset_import):  # an empty file parses as an empty model
+        raise StorageError(f"{refusal}: it has no graph nodes or no opset import")
+    return metadata
 
 
 def check_parity(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor) -> dict[str, float]:
