@@ -1,4 +1,4 @@
-"""The export's refusals: a file that is not a `ballot export` ONNX file."""
+"""The export's refusals: a file that is not a `ballot export` ONNX file, and a model ONNX Runtime disagrees with."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ballot.errors import StorageError
-from ballot.export import bake, export_onnx, read_metadata
+from ballot.errors import ParityError, StorageError
+from ballot.export import bake, export_checked, export_onnx, read_metadata
 
 SHAPE = (1, 2, 3)
 
@@ -34,3 +34,24 @@ def test_read_metadata_refuses_a_file_without_a_graph(tmp_path):
         with pytest.raises(StorageError, match=rf"^'{path}' is not an ONNX file written by `ballot export`: it has "
                                                r"no graph nodes or no opset import$"):
             read_metadata(path)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_parity_failure_leaves_the_previous_file_and_no_temp_file(tmp_path, monkeypatch, compact):
+    import onnxruntime as ort
+
+    run = ort.InferenceSession.run
+
+    def off_by_one(self, *args, **kwargs):  # ONNX Runtime's logits, each 1 away from PyTorch's
+        return [output + 1 for output in run(self, *args, **kwargs)]
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"the previous export")
+    inputs = torch.rand(8, *SHAPE)
+    export_checked(_linear(), SHAPE, tmp_path / "unpatched.onnx", {}, inputs, 1e-4, compact=compact)
+    monkeypatch.setattr(ort.InferenceSession, "run", off_by_one)
+    with pytest.raises(ParityError, match=r"^ONNX Runtime differs from PyTorch by 1 on 8 test inputs "
+                                          r"\(export.parity_tolerance 0.0001\)$"):
+        export_checked(_linear(), SHAPE, path, {}, inputs, 1e-4, compact=compact)
+    assert path.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "unpatched.onnx"], "no temp file is left"
