@@ -38,28 +38,32 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def remove_dead_units(model: nn.Module, input_shape: Sequence[int],
                       channel_multiple: int = 8) -> tuple[nn.Module, dict[str, int]]:
-    """A copy of eval-mode ``model`` without its dead or unread units, and the number removed per layer (output
-    units of conv / linear layers; the classifier's outputs are never touched). Each layer keeps at least one, and
-    a convolution a multiple of ``channel_multiple`` channels or all of them."""
+    """A copy of eval-mode ``model`` without its dead or unread units (its parameters requiring grad), and the
+    number removed per layer (output units of conv / linear layers; the classifier's outputs are never touched).
+    Each layer keeps at least one, and a convolution a multiple of ``channel_multiple`` channels or all of them.
+    The same whether ``model``'s parameters are frozen or it is called under ``torch.inference_mode``."""
     import torch_pruning as tp
 
-    model = copy.deepcopy(model).cpu().eval()
-    layers = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
-    before = {name: m.weight.shape[0] for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
-    with torch.enable_grad():  # the graph is traced through autograd
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(2, *input_shape))
-    with torch.no_grad():
-        for group in graph.get_all_groups(ignored_layers=layers[-1:], root_module_types=PRUNABLE_TYPES):
-            root, handler = group[0].dep.target.module, group[0].dep.handler
-            removable = _removable(graph, group)
-            units = root.weight.shape[0]
-            if len(removable) == units:
-                removable = removable[1:]  # a layer with no unit left would not export
-            if isinstance(root, _CONVS):
-                kept = min(units, math.ceil((units - len(removable)) / channel_multiple) * channel_multiple)
-                removable = removable[:units - kept]
-            if removable:
-                graph.get_pruning_group(root, handler, removable).prune()
+    # the graph is traced through autograd: not under the caller's inference mode, and with every parameter
+    # requiring grad (a frozen one would leave its layer out of the graph: nothing removed)
+    with torch.inference_mode(False):
+        model = copy.deepcopy(model).cpu().eval().requires_grad_(True)
+        layers = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+        before = {name: m.weight.shape[0] for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(2, *input_shape))
+        with torch.no_grad():
+            for group in graph.get_all_groups(ignored_layers=layers[-1:], root_module_types=PRUNABLE_TYPES):
+                root, handler = group[0].dep.target.module, group[0].dep.handler
+                removable = _removable(graph, group)
+                units = root.weight.shape[0]
+                if len(removable) == units:
+                    removable = removable[1:]  # a layer with no unit left would not export
+                if isinstance(root, _CONVS):
+                    kept = min(units, math.ceil((units - len(removable)) / channel_multiple) * channel_multiple)
+                    removable = removable[:units - kept]
+                if removable:
+                    graph.get_pruning_group(root, handler, removable).prune()
     removed = {name: before[name] - m.weight.shape[0] for name, m in model.named_modules()
                if isinstance(m, PRUNABLE_TYPES) and before[name] != m.weight.shape[0]}
     return model, removed

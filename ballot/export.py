@@ -95,11 +95,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise StorageError(f"ONNX file '{path}' not found")
+    refusal = f"'{path}' is not an ONNX file written by `ballot export`"
     try:
         proto = onnx.load_model(str(path), load_external_data=False)
-        return {p.key: json.loads(p.value) for p in proto.metadata_props}
+        metadata = {p.key: json.loads(p.value) for p in proto.metadata_props}
     except (DecodeError, json.JSONDecodeError, OSError, ValueError) as error:
-        raise StorageError(f"'{path}' is not an ONNX file written by `ballot export`: {error}") from None
+        raise StorageError(f"{refusal}: {error}") from None
+    if not (proto.graph.node and proto.opset_import):  # an empty file parses as an empty model
+        raise StorageError(f"{refusal}: it has no graph nodes or no opset import")
+    return metadata
 
 
 def check_parity(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor) -> dict[str, float]:
@@ -155,7 +159,7 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
         packed = pack_sparse_initializers(proto, prunable_names(deployed))
         proto = minify(proto)
     fields = {"onnx_format": "compact" if packed else "dense", "granularity": granularity}
-    metadata = {**card, **fields, "quantization": quantization.mode if quantization else "none"}
+    metadata = {**card, **fields, "quantization": "none"}  # the float file's; the INT8 file's says its mode
     set_metadata(plain, metadata)
     set_metadata(proto, metadata)
     removed_values = parameter_counts(baked)["onnx_parameters"] - parameter_counts(deployed)["onnx_parameters"]
@@ -171,7 +175,8 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
                               f"{parity['samples']} test inputs (export.parity_tolerance {tolerance})")
         report.update(parity=parity, parity_tolerance=tolerance)
         if quantization is not None:
-            quant, int8_packed = _quantized(plain, tmp, quantization, metadata, compact, inputs, tolerance)
+            quant, int8_packed = _quantized(plain, tmp, quantization, {**metadata, "quantization": quantization.mode},
+                                            compact, inputs, tolerance)
             report.update(quantization=quant, packed_tensors=int8_packed,
                           onnx_format="compact" if int8_packed else "dense")
         report["onnx_bytes"] = Path(tmp).stat().st_size
@@ -184,13 +189,14 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
 def export_run(model: nn.Module, mask: Mask | None, data: DataBundle, cfg: ExperimentConfig,
                metrics: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """A pruned run as its deployed ONNX file, as the export.* settings say: masks baked in, the card from
-    ``metrics``, parity on the first test inputs, compact storage and the optional INT8 gate."""
+    ``metrics``, parity on the first test inputs, compact storage and the optional INT8 gate (its calibration
+    rows drawn with base.seed)."""
     from ballot.quantize import gate_for
 
     card = model_card(metrics, cfg, data.class_names, data.input_shape)
     return export_checked(bake(model, mask), data.input_shape, path, card, data.test.x[:cfg.export.parity_samples],
                           cfg.export.parity_tolerance, compact=cfg.export.compact,
-                          granularity=cfg.prune.granularity, quantization=gate_for(cfg.export, data))
+                          granularity=cfg.prune.granularity, quantization=gate_for(cfg.export, data, cfg.base.seed))
 
 
 def describe(report: dict[str, Any]) -> list[str]:
@@ -210,10 +216,10 @@ def describe(report: dict[str, Any]) -> list[str]:
 def _quantized(plain: Any, tmp: str, gate: QuantizationGate, metadata: dict[str, Any], compact: bool,
                inputs: torch.Tensor, tolerance: float) -> tuple[dict[str, Any], list[str]]:
     """Quantize the dense float graph ``plain`` (the quantizer needs initializers, not packed weights), gate it,
-    and write the INT8 model to ``tmp`` with the INT8 metrics in its card; with ``compact`` its sparse INT8
-    weights are packed and the graph minified (ballot.packing), checked against the quantizer's file on
-    ``inputs``. Returns the quantization report (with the sizes of the float and INT8 files, both without debug
-    info and both minified with ``compact``) and the packed tensors."""
+    and write the INT8 model over the float file at ``tmp`` with the INT8 metrics in its card; with ``compact``
+    its sparse INT8 weights are packed and the graph minified (ballot.packing), checked against the quantizer's
+    file on ``inputs``. Returns the quantization report (with the sizes of the float file ``tmp`` held and of the
+    INT8 file) and the packed tensors."""
     import onnx
 
     from ballot.quantize import quantize_checked
@@ -225,7 +231,7 @@ def _quantized(plain: Any, tmp: str, gate: QuantizationGate, metadata: dict[str,
         save_proto(dense, float_path)
         result = quantize_checked(float_path, int8_path, gate)
         int8 = onnx.load_model(str(int8_path))
-        result["float_onnx_bytes"] = minify(dense).ByteSize() if compact else float_path.stat().st_size
+        result["float_onnx_bytes"] = Path(tmp).stat().st_size
         strip_debug_info(int8)
         packed = pack_sparse_initializers(int8, [init.name for init in int8.graph.initializer]) if compact else []
         int8 = minify(int8) if compact else int8

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from ballot.config import ExportConfig
 from ballot.errors import QuantizationError
@@ -46,13 +47,30 @@ class QuantizationGate:
             raise QuantizationError("static quantization needs calibration inputs (export.calibration_samples > 0)")
 
 
-def gate_for(cfg: ExportConfig, data: DataBundle) -> QuantizationGate | None:
+def gate_for(cfg: ExportConfig, data: DataBundle, seed: int = 0) -> QuantizationGate | None:
     """The gate that ``cfg`` (export.quantize and its limits) asks for, on the test split with calibration inputs
-    from the training split; None for 'none'."""
+    from the training split (``calibration_index`` with ``seed``); None for 'none'."""
     if cfg.quantize == "none":
         return None
+    rows = calibration_index(data.train.y, cfg.calibration_samples, data.num_classes, seed)
     return QuantizationGate(cfg.quantize, cfg.max_quant_acc_drop, cfg.max_quant_cwv_rise, data.test.x.numpy(),
-                            data.test.y.numpy(), data.num_classes, data.train.x[:cfg.calibration_samples].numpy())
+                            data.test.y.numpy(), data.num_classes, data.train.x[rows].numpy())
+
+
+def calibration_index(y: torch.Tensor, samples: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """Positions (in file order) of min(``samples``, len(``y``)) rows, class-stratified: every class gets an equal
+    share, or all its rows when it has fewer (what they leave goes to the larger classes), drawn at random within
+    the class (seeded by ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(y, minlength=num_classes).tolist()
+    left = min(samples, len(y))
+    chosen: list[torch.Tensor] = []
+    for rank, label in enumerate(sorted(range(num_classes), key=lambda c: counts[c])):  # smallest classes first
+        share = min(counts[label], left // (num_classes - rank))
+        members = torch.nonzero(y == label).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:share]])
+        left -= share
+    return torch.sort(torch.cat(chosen)).values
 
 
 def onnx_class_metrics(path: str | Path, x: np.ndarray, y: np.ndarray, num_classes: int,

@@ -109,6 +109,27 @@ def test_convolutions_keep_a_multiple_of_eight_channels_and_linear_layers_lose_e
     assert remove_dead_units(mlp, SHAPE)[1] == {"1.1": 3}
 
 
+@pytest.mark.parametrize("how", ["frozen", "inference_mode"])
+def test_removal_is_the_same_for_a_frozen_model_and_under_inference_mode(how):
+    model = build_model("cnn", SHAPE, 10).eval()
+    with torch.no_grad():
+        for conv, dead in zip([m for m in model.modules() if isinstance(m, nn.Conv2d)], (3, 0, 0, 10)):
+            conv.weight[:dead] = 0
+            conv.bias[:dead] = 0
+    trainable = remove_dead_units(model, SHAPE, channel_multiple=1)[1]
+    assert trainable == {"1.0": 3, "1.7": 10}, trainable
+    if how == "frozen":
+        model.requires_grad_(False)
+        compact, removed = remove_dead_units(model, SHAPE, channel_multiple=1)
+        assert not any(p.requires_grad for p in model.parameters()), "the caller's model stays frozen"
+    else:
+        with torch.inference_mode():
+            compact, removed = remove_dead_units(model, SHAPE, channel_multiple=1)
+    assert removed == trainable
+    assert not any(p.is_inference() for p in compact.parameters()), "an ordinary model comes back"
+    _same_outputs(model, compact)
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 @torch.no_grad()
 def test_a_layer_whose_units_are_all_dead_keeps_one(name):
@@ -153,23 +174,32 @@ def _matmul_graph(weights: dict):
 def test_packing_rebuilds_exact_weights_and_skips_those_it_would_not_shrink(density, form):
     import numpy as np
     import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
 
-    from ballot.packing import pack_sparse_initializers
+    from ballot.packing import MAX_GAP, pack_sparse_initializers
 
     rng = np.random.default_rng(0)
     sparse = (rng.standard_normal((137, 29)) * (rng.random((137, 29)) < density)).astype(np.float32)  # 3973 bits
     sparse[5:20] = 0  # a run of 435 zeros: a gap over 255
     empty = np.zeros((29, 11), dtype=np.float32)
     dense = rng.standard_normal((11, 5)).astype(np.float32)
-    proto = _matmul_graph({"sparse": sparse, "empty": empty, "p.values": dense})  # a name the subgraph could take
+    weights = {"sparse": sparse, "empty": empty, "p.values": dense}  # a name the subgraph could take
+    proto = _matmul_graph(weights)
     before = proto.ByteSize()
-    assert pack_sparse_initializers(proto, ["sparse", "empty", "p.values"]) == ["sparse", "empty"]
+    assert pack_sparse_initializers(proto, list(weights)) == ["sparse", "empty"]
     assert proto.ByteSize() < before
-    stored = {i.name for i in proto.graph.initializer}
-    assert {"p.values", f"p1.{form}"} <= stored and not {"sparse", "empty"} & stored, "the smaller form is kept"
-    x = rng.standard_normal((4, 137)).astype(np.float32)
-    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_array_equal(got, x @ sparse @ empty @ dense)
+    stored = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert {"p.values", f"p1.{form}"} <= set(stored) and not {"sparse", "empty"} & set(stored), "the smaller form"
+    if form == "gaps":
+        assert (stored["p1.gaps"] == MAX_GAP).any(), "the long run of zeros is bridged"
+    # the rebuilt weights as graph outputs: each must come back exactly (the MatMul chain alone would not show it,
+    # as the all-zero weight zeroes its output)
+    proto.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, weight.shape)
+                              for name, weight in weights.items() if name != "p.values")
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    _, got_sparse, got_empty = session.run(None, {"x": rng.standard_normal((4, 137)).astype(np.float32)})
+    np.testing.assert_array_equal(got_sparse, sparse)
+    np.testing.assert_array_equal(got_empty, empty)
     assert pack_sparse_initializers(_matmul_graph({"w": dense}), ["w"]) == [], "a dense weight is not packed"
 
 

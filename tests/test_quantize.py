@@ -3,6 +3,7 @@ leaves nothing behind."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +66,10 @@ def test_a_sparse_int8_model_is_stored_packed_and_computes_what_the_unpacked_one
                                        compact=compact, quantization=_gate(tiny_data, mode, 1.0, 1.0))
                for compact in (True, False)}
     packed, plain = reports[True], reports[False]
+    for compact, report in reports.items():  # the float file this export would write without INT8, packed or not
+        float_path = tmp_path / f"float-{compact}.onnx"
+        export_checked(*args, float_path, CARD, tiny_data.test.x[:64], 1e-4, compact=compact)
+        assert report["quantization"]["float_onnx_bytes"] == float_path.stat().st_size, compact
     assert packed["onnx_format"] == read_metadata(tmp_path / "True.onnx")["onnx_format"] == "compact"
     assert plain["onnx_format"] == "dense" and plain["packed_tensors"] == []
     weights = [name for name in packed["packed_tensors"] if name.endswith("_quantized")]  # (and zero points)
@@ -121,7 +126,7 @@ def test_a_structured_int8_file_is_at_most_0_3x_its_float_file_and_runs_int8_ker
     # INT32 biases and one scale / zero point per activation (the structured models of docs/deploy.md: 0.28-0.29x)
     assert int8_report["onnx_bytes"] <= 0.3 * float_report["onnx_bytes"], (int8_report["onnx_bytes"],
                                                                            float_report["onnx_bytes"])
-    assert quant["float_onnx_bytes"] == pytest.approx(float_report["onnx_bytes"], rel=0.01)
+    assert quant["float_onnx_bytes"] == float_report["onnx_bytes"] == (tmp_path / "float.onnx").stat().st_size
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])
@@ -167,8 +172,31 @@ def test_the_gate_follows_the_export_config(tiny_data):
     from ballot.quantize import gate_for
 
     assert gate_for(tiny_config().export, tiny_data) is None, "export.quantize defaults to none"
-    gate = gate_for(tiny_config("export.quantize=static", "export.calibration_samples=100",
-                                "export.max_quant_acc_drop=0.02").export, tiny_data)
+    cfg = tiny_config("export.quantize=static", "export.calibration_samples=100", "export.max_quant_acc_drop=0.02")
+    gate = gate_for(cfg.export, tiny_data)
     assert gate.mode == "static" and gate.max_acc_drop == 0.02 and gate.max_cwv_rise == 0.005
     assert len(gate.calibration) == 100 and len(gate.y) == len(tiny_data.test) and gate.num_classes == 10
-    assert (gate.calibration == tiny_data.train.x[:100].numpy()).all(), "calibration comes from the training split"
+    train = tiny_data.train.x.flatten(1).numpy()
+    rows = [int(np.flatnonzero((train == x.reshape(-1)).all(1))[0]) for x in gate.calibration]
+    assert len(set(rows)) == 100, "distinct training inputs"
+    assert np.bincount(tiny_data.train.y[rows].numpy(), minlength=10).tolist() == [10] * 10, "10 of every class"
+    assert (gate_for(cfg.export, tiny_data).calibration == gate.calibration).all(), "the same rows again"
+    assert not (gate_for(cfg.export, tiny_data, seed=1).calibration == gate.calibration).all(), "seeded"
+
+
+def test_a_class_sorted_training_set_calibrates_on_every_class():
+    from ballot.data import DataBundle, Split
+    from ballot.quantize import calibration_index, gate_for
+
+    y = torch.arange(4).repeat_interleave(400)  # 4 classes x 400 rows, in class order
+    x = torch.rand(len(y), 3)
+    x[:, 0] = y  # each row names its class
+    split = Split(x, y)
+    data = DataBundle(split, split, split, ["a", "b", "c", "d"], torch.arange(len(y)), torch.arange(0))
+    gate = gate_for(tiny_config("export.quantize=static", "export.calibration_samples=512").export, data)
+    assert np.bincount(gate.calibration[:, 0].astype(int), minlength=4).tolist() == [128] * 4
+    # a class with fewer rows than its share gives all of them; the others share what it leaves (rounded: 512 in all)
+    small = torch.cat([torch.zeros(5, dtype=torch.long), torch.arange(1, 4).repeat_interleave(400)])
+    assert torch.bincount(small[calibration_index(small, 512, 4)]).tolist() == [5, 169, 169, 169]
+    assert torch.bincount(small[calibration_index(small, 10, 4)]).tolist() == [2, 2, 3, 3]
+    assert calibration_index(small, 5000, 4).tolist() == list(range(len(small))), "every row when asked for more"
