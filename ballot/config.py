@@ -574,7 +574,8 @@ class ExportConfig:
                                       "float model's.", 0.01)
     max_quant_cwv_rise: float = _help("Refuse the INT8 model when its test CWV exceeds the float model's by more "
                                       "than this (absolute).", 0.005)
-    calibration_samples: int = _help("Training inputs that calibrate static quantization.", 512)
+    calibration_samples: int = _help("Training inputs that calibrate static quantization, class-stratified "
+                                     "(ballot.quantize.calibration_index).", 512)
 
     def __post_init__(self) -> None:
         _check(self.parity_samples > 0, "parity_samples", f"must be positive, got {self.parity_samples}")

@@ -46,7 +46,7 @@ from ballot.export import bake, export_checked
 from ballot.masks import Mask, erk_counts, magnitude_scores, prunable_names
 from ballot.models import build_model
 from ballot.pruning.units import select_units, unit_groups, unit_mask, unit_scores
-from ballot.quantize import QuantizationGate, onnx_class_metrics
+from ballot.quantize import QuantizationGate, calibration_index, onnx_class_metrics
 from ballot.storage import atomic_write, write_json, write_text
 from ballot.train import train
 
@@ -133,8 +133,9 @@ def rows_for(name: str, data: DataBundle, args: argparse.Namespace, folder: Path
         halved = structured_mask(unit, data.input_shape)
         train(unit, data.train, _train_cfg(args.finetune_epochs), seed=args.seed, mask=halved, progress=False)
         variants.append(("structured", unit, halved, {}))
+    calibration = data.train.x[calibration_index(data.train.y, 256, data.num_classes, args.seed)]
     gate = QuantizationGate(args.int8, 1.0, 1.0, data.test.x.numpy(), data.test.y.numpy(), data.num_classes,
-                            data.train.x[:256].numpy())
+                            calibration.numpy())
     variants.append(("int8", dense, None, {"compact": False, "quantization": gate}))
     variants.append(("sparse-int8", sparse, mask, {"quantization": gate}))
     if args.structured:
