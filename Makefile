@@ -17,12 +17,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Fashion-MNIST comes from Debian's package; without apt (or root) the loader falls back to torchvision's download.
+# Fashion-MNIST comes from Debian's package; without apt, root or a reachable mirror the loader falls back to
+# torchvision's download (and says so if that fails too).
 dataset:
 	@if [ ! -d $(FASHION_DIR) ]; then \
-		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
-		else echo "note: $(FASHION_DIR) missing and apt-get unavailable; Fashion-MNIST will be downloaded if possible"; fi; \
+		if ! command -v apt-get >/dev/null 2>&1; then reason="apt-get is not available"; \
+		elif [ "$$(id -u)" != 0 ]; then reason="installing dataset-fashion-mnist needs root"; \
+		elif DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; then reason=""; \
+		else reason="apt-get could not install dataset-fashion-mnist"; fi; \
+		if [ -n "$$reason" ]; then \
+			echo "note: $(FASHION_DIR) is missing ($$reason); Fashion-MNIST will be downloaded if possible"; fi; \
 	fi
 
 # The DVC pipeline (dvc.yaml, docs/pipeline.md); the stages run `python`, so .venv/bin goes first on PATH.

@@ -1,4 +1,4 @@
-"""Class-wise and group-wise fairness metrics (method.md section 2).
+"""Class-wise and group-wise fairness metrics (CWV, MCD, worst class, per group; README "Fairness metrics").
 
 Absent classes: a class with no sample in the evaluation set has no accuracy. Its ``per_class``
 entry is NaN (null in JSON) and it is left out of CWV, MCD and the worst class; CWV averages over the
@@ -14,15 +14,25 @@ import torch
 from torch import nn
 
 
-def _as_long(values: Any) -> torch.Tensor:
-    return torch.as_tensor(values).detach().cpu().long().flatten()
+def _labels(name: str, values: Any) -> torch.Tensor:
+    """``values`` as a flat int64 tensor; ValueError naming ``name`` for a value that is not a whole number (a float
+    label such as 1.7 or NaN would otherwise be truncated into some class)."""
+    tensor = torch.as_tensor(values).detach().cpu().flatten()
+    if tensor.is_floating_point() and not bool((torch.isfinite(tensor) & (tensor == tensor.round())).all()):
+        raise ValueError(f"{name} must hold whole numbers (class or group indices), got non-integer values")
+    return tensor.long()
+
+
+def _paired(y_true: Any, y_pred: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    y_true, y_pred = _labels("y_true", y_true), _labels("y_pred", y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has {y_true.numel()} labels but y_pred has {y_pred.numel()}")
+    return y_true, y_pred
 
 
 def per_class_accuracy(y_true: Any, y_pred: Any, num_classes: int) -> list[float]:
     """Recall of each class; NaN for a class with no sample."""
-    y_true, y_pred = _as_long(y_true), _as_long(y_pred)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"y_true has {y_true.numel()} labels but y_pred has {y_pred.numel()}")
+    y_true, y_pred = _paired(y_true, y_pred)
     if y_true.numel() and (int(y_true.min()) < 0 or int(y_true.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(y_true.min())}, {int(y_true.max())}]")
     totals = torch.bincount(y_true, minlength=num_classes).double()
@@ -50,7 +60,7 @@ def gap_metrics(per_group: list[float], overall: float) -> dict[str, float]:
 
 def class_metrics(y_true: Any, y_pred: Any, num_classes: int) -> dict[str, Any]:
     """acc, per_class, cwv, mcd, worst_class (accuracy of the worst class) and worst_class_index."""
-    y_true, y_pred = _as_long(y_true), _as_long(y_pred)
+    y_true, y_pred = _paired(y_true, y_pred)
     per_class = per_class_accuracy(y_true, y_pred, num_classes)
     acc = float((y_true == y_pred).double().mean()) if y_true.numel() else math.nan
     gaps = gap_metrics(per_class, acc)
@@ -62,7 +72,7 @@ def class_metrics(y_true: Any, y_pred: Any, num_classes: int) -> dict[str, Any]:
 
 def group_metrics(y_true: Any, y_pred: Any, group: Any) -> dict[str, Any]:
     """Accuracy per sensitive-attribute value, their variance around overall accuracy and max gap."""
-    y_true, y_pred, group = _as_long(y_true), _as_long(y_pred), _as_long(group)
+    (y_true, y_pred), group = _paired(y_true, y_pred), _labels("group", group)
     if group.shape != y_true.shape:
         raise ValueError(f"group has {group.numel()} entries but there are {y_true.numel()} labels")
     values = sorted(torch.unique(group).tolist())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -119,14 +120,21 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int,
                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> nn.Module:
     """Model ``name`` for inputs of ``input_shape`` (without batch) wrapped in a standardising first layer.
 
-    ``mean`` and ``std`` must broadcast against one sample (see ``DataBundle.input_stats``); they
-    default to the identity transform.
+    ``mean`` and ``std`` hold one value per channel of an image, or per feature otherwise (``stats_shape``; see
+    ``DataBundle.input_stats``), in any shape with that many elements; they default to the identity transform.
     """
     builder = model_builder(name)
+    if num_classes < 1:
+        raise ModelError(f"model '{name}' needs at least one class, got {num_classes}")
     stat_shape = stats_shape(input_shape)
-    mean = torch.zeros(stat_shape) if mean is None else mean.reshape(stat_shape)
-    std = torch.ones(stat_shape) if std is None else std.reshape(stat_shape)
-    return nn.Sequential(Standardize(mean, std), builder(input_shape, num_classes))
+    stats = {"mean": torch.zeros(stat_shape) if mean is None else mean,
+             "std": torch.ones(stat_shape) if std is None else std}
+    for label, values in stats.items():
+        if values.numel() != math.prod(stat_shape):
+            raise ModelError(f"model '{name}': {label} has {values.numel()} values; inputs of shape "
+                             f"{tuple(input_shape)} need {math.prod(stat_shape)} (shape {stat_shape})")
+    return nn.Sequential(Standardize(stats["mean"].reshape(stat_shape), stats["std"].reshape(stat_shape)),
+                         builder(input_shape, num_classes))
 
 
 def model_builder(name: str) -> Callable[[Sequence[int], int], nn.Module]:

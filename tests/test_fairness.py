@@ -40,6 +40,12 @@ def test_bad_labels_and_lengths_raise():
         class_metrics([0, 3], [0, 1], 3)
     with pytest.raises(ValueError, match="y_pred has"):
         class_metrics([0, 1], [0], 3)
+    with pytest.raises(ValueError, match="y_pred has 1"):
+        group_metrics([0, 1, 1], [1], group=[0, 0, 1])  # a length-1 prediction must not broadcast
+    for labels in ([0.0, 1.7], [0.0, float("nan")]):
+        with pytest.raises(ValueError, match="y_true must hold whole numbers"):
+            class_metrics(labels, [0, 1], 3)
+    assert class_metrics([0.0, 2.0], [0, 2], 3)["acc"] == 1.0, "whole-number floats are labels"
 
 
 def test_group_metrics_by_sensitive_attribute():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ballot.errors import ModelError
-from ballot.models import build_model
+from ballot.models import MODELS, build_model
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 2), (3, 1, 1), (1, 8, 3)])
@@ -16,3 +16,31 @@ def test_cnn_refuses_images_too_small_for_its_two_pools(shape):
 
 def test_cnn_takes_the_smallest_images_it_can_pool():
     assert build_model("cnn", (3, 4, 4), 3)(torch.rand(2, 3, 4, 4)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 8, 12), (1, 28, 28)])
+def test_every_model_takes_grey_colour_non_square_and_tiny_images(name, shape):
+    logits = build_model(name, shape, 7).eval()(torch.rand(2, *shape))
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_same_seed_builds_the_same_model(name):
+    torch.manual_seed(3)
+    first = build_model(name, (3, 8, 8), 4).state_dict()
+    torch.manual_seed(3)
+    second = build_model(name, (3, 8, 8), 4).state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_standardisation_statistics_and_class_count_are_checked():
+    model = build_model("cnn", (3, 8, 8), 2, mean=torch.tensor([0.1, 0.2, 0.3]), std=torch.full((3, 1, 1), 2.0))
+    x = torch.rand(1, 3, 8, 8)
+    assert torch.allclose(model[0](x), (x - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / 2)
+    with pytest.raises(ModelError, match=re.escape("mean has 1 values; inputs of shape (3, 8, 8) need 3")):
+        build_model("cnn", (3, 8, 8), 2, mean=torch.tensor(0.5))
+    with pytest.raises(ModelError, match="needs at least one class, got 0"):
+        build_model("mlp", (1, 8, 8), 0)
+    with pytest.raises(ModelError, match=r"unknown model 'lenet'; choose from \['cnn'"):
+        build_model("lenet", (1, 8, 8), 2)

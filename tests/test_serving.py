@@ -444,7 +444,7 @@ def dockerfile() -> dict[str, list[str] | str]:
         elif word == "HEALTHCHECK":
             found["HEALTHCHECK"] = json.loads(rest.split(" CMD ", 1)[1])
         elif word == "COPY":
-            found["COPY"].append(rest.split()[0])  # type: ignore[union-attr]
+            found["COPY"].extend(rest.split()[:-1])  # type: ignore[union-attr]  # every source; the last is the target
     return found
 
 
@@ -455,8 +455,12 @@ def test_dockerfile_is_slim_non_root_and_runtime_only():
     requirements = (REPO / "requirements-serve.txt").read_text().lower()
     for package in ("torch", "torchvision", "dvc", "optuna", "onnxscript", "scikit-learn", "ballot"):
         assert f"\n{package}" not in requirements and not requirements.startswith(package)
+    # docker-py (an mlflow dependency) applies .dockerignore as the Docker engine does
+    from docker.utils.build import exclude_paths
+
+    context = exclude_paths(str(REPO), (REPO / ".dockerignore").read_text().splitlines())
     for source in spec["COPY"]:  # type: ignore[union-attr]
-        assert (REPO / source).exists(), source
+        assert (REPO / source).exists() and source.rstrip("/") in context, f"{source} is not in the build context"
 
 
 @dataclass
