@@ -47,6 +47,13 @@ def test_two_processes_select_the_single_process_mask(tmp_path, method, extra):
     assert metrics["method"] == method
 
 
+def torchrun(*command: str, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
+    """``command`` (a script and its arguments, or -m and a module) in two processes started by torchrun."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *command], env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_processes_that_disagree_on_a_mask_are_stopped(tmp_path):
     script = tmp_path / "disagree.py"
     script.write_text(
@@ -54,9 +61,7 @@ def test_processes_that_disagree_on_a_mask_are_stopped(tmp_path):
         "from ballot import distributed\n"
         "distributed.start(torch.device('cpu'))\n"
         "distributed.check_identical({'w': torch.full((3,), distributed.rank())}, 'the test mask')\n")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script)], env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-                         capture_output=True, text=True, timeout=300)
+    run = torchrun(str(script))
     assert run.returncode != 0
     assert "the test mask differs between rank" in run.stdout + run.stderr
 
@@ -83,12 +88,78 @@ def test_the_plateau_schedule_follows_rank_0s_metric_on_every_rank(tmp_path):
         "result = train(model, data, cfg, epoch_metric=metric)\n"
         f"open(f'{tmp_path}/lr{{distributed.rank()}}.txt', 'w').write(str([r['lr'] for r in result.history]))\n"
         "distributed.check_identical(dict(model.named_parameters()), 'the trained weights')\n")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script)], env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-                         capture_output=True, text=True, timeout=300)
+    run = torchrun(str(script))
     assert run.returncode == 0, run.stdout + run.stderr
     lrs = [[round(lr, 8) for lr in eval((tmp_path / f"lr{rank}.txt").read_text())] for rank in (0, 1)]
     assert lrs == [[0.05, 0.05, 0.005, 0.0005]] * 2, lrs
+
+
+LOAD_IN_TURNS = """
+import gzip, sys, time
+from pathlib import Path
+import numpy as np
+import torch
+from ballot import data, distributed
+from ballot.config import DataConfig
+from ballot.errors import UserError
+
+distributed.start(torch.device("cpu"))
+folder, fail = Path(sys.argv[1]), sys.argv[2] == "fail"
+rank, read_idx = distributed.rank(), data._read_idx
+log = open(folder / f"events{rank}.txt", "w", buffering=1)
+
+def download(cfg):  # stands for torchvision's: slow, and writes the files at the end
+    log.write(f"download {time.time()}\\n")
+    time.sleep(1.0)
+    if fail:
+        raise data.DatasetError("the network is down")
+    raw = Path(cfg.root) / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for key, name in data.FASHION_FILES.items():
+        array = np.arange(20, dtype=np.uint8) % 10 if key.endswith("y") else np.zeros((20, 28, 28), np.uint8)
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+        with gzip.open(raw / name, "wb") as handle:
+            handle.write(header + array.tobytes())
+    log.write(f"downloaded {time.time()}\\n")
+    return raw
+
+def read(path):
+    log.write(f"read {time.time()}\\n")
+    return read_idx(path)
+
+data._download_fashion_mnist, data._read_idx, data.DEBIAN_FASHION_DIR = download, read, folder / "absent"
+try:
+    bundle = data.load_data("fashion-mnist", DataConfig(root=str(folder / "root")))
+    log.write(f"loaded {len(bundle.train)}\\n")
+except UserError as error:
+    log.write(f"raised {type(error).__name__}: {error}\\n")
+distributed.stop()
+"""
+
+
+def _events(folder: Path, rank: int) -> list[tuple[str, str]]:
+    return [tuple(line.split(" ", 1)) for line in (folder / f"events{rank}.txt").read_text().splitlines()]
+
+
+def test_rank_0_downloads_the_data_before_the_others_load_it(tmp_path):
+    (tmp_path / "load.py").write_text(LOAD_IN_TURNS)
+    run = torchrun(str(tmp_path / "load.py"), str(tmp_path), "succeed")
+    assert run.returncode == 0, run.stdout + run.stderr
+    first, second = _events(tmp_path, 0), _events(tmp_path, 1)
+    assert [event for event, _ in first] == ["download", "downloaded", *["read"] * 4, "loaded"], first
+    assert [event for event, _ in second] == [*["read"] * 4, "loaded"], "rank 1 downloads nothing, reads the files"
+    assert float(second[0][1]) > float(first[-2][1]), "rank 1 starts reading after rank 0 read the last file"
+    assert first[-1] == second[-1] == ("loaded", "10")
+
+
+def test_a_failed_download_on_rank_0_stops_the_others_with_its_error(tmp_path):
+    (tmp_path / "load.py").write_text(LOAD_IN_TURNS)
+    run = torchrun(str(tmp_path / "load.py"), str(tmp_path), "fail")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert [event for event, _ in _events(tmp_path, 0)] == ["download", "raised"]
+    assert _events(tmp_path, 0) == [("download", _events(tmp_path, 0)[0][1]),
+                                    ("raised", "DatasetError: the network is down")]
+    assert _events(tmp_path, 1) == [("raised", "UserError: the network is down")], "rank 1 neither waits nor loads"
 
 
 def test_bad_input_found_by_the_processes_exits_2_with_one_error_line_last(tmp_path):
