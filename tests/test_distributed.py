@@ -170,7 +170,35 @@ def test_bad_input_found_by_the_processes_exits_2_with_one_error_line_last(tmp_p
     assert run.stderr.strip().splitlines()[-1] == f"ballot: error: npz: file '{tmp_path / 'absent.npz'}' not found"
 
 
+SITE_RANK_1_FAILS = """
+import os
+if os.environ.get("RANK") == "1":  # this test's stand-in for bad input that only rank 1 meets
+    from ballot import experiment
+    from ballot.errors import StorageError
+    def prepare_data(cfg):
+        raise StorageError("only rank 1 cannot read its data")
+    experiment.prepare_data = prepare_data
+"""
+
+
+def test_bad_input_only_rank_1_meets_exits_2_with_its_error_line_last(tmp_path):
+    """Rank 1 is made to fail through a sitecustomize module that only its interpreter acts on."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SITE_RANK_1_FAILS)
+    root = str(Path(__file__).resolve().parents[1])
+    run = subprocess.run([sys.executable, "-m", "ballot.cli", "prune", *FLAGS, "--method", "lth", "--nproc", "2",
+                          "--out", str(tmp_path / "out")], env={**ENV, "PYTHONPATH": f"{tmp_path / 'site'}:{root}"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("ballot: error:") == 1, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == "ballot: error: only rank 1 cannot read its data"
+
+
 def test_methods_with_their_own_loop_refuse_several_processes(tmp_path):
+    refusal = "'safecompress' trains in its own loop and runs in one process only"
     run = prune(tmp_path / "sc", "--method", "safecompress", "--nproc", "2")
     assert run.returncode == 2
-    assert "'safecompress' trains in its own loop and runs in one process only" in run.stderr
+    assert refusal in run.stderr
+    by_hand = torchrun("-m", "ballot.cli", "prune", *FLAGS, "--method", "safecompress", "--out", str(tmp_path / "sc"))
+    assert by_hand.returncode != 0
+    assert by_hand.stderr.count("ballot: error:") == 1 and refusal in by_hand.stderr, by_hand.stderr
