@@ -156,7 +156,6 @@ def test_a_failed_download_on_rank_0_stops_the_others_with_its_error(tmp_path):
     (tmp_path / "load.py").write_text(LOAD_IN_TURNS)
     run = torchrun(str(tmp_path / "load.py"), str(tmp_path), "fail")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert [event for event, _ in _events(tmp_path, 0)] == ["download", "raised"]
     assert _events(tmp_path, 0) == [("download", _events(tmp_path, 0)[0][1]),
                                     ("raised", "DatasetError: the network is down")]
     assert _events(tmp_path, 1) == [("raised", "UserError: the network is down")], "rank 1 neither waits nor loads"
