@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from ballot import distributed
 from ballot.masks import Mask, budget
+from ballot.models import build_model
 from ballot.storage import load_tensors
+from ballot.train import _synced_batchnorm
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
@@ -92,6 +96,47 @@ def test_the_plateau_schedule_follows_rank_0s_metric_on_every_rank(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     lrs = [[round(lr, 8) for lr in eval((tmp_path / f"lr{rank}.txt").read_text())] for rank in (0, 1)]
     assert lrs == [[0.05, 0.05, 0.005, 0.0005]] * 2, lrs
+
+
+def test_batchnorm_is_synchronised_over_the_processes_on_gpus_only(monkeypatch):
+    """On GPUs the BatchNorm layers train as SyncBatchNorm layers holding the same tensors, and are put back after;
+    on CPUs they stay as they are (torch's SyncBatchNorm refuses CPU tensors)."""
+    model = build_model("resnet20", (1, 8, 8), 10)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    names = list(model.state_dict())
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    with _synced_batchnorm(model, torch.device("cpu")):
+        assert all(model.get_submodule(name) is layer for name, layer in layers.items())
+    with _synced_batchnorm(model, torch.device("cuda")):
+        synced = {name: m for name, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)}
+        assert synced.keys() == layers.keys()
+        assert all(synced[name].weight is layer.weight and synced[name].running_var is layer.running_var
+                   for name, layer in layers.items())
+        assert list(model.state_dict()) == names
+    assert all(model.get_submodule(name) is layer for name, layer in layers.items())
+
+
+def test_batchnorm_normalises_each_process_share_on_cpus(tmp_path):
+    """Pins the CPU (gloo) behaviour docs/scale.md states: after one step on a global batch of 16, each process's
+    running mean moved towards its own 8 samples' mean."""
+    script = tmp_path / "batchnorm.py"
+    script.write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from ballot import distributed\n"
+        "from ballot.config import TrainConfig\n"
+        "from ballot.data import Split\n"
+        "from ballot.train import train\n"
+        "distributed.start(torch.device('cpu'))\n"
+        "model = nn.Sequential(nn.BatchNorm1d(1, momentum=1.0), nn.Linear(1, 2))\n"
+        "data = Split(torch.arange(16.0).unsqueeze(1), torch.arange(16) % 2)\n"
+        "train(model, data, TrainConfig(epochs=1, batch_size=16, min_steps=0), seed=0)\n"
+        "order = torch.randperm(16, generator=torch.Generator().manual_seed(0))\n"
+        "share = order[distributed.rank()::2].double().mean()\n"
+        "assert abs(model[0].running_mean.item() - share) < 1e-5, (model[0].running_mean, share)\n"
+        "distributed.stop()\n")
+    run = torchrun(str(script))
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 LOAD_IN_TURNS = """
