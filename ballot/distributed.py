@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 class DistributedError(RuntimeError):
-    """The processes of one run disagree (e.g. on a mask), or the group cannot start."""
+    """The processes of one run disagree (e.g. on a mask), another process failed, or the group cannot start."""
 
 
 def requested_processes() -> int:
@@ -124,14 +124,12 @@ def check_identical(tensors: Mapping[str, torch.Tensor], what: str) -> None:
 def _first_failure(error: Exception | None) -> tuple[int, bool, str] | None:
     """(rank, whether it is a UserError, message) of the lowest-ranked process whose ``error`` is not None, the
     same on every process; None when every ``error`` is None. Every process must call it."""
-    device = _collective_device()
-    user = isinstance(error, UserError)
-    text = b"" if error is None else (str(error) if user else f"{type(error).__name__}: {error}").encode()
-    mine = torch.tensor([-1 if error is None else len(text), user], device=device)
+    device, mine_is_user = _collective_device(), isinstance(error, UserError)
+    text = b"" if error is None else (str(error) if mine_is_user else f"{type(error).__name__}: {error}").encode()
+    mine = torch.tensor([-1 if error is None else len(text), mine_is_user], device=device)
     gathered = [torch.empty_like(mine) for _ in range(world_size())]
     dist.all_gather(gathered, mine)
-    failed = [(r, int(size), bool(was_user)) for r, (size, was_user) in enumerate(t.tolist() for t in gathered)
-              if size >= 0]
+    failed = [(r, size, bool(user)) for r, (size, user) in enumerate(t.tolist() for t in gathered) if size >= 0]
     if not failed:
         return None
     source, size, user = failed[0]

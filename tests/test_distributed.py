@@ -146,18 +146,17 @@ import numpy as np
 import torch
 from ballot import data, distributed
 from ballot.config import DataConfig
-from ballot.errors import UserError
 
 distributed.start(torch.device("cpu"))
-folder, fail = Path(sys.argv[1]), sys.argv[2] == "fail"
+folder, outcome = Path(sys.argv[1]), sys.argv[2]
 rank, read_idx = distributed.rank(), data._read_idx
 log = open(folder / f"events{rank}.txt", "w", buffering=1)
 
 def download(cfg):  # stands for torchvision's: slow, and writes the files at the end
     log.write(f"download {time.time()}\\n")
     time.sleep(1.0)
-    if fail:
-        raise data.DatasetError("the network is down")
+    if outcome != "succeed":  # a user's problem, or any other
+        raise data.DatasetError("the network is down") if outcome == "refuse" else OSError("the disk is full")
     raw = Path(cfg.root) / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for key, name in data.FASHION_FILES.items():
@@ -176,7 +175,7 @@ data._download_fashion_mnist, data._read_idx, data.DEBIAN_FASHION_DIR = download
 try:
     bundle = data.load_data("fashion-mnist", DataConfig(root=str(folder / "root")))
     log.write(f"loaded {len(bundle.train)}\\n")
-except UserError as error:
+except Exception as error:
     log.write(f"raised {type(error).__name__}: {error}\\n")
 distributed.stop()
 """
@@ -197,13 +196,15 @@ def test_rank_0_downloads_the_data_before_the_others_load_it(tmp_path):
     assert first[-1] == second[-1] == ("loaded", "10")
 
 
-def test_a_failed_download_on_rank_0_stops_the_others_with_its_error(tmp_path):
+@pytest.mark.parametrize("outcome,raised,shared", [
+    ("refuse", "DatasetError: the network is down", "UserError: the network is down"),
+    ("crash", "OSError: the disk is full", "DistributedError: rank 0 failed: OSError: the disk is full")])
+def test_a_failed_download_on_rank_0_stops_the_others_with_its_error(tmp_path, outcome, raised, shared):
     (tmp_path / "load.py").write_text(LOAD_IN_TURNS)
-    run = torchrun(str(tmp_path / "load.py"), str(tmp_path), "fail")
+    run = torchrun(str(tmp_path / "load.py"), str(tmp_path), outcome)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert _events(tmp_path, 0) == [("download", _events(tmp_path, 0)[0][1]),
-                                    ("raised", "DatasetError: the network is down")]
-    assert _events(tmp_path, 1) == [("raised", "UserError: the network is down")], "rank 1 neither waits nor loads"
+    assert _events(tmp_path, 0) == [("download", _events(tmp_path, 0)[0][1]), ("raised", raised)]
+    assert _events(tmp_path, 1) == [("raised", shared)], "rank 1 neither waits nor loads"
 
 
 def test_bad_input_found_by_the_processes_exits_2_with_one_error_line_last(tmp_path):
