@@ -1,4 +1,5 @@
-"""Data parallelism on CPU (gloo): two processes started by torchrun select the single-process mask."""
+"""Data parallelism on CPU (gloo): two processes started by torchrun select the single-process mask, load the data
+in turns and report an error once; BatchNorm is synchronised on GPUs only."""
 
 from __future__ import annotations
 
@@ -51,10 +52,10 @@ def test_two_processes_select_the_single_process_mask(tmp_path, method, extra):
     assert metrics["method"] == method
 
 
-def torchrun(*command: str, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
+def torchrun(*command: str) -> subprocess.CompletedProcess:
     """``command`` (a script and its arguments, or -m and a module) in two processes started by torchrun."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *command], env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                           *command], env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
                           capture_output=True, text=True, timeout=300)
 
 
@@ -118,7 +119,7 @@ def test_batchnorm_is_synchronised_over_the_processes_on_gpus_only(monkeypatch):
 
 def test_batchnorm_normalises_each_process_share_on_cpus(tmp_path):
     """Pins the CPU (gloo) behaviour docs/scale.md states: after one step on a global batch of 16, each process's
-    running mean moved towards its own 8 samples' mean."""
+    running mean (momentum 1) is the mean of its own 8 samples."""
     script = tmp_path / "batchnorm.py"
     script.write_text(
         "import torch\n"
