@@ -150,14 +150,14 @@ def _usable_device(name: str) -> Any:
 
 def _relaunch(processes: int, argv: list[str]) -> int:
     """This same command in ``processes`` data-parallel processes on this machine (torchrun); its exit code, 2
-    (with the error, as the last line) when rank 0 stopped on bad input."""
+    (with the lowest-ranked process's error as the last line) when a process stopped on bad input."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "ballot.cli", *_without_option(argv, "--nproc")]
     with tempfile.TemporaryDirectory() as folder:
-        error_file = Path(folder) / "error.txt"
-        code = subprocess.run(command, env={**os.environ, ERROR_FILE_ENV: str(error_file)}).returncode
-        if code and error_file.is_file():
-            print(f"ballot: error: {error_file.read_text()}", file=sys.stderr)
+        code = subprocess.run(command, env={**os.environ, ERROR_DIR_ENV: folder}).returncode
+        errors = sorted(Path(folder).iterdir(), key=lambda path: int(path.name))
+        if code and errors:
+            print(f"ballot: error: {errors[0].read_text()}", file=sys.stderr)
             return 2
     return code
 
@@ -236,7 +236,7 @@ def _prune(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
         print(summary({**metrics, "final_choice": result.final_choice}))
 
 
-ERROR_FILE_ENV = "BALLOT_ERROR_FILE"  # where a relaunched rank 0 leaves its one-line error for the launcher
+ERROR_DIR_ENV = "BALLOT_ERROR_DIR"  # where each relaunched process leaves its one-line error, named by its rank
 TUNE_FLAGS = {"n_trials": "tune.n_trials", "timeout": "tune.timeout_s", "workers": "tune.workers",
               "storage": "tune.storage", "study_name": "tune.study_name"}
 
@@ -482,12 +482,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = func(args)
     except UserError as error:
-        if ERROR_FILE_ENV not in os.environ:
-            print(f"ballot: error: {error}", file=sys.stderr)
-        elif os.environ.get("RANK", "0") == "0":  # under our --nproc launcher rank 0 reports, through the launcher
-            Path(os.environ[ERROR_FILE_ENV]).write_text(str(error))
+        _report(error)
         return 2
     return code or 0
+
+
+def _report(error: UserError) -> None:
+    """``error`` as the one line ``ballot: error: ...`` on stderr. Under torchrun only rank 0 prints it; under the
+    --nproc launcher each process leaves it in the launcher's folder instead, and the launcher prints the
+    lowest-ranked one."""
+    rank = os.environ.get("RANK", "0")
+    if ERROR_DIR_ENV in os.environ:
+        (Path(os.environ[ERROR_DIR_ENV]) / rank).write_text(str(error))
+    elif rank == "0":
+        print(f"ballot: error: {error}", file=sys.stderr)
 
 
 if __name__ == "__main__":

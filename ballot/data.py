@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ballot import distributed
 from ballot.config import DataConfig
 from ballot.errors import DatasetError
 
@@ -363,9 +364,10 @@ def check_labels(raw: RawDataset, name: str) -> None:
 
 
 def load_data(name: str, cfg: DataConfig | None = None, seed: int = 0) -> DataBundle:
-    """Load dataset ``name`` and carve a seeded validation split (after optional long-tail subsampling)."""
+    """Load dataset ``name`` and carve a seeded validation split (after optional long-tail subsampling). Under
+    torch.distributed the processes load (and download) in turns, rank 0 first (``distributed.in_turns``)."""
     cfg = cfg or DataConfig()
-    raw = dataset_loader(name)(cfg)
+    raw = distributed.in_turns(lambda: dataset_loader(name)(cfg))
     check_labels(raw, name)
     num_classes = len(raw.class_names)
     generator = torch.Generator().manual_seed(seed)

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from ballot.errors import UserError
+
+T = TypeVar("T")
+
 
 class DistributedError(RuntimeError):
-    """The processes of one run disagree (e.g. on a mask), or the group cannot start."""
+    """The processes of one run disagree (e.g. on a mask), another process failed, or the group cannot start."""
 
 
 def requested_processes() -> int:
@@ -47,10 +51,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_rank() -> int:
+    """This process's number on its machine (torchrun's LOCAL_RANK; RANK where that is not set, else 0)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+
+
 def local_device(device: torch.device) -> torch.device:
     """This process's GPU (cuda:LOCAL_RANK) when ``device`` is a GPU and several processes run; else ``device``."""
     if device.type == "cuda" and requested():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", local_rank())
     return device
 
 
@@ -67,6 +76,11 @@ def stop() -> None:
     """Leave the process group (no-op when none runs)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _collective_device() -> torch.device:
+    """Where the group's collectives take their tensors: this process's GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -99,9 +113,51 @@ def check_identical(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     if not active():
         return
     mine = torch.tensor(list(digest(tensors)), dtype=torch.uint8)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = _collective_device()
     gathered = [torch.empty_like(mine, device=device) for _ in range(world_size())]
     dist.all_gather(gathered, mine.to(device))
     differing = [r for r, theirs in enumerate(gathered) if not torch.equal(theirs.cpu(), mine)]
     if differing:
         raise DistributedError(f"{what} differs between rank {rank()} and rank(s) {differing}")
+
+
+def _first_failure(error: Exception | None) -> tuple[int, bool, str] | None:
+    """(rank, whether it is a UserError, message) of the lowest-ranked process whose ``error`` is not None, the
+    same on every process; None when every ``error`` is None. Every process must call it."""
+    device, mine_is_user = _collective_device(), isinstance(error, UserError)
+    text = b"" if error is None else (str(error) if mine_is_user else f"{type(error).__name__}: {error}").encode()
+    mine = torch.tensor([-1 if error is None else len(text), mine_is_user], device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size())]
+    dist.all_gather(gathered, mine)
+    failed = [(r, size, bool(user)) for r, (size, user) in enumerate(t.tolist() for t in gathered) if size >= 0]
+    if not failed:
+        return None
+    source, size, user = failed[0]
+    message = torch.tensor(list(text), dtype=torch.uint8) if rank() == source else torch.empty(size, dtype=torch.uint8)
+    return source, user, bytes(broadcast(message.to(device), source).cpu().tolist()).decode()
+
+
+def in_turns(work: Callable[[], T]) -> T:
+    """``work()`` on rank 0, then on the first process of each other machine, then on the rest (one call in a
+    single process): a download into a folder the processes share is made once, and no process reads files
+    another is still writing. When ``work`` fails on some process, every process stops after that turn: the
+    failing ones raise their own error, the others the lowest failing rank's message, as a UserError when that
+    error was one (so each exits like it) and as a DistributedError otherwise."""
+    if not active():
+        return work()
+    mine = 0 if rank() == 0 else 1 if local_rank() == 0 else 2
+    result: list[T] = []
+    for turn in range(3):
+        error: Exception | None = None
+        if turn == mine:
+            try:
+                result.append(work())
+            except Exception as caught:  # shared with the others below, then raised again
+                error = caught
+        failure = _first_failure(error)
+        if error is not None:
+            raise error
+        if failure is not None:
+            source, user, message = failure
+            raise UserError(message) if user else DistributedError(f"rank {source} failed: {message}")
+    return result[0]

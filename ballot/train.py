@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
@@ -196,6 +198,23 @@ def _parallel(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+@contextlib.contextmanager
+def _synced_batchnorm(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """While the block runs, with several processes on GPUs, ``model``'s BatchNorm layers are SyncBatchNorm layers
+    sharing their parameters and buffers, so each normalises a step with the whole global batch's statistics, as one
+    process does; the original layers are put back after, so state dicts, masks and exports never see SyncBatchNorm.
+    torch's SyncBatchNorm takes GPU tensors only: on CPUs (gloo) each process normalises with its own share's."""
+    synced = distributed.active() and device.type == "cuda"
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)} if synced else {}
+    for name, layer in layers.items():
+        model.set_submodule(name, nn.SyncBatchNorm.convert_sync_batchnorm(layer))
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            model.set_submodule(name, layer)
+
+
 class _Steps:
     """The moving parts of one training run: the (data-parallel) model, optimiser, precision, mask enforcement and
     the split on the device; ``step`` is one optimiser step on this process's share of a global batch."""
@@ -265,7 +284,8 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
 
     Under torch.distributed (docs/scale.md) every process draws the same seeded order, takes every
     world-size-th sample of each global batch of ``cfg.batch_size`` and trains a DistributedDataParallel copy, so
-    the steps are the single-process steps up to floating-point reduction order.
+    the steps are the single-process steps up to floating-point reduction order; for a model with BatchNorm, on GPUs
+    only (``_synced_batchnorm``).
     """
     if cfg.schedule == "plateau" and epoch_metric is None:
         raise ValueError("schedule 'plateau' needs an epoch_metric (a validation objective)")
@@ -275,33 +295,35 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
     cfg = stretched(cfg, len(data))
     n, per_epoch = len(data), steps_per_epoch(len(data), cfg.batch_size)
     weights_start = round(class_weights_from * cfg.epochs * per_epoch)
-    steps = _Steps(model, data, cfg, mask, device, class_weights, weights_start, hook)
-    generator, plateau, result = torch.Generator().manual_seed(seed), _Plateau(cfg), TrainResult()
-    if rewind_iter == 0:
-        result.rewind_state = copy.deepcopy(model.state_dict())
-    start = time.perf_counter()
-    bar = _progress(cfg.epochs, desc, progress)
-    for epoch in bar:
-        order = torch.randperm(n, generator=generator)
-        totals = torch.zeros(2, device=device)  # summed loss, correct predictions
-        for i in range(0, n, cfg.batch_size):
-            lr = cfg.lr * lr_factor(cfg, result.steps, per_epoch) * plateau.scale
-            loss, correct = steps.step(result.steps, order[i:i + cfg.batch_size], lr)
-            result.steps += 1
-            totals[0] += loss
-            totals[1] += correct
-            if rewind_iter is not None and result.steps == rewind_iter:
-                result.rewind_state = copy.deepcopy(model.state_dict())
-        distributed.all_reduce_sum(totals)
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(totals[0]) / n, "train_acc": float(totals[1]) / n}
-        if epoch_metric is not None:
-            value = torch.tensor([epoch_metric(model)], dtype=torch.float64, device=device)
-            record["val_metric"] = float(distributed.broadcast(value).cpu())  # rank 0's: the plateau steps alike
-            model.train()
-            if cfg.schedule == "plateau":
-                plateau.update(record["val_metric"])
-        result.history.append(record)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_acc']:.3f}")
+    with _synced_batchnorm(model, device):
+        steps = _Steps(model, data, cfg, mask, device, class_weights, weights_start, hook)
+        generator, plateau, result = torch.Generator().manual_seed(seed), _Plateau(cfg), TrainResult()
+        if rewind_iter == 0:
+            result.rewind_state = copy.deepcopy(model.state_dict())
+        start = time.perf_counter()
+        bar = _progress(cfg.epochs, desc, progress)
+        for epoch in bar:
+            order = torch.randperm(n, generator=generator)
+            totals = torch.zeros(2, device=device)  # summed loss, correct predictions
+            for i in range(0, n, cfg.batch_size):
+                lr = cfg.lr * lr_factor(cfg, result.steps, per_epoch) * plateau.scale
+                loss, correct = steps.step(result.steps, order[i:i + cfg.batch_size], lr)
+                result.steps += 1
+                totals[0] += loss
+                totals[1] += correct
+                if rewind_iter is not None and result.steps == rewind_iter:
+                    result.rewind_state = copy.deepcopy(model.state_dict())
+            distributed.all_reduce_sum(totals)
+            record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(totals[0]) / n,
+                      "train_acc": float(totals[1]) / n}
+            if epoch_metric is not None:
+                value = torch.tensor([epoch_metric(model)], dtype=torch.float64, device=device)
+                record["val_metric"] = float(distributed.broadcast(value).cpu())  # rank 0's: the plateau steps alike
+                model.train()
+                if cfg.schedule == "plateau":
+                    plateau.update(record["val_metric"])
+            result.history.append(record)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_acc']:.3f}")
     if rewind_iter is not None and result.rewind_state is None:
         result.rewind_state = copy.deepcopy(model.state_dict())  # training was shorter than rewind_iter
     result.seconds = time.perf_counter() - start
