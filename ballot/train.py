@@ -109,6 +109,18 @@ def steps_per_epoch(samples: int, batch_size: int) -> int:
     return max(1, math.ceil(samples / batch_size))
 
 
+def batch_bounds(samples: int, batch_size: int, avoid_single: bool = False) -> list[tuple[int, int]]:
+    """(start, stop) of each of an epoch's ``steps_per_epoch`` batches. With ``avoid_single`` (a model with
+    BatchNorm, which cannot normalise one sample in training mode) a last batch of one sample is avoided by splitting
+    the last two batches' samples evenly: the same number of steps, so no schedule moves."""
+    bounds = [(start, min(start + batch_size, samples)) for start in range(0, samples, batch_size)]
+    if avoid_single and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        start = bounds[-2][0]
+        middle = start + (samples - start + 1) // 2
+        bounds[-2:] = [(start, middle), (middle, samples)]
+    return bounds
+
+
 def floor_epochs(epochs: int, per_epoch: int, min_steps: int) -> int:
     """``epochs``, raised so that ``epochs x per_epoch`` reaches ``min_steps`` (0 epochs stay 0: no training)."""
     return max(epochs, math.ceil(min_steps / per_epoch)) if epochs else 0
@@ -294,6 +306,7 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
     device = torch.device(device)
     cfg = stretched(cfg, len(data))
     n, per_epoch = len(data), steps_per_epoch(len(data), cfg.batch_size)
+    bounds = batch_bounds(n, cfg.batch_size, avoid_single=any(isinstance(m, _BatchNorm) for m in model.modules()))
     weights_start = round(class_weights_from * cfg.epochs * per_epoch)
     with _synced_batchnorm(model, device):
         steps = _Steps(model, data, cfg, mask, device, class_weights, weights_start, hook)
@@ -305,9 +318,9 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
         for epoch in bar:
             order = torch.randperm(n, generator=generator)
             totals = torch.zeros(2, device=device)  # summed loss, correct predictions
-            for i in range(0, n, cfg.batch_size):
+            for begin, end in bounds:
                 lr = cfg.lr * lr_factor(cfg, result.steps, per_epoch) * plateau.scale
-                loss, correct = steps.step(result.steps, order[i:i + cfg.batch_size], lr)
+                loss, correct = steps.step(result.steps, order[begin:end], lr)
                 result.steps += 1
                 totals[0] += loss
                 totals[1] += correct

@@ -9,7 +9,7 @@ from ballot.config import (FLOORED_SCHEDULES, BallotConfig, SafeCompressConfig, 
 from ballot.data import Split
 from ballot.masks import Mask, magnitude_scores
 from ballot.models import build_model
-from ballot.train import floored, lr_factor, recalibrate_batchnorm, resolve_device, stretched, train
+from ballot.train import batch_bounds, floored, lr_factor, recalibrate_batchnorm, resolve_device, stretched, train
 
 
 def _toy_split(n: int = 96) -> Split:
@@ -228,3 +228,17 @@ def test_floored_schedules_names_every_group_with_a_floor():
     groups = [cfg.train_dense, cfg.prune.retrain, cfg.prune.ballot.refine_train, cfg.prune.safecompress,
               cfg.prune.fairscratch]
     assert [group.min_steps for group in groups] == [7] * 5
+
+
+def test_a_batchnorm_model_never_gets_a_one_sample_batch_and_keeps_its_step_count():
+    assert batch_bounds(129, 128) == [(0, 128), (128, 129)], "without BatchNorm the batches stay as they are"
+    assert batch_bounds(129, 128, avoid_single=True) == [(0, 65), (65, 129)]
+    assert batch_bounds(257, 128, avoid_single=True) == [(0, 128), (128, 193), (193, 257)]
+    assert batch_bounds(1, 128, avoid_single=True) == [(0, 1)], "one sample in all: nothing to split"
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(129, 1, 8, 8, generator=g)
+    split = Split(x, (x.flatten(1).sum(1) > 32).long())
+    torch.manual_seed(0)
+    vgg = build_model("vgg", (1, 8, 8), 2)  # 1x1 feature maps at the end: one sample cannot be normalised
+    result = train(vgg, split, TrainConfig(epochs=1, batch_size=128, min_steps=0), progress=False)
+    assert result.steps == 2
