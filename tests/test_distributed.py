@@ -71,17 +71,23 @@ def test_processes_that_disagree_on_a_mask_are_stopped(tmp_path):
     assert "the test mask differs between rank" in run.stdout + run.stderr
 
 
+# the opening of a script that trains under torchrun, one CPU process per rank
+TRAINING_SCRIPT = (
+    "import torch\n"
+    "from torch import nn\n"
+    "from ballot import distributed\n"
+    "from ballot.config import TrainConfig\n"
+    "from ballot.data import Split\n"
+    "from ballot.train import train\n"
+    "distributed.start(torch.device('cpu'))\n"
+)
+
+
 def test_the_plateau_schedule_follows_rank_0s_metric_on_every_rank(tmp_path):
     """Each rank's validation pass may differ (its BatchNorm statistics come from its own shard); the lr must not."""
     script = tmp_path / "plateau.py"
     script.write_text(
-        "import torch\n"
-        "from torch import nn\n"
-        "from ballot import distributed\n"
-        "from ballot.config import TrainConfig\n"
-        "from ballot.data import Split\n"
-        "from ballot.train import train\n"
-        "distributed.start(torch.device('cpu'))\n"
+        TRAINING_SCRIPT +
         "torch.manual_seed(0)\n"
         "model = nn.Sequential(nn.Linear(4, 3))\n"
         "data = Split(torch.randn(64, 4), torch.arange(64) % 3)\n"
@@ -122,13 +128,7 @@ def test_batchnorm_normalises_each_process_share_on_cpus(tmp_path):
     running mean (momentum 1) is the mean of its own 8 samples."""
     script = tmp_path / "batchnorm.py"
     script.write_text(
-        "import torch\n"
-        "from torch import nn\n"
-        "from ballot import distributed\n"
-        "from ballot.config import TrainConfig\n"
-        "from ballot.data import Split\n"
-        "from ballot.train import train\n"
-        "distributed.start(torch.device('cpu'))\n"
+        TRAINING_SCRIPT +
         "model = nn.Sequential(nn.BatchNorm1d(1, momentum=1.0), nn.Linear(1, 2))\n"
         "data = Split(torch.arange(16.0).unsqueeze(1), torch.arange(16) % 2)\n"
         "train(model, data, TrainConfig(epochs=1, batch_size=16, min_steps=0), seed=0)\n"
