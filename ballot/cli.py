@@ -491,10 +491,12 @@ def _report(error: UserError) -> None:
     """``error`` as the one line ``ballot: error: ...`` on stderr. Under torchrun only rank 0 prints it; under the
     --nproc launcher each process leaves it in the launcher's folder instead, and the launcher prints the
     lowest-ranked one."""
+    from ballot import distributed
+
     rank = os.environ.get("RANK", "0")
     if ERROR_DIR_ENV in os.environ:
         (Path(os.environ[ERROR_DIR_ENV]) / rank).write_text(str(error))
-    elif rank == "0":
+    elif rank == "0" or not distributed.requested():  # a stray RANK outside torchrun silences nothing
         print(f"ballot: error: {error}", file=sys.stderr)
 
 

@@ -345,3 +345,10 @@ def test_register_refuses_what_it_cannot_register(tmp_path, registry, capsys):
 ])
 def test_weak_dense_warning_compares_balanced_accuracy_with_chance(per_class, warned):
     assert (weak_dense_warning({"per_class": per_class}) is not None) == warned
+
+
+def test_a_stray_rank_outside_torchrun_does_not_silence_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "3")  # set by some other launcher; WORLD_SIZE is not
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["prune", "--dataset", "digits", "--out", str(tmp_path / "run"), "--set", "base.density=3"]) == 2
+    assert "ballot: error: base.density: must be in (0, 1]" in capsys.readouterr().err
