@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from ballot.cli import main
 from ballot.data import DATASETS
 from ballot import experiment
 from ballot.config import apply_overrides, experiment_from_params
+from ballot.errors import StorageError
 from ballot.experiment import weak_dense_warning
 from ballot.masks import Mask, budget
 from ballot.models import MODELS
@@ -139,7 +141,7 @@ def test_dense_reuse_is_checked_against_the_configuration(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "c"), "--seed", "7"]) == 2
     assert "trained with other settings (seed)" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
-    assert not list(tmp_path.glob(".*.tmp*")), "the dense folder was written through a staged folder"
+    assert not list(tmp_path.glob(".*.tmp*")), "no temp folder left"
     assert main([*args, "--out", str(tmp_path / "d"), "--set", f"data.root={tmp_path}"]) == 0, \
         "where the data is read from does not decide the dense states"
     manifest = json.loads((dense / "dense.json").read_text())
@@ -149,6 +151,20 @@ def test_dense_reuse_is_checked_against_the_configuration(tmp_path, capsys):
         assert message in capsys.readouterr().err
     (dense / "dense.json").write_text(json.dumps({**manifest, "data": {**manifest["data"], "root": "/elsewhere"}}))
     assert main([*args, "--out", str(tmp_path / "f")]) == 0, "a manifest that recorded the location still matches"
+
+
+def test_dense_states_are_saved_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    dense = tmp_path / "dense"
+
+    def save_then_fail(*args, **kwargs):  # every file written, then the disk fills
+        experiment_save_dense(*args, **kwargs)
+        raise StorageError("disk full")
+
+    experiment_save_dense = experiment.save_dense
+    monkeypatch.setattr(experiment, "save_dense", save_then_fail)
+    args = ["prune", "--dataset", "digits", "--method", "magnitude", "--dense", str(dense), *TINY_FLAGS]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2 and "disk full" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "neither the dense folder nor a temp folder"
 
 
 def test_a_run_never_replaces_a_folder_it_did_not_write_nor_one_holding_its_dense_states(tmp_path, capsys):
@@ -175,19 +191,26 @@ def test_a_dense_model_near_chance_is_warned_about(tmp_path, capsys):
     assert "warning: the dense model's balanced validation accuracy is 0." in capsys.readouterr().err
 
 
-def test_a_failed_run_leaves_the_previous_output_untouched(tmp_path, capsys):
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_run_leaves_the_previous_output_untouched(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    assert main(["prune", "--dataset", "digits", "--method", "magnitude", "--out", str(out), *TINY_FLAGS]) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    # a --dense folder that cannot be checked fails inside the run, after the old output already exists
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for name in ("init.safetensors", "rewind.safetensors", "dense.safetensors"):
-        (broken / name).write_bytes(b"garbage")
-    code = main(["prune", "--dataset", "digits", "--method", "lth", "--out", str(out), "--dense", str(broken),
-                 *TINY_FLAGS])
-    assert code == 2 and "dense.json" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    args = ["prune", "--dataset", "digits", "--method", "magnitude", "--out", str(out), *TINY_FLAGS]
+    assert main(args) == 0
+    before = _tree(out)
+    real_save = experiment.save_pruned
+
+    def save_half_then_fail(folder, *rest, **kwargs):  # the new output half-written when the run stops
+        real_save(folder, *rest, **kwargs)
+        (Path(folder) / "mask.safetensors").write_bytes(b"half")
+        raise StorageError("disk full")
+
+    monkeypatch.setattr(experiment, "save_pruned", save_half_then_fail)
+    assert main([*args, "--seed", "1"]) == 2 and "disk full" in capsys.readouterr().err
+    assert _tree(out) == before, "every file of the previous run, dense states included, as it was"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "no temp folder left beside it"
 
 
 def test_version_comes_from_the_package_metadata(capsys):
@@ -291,6 +314,16 @@ def test_export_of_a_folder_that_is_not_a_prune_output(tmp_path, capsys, make, m
     out = tmp_path / "model.onnx"
     assert main(["export", "--dir", str(make(tmp_path)), "--out", str(out)]) == 2
     assert message in _one_line_error(capsys) and not out.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe\x00binary", "config.json"),
+    (b"[1, 2]", "does not hold a configuration"),
+])
+def test_a_corrupt_run_folder_config_is_a_one_line_error(tmp_path, capsys, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    assert main(["evaluate", "--dir", str(tmp_path)]) == 2
+    assert message in _one_line_error(capsys)
 
 
 def test_export_of_a_folder_with_a_broken_file(pruned, tmp_path, capsys):

@@ -11,7 +11,7 @@ from ballot.config import ConfigError, apply_overrides, experiment_from_params
 from ballot.errors import QuantizationError
 from ballot.experiment import new_model
 from ballot.export import bake, export_checked, read_metadata
-from ballot.quantize import QuantizationGate
+from ballot.quantize import QuantizationGate, onnx_class_metrics
 from tests.conftest import tiny_config
 
 CARD = {"acc": 0.9, "cwv": 0.01, "mcd": 0.1, "worst_class": 0.8, "dense_acc": 0.92}
@@ -40,10 +40,14 @@ def test_a_model_within_the_limits_is_written_as_int8_with_its_int8_metrics(trai
     assert quant["float"]["acc"] > 0.5, "the float model is the trained one"
     card = read_metadata(path)
     assert card["quantization"] == mode and card["onnx_format"] == "dense" and card["dense_acc"] == 0.92
-    assert {k: card[k] for k in ("acc", "cwv", "mcd", "worst_class")} == quant["int8"], "the card describes INT8"
+    written = onnx_class_metrics(path, tiny_data.test.x.numpy(), tiny_data.test.y.numpy(), tiny_data.num_classes)
+    assert {k: card[k] for k in ("acc", "cwv", "mcd", "worst_class")} == quant["int8"] == written, \
+        "the card describes the INT8 file it is written into (static: its metrics differ from the float model's)"
     assert report["onnx_bytes"] == path.stat().st_size == quant["int8_onnx_bytes"]
     if mode == "dynamic":
         assert quant["int8_onnx_bytes"] <= 0.3 * quant["float_onnx_bytes"], quant
+    else:
+        assert quant["int8"] != quant["float"], "so the card check above tells the two metric sets apart"
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])

@@ -274,15 +274,6 @@ def test_a_tracking_file_that_is_not_sqlite_is_named(tmp_path):
         connect(f"sqlite:///{junk}")
 
 
-def test_a_corrupt_run_folder_config_is_one_line_error(tmp_path, capsys):
-    (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00binary")
-    assert main(["evaluate", "--dir", str(tmp_path)]) == 2
-    assert "config.json" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text("[1, 2]")
-    assert main(["evaluate", "--dir", str(tmp_path)]) == 2
-    assert "does not hold a configuration" in capsys.readouterr().err
-
-
 KILLED_REGISTER = """
 import os, signal, sys
 import mlflow

@@ -85,7 +85,9 @@ def test_workers_and_a_second_process_share_one_postgres_study(tmp_path, postgre
         assert len(finished) == N_TRIALS, "exactly the requested total over all workers"
         assert lost == [] and not any(t.state == TrialState.RUNNING for t in trials)
         assert sorted(t.number for t in trials) == list(range(len(trials)))
-        assert len({t.user_attrs["worker"] for t in finished}) >= 2, "the trials were shared out"
+        # the first process's two workers share the trials; the second joins late, so whether it still finds a
+        # trial to run is timing, and what is checked of it is that it joined and reported the whole study (below)
+        assert len({t.user_attrs["worker"] for t in finished}) >= 2, "the trials were shared out between workers"
         assert len({tuple(sorted(t.params.items())) for t in finished}) == N_TRIALS, "no configuration ran twice"
         for label in ("first", "second"):  # each process waited for the other's trials, then reported the whole study
             summary = json.loads((tmp_path / label / "report" / "summary.json").read_text())
