@@ -253,13 +253,30 @@ def test_no_layer_of_a_convolutional_ballot_mask_falls_below_its_floor(model_nam
         assert layer.kept >= math.floor(0.5 * 0.02 * layer.total), f"{layer.name} starved: {layer.kept}/{layer.total}"
 
 
-def test_protection_puts_contested_weights_into_the_mask_when_classes_are_served_unequally():
+def test_protection_puts_contested_weights_into_the_mask_when_classes_are_served_unequally(monkeypatch):
     from ballot.experiment import prepare_data, train_dense
+
+    collectors = []
+
+    class Recording(ballot_module.GradientCollector):
+        """Notes, before each ballot, which surviving weights the period's summed g and f contest."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.ever_contested = {n: torch.zeros_like(c) for n, c in self.candidate.items()}
+            collectors.append(self)
+
+        def cast(self, step):
+            for name, p, g, f in zip(self.names, self.params, self.g, self.f):
+                within = self.candidate[name]
+                self.ever_contested[name] |= contested(p.detach(), g, f, self.cfg.conflict_threshold, within) & within
+            super().cast(step)
 
     cfg = tiny_config("data.imbalance_ratio=10", "prune.ballot.rounds=2")
     data = prepare_data(cfg)
     _, dense, _ = train_dense(cfg, data, progress=False)
     plain = run_prune(cfg, data, dense)
+    monkeypatch.setattr(ballot_module, "GradientCollector", Recording)
     protected = run_prune(tiny_config("data.imbalance_ratio=10", "prune.ballot.rounds=2",
                                       "prune.ballot.conflict=protect", "prune.ballot.conflict_threshold=0"), data, dense)
     assert len(set(round(float(w), 4) for w in protected.details.class_weights)) > 1
@@ -267,6 +284,11 @@ def test_protection_puts_contested_weights_into_the_mask_when_classes_are_served
     moved = protected.details.rounds[1].protected
     assert 0 < moved <= round(0.2 * protected.mask.kept) + len(protected.mask)
     assert protected.mask.kept == plain.mask.kept and protected.mask.to_bytes() != plain.mask.to_bytes()
+    # only contested weights earn protection (select_mask protects scores > 0 only), so only they can move in
+    (collector,) = collectors
+    for name, score in collector.protection.items():
+        assert not (score > 0)[~collector.ever_contested[name].cpu()].any(), f"{name}: uncontested weight protected"
+    assert any((score > 0).any() for score in collector.protection.values())
 
 
 def _two_class_probe():
