@@ -69,6 +69,16 @@ def test_veto_bars_contested_weights():
     assert cast_ballot(w.abs(), ~disputed, k=3).tolist() == [False, True, True, True, False, False]
 
 
+def test_veto_run_bars_contested_weights_from_its_ballots(tiny_data, tiny_dense):
+    plain = run_prune(tiny_config("prune.ballot.rounds=2"), tiny_data, tiny_dense)
+    vetoed = run_prune(tiny_config("prune.ballot.rounds=2", "prune.ballot.conflict=veto",
+                                   "prune.ballot.conflict_threshold=0"), tiny_data, tiny_dense)
+    ballots = vetoed.details.rounds[1].ballots
+    assert sum(b["conflicts"] for b in ballots) > 0
+    assert sum(b["votes_vetoed"] for b in ballots) > 0, "a vetoed vote goes to another weight"
+    assert vetoed.mask.kept == plain.mask.kept and vetoed.mask.to_bytes() != plain.mask.to_bytes()
+
+
 def test_select_mask_prefers_votes_then_magnitude_per_layer():
     votes = {"w": torch.tensor([3, 3, 1, 0], dtype=torch.int32), "v": torch.tensor([0, 1], dtype=torch.int32)}
     magnitudes = {"w": torch.tensor([0.1, 0.9, 5.0, 9.0]), "v": torch.tensor([7.0, 0.1])}
