@@ -210,7 +210,9 @@ def test_votes_history_and_ballot_period(tiny_data, tiny_dense):
     ballots = result.details.rounds[1].ballots
     assert [b["step"] for b in ballots] == full + ([total] if total % 5 else []), "a leftover period votes too"
     votes = result.tensors["votes"]
-    assert max(int(v.max()) for v in votes.values()) <= len(ballots)
+    # each ballot gives each layer exactly its round count of votes (the last round's: the final mask's)
+    assert {n: int(v.sum()) for n, v in votes.items()} == {n: len(ballots) * k for n, k in result.mask.counts().items()}
+    assert max(int(v.max()) for v in votes.values()) == len(ballots), "a weight kept in every ballot"
 
 
 @pytest.mark.parametrize("conflict", ["none", "protect"])
