@@ -63,6 +63,9 @@ def test_digits_split_is_seeded_and_stratified():
     assert a.input_shape == (1, 8, 8) and a.num_classes == 10
     assert float(a.train.x.min()) >= 0 and float(a.train.x.max()) <= 1
     assert set(a.val.y.tolist()) == set(range(10))
+    # stratified: each class holds round(val_fraction (0.1) x its pool size) of the validation split
+    pool = torch.bincount(torch.cat([a.train.y, a.val.y]), minlength=10).tolist()
+    assert torch.bincount(a.val.y, minlength=10).tolist() == [round(0.1 * n) for n in pool]
 
 
 def test_long_tail_sizes_decay_geometrically():
