@@ -22,6 +22,10 @@ def test_top_k_keeps_the_largest_scores_and_breaks_ties_by_position():
     mask = Mask.top_k({"a": torch.tensor([1.0, 3.0, 3.0, 0.0]), "b": torch.tensor([2.0, 3.0])}, 0.5, min_per_layer=0)
     assert mask["a"].tolist() == [False, True, True, False]
     assert mask["b"].tolist() == [False, True]
+    # a budget of 2 splits the three tied 3.0s: the two earliest win, across layers and within one
+    split = Mask.top_k({"a": torch.tensor([1.0, 3.0, 3.0, 0.0]), "b": torch.tensor([2.0, 3.0])}, 2 / 6, min_per_layer=0)
+    assert split["a"].tolist() == [False, True, True, False] and split["b"].tolist() == [False, False]
+    assert top_positions(torch.tensor([3.0, 1.0, 3.0, 3.0]), 2).tolist() == [True, False, True, False]
 
 
 def test_layer_floor_keeps_every_layer_alive():
