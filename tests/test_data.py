@@ -63,14 +63,17 @@ def test_digits_split_is_seeded_and_stratified():
     assert a.input_shape == (1, 8, 8) and a.num_classes == 10
     assert float(a.train.x.min()) >= 0 and float(a.train.x.max()) <= 1
     assert set(a.val.y.tolist()) == set(range(10))
+    # stratified: each class holds round(val_fraction (0.1) x its pool size) of the validation split
+    pool = torch.bincount(torch.cat([a.train.y, a.val.y]), minlength=10).tolist()
+    assert torch.bincount(a.val.y, minlength=10).tolist() == [round(0.1 * n) for n in pool]
 
 
 def test_long_tail_sizes_decay_geometrically():
     y = torch.arange(10).repeat_interleave(100)
     index = long_tail_index(y, 10, ratio=10.0, generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(y[index], minlength=10).tolist()
-    assert counts[0] == 100 and counts[-1] == 10
-    assert counts == sorted(counts, reverse=True)
+    assert counts == [int(100 * 10.0 ** (-c / 9)) for c in range(10)]  # n_max * ratio^(-c/(C-1)), floored
+    assert counts == [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]
 
 
 def test_long_tail_applies_to_training_pool_only():

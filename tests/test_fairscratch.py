@@ -11,7 +11,7 @@ from ballot.cli import main
 from ballot.experiment import run_prune
 from ballot.masks import Mask, budget
 from ballot.models import build_model
-from ballot.pruning import PruneContext
+from ballot.pruning import PruneContext, fairscratch
 from ballot.errors import ConfigError
 from ballot.pruning.fair_terms import group_parity_gap
 from ballot.pruning.fairscratch import ScratchTicket, fit_scores, freeze_as_scratch, uniform_counts
@@ -77,16 +77,32 @@ def test_per_layer_counts_share_one_density_and_sum_to_the_budget():
     assert uniform_counts({"a": 1000, "b": 3, "c": 3, "d": 3}, 10, floor=1) == {"a": 7, "b": 1, "c": 1, "d": 1}
 
 
-def test_the_group_penalty_is_used_when_the_data_has_a_group(tiny_data, tiny_dense):
+def test_the_group_penalty_is_used_when_the_data_has_a_group(tiny_data, tiny_dense, monkeypatch):
+    gaps = []  # (gap, batch size) of every call to group_parity_gap
+
+    def recording_gap(logits, group):
+        gap = group_parity_gap(logits, group)
+        gaps.append((float(gap.detach()), len(group)))
+        return gap
+
+    monkeypatch.setattr(fairscratch, "group_parity_gap", recording_gap)
     generator = torch.Generator().manual_seed(0)
     group = torch.randint(0, 2, (len(tiny_data.train),), generator=generator)
     grouped = dataclasses.replace(tiny_data, train=dataclasses.replace(tiny_data.train, group=group))
     fit = fit_scores(ticket_for(context(grouped, tiny_dense)), context(grouped, tiny_dense),
                      context(grouped, tiny_dense).config.fairscratch)
     assert fit.penalty == "group_parity" and all(h["penalty"] > 0 for h in fit.history)
+    # each epoch's penalty is the sample-weighted mean of the parity gaps of its batches
+    per_epoch = len(gaps) // len(fit.history)
+    assert per_epoch > 0 and len(gaps) == per_epoch * len(fit.history)
+    for epoch, record in enumerate(fit.history):
+        batch = gaps[epoch * per_epoch:(epoch + 1) * per_epoch]
+        assert sum(n for _, n in batch) == len(grouped.train)
+        assert record["penalty"] == pytest.approx(sum(gap * n for gap, n in batch) / len(grouped.train), rel=1e-5)
+    gaps.clear()
     plain = fit_scores(ticket_for(context(tiny_data, tiny_dense)), context(tiny_data, tiny_dense),
                        context(tiny_data, tiny_dense).config.fairscratch)
-    assert plain.penalty == "class_variance"
+    assert plain.penalty == "class_variance" and not gaps
     with pytest.raises(ConfigError, match="needs a dataset with a group"):
         ctx = context(tiny_data, tiny_dense, "prune.fairscratch.penalty=group_parity")
         fit_scores(ticket_for(ctx), ctx, ctx.config.fairscratch)

@@ -22,6 +22,10 @@ def test_top_k_keeps_the_largest_scores_and_breaks_ties_by_position():
     mask = Mask.top_k({"a": torch.tensor([1.0, 3.0, 3.0, 0.0]), "b": torch.tensor([2.0, 3.0])}, 0.5, min_per_layer=0)
     assert mask["a"].tolist() == [False, True, True, False]
     assert mask["b"].tolist() == [False, True]
+    # a budget of 2 splits the three tied 3.0s: the two earliest win, across layers and within one
+    split = Mask.top_k({"a": torch.tensor([1.0, 3.0, 3.0, 0.0]), "b": torch.tensor([2.0, 3.0])}, 2 / 6, min_per_layer=0)
+    assert split["a"].tolist() == [False, True, True, False] and split["b"].tolist() == [False, False]
+    assert top_positions(torch.tensor([3.0, 1.0, 3.0, 3.0]), 2).tolist() == [True, False, True, False]
 
 
 def test_layer_floor_keeps_every_layer_alive():
@@ -39,10 +43,11 @@ def test_density_outside_range_is_rejected(density):
 
 def test_prunable_names_are_conv_and_linear_weights():
     model = build_model("cnn", (1, 8, 8), 3)
-    names = prunable_names(model)
-    assert names and all(n.endswith(".weight") for n in names)
-    modules = dict(model.named_modules())
-    assert all(isinstance(modules[n[: -len(".weight")]], (nn.Conv2d, nn.Linear)) for n in names)
+    # four convolutions and the linear classifier, in module order; activations, pools and Standardize have none
+    assert prunable_names(model) == ["1.0.weight", "1.2.weight", "1.5.weight", "1.7.weight", "1.12.weight"]
+    assert prunable_names(model) == [f"{n}.weight" for n, m in model.named_modules()
+                                     if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert prunable_names(nn.Linear(3, 2)) == ["weight"]  # a bare layer is its own root module
 
 
 def test_apply_zeroes_exactly_the_pruned_weights():
