@@ -132,11 +132,17 @@ def shared_counts(shapes: Mapping[str, Sequence[int]], shares: Mapping[str, floa
         free = [n for n in sizes if n not in fixed]
         weight = sum(raw[n] * full[n] for n in free)
         scale = (keep - sum(fixed.values())) / weight if weight > 0 else 0.0
-        clamped = {n: min(sizes[n], max(low[n], scale * raw[n] * full[n])) for n in free}
-        moved = {n: c for n, c in clamped.items() if c != scale * raw[n] * full[n]}
-        if not moved:
+        want = {n: scale * raw[n] * full[n] for n in free}
+        over = {n: float(sizes[n]) for n in free if want[n] > sizes[n]}
+        under = {n: low[n] for n in free if want[n] < low[n]}
+        if not over and not under:
             break
-        fixed.update(moved)
+        # Fix only the side that is sure to stay clamped: capping more than the floors take back raises the others'
+        # scale, so a layer now under its floor may rise above it (and the other way round); fixing both at once
+        # could overrun the budget.
+        excess = sum(want[n] - sizes[n] for n in over)
+        deficit = sum(low[n] - want[n] for n in under)
+        fixed.update(over if excess > deficit else under if deficit > excess else {**over, **under})
     wanted = {n: fixed[n] if n in fixed else scale * raw[n] * full[n] for n in sizes}
     return _round_to_total(wanted, sizes, keep)
 

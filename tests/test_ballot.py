@@ -116,15 +116,8 @@ def test_without_the_floor_the_ticket_rule_starves_a_layer(model_name, shape, de
     assert any(unfloored[n] < 0.5 * density * scores[n].numel() for n in shapes)
 
 
-# round_counts' last round under 'ticket' on vgg at 0.02 gives 1.0.weight 1 weight (floor 17) and the classifier 1
-# (floor 51): shared_counts fixes the layers it caps at the previous round's counts in the same pass as those it lifts
-# to their floor, together they exceed the budget, and _round_to_total takes the excess back below the floors.
-_CAPACITY_BUG = pytest.mark.xfail(strict=True, reason="shared_counts: a capacity and the floors binding together")
-
-
 @pytest.mark.parametrize("model_name,shape,density,rule", [
-    pytest.param(m, shape, d, rule, id=f"{m}-{d}-{rule}",
-                 marks=[_CAPACITY_BUG] if (m, d, rule) == ("vgg", 0.02, "ticket") else [])
+    pytest.param(m, shape, d, rule, id=f"{m}-{d}-{rule}")
     for m, shape in _MODELS for d in (0.05, 0.02) for rule in LAYER_BUDGETS])
 def test_ballot_layer_budgets_keep_every_layer_above_half_its_uniform_share(model_name, shape, density, rule):
     """Ballot's own budget (round_counts: the rule's shares, floors, nested rounds) keeps every layer of every

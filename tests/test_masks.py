@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -248,3 +250,28 @@ def test_top_positions_equals_a_stable_descending_sort_with_many_ties(k):
     chosen = top_positions(scores, k)
     assert torch.equal(chosen, expected)
     assert int(chosen.sum()) == min(k, 200)
+
+
+def test_shared_counts_hold_floors_and_capacities_together_and_sum_to_the_budget():
+    """Random layers and skewed shares, the capacity being a previous round's counts: in some cases the capacities
+    and the floors bind in the same call."""
+    generator = torch.Generator().manual_seed(0)
+    checked = 0
+    for case in range(500):
+        layers = int(torch.randint(2, 8, (1,), generator=generator))
+        shapes = {f"l{i}": (int(n),) for i, n in enumerate(torch.randint(10, 2000, (layers,), generator=generator))}
+        first, second = ({n: float(s) for n, s in zip(shapes, torch.rand(layers, generator=generator) ** 4)}
+                         for _ in range(2))
+        outer = float(torch.rand(1, generator=generator)) * 0.5 + 0.05  # the previous round's density
+        density = outer * (float(torch.rand(1, generator=generator)) * 0.6 + 0.2)
+        try:
+            previous = shared_counts(shapes, first, outer, floor=0.5)
+            counts = shared_counts(shapes, second, density, floor=0.5, capacity=previous)
+        except MaskError:
+            continue  # floors beyond the budget: refused, as they should be
+        checked += 1
+        assert sum(counts.values()) == budget(sum(n for n, in shapes.values()), density), case
+        for name, count in counts.items():
+            floor = min(previous[name], max(0.5 * density * shapes[name][0], 1))
+            assert math.floor(floor) <= count <= previous[name], (case, name, count, floor, previous[name])
+    assert checked > 400
