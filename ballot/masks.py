@@ -30,6 +30,8 @@ def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
     ties going to the earlier position: the first ``k`` of a stable descending sort, found in linear time by a
     k-th-value selection, as a ballot is cast every epoch on layers of millions of weights."""
     n = scores.numel()
+    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+        raise MaskError("scores hold NaN, which ranks nowhere (did training diverge?)")
     chosen = torch.zeros(n, dtype=torch.bool, device=scores.device)
     if k <= 0:
         return chosen
@@ -71,10 +73,10 @@ def erk_shares(shapes: Mapping[str, Sequence[int]]) -> dict[str, float]:
 
 
 def ticket_shares(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, float]:
-    """Each layer's density in the global top-k of ``scores`` at ``density`` (one-shot LTH's per-layer counts)."""
-    flat = torch.cat([s.detach().flatten().float() for s in scores.values()])
-    threshold = torch.topk(flat, budget(flat.numel(), density)).values[-1]
-    return {name: float((s >= threshold).sum()) / s.numel() for name, s in scores.items()}
+    """Each layer's density in the global top-k of ``scores`` at ``density`` (one-shot LTH's per-layer counts: ties
+    at the threshold go to the earlier position, as in ``Mask.top_k``, so the counts sum to the budget)."""
+    counts = Mask.top_k(scores, density, min_per_layer=0).counts()
+    return {name: counts[name] / s.numel() for name, s in scores.items()}
 
 
 def larger_shares(shapes: Mapping[str, Sequence[int]], scores: Mapping[str, torch.Tensor], density: float,
@@ -123,10 +125,15 @@ def shared_counts(shapes: Mapping[str, Sequence[int]], shares: Mapping[str, floa
     keep = budget(sum(full.values()), density)
     if sum(sizes.values()) < keep:
         raise MaskError(f"the layers' capacity ({sum(sizes.values())}) is below the budget of {keep}")
-    low = {n: min(sizes[n], max(floor * density * full[n], min_per_layer)) for n in sizes}
-    if sum(low.values()) > keep:
-        raise MaskError(f"layer floors need {math.ceil(sum(low.values()))} weights, more than the budget of {keep} "
-                        f"at density {density}: lower the floor or min_per_layer, or raise the density")
+    if keep < len(sizes):
+        raise MaskError(f"the budget of {keep} weights is below one weight for each of the {len(sizes)} layers: "
+                        "raise the density")
+    # every layer keeps at least one weight (_round_to_total), and a floor is met once rounded down
+    low = {n: min(sizes[n], max(floor * density * full[n], min_per_layer, 1)) for n in sizes}
+    needed = sum(math.floor(value + 1e-9) for value in low.values())
+    if needed > keep:
+        raise MaskError(f"layer floors need {needed} weights, more than the budget of {keep} at density {density}: "
+                        "lower the floor or min_per_layer, or raise the density")
     fixed: dict[str, float] = {}  # layers clamped to their floor or to their size
     while True:
         free = [n for n in sizes if n not in fixed]
@@ -148,11 +155,8 @@ def shared_counts(shapes: Mapping[str, Sequence[int]], shares: Mapping[str, floa
 
 
 def _round_to_total(wanted: Mapping[str, float], sizes: Mapping[str, int], total: int) -> dict[str, int]:
-    """Integer counts close to ``wanted`` (largest remainders round up), each within [1, size], summing to ``total``;
-    MaskError when ``total`` cannot give every layer one weight."""
-    if total < len(wanted):
-        raise MaskError(f"the budget of {total} weights is below one weight for each of the {len(wanted)} layers: "
-                        "raise the density")
+    """Integer counts close to ``wanted`` (largest remainders round up), each within [1, size], summing to ``total``
+    (at least one weight per layer: ``shared_counts`` checks)."""
     counts = {n: min(sizes[n], max(1, math.floor(w))) for n, w in wanted.items()}
     by_remainder = sorted(wanted, key=lambda n: (-(wanted[n] - math.floor(wanted[n])), n))
     while sum(counts.values()) != total:
@@ -323,9 +327,10 @@ class Mask(Mapping[str, torch.Tensor]):
         return cls({n: t for n, t in tensors.items() if not n.startswith(PINNED_PREFIX)}, pinned)
 
     def to_bytes(self) -> bytes:
-        """Canonical byte form (names sorted, pinned entries after the weights), for determinism checks and hashing."""
-        return b"".join(name.encode() + group[name].numpy().tobytes()
-                        for group in (self._tensors, self.pinned) for name in sorted(group))
+        """Canonical byte form (names sorted, pinned entries after the weights, each with its group and shape), for
+        determinism checks and hashing: two masks give the same bytes only when they are equal."""
+        return b"".join(f"{tag}:{name}:{tuple(group[name].shape)}:".encode() + group[name].numpy().tobytes()
+                        for tag, group in (("w", self._tensors), ("p", self.pinned)) for name in sorted(group))
 
 
 def _bool_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

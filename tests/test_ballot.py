@@ -5,6 +5,7 @@ import torch
 
 from ballot.config import LAYER_BUDGETS
 from ballot.experiment import run_prune
+from ballot.errors import MaskError
 from ballot.masks import (Mask, blended_shares, budget, density_schedule, larger_shares, magnitude_scores,
                           shared_counts, ticket_shares)
 from ballot.models import build_model
@@ -347,3 +348,10 @@ def test_share_rule_keeps_the_budget_and_moves_the_mask(tiny_data, tiny_dense):
     assert shared.mask.to_bytes() != plain.mask.to_bytes()
     params = dict(shared.model.named_parameters())
     assert all(torch.count_nonzero(params[n][~keep]) == 0 for n, keep in shared.mask.items())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_observer_is_refused_rather_than_selected_from(bad):
+    votes = {"a": torch.tensor([1, 1, 1], dtype=torch.int32)}
+    with pytest.raises(MaskError, match="'a': the observer's weights are not finite"):
+        select_mask(votes, {"a": torch.tensor([bad, 1.0, 2.0])}, {"a": 2})

@@ -203,8 +203,48 @@ def test_combined_shares_keep_at_least_half_of_what_erk_or_the_ticket_gives_each
 
 
 def test_erk_floors_beyond_the_budget_are_refused():
-    with pytest.raises(MaskError, match="layer floors need"):
-        erk_counts({f"l{i}": (3,) for i in range(5)}, 0.1, min_per_layer=1)
+    with pytest.raises(MaskError, match="layer floors need 100 weights, more than the budget of 50"):
+        erk_counts({f"l{i}": (100,) for i in range(5)}, 0.1, min_per_layer=20)
+
+
+def test_a_full_floor_is_met_once_rounded_down_whatever_the_budget_rounds_to():
+    """layer_floor 1.0 asks for density x size in every layer: fractional floors summing just above a budget that
+    rounded down are met by their integer parts, not refused."""
+    shapes = {"c1": (16, 3, 3, 3), "c2": (32, 16, 3, 3), "fc": (10, 512)}
+    for density in (0.5 ** (1 / 3), 0.5 ** (2 / 3), 0.7071, 0.3):
+        counts = erk_counts(shapes, density, floor=1.0)
+        sizes = {n: math.prod(shape) for n, shape in shapes.items()}
+        assert sum(counts.values()) == budget(sum(sizes.values()), density)
+        assert all(counts[n] >= math.floor(density * sizes[n]) for n in shapes), (density, counts)
+
+
+def test_floors_count_the_one_weight_every_layer_keeps_even_with_min_per_layer_0():
+    shapes = {"big": (100,), **{f"s{i}": (1,) for i in range(10)}}
+    with pytest.raises(MaskError, match="layer floors need 15 weights, more than the budget of 11"):
+        erk_counts(shapes, 0.1, floor=0.5, min_per_layer=0)  # big's floor 5 plus ten single weights
+    with pytest.raises(MaskError, match="layer floors need 5 weights, more than the budget of 4"):
+        erk_counts({"a": (6,), "b": (1,), "c": (1,)}, 0.5, floor=1.0, min_per_layer=0)  # was a: 2 under its floor 3
+
+
+def test_ticket_shares_break_ties_by_position_and_sum_to_the_budget():
+    scores = {"a": torch.tensor([3.0, 2.0, 1.0, 1.0]), "b": torch.ones(6)}
+    shares = ticket_shares(scores, 0.3)  # budget 3: 3.0, 2.0 and the first tied 1.0, all in 'a'
+    assert shares == {"a": 0.75, "b": 0.0}
+    assert {n: round(shares[n] * s.numel()) for n, s in scores.items()} == Mask.top_k(scores, 0.3, 0).counts()
+
+
+def test_nan_scores_are_refused_rather_than_ranked_nowhere():
+    with pytest.raises(MaskError, match="scores hold NaN"):
+        top_positions(torch.tensor([float("nan"), 1.0, 2.0]), 1)
+    assert top_positions(torch.tensor([float("inf"), 1.0, 2.0]), 1).tolist() == [True, False, False]
+
+
+def test_mask_bytes_tell_shapes_and_pinned_entries_apart():
+    flat = torch.tensor([True, False, True, True, False, False])
+    assert Mask({"w": flat.reshape(2, 3)}).to_bytes() != Mask({"w": flat.reshape(3, 2)}).to_bytes()
+    a, b = torch.tensor([True]), torch.tensor([False])
+    assert Mask({"a": a}, pinned={"b": b}).to_bytes() != Mask({"a": a, "b": b}).to_bytes()
+    assert Mask({"w": flat.reshape(2, 3)}).to_bytes() == Mask({"w": flat.clone().reshape(2, 3)}).to_bytes()
 
 
 def test_a_budget_below_one_weight_per_layer_is_refused_even_without_floors():

@@ -29,6 +29,7 @@ from torch import nn
 
 from ballot import distributed
 from ballot.config import BallotConfig
+from ballot.errors import MaskError
 from ballot.masks import (Mask, blended_shares, density_schedule, erk_shares, larger_shares, magnitude_scores,
                           shared_counts, ticket_shares, top_positions)
 from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
@@ -90,6 +91,9 @@ def select_mask(votes: dict[str, torch.Tensor], magnitudes: dict[str, torch.Tens
     ``protect_fraction`` that goes to the weights of highest ``protection`` score (> 0) not already chosen."""
     chosen = {}
     for name, v in votes.items():
+        if not bool(torch.isfinite(magnitudes[name]).all()):
+            raise MaskError(f"'{name}': the observer's weights are not finite (its training diverged), so they "
+                            "cannot order the votes")
         combined = tie_broken(v, magnitudes[name])
         everyone = torch.ones_like(v, dtype=torch.bool)
         k = counts[name]
