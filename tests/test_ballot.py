@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ballot.config import LAYER_BUDGETS
-from ballot.experiment import run_prune
 from ballot.errors import MaskError
+from ballot.experiment import run_prune
 from ballot.masks import (Mask, blended_shares, budget, density_schedule, larger_shares, magnitude_scores,
                           shared_counts, ticket_shares)
 from ballot.models import build_model
