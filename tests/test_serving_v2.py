@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import socket
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.protocol import MAX_HEAD_BYTES
 from serving.settings import Settings
 from tests.test_serving import exported, free_port, in_thread, torch_probabilities  # noqa: F401  (fixture)
 
@@ -284,6 +286,30 @@ def test_a_request_sent_in_slow_pieces_within_the_deadline_is_answered(url):
             time.sleep(READ_TIMEOUT / 5)
         sock.settimeout(5)
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"c" * 8000) for i in range(10)),
+    b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"a:b\r\n" * 20000,
+    b"GET /health?" + b"q" * (MAX_HEAD_BYTES + 1) + b" HTTP/1.1\r\nHost: x\r\n",
+], ids=["long-headers", "many-headers", "long-url"])
+def test_a_request_head_above_its_limit_gets_431_and_the_connection_closes(url, head):
+    """Headers and URL are bounded like the body: a flood of header lines is not kept in memory."""
+    host, port = url.removeprefix("http://").split(":")
+    answer = b""
+    with socket.create_connection((host, int(port))) as sock:
+        with contextlib.suppress(OSError):  # the server may close before everything is sent
+            sock.sendall(head + b"\r\n")
+        sock.settimeout(5)
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(4096):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert f"exceed the limit of {MAX_HEAD_BYTES} bytes".encode() in answer
+
+
+def test_a_request_head_within_its_limit_is_served(http):
+    assert http.get("/health", headers={f"X-Pad-{i}": "c" * 4000 for i in range(10)}).status_code == 200
 
 
 def test_a_file_without_a_model_card_answers_404_naming_where_a_card_goes(http):
