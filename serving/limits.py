@@ -13,6 +13,7 @@ from serving.responses import error_response, input_error_response, is_v2
 
 JSON_HEADER_LENGTH = HEADER_LENGTH.lower().encode()  # as ASGI gives header names
 GZIP = zlib.MAX_WBITS | 16  # zlib's window bits for the gzip container
+ONCE_ONLY = (b"content-encoding", JSON_HEADER_LENGTH)  # headers whose every reader must see the same single value
 
 
 class TooLarge(ValueError):
@@ -38,6 +39,11 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        repeated = [name for name in ONCE_ONLY if sum(key == name for key, _ in scope["headers"]) > 1]
+        if repeated:  # a dict of the headers keeps the last copy, the app's Headers.get the first: they would disagree
+            await input_error_response(scope["path"], f"header '{repeated[0].decode()}' is given more than once; "
+                                                      "send it once")(scope, receive, send)
             return
         headers = dict(scope["headers"])
         declared = parse_count(headers.get(b"content-length", b"0"))

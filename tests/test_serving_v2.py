@@ -336,6 +336,12 @@ def test_dense_json_within_the_byte_limit_is_refused_before_decoding(http):
                           (f"/v2/models/{NAME}/infer", {"Content-Type": "application/octet-stream"})]:
         answer = http.post(path, content=body, headers={"Content-Type": "application/json", **headers})
         assert answer.status_code == 413, (path, headers, answer.text)
+    # nor does a header given twice, the count reading one copy and the protocol the other
+    for name, values in [("Inference-Header-Content-Length", (str(len(body)), "1")),
+                         ("Content-Encoding", ("gzip", "identity"))]:
+        twice = [("Content-Type", "application/json"), *((name, value) for value in values)]
+        answer = http.post(f"/v2/models/{NAME}/infer", content=body, headers=twice)
+        assert answer.status_code == 400 and f"header '{name.lower()}' is given more than once" in answer.json()["error"]
     assert http.get("/health").status_code == 200
 
 
