@@ -19,6 +19,7 @@ JSON_TYPES = {str: "string", bool: "boolean", type(None): "null", dict: "object"
 PNG_ERRORS = (Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
               struct.error, zlib.error)
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+PNG_BIT_DEPTH_AT = 24  # byte offset of IHDR's bit depth: signature 8, chunk length 4, type 4, width 4, height 4
 MAX_DIGITS = 18  # longer digit strings are no size or byte count a request can hold (and stay within int64)
 
 
@@ -170,6 +171,8 @@ def _decode_png(text: str, shape: tuple[int, ...], index: int) -> np.ndarray:
                                  f"{width}x{height} (resize it before sending)")
             if image.mode not in EIGHT_BIT_MODES:
                 raise InputError(f"{where} has pixel mode '{image.mode}'; send an 8-bit grayscale or RGB PNG")
+            if raw[PNG_BIT_DEPTH_AT] > 8:  # Pillow reads 16-bit colour as 8-bit RGB(A), cutting the low byte
+                raise InputError(f"{where} has {raw[PNG_BIT_DEPTH_AT]}-bit samples; send an 8-bit grayscale or RGB PNG")
             pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
     except InputError:
         raise
