@@ -132,7 +132,7 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
     async def predict_raw(request: Request, shape: str = Header(
             alias="X-Tensor-Shape", description="the batch's shape, comma-separated: n followed by input_shape",
             examples=["64,1,28,28"])) -> Response:
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/octet-stream":
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/octet-stream":
             raise InputError("send the batch as raw float32 bytes with Content-Type: application/octet-stream")
         dims = check_shape(parse_shape(shape), card.input_shape, settings.max_batch)
         return answer(RAW_PATH, from_float32_bytes(await request.body(), dims))  # on the loop, as in serving.v2

@@ -30,7 +30,7 @@ class Parameters(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    binary_data: StrictBool = False
+    binary_data: StrictBool | None = None  # on an output: overrides binary_data_output either way
     binary_data_output: StrictBool = False
     binary_data_size: StrictInt | None = Field(None, ge=0)
 
@@ -117,12 +117,17 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
 
 def _requested(request: InferRequest) -> dict[str, bool]:
     every_binary = request.parameters.binary_data_output
-    if request.outputs is None:
+    if not request.outputs:  # none named (absent or an empty list): every output
         return {name: every_binary for name in DATATYPES}
-    unknown = sorted({o.name for o in request.outputs} - set(DATATYPES))
+    names = [o.name for o in request.outputs]
+    unknown = sorted(set(names) - set(DATATYPES))
     if unknown:
         raise InputError(f"unknown output(s) {unknown}; the model has {list(DATATYPES)}")
-    return {o.name: o.parameters.binary_data or every_binary for o in request.outputs}
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"output(s) {repeated} requested more than once; name each output once")
+    return {o.name: every_binary if o.parameters.binary_data is None else o.parameters.binary_data
+            for o in request.outputs}
 
 
 def encode_response(model_name: str, model_version: str, request_id: str | None,

@@ -137,6 +137,18 @@ def test_v2_errors_are_4xx_in_the_protocols_format(http, case):
     assert set(answer.json()) == {"error"} and message in answer.json()["error"], answer.text
 
 
+def test_v2_outputs_asked_for_by_name_empty_list_and_per_output_binary_setting(http):
+    infer = f"/v2/models/{NAME}/infer"
+    every = http.post(infer, json={**_v2_body(), "outputs": []})
+    assert every.status_code == 200 and len(every.json()["outputs"]) == 3, "an empty list names no output: all of them"
+    json_only = http.post(infer, json={**_v2_body(), "parameters": {"binary_data_output": True},
+                                       "outputs": [{"name": "class_index", "parameters": {"binary_data": False}}]})
+    assert json_only.status_code == 200 and "inference-header-content-length" not in json_only.headers
+    assert [o["name"] for o in json_only.json()["outputs"]] == ["class_index"] and json_only.json()["outputs"][0]["data"]
+    twice = http.post(infer, json={**_v2_body(), "outputs": [{"name": "class_index"}, {"name": "class_index"}]})
+    assert twice.status_code == 400 and "['class_index'] requested more than once" in twice.json()["error"]
+
+
 def test_v2_binary_size_mismatch_and_other_paths(http):
     header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
                                      "parameters": {"binary_data_size": 256}}]}).encode()
@@ -159,6 +171,9 @@ def test_raw_float32_path_gives_the_json_paths_classes(http, exported):
                        headers={"Content-Type": "application/octet-stream", "X-Tensor-Shape": "16,1,8,8"})
     assert answer.status_code == 200, answer.text
     assert [p["class_index"] for p in answer.json()["predictions"]] == _classes(http, x)
+    mixed_case = http.post("/predict/raw", content=x.astype("<f4").tobytes(),  # media types ignore case (RFC 9110)
+                           headers={"Content-Type": "Application/Octet-Stream", "X-Tensor-Shape": "16,1,8,8"})
+    assert mixed_case.status_code == 200 and mixed_case.json() == answer.json()
     float64 = http.post("/predict/raw", content=x[:2].astype(np.float64).tobytes(),
                         headers={"Content-Type": "application/octet-stream", "X-Tensor-Shape": "2,1,8,8"})
     assert float64.status_code == 422 and "not float64" in float64.json()["detail"]
