@@ -71,15 +71,16 @@ def from_float32_bytes(raw: bytes | memoryview, shape: Sequence[int]) -> np.ndar
 def from_nested(items: Sequence[Any], input_shape: Sequence[int]) -> np.ndarray:
     """A float32 batch [n, *input_shape] from nested lists of numbers (one list per item).
 
-    Each item has ``input_shape`` or is a flat list of prod(input_shape) numbers; values are checked by
-    ``check_values``.
+    Each item has ``input_shape`` or is a flat list of prod(input_shape) numbers, all items of a batch in the same
+    form; values are checked by ``check_values``.
     """
     shape = tuple(input_shape)
     size = math.prod(shape)
     depth = _depth(items) - 1
     if depth > len(shape):
         raise InputError(f"items nest {depth} levels deep; each must have shape {list(shape)}")
-    grid = _number_grid(items, f"each must have shape {list(shape)}")
+    grid = _number_grid(items, f"each must have shape {list(shape)}, or every item be a flat list of {size} "
+                               "numbers (one form for the whole batch)")
     item_shape = grid.shape[1:]
     if item_shape not in (shape, (size,)):
         raise InputError(f"each item must have shape {list(shape)} (or be a flat list of {size} numbers); "

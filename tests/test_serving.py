@@ -320,6 +320,7 @@ BAD_REQUESTS = {
     "scalar item": ({"inputs": [0.5]}, 422, "inputs[0]: Input should be a valid list"),
     "nesting too deep": ({"inputs": [_item([[0.5]])]}, 422, "items nest 5 levels deep"),
     "ragged item": ({"inputs": [[ITEM[0][:7] + [[0.5] * 9]]]}, 422, "ragged"),
+    "flat and nested items in one batch": ({"inputs": [ITEM, [0.5] * 64]}, 422, "one form for the whole batch"),
     "string value": ({"inputs": [_item("0.5")]}, 422, "found string"),
     "boolean value": ({"inputs": [_item(True)]}, 422, "found boolean"),
     "null value": ({"inputs": [_item(None)]}, 422, "found null"),
