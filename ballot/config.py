@@ -19,7 +19,7 @@ from typing import Any, Mapping, TypeVar
 import yaml
 
 from ballot.errors import ConfigError
-from ballot.knobs import Knob, parse_space
+from ballot.knobs import Knob, parse_space, shown, to_float
 
 T = TypeVar("T")
 
@@ -199,15 +199,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), where, f"expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, str):
-            try:
-                # YAML reads "1e-4" (no dot) as a string; ".inf" is YAML's spelling of infinity.
-                value = float(value.replace(".inf", "inf"))
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _check(ok, where, f"expected a number, got {value!r}")
-        return float(value)
+        return to_float(value, where)
     if hint is str:
         _check(isinstance(value, str), where, f"expected a string, got {value!r}")
         return value
@@ -267,7 +259,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (it is not UTF-8)") from None
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer over 4300 digits, a date out of range
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if data is None:
         return {}
@@ -718,7 +710,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' must look like group.key=value")
     try:
         return key.split("."), yaml.safe_load(raw)
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer over 4300 digits, a date out of range
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"override '{text}': the value is not valid YAML ({problem})") from None
 

@@ -1,0 +1,36 @@
+"""Edge values found by fuzzing the configuration: each gets a one-line ConfigError naming the key or file."""
+
+import pytest
+
+from ballot.config import apply_overrides, experiment_from_params, load_yaml
+from ballot.errors import ConfigError
+
+HUGE = "1" + "0" * 400  # an integer beyond the float range
+LONG = "1" * 5000  # beyond Python's 4300-digit limit on reading an integer
+
+
+def build(*overrides: str):
+    return experiment_from_params(apply_overrides({}, list(overrides)))
+
+
+@pytest.mark.parametrize("override, key", [
+    (f"train_dense.lr={HUGE}", "train_dense.lr"),
+    (f"base.density={HUGE}", "base.density"),
+    (f"sweep.densities=[0.5, {HUGE}]", r"sweep.densities\[1\]"),
+    (f"tune.timeout_s={HUGE}", "tune.timeout_s"),
+    (f"tune.space={{prune.ballot.layer_floor: {{type: float, low: 0, high: {HUGE}}}}}",
+     "tune.space.prune.ballot.layer_floor.high"),
+    (f"tune.space={{prune.ballot.rounds: {{type: int, low: 1, high: {HUGE}}}}}", "tune.space.prune.ballot.rounds.high"),
+])
+def test_an_integer_beyond_the_float_range_is_named(override, key):
+    with pytest.raises(ConfigError, match=f"^{key}: an integer of about 401 digits is too large for a number$"):
+        build(override)
+
+
+def test_an_integer_too_long_to_read_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"^override 'base.seed=1{5000}': the value is not valid YAML \(Exceeds"):
+        build(f"base.seed={LONG}")
+    path = tmp_path / "params.yaml"
+    path.write_text(f"base:\n  seed: {LONG}\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: not valid YAML \(Exceeds the limit"):
+        load_yaml(path)
