@@ -34,3 +34,30 @@ def test_an_integer_too_long_to_read_is_named(tmp_path):
     path.write_text(f"base:\n  seed: {LONG}\n")
     with pytest.raises(ConfigError, match=r"params.yaml: not valid YAML \(Exceeds the limit"):
         load_yaml(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    (f"base.seed={2**64}", r"^base.seed: must be in \[-2\*\*63, 2\*\*64\) \(torch's range\), got 18446744073709551616$"),
+    (f"base.seed={-2**63 - 1}", r"^base.seed: must be in \[-2\*\*63, 2\*\*64\)"),
+    (f"base.seed={HUGE}", "^base.seed: .*, got an integer of about 401 digits$"),
+    ("tune.seed=-1", r"^tune.seed: must be in \[0, 2\*\*32 - workers\] = \[0, 4294967295\] .*got -1$"),
+    (f"tune.seed={2**32}", r"^tune.seed: must be in \[0, 2\*\*32 - workers\]"),
+])
+def test_seeds_outside_what_torch_and_optuna_take_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build(override)
+
+
+def test_the_last_workers_seed_must_fit_optuna_too():
+    assert build(f"tune.seed={2**32 - 4}", "tune.workers=4").tune.seed == 2**32 - 4
+    with pytest.raises(ConfigError, match=r"^tune.seed: must be in \[0, 2\*\*32 - workers\] = \[0, 4294967292\]"):
+        build(f"tune.seed={2**32 - 3}", "tune.workers=4")
+
+
+def test_the_seed_flag_is_checked_before_anything_runs(tmp_path, capsys):
+    from ballot.cli import main
+
+    out = tmp_path / "run"
+    assert main(["prune", "--dataset", "digits", "--seed", str(2**64), "--out", str(out)]) == 2
+    assert "base.seed: must be in [-2**63, 2**64)" in capsys.readouterr().err
+    assert not out.exists()
