@@ -38,6 +38,16 @@ def _check(condition: bool, where: str, message: str) -> None:
         raise ConfigError(f"{where}: {message}")
 
 
+def _check_finite(config: Any, infinite_ok: tuple[str, ...] = ()) -> None:
+    """ConfigError naming the first float field of ``config`` that is NaN or infinite (the fields in ``infinite_ok``,
+    whose inf has a meaning, may be infinite)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float):
+            ok = math.isfinite(value) or (f.name in infinite_ok and math.isinf(value))
+            _check(ok, f.name, f"must be a finite number, got {value}")
+
+
 @dataclass
 class BaseConfig:
     """Settings shared by every stage."""
@@ -49,6 +59,7 @@ class BaseConfig:
     device: str = _help("'auto' (cuda when available), 'cpu' or 'cuda[:N]'.", "auto")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         check_density(self.density, "density")
         _check(-2**63 <= self.seed < 2**64, "seed",
                f"must be in [-2**63, 2**64) (torch's range), got {shown(self.seed)}")
@@ -70,6 +81,7 @@ class DataConfig:
     download: bool = _help("Allow torchvision to download when files are absent.", True)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _check(self.imbalance_ratio >= 1.0, "imbalance_ratio", f"must be >= 1, got {self.imbalance_ratio}")
         for name in ("max_train_samples", "max_test_samples", "image_size"):
@@ -109,6 +121,7 @@ class TrainConfig:
     min_steps: int = _help(MIN_STEPS_HELP, 500)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
         _check(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
         _check(self.precision in PRECISIONS, "precision", f"unknown '{self.precision}', choose from {PRECISIONS}")
@@ -120,7 +133,7 @@ class TrainConfig:
         _check(self.step_epochs > 0, "step_epochs", f"must be positive, got {self.step_epochs}")
         _check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        _check(0 <= self.weight_decay < math.inf, "weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.patience >= 0, "patience", f"must be >= 0, got {self.patience}")
 
 
@@ -335,6 +348,7 @@ class BallotConfig:
         "Plateau schedule, refine_start 'best' and refine_guard: val acc - this * val MCD.", 0.5)
 
     def __post_init__(self) -> None:
+        _check_finite(self, infinite_ok=("conflict_threshold",))
         _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         _check(self.obs_epochs >= 1, "obs_epochs", f"must be >= 1, got {self.obs_epochs}")
         _check(self.obs_loss in OBS_LOSSES, "obs_loss", f"unknown '{self.obs_loss}', choose from {OBS_LOSSES}")
@@ -355,6 +369,7 @@ class BallotConfig:
         _check(0 <= self.fairness_start < 1, "fairness_start", f"must be in [0, 1), got {self.fairness_start}")
         _check(self.refine_start in REFINE_STARTS, "refine_start",
                f"unknown '{self.refine_start}', choose from {REFINE_STARTS}")
+        _check(self.objective_mcd_weight >= 0, "objective_mcd_weight", f"must be >= 0, got {self.objective_mcd_weight}")
 
 
 GROWTHS = ("random", "gradient")
@@ -394,13 +409,14 @@ class SafeCompressConfig:
     min_steps: int = _help(MIN_STEPS_HELP + " 1500 = 3 x prune.retrain's 500, as epochs is 3 x 20.", 1500)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         for name in ("epochs", "batch_size", "updates"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         _check(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         _check(not self.nesterov or self.momentum > 0, "nesterov", "needs momentum > 0")
-        _check(0 <= self.weight_decay < math.inf, "weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(all(0 < m < 1 for m in self.lr_milestones), "lr_milestones",
                f"must be fractions in (0, 1), got {self.lr_milestones}")
         _check(0 < self.lr_gamma <= 1, "lr_gamma", f"must be in (0, 1], got {self.lr_gamma}")
@@ -411,7 +427,7 @@ class SafeCompressConfig:
                f"must be in [0, death_rate], got {self.death_rate_min}")
         _check(bool(self.growth) and all(g in GROWTHS for g in self.growth), "growth",
                f"must list one or more of {GROWTHS}, got {self.growth}")
-        _check(0 <= self.tolerance < math.inf, "tolerance", f"must be a finite number >= 0, got {self.tolerance}")
+        _check(self.tolerance >= 0, "tolerance", f"must be >= 0, got {self.tolerance}")
         _check(self.cwv_weight >= 0, "cwv_weight", f"must be >= 0, got {self.cwv_weight}")
         _check(self.fair_loss in SAFE_FAIR_LOSSES, "fair_loss",
                f"unknown '{self.fair_loss}', choose from {SAFE_FAIR_LOSSES}")
@@ -444,12 +460,13 @@ class FairScratchConfig:
     min_steps: int = _help(MIN_STEPS_HELP + " 1500 = 3 x prune.retrain's 500, as epochs is 3 x 20.", 1500)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         for name in ("epochs", "batch_size"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         _check(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        _check(0 <= self.weight_decay < math.inf, "weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.selection in SCRATCH_SELECTIONS, "selection",
                f"unknown '{self.selection}', choose from {SCRATCH_SELECTIONS}")
         _check(self.penalty in SCRATCH_PENALTIES, "penalty",
@@ -572,6 +589,7 @@ class ExportConfig:
                                      "(ballot.quantize.calibration_index).", 512)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.parity_samples > 0, "parity_samples", f"must be positive, got {self.parity_samples}")
         _check(self.parity_tolerance > 0, "parity_tolerance", f"must be positive, got {self.parity_tolerance}")
         _check(self.quantize in self.QUANTIZE_MODES, "quantize",
@@ -603,6 +621,7 @@ class PromoteConfig:
     cwv_tolerance: float = _help("Refuse when CWV exceeds the current champion's CWV times this.", 1.0)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(0 <= self.max_acc_drop <= 1, "max_acc_drop", f"must be in [0, 1], got {self.max_acc_drop}")
         _check(self.cwv_tolerance > 0, "cwv_tolerance", f"must be positive, got {self.cwv_tolerance}")
 
@@ -657,6 +676,7 @@ class TuneConfig:
     use_best: bool = _help("The prune stage applies best_params.yaml over prune.* when the file exists.", True)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.mode in TUNE_MODES, "mode", f"unknown '{self.mode}', choose from {TUNE_MODES}")
         _check(self.sampler in SAMPLERS, "sampler", f"unknown '{self.sampler}', choose from {SAMPLERS}")
         _check(self.pruner in PRUNERS, "pruner", f"unknown '{self.pruner}', choose from {PRUNERS}")

@@ -61,3 +61,26 @@ def test_the_seed_flag_is_checked_before_anything_runs(tmp_path, capsys):
     assert main(["prune", "--dataset", "digits", "--seed", str(2**64), "--out", str(out)]) == 2
     assert "base.seed: must be in [-2**63, 2**64)" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("key", [
+    "train_dense.warmup_epochs", "prune.ballot.refine_train.warmup_epochs", "prune.ballot.class_weight_prior_images",
+    "prune.ballot.objective_mcd_weight", "train_dense.lr", "prune.retrain.lr", "prune.safecompress.lr",
+    "prune.fairscratch.lr", "data.imbalance_ratio", "tune.mcd_weight", "prune.safecompress.fair_loss_weight",
+    "prune.safecompress.cwv_weight", "prune.fairscratch.fairness_weight", "tune.timeout_s",
+])
+@pytest.mark.parametrize("value", [".inf", ".nan"])
+def test_float_settings_must_be_finite(key, value):
+    with pytest.raises(ConfigError, match=rf"^{key}: must be a finite number, got (inf|nan)$"):
+        build(f"{key}={value}")
+
+
+def test_the_threshold_keeps_its_documented_infinity_but_not_nan():
+    assert build("prune.ballot.conflict_threshold=.inf").prune.ballot.conflict_threshold == float("inf")
+    with pytest.raises(ConfigError, match="^prune.ballot.conflict_threshold: must be a finite number, got nan$"):
+        build("prune.ballot.conflict_threshold=.nan")
+
+
+def test_the_objective_weight_is_not_negative():
+    with pytest.raises(ConfigError, match=r"^prune.ballot.objective_mcd_weight: must be >= 0, got -5.0$"):
+        build("prune.ballot.objective_mcd_weight=-5")
