@@ -218,6 +218,11 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
     return RawDataset(train.subset(order[:cut]), train.subset(order[cut:]), classes)
 
 
+def _fits_int64(values: np.ndarray) -> bool:
+    """Whether an integer array converts to int64 unchanged (uint64 values from 2**63 up would wrap to negatives)."""
+    return len(values) == 0 or int(values.max()) <= np.iinfo(np.int64).max
+
+
 def _load_npz(cfg: DataConfig) -> RawDataset:
     """Arrays ``x``, ``y`` and optional ``group``, ``x_test``, ``y_test``, ``group_test``, ``class_names``."""
     if not cfg.path:
@@ -245,8 +250,8 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
             raise DatasetError(f"npz: x{suffix} has no rows")
         if len(x) != len(y):
             raise DatasetError(f"npz: x{suffix} has {len(x)} rows but y{suffix} has {len(y)}")
-        if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-            raise DatasetError(f"npz: y{suffix} must hold non-negative integer class labels")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or not _fits_int64(y):
+            raise DatasetError(f"npz: y{suffix} must hold non-negative integer class labels (below 2**63)")
         if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
             raise DatasetError(f"npz: x{suffix} must hold real numbers, not dtype {x.dtype}")
         with np.errstate(over="ignore"):
@@ -261,6 +266,8 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
             raise DatasetError(f"npz: group{suffix} has {len(group)} rows but y{suffix} has {len(y)}")
         if group is not None and not np.issubdtype(group.dtype, np.integer):
             raise DatasetError(f"npz: group{suffix} must hold integer attribute values, got dtype {group.dtype}")
+        if group is not None and not _fits_int64(group):
+            raise DatasetError(f"npz: group{suffix} holds values above 2**63 - 1 (int64's largest)")
         return Split(torch.from_numpy(values), torch.from_numpy(y.astype(np.int64)),
                      None if group is None else torch.from_numpy(group.astype(np.int64)))
 
