@@ -231,7 +231,11 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
     if not path.is_file():
         raise DatasetError(f"npz: file '{path}' not found")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy file: one array
+            raise DatasetError(f"npz: '{path}' holds a single array (.npy), not an .npz archive of named arrays "
+                               "(x, y, ...; numpy.savez writes one)")
+        with loaded as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise DatasetError(f"npz: cannot read '{path}': {error or type(error).__name__}") from None

@@ -230,3 +230,10 @@ def test_uint64_values_that_would_wrap_to_negatives_are_refused(tmp_path, arrays
         load_data("npz", DataConfig(path=str(path)))
     np.savez(path, x=np.zeros((10, 4)), y=np.array([0, 1] * 5, dtype=np.uint64))  # uint64 labels that fit are fine
     assert load_data("npz", DataConfig(path=str(path))).num_classes == 2
+
+
+def test_an_npy_file_is_named(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((10, 4)))
+    with pytest.raises(DatasetError, match=re.escape(f"npz: '{path}' holds a single array (.npy), not an .npz")):
+        load_data("npz", DataConfig(path=str(path)))
