@@ -12,7 +12,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -179,6 +179,17 @@ def _load_cifar(cfg: DataConfig, num_classes: int) -> RawDataset:
     )
 
 
+def _read_image(folder_set: Any, index: int) -> tuple[torch.Tensor, int]:
+    """Image ``index`` of a torchvision ImageFolder and its label; DatasetError naming a file PIL cannot read."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return folder_set[index]
+    except OSError as error:  # UnidentifiedImageError (an empty file, not an image) is one, as a truncated file's
+        reason = "not an image file PIL can identify" if isinstance(error, UnidentifiedImageError) else error
+        raise DatasetError(f"imagefolder: cannot read image '{folder_set.samples[index][0]}': {reason}") from None
+
+
 def _load_imagefolder(cfg: DataConfig) -> RawDataset:
     """``path`` holds ``train/<class>/*`` and optionally ``test/<class>/*`` (else 20% of train is the test set)."""
     from torchvision import datasets, transforms
@@ -197,7 +208,7 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
             folder_set = datasets.ImageFolder(str(folder), transform=transform)
         except (FileNotFoundError, OSError) as error:
             raise DatasetError(f"imagefolder: cannot read '{folder}': {error}") from None
-        images, labels = zip(*(folder_set[i] for i in range(len(folder_set))))
+        images, labels = zip(*(_read_image(folder_set, i) for i in range(len(folder_set))))
         shapes = {tuple(img.shape) for img in images}
         if len(shapes) > 1:
             raise DatasetError(f"imagefolder: images in '{folder}' differ in size {sorted(shapes)}; set data.image_size")

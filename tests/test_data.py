@@ -237,3 +237,16 @@ def test_an_npy_file_is_named(tmp_path):
     np.save(path, np.zeros((10, 4)))
     with pytest.raises(DatasetError, match=re.escape(f"npz: '{path}' holds a single array (.npy), not an .npz")):
         load_data("npz", DataConfig(path=str(path)))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda data: b"", "not an image file PIL can identify"),
+    (lambda data: b"nonsense" * 10, "not an image file PIL can identify"),
+    (lambda data: data[: len(data) // 2], "image file is truncated"),
+])
+def test_an_unreadable_image_is_named(tmp_path, damage, reason):
+    _write_imagefolder(tmp_path, {"train": (3, (8, 8))})
+    bad = tmp_path / "train" / "dog" / "1.png"
+    bad.write_bytes(damage(bad.read_bytes()))
+    with pytest.raises(DatasetError, match=re.escape(f"imagefolder: cannot read image '{bad}': {reason}")):
+        load_data("imagefolder", DataConfig(path=str(tmp_path)))
