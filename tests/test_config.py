@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import yaml
 
 from ballot.config import BallotConfig, PruneConfig, apply_overrides, experiment_from_params, from_dict, load_yaml
 from ballot.errors import ConfigError
@@ -99,3 +100,18 @@ def test_a_binary_params_file_is_named(tmp_path):
     path.write_bytes(bytes(range(256)))
     with pytest.raises(ConfigError, match="not a text file"):
         load_yaml(path)
+
+
+def test_yaml_merge_keys_work_as_in_safe_load_and_a_mappings_own_keys_override(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("prune:\n  retrain: &train {lr: 0.1, epochs: 3}\n  ballot:\n    refine_train:\n      <<: *train\n"
+                    "      epochs: 5\n")
+    assert load_yaml(path) == yaml.safe_load(path.read_text())
+    refine = experiment_from_params(load_yaml(path)).prune.ballot.refine_train
+    assert (refine.lr, refine.epochs) == (0.1, 5)
+    path.write_text("a: &a {x: 1}\np: {q: &b {<<: *a, x: 5}}\nc: {<<: [*b, *a], y: 2}\n")  # b flattened before built
+    assert load_yaml(path) == yaml.safe_load(path.read_text())
+    for text in ("a: &a {x: 1}\nc: {<<: *a, z: 3, z: 4}\n", "a: &a {x: 1, x: 2}\nc: {<<: *a}\n"):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="duplicate key"):
+            load_yaml(path)
