@@ -745,7 +745,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key:
         raise ConfigError(f"override '{text}' must look like group.key=value")
     try:
-        return key.split("."), yaml.safe_load(raw)
+        return key.split("."), yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer over 4300 digits, a date out of range
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"override '{text}': the value is not valid YAML ({problem})") from None

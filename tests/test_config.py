@@ -115,3 +115,9 @@ def test_yaml_merge_keys_work_as_in_safe_load_and_a_mappings_own_keys_override(t
         path.write_text(text)
         with pytest.raises(ConfigError, match="duplicate key"):
             load_yaml(path)
+
+
+def test_a_key_given_twice_in_an_override_is_an_error_as_in_a_file():
+    with pytest.raises(ConfigError, match=r"^override 'data=\{val_fraction: 0.2, val_fraction: 0.3\}': the value is "
+                                          r"not valid YAML \(duplicate key 'val_fraction'\)$"):
+        apply_overrides({}, ["data={val_fraction: 0.2, val_fraction: 0.3}"])
