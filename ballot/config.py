@@ -287,6 +287,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a text file (it is not UTF-8)") from None
     except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer over 4300 digits, a date out of range
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -749,6 +753,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer over 4300 digits, a date out of range
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"override '{text}': the value is not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"override '{text[:80]}...': the value is nested too deeply to read") from None
 
 
 def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

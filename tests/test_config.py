@@ -121,3 +121,25 @@ def test_a_key_given_twice_in_an_override_is_an_error_as_in_a_file():
     with pytest.raises(ConfigError, match=r"^override 'data=\{val_fraction: 0.2, val_fraction: 0.3\}': the value is "
                                           r"not valid YAML \(duplicate key 'val_fraction'\)$"):
         apply_overrides({}, ["data={val_fraction: 0.2, val_fraction: 0.3}"])
+
+
+@pytest.mark.parametrize("value", ["[" * 3000 + "]" * 3000, "{b: " * 3000 + "1" + "}" * 3000])
+def test_yaml_nested_too_deeply_is_named(tmp_path, value):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"a: {value}\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: nested too deeply to read$"):
+        load_yaml(path)
+    with pytest.raises(ConfigError, match=r"^override 'tune.space=.*': the value is nested too deeply to read$"):
+        apply_overrides({}, [f"tune.space={value}"])
+
+
+def test_an_unreadable_params_file_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "params.yaml"
+    path.write_text("base: {}\n")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "read_text", refuse)
+    with pytest.raises(ConfigError, match=r"params.yaml: cannot be read \(Permission denied\)$"):
+        load_yaml(path)
