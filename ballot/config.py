@@ -19,7 +19,7 @@ from typing import Any, Mapping, TypeVar
 import yaml
 
 from ballot.errors import ConfigError
-from ballot.knobs import Knob, parse_space
+from ballot.knobs import Knob, parse_space, shown, to_float
 
 T = TypeVar("T")
 
@@ -38,6 +38,16 @@ def _check(condition: bool, where: str, message: str) -> None:
         raise ConfigError(f"{where}: {message}")
 
 
+def _check_finite(config: Any, infinite_ok: tuple[str, ...] = ()) -> None:
+    """ConfigError naming the first float field of ``config`` that is NaN or infinite (the fields in ``infinite_ok``,
+    whose inf has a meaning, may be infinite)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float):
+            ok = math.isfinite(value) or (f.name in infinite_ok and math.isinf(value))
+            _check(ok, f.name, f"must be a finite number, got {value}")
+
+
 @dataclass
 class BaseConfig:
     """Settings shared by every stage."""
@@ -49,7 +59,10 @@ class BaseConfig:
     device: str = _help("'auto' (cuda when available), 'cpu' or 'cuda[:N]'.", "auto")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         check_density(self.density, "density")
+        _check(-2**63 <= self.seed < 2**64, "seed",
+               f"must be in [-2**63, 2**64) (torch's range), got {shown(self.seed)}")
 
 
 @dataclass
@@ -68,6 +81,7 @@ class DataConfig:
     download: bool = _help("Allow torchvision to download when files are absent.", True)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _check(self.imbalance_ratio >= 1.0, "imbalance_ratio", f"must be >= 1, got {self.imbalance_ratio}")
         for name in ("max_train_samples", "max_test_samples", "image_size"):
@@ -107,6 +121,7 @@ class TrainConfig:
     min_steps: int = _help(MIN_STEPS_HELP, 500)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
         _check(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
         _check(self.precision in PRECISIONS, "precision", f"unknown '{self.precision}', choose from {PRECISIONS}")
@@ -118,7 +133,7 @@ class TrainConfig:
         _check(self.step_epochs > 0, "step_epochs", f"must be positive, got {self.step_epochs}")
         _check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        _check(0 <= self.weight_decay < math.inf, "weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.patience >= 0, "patience", f"must be >= 0, got {self.patience}")
 
 
@@ -199,15 +214,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), where, f"expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, str):
-            try:
-                # YAML reads "1e-4" (no dot) as a string; ".inf" is YAML's spelling of infinity.
-                value = float(value.replace(".inf", "inf"))
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _check(ok, where, f"expected a number, got {value!r}")
-        return float(value)
+        return to_float(value, where)
     if hint is str:
         _check(isinstance(value, str), where, f"expected a string, got {value!r}")
         return value
@@ -243,19 +250,30 @@ def data_identity(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently). Merge keys
+    (``<<: *anchor``) work as in safe_load: a key the mapping sets itself overrides a merged one."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Check a mapping's own keys before its first flattening prepends the merged ones (a merge source may be
+        # flattened before it is constructed itself).
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            self._check_keys(node)
+        super().flatten_mapping(node)
+
+    def _check_keys(self, node: yaml.MappingNode) -> None:
         seen = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
             if not isinstance(key, typing.Hashable):
                 raise yaml.constructor.ConstructorError(None, None, "a key must be a string or a number",
                                                         key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -267,8 +285,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (it is not UTF-8)") from None
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer over 4300 digits, a date out of range
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -341,6 +363,7 @@ class BallotConfig:
         "Plateau schedule, refine_start 'best' and refine_guard: val acc - this * val MCD.", 0.5)
 
     def __post_init__(self) -> None:
+        _check_finite(self, infinite_ok=("conflict_threshold",))
         _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         _check(self.obs_epochs >= 1, "obs_epochs", f"must be >= 1, got {self.obs_epochs}")
         _check(self.obs_loss in OBS_LOSSES, "obs_loss", f"unknown '{self.obs_loss}', choose from {OBS_LOSSES}")
@@ -361,6 +384,7 @@ class BallotConfig:
         _check(0 <= self.fairness_start < 1, "fairness_start", f"must be in [0, 1), got {self.fairness_start}")
         _check(self.refine_start in REFINE_STARTS, "refine_start",
                f"unknown '{self.refine_start}', choose from {REFINE_STARTS}")
+        _check(self.objective_mcd_weight >= 0, "objective_mcd_weight", f"must be >= 0, got {self.objective_mcd_weight}")
 
 
 GROWTHS = ("random", "gradient")
@@ -400,13 +424,14 @@ class SafeCompressConfig:
     min_steps: int = _help(MIN_STEPS_HELP + " 1500 = 3 x prune.retrain's 500, as epochs is 3 x 20.", 1500)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         for name in ("epochs", "batch_size", "updates"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         _check(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         _check(not self.nesterov or self.momentum > 0, "nesterov", "needs momentum > 0")
-        _check(0 <= self.weight_decay < math.inf, "weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(all(0 < m < 1 for m in self.lr_milestones), "lr_milestones",
                f"must be fractions in (0, 1), got {self.lr_milestones}")
         _check(0 < self.lr_gamma <= 1, "lr_gamma", f"must be in (0, 1], got {self.lr_gamma}")
@@ -417,7 +442,7 @@ class SafeCompressConfig:
                f"must be in [0, death_rate], got {self.death_rate_min}")
         _check(bool(self.growth) and all(g in GROWTHS for g in self.growth), "growth",
                f"must list one or more of {GROWTHS}, got {self.growth}")
-        _check(0 <= self.tolerance < math.inf, "tolerance", f"must be a finite number >= 0, got {self.tolerance}")
+        _check(self.tolerance >= 0, "tolerance", f"must be >= 0, got {self.tolerance}")
         _check(self.cwv_weight >= 0, "cwv_weight", f"must be >= 0, got {self.cwv_weight}")
         _check(self.fair_loss in SAFE_FAIR_LOSSES, "fair_loss",
                f"unknown '{self.fair_loss}', choose from {SAFE_FAIR_LOSSES}")
@@ -450,12 +475,13 @@ class FairScratchConfig:
     min_steps: int = _help(MIN_STEPS_HELP + " 1500 = 3 x prune.retrain's 500, as epochs is 3 x 20.", 1500)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         for name in ("epochs", "batch_size"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         _check(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
         _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        _check(0 <= self.weight_decay < math.inf, "weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.selection in SCRATCH_SELECTIONS, "selection",
                f"unknown '{self.selection}', choose from {SCRATCH_SELECTIONS}")
         _check(self.penalty in SCRATCH_PENALTIES, "penalty",
@@ -578,6 +604,7 @@ class ExportConfig:
                                      "(ballot.quantize.calibration_index).", 512)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.parity_samples > 0, "parity_samples", f"must be positive, got {self.parity_samples}")
         _check(self.parity_tolerance > 0, "parity_tolerance", f"must be positive, got {self.parity_tolerance}")
         _check(self.quantize in self.QUANTIZE_MODES, "quantize",
@@ -609,6 +636,7 @@ class PromoteConfig:
     cwv_tolerance: float = _help("Refuse when CWV exceeds the current champion's CWV times this.", 1.0)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(0 <= self.max_acc_drop <= 1, "max_acc_drop", f"must be in [0, 1], got {self.max_acc_drop}")
         _check(self.cwv_tolerance > 0, "cwv_tolerance", f"must be positive, got {self.cwv_tolerance}")
 
@@ -663,6 +691,7 @@ class TuneConfig:
     use_best: bool = _help("The prune stage applies best_params.yaml over prune.* when the file exists.", True)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.mode in TUNE_MODES, "mode", f"unknown '{self.mode}', choose from {TUNE_MODES}")
         _check(self.sampler in SAMPLERS, "sampler", f"unknown '{self.sampler}', choose from {SAMPLERS}")
         _check(self.pruner in PRUNERS, "pruner", f"unknown '{self.pruner}', choose from {PRUNERS}")
@@ -670,6 +699,9 @@ class TuneConfig:
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("pruner_startup_trials", "pruner_warmup_epochs"):
             _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(0 <= self.seed <= 2**32 - self.workers, "seed",
+               f"must be in [0, 2**32 - workers] = [0, {2**32 - self.workers}] (worker i seeds its sampler with "
+               f"seed + i, and Optuna takes seeds below 2**32), got {shown(self.seed)}")
         _check(self.timeout_s is None or self.timeout_s > 0, "timeout_s", f"must be positive, got {self.timeout_s}")
         _check(self.mcd_weight >= 0, "mcd_weight", f"must be >= 0, got {self.mcd_weight}")
         _check(0 <= self.max_acc_drop <= 1, "max_acc_drop", f"must be in [0, 1], got {self.max_acc_drop}")
@@ -717,10 +749,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key:
         raise ConfigError(f"override '{text}' must look like group.key=value")
     try:
-        return key.split("."), yaml.safe_load(raw)
-    except yaml.YAMLError as error:
+        return key.split("."), yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer over 4300 digits, a date out of range
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"override '{text}': the value is not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"override '{text[:80]}...': the value is nested too deeply to read") from None
 
 
 def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -179,6 +179,17 @@ def _load_cifar(cfg: DataConfig, num_classes: int) -> RawDataset:
     )
 
 
+def _read_image(folder_set: Any, index: int) -> tuple[torch.Tensor, int]:
+    """Image ``index`` of a torchvision ImageFolder and its label; DatasetError naming a file PIL cannot read."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return folder_set[index]
+    except OSError as error:  # UnidentifiedImageError (an empty file, not an image) is one, as a truncated file's
+        reason = "not an image file PIL can identify" if isinstance(error, UnidentifiedImageError) else error
+        raise DatasetError(f"imagefolder: cannot read image '{folder_set.samples[index][0]}': {reason}") from None
+
+
 def _load_imagefolder(cfg: DataConfig) -> RawDataset:
     """``path`` holds ``train/<class>/*`` and optionally ``test/<class>/*`` (else 20% of train is the test set)."""
     from torchvision import datasets, transforms
@@ -197,7 +208,7 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
             folder_set = datasets.ImageFolder(str(folder), transform=transform)
         except (FileNotFoundError, OSError) as error:
             raise DatasetError(f"imagefolder: cannot read '{folder}': {error}") from None
-        images, labels = zip(*(folder_set[i] for i in range(len(folder_set))))
+        images, labels = zip(*(_read_image(folder_set, i) for i in range(len(folder_set))))
         shapes = {tuple(img.shape) for img in images}
         if len(shapes) > 1:
             raise DatasetError(f"imagefolder: images in '{folder}' differ in size {sorted(shapes)}; set data.image_size")
@@ -218,6 +229,11 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
     return RawDataset(train.subset(order[:cut]), train.subset(order[cut:]), classes)
 
 
+def _fits_int64(values: np.ndarray) -> bool:
+    """Whether an integer array converts to int64 unchanged (uint64 values from 2**63 up would wrap to negatives)."""
+    return len(values) == 0 or int(values.max()) <= np.iinfo(np.int64).max
+
+
 def _load_npz(cfg: DataConfig) -> RawDataset:
     """Arrays ``x``, ``y`` and optional ``group``, ``x_test``, ``y_test``, ``group_test``, ``class_names``."""
     if not cfg.path:
@@ -226,7 +242,11 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
     if not path.is_file():
         raise DatasetError(f"npz: file '{path}' not found")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy file: one array
+            raise DatasetError(f"npz: '{path}' holds a single array (.npy), not an .npz archive of named arrays "
+                               "(x, y, ...; numpy.savez writes one)")
+        with loaded as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise DatasetError(f"npz: cannot read '{path}': {error or type(error).__name__}") from None
@@ -245,8 +265,8 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
             raise DatasetError(f"npz: x{suffix} has no rows")
         if len(x) != len(y):
             raise DatasetError(f"npz: x{suffix} has {len(x)} rows but y{suffix} has {len(y)}")
-        if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-            raise DatasetError(f"npz: y{suffix} must hold non-negative integer class labels")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or not _fits_int64(y):
+            raise DatasetError(f"npz: y{suffix} must hold non-negative integer class labels (below 2**63)")
         if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
             raise DatasetError(f"npz: x{suffix} must hold real numbers, not dtype {x.dtype}")
         with np.errstate(over="ignore"):
@@ -261,6 +281,8 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
             raise DatasetError(f"npz: group{suffix} has {len(group)} rows but y{suffix} has {len(y)}")
         if group is not None and not np.issubdtype(group.dtype, np.integer):
             raise DatasetError(f"npz: group{suffix} must hold integer attribute values, got dtype {group.dtype}")
+        if group is not None and not _fits_int64(group):
+            raise DatasetError(f"npz: group{suffix} holds values above 2**63 - 1 (int64's largest)")
         return Split(torch.from_numpy(values), torch.from_numpy(y.astype(np.int64)),
                      None if group is None else torch.from_numpy(group.astype(np.int64)))
 

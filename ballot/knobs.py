@@ -56,6 +56,29 @@ class Knob:
         return [int(self.low), int(self.high)] if self.kind == "int" else [self.low, self.high]
 
 
+def shown(value: Any) -> str:
+    """``repr(value)``, but an integer too long to read (or to print at all) as its length."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return repr(value)
+
+
+def to_float(value: Any, where: str) -> float:
+    """``value`` as a float: a number, or a string YAML leaves unparsed ("1e-4", ".inf"); ConfigError naming
+    ``where`` for anything else or for an integer beyond the float range."""
+    if isinstance(value, str):
+        try:
+            value = float(value.replace(".inf", "inf"))
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {shown(value)}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigError(f"{where}: {shown(value)} is too large for a number") from None
+
+
 def parse_space(space: Any, where: str = "tune.space") -> list[Knob]:
     """Knobs from a ``tune.space`` mapping; ConfigError names the entry and what is wrong with it."""
     if not isinstance(space, Mapping) or not space:
@@ -86,16 +109,12 @@ def _parse_knob(key: str, spec: Any, where: str) -> Knob:
     bounds = {}
     for name in ("low", "high"):
         value = spec.get(name)
-        if kind == "float" and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        number = int if kind == "int" else (int, float)
-        if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
-            raise ConfigError(f"{where}.{name}: expected a finite {'integer' if kind == 'int' else 'number'}, "
-                              f"got {value!r}")
-        bounds[name] = value
+        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{where}.{name}: expected a finite integer, got {shown(value)}")
+        number = to_float(value, f"{where}.{name}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}.{name}: expected a finite number, got {value!r}")
+        bounds[name] = value if kind == "int" else number
     log, step = spec.get("log", False), spec.get("step", 1)
     if not isinstance(log, bool):
         raise ConfigError(f"{where}.log: expected true/false, got {log!r}")

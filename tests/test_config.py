@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import yaml
 
 from ballot.config import BallotConfig, PruneConfig, apply_overrides, experiment_from_params, from_dict, load_yaml
 from ballot.errors import ConfigError
@@ -98,4 +99,47 @@ def test_a_binary_params_file_is_named(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_bytes(bytes(range(256)))
     with pytest.raises(ConfigError, match="not a text file"):
+        load_yaml(path)
+
+
+def test_yaml_merge_keys_work_as_in_safe_load_and_a_mappings_own_keys_override(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("prune:\n  retrain: &train {lr: 0.1, epochs: 3}\n  ballot:\n    refine_train:\n      <<: *train\n"
+                    "      epochs: 5\n")
+    assert load_yaml(path) == yaml.safe_load(path.read_text())
+    refine = experiment_from_params(load_yaml(path)).prune.ballot.refine_train
+    assert (refine.lr, refine.epochs) == (0.1, 5)
+    path.write_text("a: &a {x: 1}\np: {q: &b {<<: *a, x: 5}}\nc: {<<: [*b, *a], y: 2}\n")  # b flattened before built
+    assert load_yaml(path) == yaml.safe_load(path.read_text())
+    for text in ("a: &a {x: 1}\nc: {<<: *a, z: 3, z: 4}\n", "a: &a {x: 1, x: 2}\nc: {<<: *a}\n"):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="duplicate key"):
+            load_yaml(path)
+
+
+def test_a_key_given_twice_in_an_override_is_an_error_as_in_a_file():
+    with pytest.raises(ConfigError, match=r"^override 'data=\{val_fraction: 0.2, val_fraction: 0.3\}': the value is "
+                                          r"not valid YAML \(duplicate key 'val_fraction'\)$"):
+        apply_overrides({}, ["data={val_fraction: 0.2, val_fraction: 0.3}"])
+
+
+@pytest.mark.parametrize("value", ["[" * 3000 + "]" * 3000, "{b: " * 3000 + "1" + "}" * 3000])
+def test_yaml_nested_too_deeply_is_named(tmp_path, value):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"a: {value}\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: nested too deeply to read$"):
+        load_yaml(path)
+    with pytest.raises(ConfigError, match=r"^override 'tune.space=.*': the value is nested too deeply to read$"):
+        apply_overrides({}, [f"tune.space={value}"])
+
+
+def test_an_unreadable_params_file_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "params.yaml"
+    path.write_text("base: {}\n")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "read_text", refuse)
+    with pytest.raises(ConfigError, match=r"params.yaml: cannot be read \(Permission denied\)$"):
         load_yaml(path)

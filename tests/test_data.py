@@ -215,3 +215,38 @@ def test_an_npz_file_that_is_not_an_archive_is_named(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(DatasetError, match="npz: cannot read"):
         load_data("npz", DataConfig(path=str(path)))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"y": np.array([0, 1] * 4 + [2**63, 1], dtype=np.uint64)}, "npz: y must hold non-negative integer class labels"),
+    ({"y": np.full(10, 2**63 + 5, dtype=np.uint64)}, "npz: y must hold non-negative integer class labels"),
+    ({"y": np.array([0, 1] * 5), "group": np.full(10, 2**63, dtype=np.uint64)},
+     "npz: group holds values above 2**63 - 1 (int64's largest)"),
+])
+def test_uint64_values_that_would_wrap_to_negatives_are_refused(tmp_path, arrays, message):
+    path = tmp_path / "data.npz"
+    np.savez(path, x=np.zeros((10, 4)), **arrays)
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_data("npz", DataConfig(path=str(path)))
+    np.savez(path, x=np.zeros((10, 4)), y=np.array([0, 1] * 5, dtype=np.uint64))  # uint64 labels that fit are fine
+    assert load_data("npz", DataConfig(path=str(path))).num_classes == 2
+
+
+def test_an_npy_file_is_named(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((10, 4)))
+    with pytest.raises(DatasetError, match=re.escape(f"npz: '{path}' holds a single array (.npy), not an .npz")):
+        load_data("npz", DataConfig(path=str(path)))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda data: b"", "not an image file PIL can identify"),
+    (lambda data: b"nonsense" * 10, "not an image file PIL can identify"),
+    (lambda data: data[: len(data) // 2], "image file is truncated"),
+])
+def test_an_unreadable_image_is_named(tmp_path, damage, reason):
+    _write_imagefolder(tmp_path, {"train": (3, (8, 8))})
+    bad = tmp_path / "train" / "dog" / "1.png"
+    bad.write_bytes(damage(bad.read_bytes()))
+    with pytest.raises(DatasetError, match=re.escape(f"imagefolder: cannot read image '{bad}': {reason}")):
+        load_data("imagefolder", DataConfig(path=str(tmp_path)))
