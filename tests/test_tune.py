@@ -40,7 +40,8 @@ from ballot.tuning.space import (
     write_best,
 )
 from ballot.tuning import study as studies
-from ballot.tuning.study import fingerprint, make_pruner, make_storage, open_study, redact, sqlite_url
+from ballot.tuning.study import (fingerprint, make_pruner, make_sampler, make_storage, open_study, redact,
+                                 sqlite_url)
 from tests.conftest import TINY, tiny_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -536,3 +537,8 @@ def test_no_choice_reason_tells_a_study_that_completed_nothing_from_one_below_th
     below = no_choice_reason({"trials": {**counts, "complete": 2}, "dense_val_acc": 0.9}, 0.02)
     assert below.startswith("no feasible trial: none reached val acc 0.8800 (the dense model's 0.9000 - "
                             "tune.max_acc_drop 0.02)") and below.endswith("raise tune.max_acc_drop")
+
+
+def test_a_joining_processs_sampler_seed_stays_in_optunas_range():
+    tune = tune_config("tune.seed=4294967000").tune  # plus a joining process's offset of 1000 + pid
+    assert isinstance(make_sampler(tune, 1000 + 4_194_304), optuna.samplers.TPESampler)  # Optuna refused 2**32 + ...

@@ -100,7 +100,7 @@ def make_storage(url: str, heartbeat_s: int,
 
 def make_sampler(tune: TuneConfig, worker: int) -> optuna.samplers.BaseSampler:
     """TPE (constant liar for parallel workers, constraint-aware) or random, seeded with seed + worker index."""
-    seed = tune.seed + worker
+    seed = (tune.seed + worker) % 2**32  # a joining process's offset (1000 + its pid) must stay in Optuna's range
     if tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
