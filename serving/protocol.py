@@ -29,46 +29,66 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     read_timeout: float = 10.0
     _deadline: asyncio.TimerHandle | None = None
-    _head_bytes: int = 0
+    _in_head: bool = True  # between the end of the last request (or the connection's start) and the end of headers
+    _raw_head: int = 0  # bytes received while the head was incomplete
+    _parsed_head: int = 0  # bytes of the URL and of the headers httptools has handed over
     _head_too_large: bool = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._raw_head += len(data)
+        super().data_received(data)
+        # Headers still incomplete after this chunk: every byte since the request began is head. httptools holds a
+        # header until the next one starts, so this catches one huge header its callbacks have not handed over.
+        if self._in_head and self._raw_head > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._refuse_head()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_bytes = 0
+        self._parsed_head = 0
         self._arm()
 
     def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
+        self._count_parsed(len(url))
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+        self._count_parsed(len(name) + len(value) + 4)  # ": " and CRLF
         super().on_header(name, value)
 
-    def _count_head(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > MAX_HEAD_BYTES:
+    def _count_parsed(self, size: int) -> None:
+        """A head that arrives in one chunk never stays incomplete after it: count what the parser hands over."""
+        self._parsed_head += size
+        if self._parsed_head > MAX_HEAD_BYTES:
             self._head_too_large = True
-            raise HeadTooLarge  # httptools stops and raises a parser error, which answers through send_400_response
+            raise HeadTooLarge  # httptools stops with a parser error, answered through send_400_response
 
     def send_400_response(self, msg: str) -> None:
-        if not self._head_too_large:
+        if self._head_too_large:
+            self._refuse_head()
+        else:
             super().send_400_response(msg)
-            return
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._raw_head = False, 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+        self._in_head = True
+
+    def _refuse_head(self) -> None:
         body = f"request line and headers exceed the limit of {MAX_HEAD_BYTES} bytes".encode()
         self.logger.info("closing a connection whose request head exceeded %d bytes", MAX_HEAD_BYTES)
         self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; "
                              b"charset=utf-8\r\ncontent-length: " + str(len(body)).encode() +
                              b"\r\nconnection: close\r\n\r\n" + body)
         self.transport.close()
-
-    def on_message_complete(self) -> None:
-        self._disarm()
-        super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
