@@ -109,10 +109,15 @@ def steps_per_epoch(samples: int, batch_size: int) -> int:
     return max(1, math.ceil(samples / batch_size))
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a BatchNorm layer: one that sees 1x1 maps cannot normalise a one-sample batch."""
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
 def batch_bounds(samples: int, batch_size: int, avoid_single: bool = False) -> list[tuple[int, int]]:
-    """(start, stop) of each of an epoch's ``steps_per_epoch`` batches. With ``avoid_single`` (a model with
-    BatchNorm, which cannot normalise one sample in training mode) a last batch of one sample is avoided by splitting
-    the last two batches' samples evenly: the same number of steps, so no schedule moves."""
+    """(start, stop) of each of an epoch's ``steps_per_epoch`` batches. With ``avoid_single`` (``has_batchnorm``) a
+    last batch of one sample is avoided by splitting the last two batches' samples evenly: the same number of steps,
+    so no schedule moves; only an epoch of samples % batch_size == 1 changes (no recorded BatchNorm cell has one)."""
     bounds = [(start, min(start + batch_size, samples)) for start in range(0, samples, batch_size)]
     if avoid_single and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
         start = bounds[-2][0]
@@ -306,7 +311,7 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, seed: int = 0, mas
     device = torch.device(device)
     cfg = stretched(cfg, len(data))
     n, per_epoch = len(data), steps_per_epoch(len(data), cfg.batch_size)
-    bounds = batch_bounds(n, cfg.batch_size, avoid_single=any(isinstance(m, _BatchNorm) for m in model.modules()))
+    bounds = batch_bounds(n, cfg.batch_size, avoid_single=has_batchnorm(model))
     weights_start = round(class_weights_from * cfg.epochs * per_epoch)
     with _synced_batchnorm(model, device):
         steps = _Steps(model, data, cfg, mask, device, class_weights, weights_start, hook)

@@ -11,8 +11,8 @@ from ballot.cli import main
 from ballot.experiment import run_prune
 from ballot.masks import Mask, budget
 from ballot.models import build_model
-from ballot.pruning import PruneContext, fairscratch
 from ballot.errors import ConfigError
+from ballot.pruning import DenseArtifacts, PruneContext, fairscratch
 from ballot.pruning.fair_terms import group_parity_gap
 from ballot.pruning.fairscratch import ScratchTicket, fit_scores, freeze_as_scratch, uniform_counts
 from tests.conftest import tiny_config
@@ -146,3 +146,15 @@ def test_a_group_penalty_without_a_group_is_refused_before_any_training(tmp_path
     assert code == 2 and "ballot: error: prune.fairscratch.penalty: 'group_parity' needs a dataset with a group" in err
     assert "dense:" not in err, "refused before the dense model trains"
     assert not out.exists()
+
+
+def test_a_batchnorm_model_trains_its_scores_without_a_one_sample_batch(tiny_data):
+    """vgg on 8x8 inputs pools to 1x1 maps, where a one-sample batch cannot be normalised."""
+    split = dataclasses.replace(tiny_data.train, x=tiny_data.train.x[:55], y=tiny_data.train.y[:55])
+    data = dataclasses.replace(tiny_data, train=split)
+    torch.manual_seed(0)
+    model = build_model("vgg", data.input_shape, data.num_classes)
+    dense = DenseArtifacts(model.state_dict(), model.state_dict(), model.state_dict())
+    ctx = context(data, dense, "base.model=vgg", "prune.fairscratch.epochs=1", "prune.fairscratch.min_steps=0",
+                  "prune.fairscratch.batch_size=54")
+    assert fit_scores(ticket_for(ctx), ctx, ctx.config.fairscratch).history

@@ -29,7 +29,7 @@ from ballot.masks import Mask, budget, prunable_names
 from ballot.pruning.base import MethodDetails, PruneContext, PruneResult
 from ballot.pruning.fair_terms import class_loss_variance, group_parity_gap
 from ballot.pruning.loop import batches, epoch_bar, set_lr
-from ballot.train import floored
+from ballot.train import floored, has_batchnorm
 
 
 @torch.no_grad()
@@ -179,7 +179,7 @@ def fit_scores(ticket: ScratchTicket, ctx: PruneContext, cfg: FairScratchConfig,
         set_lr(optimizer, lr)
         ticket.model.train()
         loss_sum, pen_sum = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device)
-        for idx in batches(len(train_split), cfg.batch_size, generator, ctx.device):
+        for idx in batches(len(train_split), cfg.batch_size, generator, ctx.device, has_batchnorm(ticket.model)):
             x, y = x_all[idx], y_all[idx]
             logits = ticket(x)
             per_sample = F.cross_entropy(logits, y, reduction="none")

@@ -12,12 +12,16 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from ballot.train import batch_bounds
 
-def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
-    """Index tensors of one seeded pass over ``n`` samples (the last batch may be partial), as ``train`` draws them."""
+
+def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device,
+            avoid_single: bool = False) -> Iterator[torch.Tensor]:
+    """Index tensors of one seeded pass over ``n`` samples (the last batch may be partial; with ``avoid_single``
+    never of one sample: ``ballot.train.batch_bounds``), as ``train`` draws them."""
     order = torch.randperm(n, generator=generator).to(device)
-    for start in range(0, n, batch_size):
-        yield order[start:start + batch_size]
+    for begin, end in batch_bounds(n, batch_size, avoid_single):
+        yield order[begin:end]
 
 
 def epoch_bar(epochs: int, desc: str, progress: bool | None) -> tqdm:

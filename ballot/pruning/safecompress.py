@@ -32,7 +32,7 @@ from ballot.pruning.dst import (
 )
 from ballot.pruning.fair_terms import class_loss_variance
 from ballot.pruning.loop import batches, epoch_bar, set_lr
-from ballot.train import floored, steps_per_epoch
+from ballot.train import floored, has_batchnorm, steps_per_epoch
 
 
 def validation_score(metrics: dict[str, Any], cwv_weight: float) -> float:
@@ -140,7 +140,7 @@ def prune(ctx: PruneContext) -> PruneResult:
         set_lr(optimizer, lr)
         model.train()
         loss_sum, correct = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device, dtype=torch.long)
-        for idx in batches(len(train_split), cfg.batch_size, batch_generator, ctx.device):
+        for idx in batches(len(train_split), cfg.batch_size, batch_generator, ctx.device, has_batchnorm(model)):
             x, y = x_all[idx], y_all[idx]
             logits = model(x)
             per_sample = F.cross_entropy(logits, y, reduction="none")
