@@ -172,6 +172,8 @@ def _decode_png(text: str, shape: tuple[int, ...], index: int) -> np.ndarray:
                                  f"{width}x{height} (resize it before sending)")
             if image.mode not in EIGHT_BIT_MODES:
                 raise InputError(f"{where} has pixel mode '{image.mode}'; send an 8-bit grayscale or RGB PNG")
+            if raw[12:16] != b"IHDR":  # the PNG standard puts it first; Pillow reads files that do not
+                raise InputError(f"{where} is a damaged PNG image (its first chunk is not IHDR)")
             if raw[PNG_BIT_DEPTH_AT] > 8:  # Pillow reads 16-bit colour as 8-bit RGB(A), cutting the low byte
                 raise InputError(f"{where} has {raw[PNG_BIT_DEPTH_AT]}-bit samples; send an 8-bit grayscale or RGB PNG")
             pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0

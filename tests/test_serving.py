@@ -286,15 +286,18 @@ def _png_bytes(size: tuple[int, int], mode: str = "L") -> bytes:
     return buffer.getvalue()
 
 
-def _png_16bit_rgb(size: tuple[int, int]) -> bytes:
-    """A 16-bit colour PNG written by hand (Pillow writes none): Pillow reads it back as 8-bit RGB."""
+def _png_16bit_rgb(size: tuple[int, int], text_first: bool = False) -> bytes:
+    """A 16-bit colour PNG written by hand (Pillow writes none): Pillow reads it back as 8-bit RGB; ``text_first``
+    puts a tEXt chunk before IHDR, which Pillow reads too (byte 24 then is no bit depth)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
     width, height = size
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
     rows = b"".join(b"\x00" + bytes(range(6 * width)) for _ in range(height))  # filter 0, then RGB 16-bit samples
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    text = chunk(b"tEXt", b"Comment\x00" + b"\x01" * 16) if text_first else b""
+    return (b"\x89PNG\r\n\x1a\n" + text + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
 
 
 def _b64(data: bytes) -> str:
@@ -346,6 +349,8 @@ BAD_REQUESTS = {
     "wrong image size": ({"images": [_b64(_png_bytes((28, 28)))]}, 422, "is 28x28 pixels; the model takes 8x8"),
     "16-bit PNG": ({"images": [_b64(_png_bytes((8, 8), "I;16"))]}, 422, "8-bit"),
     "16-bit colour PNG": ({"images": [_b64(_png_16bit_rgb((8, 8)))]}, 422, "has 16-bit samples"),
+    "PNG whose first chunk is not IHDR": ({"images": [_b64(_png_16bit_rgb((8, 8), text_first=True))]}, 422,
+                                          "its first chunk is not IHDR"),
     "images as numbers": ({"images": [1, 2]}, 422, "images[0]: Input should be a valid string"),
 }
 
