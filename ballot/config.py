@@ -699,9 +699,7 @@ class TuneConfig:
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("pruner_startup_trials", "pruner_warmup_epochs"):
             _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        _check(0 <= self.seed <= 2**32 - self.workers, "seed",
-               f"must be in [0, 2**32 - workers] = [0, {2**32 - self.workers}] (worker i seeds its sampler with "
-               f"seed + i, and Optuna takes seeds below 2**32), got {shown(self.seed)}")
+        _check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (Optuna's seeds), got {shown(self.seed)}")
         _check(self.timeout_s is None or self.timeout_s > 0, "timeout_s", f"must be positive, got {self.timeout_s}")
         _check(self.mcd_weight >= 0, "mcd_weight", f"must be >= 0, got {self.mcd_weight}")
         _check(0 <= self.max_acc_drop <= 1, "max_acc_drop", f"must be in [0, 1], got {self.max_acc_drop}")
