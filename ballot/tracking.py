@@ -190,9 +190,10 @@ def _owner_gone(tags: Mapping[str, str], host: str) -> bool:
 
 
 def fail_orphan_runs(experiment: str) -> list[str]:
-    """End as FAILED the RUNNING runs of ``experiment`` whose process, on this host, no longer exists (a killed
-    register), after deleting the model versions they created that no alias points at (killed before the alias
-    moved); returns the runs' ids."""
+    """End the RUNNING runs of ``experiment`` whose process, on this host, no longer exists (a killed register):
+    delete the model versions such a run created that no alias points at (killed before the alias moved) and end it
+    as FAILED, or as FINISHED when every version it created holds an alias (killed after its registration was
+    complete, before the run ended); returns the runs' ids."""
     import mlflow
 
     found = mlflow.get_experiment_by_name(experiment)
@@ -202,10 +203,14 @@ def fail_orphan_runs(experiment: str) -> list[str]:
     host = socket.gethostname()
     for run in client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'"):
         if _owner_gone(run.data.tags, host):
-            for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+            # search results leave aliases out: read each version whole
+            versions = [client.get_model_version(found.name, found.version)
+                        for found in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
+            for version in versions:
                 if not version.aliases:
                     client.delete_model_version(version.name, version.version)
-            client.set_terminated(run.info.run_id, status="FAILED")
+            complete = bool(versions) and all(version.aliases for version in versions)
+            client.set_terminated(run.info.run_id, status="FINISHED" if complete else "FAILED")
             ended.append(run.info.run_id)
     return ended
 

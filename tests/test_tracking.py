@@ -165,6 +165,23 @@ def test_a_run_whose_pid_was_reused_by_another_process_is_an_orphan(registry):
     assert {client.get_run(r).info.status for r in (live, other_host.info.run_id)} == {"RUNNING"}
 
 
+def test_a_register_killed_after_its_alias_moved_ends_finished_and_stays_promotable(registry):
+    import socket
+
+    uri, client = registry
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    experiment = client.create_experiment("killed-late")
+    run = client.create_run(experiment, tags={"ballot.host": socket.gethostname(), "ballot.pid": str(dead.pid)})
+    client.create_registered_model("late")
+    tags = {"acc": "0.9", "cwv": "0.01", "dense_acc": "0.9"}
+    version = client.create_model_version("late", "file:///tmp/ballot-test-model", run_id=run.info.run_id, tags=tags)
+    client.set_registered_model_alias("late", CHALLENGER, version.version)  # then the process died
+    assert fail_orphan_runs("killed-late") == [run.info.run_id]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED", "its registration was complete"
+    assert promote(client, "late", str(version.version), CFG).promoted
+
+
 CFG = PromoteConfig(max_acc_drop=0.02, cwv_tolerance=1.0)
 
 
