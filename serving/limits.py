@@ -112,14 +112,21 @@ class BodyLimit:
 
 
 def gunzip(body: bytes, max_bytes: int) -> bytes:
-    """The gzip ``body`` inflated; TooLarge beyond ``max_bytes``, zlib.error when it is not one whole gzip stream."""
-    inflater = zlib.decompressobj(GZIP)
-    inflated = inflater.decompress(body, max_bytes + 1)
-    if len(inflated) > max_bytes:
-        raise TooLarge(max_bytes)
-    if not inflater.eof:
-        raise zlib.error("truncated stream")
-    if inflater.unused_data:
-        raise zlib.error(f"{len(inflater.unused_data)} bytes follow the stream")
-    return inflated
-
+    """The gzip ``body`` inflated: one member or several one after the other (RFC 1952 allows them, as
+    ``cat a.gz b.gz`` writes); TooLarge beyond ``max_bytes`` in all, zlib.error when a member is cut short or the
+    bytes after one are not another."""
+    inflated, rest, members = bytearray(), body, 0
+    while rest:
+        inflater = zlib.decompressobj(GZIP)
+        try:
+            inflated += inflater.decompress(rest, max_bytes + 1 - len(inflated))
+        except zlib.error as error:
+            if members == 0:
+                raise
+            raise zlib.error(f"{len(rest)} bytes follow the stream and are not another gzip member ({error})") from None
+        if len(inflated) > max_bytes:
+            raise TooLarge(max_bytes)
+        if not inflater.eof:
+            raise zlib.error("truncated stream")
+        rest, members = inflater.unused_data, members + 1
+    return bytes(inflated)

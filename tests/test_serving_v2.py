@@ -208,10 +208,16 @@ def test_gzip_raw_bodies_are_inflated_and_bad_or_huge_ones_refused(http, exporte
     answer = http.post("/predict/raw", content=packed, headers=headers)
     assert answer.status_code == 200, answer.text
     assert [p["class_index"] for p in answer.json()["predictions"]] == _classes(http, x)
+    raw = x.astype("<f4").tobytes()
+    members = gzip.compress(raw[:100]) + gzip.compress(raw[100:])  # two members, as `cat a.gz b.gz` writes
+    assert http.post("/predict/raw", content=members, headers=headers).json() == answer.json()
     for broken, problem in ((packed[:-9], "truncated stream"), (packed + b"tail", "4 bytes follow the stream"),
-                            (x.tobytes(), "incorrect header check")):
+                            (members[:-9], "truncated stream"), (x.tobytes(), "incorrect header check")):
         refused = http.post("/predict/raw", content=broken, headers=headers)
         assert refused.status_code == 422 and problem in refused.json()["detail"], refused.text
+    two_bombs = gzip.compress(bytes(MAX_BODY // 2 + 1)) * 2  # each member within the limit, together beyond it
+    refused = http.post("/predict/raw", content=two_bombs, headers=headers)
+    assert refused.status_code == 413 and "inflates beyond the limit" in refused.json()["detail"]
     bomb = gzip.compress(bytes(MAX_BODY + 1))
     assert len(bomb) < 1024
     refused = http.post("/predict/raw", content=bomb, headers=headers)
