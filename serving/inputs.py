@@ -23,20 +23,29 @@ PNG_BIT_DEPTH_AT = 24  # byte offset of IHDR's bit depth: signature 8, chunk len
 MAX_DIGITS = 18  # longer digit strings are no size or byte count a request can hold (and stay within int64)
 
 
+def shown(number: int) -> str:
+    """``number`` as text, or its length when it is too long to echo in an error message."""
+    if abs(number) < 10**18:
+        return str(number)
+    digits = int(number.bit_length() * math.log10(2)) + 1  # str() refuses integers of over 4300 digits
+    return f"<an integer of {digits - (10 ** (digits - 1) > abs(number))} digits>"
+
+
 def check_batch_size(count: int, max_batch: int) -> None:
     """InputError for an empty batch, BatchSizeError above ``max_batch``."""
     if count == 0:
         raise InputError("empty batch: send at least one item")
     if count > max_batch:
-        raise BatchSizeError(f"batch of {count} items exceeds the limit of {max_batch}; split it into smaller requests")
+        raise BatchSizeError(f"batch of {shown(count)} items exceeds the limit of {max_batch}; split it into smaller "
+                             "requests")
 
 
 def check_shape(shape: Sequence[int], input_shape: Sequence[int], max_batch: int) -> tuple[int, ...]:
     """``shape`` when it is [n, *input_shape] with 1 <= n <= ``max_batch``; else InputError or BatchSizeError."""
     expected = list(input_shape)
     if len(shape) != len(expected) + 1 or list(shape[1:]) != expected or shape[0] < 0:
-        raise InputError(f"tensor shape {list(shape[:8])} does not fit the model: it takes [n, "
-                         f"{', '.join(map(str, expected))}]")
+        raise InputError(f"tensor shape [{', '.join(shown(d) for d in shape[:8])}] does not fit the model: it takes "
+                         f"[n, {', '.join(map(str, expected))}]")
     check_batch_size(shape[0], max_batch)
     return tuple(shape)
 
