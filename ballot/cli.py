@@ -138,16 +138,6 @@ def _without_option(argv: list[str], option: str) -> list[str]:
     return kept
 
 
-def _usable_device(name: str) -> Any:
-    """The torch device ``name`` resolves to; ConfigError when it is malformed or absent here."""
-    from ballot.train import resolve_device
-
-    try:
-        return resolve_device(name)
-    except (ValueError, RuntimeError) as error:  # torch.device raises RuntimeError for a malformed name
-        raise ConfigError(f"--device: {error}") from None
-
-
 def _relaunch(processes: int, argv: list[str]) -> int:
     """This same command in ``processes`` data-parallel processes on this machine (torchrun); its exit code, 2
     (with the lowest-ranked process's error as the last line) when a process stopped on bad input."""
@@ -181,20 +171,19 @@ def cmd_prune(args: argparse.Namespace) -> int | None:
     import torch
 
     from ballot import distributed, experiment
-    from ballot.train import resolve_device
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
     cfg = _config_from_args(args)
     experiment.check_experiment(cfg, processes=max(args.nproc, distributed.requested_processes()))
     _check_replaceable(Path(args.out), args.dense)
+    device = experiment.usable_device(cfg.base.device, "base.device")
     if args.nproc > 1 and not distributed.requested():
-        device = _usable_device(cfg.base.device)
         if device.type == "cuda" and torch.cuda.device_count() < args.nproc:
             raise ConfigError(f"--nproc {args.nproc}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                               "one per process is needed; use fewer processes or --device cpu")
         return _relaunch(args.nproc, args.argv)
-    distributed.start(resolve_device(cfg.base.device))
+    distributed.start(device)
     try:
         _prune(cfg, args)
     finally:
@@ -275,12 +264,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     folder, cfg = _run_folder(args.dir)
     if args.device is not None:
-        device = str(_usable_device(args.device))
+        device = str(experiment.usable_device(args.device, "--device"))
     else:  # the run's own device where this machine has it, so the metrics reproduce exactly
         try:
-            device = str(_usable_device(cfg.base.device))
+            device = str(experiment.usable_device(cfg.base.device, "base.device"))
         except ConfigError:
-            device = str(_usable_device("auto"))
+            device = str(experiment.usable_device("auto", "--device"))
             print(f"evaluate: the run's device '{cfg.base.device}' is not available here; evaluating on {device}",
                   file=sys.stderr)
     data = experiment.prepare_data(cfg)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ballot import distributed
@@ -47,10 +48,15 @@ def check_experiment(cfg: ExperimentConfig, processes: int | None = None) -> Non
     if (processes or distributed.requested_processes()) > 1 and cfg.prune.method not in DATA_PARALLEL:
         raise ConfigError(f"prune.method: '{cfg.prune.method}' trains in its own loop and runs in one process only; "
                           f"data-parallel methods: {sorted(DATA_PARALLEL)}")
+    usable_device(cfg.base.device, "base.device")
+
+
+def usable_device(name: str, where: str) -> torch.device:
+    """The torch device ``name`` resolves to; ConfigError naming ``where`` when it is malformed or absent here."""
     try:
-        resolve_device(cfg.base.device)
+        return resolve_device(name)
     except (ValueError, RuntimeError) as error:  # torch.device raises RuntimeError for a malformed name
-        raise ConfigError(f"base.device: {error}") from None
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def prepare_data(cfg: ExperimentConfig) -> DataBundle:
