@@ -204,8 +204,8 @@ def fail_orphan_runs(experiment: str) -> list[str]:
     for run in client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'"):
         if _owner_gone(run.data.tags, host):
             # search results leave aliases out: read each version whole
-            versions = [client.get_model_version(found.name, found.version)
-                        for found in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
+            versions = [client.get_model_version(hit.name, hit.version)
+                        for hit in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
             for version in versions:
                 if not version.aliases:
                     client.delete_model_version(version.name, version.version)

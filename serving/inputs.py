@@ -25,7 +25,7 @@ MAX_DIGITS = 18  # longer digit strings are no size or byte count a request can 
 
 def shown(number: int) -> str:
     """``number`` as text, or its length when it is too long to echo in an error message."""
-    if abs(number) < 10**18:
+    if abs(number) < 10**MAX_DIGITS:
         return str(number)
     digits = int(number.bit_length() * math.log10(2)) + 1  # str() refuses integers of over 4300 digits
     return f"<an integer of {digits - (10 ** (digits - 1) > abs(number))} digits>"
