@@ -84,7 +84,8 @@ def group_metrics(y_true: Any, y_pred: Any, group: Any) -> dict[str, Any]:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Logits of ``model`` on ``x`` in eval mode (restores the previous mode)."""
+    """Logits of ``model``, moved to ``device``, on ``x`` in eval mode (restores the previous mode)."""
+    model.to(device)
     was_training = model.training
     model.eval()
     outputs = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]

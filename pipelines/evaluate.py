@@ -10,7 +10,6 @@ from ballot.experiment import load_pruned, model_metrics
 from ballot.export import bake
 from ballot.snapshot import load_snapshot
 from ballot.storage import atomic_write, staged_folder, write_json
-from ballot.train import resolve_device
 from pipelines.common import DATA, DENSE, METRICS, PLOTS, PRUNE, read_json, run_stage
 
 GAPS = ("acc", "cwv", "mcd", "worst_class")
@@ -62,8 +61,7 @@ def draw(rows: list[dict[str, Any]], title: str, path: Path) -> None:
 def main(cfg: ExperimentConfig) -> None:
     data = load_snapshot(DATA)
     model, mask = load_pruned(PRUNE, cfg, data)
-    device = resolve_device(cfg.base.device)
-    sparse = model_metrics(bake(model, mask).to(device), data, cfg.base.device)
+    sparse = model_metrics(bake(model, mask), data, cfg.base.device)
     dense = read_json(DENSE / "metrics.json")
     metrics = summarise(sparse, dense, mask.kept, mask.total)
     rows = per_class_rows(sparse, dense, read_json(DATA / "summary.json")["class_counts"]["test"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ballot.fairness import (balanced_accuracy, class_metrics, evaluate, fairness_class_weights, gap_metrics,
-                             group_metrics, shrunk_class_accuracy)
+                             group_metrics, predict, shrunk_class_accuracy)
 
 
 def test_class_metrics_match_hand_computed_values():
@@ -119,3 +119,16 @@ def test_fairness_objective_trades_accuracy_against_the_class_gap():
 
     assert fairness_objective({"acc": 0.9, "mcd": 0.4}, 0.5) == pytest.approx(0.7)
     assert fairness_objective({"acc": 0.9, "mcd": 0.4}, 0.0) == pytest.approx(0.9)
+
+
+def test_predict_moves_the_model_to_the_device_it_is_given():
+    """A model loaded on the CPU and evaluated on a GPU (ballot evaluate, a reused dense state) must move with its
+    inputs: predict puts it on ``device``."""
+    class Recorder(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            self.moved_to = args
+            return super().to(*args, **kwargs)
+
+    model = Recorder(3, 2)
+    logits = predict(model, torch.ones(5, 3), device="cpu")
+    assert model.moved_to == ("cpu",) and logits.shape == (5, 2)

@@ -78,7 +78,7 @@ def dense_val_accuracy(cfg: ExperimentConfig, data: DataBundle, dense: DenseArti
     device = resolve_device(cfg.base.device)
     model = build_model(cfg.base.model, data.input_shape, data.num_classes)
     model.load_state_dict(dense.trained_state)
-    return float(evaluate(model.to(device), data.val.x, data.val.y, data.num_classes, device=device)["acc"])
+    return float(evaluate(model, data.val.x, data.val.y, data.num_classes, device=device)["acc"])
 
 
 def claim_slot(trial: optuna.Trial, n_trials: int) -> None:
