@@ -215,14 +215,22 @@ def _parallel(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+def _syncs_batchnorm(device: torch.device) -> bool:
+    """Whether training on ``device`` swaps BatchNorm for SyncBatchNorm: several processes, on GPUs."""
+    return distributed.active() and device.type == "cuda"
+
+
 @contextlib.contextmanager
 def _synced_batchnorm(model: nn.Module, device: torch.device) -> Iterator[None]:
     """While the block runs, with several processes on GPUs, ``model``'s BatchNorm layers are SyncBatchNorm layers
     sharing their parameters and buffers, so each normalises a step with the whole global batch's statistics, as one
     process does; the original layers are put back after, so state dicts, masks and exports never see SyncBatchNorm.
-    torch's SyncBatchNorm takes GPU tensors only: on CPUs (gloo) each process normalises with its own share's."""
-    synced = distributed.active() and device.type == "cuda"
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)} if synced else {}
+    torch's SyncBatchNorm takes GPU tensors only: on CPUs (gloo) each process normalises with its own share's.
+    ``model`` moves to ``device`` first: moving replaces buffers, so a move inside the block would leave the original
+    layers' statistics behind, untrained and on the old device."""
+    model.to(device)
+    layers = ({name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+              if _syncs_batchnorm(device) else {})
     for name, layer in layers.items():
         model.set_submodule(name, nn.SyncBatchNorm.convert_sync_batchnorm(layer))
     try:

@@ -17,7 +17,8 @@ from ballot import distributed
 from ballot.masks import Mask, budget
 from ballot.models import build_model
 from ballot.storage import load_tensors
-from ballot.train import _synced_batchnorm
+from ballot import train as train_module
+from ballot.train import _synced_batchnorm, _syncs_batchnorm
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
@@ -106,21 +107,29 @@ def test_the_plateau_schedule_follows_rank_0s_metric_on_every_rank(tmp_path):
 
 
 def test_batchnorm_is_synchronised_over_the_processes_on_gpus_only(monkeypatch):
-    """On GPUs the BatchNorm layers train as SyncBatchNorm layers holding the same tensors, and are put back after;
-    on CPUs they stay as they are (torch's SyncBatchNorm refuses CPU tensors)."""
+    """With several processes the BatchNorm layers train as SyncBatchNorm layers holding the same tensors, and are
+    put back after; on CPUs they stay as they are (torch's SyncBatchNorm refuses CPU tensors)."""
+    assert not _syncs_batchnorm(torch.device("cuda"))  # a single process
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    assert _syncs_batchnorm(torch.device("cuda")) and not _syncs_batchnorm(torch.device("cpu"))
     model = build_model("resnet20", (1, 8, 8), 10)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     names = list(model.state_dict())
-    monkeypatch.setattr(distributed, "active", lambda: True)
     with _synced_batchnorm(model, torch.device("cpu")):
         assert all(model.get_submodule(name) is layer for name, layer in layers.items())
-    with _synced_batchnorm(model, torch.device("cuda")):
+    # the swap itself, on a device that holds no data ('meta'), as the GPU case does it
+    monkeypatch.setattr(train_module, "_syncs_batchnorm", lambda device: True)
+    with _synced_batchnorm(model, torch.device("meta")):
         synced = {name: m for name, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)}
         assert synced.keys() == layers.keys()
         assert all(synced[name].weight is layer.weight and synced[name].running_var is layer.running_var
                    for name, layer in layers.items())
         assert list(model.state_dict()) == names
+        model.to("meta")  # as the training does: a no-op, the model moved before the swap
+        assert all(synced[name].running_mean is layer.running_mean for name, layer in layers.items())
     assert all(model.get_submodule(name) is layer for name, layer in layers.items())
+    # the statistics the training updated are the original layers': moved with the model, not left on the CPU
+    assert {layer.running_mean.device.type for layer in layers.values()} == {"meta"}
 
 
 def test_batchnorm_normalises_each_process_share_on_cpus(tmp_path):
