@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from datetime import timedelta
 from typing import Callable, Mapping, TypeVar
 
 import torch
@@ -17,6 +18,9 @@ import torch.distributed as dist
 from ballot.errors import UserError
 
 T = TypeVar("T")
+# How long a collective waits for the other processes: gloo's default, given to NCCL too (whose own is 10 minutes),
+# so the ranks waiting in ``in_turns`` outlast rank 0's dataset download.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 class DistributedError(RuntimeError):
@@ -69,7 +73,7 @@ def start(device: torch.device) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
 
 
 def stop() -> None:

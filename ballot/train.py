@@ -8,7 +8,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{name}' requested but CUDA is not available")
-    return distributed.local_device(device)
+    device = distributed.local_device(device)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s)")
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -49,6 +53,18 @@ class Batch:
     per_sample: torch.Tensor
     y: torch.Tensor
     global_size: int
+    scaler: torch.amp.GradScaler | None = None  # the step's fp16 gradient scaler
+
+    def gradient(self, params: Sequence[torch.Tensor], class_weights: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, ...]:
+        """d loss(class_weights) / d params by an extra backward through the step's graph (kept for the step's own
+        backward); under fp16 the loss is scaled as the step's is, against underflow, and the gradient unscaled."""
+        loss = self.loss(class_weights)
+        if self.scaler is None:
+            return torch.autograd.grad(loss, params, retain_graph=True)
+        grads = torch.autograd.grad(self.scaler.scale(loss), params, retain_graph=True)
+        scale = self.scaler.get_scale()
+        return tuple(grad / scale for grad in grads)
 
     def loss(self, class_weights: torch.Tensor | None = None) -> torch.Tensor:
         """The (class-weighted) mean loss over the global batch, restricted to this process's samples."""
@@ -267,7 +283,7 @@ class _Steps:
         with self.precision.autocast():
             logits = self.net(x)
             per_sample = F.cross_entropy(logits.float(), y, reduction="none")
-        batch = Batch(per_sample, y, len(idx))
+        batch = Batch(per_sample, y, len(idx), self.precision.scaler)
         weights = self.weights if number >= self.weights_start else None
         loss = batch.loss(weights) * self.world  # DistributedDataParallel averages: x world restores the sum
         if self.hook is not None:

@@ -9,7 +9,7 @@ from ballot.config import (FLOORED_SCHEDULES, BallotConfig, SafeCompressConfig, 
 from ballot.data import Split
 from ballot.masks import Mask, magnitude_scores
 from ballot.models import build_model
-from ballot.train import batch_bounds, floored, lr_factor, recalibrate_batchnorm, resolve_device, stretched, train
+from ballot.train import Batch, batch_bounds, floored, lr_factor, recalibrate_batchnorm, resolve_device, stretched, train
 
 
 def _toy_split(n: int = 96) -> Split:
@@ -123,6 +123,14 @@ def test_device_resolution():
             resolve_device("cuda")
 
 
+def test_a_cuda_device_index_beyond_the_machine_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"'cuda:3' does not exist: this machine has 1 CUDA device"):
+        resolve_device("cuda:3")
+
+
 def test_empty_split_is_rejected():
     with pytest.raises(ValueError, match="empty"):
         train(build_model("mlp", (1, 4, 4), 2), Split(torch.empty(0, 1, 4, 4), torch.empty(0, dtype=torch.long)),
@@ -166,6 +174,23 @@ def test_fp16_hooks_see_unscaled_gradients():
         runs[precision] = recorder.norms
     # the scaler multiplies the loss by 2**16; unscaled, the fp16 gradients match fp32's to fp16 accuracy
     assert runs["fp16"] == pytest.approx(runs["fp32"], rel=0.02)
+
+
+def test_an_extra_fp16_gradient_is_scaled_against_underflow_and_unscaled_after():
+    """Ballot's second gradient (Batch.gradient) under fp16 autocast: per-sample gradients of order 1e-9 vanish in
+    fp16 unless the loss is scaled, as the step's own backward is; scaled, they match fp32's."""
+    torch.manual_seed(0)
+    layer, x, y = torch.nn.Linear(8, 3), torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+
+    def gradient(scaler, fp16):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            per_sample = torch.nn.functional.cross_entropy(layer(x).float(), y, reduction="none")
+        return Batch(per_sample, y, 10**9, scaler).gradient([layer.weight])[0]
+
+    reference = gradient(None, fp16=False)
+    assert torch.count_nonzero(gradient(None, fp16=True)) == 0  # what an unscaled extra backward gets
+    scaled = gradient(torch.amp.GradScaler("cpu", init_scale=2.0**16), fp16=True)
+    assert torch.allclose(scaled, reference, rtol=0, atol=0.01 * float(reference.abs().max()))
 
 
 def test_an_unknown_precision_is_named():

@@ -147,14 +147,14 @@ class GradientCollector(StepHook):
         process's share of it: the shares are summed over the processes once per ballot, in ``cast``)."""
         self._collecting = step % self.cfg.collect_every == 0
         if self._collecting and self.cfg.conflict in GRADIENT_RULES:
-            loss = batch.loss(None if self.fair_steps else self.class_weights)
-            self._other = torch.autograd.grad(loss, self.params, retain_graph=True)
+            self._other = batch.gradient(self.params, None if self.fair_steps else self.class_weights)
 
     def after_backward(self, step: int) -> None:
         """Count the step, and add its gradient and the extra one where a rule compares them, unless a
         mixed-precision overflow made it non-finite."""
         self._steps += 1
-        if self._collecting and all(bool(torch.isfinite(p.grad).all()) for p in self.params):
+        grads = [p.grad for p in self.params] + list(self._other)
+        if self._collecting and all(bool(torch.isfinite(grad).all()) for grad in grads):
             if self.cfg.conflict in GRADIENT_RULES:  # 'none' and 'share' never read g or f
                 for acc, p in zip(self.f if self.fair_steps else self.g, self.params):
                     acc.add_(p.grad)
