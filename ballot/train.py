@@ -76,11 +76,13 @@ class Batch:
 
 class StepHook(Protocol):
     """Observes training steps; Ballot's gradient collection is one. ``after_backward`` sees the step's gradient
-    (unscaled, and summed over the processes)."""
+    (unscaled, and summed over the processes), ``after_step`` the weights the step left (pruned ones zero)."""
 
     def before_backward(self, step: int, batch: Batch) -> None: ...
 
     def after_backward(self, step: int) -> None: ...
+
+    def after_step(self, step: int) -> None: ...
 
 
 class Precision:
@@ -298,6 +300,8 @@ class _Steps:
         self.precision.step(self.optimizer)
         if self.bound is not None:
             self.bound.zero_weights()
+        if self.hook is not None:
+            self.hook.after_step(number)
         return per_sample.detach().sum(), (logits.detach().argmax(1) == y).sum()
 
 

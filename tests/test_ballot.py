@@ -80,6 +80,29 @@ def test_veto_run_bars_contested_weights_from_its_ballots(tiny_data, tiny_dense)
     assert vetoed.mask.kept == plain.mask.kept and vetoed.mask.to_bytes() != plain.mask.to_bytes()
 
 
+def test_votes_vetoed_counts_every_vote_magnitude_would_have_cast_and_the_ballot_did_not():
+    """Two of six weights contested: with k below the layer's size their votes go to the next weights; with k equal
+    to it they go nowhere. Either way two votes were vetoed."""
+    from ballot.config import BallotConfig
+    from ballot.pruning.ballot import GradientCollector
+
+    w, g, f = _hand_built_layer()
+    g[1], f[1] = 2.0, -2.0  # weight 1 contested too
+    layer = torch.nn.Linear(6, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w.view(1, 6))
+    for k, cast in ((3, 3), (6, 4)):
+        collector = GradientCollector(layer, Mask({"weight": torch.ones(1, 6, dtype=torch.bool)}), {"weight": k},
+                                      torch.ones(2), BallotConfig(conflict="veto", conflict_threshold=0.0), period=1)
+        collector.g[0].copy_(g.view(1, 6))
+        collector.f[0].copy_(f.view(1, 6))
+        collector._collected = collector._steps = 1
+        collector.cast(1)
+        assert int(collector.votes["weight"].sum()) == cast
+        assert collector.history[-1]["conflicts"] == 2 and collector.history[-1]["votes_vetoed"] == (1 if k == 3
+                                                                                                       else 2)
+
+
 def test_select_mask_prefers_votes_then_magnitude_per_layer():
     votes = {"w": torch.tensor([3, 3, 1, 0], dtype=torch.int32), "v": torch.tensor([0, 1], dtype=torch.int32)}
     magnitudes = {"w": torch.tensor([0.1, 0.9, 5.0, 9.0]), "v": torch.tensor([7.0, 0.1])}
@@ -207,6 +230,26 @@ def test_votes_history_and_ballot_period(tiny_data, tiny_dense):
     # each ballot gives each layer exactly its round count of votes (the last round's: the final mask's)
     assert {n: int(v.sum()) for n, v in votes.items()} == {n: len(ballots) * k for n, k in result.mask.counts().items()}
     assert max(int(v.max()) for v in votes.values()) == len(ballots), "a weight kept in every ballot"
+
+
+def test_each_ballot_votes_on_the_weights_its_periods_last_update_left(tiny_data, tiny_dense, monkeypatch):
+    """With a ballot every step, the first ballot ranks the weights after one update, never theta_k itself."""
+    seen = []
+
+    class Recording(ballot_module.GradientCollector):
+        def cast(self, step):
+            before = {n: v.clone() for n, v in self.votes.items()}
+            weights = {n: p.detach().clone() for n, p in zip(self.names, self.params)}
+            super().cast(step)
+            seen.append((weights, {n: (self.votes[n] - before[n]).bool() for n in self.votes}))
+
+    monkeypatch.setattr(ballot_module, "GradientCollector", Recording)
+    run_prune(tiny_config("prune.ballot.ballot_every=1", "prune.ballot.rounds=2"), tiny_data, tiny_dense)
+    weights, votes = seen[0]
+    rewind = {n: tiny_dense.rewind_state[n] for n in weights}
+    assert not any(torch.equal(weights[n][votes[n]], rewind[n][votes[n]]) for n in weights), "voted on theta_k"
+    for name, voted in votes.items():  # and the votes are that state's largest survivors
+        assert weights[name][voted].abs().min() >= weights[name][~voted].abs().max()
 
 
 @pytest.mark.parametrize("conflict", ["none", "protect"])

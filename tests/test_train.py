@@ -162,6 +162,9 @@ class _GradientRecorder:
     def after_backward(self, step):
         self.norms.append(float(torch.sqrt(sum(p.grad.float().pow(2).sum() for p in self.params))))
 
+    def after_step(self, step):
+        pass
+
 
 def test_fp16_hooks_see_unscaled_gradients():
     runs = {}

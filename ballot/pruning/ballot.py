@@ -162,6 +162,9 @@ class GradientCollector(StepHook):
                 acc.add_(grad)
             self._collected += 1
         self._other = ()
+
+    def after_step(self, step: int) -> None:
+        """At the end of a period, a ballot on the weights the period's last update left."""
         if (step + 1) % self.period == 0:
             self.cast(step + 1)
 
@@ -186,7 +189,7 @@ class GradientCollector(StepHook):
                       self.probe.shares(self.model, self.params, [self.candidate[n] for n in self.names])]
             for name, share in zip(self.names, shares):
                 self.protection[name] += share.cpu()
-        conflicts, changed = {}, 0
+        conflicts, vetoed = {}, 0  # vetoed: votes magnitude alone would have cast that the ballot did not
         for name, p, g, f in zip(self.names, self.params, self.g, self.f):
             within, w, k = self.candidate[name], p.detach(), self.counts[name]
             scores = w.abs()
@@ -198,9 +201,9 @@ class GradientCollector(StepHook):
                 self.protection[name] += (-w * _unit_rms(f, within)).clamp(min=0).mul(disputed).cpu()
             self.votes[name] += ballot.int().cpu()
             conflicts[name] = int(disputed.sum())
-            changed += int((ballot & ~plain).sum())
+            vetoed += int((plain & ~ballot).sum())
         self.history.append({"ballot": len(self.history) + 1, "step": step, "conflicts": sum(conflicts.values()),
-                             "conflicts_per_layer": conflicts, "votes_vetoed": changed})
+                             "conflicts_per_layer": conflicts, "votes_vetoed": vetoed})
         for acc in self.g + self.f:
             acc.zero_()
         self._collected = self._steps = 0
@@ -220,6 +223,9 @@ class UnitVoter(StepHook):
         pass
 
     def after_backward(self, step: int) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
         self.steps = step + 1
         if self.steps % self.period == 0:
             self.cast()
