@@ -105,7 +105,7 @@ def _dense_states(cfg: ExperimentConfig, data: DataBundle, reuse: str | None, ou
         raise ConfigError(f"--dense '{dense_dir}' holds other files but not the dense states ({', '.join(missing)} "
                           "missing); point it at a new folder or at one a run saved dense states in")
     if reuse and not missing:
-        experiment.check_dense_reuse(dense_dir, cfg)
+        experiment.check_dense_reuse(dense_dir, cfg, data)
         dense, seconds = experiment.load_dense(dense_dir), 0.0
         model = experiment.new_model(cfg, data)
         model.load_state_dict(dense.trained_state)
@@ -113,10 +113,10 @@ def _dense_states(cfg: ExperimentConfig, data: DataBundle, reuse: str | None, ou
     else:
         (model, dense, _), seconds = experiment.timed(experiment.train_dense, cfg, data)
         if not reuse:  # into this process's output folder
-            experiment.save_dense(dense, dense_dir, cfg)
+            experiment.save_dense(dense, dense_dir, cfg, data)
         elif distributed.is_main():  # one process writes the shared --dense folder
             with staged_folder(dense_dir) as staged:
-                experiment.save_dense(dense, staged, cfg)
+                experiment.save_dense(dense, staged, cfg, data)
     dense_metrics = experiment.model_metrics(model, data, cfg.base.device)
     print(f"dense:  {_summary(dense_metrics)}  ({seconds:.1f}s)", file=sys.stderr)
     warning = experiment.weak_dense_warning(dense_metrics["val"])
@@ -196,12 +196,20 @@ def _check_replaceable(out: Path, dense: str | None) -> None:
     ``--dense`` folder, which outlives runs, does not lie inside it."""
     from ballot.experiment import RUN_CONFIG
 
+    _check_dense_folder(dense)
     if dense and Path(dense).resolve().is_relative_to(out.resolve()):
         raise ConfigError(f"--dense '{dense}' lies inside --out '{out}', which every run replaces whole; keep the "
                           f"dense states beside it (e.g. --dense {out.parent / 'dense'})")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_CONFIG).is_file())):
         raise ConfigError(f"--out '{out}' exists and is not a `ballot prune` output (no {RUN_CONFIG}); a run "
                           "replaces its folder whole, so choose a new folder or an earlier run's")
+
+
+def _check_dense_folder(dense: str | None) -> None:
+    """ConfigError when ``--dense`` names something that is not a folder (saving there would replace it)."""
+    if dense and Path(dense).exists() and not Path(dense).is_dir():
+        raise ConfigError(f"--dense '{dense}' is not a folder: give the folder that holds (or will hold) the dense "
+                          "states")
 
 
 def _prune(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -233,17 +241,26 @@ TUNE_FLAGS = {"n_trials": "tune.n_trials", "timeout": "tune.timeout_s", "workers
 def cmd_tune(args: argparse.Namespace) -> None:
     """Run, resume or join the Optuna study over Ballot's knobs; write best_params.yaml and report/."""
     from ballot import experiment
+    from ballot.storage import staged_folder
     from ballot.tuning.report import no_choice_reason
     from ballot.tuning.runner import run_study
+    from ballot.tuning.study import make_storage
 
     args.set = [*(args.set or []), *_flag_overrides({key: getattr(args, dest) for dest, key in TUNE_FLAGS.items()})]
     cfg = _config_from_args(args)
     experiment.check_experiment(cfg)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is not a folder: give the folder for the study, best_params.yaml and the "
+                          "report")
+    _check_dense_folder(args.dense)
+    if cfg.tune.storage:  # a storage that cannot be opened fails before the dense model is trained
+        make_storage(cfg.tune.storage, cfg.tune.heartbeat_s)
     data = _data(cfg, method="ballot")  # every trial runs Ballot
     dense, dense_dir, _, _ = _dense_states(cfg, data, args.dense, out)
-    outcome = run_study(cfg, data, dense, dense_dir=dense_dir, best_path=out / "best_params.yaml",
-                        report_dir=out / "report", default_storage=out / "study.db", tracking_uri=args.tracking_uri)
+    with staged_folder(out / "report") as report:  # replaced whole, once the study is reported
+        outcome = run_study(cfg, data, dense, dense_dir=dense_dir, best_path=out / "best_params.yaml",
+                            report_dir=report, default_storage=out / "study.db", tracking_uri=args.tracking_uri)
     s, trials = outcome.summary, outcome.summary["trials"]
     print(f"tune: study {s['study']}: {trials['finished']} of {s['n_trials_requested']} trials finished "
           f"({trials['pruned']} pruned, {trials['failed']} failed, {trials['infeasible']} infeasible); "
@@ -287,6 +304,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise StorageError(f"--out '{out}' is a folder: give the path of the .onnx file to write")
+    if out.suffix.lower() != ".onnx":  # so it can never overwrite one of the run's own files
+        raise ConfigError(f"--out '{out}' does not end in .onnx: give the path of the .onnx file to write")
     folder, cfg = _run_folder(args.dir)
     metrics = _read_json(folder / "metrics.json")
     data = experiment.prepare_data(cfg)

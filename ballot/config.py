@@ -704,6 +704,11 @@ class TuneConfig:
         _check(self.mcd_weight >= 0, "mcd_weight", f"must be >= 0, got {self.mcd_weight}")
         _check(0 <= self.max_acc_drop <= 1, "max_acc_drop", f"must be in [0, 1], got {self.max_acc_drop}")
         _check(bool(self.experiment.strip()), "experiment", "must not be empty")
+        if self.study_name is not None:
+            _check(bool(self.study_name.strip()), "study_name", "must not be empty (null names the study by its "
+                   "fingerprint)")
+            _check(len(self.study_name) <= MAX_STUDY_NAME, "study_name",
+                   f"at most {MAX_STUDY_NAME} characters (Optuna's storage), got {len(self.study_name)}")
         self.knobs()
         if self.storage is not None:
             check_storage_url(self.storage, where="storage")
@@ -713,16 +718,23 @@ class TuneConfig:
         return parse_space(self.space, where="space")
 
 
+MAX_STUDY_NAME = 512  # Optuna's RDB storage keeps study names in a column of this length
+
+
 def check_storage_url(url: str, where: str = "tune.storage") -> Any:
     """The parsed SQLAlchemy URL; ConfigError naming ``where`` when ``url`` is not one."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
-        return make_url(url)
+        parsed = make_url(url)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError(f"{where}: '{url}' is not a database URL; use sqlite:///path/study.db or "
                           "postgresql://user@host:5432/db") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(f"{where}: '{url}' is an in-memory database, which dies with its process (no resume, no "
+                          "shared workers); use sqlite:///path/study.db")
+    return parsed
 
 
 @dataclass

@@ -67,6 +67,12 @@ class DataBundle:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
 
+    def training_digest(self) -> str:
+        """SHA-256 (hex) of the training and validation inputs and labels: what a dense model was trained and
+        checked on, whatever file they came from."""
+        return distributed.digest({f"{name}.{part}": getattr(split, part) for name, split in
+                                   (("train", self.train), ("val", self.val)) for part in ("x", "y")}).hex()
+
     def input_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the training inputs: per channel for images, per feature otherwise."""
         x = self.train.x

@@ -127,28 +127,40 @@ def dense_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
             "data": data_identity(to_dict(cfg.data)), "train_dense": to_dict(cfg.train_dense)}
 
 
-def save_dense(dense: DenseArtifacts, folder: str | Path, cfg: ExperimentConfig | None = None) -> None:
-    """Write theta_0, theta_k and theta_T as safetensors files in ``folder`` (and, given ``cfg``, dense.json)."""
+DATA_DIGEST_KEY = "data_sha256"  # dense.json: DataBundle.training_digest of the data the states were trained on
+
+
+def save_dense(dense: DenseArtifacts, folder: str | Path, cfg: ExperimentConfig | None = None,
+               data: DataBundle | None = None) -> None:
+    """Write theta_0, theta_k and theta_T as safetensors files in ``folder`` (and, given ``cfg``, dense.json; given
+    ``data`` too, with the digest of the data they were trained on)."""
     for attr, name in DENSE_FILES.items():
         save_state(getattr(dense, attr), Path(folder) / name)
     if cfg is not None:
-        write_json(Path(folder) / DENSE_MANIFEST, dense_manifest(cfg))
+        digest = {DATA_DIGEST_KEY: data.training_digest()} if data is not None else {}
+        write_json(Path(folder) / DENSE_MANIFEST, {**dense_manifest(cfg), **digest})
 
 
-def check_dense_reuse(folder: str | Path, cfg: ExperimentConfig) -> None:
-    """StorageError unless ``folder``'s dense.json records the configuration ``cfg`` would train with."""
+def check_dense_reuse(folder: str | Path, cfg: ExperimentConfig, data: DataBundle) -> None:
+    """StorageError unless ``folder``'s dense.json records the configuration ``cfg`` would train with and, where it
+    records one, the digest of ``data`` (a data file changed in place keeps its configuration)."""
     path = Path(folder) / DENSE_MANIFEST
     manifest = read_json(path, f"'{folder}' has no {DENSE_MANIFEST}, so it cannot be checked against this "
                                "configuration; point --dense at a folder written by `ballot prune` or at a new folder")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("data"), dict):
         raise StorageError(f"'{path}' is not a dense-state manifest (a JSON object with a 'data' object); "
                            "use another --dense folder")
+    recorded_digest = manifest.pop(DATA_DIGEST_KEY, None)  # older manifests have none
     saved = flatten({**manifest, "data": data_identity(manifest["data"])})  # older manifests recorded the location
     wanted = flatten(json.loads(json.dumps(dense_manifest(cfg))))
     differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if differ:
         raise StorageError(f"dense states in '{folder}' were trained with other settings ({', '.join(differ)}); "
                            f"use another --dense folder")
+    if recorded_digest is not None and recorded_digest != data.training_digest():
+        raise StorageError(f"dense states in '{folder}' were trained on other data: the same settings, but the "
+                           "training or validation split's contents differ (a data file changed?); use another "
+                           "--dense folder")
 
 
 def load_dense(folder: str | Path) -> DenseArtifacts:

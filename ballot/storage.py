@@ -116,6 +116,8 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
     where the system allows (Linux), so a reader never finds ``final`` missing.
     """
     final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise StorageError(f"'{final}' is not a folder; a folder output would replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     clear_leftovers(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_prefix(final), suffix=".tmp"))

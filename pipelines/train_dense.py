@@ -19,7 +19,7 @@ def main(cfg: ExperimentConfig) -> None:
     (model, dense, result), seconds = timed(train_dense, cfg, data)
     metrics = {**model_metrics(model, data, cfg.base.device), "seconds": seconds}
     with staged_folder(DENSE) as folder:
-        save_dense(dense, folder, cfg)  # with dense.json, so `--dense artifacts/dense` can be checked
+        save_dense(dense, folder, cfg, data)  # with dense.json, so `--dense artifacts/dense` can be checked
         write_json(folder / "metrics.json", metrics)
         write_json(folder / "history.json", result.history)
     print(f"train_dense: acc {metrics['acc']:.4f}  cwv {metrics['cwv']:.5f}  mcd {metrics['mcd']:.4f}  "

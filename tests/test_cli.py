@@ -179,7 +179,47 @@ def test_a_run_never_replaces_a_folder_it_did_not_write_nor_one_holding_its_dens
     assert main([*args, "--out", str(tmp_path / "run"), "--dense", str(keep.parent)]) == 2
     assert "holds other files but not the dense states" in capsys.readouterr().err
     assert keep.read_text() == "a user's file" and not (tmp_path / "run").exists()
+    for command in (args, ["tune", "--dataset", "digits", *TINY_FLAGS]):  # a file as --dense: refused, untouched
+        assert main([*command, "--out", str(tmp_path / "run"), "--dense", str(keep)]) == 2
+        assert f"--dense '{keep}' is not a folder" in _one_line_error(capsys)
+        assert keep.read_text() == "a user's file" and sorted(p.name for p in keep.parent.iterdir()) == ["notes.txt"]
     assert main([*args, "--out", str(tmp_path / "run")]) == 0 and main([*args, "--out", str(tmp_path / "run")]) == 0
+
+
+def test_dense_reuse_refuses_states_trained_on_other_data_under_the_same_settings(tiny_data, tiny_dense, tmp_path):
+    """A data file replaced in place keeps every setting, so only the recorded digest of the data tells."""
+    import dataclasses
+
+    from tests.conftest import tiny_config
+
+    experiment.save_dense(tiny_dense, tmp_path, tiny_config(), tiny_data)
+    experiment.check_dense_reuse(tmp_path, tiny_config(), tiny_data)
+    relabelled = dataclasses.replace(tiny_data, train=dataclasses.replace(tiny_data.train, y=tiny_data.train.y.flip(0)))
+    with pytest.raises(StorageError, match="were trained on other data"):
+        experiment.check_dense_reuse(tmp_path, tiny_config(), relabelled)
+    experiment.save_dense(tiny_dense, tmp_path, tiny_config())  # a manifest without a digest (older runs) is accepted
+    experiment.check_dense_reuse(tmp_path, tiny_config(), relabelled)
+
+
+def test_tune_refuses_a_file_as_out_and_an_unreachable_storage_before_training(tmp_path, capsys):
+    args = ["tune", "--dataset", "digits", *TINY_FLAGS]
+    (tmp_path / "notes.txt").write_text("a user's file")
+    assert main([*args, "--out", str(tmp_path / "notes.txt")]) == 2
+    assert "is not a folder" in _one_line_error(capsys)
+    assert main([*args, "--out", str(tmp_path / "t"), "--storage", "postgresql://nobody@127.0.0.1:1/none"]) == 2
+    assert "cannot open the Optuna storage postgresql://nobody@127.0.0.1:1/none" in _one_line_error(capsys)
+    assert not (tmp_path / "t").exists(), "no dense model trained first"
+    assert main([*args, "--out", str(tmp_path / "t"), "--storage", "sqlite://"]) == 2
+    assert "in-memory database" in _one_line_error(capsys)
+
+
+@pytest.mark.slow
+def test_tune_replaces_its_report_folder_whole(tmp_path, capsys):
+    stale = tmp_path / "t" / "report" / "pareto_front.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")  # an earlier study's report file
+    assert main(["tune", "--dataset", "digits", *TINY_FLAGS, "--out", str(tmp_path / "t"), "--n-trials", "1"]) == 0
+    assert not stale.exists() and (tmp_path / "t" / "report" / "summary.json").is_file()
 
 
 def test_a_dense_model_near_chance_is_warned_about(tmp_path, capsys):
@@ -339,6 +379,9 @@ def test_export_of_a_folder_with_a_broken_file(pruned, tmp_path, capsys):
     assert "model.safetensors' not found" in _one_line_error(capsys)
     assert main(["export", "--dir", str(pruned), "--out", str(tmp_path)]) == 2
     assert "is a folder" in _one_line_error(capsys)
+    weights = (pruned / "model.safetensors").read_bytes()
+    assert main(["export", "--dir", str(pruned), "--out", str(pruned / "model.safetensors")]) == 2
+    assert "does not end in .onnx" in _one_line_error(capsys) and (pruned / "model.safetensors").read_bytes() == weights
 
 
 def _linear():

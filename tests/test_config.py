@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import yaml
@@ -93,6 +94,17 @@ def test_params_with_odd_keys_get_config_errors(tmp_path):
 def test_a_storage_url_with_a_port_that_is_no_number_is_a_config_error():
     with pytest.raises(ConfigError, match="tune.storage: 'postgresql://u@host:port/db' is not a database URL"):
         experiment_from_params({"tune": {"storage": "postgresql://u@host:port/db"}})
+
+
+@pytest.mark.parametrize("tune, message", [
+    ({"storage": "sqlite://"}, "tune.storage: 'sqlite://' is an in-memory database"),
+    ({"storage": "sqlite:///:memory:"}, "is an in-memory database"),
+    ({"study_name": " "}, "tune.study_name: must not be empty"),
+    ({"study_name": "s" * 513}, "tune.study_name: at most 512 characters"),
+])
+def test_a_study_no_process_could_resume_or_store_is_refused(tune, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        experiment_from_params({"tune": tune})
 
 
 def test_a_binary_params_file_is_named(tmp_path):

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from ballot.errors import StorageError
 from ballot.storage import staged_folder, write_text
 
 
@@ -28,6 +31,16 @@ def test_the_next_writer_removes_what_a_killed_writer_left_and_spares_a_live_one
     write_text(tmp_path / "metrics.json", "{}")
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [f".run.{live}.def.tmp", "metrics.json", "run"]
+
+
+def test_a_folder_output_never_replaces_a_file(tmp_path):
+    """Swapping a file out of the way would leave it as a leftover, which the next writer deletes."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a user's file")
+    with pytest.raises(StorageError, match="is not a folder"):
+        with staged_folder(notes):
+            pass
+    assert notes.read_text() == "a user's file" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_a_kill_between_the_two_renames_leaves_the_old_folder_restored(tmp_path):

@@ -88,7 +88,8 @@ def make_storage(url: str, heartbeat_s: int,
             # Workers opening a new storage at once race to create its tables; the loser finds them made (the schema
             # stamp's IntegrityError, or sqlite's "table ... already exists").
             if not (isinstance(error, IntegrityError) or "already exists" in str(error)):
-                raise StorageError(f"cannot open the Optuna storage {redact(url)}: {error}") from None
+                first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise StorageError(f"cannot open the Optuna storage {redact(url)}: {first_line}") from None
             attempt += 1
             if attempt == 3:
                 raise StorageError(f"cannot open the Optuna storage {redact(url)}: its tables could not be "
