@@ -90,7 +90,7 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
     if tune.workers == 1:
         work(job, data, dense)
     else:
-        run_workers(job, tune.workers)
+        run_workers(job, tune.workers, study, tune.n_trials)
 
     chosen = choose(study)
     if keep_dir is not None:

@@ -297,8 +297,10 @@ def _spawned(job: WorkerJob) -> None:
     work(job)
 
 
-def run_workers(job: WorkerJob, count: int) -> None:
-    """``count`` worker processes (spawned, one torch thread each) on the study; TuneError if any fails."""
+def run_workers(job: WorkerJob, count: int, study: optuna.Study, n_trials: int) -> None:
+    """``count`` worker processes (spawned, one torch thread each) on ``study``. When a worker fails (a kill, an
+    error) but the others still brought the study to ``n_trials`` finished trials, a warning names it; TuneError
+    when the budget is not met."""
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_spawned, args=(WorkerJob(**{**job.__dict__, "worker": job.worker + i}),),
                                  name=f"tune-worker-{i}") for i in range(count)]
@@ -306,6 +308,10 @@ def run_workers(job: WorkerJob, count: int) -> None:
         process.start()
     for process in processes:
         process.join()
-    failed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
-    if failed:
-        raise TuneError(f"worker process(es) failed: {', '.join(failed)}; the study can be resumed")
+    failed = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0)
+    if not failed:
+        return
+    if trial_counts(study)[0] < n_trials:
+        raise TuneError(f"worker process(es) failed: {failed}; the study can be resumed")
+    print(f"warning: worker process(es) failed: {failed}; the other workers finished the study's {n_trials} "
+          "trials", file=sys.stderr)
