@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from ballot.cli import main
-from ballot.config import ExperimentConfig, experiment_from_params
+from ballot.config import ExperimentConfig, experiment_from_params, to_dict
 from ballot.errors import ConfigError, StorageError, TuneError
 from ballot.experiment import load_pruned, run_prune
 from ballot.knobs import parse_space
@@ -40,8 +40,8 @@ from ballot.tuning.space import (
     write_best,
 )
 from ballot.tuning import study as studies
-from ballot.tuning.study import (fingerprint, make_pruner, make_sampler, make_storage, open_study, redact,
-                                 sqlite_url)
+from ballot.tuning.study import (WorkerJob, fingerprint, make_pruner, make_sampler, make_storage, open_study,
+                                 redact, run_workers, sqlite_url)
 from tests.conftest import TINY, tiny_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -295,6 +295,18 @@ def test_a_trial_beyond_the_budget_steps_back(tmp_path):
     with pytest.raises(SurplusTrial):
         claim_slot(second, n_trials=1)
     assert study.trials[1].user_attrs["surplus"] is True
+
+
+def test_a_worker_stopped_by_bad_input_prints_one_line_not_a_traceback(tmp_path, capfd):
+    cfg, url = trial_base(tune_config()), sqlite_url(tmp_path / "study.db")
+    study, _ = open_study(cfg, make_storage(url, heartbeat_s=1), "s", "aaaa", 0)
+    job = WorkerJob(to_dict(cfg), url, "s", "aaaa", str(tmp_path / "no-dense"), None,
+                    f"sqlite:///{tmp_path / 'mlflow.db'}", 0)
+    with pytest.raises(TuneError, match=r"tune-worker-0 \(exit code 2\); the study can be resumed"):
+        run_workers(job, 1, study, n_trials=1)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert f"ballot: error: tune-worker-0: dense weights '{tmp_path / 'no-dense'}" in err
 
 
 # --- feasibility and choice ---------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from ballot.config import (ExperimentConfig, TuneConfig, check_storage_url, data_identity, experiment_from_params,
                            to_dict)
 from ballot.data import DataBundle
-from ballot.errors import StorageError, TuneError
+from ballot.errors import StorageError, TuneError, UserError
 from ballot.pruning import DenseArtifacts
 from ballot.tuning.kept import update_with_states
 from ballot.tuning.objective import COUNTED, SurplusTrial, TrialContext, run_trial
@@ -293,8 +293,13 @@ def work(job: WorkerJob, data: DataBundle | None = None, dense: DenseArtifacts |
 
 
 def _spawned(job: WorkerJob) -> None:
+    """A spawned worker; bad input (a UserError) ends it with one line on stderr and exit code 2, like the CLI."""
     torch.set_num_threads(1)  # workers share the cores; two threads each would contend (docs/tuning.md)
-    work(job)
+    try:
+        work(job)
+    except UserError as error:
+        print(f"ballot: error: {multiprocessing.current_process().name}: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_workers(job: WorkerJob, count: int, study: optuna.Study, n_trials: int) -> None:
