@@ -17,9 +17,10 @@ import optuna
 import pytest
 import torch
 import yaml
+from optuna.trial import TrialState
 
 from ballot.cli import main
-from ballot.config import ExperimentConfig, experiment_from_params
+from ballot.config import ExperimentConfig, experiment_from_params, to_dict
 from ballot.errors import ConfigError, StorageError, TuneError
 from ballot.experiment import load_pruned, run_prune
 from ballot.knobs import parse_space
@@ -40,8 +41,8 @@ from ballot.tuning.space import (
     write_best,
 )
 from ballot.tuning import study as studies
-from ballot.tuning.study import (fingerprint, make_pruner, make_sampler, make_storage, open_study, redact,
-                                 sqlite_url)
+from ballot.tuning.study import (WorkerJob, enqueue_baseline, fingerprint, make_pruner, make_sampler, make_storage,
+                                 open_study, redact, run_workers, sqlite_url)
 from tests.conftest import TINY, tiny_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -295,6 +296,56 @@ def test_a_trial_beyond_the_budget_steps_back(tmp_path):
     with pytest.raises(SurplusTrial):
         claim_slot(second, n_trials=1)
     assert study.trials[1].user_attrs["surplus"] is True
+
+
+def test_the_baseline_is_queued_again_only_when_it_failed_and_a_racing_duplicate_steps_back():
+    cfg = trial_base(tune_config())
+    knobs, study = check_space(cfg), optuna.create_study(direction="maximize")
+    enqueue_baseline(study, cfg, knobs)
+    enqueue_baseline(study, cfg, knobs)
+    assert [(t.state, t.user_attrs) for t in study.trials] == [(TrialState.WAITING, {"baseline": True})]
+    killed = study.ask()  # trial 0, Ballot's configured values
+    enqueue_baseline(study, cfg, knobs)
+    assert len(study.trials) == 1, "a running baseline is not queued again"
+    study.tell(killed, state=TrialState.FAIL)  # as the heartbeat marks a killed worker's trial
+    enqueue_baseline(study, cfg, knobs)  # two workers at the same instant
+    study.enqueue_trial(current_values(cfg, knobs), user_attrs={"baseline": True})
+    first, second = study.ask(), study.ask()
+    claim_slot(first, n_trials=4)
+    with pytest.raises(SurplusTrial, match="already runs Ballot's configured values"):
+        claim_slot(second, n_trials=4)
+    assert (first.number, second.number) == (1, 2) and second.user_attrs["surplus"] is True
+    outside = trial_base(tune_config("prune.ballot.conflict_threshold=3.0"))
+    empty = optuna.create_study(direction="maximize")
+    enqueue_baseline(empty, outside, check_space(outside))
+    assert empty.trials == [], "no baseline when a configured value lies outside the space"
+
+
+def test_a_baseline_trial_that_failed_runs_again_when_the_study_resumes(tmp_path):
+    out, uri = tmp_path / "tune", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = ["tune", *TUNE_FLAGS, "--out", str(out), "--dense", str(tmp_path / "dense"), "--tracking-uri", uri]
+    assert main([*command, "--n-trials", "1", "--timeout", "1e-9"]) == 0  # the study is created; no trial starts
+    study = optuna.load_study(study_name=json.loads((out / "report" / "summary.json").read_text())["study"],
+                              storage=sqlite_url(out / "study.db"))
+    study.tell(study.ask(), state=TrialState.FAIL)  # trial 0, the baseline, lost as a killed worker's trial is
+    assert main([*command, "--n-trials", "1"]) == 0
+    trials = study.trials
+    assert [(t.state, t.user_attrs.get("baseline")) for t in trials] == \
+        [(TrialState.FAIL, True), (TrialState.COMPLETE, True)]
+    assert trials[1].params == {"prune.ballot.conflict_threshold": 0.5, "prune.ballot.refine_train.epochs": 2}
+    assert json.loads((out / "report" / "summary.json").read_text())["baseline"]["number"] == 1
+
+
+def test_a_worker_stopped_by_bad_input_prints_one_line_not_a_traceback(tmp_path, capfd):
+    cfg, url = trial_base(tune_config()), sqlite_url(tmp_path / "study.db")
+    study, _ = open_study(cfg, make_storage(url, heartbeat_s=1), "s", "aaaa", 0)
+    job = WorkerJob(to_dict(cfg), url, "s", "aaaa", str(tmp_path / "no-dense"), None,
+                    f"sqlite:///{tmp_path / 'mlflow.db'}", 0)
+    with pytest.raises(TuneError, match=r"tune-worker-0 \(exit code 2\); the study can be resumed"):
+        run_workers(job, 1, study, n_trials=1)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert f"ballot: error: tune-worker-0: dense weights '{tmp_path / 'no-dense'}" in err
 
 
 # --- feasibility and choice ---------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.slow
 # Trials of a few seconds each, so that the test can catch one running and kill it.
 LONG_SPACE = {"prune.ballot.conflict_threshold": {"type": "float", "low": 0.1, "high": 2.0, "log": True},
               "prune.ballot.refine_train.epochs": {"type": "int", "low": 150, "high": 200}}
+# Trials long enough to be caught running, short enough for a study of several of them.
+MID_SPACE = {**LONG_SPACE, "prune.ballot.refine_train.epochs": {"type": "int", "low": 20, "high": 30}}
 STUDY = "killed"
 
 
@@ -106,3 +108,32 @@ def test_sigkill_mid_trial_then_resume_reaches_the_exact_count(tmp_path, tiny_de
     experiment = client.get_experiment_by_name("ballot-tune")
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`optuna.trial` = '{victim}'")
     assert [(r.info.status, r.data.tags["optuna.state"]) for r in runs] == [("FAILED", "FAIL")]
+
+
+def test_a_killed_worker_is_replaced_and_the_completed_study_is_reported(tmp_path, tiny_dense):
+    out, dense = tmp_path / "tune", tmp_path / "dense"
+    save_dense(tiny_dense, dense, tiny_config())
+    command = [sys.executable, "-m", "ballot.cli", "tune", *TUNE_FLAGS, "--set", f"tune.space={json.dumps(MID_SPACE)}",
+               "--out", str(out), "--dense", str(dense), "--n-trials", "3", "--workers", "2", "--study-name", STUDY,
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = tmp_path / "workers.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            victim = _wait_for_a_trial_mid_run(process, out / "study.db", log, timeout=240)
+            worker_pid = int(_load(sqlite_url(out / "study.db")).trials[victim].user_attrs["worker"].split(":")[-1])
+            os.kill(worker_pid, signal.SIGKILL)  # one worker process, not the command
+            process.wait(timeout=400)
+        finally:
+            process.kill()
+            process.wait()
+    output = log.read_text()
+    assert process.returncode == 0, output[-3000:]
+    assert "warning: worker process(es) failed: tune-worker-" in output and "(exit code -9)" in output
+
+    study = optuna.load_study(study_name=STUDY, storage=sqlite_url(out / "study.db"))
+    assert study.trials[victim].state == TrialState.FAIL and len(_finished(study)) == 3, "the survivor replaced it"
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["trials"]["finished"] == 3 and summary["trials"]["failed"] == 1
+    assert (out / "best_params.yaml").is_file()

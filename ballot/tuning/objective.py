@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from ballot.config import ExperimentConfig
 from ballot.data import DataBundle
@@ -37,6 +37,8 @@ from ballot.tuning.space import with_values
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 CONSTRAINT = "acc_drop"
+BASELINE = "baseline"  # user attribute of the trials queued with Ballot's configured values
+HELD = (*COUNTED, TrialState.WAITING)  # a baseline trial in these states ran, runs or will run
 
 
 class SurplusTrial(Exception):
@@ -81,16 +83,25 @@ def dense_val_accuracy(cfg: ExperimentConfig, data: DataBundle, dense: DenseArti
     return float(evaluate(model, data.val.x, data.val.y, data.num_classes, device=device)["acc"])
 
 
-def claim_slot(trial: optuna.Trial, n_trials: int) -> None:
-    """Raise SurplusTrial when ``n_trials`` earlier trials are already finished or running.
+def baseline_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's baseline trials that ran, run or wait to run (a FAILed one, e.g. killed, is lost)."""
+    return [t for t in study.get_trials(deepcopy=False, states=HELD) if t.user_attrs.get(BASELINE)]
 
-    Workers check the budget before asking for a trial, but two of them can ask at the same moment; trial
-    numbers are unique and ordered, so the later one sees the earlier one here and steps back.
+
+def claim_slot(trial: optuna.Trial, n_trials: int) -> None:
+    """Raise SurplusTrial when ``n_trials`` earlier trials are already finished or running, or when the trial is a
+    baseline and an earlier baseline trial ran, runs or waits.
+
+    Workers check the budget (and queue the baseline) before asking for a trial, but two of them can do so at the
+    same moment; trial numbers are unique and ordered, so the later one sees the earlier one here and steps back.
     """
     earlier = [t for t in trial.study.get_trials(deepcopy=False, states=COUNTED) if t.number < trial.number]
     if len(earlier) >= n_trials:
         trial.set_user_attr("surplus", True)
         raise SurplusTrial(f"trial {trial.number}: the study already has {n_trials} trials finished or running")
+    if trial.user_attrs.get(BASELINE) and any(t.number < trial.number for t in baseline_trials(trial.study)):
+        trial.set_user_attr("surplus", True)
+        raise SurplusTrial(f"trial {trial.number}: an earlier trial already runs Ballot's configured values")
 
 
 def _record(trial: optuna.Trial, metrics: dict[str, Any], mcd_weight: float) -> float:

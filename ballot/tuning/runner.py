@@ -19,10 +19,11 @@ from ballot.tuning.kept import keep_only
 from ballot.tuning.mlflow_runs import PARENT_ATTR, TrialLogger, finish_parent, start_parent
 from ballot.tuning.objective import dense_val_accuracy, thin_validation_warning
 from ballot.tuning.report import choose, no_choice_reason, write_report
-from ballot.tuning.space import OBJECTIVE_WEIGHT_KEY, check_space, current_values, trial_base, write_best
+from ballot.tuning.space import OBJECTIVE_WEIGHT_KEY, check_space, trial_base, write_best
 from ballot.tuning.study import (
     DENSE_ACC_ATTR,
     WorkerJob,
+    enqueue_baseline,
     fingerprint,
     make_storage,
     open_study,
@@ -74,9 +75,7 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
 
     def initialise(study: optuna.Study) -> None:
         study.set_user_attr(DENSE_ACC_ATTR, dense_val_accuracy(base, data, dense))
-        defaults = current_values(base, knobs)
-        if all(knob.contains(defaults[knob.key]) for knob in knobs):  # trial 0: Ballot's configured values
-            study.enqueue_trial(defaults, user_attrs={"baseline": True})
+        enqueue_baseline(study, base, knobs)  # trial 0: Ballot's configured values
         study.set_user_attr(PARENT_ATTR, start_parent(client, tune.experiment, name, redact(storage_url),
                                                       to_dict(base)))
 
@@ -90,7 +89,7 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
     if tune.workers == 1:
         work(job, data, dense)
     else:
-        run_workers(job, tune.workers)
+        run_workers(job, tune.workers, study, tune.n_trials)
 
     chosen = choose(study)
     if keep_dir is not None:

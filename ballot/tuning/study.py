@@ -5,7 +5,8 @@ Before each trial a worker fails stale trials (Optuna's heartbeat: a RUNNING tri
 twice ``tune.heartbeat_s`` becomes FAIL), then starts one only if finished + running trials are below the budget,
 else it waits for the running ones; a trial that still finds the budget taken (two workers asked at once) steps
 back as a FAIL marked ``surplus`` without running. A killed worker therefore costs one FAIL trial, which the
-survivors (or the next run on the same storage) replace, and the finished count ends exact.
+survivors (or the next run on the same storage) replace, and the finished count ends exact. A lost baseline trial
+(Ballot's configured values) is queued again before the next trial (``enqueue_baseline``).
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from optuna.trial import TrialState
 from ballot.config import (ExperimentConfig, TuneConfig, check_storage_url, data_identity, experiment_from_params,
                            to_dict)
 from ballot.data import DataBundle
-from ballot.errors import StorageError, TuneError
+from ballot.errors import StorageError, TuneError, UserError
+from ballot.knobs import Knob
 from ballot.pruning import DenseArtifacts
 from ballot.tuning.kept import update_with_states
-from ballot.tuning.objective import COUNTED, SurplusTrial, TrialContext, run_trial
+from ballot.tuning.objective import BASELINE, COUNTED, SurplusTrial, TrialContext, baseline_trials, run_trial
+from ballot.tuning.space import current_values
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DIRECTIONS = {"single": ["maximize"], "multi": ["maximize", "minimize"]}
@@ -235,9 +238,20 @@ def trial_counts(study: optuna.Study) -> tuple[int, int]:
     return sum(t.state in FINISHED for t in trials), len(trials)
 
 
+def enqueue_baseline(study: optuna.Study, cfg: ExperimentConfig, knobs: list[Knob]) -> None:
+    """Queue a trial of Ballot's configured values (user attribute ``baseline``) unless a baseline trial ran, runs or
+    waits, or a configured value lies outside the space (then the study has none). Two processes may queue one at
+    the same moment: the later-numbered steps back when it starts (``claim_slot``)."""
+    if baseline_trials(study):
+        return
+    values = current_values(cfg, knobs)
+    if all(knob.contains(values[knob.key]) for knob in knobs):
+        study.enqueue_trial(values, user_attrs={BASELINE: True})
+
+
 def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[..., None]]) -> int:
-    """Run trials until the study holds ``tune.n_trials`` finished ones or ``tune.timeout_s`` passes; returns how
-    many trials this worker ran."""
+    """Run trials until the study holds ``tune.n_trials`` finished ones or ``tune.timeout_s`` passes, queueing the
+    baseline again first if it was lost (a killed worker's trial); returns how many trials this worker ran."""
     tune = ctx.cfg.tune
     poll = max(0.2, min(2.0, tune.heartbeat_s / 2))
     started, ran = time.monotonic(), 0
@@ -251,6 +265,7 @@ def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[
         if taken >= tune.n_trials:  # the rest of the budget is running elsewhere (or stale, until failed)
             time.sleep(poll)
             continue
+        enqueue_baseline(study, ctx.cfg, ctx.knobs)
         study.optimize(partial(run_trial, ctx=ctx), n_trials=1, callbacks=callbacks, catch=(SurplusTrial,))
         ran += 1
 
@@ -294,12 +309,19 @@ def work(job: WorkerJob, data: DataBundle | None = None, dense: DenseArtifacts |
 
 
 def _spawned(job: WorkerJob) -> None:
+    """A spawned worker; bad input (a UserError) ends it with one line on stderr and exit code 2, like the CLI."""
     torch.set_num_threads(1)  # workers share the cores; two threads each would contend (docs/tuning.md)
-    work(job)
+    try:
+        work(job)
+    except UserError as error:
+        print(f"ballot: error: {multiprocessing.current_process().name}: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
-def run_workers(job: WorkerJob, count: int) -> None:
-    """``count`` worker processes (spawned, one torch thread each) on the study; TuneError if any fails."""
+def run_workers(job: WorkerJob, count: int, study: optuna.Study, n_trials: int) -> None:
+    """``count`` worker processes (spawned, one torch thread each) on ``study``. When a worker fails (a kill, an
+    error) but the others still brought the study to ``n_trials`` finished trials, a warning names it; TuneError
+    when the budget is not met."""
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_spawned, args=(WorkerJob(**{**job.__dict__, "worker": job.worker + i}),),
                                  name=f"tune-worker-{i}") for i in range(count)]
@@ -307,6 +329,10 @@ def run_workers(job: WorkerJob, count: int) -> None:
         process.start()
     for process in processes:
         process.join()
-    failed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
-    if failed:
-        raise TuneError(f"worker process(es) failed: {', '.join(failed)}; the study can be resumed")
+    failed = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0)
+    if not failed:
+        return
+    if trial_counts(study)[0] < n_trials:
+        raise TuneError(f"worker process(es) failed: {failed}; the study can be resumed")
+    print(f"warning: worker process(es) failed: {failed}; the other workers finished the study's {n_trials} "
+          "trials", file=sys.stderr)
