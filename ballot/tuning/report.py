@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ballot.storage import atomic_write, write_json
+from ballot.tuning.objective import BASELINE
 from ballot.tuning.study import FINISHED
 
 METRICS = ("objective", "val_acc", "val_cwv", "val_mcd", "val_worst_class")
@@ -60,7 +61,7 @@ def summarise(study: optuna.Study, n_trials: int, chosen: FrozenTrial | None) ->
     times = [t for t in trials if t.datetime_start is not None and t.datetime_complete is not None]
     span = (max(t.datetime_complete for t in times) - min(t.datetime_start for t in times)).total_seconds() \
         if times else 0.0
-    baseline = next((t for t in complete if t.user_attrs.get("baseline")), None)
+    baseline = next((t for t in complete if t.user_attrs.get(BASELINE)), None)
     return {
         "study": study.study_name,
         "n_trials_requested": n_trials,

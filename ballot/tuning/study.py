@@ -75,7 +75,7 @@ def make_storage(url: str, heartbeat_s: int,
 
     parsed = check_storage_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
+        if parsed.database:  # check_storage_url refuses in-memory databases
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine: dict[str, Any] = {"connect_args": {"timeout": 60}}  # wait for another process's write lock
     else:
