@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -71,11 +72,31 @@ def check_sqlite_store(uri: str) -> None:
                                    "an MLflow sqlite file or server")
 
 
+def check_file_store(uri: str) -> None:
+    """StorageError when ``uri`` is a path or ``file:`` URI, MLflow's filesystem store: MLflow 3 refuses it (it is
+    in maintenance mode) with a trace from deep inside the client, unless MLFLOW_ALLOW_FILE_STORE opts back in."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file") or len(scheme) == 1 and scheme.isalpha():  # one letter: a Windows drive
+        if not MLFLOW_ALLOW_FILE_STORE.get():
+            raise StorageError(f"tracking URI '{uri}' is a file store, which MLflow 3 no longer supports here: use "
+                               "sqlite:///path/to/mlflow.db or an http(s):// tracking server")
+
+
+def check_store(uri: str) -> None:
+    """The checks of ``uri`` that need no network (``check_file_store``, ``check_sqlite_store``): a command can run
+    them before it writes anything."""
+    check_file_store(uri)
+    check_sqlite_store(uri)
+
+
 def connect(uri: str):
-    """Point MLflow at ``uri`` (tracking and registry) and return a client for it."""
+    """Point MLflow at ``uri`` (tracking and registry) and return a client for it; StorageError, before anything
+    is written, for a store MLflow cannot use."""
     import mlflow
 
-    check_sqlite_store(uri)
+    check_store(uri)
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -24,6 +24,7 @@ from ballot.tracking import (
     CHALLENGER,
     CHAMPION,
     VERSION_TAG_KEYS,
+    check_store,
     connect,
     fail_orphan_runs,
     flatten,
@@ -289,6 +290,27 @@ def test_a_tracking_file_that_is_not_sqlite_is_named(tmp_path):
     junk.write_bytes(bytes(range(256)) * 8)
     with pytest.raises(StorageError, match="is not an SQLite database"):
         connect(f"sqlite:///{junk}")
+
+
+@pytest.mark.parametrize("uri", ["./mlruns", "mlruns", "file://{tmp}/mlruns"])
+def test_a_file_store_is_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys, uri):
+    """MLflow 3 refuses its filesystem store with a trace from inside the client: register and promote name it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    _tiny_onnx(tmp_path / "m.onnx", 0)
+    uri = uri.format(tmp=tmp_path)
+    for command in (["register", "--onnx", "m.onnx", "--tracking-uri", uri], ["promote", "--name", "m", "--version",
+                                                                              "1", "--tracking-uri", uri]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err == f"ballot: error: tracking URI '{uri}' is a file store, which MLflow 3 no longer supports " \
+                      "here: use sqlite:///path/to/mlflow.db or an http(s):// tracking server\n"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["promote", "--name", "m", "--version", "1"]) == 2
+    assert "is a file store" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx"], "nothing written"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out still opts out
+    check_store(uri)
 
 
 KILLED_REGISTER = """
