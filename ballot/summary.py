@@ -51,7 +51,7 @@ def summary(metrics: Mapping[str, Any]) -> str:
     density = metrics["density"]
     rows = [
         ("method", str(metrics["method"])),
-        ("density", f"{density:.4f} kept ({1 - density:.1%} pruned)"),
+        ("density", f"{density:.4f} kept ({1 - density:.1%} pruned)" if _known(density) else "n/a"),
         ("accuracy", _against_dense(metrics["acc"], dense.get("acc"), 4, points=True)),
         ("CWV", _against_dense(metrics["cwv"], dense.get("cwv"), 5)),
         ("MCD", _against_dense(metrics["mcd"], dense.get("mcd"), 4)),
@@ -60,7 +60,7 @@ def summary(metrics: Mapping[str, Any]) -> str:
     if metrics.get("final_choice"):
         rows.append(("final training", final_choice_text(metrics["final_choice"])))
     if metrics.get("onnx_bytes") is not None:
-        rows.append(("ONNX", file_size(int(metrics["onnx_bytes"]))))
+        rows.append(("ONNX", file_size(int(metrics["onnx_bytes"])) if _known(metrics["onnx_bytes"]) else "n/a"))
     registration = metrics.get("registration")
     if registration:
         rows.append(("registered", f"{registration['name']} version {registration['version']} "
