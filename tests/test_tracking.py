@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -311,6 +312,41 @@ def test_a_file_store_is_refused_in_one_line_before_anything_is_written(tmp_path
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx"], "nothing written"
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out still opts out
     check_store(uri)
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, noted, closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["promote", "--name", "tiny-digits", "--version", "1"],
+                                     ["register", "--onnx", "m.onnx"]])
+def test_an_unreachable_tracking_server_is_named_in_one_line(tmp_path, command):
+    """MLflow alone retries an unreachable server for about four minutes; promote then called it a missing version."""
+    export_onnx(nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).eval(), (1, 2, 3), tmp_path / "m.onnx", _card(0.8))
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), MLFLOW_DISABLE_TELEMETRY="true")
+    done = subprocess.run([sys.executable, "-m", "ballot.cli", *command, "--tracking-uri", uri], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=150)
+    assert (done.returncode, done.stderr) == (2, f"ballot: error: cannot reach the tracking server {uri}: "
+                                                 "Connection refused\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_promote_tells_a_registry_failure_from_a_missing_version(registry):
+    uri, _ = registry
+
+    class Unavailable(mlflow.MlflowClient):
+        def get_model_version(self, *args, **kwargs):
+            raise mlflow.exceptions.MlflowException("API request failed: 503", error_code="TEMPORARILY_UNAVAILABLE")
+
+    with pytest.raises(PromotionError) as raised:
+        promote(Unavailable(tracking_uri=uri, registry_uri=uri), "some-model", "1", CFG)
+    assert str(raised.value) == "cannot read version '1' of model 'some-model' from the registry: API request " \
+                                "failed: 503"
 
 
 KILLED_REGISTER = """
