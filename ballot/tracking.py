@@ -108,9 +108,12 @@ def bounded_requests(timeout_s: int) -> Iterator[None]:
             os.environ.pop(key, None)
 
 
-def _failure(error: BaseException) -> str:
-    """The reason in a requests connection error's long text ('Connection refused'), else the kind of failure."""
+def _failure(error: BaseException, timeout_s: str) -> str:
+    """In a few words, why a request got no answer: a timeout, the reason in a requests connection error's long text
+    ('Connection refused'), else the kind of failure."""
     text = str(error)
+    if "TimeoutError" in text or "timed out" in text:  # requests wraps a read timeout in a ConnectionError
+        return f"no answer within {timeout_s} s"
     found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text) or re.search(r"Caused by (\w+)", text)
     return found.group(1) if found else type(error).__name__
 
@@ -127,11 +130,9 @@ def check_server(client: Any, uri: str, timeout_s: int = SERVER_PROBE_TIMEOUT_S)
             client.search_experiments(max_results=1)
         except MlflowException as error:
             cause = error.__cause__ or error.__context__
-            if isinstance(cause, requests.Timeout):
-                raise StorageError(f"cannot reach the tracking server {uri}: no answer within "
-                                   f"{os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT']} s") from None
-            if isinstance(cause, requests.ConnectionError):
-                raise StorageError(f"cannot reach the tracking server {uri}: {_failure(cause)}") from None
+            if isinstance(cause, (requests.ConnectionError, requests.Timeout)):
+                reason = _failure(cause, os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+                raise StorageError(f"cannot reach the tracking server {uri}: {reason}") from None
 
 
 def connect(uri: str):

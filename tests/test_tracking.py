@@ -25,6 +25,7 @@ from ballot.tracking import (
     CHALLENGER,
     CHAMPION,
     VERSION_TAG_KEYS,
+    check_server,
     check_store,
     connect,
     fail_orphan_runs,
@@ -334,6 +335,19 @@ def test_an_unreachable_tracking_server_is_named_in_one_line(tmp_path, command):
     assert (done.returncode, done.stderr) == (2, f"ballot: error: cannot reach the tracking server {uri}: "
                                                  "Connection refused\n")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_tracking_server_that_does_not_answer_is_named(monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(StorageError) as raised:
+            check_server(mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri, timeout_s=1)
+    assert str(raised.value) == f"cannot reach the tracking server {uri}: no answer within 1 s"
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ, "the probe's limits end with it"
 
 
 def test_promote_tells_a_registry_failure_from_a_missing_version(registry):
