@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -60,7 +61,9 @@ def test_pipeline_summary_reads_the_stage_outputs(tmp_path, monkeypatch, capsys)
     assert "final training  refined (val objective 0.7000; plain 0.6000)" in capsys.readouterr().out
     (tmp_path / "artifacts/export").mkdir()
     (tmp_path / "artifacts/export/export.json").write_text(json.dumps({"onnx_bytes": 900}))
-    (tmp_path / "artifacts/register.json").write_text(json.dumps({"name": "m", "version": "2", "alias": "challenger"}))
+    (tmp_path / "artifacts/export/model.onnx").write_bytes(b"onnx")
+    (tmp_path / "artifacts/register.json").write_text(json.dumps({"name": "m", "version": "2", "alias": "challenger",
+                                                                  "onnx_sha256": hashlib.sha256(b"onnx").hexdigest()}))
     assert script.main() == 0
     assert summary({**METRICS, "final_choice": choice, "onnx_bytes": 900,
                     "registration": {"name": "m", "version": "2", "alias": "challenger"}}) in capsys.readouterr().out
