@@ -87,7 +87,10 @@ def promote(client: Any, name: str, version: str, cfg: PromoteConfig) -> Decisio
     try:
         candidate = client.get_model_version(name, str(version))
     except MlflowException as error:
-        raise PromotionError(f"model '{name}' has no version '{version}': {error.message}") from None
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise PromotionError(f"model '{name}' has no version '{version}': {error.message}") from None
+        raise PromotionError(f"cannot read version '{version}' of model '{name}' from the registry: "
+                             f"{error.message}") from None
     _check_complete(client, candidate, name)
     try:  # the alias list says whether a champion exists; any error reading it must stop the gate
         aliases = client.get_registered_model(name).aliases

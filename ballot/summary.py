@@ -45,13 +45,14 @@ def summary(metrics: Mapping[str, Any]) -> str:
     ``metrics`` has ``method``, ``density`` (fraction kept), ``acc``, ``cwv``, ``mcd``, ``worst_class`` and
     ``worst_class_name``; optionally ``dense`` ({acc, cwv, mcd} of the dense model), ``final_choice`` (which of
     competing final trainings was kept, and their validation objectives), ``onnx_bytes`` and ``registration``
-    ({name, version, alias}). Unknown numbers (None, NaN) read 'n/a'.
+    ({name, version, alias}; ``stale`` true when register.json registered an earlier export, not this model).
+    Unknown numbers (None, NaN) read 'n/a'.
     """
     dense = metrics.get("dense") or {}
     density = metrics["density"]
     rows = [
         ("method", str(metrics["method"])),
-        ("density", f"{density:.4f} kept ({1 - density:.1%} pruned)"),
+        ("density", f"{density:.4f} kept ({1 - density:.1%} pruned)" if _known(density) else "n/a"),
         ("accuracy", _against_dense(metrics["acc"], dense.get("acc"), 4, points=True)),
         ("CWV", _against_dense(metrics["cwv"], dense.get("cwv"), 5)),
         ("MCD", _against_dense(metrics["mcd"], dense.get("mcd"), 4)),
@@ -60,9 +61,12 @@ def summary(metrics: Mapping[str, Any]) -> str:
     if metrics.get("final_choice"):
         rows.append(("final training", final_choice_text(metrics["final_choice"])))
     if metrics.get("onnx_bytes") is not None:
-        rows.append(("ONNX", file_size(int(metrics["onnx_bytes"]))))
+        rows.append(("ONNX", file_size(int(metrics["onnx_bytes"])) if _known(metrics["onnx_bytes"]) else "n/a"))
     registration = metrics.get("registration")
-    if registration:
+    if registration and registration.get("stale"):
+        rows.append(("registered", f"not this model (register.json names version {registration['version']} of an "
+                                   "earlier export; run the register stage)"))
+    elif registration:
         rows.append(("registered", f"{registration['name']} version {registration['version']} "
                                    f"@{registration['alias']}"))
     width = max(len(label) for label, _ in rows)

@@ -18,7 +18,8 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -71,15 +72,81 @@ def check_sqlite_store(uri: str) -> None:
                                    "an MLflow sqlite file or server")
 
 
-def connect(uri: str):
-    """Point MLflow at ``uri`` (tracking and registry) and return a client for it."""
-    import mlflow
+def check_file_store(uri: str) -> None:
+    """StorageError when ``uri`` is a path or ``file:`` URI, MLflow's filesystem store: MLflow 3 refuses it (it is
+    in maintenance mode) with a trace from deep inside the client, unless MLFLOW_ALLOW_FILE_STORE opts back in."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file") or len(scheme) == 1 and scheme.isalpha():  # one letter: a Windows drive
+        if not MLFLOW_ALLOW_FILE_STORE.get():
+            raise StorageError(f"tracking URI '{uri}' is a file store, which MLflow 3 no longer supports here: use "
+                               "sqlite:///path/to/mlflow.db or an http(s):// tracking server")
+
+
+def check_store(uri: str) -> None:
+    """The checks of ``uri`` that need no network (``check_file_store``, ``check_sqlite_store``): a command can run
+    them before it writes anything."""
+    check_file_store(uri)
     check_sqlite_store(uri)
 
+
+SERVER_PROBE_TIMEOUT_S = 15  # as long as `ballot serve --registry-timeout` lets each start-up request take
+
+
+@contextlib.contextmanager
+def bounded_requests(timeout_s: int) -> Iterator[None]:
+    """Inside the block MLflow's HTTP requests give up after ``timeout_s`` seconds, without retries; a value set in
+    the environment (MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES) wins."""
+    wanted = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    added = {key: value for key, value in wanted.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _failure(error: BaseException, timeout_s: str) -> str:
+    """In a few words, why a request got no answer: a timeout, the reason in a requests connection error's long text
+    ('Connection refused'), else the kind of failure."""
+    text = str(error)
+    if "TimeoutError" in text or "timed out" in text:  # requests wraps a read timeout in a ConnectionError
+        return f"no answer within {timeout_s} s"
+    found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text) or re.search(r"Caused by (\w+)", text)
+    return found.group(1) if found else type(error).__name__
+
+
+def check_server(client: Any, uri: str, timeout_s: int = SERVER_PROBE_TIMEOUT_S) -> None:
+    """StorageError when the tracking server at ``uri`` does not answer one request within ``timeout_s`` seconds;
+    any answer will do, an error status included. (MLflow alone retries for about four minutes, then fails on
+    whatever it was asked, which promote took for a missing version.)"""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    with bounded_requests(timeout_s):
+        try:
+            client.search_experiments(max_results=1)
+        except MlflowException as error:
+            cause = error.__cause__ or error.__context__
+            if isinstance(cause, (requests.ConnectionError, requests.Timeout)):
+                reason = _failure(cause, os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+                raise StorageError(f"cannot reach the tracking server {uri}: {reason}") from None
+
+
+def connect(uri: str):
+    """Point MLflow at ``uri`` (tracking and registry) and return a client for it; StorageError, before anything
+    is written, for a store MLflow cannot use or a tracking server that does not answer (``check_server``)."""
+    import mlflow
+
+    check_store(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if urlparse(uri).scheme in ("http", "https"):
+        check_server(client, uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return client
 
 
 def numeric_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

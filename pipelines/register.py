@@ -43,6 +43,7 @@ def main(cfg: ExperimentConfig) -> None:
     export_report = read_json(EXPORT / REPORT_FILE)
     card = read_metadata(EXPORT / MODEL_FILE)
     example = load_tensors(EXPORT / EXAMPLE_FILE, "input example")["input"].numpy()
+    onnx_sha256 = tracking.file_sha256(EXPORT / MODEL_FILE)  # names the registered file in register.json
     tracking.connect(tracking.resolve_tracking_uri(cfg.register.tracking_uri))
     run_tags = tracking.git_state()
     if DVC_LOCK.is_file():
@@ -58,7 +59,7 @@ def main(cfg: ExperimentConfig) -> None:
             # the configuration prune actually ran with (params.yaml with the tuned values applied)
             params=tracking.flatten(read_json(PRUNE / "config.json")),
             metrics={**tracking.numeric_metrics(metrics), **tracking.numeric_metrics(export_report, "export.")})
-    write_json(REGISTER, asdict(registration))
+    write_json(REGISTER, {**asdict(registration), "onnx_sha256": onnx_sha256})
     write_text(MODEL_CARD, text)
     print(f"register: {registration.name} version {registration.version} @{registration.alias}  "
           f"run {registration.run_id}  ({registration.tracking_uri})")

@@ -3,24 +3,52 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 from ballot.errors import StorageError
 from ballot.summary import summary
-from pipelines.common import EXPORT, METRICS, PRUNE, REGISTER, REPORT_FILE, read_json
+from ballot.tracking import file_sha256
+from pipelines.common import EXPORT, METRICS, MODEL_FILE, PRUNE, REGISTER, REPORT_FILE, read_json
+
+METRIC_KEYS = ("density", "acc", "cwv", "mcd", "worst_class")  # what the block reads from metrics.json
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+              type(None): "null"}
+
+
+def read_object(path: Path, keys: Sequence[str] = ()) -> dict[str, Any]:
+    """A stage's JSON object file; StorageError naming ``path`` when it holds another JSON value or lacks one of
+    ``keys``."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise StorageError(f"'{path}' holds {JSON_TYPES[type(data)]}, not a JSON object: run the stage that "
+                           "writes it (dvc repro)")
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise StorageError(f"'{path}' has no '{missing[0]}': run the stage that writes it (dvc repro)")
+    return data
+
+
+def exported(registration: dict[str, Any]) -> bool:
+    """Whether ``registration`` (register.json) registered the current export: its ``onnx_sha256`` is that of
+    artifacts/export/model.onnx. register.json persists through a failed register stage, and then names a version of
+    an earlier export."""
+    model = EXPORT / MODEL_FILE
+    return model.is_file() and registration.get("onnx_sha256") == file_sha256(model)
 
 
 def collect() -> dict[str, Any]:
     """metrics.json with the method (prune's metrics), the record of competing final trainings (prune's details, when
-    they ran), the ONNX size (export.json) and the registered version (register.json); the last two only when those
-    stages have run."""
-    metrics = {**read_json(METRICS), "method": read_json(PRUNE / "metrics.json")["method"]}
+    they ran), the ONNX size (export.json) and the registered version (register.json, marked ``stale`` when it
+    registered another file than the current export); the last two only when those stages have run."""
+    metrics = {**read_object(METRICS, METRIC_KEYS), "method": read_object(PRUNE / "metrics.json", ["method"])["method"]}
     if (PRUNE / "details.json").is_file():
-        metrics["final_choice"] = read_json(PRUNE / "details.json").get("final_choice")
+        metrics["final_choice"] = read_object(PRUNE / "details.json").get("final_choice")
     if (EXPORT / REPORT_FILE).is_file():
-        metrics["onnx_bytes"] = read_json(EXPORT / REPORT_FILE)["onnx_bytes"]
+        metrics["onnx_bytes"] = read_object(EXPORT / REPORT_FILE, ["onnx_bytes"])["onnx_bytes"]
     if REGISTER.is_file():
-        metrics["registration"] = read_json(REGISTER)
+        registration = read_object(REGISTER, ["name", "version", "alias"])
+        metrics["registration"] = {**registration, "stale": not exported(registration)}
     return metrics
 
 

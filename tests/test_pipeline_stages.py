@@ -214,3 +214,52 @@ def test_tune_stage_refuses_an_external_storage(tmp_path, monkeypatch, capsys):
     assert stop.value.code == 2
     assert "tune.storage: the pipeline's tune stage keeps its study in" in capsys.readouterr().err
     assert not (tmp_path / "artifacts").exists()
+
+
+def _stage_inputs(seed: int) -> None:
+    """In the working folder, the files the register stage reads, for a tiny linear model exported with ``seed``."""
+    from ballot.export import export_onnx
+
+    torch.manual_seed(seed)
+    card = {"density": 0.5, "acc": 0.8, "cwv": 0.01, "mcd": 0.2, "worst_class": 0.6, "dataset": "toy",
+            "method": "lth", "model": "linear", "class_names": ["a", "b", "c"], "input_shape": [1, 2, 3],
+            "dense_acc": 0.9}
+    model_file = export_onnx(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3)).eval(), (1, 2, 3),
+                             "artifacts/export/model.onnx", card)
+    atomic_save_tensors({"input": torch.rand(1, 1, 2, 3)}, "artifacts/export/input_example.safetensors")
+    write_json("artifacts/export/export.json", {"onnx_bytes": model_file.stat().st_size})
+    write_json("metrics.json", {key: card[key] for key in ("density", "acc", "cwv", "mcd", "worst_class")})
+    write_json("plots/per_class.json", [{"class": c, "sparse": 0.8, "dense": 0.9, "test_samples": 3} for c in "abc"])
+    write_json("artifacts/prune/metrics.json", {"method": "lth"})
+    write_json("artifacts/prune/config.json", {"prune": {"method": "lth"}})
+    for folder in ("dense", "prune"):
+        write_json(f"artifacts/{folder}/history.json", [])
+
+
+def test_the_summary_reports_a_registration_only_for_the_model_it_registered(tmp_path, monkeypatch, capsys):
+    """register.json persists through a failed register stage: after a new export it names another model."""
+    mlflow = pytest.importorskip("mlflow")
+    import pipelines.register
+    import pipelines.summary
+    from ballot.tracking import file_sha256
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("artifacts/export", "artifacts/prune", "artifacts/dense", "plots"):
+        Path(folder).mkdir(parents=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    _stage_inputs(seed=0)
+    try:
+        pipelines.register.main(ExperimentConfig())
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    written = load_yaml(Path("artifacts/register.json"))
+    assert written["onnx_sha256"] == file_sha256("artifacts/export/model.onnx") and written["version"] == "1"
+    capsys.readouterr()
+    assert pipelines.summary.main() == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "registered   ballot-fashion-mnist version 1 @challenger"
+    _stage_inputs(seed=1)  # prune, evaluate and export ran again; register failed (or has not run yet)
+    assert pipelines.summary.main() == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("registered   not this model (register.json names version 1 "
+                                                        "of an earlier export; run the register stage)")

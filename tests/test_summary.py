@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+
+import pytest
 
 from ballot.summary import file_size, summary
 
@@ -58,7 +61,9 @@ def test_pipeline_summary_reads_the_stage_outputs(tmp_path, monkeypatch, capsys)
     assert "final training  refined (val objective 0.7000; plain 0.6000)" in capsys.readouterr().out
     (tmp_path / "artifacts/export").mkdir()
     (tmp_path / "artifacts/export/export.json").write_text(json.dumps({"onnx_bytes": 900}))
-    (tmp_path / "artifacts/register.json").write_text(json.dumps({"name": "m", "version": "2", "alias": "challenger"}))
+    (tmp_path / "artifacts/export/model.onnx").write_bytes(b"onnx")
+    (tmp_path / "artifacts/register.json").write_text(json.dumps({"name": "m", "version": "2", "alias": "challenger",
+                                                                  "onnx_sha256": hashlib.sha256(b"onnx").hexdigest()}))
     assert script.main() == 0
     assert summary({**METRICS, "final_choice": choice, "onnx_bytes": 900,
                     "registration": {"name": "m", "version": "2", "alias": "challenger"}}) in capsys.readouterr().out
@@ -71,3 +76,27 @@ def test_pipeline_summary_without_metrics_exits_2(tmp_path, monkeypatch, capsys)
     assert script.main() == 2
     err = capsys.readouterr().err
     assert err.startswith("summary: error: 'metrics.json' not found") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("metrics, prune, message", [
+    ({}, {"method": "ballot"}, "'metrics.json' has no 'density'"),
+    ([], {"method": "ballot"}, "'metrics.json' holds an array, not a JSON object"),
+    ({k: v for k, v in METRICS.items() if k != "cwv"}, {"method": "ballot"}, "'metrics.json' has no 'cwv'"),
+    (METRICS, {}, "'artifacts/prune/metrics.json' has no 'method'"),
+    (METRICS, "ballot", "'artifacts/prune/metrics.json' holds a string, not a JSON object"),
+])
+def test_pipeline_summary_names_a_metrics_file_of_the_wrong_shape(tmp_path, monkeypatch, capsys, metrics, prune,
+                                                                   message):
+    from pipelines import summary as script
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "artifacts/prune").mkdir(parents=True)
+    (tmp_path / "artifacts/prune/metrics.json").write_text(json.dumps(prune))
+    assert script.main() == 2
+    assert capsys.readouterr().err == f"summary: error: {message}: run the stage that writes it (dvc repro)\n"
+
+
+def test_summary_reads_an_unknown_density_or_size_as_not_available():
+    lines = summary({**METRICS, "density": None, "onnx_bytes": "big"}).splitlines()
+    assert lines[1] == "density      n/a" and lines[-1] == "ONNX         n/a"

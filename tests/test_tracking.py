@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ from ballot.tracking import (
     CHALLENGER,
     CHAMPION,
     VERSION_TAG_KEYS,
+    check_server,
+    check_store,
     connect,
     fail_orphan_runs,
     flatten,
@@ -289,6 +292,75 @@ def test_a_tracking_file_that_is_not_sqlite_is_named(tmp_path):
     junk.write_bytes(bytes(range(256)) * 8)
     with pytest.raises(StorageError, match="is not an SQLite database"):
         connect(f"sqlite:///{junk}")
+
+
+@pytest.mark.parametrize("uri", ["./mlruns", "mlruns", "file://{tmp}/mlruns"])
+def test_a_file_store_is_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys, uri):
+    """MLflow 3 refuses its filesystem store with a trace from inside the client: register and promote name it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    _tiny_onnx(tmp_path / "m.onnx", 0)
+    uri = uri.format(tmp=tmp_path)
+    for command in (["register", "--onnx", "m.onnx", "--tracking-uri", uri], ["promote", "--name", "m", "--version",
+                                                                              "1", "--tracking-uri", uri]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err == f"ballot: error: tracking URI '{uri}' is a file store, which MLflow 3 no longer supports " \
+                      "here: use sqlite:///path/to/mlflow.db or an http(s):// tracking server\n"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["promote", "--name", "m", "--version", "1"]) == 2
+    assert "is a file store" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx"], "nothing written"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out still opts out
+    check_store(uri)
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, noted, closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["promote", "--name", "tiny-digits", "--version", "1"],
+                                     ["register", "--onnx", "m.onnx"]])
+def test_an_unreachable_tracking_server_is_named_in_one_line(tmp_path, command):
+    """MLflow alone retries an unreachable server for about four minutes; promote then called it a missing version."""
+    export_onnx(nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).eval(), (1, 2, 3), tmp_path / "m.onnx", _card(0.8))
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), MLFLOW_DISABLE_TELEMETRY="true")
+    done = subprocess.run([sys.executable, "-m", "ballot.cli", *command, "--tracking-uri", uri], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=150)
+    assert (done.returncode, done.stderr) == (2, f"ballot: error: cannot reach the tracking server {uri}: "
+                                                 "Connection refused\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_tracking_server_that_does_not_answer_is_named(monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(StorageError) as raised:
+            check_server(mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri, timeout_s=1)
+    assert str(raised.value) == f"cannot reach the tracking server {uri}: no answer within 1 s"
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ, "the probe's limits end with it"
+
+
+def test_promote_tells_a_registry_failure_from_a_missing_version(registry):
+    uri, _ = registry
+
+    class Unavailable(mlflow.MlflowClient):
+        def get_model_version(self, *args, **kwargs):
+            raise mlflow.exceptions.MlflowException("API request failed: 503", error_code="TEMPORARILY_UNAVAILABLE")
+
+    with pytest.raises(PromotionError) as raised:
+        promote(Unavailable(tracking_uri=uri, registry_uri=uri), "some-model", "1", CFG)
+    assert str(raised.value) == "cannot read version '1' of model 'some-model' from the registry: API request " \
+                                "failed: 503"
 
 
 KILLED_REGISTER = """
