@@ -244,6 +244,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from ballot.storage import staged_folder
     from ballot.tuning.report import no_choice_reason
     from ballot.tuning.runner import run_study
+    from ballot.tracking import connect, resolve_tracking_uri
     from ballot.tuning.study import make_storage
 
     args.set = [*(args.set or []), *_flag_overrides({key: getattr(args, dest) for dest, key in TUNE_FLAGS.items()})]
@@ -254,8 +255,10 @@ def cmd_tune(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out '{out}' is not a folder: give the folder for the study, best_params.yaml and the "
                           "report")
     _check_dense_folder(args.dense)
-    if cfg.tune.storage:  # a storage that cannot be opened fails before the dense model is trained
+    # a storage or tracking store that cannot be used fails before the dense model is trained
+    if cfg.tune.storage:
         make_storage(cfg.tune.storage, cfg.tune.heartbeat_s)
+    connect(resolve_tracking_uri(cfg.register.tracking_uri, args.tracking_uri))
     data = _data(cfg, method="ballot")  # every trial runs Ballot
     dense, dense_dir, _, _ = _dense_states(cfg, data, args.dense, out)
     with staged_folder(out / "report") as report:  # replaced whole, once the study is reported
