@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -48,14 +48,17 @@ def curves(points: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return {m: sorted(rows, key=lambda r: r["density"]) for m, rows in by_method.items()}
 
 
-def plot_rows(points: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """'<folder>/<method>.json' -> rows of density and the folder's columns (see PLOT_COLUMNS)."""
+def plot_rows(points: list[dict[str, Any]], methods: Sequence[str] = ()) -> dict[str, list[dict[str, Any]]]:
+    """'<folder>/<method>.json' -> rows of density and the folder's columns (see PLOT_COLUMNS), for every method of
+    ``points`` and of ``methods`` (a method without points gets an empty file, so a plot tool finds it)."""
+    by_method = {method: [] for method in methods} | curves(points)
     return {f"{folder}/{method}.json": [{"density": r["density"], **{c: r[c] for c in columns}} for r in rows]
-            for folder, columns in PLOT_COLUMNS.items() for method, rows in curves(points).items()}
+            for folder, columns in PLOT_COLUMNS.items() for method, rows in by_method.items()}
 
 
 def plot_curves(points: list[dict[str, Any]], dense: dict[str, Any], path: str | Path) -> Path:
-    """Accuracy and CWV against density (log scale), one line per method, the dense model as a dashed line."""
+    """Accuracy and CWV against density (log scale), one line per method, the dense model as a dashed line; without
+    points, a figure that says the sweep is off."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,6 +66,13 @@ def plot_curves(points: list[dict[str, Any]], dense: dict[str, Any], path: str |
 
     from matplotlib.ticker import NullFormatter
 
+    if not points:
+        fig = plt.figure(figsize=(10, 3.8))
+        fig.text(0.5, 0.5, "The density sweep is off: set sweep.densities to draw accuracy and CWV against density.",
+                 ha="center", va="center")
+        written = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+        return written
     densities = sorted({round(r["density"], 4) for r in points})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in zip(axes, ("acc", "cwv"), ("test accuracy", "class-wise variance (lower = fairer)")):

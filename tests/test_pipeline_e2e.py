@@ -225,6 +225,8 @@ def test_the_density_sweep_draws_one_curve_per_method(project):
     from PIL import Image
 
     assert project.json("sweep/density_curve.json") == {"points": []}, "the sweep is off by default"
+    shown = json.loads(project.dvc("plots", "show", "--json").stdout)
+    assert not shown.get("errors"), f"off, every declared plot still loads: {shown.get('errors')}"
     try:
         result = project.dvc("exp", "run", "-S", "sweep.densities=[0.5,0.2]", "-S", "sweep.methods=[magnitude,lth]",
                              "sweep")

@@ -43,6 +43,13 @@ def test_plot_rows_hold_one_file_per_folder_and_method_with_its_columns():
                     "cwv/lth.json": [{"density": 0.05, "cwv": 0.01}, {"density": 0.2, "cwv": 0.01}]}
 
 
+def test_with_the_sweep_off_every_configured_method_gets_empty_plot_files_and_the_figure_says_so(tmp_path):
+    assert plot_rows([], ["lth", "ballot"]) == {"accuracy/lth.json": [], "accuracy/ballot.json": [],
+                                                "cwv/lth.json": [], "cwv/ballot.json": []}
+    with Image.open(plot_curves([], {"acc": 0.95, "cwv": 0.005}, tmp_path / "curve.png")) as image:
+        assert image.format == "PNG"
+
+
 def test_the_figure_is_a_png(tmp_path):
     points = [{"method": m, "density": d, "acc": 0.9 - d, "cwv": 0.01 + d} for m in ("lth", "ballot")
               for d in (0.2, 0.05)]
