@@ -13,7 +13,7 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ballot.config import (
     GRANULARITIES,
@@ -65,17 +65,22 @@ def _read_json(path: Path) -> Any:
     return read_json(path, f"'{path.parent}' has no {path.name}: is it the --out folder of `ballot prune`?")
 
 
-def _run_folder(path: str) -> tuple[Path, ExperimentConfig]:
-    """(folder, the configuration it was pruned with) of a `ballot prune` output folder."""
+def _run_folder(path: str, export_overrides: Sequence[str] = ()) -> tuple[Path, ExperimentConfig]:
+    """(folder, the configuration it was pruned with) of a `ballot prune` output folder, with ``export_overrides``
+    ('export.KEY=VALUE': only those, the other settings decided the model) applied."""
     from ballot.experiment import RUN_CONFIG
 
+    outside = [item for item in export_overrides if not item.startswith("export.")]
+    if outside:
+        raise ConfigError(f"--set {outside[0]}: only export.* settings can change here; the others are the run's "
+                          f"own ({RUN_CONFIG})")
     folder = Path(path)
     if not folder.is_dir():
         raise StorageError(f"'{folder}' is not a folder: pass the --out folder of `ballot prune`")
     params = _read_json(folder / RUN_CONFIG)
     if not isinstance(params, dict):
         raise StorageError(f"'{folder / RUN_CONFIG}' does not hold a configuration (a JSON object)")
-    return folder, experiment_from_params(params)
+    return folder, experiment_from_params(apply_overrides(params, list(export_overrides)))
 
 
 def _data(cfg: ExperimentConfig, method: str | None = None) -> DataBundle:
@@ -309,7 +314,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise StorageError(f"--out '{out}' is a folder: give the path of the .onnx file to write")
     if out.suffix.lower() != ".onnx":  # so it can never overwrite one of the run's own files
         raise ConfigError(f"--out '{out}' does not end in .onnx: give the path of the .onnx file to write")
-    folder, cfg = _run_folder(args.dir)
+    folder, cfg = _run_folder(args.dir, args.set or [])
     metrics = _read_json(folder / "metrics.json")
     data = experiment.prepare_data(cfg)
     model, mask = experiment.load_pruned(folder, cfg, data)
@@ -446,6 +451,8 @@ def build_parser(serve_only: bool = False) -> argparse.ArgumentParser:
         export.add_argument("--dir", required=True, help="output folder of `ballot prune`")
         export.add_argument("--out", required=True, help="ONNX file to write (replaced only when the parity check "
                                                          "passes)")
+        export.add_argument("--set", action="append", metavar="export.KEY=VALUE",
+                            help="change an export setting of the run (e.g. export.quantize=static); repeatable")
         export.set_defaults(func=cmd_export)
 
         register = commands.add_parser("register", help="register an exported ONNX file as a new version in the MLflow "

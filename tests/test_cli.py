@@ -386,6 +386,18 @@ def test_export_of_a_folder_with_a_broken_file(pruned, tmp_path, capsys):
     assert "does not end in .onnx" in _one_line_error(capsys) and (pruned / "model.safetensors").read_bytes() == weights
 
 
+def test_export_settings_can_change_at_export_and_only_they(pruned, tmp_path, capsys):
+    from ballot.export import read_metadata
+
+    out = tmp_path / "int8.onnx"
+    assert main(["export", "--dir", str(pruned), "--out", str(out), "--set", "export.quantize=dynamic",
+                 "--set", "export.max_quant_acc_drop=1", "--set", "export.max_quant_cwv_rise=1"]) == 0
+    assert "INT8" in capsys.readouterr().err and read_metadata(out)["quantization"] == "dynamic"
+    assert main(["export", "--dir", str(pruned), "--out", str(tmp_path / "b.onnx"), "--set", "base.density=0.5"]) == 2
+    assert "--set base.density=0.5: only export.* settings can change here" in _one_line_error(capsys)
+    assert not (tmp_path / "b.onnx").exists()
+
+
 def _linear():
     from torch import nn
 
