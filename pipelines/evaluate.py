@@ -13,20 +13,28 @@ from ballot.storage import atomic_write, staged_folder, write_json
 from pipelines.common import DATA, DENSE, METRICS, PLOTS, PRUNE, read_json, run_stage
 
 GAPS = ("acc", "cwv", "mcd", "worst_class")
+GROUP_GAPS = ("group_var", "group_gap", "worst_group")  # present when the data has a sensitive attribute
+
+
+def _gaps(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {key: metrics[key] for key in (*GAPS, *GROUP_GAPS) if key in metrics}
 
 
 def summarise(sparse: dict[str, Any], dense: dict[str, Any], kept: int, total: int) -> dict[str, Any]:
-    """metrics.json: the sparse model's test metrics, per-class accuracy by name, density, dense and val references."""
+    """metrics.json: the sparse model's test metrics, per-class accuracy by name (and, with a sensitive attribute,
+    per-group accuracy and its gaps), density, dense and val references."""
     names = sparse["class_names"]
+    groups = {"per_group": sparse["per_group"]} if "per_group" in sparse else {}
     return {
-        **{key: sparse[key] for key in GAPS},
+        **_gaps(sparse),
+        **groups,
         "worst_class_name": names[sparse["worst_class_index"]],
         "density": kept / total,
         "kept_weights": kept,
         "total_weights": total,
         "per_class": dict(zip(names, sparse["per_class"])),
-        "dense": {key: dense[key] for key in GAPS},
-        "val": {key: sparse["val"][key] for key in GAPS},
+        "dense": _gaps(dense),
+        "val": _gaps(sparse["val"]),
     }
 
 

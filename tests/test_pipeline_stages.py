@@ -200,6 +200,18 @@ def test_metrics_summary_reports_density_from_the_mask_and_classes_by_name():
     assert metrics["density"] == 0.025 and metrics["kept_weights"] == 25
     assert metrics["per_class"] == {"a": 0.5, "b": 1.0, "c": 0.75} and metrics["worst_class_name"] == "a"
     assert metrics["dense"]["acc"] == 0.8 and metrics["val"]["mcd"] == 0.6
+    assert "per_group" not in metrics and "group_gap" not in metrics["dense"]
+
+
+def test_metrics_summary_carries_the_group_gaps_when_the_data_has_a_sensitive_attribute():
+    group = {"per_group": {0: 0.9, 1: 0.6}, "group_var": 0.0225, "group_gap": 0.3, "worst_group": 0.6}
+    sparse = {"acc": 0.75, "cwv": 0.04, "mcd": 0.5, "worst_class": 0.5, "worst_class_index": 0, **group,
+              "per_class": [0.5, 1.0], "class_names": ["a", "b"],
+              "val": {"acc": 0.7, "cwv": 0.1, "mcd": 0.6, "worst_class": 0.4, **group, "group_gap": 0.2}}
+    dense = {"acc": 0.8, "cwv": 0.02, "mcd": 0.3, "worst_class": 0.6, **group, "group_gap": 0.1}
+    metrics = summarise(sparse, dense, kept=25, total=1000)
+    assert metrics["per_group"] == {0: 0.9, 1: 0.6} and metrics["group_gap"] == 0.3
+    assert metrics["dense"]["group_gap"] == 0.1 and metrics["val"]["group_gap"] == 0.2
 
 
 def test_tune_stage_refuses_an_external_storage(tmp_path, monkeypatch, capsys):
