@@ -42,7 +42,7 @@ from ballot.tuning.space import (
 )
 from ballot.tuning import study as studies
 from ballot.tuning.study import (WorkerJob, enqueue_baseline, fingerprint, make_pruner, make_sampler, make_storage,
-                                 open_study, redact, run_workers, sqlite_url)
+                                 open_study, outside_space, redact, run_workers, sqlite_url)
 from tests.conftest import TINY, tiny_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -319,6 +319,8 @@ def test_the_baseline_is_queued_again_only_when_it_failed_and_a_racing_duplicate
     empty = optuna.create_study(direction="maximize")
     enqueue_baseline(empty, outside, check_space(outside))
     assert empty.trials == [], "no baseline when a configured value lies outside the space"
+    assert outside_space(outside, check_space(outside)) == ["prune.ballot.conflict_threshold (3.0)"]
+    assert outside_space(cfg, knobs) == []
 
 
 def test_a_baseline_trial_that_failed_runs_again_when_the_study_resumes(tmp_path):

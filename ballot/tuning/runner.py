@@ -27,6 +27,7 @@ from ballot.tuning.study import (
     fingerprint,
     make_storage,
     open_study,
+    outside_space,
     redact,
     run_workers,
     sqlite_url,
@@ -66,6 +67,10 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
     if warning:
         print(warning, file=sys.stderr)
     base = trial_base(cfg)
+    outside = outside_space(base, knobs)
+    if outside:
+        print(f"tune: no baseline trial: the configured {', '.join(outside)} lie outside the search space, so the "
+              f"study reports no comparison with Ballot's own settings", file=sys.stderr)
     tune = base.tune
     storage_url = tune.storage or sqlite_url(default_storage)
     fp = fingerprint(base, dense)

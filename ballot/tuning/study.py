@@ -238,15 +238,18 @@ def trial_counts(study: optuna.Study) -> tuple[int, int]:
     return sum(t.state in FINISHED for t in trials), len(trials)
 
 
+def outside_space(cfg: ExperimentConfig, knobs: list[Knob]) -> list[str]:
+    """'key (value)' of each configured value the search space does not hold: then the study has no baseline."""
+    values = current_values(cfg, knobs)
+    return [f"{knob.key} ({values[knob.key]!r})" for knob in knobs if not knob.contains(values[knob.key])]
+
+
 def enqueue_baseline(study: optuna.Study, cfg: ExperimentConfig, knobs: list[Knob]) -> None:
     """Queue a trial of Ballot's configured values (user attribute ``baseline``) unless a baseline trial ran, runs or
     waits, or a configured value lies outside the space (then the study has none). Two processes may queue one at
     the same moment: the later-numbered steps back when it starts (``claim_slot``)."""
-    if baseline_trials(study):
-        return
-    values = current_values(cfg, knobs)
-    if all(knob.contains(values[knob.key]) for knob in knobs):
-        study.enqueue_trial(values, user_attrs={BASELINE: True})
+    if not baseline_trials(study) and not outside_space(cfg, knobs):
+        study.enqueue_trial(current_values(cfg, knobs), user_attrs={BASELINE: True})
 
 
 def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[..., None]]) -> int:
