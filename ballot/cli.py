@@ -260,10 +260,11 @@ def cmd_tune(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out '{out}' is not a folder: give the folder for the study, best_params.yaml and the "
                           "report")
     _check_dense_folder(args.dense)
-    # a storage or tracking store that cannot be used fails before the dense model is trained
+    # a tracking store or storage that cannot be used fails before the dense model is trained (the storage's tables
+    # are created on opening, so the tracking store is checked first)
+    connect(resolve_tracking_uri(cfg.register.tracking_uri, args.tracking_uri))
     if cfg.tune.storage:
         make_storage(cfg.tune.storage, cfg.tune.heartbeat_s)
-    connect(resolve_tracking_uri(cfg.register.tracking_uri, args.tracking_uri))
     data = _data(cfg, method="ballot")  # every trial runs Ballot
     dense, dense_dir, _, _ = _dense_states(cfg, data, args.dense, out)
     with staged_folder(out / "report") as report:  # replaced whole, once the study is reported
@@ -449,8 +450,8 @@ def build_parser(serve_only: bool = False) -> argparse.ArgumentParser:
         export = commands.add_parser("export", help="write a `ballot prune` output folder as one ONNX file (masks "
                                                     "baked in, model card inside), checked against PyTorch")
         export.add_argument("--dir", required=True, help="output folder of `ballot prune`")
-        export.add_argument("--out", required=True, help="ONNX file to write (replaced only when the parity check "
-                                                         "passes)")
+        export.add_argument("--out", required=True, help="ONNX file to write, ending in .onnx (replaced only when "
+                                                         "the parity check passes)")
         export.add_argument("--set", action="append", metavar="export.KEY=VALUE",
                             help="change an export setting of the run (e.g. export.quantize=static); repeatable")
         export.set_defaults(func=cmd_export)

@@ -35,8 +35,8 @@ class UnknownMethodError(UserError, ValueError):
 
 
 class PromotionError(UserError, ValueError):
-    """The model or version does not exist, lacks the tags the gate reads, or its registration did not complete; the
-    message says which."""
+    """The model or version does not exist, lacks the tags the gate reads, its registration did not complete, or the
+    registry refused to answer; the message says which."""
 
 
 class TuneError(UserError, RuntimeError):

@@ -18,7 +18,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -26,6 +26,8 @@ import numpy as np
 from ballot.config import flatten
 from ballot.errors import RegistryError, StorageError
 from ballot.storage import pid_alive, process_start
+from serving.model_source import bounded_requests
+from serving.settings import Settings
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 VERSION_TAG_KEYS = ("density", "acc", "cwv", "mcd", "worst_class", "dataset", "method", "model", "class_names",
@@ -76,9 +78,9 @@ def check_file_store(uri: str) -> None:
     """StorageError when ``uri`` is a path or ``file:`` URI, MLflow's filesystem store: MLflow 3 refuses it (it is
     in maintenance mode) with a trace from deep inside the client, unless MLFLOW_ALLOW_FILE_STORE opts back in."""
     from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    from mlflow.utils.uri import is_local_uri
 
-    scheme = urlparse(uri).scheme
-    if scheme in ("", "file") or len(scheme) == 1 and scheme.isalpha():  # one letter: a Windows drive
+    if is_local_uri(uri, is_tracking_or_registry_uri=True):  # MLflow's own test ('databricks' is not a path)
         if not MLFLOW_ALLOW_FILE_STORE.get():
             raise StorageError(f"tracking URI '{uri}' is a file store, which MLflow 3 no longer supports here: use "
                                "sqlite:///path/to/mlflow.db or an http(s):// tracking server")
@@ -91,34 +93,20 @@ def check_store(uri: str) -> None:
     check_sqlite_store(uri)
 
 
-SERVER_PROBE_TIMEOUT_S = 15  # as long as `ballot serve --registry-timeout` lets each start-up request take
+SERVER_PROBE_TIMEOUT_S = Settings.registry_timeout  # as long as `ballot serve` lets each start-up request take
 
 
-@contextlib.contextmanager
-def bounded_requests(timeout_s: int) -> Iterator[None]:
-    """Inside the block MLflow's HTTP requests give up after ``timeout_s`` seconds, without retries; a value set in
-    the environment (MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES) wins."""
-    wanted = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    added = {key: value for key, value in wanted.items() if key not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
-
-
-def _failure(error: BaseException, timeout_s: str) -> str:
+def _failure(error: BaseException, timeout_s: float) -> str:
     """In a few words, why a request got no answer: a timeout, the reason in a requests connection error's long text
     ('Connection refused'), else the kind of failure."""
     text = str(error)
     if "TimeoutError" in text or "timed out" in text:  # requests wraps a read timeout in a ConnectionError
-        return f"no answer within {timeout_s} s"
+        return f"no answer within {timeout_s:g} s"
     found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text) or re.search(r"Caused by (\w+)", text)
     return found.group(1) if found else type(error).__name__
 
 
-def check_server(client: Any, uri: str, timeout_s: int = SERVER_PROBE_TIMEOUT_S) -> None:
+def check_server(client: Any, uri: str, timeout_s: float = SERVER_PROBE_TIMEOUT_S) -> None:
     """StorageError when the tracking server at ``uri`` does not answer one request within ``timeout_s`` seconds;
     any answer will do, an error status included. (MLflow alone retries for about four minutes, then fails on
     whatever it was asked, which promote took for a missing version.)"""
@@ -131,7 +119,7 @@ def check_server(client: Any, uri: str, timeout_s: int = SERVER_PROBE_TIMEOUT_S)
         except MlflowException as error:
             cause = error.__cause__ or error.__context__
             if isinstance(cause, (requests.ConnectionError, requests.Timeout)):
-                reason = _failure(cause, os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+                reason = _failure(cause, float(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]))
                 raise StorageError(f"cannot reach the tracking server {uri}: {reason}") from None
 
 

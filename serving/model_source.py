@@ -67,12 +67,12 @@ def fetch_model(uri: str, tracking_uri: str | None = None, timeout: float = 15.0
         yield _from_file(uri)
         return
     ref = parse_registry_uri(uri)
-    with tempfile.TemporaryDirectory(prefix="ballot-model-") as folder, _bounded_requests(timeout):
+    with tempfile.TemporaryDirectory(prefix="ballot-model-") as folder, bounded_requests(timeout):
         yield _from_registry(uri, ref, tracking_uri, Path(folder))
 
 
 @contextmanager
-def _bounded_requests(timeout: float) -> Iterator[None]:
+def bounded_requests(timeout: float) -> Iterator[None]:
     """MLflow's HTTP requests time out after ``timeout`` seconds and are not retried (its defaults wait minutes
     on an unreachable server); a value the operator set in the environment wins."""
     wanted = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout))), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}

@@ -81,8 +81,8 @@ def test_veto_run_bars_contested_weights_from_its_ballots(tiny_data, tiny_dense)
 
 
 def test_votes_vetoed_counts_every_vote_magnitude_would_have_cast_and_the_ballot_did_not():
-    """Two of six weights contested: with k below the layer's size their votes go to the next weights; with k equal
-    to it they go nowhere. Either way two votes were vetoed."""
+    """Weights 1 and 5 of six contested. With k = 3, weight 1's vote goes to weight 3 (weight 5 never had one): one
+    vote vetoed. With k = 6 both votes go nowhere: two vetoed, four cast."""
     from ballot.config import BallotConfig
     from ballot.pruning.ballot import GradientCollector
 

@@ -211,8 +211,10 @@ def test_tune_refuses_a_file_as_out_and_an_unreachable_storage_before_training(t
     assert not (tmp_path / "t").exists(), "no dense model trained first"
     assert main([*args, "--out", str(tmp_path / "t"), "--storage", "sqlite://"]) == 2
     assert "in-memory database" in _one_line_error(capsys)
-    assert main([*args, "--out", str(tmp_path / "t"), "--tracking-uri", str(tmp_path / "mlruns")]) == 2
+    assert main([*args, "--out", str(tmp_path / "t"), "--tracking-uri", str(tmp_path / "mlruns"),
+                 "--storage", f"sqlite:///{tmp_path / 's' / 'study.db'}"]) == 2
     assert "is a file store" in _one_line_error(capsys) and not (tmp_path / "t").exists()
+    assert not (tmp_path / "s").exists(), "the tracking store is checked before the storage is created"
 
 
 @pytest.mark.slow

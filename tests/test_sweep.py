@@ -43,11 +43,19 @@ def test_plot_rows_hold_one_file_per_folder_and_method_with_its_columns():
                     "cwv/lth.json": [{"density": 0.05, "cwv": 0.01}, {"density": 0.2, "cwv": 0.01}]}
 
 
-def test_with_the_sweep_off_every_configured_method_gets_empty_plot_files_and_the_figure_says_so(tmp_path):
+def test_with_the_sweep_off_every_configured_method_gets_empty_plot_files_and_the_figure_says_so(tmp_path,
+                                                                                                    monkeypatch):
+    from matplotlib.figure import Figure
+
     assert plot_rows([], ["lth", "ballot"]) == {"accuracy/lth.json": [], "accuracy/ballot.json": [],
                                                 "cwv/lth.json": [], "cwv/ballot.json": []}
+    written = []
+    text = Figure.text
+    monkeypatch.setattr(Figure, "text", lambda self, x, y, s, *args, **kwargs: written.append(s) or
+                        text(self, x, y, s, *args, **kwargs))
     with Image.open(plot_curves([], {"acc": 0.95, "cwv": 0.005}, tmp_path / "curve.png")) as image:
         assert image.format == "PNG"
+    assert any("sweep is off" in line for line in written), written
 
 
 def test_the_figure_is_a_png(tmp_path):

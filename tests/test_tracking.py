@@ -315,6 +315,12 @@ def test_a_file_store_is_refused_in_one_line_before_anything_is_written(tmp_path
     check_store(uri)
 
 
+@pytest.mark.parametrize("uri", ["databricks", "databricks://profile", "sqlite:///mlflow.db", "http://127.0.0.1:5000"])
+def test_stores_that_are_not_paths_pass_the_file_store_check(uri, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    check_store(uri)
+
+
 def _closed_port() -> int:
     """A local port nothing listens on (bound, noted, closed)."""
     with socket.socket() as probe:

@@ -26,7 +26,7 @@ from ballot.experiment import load_pruned, run_prune
 from ballot.knobs import parse_space
 from ballot.pruning import DenseArtifacts
 from ballot.tuning.kept import find_kept, prune_recipe
-from ballot.tuning.objective import (SurplusTrial, TrialContext, claim_slot, dense_val_accuracy, run_trial,
+from ballot.tuning.objective import (RAISED, SurplusTrial, TrialContext, claim_slot, dense_val_accuracy, run_trial,
                                      thin_validation_warning)
 from ballot.tuning.report import choose, no_choice_reason, pareto_front, summarise
 from ballot.tuning.runner import run_study
@@ -321,6 +321,26 @@ def test_the_baseline_is_queued_again_only_when_it_failed_and_a_racing_duplicate
     assert empty.trials == [], "no baseline when a configured value lies outside the space"
     assert outside_space(outside, check_space(outside)) == ["prune.ballot.conflict_threshold (3.0)"]
     assert outside_space(cfg, knobs) == []
+
+
+def test_a_baseline_that_fails_with_an_error_of_its_own_is_not_queued_again(tiny_data, tiny_dense, monkeypatch):
+    """Only a killed baseline is lost; one that raised would raise again on every resume and block the study."""
+    from ballot.errors import MaskError
+    from ballot.tuning import objective
+
+    def broken(*args, **kwargs):
+        raise MaskError("weights not finite")
+
+    cfg = trial_base(tiny_config())
+    knobs, study = check_space(cfg), optuna.create_study(direction="maximize")
+    enqueue_baseline(study, cfg, knobs)
+    monkeypatch.setattr(objective, "run_prune", broken)
+    with pytest.raises(MaskError):
+        study.optimize(partial(run_trial, ctx=TrialContext(cfg, tiny_data, tiny_dense, knobs, 0.9)), n_trials=1)
+    (failed,) = study.trials
+    assert failed.state == TrialState.FAIL and failed.user_attrs[RAISED] == "MaskError: weights not finite"
+    enqueue_baseline(study, cfg, knobs)
+    assert len(study.trials) == 1
 
 
 def test_a_baseline_trial_that_failed_runs_again_when_the_study_resumes(tmp_path):

@@ -39,6 +39,7 @@ COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 CONSTRAINT = "acc_drop"
 BASELINE = "baseline"  # user attribute of the trials queued with Ballot's configured values
 HELD = (*COUNTED, TrialState.WAITING)  # a baseline trial in these states ran, runs or will run
+RAISED = "raised"  # user attribute of a trial whose run failed with an error of its own (a killed one has none)
 
 
 class SurplusTrial(Exception):
@@ -84,8 +85,10 @@ def dense_val_accuracy(cfg: ExperimentConfig, data: DataBundle, dense: DenseArti
 
 
 def baseline_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The study's baseline trials that ran, run or wait to run (a FAILed one, e.g. killed, is lost)."""
-    return [t for t in study.get_trials(deepcopy=False, states=HELD) if t.user_attrs.get(BASELINE)]
+    """The study's baseline trials that ran, run or wait to run, or failed with an error of their own (running the
+    same values again would fail again); one failed without an error, killed, is lost."""
+    return [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE)
+            and (t.state in HELD or RAISED in t.user_attrs)]
 
 
 def claim_slot(trial: optuna.Trial, n_trials: int) -> None:
@@ -117,8 +120,18 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, fl
 
     Where final trainings compete (refine_start 'best', refine_guard) the later ones start elsewhere and, when the
     refined epochs are searched, at different steps in different trials, so the pruner sees the first one only."""
+    claim_slot(trial, ctx.cfg.tune.n_trials)
+    try:
+        return _run_trial(trial, ctx)
+    except optuna.TrialPruned:
+        raise
+    except Exception as error:
+        trial.set_user_attr(RAISED, f"{type(error).__name__}: {error}"[:500])
+        raise
+
+
+def _run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | tuple[float, float]:
     tune = ctx.cfg.tune
-    claim_slot(trial, tune.n_trials)
     values = {knob.key: knob.suggest(trial) for knob in ctx.knobs}
     cfg = with_values(ctx.cfg, values)
     knobs, samples = cfg.prune.ballot, len(ctx.data.train)
