@@ -110,6 +110,19 @@ def test_sigkill_mid_trial_then_resume_reaches_the_exact_count(tmp_path, tiny_de
     assert [(r.info.status, r.data.tags["optuna.state"]) for r in runs] == [("FAILED", "FAIL")]
 
 
+def _kill_the_worker_of_a_running_trial(process: subprocess.Popen, database: Path, log: Path) -> int:
+    """SIGKILL the worker process (not the command) of a trial that is still RUNNING at the kill: the worker is
+    stopped first and the trial's state read again, so a trial that finished meanwhile is not taken for the victim."""
+    while True:
+        victim = _wait_for_a_trial_mid_run(process, database, log, timeout=240)
+        worker_pid = int(_load(sqlite_url(database)).trials[victim].user_attrs["worker"].split(":")[-1])
+        os.kill(worker_pid, signal.SIGSTOP)
+        if _load(sqlite_url(database)).trials[victim].state == TrialState.RUNNING:
+            os.kill(worker_pid, signal.SIGKILL)
+            return victim
+        os.kill(worker_pid, signal.SIGCONT)
+
+
 def test_a_killed_worker_is_replaced_and_the_completed_study_is_reported(tmp_path, tiny_dense):
     out, dense = tmp_path / "tune", tmp_path / "dense"
     save_dense(tiny_dense, dense, tiny_config())
@@ -121,9 +134,7 @@ def test_a_killed_worker_is_replaced_and_the_completed_study_is_reported(tmp_pat
     with open(log, "w") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
         try:
-            victim = _wait_for_a_trial_mid_run(process, out / "study.db", log, timeout=240)
-            worker_pid = int(_load(sqlite_url(out / "study.db")).trials[victim].user_attrs["worker"].split(":")[-1])
-            os.kill(worker_pid, signal.SIGKILL)  # one worker process, not the command
+            victim = _kill_the_worker_of_a_running_trial(process, out / "study.db", log)
             process.wait(timeout=400)
         finally:
             process.kill()
