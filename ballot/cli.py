@@ -247,9 +247,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
     """Run, resume or join the Optuna study over Ballot's knobs; write best_params.yaml and report/."""
     from ballot import experiment
     from ballot.storage import staged_folder
+    from ballot.tracking import connect, resolve_tracking_uri
     from ballot.tuning.report import no_choice_reason
     from ballot.tuning.runner import run_study
-    from ballot.tracking import connect, resolve_tracking_uri
     from ballot.tuning.study import make_storage
 
     args.set = [*(args.set or []), *_flag_overrides({key: getattr(args, dest) for dest, key in TUNE_FLAGS.items()})]

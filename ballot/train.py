@@ -264,7 +264,7 @@ class _Steps:
 
     def __init__(self, model: nn.Module, data: Split, cfg: TrainConfig, mask: Mask | None, device: torch.device,
                  class_weights: torch.Tensor | None, weights_start: int, hook: StepHook | None) -> None:
-        model.to(device).train()
+        model.train()  # already on ``device``: _synced_batchnorm moved it
         self.bound = mask.on(model) if mask is not None else None
         if self.bound is not None:
             self.bound.zero_weights()
