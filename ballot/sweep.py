@@ -95,21 +95,3 @@ def _curves_figure(plt: Any, points: list[dict[str, Any]], dense: dict[str, Any]
     fig.suptitle("Accuracy and fairness against density", fontsize=10)
     fig.tight_layout()
     return fig
-    densities = sorted({round(r["density"], 4) for r in points})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, label in zip(axes, ("acc", "cwv"), ("test accuracy", "class-wise variance (lower = fairer)")):
-        for method, rows in curves(points).items():
-            ax.plot([r["density"] for r in rows], [r[key] for r in rows], marker="o", label=method)
-        ax.axhline(dense[key], color="grey", linestyle="--", linewidth=1, label="dense")
-        ax.set_xscale("log")
-        ax.set_xticks(densities, [f"{d:g}" for d in densities])  # the measured densities, not log-scale decades
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("density (fraction of weights kept)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Accuracy and fairness against density", fontsize=10)
-    fig.tight_layout()
-    written = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return written

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ballot.errors import ConfigError, MaskError, StorageError
-from ballot.masks import (Mask, blended_shares, budget, density_schedule, erk_counts, erk_shares, larger_shares,
+from ballot.masks import (Mask, blended_shares, budget, density_schedule, erk_counts, larger_shares,
                           magnitude_scores, prunable_names, shared_counts, ticket_shares, top_positions)
 from ballot.models import build_model
 from ballot.storage import atomic_save_tensors, load_tensors
