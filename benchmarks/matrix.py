@@ -11,8 +11,11 @@ chosen on validation (``--split val``), the report is on test.
     python benchmarks/matrix.py --workers 2                       # the whole matrix -> reports/matrix.md, .json, .png
     python benchmarks/matrix.py --datasets digits --models cnn --seeds 0 --methods lth ballot --out runs/m
     python benchmarks/matrix.py --report-only --split val         # re-render from the finished runs
+    python benchmarks/matrix.py --dataset "cancer:base.dataset=npz,data.path=runs/cancer.npz" --models mlp
+                                                                  # your own data set, in place of the three
 
-Caps (so the matrix fits a 2-core machine): see CAPS; every cell uses data.val_fraction 0.2.
+Caps (so the matrix fits a 2-core machine): see CAPS; every cell uses data.val_fraction 0.2. A data set given with
+``--dataset`` gets no cap, no longer schedule and no data setting beyond its own (``data.max_train_samples`` caps it).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -48,7 +51,7 @@ DATASETS: dict[str, list[str]] = {
 }
 MODELS = ("mlp", "cnn", "resnet20")
 # models a run may ask for but the default matrix leaves out: no default was chosen on them (held-out checks)
-HELD_OUT_MODELS = ("vgg",)
+HELD_OUT_MODELS = ("vgg", "resnet18")
 DENSITIES = (0.05, 0.02)
 # Training-pool caps (samples drawn before the long tail and the validation split) where a full pass is too slow for
 # 2 CPU cores. The long tail keeps about 39% of a capped pool: fmnist-lt/cnn trains on about 3,100 images.
@@ -79,22 +82,28 @@ MATRIX_VARIANTS = {
 DEFAULT_METHODS = ("magnitude", "lth", "lth + refined", "ballot", "ballot (blend)", "ballot (protect)",
                    "ballot (plain retraining)")
 # the cost of a unit in epochs of its dataset (for the schedule: longest first)
-COST = {"mlp": 0.05, "cnn": 1.0, "resnet20": 2.2, "vgg": 8.0}
+COST = {"mlp": 0.05, "cnn": 1.0, "resnet20": 2.2, "vgg": 8.0, "resnet18": 12.0}
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One (dataset, model, seed): its dense phase is shared by every density and method run on it."""
+    """One (dataset, model, seed): its dense phase is shared by every density and method run on it. ``data``: the
+    data set's overrides (DATASETS, or a ``--dataset`` spec's; the default: DATASETS' entry)."""
 
     dataset: str
     model: str
     seed: int
+    data: tuple[str, ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        """The unit as its records name it (the data set's settings are in the hashed run configuration)."""
+        return {"dataset": self.dataset, "model": self.model, "seed": self.seed}
 
 
-def cell_overrides(dataset: str, model: str, seed: int) -> list[str]:
-    cap = CAPS.get((dataset, model))
-    return [*DATASETS[dataset], f"base.model={model}", f"base.seed={seed}", *COMMON, *LONGER.get(dataset, []),
-            *([f"data.max_train_samples={cap}"] if cap else [])]
+def cell_overrides(unit: Unit) -> list[str]:
+    cap = CAPS.get((unit.dataset, unit.model))
+    return [*(unit.data or DATASETS[unit.dataset]), f"base.model={unit.model}", f"base.seed={unit.seed}", *COMMON,
+            *LONGER.get(unit.dataset, []), *([f"data.max_train_samples={cap}"] if cap else [])]
 
 
 # settings added after runs were recorded, at the values that reproduce those runs bit for bit
@@ -193,7 +202,7 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
     from ballot import experiment
 
     torch.set_num_threads(threads)
-    base = apply_overrides(params, cell_overrides(unit.dataset, unit.model, unit.seed))
+    base = apply_overrides(params, cell_overrides(unit))
     cfg = experiment_from_params(base)
     todo = []
     for density in densities:
@@ -226,14 +235,14 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
                   file=sys.stderr, flush=True)
             return []
     else:
-        record = {"unit": unit.__dict__, "method": "dense", "density": 1.0, "seconds": seconds,
+        record = {"unit": unit.record(), "method": "dense", "density": 1.0, "seconds": seconds,
                   "fingerprint": fingerprint, **here, "test": _metrics(metrics), "val": _metrics(metrics["val"])}
         write_json(dense_path, record)
         written.append(record)
     for density, name, run_cfg, path in todo:
         result, seconds = experiment.timed(experiment.run_prune, run_cfg, data, dense, progress=False)
         metrics = experiment.model_metrics(result.model, data, run_cfg.base.device)
-        record = {"unit": unit.__dict__, "method": name, "density": density, "seconds": seconds,
+        record = {"unit": unit.record(), "method": name, "density": density, "seconds": seconds,
                   "dense_fingerprint": fingerprint, **here, "kept_density": result.mask.density(),
                   "layer_floor_ratio": layer_floor_ratio(result.mask, density),
                   "test": _metrics(metrics), "val": _metrics(metrics["val"]), "overrides": methods[name],
@@ -251,7 +260,7 @@ def collect(out: Path, units: list[Unit], params: dict[str, Any], densities: lis
     """The finished records of the requested grid (a missing run is left out)."""
     rows = []
     for unit in units:
-        base = apply_overrides(params, cell_overrides(unit.dataset, unit.model, unit.seed))
+        base = apply_overrides(params, cell_overrides(unit))
         dense_path = out / "runs" / f"dense-{dense_key(experiment_from_params(base))}.json"
         for density in densities:
             if dense_path.is_file():
@@ -483,7 +492,11 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", help="params.yaml to start from (default: the library's defaults)")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", metavar="DATASET",
+                        help=f"from {list(DATASETS)} and --dataset names (default: the --dataset names if any, else "
+                        "all three)")
+    parser.add_argument("--dataset", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="a data set of your own, e.g. 'cancer:base.dataset=npz,data.path=runs/cancer.npz'"),
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *HELD_OUT_MODELS])
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -503,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
                         "'ballot (blend) best'; 'ballot (blend)' has its budgets and the rewound start)")
     args = parser.parse_args(argv)
 
+    datasets = {**DATASETS, **parse_extra(args.dataset, "--dataset")}
+    args.datasets = args.datasets or [*parse_extra(args.dataset, "--dataset")] or list(DATASETS)
+    strange = [d for d in args.datasets if d not in datasets]
+    if strange:
+        parser.error(f"unknown dataset(s) {strange}; choose from {list(datasets)} or define one with --dataset")
     known = {**VARIANTS, **MATRIX_VARIANTS, **parse_extra(args.variant)}
     unknown = [m for m in args.methods if m not in known]
     if unknown:
@@ -514,16 +532,16 @@ def main(argv: list[str] | None = None) -> int:
     params = load_yaml(args.params) if args.params else {}
     params = apply_overrides({k: v for k, v in params.items() if k in ("base", "data", "train_dense", "prune")}, args.set)
     args.densities = list(dict.fromkeys(args.densities))  # a value given twice is one cell, not two
-    units = list(dict.fromkeys(Unit(d, m, s) for d in args.datasets for m in args.models
+    units = list(dict.fromkeys(Unit(d, m, s, tuple(datasets[d])) for d in args.datasets for m in args.models
                                for s in (args.resnet_seeds if m == "resnet20" and args.resnet_seeds else args.seeds)))
-    fixed = {o.partition("=")[0] for u in units for o in cell_overrides(u.dataset, u.model, u.seed)}
+    fixed = {o.partition("=")[0] for u in units for o in cell_overrides(u)}
     pinned = [s for s in args.set if s.partition("=")[0] in fixed]
     if pinned:
         parser.error(f"--set {pinned[0]}: the matrix sets this key per cell (DATASETS, COMMON, LONGER, CAPS), which "
                      "would override it silently; vary it with --variant NAME:KEY=VALUE instead")
     try:  # validate every run's settings once, before any work
-        for u in {Unit(u.dataset, u.model, 0) for u in units}:
-            base = apply_overrides(params, cell_overrides(u.dataset, u.model, u.seed))
+        for u in {replace(u, seed=0) for u in units}:
+            base = apply_overrides(params, cell_overrides(u))
             for density in args.densities:
                 for overrides in methods.values():
                     experiment_from_params(apply_overrides(base, [f"base.density={density}", *overrides]))
@@ -543,10 +561,11 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     rows = collect(out, units, params, args.densities, methods)
     table = summarise(rows, args.split)
-    caps = ", ".join(f"{d}/{m} {c}" for (d, m), c in CAPS.items())
+    caps = ", ".join(f"{d}/{m} {c}" for (d, m), c in CAPS.items() if (d, m) in {(u.dataset, u.model) for u in units})
     notes = (f"Seeds {args.seeds}" + (f" (resnet20: {args.resnet_seeds})" if args.resnet_seeds else "") +
-             f"; densities {args.densities}; overrides {args.set or 'none'}. Training-pool caps: {caps} "
-             f"(before the long tail); validation fraction 0.2; full test sets. {len(rows)} records.")
+             f"; densities {args.densities}; overrides {args.set or 'none'}. Training-pool caps: {caps or 'none'} "
+             f"(before the long tail); validation fraction 0.2; full test sets. {len(rows)} records." +
+             (f" Data sets given with --dataset: {'; '.join(args.dataset)}." if args.dataset else ""))
     suffix = "" if args.split == "test" else "_val"
     write_text(out / f"matrix{suffix}.md", markdown(table, args.split, list(methods), notes, judged, rows))
     write_json(out / f"matrix{suffix}.json", {"rows": rows, "methods": methods, "set": args.set})

@@ -30,12 +30,13 @@ BASELINES = ("random", "magnitude", "lth", "lth-oneshot", "lth + refined", "safe
 METRICS = ("acc", "cwv", "mcd", "worst_class")
 
 
-def parse_extra(specs: list[str]) -> dict[str, list[str]]:
-    """Extra variants from 'NAME:key=value,key=value' (e.g. 'ballot rho 0.4:prune.method=ballot,...')."""
+def parse_extra(specs: list[str], flag: str = "--variant") -> dict[str, list[str]]:
+    """Named override lists from 'NAME:key=value,key=value' (e.g. 'ballot rho 0.4:prune.method=ballot,...'), as
+    ``flag`` (named in the error) gives them."""
     extra = {}
     for spec in specs:
         name, sep, body = spec.partition(":")
         if not sep or not name.strip() or not body.strip():
-            raise SystemExit(f"--variant '{spec}' must look like NAME:group.key=value[,group.key=value...]")
+            raise SystemExit(f"{flag} '{spec}' must look like NAME:group.key=value[,group.key=value...]")
         extra[name.strip()] = [item.strip() for item in body.split(",") if item.strip()]
     return extra

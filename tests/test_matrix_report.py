@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ballot.experiment import load_dense
@@ -139,7 +141,7 @@ def test_a_dense_mismatch_names_the_environment_only_where_the_state_differs() -
 def test_the_matrix_pins_the_rewound_start_and_its_best_methods_take_the_products_choice() -> None:
     from ballot.config import apply_overrides, experiment_from_params, to_dict
 
-    base = apply_overrides({}, matrix.cell_overrides("digits", "mlp", 0))
+    base = apply_overrides({}, matrix.cell_overrides(matrix.Unit("digits", "mlp", 0)))
     known = {**matrix.VARIANTS, **matrix.MATRIX_VARIANTS}
     configs = {name: experiment_from_params(apply_overrides(base, known[name]))
                for name in ("ballot (blend)", "ballot (blend) best", "lth + refined", "lth + refined best")}
@@ -163,3 +165,26 @@ def test_paired_refuses_two_different_runs_under_one_method_name(tmp_path: Path)
     (first / "2.json").write_text(json.dumps(_row("digits", "ballot", 0, 0.9, 0.002)))  # another configuration
     with pytest.raises(SystemExit, match="two different 'ballot' runs of digits/mlp/0.05 seed 0"):
         paired.seed_records([first])
+
+
+def test_a_data_set_of_your_own_runs_through_the_matrix_in_place_of_the_three(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 40)
+    x = (rng.normal(size=(120, 6)) + y[:, None] * 1.5).astype(np.float32)
+    np.savez(tmp_path / "blobs.npz", x=x, y=y)
+    spec = f"blobs:base.dataset=npz,data.path={tmp_path / 'blobs.npz'}"
+    out = tmp_path / "out"
+    flags = ["--dataset", spec, "--models", "mlp", "--seeds", "0", "--densities", "0.5", "--methods", "lth",
+             "--workers", "1", "--out", str(out), "--cache", str(tmp_path / "cache"),
+             "--set", "train_dense.epochs=2", "--set", "prune.retrain.epochs=2"]
+    # as a user runs it: its worker processes import the script by path
+    subprocess.run([sys.executable, str(_BENCH), *flags], check=True, capture_output=True, timeout=300)
+    records = [json.loads(path.read_text()) for path in (out / "runs").glob("*.json")]
+    assert sorted(r["method"] for r in records) == ["dense", "lth"]
+    assert all(r["unit"] == {"dataset": "blobs", "model": "mlp", "seed": 0} for r in records)
+    report = (out / "matrix.md").read_text()
+    assert "| blobs | mlp | 0.5 | lth | 1 |" in report and "fmnist" not in report
+    assert f"Data sets given with --dataset: {spec}." in report
+    with pytest.raises(SystemExit) as stop:  # a name neither built in nor defined
+        matrix.main(["--report-only", "--out", str(out), "--datasets", "blobz", "--dataset", spec])
+    assert stop.value.code == 2 and "unknown dataset(s) ['blobz']" in capsys.readouterr().err

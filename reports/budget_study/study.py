@@ -29,7 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, "benchmarks")
-from matrix import cell_overrides, dense_key  # noqa: E402
+from matrix import Unit, cell_overrides, dense_key  # noqa: E402
 
 import ballot.pruning.ballot as ballot_method  # noqa: E402
 from ballot import experiment  # noqa: E402
@@ -80,7 +80,7 @@ PRODUCT_RULE = {"max": "max", "product blend": "blend"}
 
 def run_cell(cell: str, rules: list[str], params: dict) -> None:
     dataset, model, seed, density = cell.split("/")
-    base = apply_overrides(params, cell_overrides(dataset, model, int(seed)))
+    base = apply_overrides(params, cell_overrides(Unit(dataset, model, int(seed))))
     cfg = experiment_from_params(base)
     folder = f"runs/matrix-cache/dense/{dense_key(cfg)}"
     if not os.path.isfile(f"{folder}/init.safetensors"):
