@@ -21,6 +21,7 @@ from ballot.masks import Mask
 from ballot.models import build_model, model_builder
 from ballot.pruning import DATA_PARALLEL, DenseArtifacts, PruneContext, PruneResult, get_pruner
 from ballot.pruning.fairscratch import penalty_kind
+from ballot.pruning.units import unit_groups
 from ballot.storage import atomic_save_tensors, load_state, load_tensors, read_json, save_state, write_json
 from ballot.train import (TrainResult, floored, resolve_device, seed_everything,
                           steps_per_epoch, stretched, train)
@@ -60,11 +61,14 @@ def usable_device(name: str, where: str) -> torch.device:
 
 
 def prepare_data(cfg: ExperimentConfig) -> DataBundle:
-    """Load the configured dataset with its seeded splits; ConfigError, before any training, when the configured
-    method needs something the data lacks (FairScratch's group_parity penalty: a sensitive attribute)."""
+    """Load the configured dataset with its seeded splits; a UserError, before any training, when the configured
+    method needs something the data lacks (FairScratch's group_parity penalty: a sensitive attribute) or the model
+    has layers the configured granularity cannot prune (unit: grouped convolutions)."""
     data = load_data(cfg.base.dataset, cfg.data, cfg.base.seed)
     if cfg.prune.method == "fairscratch":
         penalty_kind(cfg.prune.fairscratch, has_group=data.train.group is not None)
+    if cfg.prune.granularity == "unit":
+        unit_groups(build_model(cfg.base.model, data.input_shape, data.num_classes), data.input_shape)
     return data
 
 

@@ -45,6 +45,47 @@ def test_removed_units_are_exactly_dead_physical_removal_keeps_the_outputs(name)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def _separable(groups: int) -> torch.nn.Module:
+    """conv -> BN -> grouped (or, with groups 16, depthwise) conv -> BN -> pointwise conv -> pool -> classifier."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, groups=groups), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+
+
+def test_depthwise_units_are_exactly_dead_and_grouped_convolutions_are_refused_by_name(monkeypatch):
+    import torch_pruning as tp
+
+    from ballot import models
+    from ballot.errors import MaskError
+    from ballot.experiment import prepare_data
+
+    torch.manual_seed(0)
+    model, shape = _separable(16), (1, 8, 8)
+    groups = unit_groups(model, shape)
+    keep = select_units(unit_scores(model, groups), {g.name: g.size // 2 for g in groups})
+    unit_mask(model, groups, keep).apply(model)
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        expected = model(x)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x[:2])
+    modules = dict(model.named_modules())
+    for group in groups:
+        removed = torch.nonzero(~keep[group.name]).flatten().tolist()
+        root = modules[group.name.rsplit(".", 1)[0]]
+        graph.get_pruning_group(root, tp.prune_conv_out_channels, idxs=removed).prune()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+    # groups of four channels: a unit's input channel is a column of one group's rows only
+    with pytest.raises(MaskError, match=r"grouped convolution '3' \(groups=4\); use prune.granularity=weight"):
+        unit_groups(_separable(4), shape)
+    # refused when the data is prepared, before any training
+    monkeypatch.setitem(models.MODELS, "grouped", lambda shape, classes: _separable(4))
+    with pytest.raises(MaskError, match="grouped convolution"):
+        prepare_data(tiny_config("base.model=grouped", "prune.granularity=unit", "prune.method=magnitude"))
+    assert prepare_data(tiny_config("base.model=grouped")).num_classes == 10, "weight granularity prunes it"
+
+
 def test_resnet_residual_stream_is_one_group_and_its_normalisations_are_pinned():
     model = build_model("resnet20", SHAPES["resnet20"], 10)
     groups = {g.name: g for g in unit_groups(model, SHAPES["resnet20"])}

@@ -58,6 +58,9 @@ def unit_groups(model: nn.Module, input_shape: Sequence[int]) -> list[UnitGroup]
             module, handler = item.dep.target.module, item.dep.handler.__name__
             if module not in names:
                 continue  # DepGraph's stand-ins for functional ops (add, relu, flatten) hold no parameters
+            if handler == "prune_in_channels" and _grouped(module):
+                raise MaskError(f"prune.granularity 'unit' cannot remove input channels of the grouped convolution "
+                                f"'{names[module]}' (groups={module.groups}); use prune.granularity=weight")
             prefix = f"{names[module]}." if names[module] else ""
             index, unit = torch.tensor(item.idxs, dtype=torch.long), torch.tensor(item.root_idxs, dtype=torch.long)
             for param_name, param in module.named_parameters(recurse=False):
@@ -69,6 +72,12 @@ def unit_groups(model: nn.Module, input_shape: Sequence[int]) -> list[UnitGroup]
     if not groups:
         raise MaskError("the model has no prunable units (only its classifier is prunable)")
     return groups
+
+
+def _grouped(module: nn.Module) -> bool:
+    """A convolution whose input channels split into groups that are not one channel each (depthwise): its weight's
+    input columns are per group, so a unit's input channel is no single column of it."""
+    return isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels
 
 
 def unit_scores(model: nn.Module, groups: Sequence[UnitGroup]) -> dict[str, torch.Tensor]:
