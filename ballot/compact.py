@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ballot.masks import PRUNABLE_TYPES
+from ballot.masks import PRUNABLE_TYPES, classifier_layer
 
 ZERO_PRESERVING_OPS = ("ReluBackward", "AddBackward", "MaxPool", "AvgPool", "MeanBackward", "TBackward")
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -48,12 +48,12 @@ def remove_dead_units(model: nn.Module, input_shape: Sequence[int],
     # requiring grad (a frozen one would leave its layer out of the graph: nothing removed)
     with torch.inference_mode(False):
         model = copy.deepcopy(model).cpu().eval().requires_grad_(True)
-        layers = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+        classifier = classifier_layer(model, input_shape)
         before = {name: m.weight.shape[0] for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(2, *input_shape))
         with torch.no_grad():
-            for group in graph.get_all_groups(ignored_layers=layers[-1:], root_module_types=PRUNABLE_TYPES):
+            for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=PRUNABLE_TYPES):
                 root, handler = group[0].dep.target.module, group[0].dep.handler
                 removable = _removable(graph, group)
                 units = root.weight.shape[0]

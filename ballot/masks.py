@@ -50,6 +50,26 @@ def prunable_names(model: nn.Module) -> list[str]:
             if isinstance(module, PRUNABLE_TYPES)]
 
 
+def classifier_layer(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:
+    """The prunable layer a forward pass calls last: the classifier, whose outputs are the classes. Not the last in
+    module order, which differs where a model defines its head before its body."""
+    called: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda module, *_: called.append(module))
+             for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    device = next(model.parameters()).device
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *input_shape, device=device))
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    if not called:
+        raise MaskError("the model calls no linear or convolutional layer")
+    return called[-1]
+
+
 def budget(total: int, density: float) -> int:
     """Number of weights kept at ``density`` (at least one)."""
     check_density(density)

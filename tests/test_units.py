@@ -86,6 +86,38 @@ def test_depthwise_units_are_exactly_dead_and_grouped_convolutions_are_refused_b
     assert prepare_data(tiny_config("base.model=grouped")).num_classes == 10, "weight granularity prunes it"
 
 
+class _HeadFirst(torch.nn.Module):
+    """A classifier defined before the layers that feed it: module order and call order differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(16, 3)
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                        torch.nn.Linear(32, 16), torch.nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_the_classifier_is_the_layer_called_last_and_keeps_every_class_output():
+    from ballot.compact import remove_dead_units
+    from ballot.masks import classifier_layer
+
+    torch.manual_seed(0)
+    model, shape = _HeadFirst(), (1, 8, 8)
+    assert classifier_layer(model, shape) is model.head and model.training, "the mode is restored"
+    groups = unit_groups(model, shape)
+    assert {s.param for g in groups for s in g.slices if s.dim == 0} == {"body.1.weight", "body.1.bias",
+                                                                        "body.3.weight", "body.3.bias"}
+    keep = select_units(unit_scores(model, groups), {g.name: 1 for g in groups})
+    unit_mask(model, groups, keep).apply(model)
+    x = torch.randn(4, *shape)
+    compact, removed = remove_dead_units(model.eval(), shape, channel_multiple=1)
+    assert removed == {"body.1": 31, "body.3": 15} and compact.head.out_features == 3
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=0, atol=1e-6)
+
+
 def test_resnet_residual_stream_is_one_group_and_its_normalisations_are_pinned():
     model = build_model("resnet20", SHAPES["resnet20"], 10)
     groups = {g.name: g for g in unit_groups(model, SHAPES["resnet20"])}

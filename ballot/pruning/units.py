@@ -5,7 +5,7 @@ when one unit goes: the producing layer's output rows and bias, a following Batc
 consumer's input columns (through flatten and pooling), and, across a residual add, every layer feeding or reading
 the same channels. A *unit group* is one such group; removing unit ``i`` of a group zeroes all of its slices, so the
 unit's output is exactly zero and the export can cut it out of the graph. The classifier (the last prunable layer
-in module order) keeps all its outputs.
+a forward pass calls, ``classifier_layer``) keeps all its outputs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ballot.errors import MaskError
-from ballot.masks import PRUNABLE_TYPES, Mask, prunable_names
+from ballot.masks import PRUNABLE_TYPES, Mask, classifier_layer, prunable_names
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,11 @@ def unit_groups(model: nn.Module, input_shape: Sequence[int]) -> list[UnitGroup]
     import torch_pruning as tp
 
     model = model.cpu().eval()
-    prunable = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    classifier = classifier_layer(model, input_shape)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(2, *input_shape))
     names = {module: name for name, module in model.named_modules()}
     groups = []
-    for group in graph.get_all_groups(ignored_layers=prunable[-1:], root_module_types=list(PRUNABLE_TYPES)):
+    for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=list(PRUNABLE_TYPES)):
         slices, size = [], len(group[0].idxs)
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler.__name__
