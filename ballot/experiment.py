@@ -63,7 +63,7 @@ def usable_device(name: str, where: str) -> torch.device:
 def prepare_data(cfg: ExperimentConfig) -> DataBundle:
     """Load the configured dataset with its seeded splits; a UserError, before any training, when the configured
     method needs something the data lacks (FairScratch's group_parity penalty: a sensitive attribute) or the model
-    has layers the configured granularity cannot prune (unit: grouped convolutions)."""
+    has layers the configured granularity cannot prune (unit: grouped convolutions, attention)."""
     data = load_data(cfg.base.dataset, cfg.data, cfg.base.seed)
     if cfg.prune.method == "fairscratch":
         penalty_kind(cfg.prune.fairscratch, has_group=data.train.group is not None)

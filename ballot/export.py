@@ -156,7 +156,9 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
     if compact:
         proto = copy.deepcopy(plain)
         strip_debug_info(proto)
-        packed = pack_sparse_initializers(proto, prunable_names(deployed))
+        # every initializer, not the prunable weights' names: the exporter folds some weights (a linear layer on
+        # 3-D inputs, attention's projections) into transposed copies under new names
+        packed = pack_sparse_initializers(proto, [init.name for init in proto.graph.initializer])
         proto = minify(proto)
     fields = {"onnx_format": "compact" if packed else "dense", "granularity": granularity}
     metadata = {**card, **fields, "quantization": "none"}  # the float file's; the INT8 file's says its mode

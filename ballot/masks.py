@@ -44,10 +44,20 @@ def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
     return chosen
 
 
+ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")  # nn.MultiheadAttention's
+
+
 def prunable_names(model: nn.Module) -> list[str]:
-    """Names of the weight parameters of every linear and convolutional layer, in module order."""
-    return [f"{name}.weight" if name else "weight" for name, module in model.named_modules()
-            if isinstance(module, PRUNABLE_TYPES)]
+    """Names of the weight parameters of every linear and convolutional layer, and the input projections of every
+    attention layer (its output projection is a linear layer), in module order."""
+    names = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, PRUNABLE_TYPES):
+            names.append(prefix + "weight")
+        elif isinstance(module, nn.MultiheadAttention):
+            names += [prefix + key for key in ATTENTION_WEIGHTS if getattr(module, key) is not None]
+    return names
 
 
 def classifier_layer(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:

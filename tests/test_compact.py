@@ -341,3 +341,34 @@ def test_a_unit_that_an_added_constant_revives_stays():
     assert removed == {}
     x = torch.rand(8, 6)
     assert torch.equal(model(x), compact(x))
+
+
+class _Tokens(nn.Module):
+    """Rows of an image as tokens: a linear embedding on 3-D inputs, one attention layer, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(28, 64)
+        self.attend = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attend(self.embed(x.flatten(1, 2))).mean(1))
+
+
+def test_attention_projections_are_pruned_and_weights_the_exporter_renames_are_packed(tmp_path):
+    from ballot.export import bake, export_checked
+    from ballot.masks import Mask, magnitude_scores, prunable_names
+
+    torch.manual_seed(0)
+    model = _Tokens()
+    names = prunable_names(model)
+    assert "attend.self_attn.in_proj_weight" in names and "attend.self_attn.out_proj.weight" in names
+    mask = Mask.top_k(magnitude_scores(model), 0.05)
+    assert mask.counts()["attend.self_attn.in_proj_weight"] < 0.5 * 3 * 64 * 64, "the projection is pruned"
+    baked = bake(model, mask)
+    compact = export_checked(baked, FMNIST, tmp_path / "compact.onnx", {}, torch.rand(16, *FMNIST), 1e-4)
+    dense = export_checked(baked, FMNIST, tmp_path / "dense.onnx", {}, torch.rand(16, *FMNIST), 1e-4, compact=False)
+    # the exporter stores these weights transposed under new names; packed by value, the file nears its floor
+    assert compact["onnx_bytes"] <= 1.5 * compact["lossless_floor_bytes"], compact
+    assert compact["onnx_bytes"] <= 0.2 * dense["onnx_bytes"]

@@ -84,6 +84,10 @@ def test_depthwise_units_are_exactly_dead_and_grouped_convolutions_are_refused_b
     with pytest.raises(MaskError, match="grouped convolution"):
         prepare_data(tiny_config("base.model=grouped", "prune.granularity=unit", "prune.method=magnitude"))
     assert prepare_data(tiny_config("base.model=grouped")).num_classes == 10, "weight granularity prunes it"
+    attention = torch.nn.Sequential(torch.nn.Flatten(1, 2), torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+                                    torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    with pytest.raises(MaskError, match=r"through the attention layer '1.self_attn'; use prune.granularity=weight"):
+        unit_groups(attention, shape)
 
 
 class _HeadFirst(torch.nn.Module):

@@ -48,6 +48,10 @@ def unit_groups(model: nn.Module, input_shape: Sequence[int]) -> list[UnitGroup]
     import torch_pruning as tp
 
     model = model.cpu().eval()
+    attention = next((name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)), None)
+    if attention is not None:  # its embedding dimension runs through the q, k and v thirds of one weight
+        raise MaskError(f"prune.granularity 'unit' cannot remove units through the attention layer '{attention}'; "
+                        "use prune.granularity=weight")
     classifier = classifier_layer(model, input_shape)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(2, *input_shape))
     names = {module: name for name, module in model.named_modules()}
