@@ -66,13 +66,14 @@ def classifier_layer(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:
     called: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda module, *_: called.append(module))
              for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
-    device = next(model.parameters()).device
-    training = model.training
+    device = next(model.parameters(), torch.empty(0)).device
+    modes = {module: module.training for module in model.modules()}
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(2, *input_shape, device=device))
     finally:
-        model.train(training)
+        for module, training in modes.items():
+            module.training = training
         for hook in hooks:
             hook.remove()
     if not called:

@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"from {list(DATASETS)} and --dataset names (default: the --dataset names if any, else "
                         "all three)")
     parser.add_argument("--dataset", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                        help="a data set of your own, e.g. 'cancer:base.dataset=npz,data.path=runs/cancer.npz'"),
+                        help="a data set of your own, e.g. 'cancer:base.dataset=npz,data.path=runs/cancer.npz'")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *HELD_OUT_MODELS])
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -516,8 +516,12 @@ def main(argv: list[str] | None = None) -> int:
                         "'ballot (blend) best'; 'ballot (blend)' has its budgets and the rewound start)")
     args = parser.parse_args(argv)
 
-    datasets = {**DATASETS, **parse_extra(args.dataset, "--dataset")}
-    args.datasets = args.datasets or [*parse_extra(args.dataset, "--dataset")] or list(DATASETS)
+    own = parse_extra(args.dataset, "--dataset")
+    if set(own) & set(DATASETS):
+        parser.error(f"--dataset {sorted(set(own) & set(DATASETS))[0]!r}: a built-in data set's name (its caps and "
+                     "schedules would apply); choose another")
+    datasets = {**DATASETS, **own}
+    args.datasets = args.datasets or [*own] or list(DATASETS)
     strange = [d for d in args.datasets if d not in datasets]
     if strange:
         parser.error(f"unknown dataset(s) {strange}; choose from {list(datasets)} or define one with --dataset")
@@ -537,8 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     fixed = {o.partition("=")[0] for u in units for o in cell_overrides(u)}
     pinned = [s for s in args.set if s.partition("=")[0] in fixed]
     if pinned:
-        parser.error(f"--set {pinned[0]}: the matrix sets this key per cell (DATASETS, COMMON, LONGER, CAPS), which "
-                     "would override it silently; vary it with --variant NAME:KEY=VALUE instead")
+        parser.error(f"--set {pinned[0]}: the matrix sets this key per cell (DATASETS or --dataset, COMMON, LONGER, "
+                     "CAPS), which would override it silently; vary it with --variant NAME:KEY=VALUE instead")
     try:  # validate every run's settings once, before any work
         for u in {replace(u, seed=0) for u in units}:
             base = apply_overrides(params, cell_overrides(u))

@@ -10,7 +10,7 @@ import shutil
 from dataclasses import asdict
 
 from ballot.config import ExperimentConfig
-from ballot.experiment import load_dense, load_pruned, model_metrics, run_prune, save_pruned, timed
+from ballot.experiment import check_fits, load_dense, load_pruned, model_metrics, run_prune, save_pruned, timed
 from ballot.snapshot import load_snapshot
 from ballot.summary import final_choice_text
 from ballot.storage import staged_folder, write_json
@@ -24,6 +24,7 @@ def main(cfg: ExperimentConfig) -> None:
     if tuned:
         print(f"prune: applying {len(tuned)} tuned value(s) from {BEST_PARAMS}")
     data = load_snapshot(DATA)
+    check_fits(cfg, data)
     dense = load_dense(DENSE)
     kept = find_kept(TUNE_CHOSEN, prune_recipe(cfg, dense))
     with staged_folder(PRUNE) as folder:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from ballot.config import ExperimentConfig
-from ballot.experiment import model_metrics, save_dense, stretch_notice, timed, train_dense, weak_dense_warning
+from ballot.experiment import (check_fits, model_metrics, save_dense, stretch_notice, timed, train_dense,
+                               weak_dense_warning)
 from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder, write_json
 from pipelines.common import DATA, DENSE, run_stage
@@ -13,6 +14,7 @@ from pipelines.common import DATA, DENSE, run_stage
 
 def main(cfg: ExperimentConfig) -> None:
     data = load_snapshot(DATA)
+    check_fits(cfg, data)
     notice = stretch_notice(cfg, len(data.train))
     if notice:
         print(notice, file=sys.stderr)

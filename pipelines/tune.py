@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ballot.config import ExperimentConfig
 from ballot.errors import ConfigError
-from ballot.experiment import load_dense
+from ballot.experiment import check_fits, load_dense
 from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder
 from ballot.tuning.runner import run_study
@@ -22,6 +22,7 @@ def main(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"tune.storage: the pipeline's tune stage keeps its study in {STUDY_DB}, a DVC output; "
                           f"leave it null here and share a study between machines with `ballot tune --storage URL`")
     data = load_snapshot(DATA)
+    check_fits(cfg, data)
     dense = load_dense(DENSE)
     with staged_folder(TUNE_REPORT) as folder:
         outcome = run_study(cfg, data, dense, dense_dir=DENSE, best_path=BEST_PARAMS, report_dir=folder,

@@ -125,6 +125,19 @@ def test_batchnorm_is_frozen_at_the_identity_affine_and_the_model_keeps_its_arch
     build_model("resnet20", (3, 8, 8), 10).load_state_dict(model.state_dict())
 
 
+def test_every_prunable_weight_becomes_a_signed_constant_attention_projections_included():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Flatten(), nn.Linear(32, 3))
+    signs = {name: p.sign() for name, p in model.named_parameters()}
+    freeze_as_scratch(model)
+    params = dict(model.named_parameters())
+    for name in ("0.self_attn.in_proj_weight", "0.self_attn.out_proj.weight", "0.linear1.weight", "2.weight"):
+        fan = params[name][0].numel()
+        assert torch.equal(params[name], signs[name] * (2.0 / fan) ** 0.5), name
+    for name in ("0.self_attn.in_proj_bias", "0.self_attn.out_proj.bias", "0.linear1.bias", "2.bias"):
+        assert not params[name].any(), name
+
+
 def test_cli_prunes_digits_with_fairscratch(tmp_path):
     out = tmp_path / "run"
     code = main(["prune", "--dataset", "digits", "--model", "mlp", "--method", "fairscratch", "--density", "0.05",

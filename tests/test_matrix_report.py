@@ -167,6 +167,7 @@ def test_paired_refuses_two_different_runs_under_one_method_name(tmp_path: Path)
         paired.seed_records([first])
 
 
+@pytest.mark.slow
 def test_a_data_set_of_your_own_runs_through_the_matrix_in_place_of_the_three(tmp_path: Path, capsys) -> None:
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 40)
@@ -188,3 +189,6 @@ def test_a_data_set_of_your_own_runs_through_the_matrix_in_place_of_the_three(tm
     with pytest.raises(SystemExit) as stop:  # a name neither built in nor defined
         matrix.main(["--report-only", "--out", str(out), "--datasets", "blobz", "--dataset", spec])
     assert stop.value.code == 2 and "unknown dataset(s) ['blobz']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # a built-in name would bring its caps and schedules along
+        matrix.main(["--report-only", "--out", str(out), "--dataset", "digits:base.dataset=npz,data.path=x.npz"])
+    assert stop.value.code == 2 and "--dataset 'digits': a built-in data set's name" in capsys.readouterr().err

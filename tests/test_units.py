@@ -45,20 +45,18 @@ def test_removed_units_are_exactly_dead_physical_removal_keeps_the_outputs(name)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-def _separable(groups: int) -> torch.nn.Module:
-    """conv -> BN -> grouped (or, with groups 16, depthwise) conv -> BN -> pointwise conv -> pool -> classifier."""
+def _separable(groups: int, middle: int = 16) -> torch.nn.Module:
+    """conv -> BN -> grouped (or, with groups 16, depthwise) conv to ``middle`` channels -> BN -> pointwise conv ->
+    pool -> classifier."""
     nn = torch.nn
     return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1, groups=groups), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+                         nn.Conv2d(16, middle, 3, padding=1, groups=groups), nn.BatchNorm2d(middle), nn.ReLU(),
+                         nn.Conv2d(middle, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 3)).eval()
 
 
-def test_depthwise_units_are_exactly_dead_and_grouped_convolutions_are_refused_by_name(monkeypatch):
+def test_depthwise_units_are_exactly_dead_and_physically_removable():
     import torch_pruning as tp
-
-    from ballot import models
-    from ballot.errors import MaskError
-    from ballot.experiment import prepare_data
 
     torch.manual_seed(0)
     model, shape = _separable(16), (1, 8, 8)
@@ -76,18 +74,37 @@ def test_depthwise_units_are_exactly_dead_and_grouped_convolutions_are_refused_b
         graph.get_pruning_group(root, tp.prune_conv_out_channels, idxs=removed).prune()
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
-    # groups of four channels: a unit's input channel is a column of one group's rows only
-    with pytest.raises(MaskError, match=r"grouped convolution '3' \(groups=4\); use prune.granularity=weight"):
-        unit_groups(_separable(4), shape)
-    # refused when the data is prepared, before any training
+
+
+@pytest.mark.parametrize("groups, middle", [(4, 16), (16, 32), (8, 16)])
+def test_grouped_convolutions_other_than_depthwise_are_refused_by_name(groups, middle):
+    from ballot.errors import MaskError
+
+    # a unit's input channel is a column of one group's rows only; a channel multiplier (16 -> 32 in 16 groups)
+    # crashed the mask after dense training
+    with pytest.raises(MaskError, match=rf"grouped convolution '3' \(groups={groups}, 16 -> {middle} channels\)"):
+        unit_groups(_separable(groups, middle), (1, 8, 8))
+
+
+def test_attention_layers_are_refused_by_name():
+    from ballot.errors import MaskError
+
+    nn = torch.nn
+    attention = nn.Sequential(nn.Flatten(1, 2), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+                              nn.Flatten(), nn.Linear(64, 3))
+    with pytest.raises(MaskError, match=r"through the attention layer '1.self_attn'; use prune.granularity=weight"):
+        unit_groups(attention, (1, 8, 8))
+
+
+def test_a_model_unit_granularity_cannot_prune_is_refused_before_any_training(monkeypatch):
+    from ballot import models
+    from ballot.errors import MaskError
+    from ballot.experiment import prepare_data
+
     monkeypatch.setitem(models.MODELS, "grouped", lambda shape, classes: _separable(4))
     with pytest.raises(MaskError, match="grouped convolution"):
         prepare_data(tiny_config("base.model=grouped", "prune.granularity=unit", "prune.method=magnitude"))
     assert prepare_data(tiny_config("base.model=grouped")).num_classes == 10, "weight granularity prunes it"
-    attention = torch.nn.Sequential(torch.nn.Flatten(1, 2), torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
-                                    torch.nn.Flatten(), torch.nn.Linear(64, 3))
-    with pytest.raises(MaskError, match=r"through the attention layer '1.self_attn'; use prune.granularity=weight"):
-        unit_groups(attention, shape)
 
 
 class _HeadFirst(torch.nn.Module):
@@ -110,6 +127,10 @@ def test_the_classifier_is_the_layer_called_last_and_keeps_every_class_output():
     torch.manual_seed(0)
     model, shape = _HeadFirst(), (1, 8, 8)
     assert classifier_layer(model, shape) is model.head and model.training, "the mode is restored"
+    separable = _separable(16).train()
+    separable[1].eval()  # a BatchNorm kept in eval inside a training model stays so
+    assert classifier_layer(separable, shape) is separable[-1]
+    assert separable.training and separable[4].training and not separable[1].training
     groups = unit_groups(model, shape)
     assert {s.param for g in groups for s in g.slices if s.dim == 0} == {"body.1.weight", "body.1.bias",
                                                                         "body.3.weight", "body.3.bias"}

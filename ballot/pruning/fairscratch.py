@@ -35,14 +35,18 @@ from ballot.train import floored, has_batchnorm
 @torch.no_grad()
 def freeze_as_scratch(model: nn.Module, density: float | None = None) -> None:
     """Signed-constant prunable weights sign(w) * sqrt(2 / fan_in) (sqrt(2 / (fan_in * density)) given ``density``:
-    the original's scale_fan), zero biases on prunable layers, BatchNorm at 1 / 0; nothing trainable."""
+    the original's scale_fan; fan_in: a row's size), zero biases of their layers, BatchNorm at 1 / 0; nothing
+    trainable."""
+    params = dict(model.named_parameters())
+    for name in prunable_names(model):
+        weight = params[name]
+        fan = weight[0].numel() * (density if density is not None else 1.0)
+        weight.copy_(weight.sign() * math.sqrt(2.0 / fan))  # gain sqrt(2) (ReLU), fan-in mode
+        bias = params.get(name.removesuffix("weight") + "bias")  # a layer's bias; attention's in_proj_bias
+        if bias is not None:
+            bias.zero_()
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            fan = module.weight[0].numel() * (density if density is not None else 1.0)
-            module.weight.copy_(module.weight.sign() * math.sqrt(2.0 / fan))  # gain sqrt(2) (ReLU), fan-in mode
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
             module.weight.fill_(1.0)
             module.bias.zero_()
     model.requires_grad_(False)

@@ -43,15 +43,28 @@ class UnitGroup:
         return [s for s in self.slices if s.dim == 0 and s.param in weights]
 
 
+def check_unit_prunable(model: nn.Module) -> None:
+    """MaskError naming the first layer whose units a per-dimension slice cannot describe: a grouped convolution
+    other than a plain depthwise one (groups = input = output channels), whose input channels are columns of one
+    group's rows only, and an attention layer, whose embedding dimension runs through the q, k and v thirds of one
+    weight."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not (
+                module.groups == module.in_channels == module.out_channels):
+            raise MaskError(f"prune.granularity 'unit' cannot prune the grouped convolution '{name}' (groups="
+                            f"{module.groups}, {module.in_channels} -> {module.out_channels} channels); use "
+                            "prune.granularity=weight")
+        if isinstance(module, nn.MultiheadAttention):
+            raise MaskError(f"prune.granularity 'unit' cannot remove units through the attention layer '{name}'; "
+                            "use prune.granularity=weight")
+
+
 def unit_groups(model: nn.Module, input_shape: Sequence[int]) -> list[UnitGroup]:
     """The model's unit groups, from a DepGraph trace on a two-sample input of ``input_shape``."""
     import torch_pruning as tp
 
     model = model.cpu().eval()
-    attention = next((name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)), None)
-    if attention is not None:  # its embedding dimension runs through the q, k and v thirds of one weight
-        raise MaskError(f"prune.granularity 'unit' cannot remove units through the attention layer '{attention}'; "
-                        "use prune.granularity=weight")
+    check_unit_prunable(model)
     classifier = classifier_layer(model, input_shape)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(2, *input_shape))
     names = {module: name for name, module in model.named_modules()}
@@ -62,9 +75,6 @@ def unit_groups(model: nn.Module, input_shape: Sequence[int]) -> list[UnitGroup]
             module, handler = item.dep.target.module, item.dep.handler.__name__
             if module not in names:
                 continue  # DepGraph's stand-ins for functional ops (add, relu, flatten) hold no parameters
-            if handler == "prune_in_channels" and _grouped(module):
-                raise MaskError(f"prune.granularity 'unit' cannot remove input channels of the grouped convolution "
-                                f"'{names[module]}' (groups={module.groups}); use prune.granularity=weight")
             prefix = f"{names[module]}." if names[module] else ""
             index, unit = torch.tensor(item.idxs, dtype=torch.long), torch.tensor(item.root_idxs, dtype=torch.long)
             for param_name, param in module.named_parameters(recurse=False):
@@ -76,12 +86,6 @@ def unit_groups(model: nn.Module, input_shape: Sequence[int]) -> list[UnitGroup]
     if not groups:
         raise MaskError("the model has no prunable units (only its classifier is prunable)")
     return groups
-
-
-def _grouped(module: nn.Module) -> bool:
-    """A convolution whose input channels split into groups that are not one channel each (depthwise): its weight's
-    input columns are per group, so a unit's input channel is no single column of it."""
-    return isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels
 
 
 def unit_scores(model: nn.Module, groups: Sequence[UnitGroup]) -> dict[str, torch.Tensor]:
