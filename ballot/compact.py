@@ -51,7 +51,10 @@ def remove_dead_units(model: nn.Module, input_shape: Sequence[int],
         classifier = classifier_layer(model, input_shape)
         before = {name: m.weight.shape[0] for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
         with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(2, *input_shape))
+            # verbose off: it warns that a parameter outside any layer (a class token, learned positions) is cut
+            # along its last dimension, the channel one, which is what removal needs (and parity checks)
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(2, *input_shape),
+                                                          verbose=False)
         with torch.no_grad():
             for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=PRUNABLE_TYPES):
                 root, handler = group[0].dep.target.module, group[0].dep.handler

@@ -101,6 +101,47 @@ def _resnet18(shape: Sequence[int], num_classes: int) -> nn.Module:
     return model
 
 
+def _mobilenet(shape: Sequence[int], num_classes: int) -> nn.Module:
+    """torchvision MobileNetV2 (depthwise-separable inverted residuals) with a stride-1 stem, for 8-64 px inputs."""
+    from torchvision.models import mobilenet_v2
+
+    channels = _image_channels(shape, "mobilenet")
+    model = mobilenet_v2(weights=None, num_classes=num_classes)
+    model.features[0][0] = nn.Conv2d(channels, 32, 3, 1, 1, bias=False)
+    return model
+
+
+class _ViT(nn.Module):
+    """A small vision transformer: square patches embedded by a strided convolution, a class token, learned
+    positions, pre-norm encoder layers and a linear head on the class token."""
+
+    def __init__(self, channels: int, size: tuple[int, int], patch: int, num_classes: int, width: int = 64,
+                 depth: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(channels, width, patch, patch)
+        tokens = (size[0] // patch) * (size[1] // patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.positions = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.positions
+        return self.head(self.norm(self.encoder(tokens)[:, 0]))
+
+
+def _vit(shape: Sequence[int], num_classes: int) -> nn.Module:
+    """``_ViT`` with the largest of 4x4 and 2x2 patches that tile the image at least four to a side, else 1x1."""
+    channels = _image_channels(shape, "vit")
+    height, width = int(shape[1]), int(shape[2])
+    patch = next((p for p in (4, 2) if height % p == 0 and width % p == 0 and min(height, width) >= 4 * p), 1)
+    return _ViT(channels, (height, width), patch, num_classes)
+
+
 def _image_channels(shape: Sequence[int], name: str) -> int:
     if len(shape) != 3:
         raise ModelError(f"model '{name}' needs image inputs (C, H, W); the dataset gives shape {tuple(shape)}")
@@ -113,6 +154,8 @@ MODELS: dict[str, Callable[[Sequence[int], int], nn.Module]] = {
     "resnet20": _resnet20,
     "vgg": _vgg,
     "resnet18": _resnet18,
+    "mobilenet": _mobilenet,
+    "vit": _vit,
 }
 
 

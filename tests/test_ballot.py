@@ -121,7 +121,8 @@ def test_protection_reserves_its_share_of_the_layer_at_selection():
     assert protected["w"].tolist() == [True, True, False, False, False, True]
 
 
-_MODELS = [("cnn", (1, 28, 28)), ("resnet20", (3, 32, 32)), ("vgg", (3, 32, 32))]
+_MODELS = [("cnn", (1, 28, 28)), ("resnet20", (3, 32, 32)), ("vgg", (3, 32, 32)), ("mobilenet", (3, 32, 32)),
+           ("vit", (1, 28, 28))]
 
 
 def _init_magnitudes(model_name, shape):
