@@ -517,9 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     own = parse_extra(args.dataset, "--dataset")
-    if set(own) & set(DATASETS):
-        parser.error(f"--dataset {sorted(set(own) & set(DATASETS))[0]!r}: a built-in data set's name (its caps and "
-                     "schedules would apply); choose another")
+    shadowing = sorted(set(own) & set(DATASETS))
+    if shadowing:
+        parser.error(f"--dataset {shadowing[0]!r}: a built-in data set's name (its caps and schedules would apply); "
+                     "choose another")
     datasets = {**DATASETS, **own}
     args.datasets = args.datasets or [*own] or list(DATASETS)
     strange = [d for d in args.datasets if d not in datasets]
@@ -565,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     rows = collect(out, units, params, args.densities, methods)
     table = summarise(rows, args.split)
-    caps = ", ".join(f"{d}/{m} {c}" for (d, m), c in CAPS.items() if (d, m) in {(u.dataset, u.model) for u in units})
+    run = {(u.dataset, u.model) for u in units}
+    caps = ", ".join(f"{d}/{m} {c}" for (d, m), c in CAPS.items() if (d, m) in run)
     notes = (f"Seeds {args.seeds}" + (f" (resnet20: {args.resnet_seeds})" if args.resnet_seeds else "") +
              f"; densities {args.densities}; overrides {args.set or 'none'}. Training-pool caps: {caps or 'none'} "
              f"(before the long tail); validation fraction 0.2; full test sets. {len(rows)} records." +
