@@ -124,9 +124,9 @@ def _dense_states(cfg: ExperimentConfig, data: DataBundle, reuse: str | None, ou
                 experiment.save_dense(dense, staged, cfg, data)
     dense_metrics = experiment.model_metrics(model, data, cfg.base.device)
     print(f"dense:  {_summary(dense_metrics)}  ({seconds:.1f}s)", file=sys.stderr)
-    warning = experiment.weak_dense_warning(dense_metrics["val"])
-    if warning:
-        print(warning, file=sys.stderr)
+    for line in (experiment.weak_dense_warning(dense_metrics["val"]), experiment.coverage_notice(model)):
+        if line:
+            print(line, file=sys.stderr)
     return dense, dense_dir, seconds, dense_metrics
 
 

@@ -17,7 +17,7 @@ from ballot.config import ExperimentConfig, data_identity, flatten, to_dict
 from ballot.data import DataBundle, dataset_loader, load_data
 from ballot.errors import ConfigError, StorageError
 from ballot.fairness import balanced_accuracy, evaluate
-from ballot.masks import Mask
+from ballot.masks import Mask, prunable_names, unpruned_parameters
 from ballot.models import build_model, model_builder
 from ballot.pruning import DATA_PARALLEL, DenseArtifacts, PruneContext, PruneResult, get_pruner
 from ballot.pruning.fairscratch import penalty_kind
@@ -117,6 +117,26 @@ def stretch_notice(cfg: ExperimentConfig, train_samples: int, method: str | None
         return None
     return (f"note: {train_samples} training samples make few optimiser steps an epoch, so the schedules below their "
             f"min_steps run longer (epochs): {', '.join(longer)}; min_steps=0 keeps a schedule's epochs as given")
+
+
+# a model with more than this share of its parameters outside the prunable layers gets a note: density counts only
+# the prunable ones, so "95% pruned" would overstate how much smaller the model becomes
+UNPRUNED_NOTICE_SHARE = 0.1
+
+
+def coverage_notice(model: nn.Module) -> str | None:
+    """One line when more than UNPRUNED_NOTICE_SHARE of ``model``'s parameters are outside the prunable layers,
+    naming the largest such parameters, or None."""
+    total = sum(p.numel() for p in model.parameters())
+    unpruned = unpruned_parameters(model)
+    if not total or unpruned <= UNPRUNED_NOTICE_SHARE * total:
+        return None
+    prunable = set(prunable_names(model))
+    largest = sorted(((p.numel(), name) for name, p in model.named_parameters() if name not in prunable), reverse=True)
+    named = ", ".join(f"{name} ({size:,})" for size, name in largest[:3])
+    return (f"note: {unpruned:,} of the model's {total:,} parameters ({unpruned / total:.1%}) are outside the layers "
+            f"a method prunes (linear, convolutional, attention input and recurrent weights) and stay dense; "
+            f"base.density applies to the other {total - unpruned:,}. Largest: {named}")
 
 
 def train_dense(cfg: ExperimentConfig, data: DataBundle, progress: bool | None = None

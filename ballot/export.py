@@ -15,7 +15,7 @@ from torch import nn
 
 from ballot.compact import remove_dead_units
 from ballot.config import ExperimentConfig
-from ballot.errors import ParityError, StorageError
+from ballot.errors import ModelError, ParityError, StorageError
 from ballot.masks import Mask, prunable_names
 from ballot.packing import FLOAT_BYTES, lossless_floor_bytes, minify, pack_sparse_initializers, strip_debug_info
 from ballot.storage import atomic_write
@@ -44,6 +44,9 @@ def onnx_proto(model: nn.Module, input_shape: Sequence[int], metadata: dict[str,
     program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                 dynamic_shapes=({0: batch},), verbose=False)
     proto = program.model_proto
+    if not proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
+        raise ModelError("the model's forward fixes the batch size, so its ONNX graph would accept batches of "
+                         f"{len(example)} only: take the batch size as x.shape[0] (not len(x)) or reshape with -1")
     set_metadata(proto, metadata or {})
     return proto
 

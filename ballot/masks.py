@@ -48,8 +48,9 @@ ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj
 
 
 def prunable_names(model: nn.Module) -> list[str]:
-    """Names of the weight parameters of every linear and convolutional layer, and the input projections of every
-    attention layer (its output projection is a linear layer), in module order."""
+    """Names of the weight parameters of every linear and convolutional layer, the input projections of every
+    attention layer (its output projection is a linear layer) and the weight matrices of every recurrent layer
+    (nn.RNN, nn.LSTM, nn.GRU: weight_ih_l0, weight_hh_l0, ...; not their biases), in module order."""
     names = []
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -57,7 +58,16 @@ def prunable_names(model: nn.Module) -> list[str]:
             names.append(prefix + "weight")
         elif isinstance(module, nn.MultiheadAttention):
             names += [prefix + key for key in ATTENTION_WEIGHTS if getattr(module, key) is not None]
+        elif isinstance(module, nn.RNNBase):
+            names += [prefix + key for key, _ in module.named_parameters(recurse=False) if key.startswith("weight_")]
     return names
+
+
+def unpruned_parameters(model: nn.Module) -> int:
+    """How many of the model's parameters no method prunes: biases, normalisation layers, and every parameter of a
+    layer type ``prunable_names`` does not know (an embedding, a custom nn.Parameter)."""
+    prunable = set(prunable_names(model))
+    return sum(p.numel() for name, p in model.named_parameters() if name not in prunable)
 
 
 def classifier_layer(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from ballot.config import ExperimentConfig
-from ballot.experiment import (check_fits, model_metrics, save_dense, stretch_notice, timed, train_dense,
-                               weak_dense_warning)
+from ballot.experiment import (check_fits, coverage_notice, model_metrics, save_dense, stretch_notice, timed,
+                               train_dense, weak_dense_warning)
 from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder, write_json
 from pipelines.common import DATA, DENSE, run_stage
@@ -26,9 +26,9 @@ def main(cfg: ExperimentConfig) -> None:
         write_json(folder / "history.json", result.history)
     print(f"train_dense: acc {metrics['acc']:.4f}  cwv {metrics['cwv']:.5f}  mcd {metrics['mcd']:.4f}  "
           f"({seconds:.1f}s) -> {DENSE}")
-    warning = weak_dense_warning(metrics["val"])
-    if warning:
-        print(warning, file=sys.stderr)
+    for line in (weak_dense_warning(metrics["val"]), coverage_notice(model)):
+        if line:
+            print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,16 @@ from ballot.pruning.loop import batches, epoch_bar, set_lr
 from ballot.train import floored, has_batchnorm
 
 
+def bias_name(weight: str) -> str:
+    """The name of the bias that goes with the prunable weight ``weight``: a layer's ``bias``, attention's
+    ``in_proj_bias`` (also for its separate q, k and v projections), a recurrent layer's ``bias_ih_l0`` for
+    ``weight_ih_l0``."""
+    prefix, _, leaf = weight.rpartition(".")
+    leaf = "in_proj_bias" if leaf in ("q_proj_weight", "k_proj_weight", "v_proj_weight") else leaf.replace(
+        "weight", "bias", 1)
+    return f"{prefix}.{leaf}" if prefix else leaf
+
+
 @torch.no_grad()
 def freeze_as_scratch(model: nn.Module, density: float | None = None) -> None:
     """Signed-constant prunable weights sign(w) * sqrt(2 / fan_in) (sqrt(2 / (fan_in * density)) given ``density``:
@@ -42,7 +52,7 @@ def freeze_as_scratch(model: nn.Module, density: float | None = None) -> None:
         weight = params[name]
         fan = weight[0].numel() * (density if density is not None else 1.0)
         weight.copy_(weight.sign() * math.sqrt(2.0 / fan))  # gain sqrt(2) (ReLU), fan-in mode
-        bias = params.get(name.removesuffix("weight") + "bias")  # a layer's bias; attention's in_proj_bias
+        bias = params.get(bias_name(name))
         if bias is not None:
             bias.zero_()
     for module in model.modules():

@@ -46,8 +46,8 @@ class UnitGroup:
 def check_unit_prunable(model: nn.Module) -> None:
     """MaskError naming the first layer whose units a per-dimension slice cannot describe: a grouped convolution
     other than a plain depthwise one (groups = input = output channels), whose input channels are columns of one
-    group's rows only, and an attention layer, whose embedding dimension runs through the q, k and v thirds of one
-    weight."""
+    group's rows only, an attention layer, whose embedding dimension runs through the q, k and v thirds of one
+    weight, and a recurrent layer, whose hidden units run through its gates' quarters (LSTM) or thirds (GRU)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not (
                 module.groups == module.in_channels == module.out_channels):
@@ -57,6 +57,9 @@ def check_unit_prunable(model: nn.Module) -> None:
         if isinstance(module, nn.MultiheadAttention):
             raise MaskError(f"prune.granularity 'unit' cannot remove units through the attention layer '{name}'; "
                             "use prune.granularity=weight")
+        if isinstance(module, nn.RNNBase):
+            raise MaskError(f"prune.granularity 'unit' cannot remove units through the recurrent layer '{name}' "
+                            f"({type(module).__name__}); use prune.granularity=weight")
 
 
 def unit_groups(model: nn.Module, input_shape: Sequence[int]) -> list[UnitGroup]:

@@ -1,0 +1,120 @@
+"""Models outside the registry's layer types: recurrent layers are pruned like any weight matrix, parameters no
+method prunes are announced, and a forward pass that fixes the batch size is refused at export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ballot import models
+from ballot.cli import main
+from ballot.errors import MaskError, ModelError
+from ballot.experiment import coverage_notice
+from ballot.export import onnx_proto
+from ballot.masks import Mask, budget, prunable_names, unpruned_parameters
+from ballot.models import MODELS, build_model
+from ballot.pruning.fairscratch import bias_name, freeze_as_scratch
+from ballot.pruning.units import check_unit_prunable
+from ballot.storage import load_tensors
+from tests.conftest import TINY
+
+TINY_FLAGS = [flag for item in TINY if not item.startswith("base.") for flag in ("--set", item)]
+
+
+class _Rows(nn.Module):
+    """An image read row by row: a recurrent layer over the rows, a linear head on its last output."""
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int, cell: type[nn.RNNBase] = nn.GRU) -> None:
+        super().__init__()
+        self.recurrent = cell(shape[0] * shape[2], 32, batch_first=True)
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.permute(0, 2, 1, 3).flatten(2)  # (batch, height, channels x width)
+        return self.head(self.recurrent(rows)[0][:, -1])
+
+
+def test_recurrent_weight_matrices_are_prunable_and_their_biases_are_not():
+    lstm = nn.LSTM(6, 8, num_layers=2, bidirectional=True, proj_size=4)
+    assert prunable_names(nn.Sequential(lstm)) == [
+        f"0.weight_{kind}_l{layer}{direction}" for layer in (0, 1) for direction in ("", "_reverse")
+        for kind in ("ih", "hh", "hr")]
+    model = _Rows((1, 8, 8), 3)
+    assert prunable_names(model) == ["recurrent.weight_ih_l0", "recurrent.weight_hh_l0", "head.weight"]
+    biases = 2 * 3 * 32 + 3
+    assert unpruned_parameters(model) == biases
+
+
+def test_a_model_mostly_outside_the_prunable_layers_gets_a_note_naming_the_largest_parameters():
+    class Embedded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Embedding(1000, 16)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.table(x.long()).mean(1))
+
+    notice = coverage_notice(Embedded())
+    assert notice is not None
+    assert "16,003 of the model's 16,051 parameters (99.7%)" in notice and "the other 48." in notice
+    assert "Largest: table.weight (16,000), head.bias (3)" in notice
+    for name in MODELS:
+        assert coverage_notice(build_model(name, (3, 16, 16), 10)) is None, name
+    assert coverage_notice(_Rows((1, 8, 8), 3)) is None
+
+
+def test_unit_granularity_refuses_recurrent_layers_by_name():
+    with pytest.raises(MaskError, match=r"through the recurrent layer 'recurrent' \(LSTM\); use prune.granularity"):
+        check_unit_prunable(_Rows((1, 8, 8), 3, nn.LSTM))
+
+
+@pytest.mark.parametrize("weight, bias", [
+    ("weight", "bias"), ("1.weight", "1.bias"), ("a.self_attn.in_proj_weight", "a.self_attn.in_proj_bias"),
+    ("a.q_proj_weight", "a.in_proj_bias"), ("a.v_proj_weight", "a.in_proj_bias"),
+    ("rnn.weight_hh_l1_reverse", "rnn.bias_hh_l1_reverse"), ("rnn.weight_hr_l0", "rnn.bias_hr_l0")])
+def test_the_bias_of_each_kind_of_prunable_weight(weight, bias):
+    assert bias_name(weight) == bias
+
+
+def test_fairscratch_zeroes_the_biases_of_recurrent_and_separate_projection_layers():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"rnn": nn.LSTM(6, 8), "attend": nn.MultiheadAttention(8, 2, kdim=4, vdim=4)})
+    assert model["attend"].in_proj_weight is None, "separate q, k, v projections share in_proj_bias"
+    nn.init.uniform_(model["attend"].in_proj_bias)
+    freeze_as_scratch(model)
+    params = dict(model.named_parameters())
+    for name in ("rnn.bias_ih_l0", "rnn.bias_hh_l0", "attend.in_proj_bias"):
+        assert not params[name].any(), name
+    assert torch.equal(params["rnn.weight_hh_l0"].abs().unique(), torch.tensor([(2.0 / 8) ** 0.5]))
+
+
+def test_a_forward_pass_that_fixes_the_batch_size_is_refused_at_export():
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(x.reshape(len(x), 16))
+
+    with pytest.raises(ModelError, match=r"fixes the batch size.*batches of 2 only: take the batch size as x.shape"):
+        onnx_proto(Fixed(), (4, 4))
+
+
+def test_ballot_prunes_a_recurrent_model_to_the_exact_budget_and_exports_it_with_parity(tmp_path, monkeypatch,
+                                                                                       capsys):
+    monkeypatch.setitem(models.MODELS, "rows", _Rows)
+    out = tmp_path / "run"
+    assert main(["prune", "--dataset", "digits", "--model", "rows", "--method", "ballot", "--density", "0.1",
+                 "--seed", "0", "--out", str(out), *TINY_FLAGS]) == 0
+    mask = Mask.load(out / "mask.safetensors")
+    assert set(mask) == {"1.recurrent.weight_ih_l0", "1.recurrent.weight_hh_l0", "1.head.weight"}
+    assert mask.kept == budget(mask.total, 0.1)
+    assert all(0 < layer.kept < layer.total for layer in mask.report()), "every matrix is pruned, none emptied"
+    weights = load_tensors(out / "model.safetensors")
+    for name in mask:
+        assert not weights[name][~mask[name]].any(), f"{name}: pruned weights are exactly zero"
+    assert main(["export", "--dir", str(out), "--out", str(tmp_path / "rows.onnx")]) == 0
+    assert "export: parity max |diff|" in capsys.readouterr().err
