@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ballot.depgraph import dependency_graph
 from ballot.masks import PRUNABLE_TYPES, classifier_layer
 
 ZERO_PRESERVING_OPS = ("ReluBackward", "AddBackward", "MaxPool", "AvgPool", "MeanBackward", "TBackward")
@@ -42,19 +43,13 @@ def remove_dead_units(model: nn.Module, input_shape: Sequence[int],
     number removed per layer (output units of conv / linear layers; the classifier's outputs are never touched).
     Each layer keeps at least one, and a convolution a multiple of ``channel_multiple`` channels or all of them.
     The same whether ``model``'s parameters are frozen or it is called under ``torch.inference_mode``."""
-    import torch_pruning as tp
-
     # the graph is traced through autograd: not under the caller's inference mode, and with every parameter
     # requiring grad (a frozen one would leave its layer out of the graph: nothing removed)
     with torch.inference_mode(False):
         model = copy.deepcopy(model).cpu().eval().requires_grad_(True)
         classifier = classifier_layer(model, input_shape)
         before = {name: m.weight.shape[0] for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
-        with torch.enable_grad():
-            # verbose off: it warns that a parameter outside any layer (a class token, learned positions) is cut
-            # along its last dimension, the channel one, which is what removal needs (and parity checks)
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(2, *input_shape),
-                                                          verbose=False)
+        graph = dependency_graph(model, input_shape)
         with torch.no_grad():
             for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=PRUNABLE_TYPES):
                 root, handler = group[0].dep.target.module, group[0].dep.handler

@@ -591,7 +591,9 @@ class ExportConfig:
     QUANTIZE_MODES = ("none", "dynamic", "static")  # a class constant, not a field
 
     parity_samples: int = _help("Test inputs on which ONNX Runtime and PyTorch logits are compared.", 256)
-    parity_tolerance: float = _help("Fail the export when the max absolute logit difference exceeds this.", 1e-4)
+    parity_tolerance: float = _help("Fail the export when a logit differs by more than this times (1 + |logit|): "
+                                    "absolute for small logits, relative for large ones, whose float32 rounding "
+                                    "grows with them.", 1e-4)
     compact: bool = _help("Remove dead units, store sparse weights packed (values + gaps or bitmask, rebuilt inside "
                           "the graph) and minify the graph; false writes the plain dense file.", True)
     quantize: str = _help("INT8 quantization with onnxruntime.quantization: 'none', 'dynamic' or 'static' "

@@ -26,6 +26,11 @@ class ModelError(UserError, ValueError):
     """Unknown model name or a model that cannot take the dataset's inputs."""
 
 
+class UntraceableModelError(ModelError):
+    """Torch-Pruning cannot trace which layers a model's units couple: unit pruning and dead-unit removal cannot
+    run on it (weight pruning can)."""
+
+
 class DatasetError(UserError, RuntimeError):
     """A dataset is unknown, missing or malformed; the message says which and what to do."""
 

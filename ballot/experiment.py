@@ -21,7 +21,7 @@ from ballot.masks import Mask, prunable_names, unpruned_parameters
 from ballot.models import build_model, model_builder
 from ballot.pruning import DATA_PARALLEL, DenseArtifacts, PruneContext, PruneResult, get_pruner
 from ballot.pruning.fairscratch import penalty_kind
-from ballot.pruning.units import check_unit_prunable
+from ballot.pruning.units import unit_groups
 from ballot.storage import atomic_save_tensors, load_state, load_tensors, read_json, save_state, write_json
 from ballot.train import (TrainResult, floored, resolve_device, seed_everything,
                           steps_per_epoch, stretched, train)
@@ -70,12 +70,13 @@ def prepare_data(cfg: ExperimentConfig) -> DataBundle:
 def check_fits(cfg: ExperimentConfig, data: DataBundle) -> None:
     """A UserError, before any training, when the configured method needs something the data lacks (FairScratch's
     group_parity penalty: a sensitive attribute) or the model has layers the configured granularity cannot prune
-    (unit: grouped convolutions, attention). The pipeline's stages call it on the snapshot, since the prepare
-    stage does not run again when the model or the method changes."""
+    (unit: grouped convolutions, attention, recurrent layers, a model Torch-Pruning cannot trace). The pipeline's
+    stages call it on the snapshot, since the prepare stage does not run again when the model or the method
+    changes."""
     if cfg.prune.method == "fairscratch":
         penalty_kind(cfg.prune.fairscratch, has_group=data.train.group is not None)
     if cfg.prune.granularity == "unit":
-        check_unit_prunable(build_model(cfg.base.model, data.input_shape, data.num_classes))
+        unit_groups(build_model(cfg.base.model, data.input_shape, data.num_classes), data.input_shape)
 
 
 def new_model(cfg: ExperimentConfig, data: DataBundle) -> nn.Module:

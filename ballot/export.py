@@ -15,7 +15,7 @@ from torch import nn
 
 from ballot.compact import remove_dead_units
 from ballot.config import ExperimentConfig
-from ballot.errors import ModelError, ParityError, StorageError
+from ballot.errors import ModelError, ParityError, StorageError, UntraceableModelError
 from ballot.masks import Mask, prunable_names
 from ballot.packing import FLOAT_BYTES, lossless_floor_bytes, minify, pack_sparse_initializers, strip_debug_info
 from ballot.storage import atomic_write
@@ -110,7 +110,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def check_parity(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor) -> dict[str, float]:
-    """Max / mean absolute logit difference and argmax agreement of ONNX Runtime vs PyTorch on ``inputs``."""
+    """Max / mean absolute logit difference, the max difference scaled by 1 + |PyTorch's logit| (what
+    export.parity_tolerance bounds) and argmax agreement of ONNX Runtime vs PyTorch on ``inputs``."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -119,6 +120,7 @@ def check_parity(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor) 
     got = session.run([OUTPUT_NAME], {INPUT_NAME: inputs.cpu().numpy().astype(np.float32)})[0]
     diff = np.abs(expected - got)
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "max_scaled_diff": float((diff / (1 + np.abs(expected))).max()),
             "argmax_agreement": float((expected.argmax(1) == got.argmax(1)).mean()), "samples": int(len(inputs))}
 
 
@@ -148,12 +150,18 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
     when the INT8 model passes its gate (else QuantizationError; the INT8 file is then what is written, its card
     carrying the INT8 metrics).
 
-    ``compact`` removes dead units (ballot.compact), packs the sparse weights and minifies the graph
+    ``compact`` removes dead units (ballot.compact; skipped, with the reason under ``dead_units_kept``, on a model
+    Torch-Pruning cannot trace), packs the sparse weights and minifies the graph
     (ballot.packing; the INT8 file alike, checked against the quantizer's own file on ``inputs``). The metadata
     also records ``onnx_format`` ("compact" when weights are packed, else "dense"), ``granularity`` and
     ``quantization``. Returns the export report: parity, sizes (the file, the plain dense export, the lossless
     floor), removed units, packed tensors, parameter counts and the quantization report."""
-    deployed, removed = remove_dead_units(baked, input_shape) if compact else (baked, {})
+    deployed, removed, untraced = baked, {}, None
+    if compact:
+        try:
+            deployed, removed = remove_dead_units(baked, input_shape)
+        except UntraceableModelError as error:  # removal is an optimisation: packing and parity still hold
+            untraced = str(error)
     plain = onnx_proto(deployed, input_shape)
     proto, packed = plain, []
     if compact:
@@ -171,13 +179,16 @@ def export_checked(baked: nn.Module, input_shape: Sequence[int], path: str | Pat
     report: dict[str, Any] = {"dense_onnx_bytes": plain.ByteSize() + FLOAT_BYTES * removed_values,
                               "lossless_floor_bytes": storage_floor(baked), "removed_units": removed,
                               "packed_tensors": packed, **fields}
+    if untraced:
+        report["dead_units_kept"] = untraced
 
     def write(tmp: str) -> None:
         save_proto(proto, tmp)
         parity = check_parity(baked, tmp, inputs)
-        if not parity["max_abs_diff"] <= tolerance:
+        if not parity["max_scaled_diff"] <= tolerance:
             raise ParityError(f"ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.3g} on "
-                              f"{parity['samples']} test inputs (export.parity_tolerance {tolerance})")
+                              f"{parity['samples']} test inputs, {parity['max_scaled_diff']:.3g} x (1 + |logit|) "
+                              f"(export.parity_tolerance {tolerance})")
         report.update(parity=parity, parity_tolerance=tolerance)
         if quantization is not None:
             quant, int8_packed = _quantized(plain, tmp, quantization, {**metadata, "quantization": quantization.mode},
@@ -211,6 +222,8 @@ def describe(report: dict[str, Any]) -> list[str]:
              f"agreement {parity['argmax_agreement']:.4f}; {report['onnx_format']} {report['onnx_bytes']:,} bytes "
              f"({report['onnx_bytes'] / report['dense_onnx_bytes']:.3f}x dense, "
              f"{report['onnx_bytes'] / report['lossless_floor_bytes']:.2f}x lossless floor)"]
+    if "dead_units_kept" in report:
+        lines.insert(0, f"export: dead units not removed (the weights are still packed): {report['dead_units_kept']}")
     if "quantization" in report:
         quant = report["quantization"]
         lines.append(f"export: {quant['mode']} INT8 accuracy {quant['float']['acc']:.4f} -> {quant['int8']['acc']:.4f},"

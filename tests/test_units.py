@@ -225,3 +225,41 @@ def test_a_unit_pruned_run_exports_as_a_smaller_dense_network_with_the_same_outp
     assert report["parity"]["max_abs_diff"] <= cfg.export.parity_tolerance
     assert report["onnx_parameters"] < sum(p.numel() for p in result.model.parameters())
     assert read_metadata(tmp_path / "model.onnx")["granularity"] == "unit"
+
+
+def _shufflenet(shape, num_classes):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=num_classes)  # Torch-Pruning divides by zero on it
+    model.conv1[0] = torch.nn.Conv2d(shape[0], 24, 3, 2, 1, bias=False)
+    return model
+
+
+def test_a_model_torch_pruning_cannot_trace_is_refused_for_units_before_any_training(monkeypatch):
+    from ballot import models
+    from ballot.errors import UntraceableModelError
+    from ballot.experiment import prepare_data
+
+    with pytest.raises(UntraceableModelError, match=r"^Torch-Pruning cannot trace the model's unit dependencies "
+                                                     r"\(ZeroDivisionError: .*\), which unit pruning needs; "
+                                                     r"prune.granularity=weight does not$"):
+        unit_groups(_shufflenet((3, 16, 16), 10), (3, 16, 16))
+    monkeypatch.setitem(models.MODELS, "shuffled", _shufflenet)
+    with pytest.raises(UntraceableModelError, match="ZeroDivisionError"):
+        prepare_data(tiny_config("base.model=shuffled", "prune.granularity=unit", "prune.method=magnitude"))
+    assert prepare_data(tiny_config("base.model=shuffled")).num_classes == 10, "weight granularity prunes it"
+
+
+@pytest.mark.slow
+def test_an_untraceable_model_exports_packed_with_its_dead_units_kept_and_says_so(tmp_path):
+    from ballot.export import bake, describe, export_checked
+    from ballot.masks import magnitude_scores
+
+    shape = (3, 16, 16)
+    model = _shufflenet(shape, 10).eval()
+    baked = bake(model, Mask.top_k(magnitude_scores(model), 0.05))
+    report = export_checked(baked, shape, tmp_path / "m.onnx", {}, torch.rand(16, *shape), 1e-4)
+    assert report["removed_units"] == {} and "ZeroDivisionError" in report["dead_units_kept"]
+    assert report["onnx_bytes"] < report["dense_onnx_bytes"] / 4, "the weights are packed all the same"
+    assert describe(report)[0].startswith("export: dead units not removed (the weights are still packed): ")

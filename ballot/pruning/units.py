@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from ballot.depgraph import dependency_graph
 from ballot.errors import MaskError
 from ballot.masks import PRUNABLE_TYPES, Mask, classifier_layer, prunable_names
 
@@ -64,12 +65,10 @@ def check_unit_prunable(model: nn.Module) -> None:
 
 def unit_groups(model: nn.Module, input_shape: Sequence[int]) -> list[UnitGroup]:
     """The model's unit groups, from a DepGraph trace on a two-sample input of ``input_shape``."""
-    import torch_pruning as tp
-
     model = model.cpu().eval()
     check_unit_prunable(model)
     classifier = classifier_layer(model, input_shape)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(2, *input_shape))
+    graph = dependency_graph(model, input_shape)
     names = {module: name for name, module in model.named_modules()}
     groups = []
     for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=list(PRUNABLE_TYPES)):
