@@ -50,7 +50,8 @@ ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj
 def prunable_names(model: nn.Module) -> list[str]:
     """Names of the weight parameters of every linear and convolutional layer, the input projections of every
     attention layer (its output projection is a linear layer) and the weight matrices of every recurrent layer
-    (nn.RNN, nn.LSTM, nn.GRU: weight_ih_l0, weight_hh_l0, ...; not their biases), in module order."""
+    (nn.RNN, nn.LSTM, nn.GRU: weight_ih_l0, weight_hh_l0, ...; not their biases), in module order; a weight two
+    layers share, under the name ``named_parameters`` gives it (its first)."""
     names = []
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -60,7 +61,8 @@ def prunable_names(model: nn.Module) -> list[str]:
             names += [prefix + key for key in ATTENTION_WEIGHTS if getattr(module, key) is not None]
         elif isinstance(module, nn.RNNBase):
             names += [prefix + key for key, _ in module.named_parameters(recurse=False) if key.startswith("weight_")]
-    return names
+    canonical = {name for name, _ in model.named_parameters()}  # a weight tied to another's is listed once
+    return [name for name in names if name in canonical]
 
 
 def unpruned_parameters(model: nn.Module) -> int:

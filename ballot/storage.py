@@ -172,8 +172,14 @@ def _nan_to_none(value: Any) -> Any:
 
 def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
                         metadata: dict[str, str] | None = None) -> Path:
-    """Atomically write ``tensors`` as a safetensors file."""
-    payload = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    """Atomically write ``tensors`` as a safetensors file; a tensor sharing memory with an earlier one (a weight
+    tied to another layer's) is written as a copy of its own, which safetensors requires."""
+    payload, seen = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        payload[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
     return atomic_write(path, lambda tmp: save_file(payload, tmp, metadata=metadata))
 
 

@@ -1,5 +1,5 @@
-"""Models outside the registry's layer types: recurrent layers are pruned like any weight matrix, parameters no
-method prunes are announced, and a forward pass that fixes the batch size is refused at export."""
+"""Models a user adds to the registry: recurrent layers are pruned like any weight matrix, tied weights once,
+parameters no method prunes are announced, and a forward pass that fixes the batch size is refused at export."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ballot.masks import Mask, budget, prunable_names, unpruned_parameters
 from ballot.models import MODELS, build_model
 from ballot.pruning.fairscratch import bias_name, freeze_as_scratch
 from ballot.pruning.units import check_unit_prunable
-from ballot.storage import load_tensors
+from ballot.storage import load_state, load_tensors, save_state
 from tests.conftest import TINY
 
 TINY_FLAGS = [flag for item in TINY if not item.startswith("base.") for flag in ("--set", item)]
@@ -118,3 +118,40 @@ def test_ballot_prunes_a_recurrent_model_to_the_exact_budget_and_exports_it_with
         assert not weights[name][~mask[name]].any(), f"{name}: pruned weights are exactly zero"
     assert main(["export", "--dir", str(out), "--out", str(tmp_path / "rows.onnx")]) == 0
     assert "export: parity max |diff|" in capsys.readouterr().err
+
+
+class _Tied(nn.Module):
+    """Two layers sharing one weight matrix."""
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(int(torch.tensor(shape).prod()), 16)
+        self.first, self.second = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.embed(x.flatten(1)))
+        return self.head(torch.relu(self.second(torch.relu(self.first(x)))))
+
+
+def test_a_tied_weight_is_one_prunable_weight_and_its_state_round_trips(tmp_path):
+    model = _Tied((1, 8, 8), 3)
+    assert prunable_names(model) == ["embed.weight", "first.weight", "head.weight"]
+    save_state(model, tmp_path / "tied.safetensors")  # safetensors refuses tensors that share memory
+    loaded = load_state(_Tied((1, 8, 8), 3), tmp_path / "tied.safetensors")
+    assert loaded.second.weight is loaded.first.weight
+    torch.testing.assert_close(loaded.first.weight, model.first.weight, rtol=0, atol=0)
+
+
+def test_ballot_prunes_a_model_with_tied_weights(tmp_path, monkeypatch):
+    monkeypatch.setitem(models.MODELS, "tied", _Tied)
+    out = tmp_path / "run"
+    assert main(["prune", "--dataset", "digits", "--model", "tied", "--method", "ballot", "--density", "0.1", "--out", str(out),
+                 *TINY_FLAGS]) == 0
+    mask = Mask.load(out / "mask.safetensors")
+    assert set(mask) == {"1.embed.weight", "1.first.weight", "1.head.weight"}
+    assert mask.kept == budget(mask.total, 0.1)
+    weights = load_tensors(out / "model.safetensors")
+    for name in ("1.first.weight", "1.second.weight"):
+        assert not weights[name][~mask["1.first.weight"]].any(), name
