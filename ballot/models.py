@@ -142,6 +142,28 @@ def _vit(shape: Sequence[int], num_classes: int) -> nn.Module:
     return _ViT(channels, (height, width), patch, num_classes)
 
 
+class _LSTM(nn.Module):
+    """A 2-layer LSTM over the steps of its input (an image's rows, or a sequence's steps) and a linear head on the
+    last step's output."""
+
+    def __init__(self, features: int, num_classes: int, width: int = 128, depth: int = 2) -> None:
+        super().__init__()
+        self.recurrent = nn.LSTM(features, width, depth, batch_first=True)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = x.transpose(1, 2).flatten(2) if x.dim() == 4 else x  # (batch, C, H, W) -> H steps of C x W
+        return self.head(self.recurrent(steps)[0][:, -1])
+
+
+def _lstm(shape: Sequence[int], num_classes: int) -> nn.Module:
+    """``_LSTM`` reading an image (C, H, W) row by row, or a sequence (steps, features) step by step."""
+    if len(shape) not in (2, 3):
+        raise ModelError(f"model 'lstm' needs image (C, H, W) or sequence (steps, features) inputs; the dataset "
+                         f"gives shape {tuple(shape)}")
+    return _LSTM(int(shape[0]) * int(shape[2]) if len(shape) == 3 else int(shape[1]), num_classes)
+
+
 def _image_channels(shape: Sequence[int], name: str) -> int:
     if len(shape) != 3:
         raise ModelError(f"model '{name}' needs image inputs (C, H, W); the dataset gives shape {tuple(shape)}")
@@ -156,6 +178,7 @@ MODELS: dict[str, Callable[[Sequence[int], int], nn.Module]] = {
     "resnet18": _resnet18,
     "mobilenet": _mobilenet,
     "vit": _vit,
+    "lstm": _lstm,
 }
 
 

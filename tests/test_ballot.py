@@ -143,7 +143,7 @@ def test_without_the_floor_the_ticket_rule_starves_a_layer(model_name, shape, de
 
 @pytest.mark.parametrize("model_name,shape,density,rule", [
     pytest.param(m, shape, d, rule, id=f"{m}-{d}-{rule}")
-    for m, shape in _MODELS for d in (0.05, 0.02) for rule in LAYER_BUDGETS])
+    for m, shape in [*_MODELS, ("lstm", (1, 28, 28))] for d in (0.05, 0.02) for rule in LAYER_BUDGETS])
 def test_ballot_layer_budgets_keep_every_layer_above_half_its_uniform_share(model_name, shape, density, rule):
     """Ballot's own budget (round_counts: the rule's shares, floors, nested rounds) keeps every layer of every
     round at layer_floor (0.5) x its uniform share."""

@@ -375,7 +375,7 @@ def test_attention_projections_are_pruned_and_weights_the_exporter_renames_are_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet20", "vgg", "mobilenet", "vit"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet20", "vgg", "mobilenet", "vit", "lstm"])
 def test_every_model_exports_compact_with_parity_at_any_batch_size(name, tmp_path):
     """The parity check feeds 16 inputs to a graph traced on 2: a batch size baked into the graph fails it."""
     import onnxruntime as ort

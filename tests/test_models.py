@@ -44,3 +44,19 @@ def test_standardisation_statistics_and_class_count_are_checked():
         build_model("mlp", (1, 8, 8), 0)
     with pytest.raises(ModelError, match=r"unknown model 'lenet'; choose from \['cnn'"):
         build_model("lenet", (1, 8, 8), 2)
+
+
+def test_the_lstm_reads_an_image_row_by_row_or_a_sequence_step_by_step():
+    torch.manual_seed(0)
+    image = build_model("lstm", (3, 5, 4), 2).eval()
+    assert image[1].recurrent.input_size == 3 * 4, "a step is one row of every channel"
+    x = torch.rand(2, 3, 5, 4)
+    with torch.no_grad():
+        rows = image[0](x).permute(0, 2, 1, 3).reshape(2, 5, 12)  # standardised, then (batch, row, channel x column)
+        assert torch.equal(image(x), image[1].head(image[1].recurrent(rows)[0][:, -1]))
+        assert not torch.equal(image(x), image(x.flip(2))), "row order matters"
+    sequence = build_model("lstm", (20, 6), 3)
+    assert sequence[1].recurrent.input_size == 6 and sequence(torch.rand(4, 20, 6)).shape == (4, 3)
+    with pytest.raises(ModelError, match=re.escape("model 'lstm' needs image (C, H, W) or sequence (steps, features) "
+                                                   "inputs; the dataset gives shape (30,)")):
+        build_model("lstm", (30,), 3)
