@@ -144,11 +144,16 @@ def _vit(shape: Sequence[int], num_classes: int) -> nn.Module:
 
 class _LSTM(nn.Module):
     """A 2-layer LSTM over the steps of its input (an image's rows, or a sequence's steps) and a linear head on the
-    last step's output."""
+    last step's output. Its forget gates start open (input bias 1; Gers et al. 2000, Jozefowicz et al. 2015): with
+    PyTorch's default initialisation, SGD at the product's learning rates left it at chance on a synthetic sequence
+    set that it learns perfectly this way."""
 
     def __init__(self, features: int, num_classes: int, width: int = 128, depth: int = 2) -> None:
         super().__init__()
         self.recurrent = nn.LSTM(features, width, depth, batch_first=True)
+        with torch.no_grad():
+            for layer in range(depth):
+                getattr(self.recurrent, f"bias_ih_l{layer}")[width:2 * width].fill_(1.0)  # gates i, f, g, o
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,9 @@ def test_the_lstm_reads_an_image_row_by_row_or_a_sequence_step_by_step():
     torch.manual_seed(0)
     image = build_model("lstm", (3, 5, 4), 2).eval()
     assert image[1].recurrent.input_size == 3 * 4, "a step is one row of every channel"
+    for layer in (0, 1):  # forget gates open at the start: input bias 1 on the second of the i, f, g, o quarters
+        bias = getattr(image[1].recurrent, f"bias_ih_l{layer}")
+        assert torch.equal(bias[128:256], torch.ones(128)) and not torch.equal(bias[:128], torch.ones(128))
     x = torch.rand(2, 3, 5, 4)
     with torch.no_grad():
         rows = image[0](x).permute(0, 2, 1, 3).reshape(2, 5, 12)  # standardised, then (batch, row, channel x column)
