@@ -592,8 +592,9 @@ class ExportConfig:
 
     parity_samples: int = _help("Test inputs on which ONNX Runtime and PyTorch logits are compared.", 256)
     parity_tolerance: float = _help("Fail the export when a logit differs by more than this times (1 + |logit|): "
-                                    "absolute for small logits, relative for large ones, whose float32 rounding "
-                                    "grows with them.", 1e-4)
+                                    "about absolute for small logits, relative for large ones, whose float32 "
+                                    "rounding grows with them. A compact INT8 file must match the quantizer's own "
+                                    "file within this, absolutely (the same arithmetic).", 1e-4)
     compact: bool = _help("Remove dead units, store sparse weights packed (values + gaps or bitmask, rebuilt inside "
                           "the graph) and minify the graph; false writes the plain dense file.", True)
     quantize: str = _help("INT8 quantization with onnxruntime.quantization: 'none', 'dynamic' or 'static' "

@@ -69,14 +69,18 @@ def prepare_data(cfg: ExperimentConfig) -> DataBundle:
 
 def check_fits(cfg: ExperimentConfig, data: DataBundle) -> None:
     """A UserError, before any training, when the configured method needs something the data lacks (FairScratch's
-    group_parity penalty: a sensitive attribute) or the model has layers the configured granularity cannot prune
-    (unit: grouped convolutions, attention, recurrent layers, a model Torch-Pruning cannot trace). The pipeline's
+    group_parity penalty: a sensitive attribute) or the model has layers no method can prune (a computed weight) or
+    the configured granularity cannot (unit: grouped convolutions, attention, recurrent layers, tied weights, a model
+    Torch-Pruning cannot trace). The pipeline's
     stages call it on the snapshot, since the prepare stage does not run again when the model or the method
     changes."""
     if cfg.prune.method == "fairscratch":
         penalty_kind(cfg.prune.fairscratch, has_group=data.train.group is not None)
+    with torch.random.fork_rng(devices=[]):  # building the model here must not move the seeded random stream
+        model = build_model(cfg.base.model, data.input_shape, data.num_classes)
+    prunable_names(model)  # refuses a layer whose weight is computed (weight_norm) before training, not after
     if cfg.prune.granularity == "unit":
-        unit_groups(build_model(cfg.base.model, data.input_shape, data.num_classes), data.input_shape)
+        unit_groups(model, data.input_shape)
 
 
 def new_model(cfg: ExperimentConfig, data: DataBundle) -> nn.Module:
@@ -132,7 +136,7 @@ def coverage_notice(model: nn.Module) -> str | None:
     unpruned = unpruned_parameters(model)
     if not total or unpruned <= UNPRUNED_NOTICE_SHARE * total:
         return None
-    prunable = set(prunable_names(model))
+    prunable = set(prunable_names(model))  # computed again only for the few models that get the note
     largest = sorted(((p.numel(), name) for name, p in model.named_parameters() if name not in prunable), reverse=True)
     named = ", ".join(f"{name} ({size:,})" for size, name in largest[:3])
     return (f"note: {unpruned:,} of the model's {total:,} parameters ({unpruned / total:.1%}) are outside the layers "

@@ -38,6 +38,10 @@ def bake(model: nn.Module, mask: Mask | None) -> nn.Module:
 
 def onnx_proto(model: nn.Module, input_shape: Sequence[int], metadata: dict[str, Any] | None = None) -> Any:
     """``model`` as an ONNX ModelProto with a dynamic batch axis; ``metadata`` goes into metadata_props."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LSTM) and module.proj_size > 0:
+            raise ModelError(f"layer '{name}': PyTorch's ONNX exporter writes an LSTM with proj_size > 0 that ONNX "
+                             "Runtime cannot run (its cell state takes the projected size); use proj_size=0")
     model = copy.deepcopy(model).cpu().eval()
     example = torch.rand(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=65536)

@@ -44,25 +44,34 @@ def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
     return chosen
 
 
+RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)  # their weight_* matrices are prunable, gates together
 ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")  # nn.MultiheadAttention's
 
 
 def prunable_names(model: nn.Module) -> list[str]:
     """Names of the weight parameters of every linear and convolutional layer, the input projections of every
-    attention layer (its output projection is a linear layer) and the weight matrices of every recurrent layer
-    (nn.RNN, nn.LSTM, nn.GRU: weight_ih_l0, weight_hh_l0, ...; not their biases), in module order; a weight two
-    layers share, under the name ``named_parameters`` gives it (its first)."""
-    names = []
+    attention layer (its output projection is a linear layer) and the weight matrices of every recurrent layer and
+    cell (nn.RNN, nn.LSTM, nn.GRU and their cells: weight_ih_l0, weight_hh_l0, ...; not their biases), in module
+    order. A weight several modules share (tied) is listed once, under the name ``named_parameters`` gives it (its
+    first owner's). MaskError naming a layer whose weight is computed rather than held (weight_norm, parametrize)."""
+    first_name = {id(param): name for name, param in model.named_parameters()}
+    names: list[str] = []
     for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
         if isinstance(module, PRUNABLE_TYPES):
-            names.append(prefix + "weight")
+            keys = ["weight"]
         elif isinstance(module, nn.MultiheadAttention):
-            names += [prefix + key for key in ATTENTION_WEIGHTS if getattr(module, key) is not None]
-        elif isinstance(module, nn.RNNBase):
-            names += [prefix + key for key, _ in module.named_parameters(recurse=False) if key.startswith("weight_")]
-    canonical = {name for name, _ in model.named_parameters()}  # a weight tied to another's is listed once
-    return [name for name in names if name in canonical]
+            keys = [key for key in ATTENTION_WEIGHTS if getattr(module, key) is not None]
+        elif isinstance(module, RECURRENT_TYPES):
+            keys = [key for key, _ in module.named_parameters(recurse=False) if key.startswith("weight_")]
+        else:
+            continue
+        for key in keys:
+            if id(getattr(module, key)) not in first_name:
+                raise MaskError(f"layer '{name}' computes its {key} (a parametrization such as weight_norm) instead "
+                                "of holding it as a parameter; remove the parametrization to prune it")
+            if first_name[id(getattr(module, key))] not in names:
+                names.append(first_name[id(getattr(module, key))])
+    return names
 
 
 def unpruned_parameters(model: nn.Module) -> int:

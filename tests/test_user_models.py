@@ -40,6 +40,8 @@ def test_recurrent_weight_matrices_are_prunable_and_their_biases_are_not():
     assert prunable_names(nn.Sequential(lstm)) == [
         f"0.weight_{kind}_l{layer}{direction}" for layer in (0, 1) for direction in ("", "_reverse")
         for kind in ("ih", "hh", "hr")]
+    assert prunable_names(nn.Sequential(nn.LSTMCell(4, 8), nn.GRUCell(8, 8))) == [
+        "0.weight_ih", "0.weight_hh", "1.weight_ih", "1.weight_hh"]
     model = _Rows((1, 8, 8), 3)
     assert prunable_names(model) == ["recurrent.weight_ih_l0", "recurrent.weight_hh_l0", "head.weight"]
     biases = 2 * 3 * 32 + 3
@@ -73,7 +75,8 @@ def test_unit_granularity_refuses_recurrent_layers_by_name():
 @pytest.mark.parametrize("weight, bias", [
     ("weight", "bias"), ("1.weight", "1.bias"), ("a.self_attn.in_proj_weight", "a.self_attn.in_proj_bias"),
     ("a.q_proj_weight", "a.in_proj_bias"), ("a.v_proj_weight", "a.in_proj_bias"),
-    ("rnn.weight_hh_l1_reverse", "rnn.bias_hh_l1_reverse"), ("rnn.weight_hr_l0", "rnn.bias_hr_l0")])
+    ("rnn.weight_hh_l1_reverse", "rnn.bias_hh_l1_reverse"), ("cell.weight_ih", "cell.bias_ih"),
+    ("rnn.weight_hr_l0", "rnn.bias_hr_l0")])  # a projection has no bias: the name is looked up and not found
 def test_the_bias_of_each_kind_of_prunable_weight(weight, bias):
     assert bias_name(weight) == bias
 
@@ -140,15 +143,62 @@ def test_a_tied_weight_is_one_prunable_weight_and_its_state_round_trips(tmp_path
     assert prunable_names(model) == ["embed.weight", "first.weight", "head.weight"]
     save_state(model, tmp_path / "tied.safetensors")  # safetensors refuses tensors that share memory
     loaded = load_state(_Tied((1, 8, 8), 3), tmp_path / "tied.safetensors")
-    assert loaded.second.weight is loaded.first.weight
     torch.testing.assert_close(loaded.first.weight, model.first.weight, rtol=0, atol=0)
+
+
+def test_a_weight_tied_to_a_parameter_outside_the_prunable_layers_is_pruned_under_its_first_name():
+    class TiedHead(nn.Module):  # a language model's tie: the output layer reuses the embedding table
+        def __init__(self) -> None:
+            super().__init__()
+            self.table, self.body, self.head = nn.Embedding(50, 8), nn.Linear(8, 8), nn.Linear(8, 50)
+            self.head.weight = self.table.weight
+
+    assert prunable_names(TiedHead()) == ["body.weight", "table.weight"]
+    root = nn.Module()
+    root.shared, root.layer = nn.Parameter(torch.rand(3, 4)), nn.Linear(4, 3)
+    root.layer.weight = root.shared
+    assert prunable_names(root) == ["shared"]
+
+
+def test_a_computed_weight_is_refused_by_layer_name():
+    model = nn.Sequential(nn.Flatten(), nn.utils.parametrizations.weight_norm(nn.Linear(64, 3)))
+    with pytest.raises(MaskError, match=r"^layer '1' computes its weight \(a parametrization such as weight_norm\)"):
+        prunable_names(model)
+
+
+def test_a_computed_weight_is_refused_before_any_training(monkeypatch):
+    from ballot.experiment import prepare_data
+    from tests.conftest import tiny_config
+
+    monkeypatch.setitem(models.MODELS, "normed", lambda shape, classes: nn.Sequential(
+        nn.Flatten(), nn.utils.parametrizations.weight_norm(nn.Linear(64, classes))))
+    with pytest.raises(MaskError, match="computes its weight"):
+        prepare_data(tiny_config("base.model=normed"))
+
+
+def test_an_lstm_with_projections_is_refused_at_export_by_layer_name():
+    class Projected(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.recurrent, self.head = nn.LSTM(6, 8, proj_size=4, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.recurrent(x)[0][:, -1])
+
+    with pytest.raises(ModelError, match=r"^layer 'recurrent': PyTorch's ONNX exporter writes an LSTM with proj_size"):
+        onnx_proto(Projected(), (5, 6))
+
+
+def test_unit_granularity_refuses_tied_weights_by_name():
+    with pytest.raises(MaskError, match=r"cannot prune 'second.weight', the same tensor as 'first.weight' \(tied\)"):
+        check_unit_prunable(_Tied((1, 8, 8), 3))
 
 
 def test_ballot_prunes_a_model_with_tied_weights(tmp_path, monkeypatch):
     monkeypatch.setitem(models.MODELS, "tied", _Tied)
     out = tmp_path / "run"
-    assert main(["prune", "--dataset", "digits", "--model", "tied", "--method", "ballot", "--density", "0.1", "--out", str(out),
-                 *TINY_FLAGS]) == 0
+    assert main(["prune", "--dataset", "digits", "--model", "tied", "--method", "ballot", "--density", "0.1",
+                 "--out", str(out), *TINY_FLAGS]) == 0
     mask = Mask.load(out / "mask.safetensors")
     assert set(mask) == {"1.embed.weight", "1.first.weight", "1.head.weight"}
     assert mask.kept == budget(mask.total, 0.1)

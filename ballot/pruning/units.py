@@ -18,7 +18,7 @@ from torch import nn
 
 from ballot.depgraph import dependency_graph
 from ballot.errors import MaskError
-from ballot.masks import PRUNABLE_TYPES, Mask, classifier_layer, prunable_names
+from ballot.masks import PRUNABLE_TYPES, RECURRENT_TYPES, Mask, classifier_layer, prunable_names
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ def check_unit_prunable(model: nn.Module) -> None:
     """MaskError naming the first layer whose units a per-dimension slice cannot describe: a grouped convolution
     other than a plain depthwise one (groups = input = output channels), whose input channels are columns of one
     group's rows only, an attention layer, whose embedding dimension runs through the q, k and v thirds of one
-    weight, and a recurrent layer, whose hidden units run through its gates' quarters (LSTM) or thirds (GRU)."""
+    weight, a recurrent layer or cell, whose hidden units run through its gates' quarters (LSTM) or thirds (GRU), and
+    a weight two layers share."""
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not (
                 module.groups == module.in_channels == module.out_channels):
@@ -58,9 +59,15 @@ def check_unit_prunable(model: nn.Module) -> None:
         if isinstance(module, nn.MultiheadAttention):
             raise MaskError(f"prune.granularity 'unit' cannot remove units through the attention layer '{name}'; "
                             "use prune.granularity=weight")
-        if isinstance(module, nn.RNNBase):
+        if isinstance(module, RECURRENT_TYPES):
             raise MaskError(f"prune.granularity 'unit' cannot remove units through the recurrent layer '{name}' "
                             f"({type(module).__name__}); use prune.granularity=weight")
+    first_name = {id(param): name for name, param in model.named_parameters()}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first_name[id(param)] != name:
+            raise MaskError(f"prune.granularity 'unit' cannot prune '{name}', the same tensor as "
+                            f"'{first_name[id(param)]}' (tied): its units would belong to two groups; use "
+                            "prune.granularity=weight")
 
 
 def unit_groups(model: nn.Module, input_shape: Sequence[int]) -> list[UnitGroup]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.compare_methods import markdown, plot, summarise  # noqa: E402
+from benchmarks.variants import VARIANTS  # noqa: E402
 from ballot.storage import write_json, write_text  # noqa: E402
 
 COMPARED = ("method", "seed", "acc", "cwv", "mcd", "worst_class", "per_class", "val_acc", "val_cwv")
@@ -35,7 +36,8 @@ def main() -> None:
             if key in merged and any(merged[key][k] != row[k] for k in COMPARED):
                 sys.exit(f"{part}: {key} differs from an earlier part's row")
             merged.setdefault(key, row)
-    rows = sorted(merged.values(), key=lambda r: (r["method"] != "dense", r["seed"]))
+    order = ["dense", *VARIANTS]  # the order compare_methods.py runs them in
+    rows = sorted(merged.values(), key=lambda r: (order.index(r["method"]), r["seed"]))
     seeds = sorted({r["seed"] for r in rows})
     header = (f"# Method comparison merged from {len(args.parts)} runs, seeds {seeds}\n\nTest split; CWV unscaled "
               f"(accuracies are fractions). Overrides: {' '.join(overrides)}")
