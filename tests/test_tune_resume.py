@@ -112,12 +112,17 @@ def test_sigkill_mid_trial_then_resume_reaches_the_exact_count(tmp_path, tiny_de
 
 def _kill_the_worker_of_a_running_trial(process: subprocess.Popen, database: Path, log: Path) -> int:
     """SIGKILL the worker process (not the command) of a trial that is still RUNNING at the kill: the worker is
-    stopped first and the trial's state read again, so a trial that finished meanwhile is not taken for the victim."""
+    stopped first and the trial's state read again, so a trial that finished meanwhile is not taken for the victim.
+    A worker stopped while it holds the sqlite file's lock is let go on, and the next trial tried."""
     while True:
         victim = _wait_for_a_trial_mid_run(process, database, log, timeout=240)
         worker_pid = int(_load(sqlite_url(database)).trials[victim].user_attrs["worker"].split(":")[-1])
         os.kill(worker_pid, signal.SIGSTOP)
-        if _load(sqlite_url(database)).trials[victim].state == TrialState.RUNNING:
+        try:
+            running = _load(sqlite_url(database), timeout=10).trials[victim].state == TrialState.RUNNING
+        except (OperationalError, IntegrityError):  # stopped mid-write: the file stays locked until it goes on
+            running = False
+        if running:
             os.kill(worker_pid, signal.SIGKILL)
             return victim
         os.kill(worker_pid, signal.SIGCONT)
