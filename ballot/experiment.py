@@ -71,9 +71,8 @@ def check_fits(cfg: ExperimentConfig, data: DataBundle) -> None:
     """A UserError, before any training, when the configured method needs something the data lacks (FairScratch's
     group_parity penalty: a sensitive attribute) or the model has layers no method can prune (a computed weight) or
     the configured granularity cannot (unit: grouped convolutions, attention, recurrent layers, tied weights, a model
-    Torch-Pruning cannot trace). The pipeline's
-    stages call it on the snapshot, since the prepare stage does not run again when the model or the method
-    changes."""
+    Torch-Pruning cannot trace). The pipeline's stages call it on the snapshot, since the prepare stage does not run
+    again when the model or the method changes."""
     if cfg.prune.method == "fairscratch":
         penalty_kind(cfg.prune.fairscratch, has_group=data.train.group is not None)
     with torch.random.fork_rng(devices=[]):  # building the model here must not move the seeded random stream
@@ -133,12 +132,12 @@ def coverage_notice(model: nn.Module) -> str | None:
     """One line when more than UNPRUNED_NOTICE_SHARE of ``model``'s parameters are outside the prunable layers,
     naming the largest such parameters, or None."""
     total = sum(p.numel() for p in model.parameters())
-    unpruned = unpruned_parameters(model)
+    sizes = unpruned_parameters(model)
+    unpruned = sum(sizes.values())
     if not total or unpruned <= UNPRUNED_NOTICE_SHARE * total:
         return None
-    prunable = set(prunable_names(model))  # computed again only for the few models that get the note
-    largest = sorted(((p.numel(), name) for name, p in model.named_parameters() if name not in prunable), reverse=True)
-    named = ", ".join(f"{name} ({size:,})" for size, name in largest[:3])
+    largest = sorted(sizes.items(), key=lambda item: item[1], reverse=True)[:3]
+    named = ", ".join(f"{name} ({size:,})" for name, size in largest)
     return (f"note: {unpruned:,} of the model's {total:,} parameters ({unpruned / total:.1%}) are outside the layers "
             f"a method prunes (linear, convolutional, attention input and recurrent weights) and stay dense; "
             f"base.density applies to the other {total - unpruned:,}. Largest: {named}")

@@ -66,19 +66,20 @@ def prunable_names(model: nn.Module) -> list[str]:
         else:
             continue
         for key in keys:
-            if id(getattr(module, key)) not in first_name:
+            held = first_name.get(id(getattr(module, key)))
+            if held is None:
                 raise MaskError(f"layer '{name}' computes its {key} (a parametrization such as weight_norm) instead "
                                 "of holding it as a parameter; remove the parametrization to prune it")
-            if first_name[id(getattr(module, key))] not in names:
-                names.append(first_name[id(getattr(module, key))])
+            if held not in names:
+                names.append(held)
     return names
 
 
-def unpruned_parameters(model: nn.Module) -> int:
-    """How many of the model's parameters no method prunes: biases, normalisation layers, and every parameter of a
+def unpruned_parameters(model: nn.Module) -> dict[str, int]:
+    """The size of every parameter no method prunes, by name: biases, normalisation layers, and every parameter of a
     layer type ``prunable_names`` does not know (an embedding, a custom nn.Parameter)."""
     prunable = set(prunable_names(model))
-    return sum(p.numel() for name, p in model.named_parameters() if name not in prunable)
+    return {name: p.numel() for name, p in model.named_parameters() if name not in prunable}
 
 
 def classifier_layer(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:
