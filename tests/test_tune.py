@@ -343,6 +343,51 @@ def test_a_baseline_that_fails_with_an_error_of_its_own_is_not_queued_again(tiny
     assert len(study.trials) == 1
 
 
+
+def _storage_study(tmp_path: Path) -> optuna.Study:
+    storage = make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=1)
+    return optuna.create_study(storage=storage, study_name="s", direction="maximize")
+
+
+def test_a_worker_whose_trial_a_peer_failed_as_stale_drops_it_and_still_fills_the_budget(
+        tmp_path, tiny_data, tiny_dense, monkeypatch, capsys):
+    """A worker paused past the grace period wakes to find its trial FAIL (a peer's fail_stale_trials): it must not
+    die on Optuna's refusal to update a finished trial."""
+    from ballot.tuning import objective
+
+    study, real_prune, reclaimed = _storage_study(tmp_path), objective.run_prune, []
+
+    def paused_during_the_first_trial(cfg, data, dense, **kwargs):
+        if not reclaimed:  # what a peer's fail_stale_trials does to a trial whose heartbeat stood still
+            (running,) = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            study._storage.set_trial_state_values(running._trial_id, TrialState.FAIL)
+            reclaimed.append(running.number)
+        return real_prune(cfg, data, dense, **kwargs)
+
+    monkeypatch.setattr(objective, "run_prune", paused_during_the_first_trial)
+    cfg = trial_base(tune_config("tune.n_trials=2", "tune.heartbeat_s=1"))
+    studies.run_worker(study, TrialContext(cfg, tiny_data, tiny_dense, check_space(cfg), 0.0), callbacks=[])
+    trials = study.trials
+    assert [(t.state, t.user_attrs.get("baseline", False)) for t in trials] == \
+        [(TrialState.FAIL, True), (TrialState.COMPLETE, True), (TrialState.COMPLETE, False)], "baseline queued again"
+    assert RAISED not in trials[0].user_attrs and reclaimed == [0]
+    assert "warning: trial 0 was failed as stale by another process" in capsys.readouterr().err
+
+
+def test_a_trial_that_raises_a_value_error_of_its_own_still_stops_the_worker(tmp_path, tiny_data, tiny_dense,
+                                                                           monkeypatch):
+    from ballot.tuning import objective
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(objective, "run_prune", broken)
+    cfg = trial_base(tune_config("tune.n_trials=2"))
+    study = _storage_study(tmp_path)
+    with pytest.raises(ValueError, match="a bug"):
+        studies.run_worker(study, TrialContext(cfg, tiny_data, tiny_dense, check_space(cfg), 0.0), callbacks=[])
+    assert study.trials[0].user_attrs[RAISED] == "ValueError: a bug"
+
 def test_a_baseline_trial_that_failed_runs_again_when_the_study_resumes(tmp_path):
     out, uri = tmp_path / "tune", f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = ["tune", *TUNE_FLAGS, "--out", str(out), "--dense", str(tmp_path / "dense"), "--tracking-uri", uri]

@@ -29,6 +29,8 @@ LONG_SPACE = {"prune.ballot.conflict_threshold": {"type": "float", "low": 0.1, "
 # Trials long enough to be caught running, short enough for a study of several of them.
 MID_SPACE = {**LONG_SPACE, "prune.ballot.refine_train.epochs": {"type": "int", "low": 20, "high": 30}}
 STUDY = "killed"
+# The killed-worker study beats every 10 s (grace 20 s), so the test's short stops of a worker never look fatal.
+HEARTBEAT_S, STOP_S = 10, 3.0
 
 
 def _finished(study: optuna.Study) -> dict[int, tuple]:
@@ -113,13 +115,14 @@ def test_sigkill_mid_trial_then_resume_reaches_the_exact_count(tmp_path, tiny_de
 def _kill_the_worker_of_a_running_trial(process: subprocess.Popen, database: Path, log: Path) -> int:
     """SIGKILL the worker process (not the command) of a trial that is still RUNNING at the kill: the worker is
     stopped first and the trial's state read again, so a trial that finished meanwhile is not taken for the victim.
-    A worker stopped while it holds the sqlite file's lock is let go on, and the next trial tried."""
+    A worker stopped while it holds the sqlite file's lock is let go on, and the next trial tried; it is stopped for
+    at most STOP_S, well within the study's grace period, so that no peer fails its trial as stale."""
     while True:
         victim = _wait_for_a_trial_mid_run(process, database, log, timeout=240)
         worker_pid = int(_load(sqlite_url(database)).trials[victim].user_attrs["worker"].split(":")[-1])
         os.kill(worker_pid, signal.SIGSTOP)
         try:
-            running = _load(sqlite_url(database), timeout=10).trials[victim].state == TrialState.RUNNING
+            running = _load(sqlite_url(database), timeout=STOP_S).trials[victim].state == TrialState.RUNNING
         except (OperationalError, IntegrityError):  # stopped mid-write: the file stays locked until it goes on
             running = False
         if running:
@@ -132,8 +135,8 @@ def test_a_killed_worker_is_replaced_and_the_completed_study_is_reported(tmp_pat
     out, dense = tmp_path / "tune", tmp_path / "dense"
     save_dense(tiny_dense, dense, tiny_config())
     command = [sys.executable, "-m", "ballot.cli", "tune", *TUNE_FLAGS, "--set", f"tune.space={json.dumps(MID_SPACE)}",
-               "--out", str(out), "--dense", str(dense), "--n-trials", "3", "--workers", "2", "--study-name", STUDY,
-               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+               "--set", f"tune.heartbeat_s={HEARTBEAT_S}", "--out", str(out), "--dense", str(dense), "--n-trials", "3",
+               "--workers", "2", "--study-name", STUDY, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     log = tmp_path / "workers.log"
     with open(log, "w") as sink:

@@ -6,7 +6,8 @@ twice ``tune.heartbeat_s`` becomes FAIL), then starts one only if finished + run
 else it waits for the running ones; a trial that still finds the budget taken (two workers asked at once) steps
 back as a FAIL marked ``surplus`` without running. A killed worker therefore costs one FAIL trial, which the
 survivors (or the next run on the same storage) replace, and the finished count ends exact. A lost baseline trial
-(Ballot's configured values) is queued again before the next trial (``enqueue_baseline``).
+(Ballot's configured values) is queued again before the next trial (``enqueue_baseline``). A worker that was only
+paused past the grace period finds its trial failed by a peer: it warns, drops that result and goes on.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ballot.errors import StorageError, TuneError, UserError
 from ballot.knobs import Knob
 from ballot.pruning import DenseArtifacts
 from ballot.tuning.kept import update_with_states
-from ballot.tuning.objective import BASELINE, COUNTED, SurplusTrial, TrialContext, baseline_trials, run_trial
+from ballot.tuning.objective import BASELINE, COUNTED, RAISED, SurplusTrial, TrialContext, baseline_trials, run_trial
 from ballot.tuning.space import current_values
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -269,8 +270,29 @@ def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[
             time.sleep(poll)
             continue
         enqueue_baseline(study, ctx.cfg, ctx.knobs)
-        study.optimize(partial(run_trial, ctx=ctx), n_trials=1, callbacks=callbacks, catch=(SurplusTrial,))
+        asked: list[optuna.Trial] = []
+        try:
+            study.optimize(partial(_asked_trial, asked=asked, ctx=ctx), n_trials=1, callbacks=callbacks,
+                           catch=(SurplusTrial,))
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # Optuna's tell refuses a finished trial
+            if not asked or not reclaimed(study, asked[0]):
+                raise
+            print(f"warning: trial {asked[0].number} was failed as stale by another process while this one still ran "
+                  f"it (its heartbeat stood still for over {2 * tune.heartbeat_s} s: a paused process or an "
+                  "overloaded machine); its result is dropped and another trial replaces it", file=sys.stderr)
         ran += 1
+
+
+def _asked_trial(trial: optuna.Trial, asked: list[optuna.Trial], ctx: TrialContext) -> float | tuple[float, float]:
+    asked.append(trial)
+    return run_trial(trial, ctx)
+
+
+def reclaimed(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether another process failed ``trial`` as stale while this one ran it: it is FAIL without an error of its own
+    (then the objective's next write and Optuna's tell raise, because the trial is finished)."""
+    stored = study.get_trials(deepcopy=False)[trial.number]
+    return stored.state == TrialState.FAIL and RAISED not in stored.user_attrs
 
 
 @dataclass(frozen=True)
