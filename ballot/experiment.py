@@ -15,10 +15,10 @@ from torch import nn
 from ballot import distributed
 from ballot.config import ExperimentConfig, data_identity, flatten, to_dict
 from ballot.data import DataBundle, dataset_loader, load_data
-from ballot.errors import ConfigError, StorageError
+from ballot.errors import ConfigError, ModelError, StorageError
 from ballot.fairness import balanced_accuracy, evaluate
 from ballot.masks import Mask, prunable_names, unpruned_parameters
-from ballot.models import build_model, model_builder
+from ballot.models import build_model, check_logits, model_builder
 from ballot.pruning import DATA_PARALLEL, DenseArtifacts, PruneContext, PruneResult, get_pruner
 from ballot.pruning.fairscratch import penalty_kind
 from ballot.pruning.units import unit_groups
@@ -69,15 +69,22 @@ def prepare_data(cfg: ExperimentConfig) -> DataBundle:
 
 def check_fits(cfg: ExperimentConfig, data: DataBundle) -> None:
     """A UserError, before any training, when the configured method needs something the data lacks (FairScratch's
-    group_parity penalty: a sensitive attribute) or the model has layers no method can prune (a computed weight) or
-    the configured granularity cannot (unit: grouped convolutions, attention, recurrent layers, tied weights, a model
-    Torch-Pruning cannot trace). The pipeline's stages call it on the snapshot, since the prepare stage does not run
+    group_parity penalty: a sensitive attribute), the model does not return logits (``check_logits``), has layers no
+    method can prune (a computed weight) or can retrain (a frozen weight), or the configured granularity cannot (unit:
+    grouped convolutions, attention, recurrent layers, tied weights, a model Torch-Pruning cannot trace). The pipeline's stages call it on the snapshot, since the prepare stage does not run
     again when the model or the method changes."""
     if cfg.prune.method == "fairscratch":
         penalty_kind(cfg.prune.fairscratch, has_group=data.train.group is not None)
     with torch.random.fork_rng(devices=[]):  # building the model here must not move the seeded random stream
         model = build_model(cfg.base.model, data.input_shape, data.num_classes)
-    prunable_names(model)  # refuses a layer whose weight is computed (weight_norm) before training, not after
+        check_logits(cfg.base.model, model, data.input_shape, data.num_classes)
+    params = dict(model.named_parameters())
+    # refuses a layer whose weight is computed (weight_norm) before training, not after
+    frozen = [name for name in prunable_names(model) if not params[name].requires_grad]
+    if frozen:
+        raise ModelError(f"model '{cfg.base.model}' freezes prunable weight(s) {frozen[:3]} (requires_grad False): "
+                         "every method retrains the weights it keeps, and Ballot votes with their gradients; unfreeze "
+                         "them, or keep a frozen feature extractor outside the model and give ballot its features")
     if cfg.prune.granularity == "unit":
         unit_groups(model, data.input_shape)
 

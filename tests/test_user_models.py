@@ -176,6 +176,59 @@ def test_a_computed_weight_is_refused_before_any_training(monkeypatch):
         prepare_data(tiny_config("base.model=normed"))
 
 
+
+class _TwoHeads(nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(64, 32), nn.Linear(32, num_classes), nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.body(x.flatten(1)))
+        return self.head(hidden), self.aux(hidden)
+
+
+class _AuxWhileTraining(_TwoHeads):
+    """torchvision's GoogLeNet and Inception v3 pattern: auxiliary outputs in training mode only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, aux = super().forward(x)
+        return (logits, aux) if self.training else logits
+
+
+def _frozen_stem(shape: tuple[int, ...], classes: int) -> nn.Module:
+    stem = nn.Linear(64, 32).requires_grad_(False)
+    return nn.Sequential(nn.Flatten(), stem, nn.ReLU(), nn.Linear(32, classes))
+
+
+@pytest.mark.parametrize("builder, message", [
+    (lambda shape, classes: _TwoHeads(classes),
+     r"^model 'user' returns a tuple in training mode; its forward must return one tensor of logits, shape "
+     r"\(batch, 10\)$"),
+    (lambda shape, classes: _AuxWhileTraining(classes), r"^model 'user' returns a tuple in training mode"),
+    (lambda shape, classes: nn.Sequential(nn.Flatten(), nn.Linear(64, classes), nn.Softmax(dim=1)),
+     r"^model 'user' returns probabilities \(non-negative rows that sum to 1\); return the logits before the softmax"),
+    (lambda shape, classes: nn.Sequential(nn.Flatten(), nn.Linear(64, 1)),
+     r"^model 'user' returns shape \(2, 1\) for a batch of 2; it must return logits of shape \(batch, 10\)"),
+    (_frozen_stem, r"^model 'user' freezes prunable weight\(s\) \['1.1.weight'\] \(requires_grad False\)"),
+])
+def test_a_model_that_does_not_return_logits_or_freezes_a_weight_is_refused_before_any_training(
+        builder, message, monkeypatch):
+    """Each of these used to fail mid-run with a traceback (a tuple or a frozen weight) or train badly in silence
+    (cross-entropy on probabilities)."""
+    from ballot.experiment import prepare_data
+    from tests.conftest import tiny_config
+
+    monkeypatch.setitem(models.MODELS, "user", builder)
+    with pytest.raises(ModelError, match=message):
+        prepare_data(tiny_config("base.model=user"))
+
+
+def test_log_probabilities_are_logits_enough():
+    """A final LogSoftmax is fine: cross-entropy applies log-softmax again, which leaves log-probabilities unchanged."""
+    model = build_model("mlp", (1, 8, 8), 10)
+    models.check_logits("mlp", nn.Sequential(model, nn.LogSoftmax(dim=1)), (1, 8, 8), 10)
+    models.check_logits("one", nn.Sequential(nn.Flatten(), nn.Linear(64, 1), nn.Sigmoid()), (1, 8, 8), 1)
+
 def test_an_lstm_with_projections_is_refused_at_export_by_layer_name():
     class Projected(nn.Module):
         def __init__(self) -> None:
