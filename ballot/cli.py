@@ -84,16 +84,15 @@ def _run_folder(path: str, export_overrides: Sequence[str] = ()) -> tuple[Path, 
 
 
 def _data(cfg: ExperimentConfig, method: str | None = None) -> DataBundle:
-    """The prepared data, after one line on its sizes and, where min_steps lengthens a schedule of ``method``
-    (default prune.method), one naming those schedules."""
+    """The prepared data, after one line on its sizes and the notes before training (``notices_before_training``:
+    schedules min_steps lengthens, parameters no method prunes)."""
     from ballot import experiment
 
     data = experiment.prepare_data(cfg)
     print(f"data: {cfg.base.dataset}  train {len(data.train)}  val {len(data.val)}  test {len(data.test)}  "
           f"classes {data.num_classes}", file=sys.stderr)
-    notice = experiment.stretch_notice(cfg, len(data.train), method)
-    if notice:
-        print(notice, file=sys.stderr)
+    for line in experiment.notices_before_training(cfg, data, method):
+        print(line, file=sys.stderr)
     return data
 
 
@@ -124,9 +123,9 @@ def _dense_states(cfg: ExperimentConfig, data: DataBundle, reuse: str | None, ou
                 experiment.save_dense(dense, staged, cfg, data)
     dense_metrics = experiment.model_metrics(model, data, cfg.base.device)
     print(f"dense:  {_summary(dense_metrics)}  ({seconds:.1f}s)", file=sys.stderr)
-    for line in (experiment.weak_dense_warning(dense_metrics["val"]), experiment.coverage_notice(model)):
-        if line:
-            print(line, file=sys.stderr)
+    warning = experiment.weak_dense_warning(dense_metrics["val"])
+    if warning:
+        print(warning, file=sys.stderr)
     return dense, dense_dir, seconds, dense_metrics
 
 

@@ -150,6 +150,14 @@ def coverage_notice(model: nn.Module) -> str | None:
             f"base.density applies to the other {total - unpruned:,}. Largest: {named}")
 
 
+def notices_before_training(cfg: ExperimentConfig, data: DataBundle, method: str | None = None) -> list[str]:
+    """The notes a run prints before it trains: the schedules of ``method`` (default prune.method) that min_steps
+    lengthens, and the share of the model's parameters no method prunes (when above UNPRUNED_NOTICE_SHARE)."""
+    with torch.random.fork_rng(devices=[]):  # building the model here must not move the seeded random stream
+        model = build_model(cfg.base.model, data.input_shape, data.num_classes)
+    return [line for line in (stretch_notice(cfg, len(data.train), method), coverage_notice(model)) if line]
+
+
 def train_dense(cfg: ExperimentConfig, data: DataBundle, progress: bool | None = None
                 ) -> tuple[nn.Module, DenseArtifacts, TrainResult]:
     """theta_0 -> theta_T, keeping the rewind state theta_k."""

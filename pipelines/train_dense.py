@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from ballot.config import ExperimentConfig
-from ballot.experiment import (check_fits, coverage_notice, model_metrics, save_dense, stretch_notice, timed,
-                               train_dense, weak_dense_warning)
+from ballot.experiment import (check_fits, model_metrics, notices_before_training, save_dense, timed, train_dense,
+                               weak_dense_warning)
 from ballot.snapshot import load_snapshot
 from ballot.storage import staged_folder, write_json
 from pipelines.common import DATA, DENSE, run_stage
@@ -15,9 +15,8 @@ from pipelines.common import DATA, DENSE, run_stage
 def main(cfg: ExperimentConfig) -> None:
     data = load_snapshot(DATA)
     check_fits(cfg, data)
-    notice = stretch_notice(cfg, len(data.train))
-    if notice:
-        print(notice, file=sys.stderr)
+    for line in notices_before_training(cfg, data):
+        print(line, file=sys.stderr)
     (model, dense, result), seconds = timed(train_dense, cfg, data)
     metrics = {**model_metrics(model, data, cfg.base.device), "seconds": seconds}
     with staged_folder(DENSE) as folder:
@@ -26,9 +25,9 @@ def main(cfg: ExperimentConfig) -> None:
         write_json(folder / "history.json", result.history)
     print(f"train_dense: acc {metrics['acc']:.4f}  cwv {metrics['cwv']:.5f}  mcd {metrics['mcd']:.4f}  "
           f"({seconds:.1f}s) -> {DENSE}")
-    for line in (weak_dense_warning(metrics["val"]), coverage_notice(model)):
-        if line:
-            print(line, file=sys.stderr)
+    warning = weak_dense_warning(metrics["val"])
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 if __name__ == "__main__":

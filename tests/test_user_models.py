@@ -229,6 +229,27 @@ def test_log_probabilities_are_logits_enough():
     models.check_logits("mlp", nn.Sequential(model, nn.LogSoftmax(dim=1)), (1, 8, 8), 10)
     models.check_logits("one", nn.Sequential(nn.Flatten(), nn.Linear(64, 1), nn.Sigmoid()), (1, 8, 8), 1)
 
+
+class _Shifted(nn.Module):
+    """A linear classifier after a learned input shift of 2,560 parameters that no method prunes."""
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.shift, self.head = nn.Parameter(torch.zeros(40, 64)), nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.flatten(1) + self.shift.mean(0))
+
+
+def test_the_note_on_unpruned_parameters_comes_before_the_dense_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(models.MODELS, "shifted", _Shifted)
+    assert main(["prune", "--dataset", "digits", "--model", "shifted", "--method", "magnitude", "--out",
+                 str(tmp_path / "run"), *TINY_FLAGS]) == 0
+    err = capsys.readouterr().err
+    note = err.index("note: 2,570 of the model's 3,210 parameters (80.1%) are outside the layers a method prunes")
+    assert note < err.index("dense: ") and "Largest: 1.shift (2,560), 1.head.bias (10)" in err
+
+
 def test_an_lstm_with_projections_is_refused_at_export_by_layer_name():
     class Projected(nn.Module):
         def __init__(self) -> None:
