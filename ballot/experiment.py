@@ -71,13 +71,14 @@ def check_fits(cfg: ExperimentConfig, data: DataBundle) -> None:
     """A UserError, before any training, when the configured method needs something the data lacks (FairScratch's
     group_parity penalty: a sensitive attribute), the model does not return logits (``check_logits``), has layers no
     method can prune (a computed weight) or can retrain (a frozen weight), or the configured granularity cannot (unit:
-    grouped convolutions, attention, recurrent layers, tied weights, a model Torch-Pruning cannot trace). The pipeline's stages call it on the snapshot, since the prepare stage does not run
-    again when the model or the method changes."""
+    grouped convolutions, attention, recurrent layers, tied weights, a model Torch-Pruning cannot trace). The
+    pipeline's stages call it on the snapshot, since the prepare stage does not run again when the model or the
+    method changes."""
     if cfg.prune.method == "fairscratch":
         penalty_kind(cfg.prune.fairscratch, has_group=data.train.group is not None)
     with torch.random.fork_rng(devices=[]):  # building the model here must not move the seeded random stream
         model = build_model(cfg.base.model, data.input_shape, data.num_classes)
-        check_logits(cfg.base.model, model, data.input_shape, data.num_classes)
+        check_logits(cfg.base.model, model, data.train.x[:2], data.num_classes)
     params = dict(model.named_parameters())
     # refuses a layer whose weight is computed (weight_norm) before training, not after
     frozen = [name for name in prunable_names(model) if not params[name].requires_grad]

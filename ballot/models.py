@@ -208,26 +208,31 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int,
                          builder(input_shape, num_classes))
 
 
-def check_logits(name: str, model: nn.Module, input_shape: Sequence[int], num_classes: int) -> None:
-    """ModelError unless ``model`` maps a batch of two random inputs to one tensor of logits, (2, num_classes), in
-    training mode and in eval mode: not a tuple or a dict (return the logits alone; some torchvision models add
+def check_logits(name: str, model: nn.Module, inputs: torch.Tensor, num_classes: int) -> None:
+    """ModelError unless ``model`` maps ``inputs`` (two training samples) to one tensor of logits, (2, num_classes),
+    in training mode and in eval mode: not a tuple or a dict (return the logits alone; some torchvision models add
     auxiliary outputs while training) and not probabilities (a final softmax, on which cross-entropy barely trains).
-    Leaves ``model`` in eval mode and moves its BatchNorm statistics; draws from the global random stream: callers
-    that must not move it fork it."""
-    inputs = torch.randn(2, *input_shape)
+    A forward pass that fails is named too. Moves the model's BatchNorm statistics; keeps its mode."""
+    was_training = model.training
     for training in (True, False):
-        with torch.no_grad():
-            outputs = model.train(training)(inputs)
         mode = "training" if training else "eval"
+        try:
+            with torch.no_grad():
+                outputs = model.train(training)(inputs)
+        except Exception as error:  # noqa: BLE001  a user's forward can fail in any way; training would too
+            raise ModelError(f"model '{name}' fails on two training samples in {mode} mode: "
+                             f"{type(error).__name__}: {error}") from error
         if not isinstance(outputs, torch.Tensor):
             raise ModelError(f"model '{name}' returns a {type(outputs).__name__} in {mode} mode; its forward must "
                              f"return one tensor of logits, shape (batch, {num_classes})")
-        if tuple(outputs.shape) != (2, num_classes):
-            raise ModelError(f"model '{name}' returns shape {tuple(outputs.shape)} for a batch of 2; it must return "
-                             f"logits of shape (batch, {num_classes}), one score per class")
-        if num_classes > 1 and bool((outputs >= 0).all()) and torch.allclose(outputs.sum(1), torch.ones(2), atol=1e-5):
+        if tuple(outputs.shape) != (len(inputs), num_classes):
+            raise ModelError(f"model '{name}' returns shape {tuple(outputs.shape)} for a batch of {len(inputs)}; it "
+                             f"must return logits of shape (batch, {num_classes}), one score per class")
+        sums = outputs.sum(1)
+        if num_classes > 1 and bool((outputs >= 0).all()) and torch.allclose(sums, torch.ones_like(sums), atol=1e-5):
             raise ModelError(f"model '{name}' returns probabilities (non-negative rows that sum to 1); return the "
                              "logits before the softmax: the losses apply it themselves")
+    model.train(was_training)
 
 
 def model_builder(name: str) -> Callable[[Sequence[int], int], nn.Module]:

@@ -343,28 +343,41 @@ def test_a_baseline_that_fails_with_an_error_of_its_own_is_not_queued_again(tiny
     assert len(study.trials) == 1
 
 
-
 def _storage_study(tmp_path: Path) -> optuna.Study:
     storage = make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=1)
     return optuna.create_study(storage=storage, study_name="s", direction="maximize")
 
 
+@pytest.mark.parametrize("when", ["during its training", "after its last write"])
 def test_a_worker_whose_trial_a_peer_failed_as_stale_drops_it_and_still_fills_the_budget(
-        tmp_path, tiny_data, tiny_dense, monkeypatch, capsys):
+        when, tmp_path, tiny_data, tiny_dense, monkeypatch, capsys):
     """A worker paused past the grace period wakes to find its trial FAIL (a peer's fail_stale_trials): it must not
-    die on Optuna's refusal to update a finished trial."""
+    die on Optuna's refusal to update a finished trial, whether its objective still writes to the trial (then
+    Optuna's tell raises ValueError) or had returned (then Optuna's own assertion fails)."""
     from ballot.tuning import objective
 
-    study, real_prune, reclaimed = _storage_study(tmp_path), objective.run_prune, []
+    study, reclaimed = _storage_study(tmp_path), []
+    real_prune, real_trial = objective.run_prune, studies.run_trial
 
-    def paused_during_the_first_trial(cfg, data, dense, **kwargs):
-        if not reclaimed:  # what a peer's fail_stale_trials does to a trial whose heartbeat stood still
+    def reclaim() -> None:  # what a peer's fail_stale_trials does to a trial whose heartbeat stood still
+        if not reclaimed:
             (running,) = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             study._storage.set_trial_state_values(running._trial_id, TrialState.FAIL)
             reclaimed.append(running.number)
+
+    def paused_while_training(cfg, data, dense, **kwargs):
+        reclaim()
         return real_prune(cfg, data, dense, **kwargs)
 
-    monkeypatch.setattr(objective, "run_prune", paused_during_the_first_trial)
+    def paused_before_the_tell(trial, ctx):
+        value = real_trial(trial, ctx)
+        reclaim()
+        return value
+
+    if when == "during its training":
+        monkeypatch.setattr(objective, "run_prune", paused_while_training)
+    else:
+        monkeypatch.setattr(studies, "run_trial", paused_before_the_tell)
     cfg = trial_base(tune_config("tune.n_trials=2", "tune.heartbeat_s=1"))
     studies.run_worker(study, TrialContext(cfg, tiny_data, tiny_dense, check_space(cfg), 0.0), callbacks=[])
     trials = study.trials
@@ -382,11 +395,12 @@ def test_a_trial_that_raises_a_value_error_of_its_own_still_stops_the_worker(tmp
         raise ValueError("a bug")
 
     monkeypatch.setattr(objective, "run_prune", broken)
-    cfg = trial_base(tune_config("tune.n_trials=2"))
+    cfg = trial_base(tune_config("tune.n_trials=2", "tune.timeout_s=60"))  # a worker that went on would stop
     study = _storage_study(tmp_path)
     with pytest.raises(ValueError, match="a bug"):
         studies.run_worker(study, TrialContext(cfg, tiny_data, tiny_dense, check_space(cfg), 0.0), callbacks=[])
     assert study.trials[0].user_attrs[RAISED] == "ValueError: a bug"
+
 
 def test_a_baseline_trial_that_failed_runs_again_when_the_study_resumes(tmp_path):
     out, uri = tmp_path / "tune", f"sqlite:///{tmp_path / 'mlflow.db'}"

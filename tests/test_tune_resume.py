@@ -115,8 +115,8 @@ def test_sigkill_mid_trial_then_resume_reaches_the_exact_count(tmp_path, tiny_de
 def _kill_the_worker_of_a_running_trial(process: subprocess.Popen, database: Path, log: Path) -> int:
     """SIGKILL the worker process (not the command) of a trial that is still RUNNING at the kill: the worker is
     stopped first and the trial's state read again, so a trial that finished meanwhile is not taken for the victim.
-    A worker stopped while it holds the sqlite file's lock is let go on, and the next trial tried; it is stopped for
-    at most STOP_S, well within the study's grace period, so that no peer fails its trial as stale."""
+    A worker stopped while it holds the sqlite file's lock is let go on, and the next trial tried; a stop lasts STOP_S
+    plus at most one sqlite busy wait (5 s), well within the study's grace period, so no peer fails its trial."""
     while True:
         victim = _wait_for_a_trial_mid_run(process, database, log, timeout=240)
         worker_pid = int(_load(sqlite_url(database)).trials[victim].user_attrs["worker"].split(":")[-1])

@@ -176,13 +176,12 @@ def test_a_computed_weight_is_refused_before_any_training(monkeypatch):
         prepare_data(tiny_config("base.model=normed"))
 
 
-
 class _TwoHeads(nn.Module):
     def __init__(self, num_classes: int) -> None:
         super().__init__()
         self.body, self.head, self.aux = nn.Linear(64, 32), nn.Linear(32, num_classes), nn.Linear(32, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = torch.relu(self.body(x.flatten(1)))
         return self.head(hidden), self.aux(hidden)
 
@@ -190,7 +189,7 @@ class _TwoHeads(nn.Module):
 class _AuxWhileTraining(_TwoHeads):
     """torchvision's GoogLeNet and Inception v3 pattern: auxiliary outputs in training mode only."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         logits, aux = super().forward(x)
         return (logits, aux) if self.training else logits
 
@@ -223,11 +222,19 @@ def test_a_model_that_does_not_return_logits_or_freezes_a_weight_is_refused_befo
         prepare_data(tiny_config("base.model=user"))
 
 
-def test_log_probabilities_are_logits_enough():
+def test_log_probabilities_are_logits_enough_and_the_check_keeps_the_mode():
     """A final LogSoftmax is fine: cross-entropy applies log-softmax again, which leaves log-probabilities unchanged."""
-    model = build_model("mlp", (1, 8, 8), 10)
-    models.check_logits("mlp", nn.Sequential(model, nn.LogSoftmax(dim=1)), (1, 8, 8), 10)
-    models.check_logits("one", nn.Sequential(nn.Flatten(), nn.Linear(64, 1), nn.Sigmoid()), (1, 8, 8), 1)
+    model = nn.Sequential(build_model("mlp", (1, 8, 8), 10), nn.LogSoftmax(dim=1)).double()
+    models.check_logits("mlp", model, torch.rand(2, 1, 8, 8, dtype=torch.float64), 10)
+    assert model.training
+    models.check_logits("mlp", model.eval(), torch.rand(2, 1, 8, 8, dtype=torch.float64), 10)
+    assert not model.training
+
+
+def test_a_forward_that_fails_on_training_samples_is_named():
+    with pytest.raises(ModelError, match=r"^model 'user' fails on two training samples in training mode: "
+                                         r"RuntimeError: mat1 and mat2 shapes cannot be multiplied"):
+        models.check_logits("user", nn.Sequential(nn.Flatten(), nn.Linear(63, 10)), torch.rand(2, 1, 8, 8), 10)
 
 
 class _Shifted(nn.Module):

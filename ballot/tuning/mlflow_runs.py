@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ballot.tracking import flatten, git_state, numeric_metrics
+from ballot.tuning.objective import SURPLUS
 
 PARENT_ATTR = "mlflow_parent_run_id"
 STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
@@ -53,7 +54,7 @@ class TrialLogger:
         self._experiments: dict[str, str] = {}
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.user_attrs.get("surplus") or trial.state not in STATUS:
+        if trial.user_attrs.get(SURPLUS) or trial.state not in STATUS:
             return
         parent = study.user_attrs.get(PARENT_ATTR)
         if parent is None:

@@ -40,6 +40,7 @@ CONSTRAINT = "acc_drop"
 BASELINE = "baseline"  # user attribute of the trials queued with Ballot's configured values
 HELD = (*COUNTED, TrialState.WAITING)  # a baseline trial in these states ran, runs or will run
 RAISED = "raised"  # user attribute of a trial whose run failed with an error of its own (a killed one has none)
+SURPLUS = "surplus"  # user attribute of a trial that stepped back without running: the budget was already taken
 
 
 class SurplusTrial(Exception):
@@ -100,10 +101,10 @@ def claim_slot(trial: optuna.Trial, n_trials: int) -> None:
     """
     earlier = [t for t in trial.study.get_trials(deepcopy=False, states=COUNTED) if t.number < trial.number]
     if len(earlier) >= n_trials:
-        trial.set_user_attr("surplus", True)
+        trial.set_user_attr(SURPLUS, True)
         raise SurplusTrial(f"trial {trial.number}: the study already has {n_trials} trials finished or running")
     if trial.user_attrs.get(BASELINE) and any(t.number < trial.number for t in baseline_trials(trial.study)):
-        trial.set_user_attr("surplus", True)
+        trial.set_user_attr(SURPLUS, True)
         raise SurplusTrial(f"trial {trial.number}: an earlier trial already runs Ballot's configured values")
 
 

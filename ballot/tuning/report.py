@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ballot.storage import atomic_write, write_json
-from ballot.tuning.objective import BASELINE
+from ballot.tuning.objective import BASELINE, SURPLUS
 from ballot.tuning.study import FINISHED
 
 METRICS = ("objective", "val_acc", "val_cwv", "val_mcd", "val_worst_class")
@@ -55,7 +55,7 @@ def summarise(study: optuna.Study, n_trials: int, chosen: FrozenTrial | None) ->
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in FINISHED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    surplus = [t for t in trials if t.user_attrs.get("surplus")]
+    surplus = [t for t in trials if t.user_attrs.get(SURPLUS)]
     run = sum(t.user_attrs.get("epochs_run", 0) for t in finished)
     planned = sum(t.user_attrs.get("epochs_planned", 0) for t in finished)
     times = [t for t in trials if t.datetime_start is not None and t.datetime_complete is not None]

@@ -36,7 +36,8 @@ from ballot.errors import StorageError, TuneError, UserError
 from ballot.knobs import Knob
 from ballot.pruning import DenseArtifacts
 from ballot.tuning.kept import update_with_states
-from ballot.tuning.objective import BASELINE, COUNTED, RAISED, SurplusTrial, TrialContext, baseline_trials, run_trial
+from ballot.tuning.objective import (BASELINE, COUNTED, RAISED, SURPLUS, SurplusTrial, TrialContext, baseline_trials,
+                                     run_trial)
 from ballot.tuning.space import current_values
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -274,7 +275,9 @@ def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[
         try:
             study.optimize(partial(_asked_trial, asked=asked, ctx=ctx), n_trials=1, callbacks=callbacks,
                            catch=(SurplusTrial,))
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # Optuna's tell refuses a finished trial
+        # Optuna's tell refuses a finished trial: ValueError when the objective raised (its write to the trial was
+        # refused), an AssertionError of Optuna's own when it returned (the trial was failed after its last write)
+        except (ValueError, AssertionError):
             if not asked or not reclaimed(study, asked[0]):
                 raise
             print(f"warning: trial {asked[0].number} was failed as stale by another process while this one still ran "
@@ -284,15 +287,16 @@ def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[
 
 
 def _asked_trial(trial: optuna.Trial, asked: list[optuna.Trial], ctx: TrialContext) -> float | tuple[float, float]:
+    """``run_trial``, after noting the trial in ``asked``: Optuna's error on a reclaimed trial does not name it."""
     asked.append(trial)
     return run_trial(trial, ctx)
 
 
 def reclaimed(study: optuna.Study, trial: optuna.Trial) -> bool:
     """Whether another process failed ``trial`` as stale while this one ran it: it is FAIL without an error of its own
-    (then the objective's next write and Optuna's tell raise, because the trial is finished)."""
+    and did not step back as surplus (then the objective's next write, or Optuna's tell, raises)."""
     stored = study.get_trials(deepcopy=False)[trial.number]
-    return stored.state == TrialState.FAIL and RAISED not in stored.user_attrs
+    return stored.state == TrialState.FAIL and RAISED not in stored.user_attrs and SURPLUS not in stored.user_attrs
 
 
 @dataclass(frozen=True)
