@@ -45,14 +45,14 @@ def test_removed_units_are_exactly_dead_physical_removal_keeps_the_outputs(name)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-def _separable(groups: int, middle: int = 16) -> torch.nn.Module:
+def _separable(groups: int, middle: int = 16, classes: int = 3) -> torch.nn.Module:
     """conv -> BN -> grouped (or, with groups 16, depthwise) conv to ``middle`` channels -> BN -> pointwise conv ->
     pool -> classifier."""
     nn = torch.nn
     return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                          nn.Conv2d(16, middle, 3, padding=1, groups=groups), nn.BatchNorm2d(middle), nn.ReLU(),
                          nn.Conv2d(middle, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, 3)).eval()
+                         nn.Linear(8, classes)).eval()
 
 
 def test_depthwise_units_are_exactly_dead_and_physically_removable():
@@ -101,7 +101,7 @@ def test_a_model_unit_granularity_cannot_prune_is_refused_before_any_training(mo
     from ballot.errors import MaskError
     from ballot.experiment import prepare_data
 
-    monkeypatch.setitem(models.MODELS, "grouped", lambda shape, classes: _separable(4))
+    monkeypatch.setitem(models.MODELS, "grouped", lambda shape, classes: _separable(4, classes=classes))
     with pytest.raises(MaskError, match="grouped convolution"):
         prepare_data(tiny_config("base.model=grouped", "prune.granularity=unit", "prune.method=magnitude"))
     assert prepare_data(tiny_config("base.model=grouped")).num_classes == 10, "weight granularity prunes it"
