@@ -36,14 +36,23 @@ def experiment_id(client: Any, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def start_parent(client: Any, experiment: str, study_name: str, storage: str, params: Mapping[str, Any]) -> str:
-    """Create the study's parent run (left RUNNING until the study is reported) and return its id."""
+def start_parent(client: Any, experiment: str, study: optuna.Study, storage: str, params: Mapping[str, Any]) -> str:
+    """Create the study's parent run (left RUNNING until the study is reported), note its id in the study's user
+    attributes before anything else can fail, log ``params`` on it, and return its id."""
     from mlflow.entities import Param
 
-    tags = {"optuna.study": study_name, "optuna.storage": storage, **git_state()}
-    run = client.create_run(experiment_id(client, experiment), run_name=study_name, tags=tags)
+    tags = {"optuna.study": study.study_name, "optuna.storage": storage, **git_state()}
+    run = client.create_run(experiment_id(client, experiment), run_name=study.study_name, tags=tags)
+    study.set_user_attr(PARENT_ATTR, run.info.run_id)  # so that an abandoned set-up can end it (end_abandoned_parent)
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in flatten(params).items()])
     return run.info.run_id
+
+
+def end_abandoned_parent(client: Any, run_id: str | None) -> None:
+    """End the parent run of a study whose set-up never finished (deleted: an error, or its creator killed) as
+    KILLED, unless it already ended; None: the set-up stopped before it had one."""
+    if run_id is not None and client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status="KILLED")
 
 
 class TrialLogger:

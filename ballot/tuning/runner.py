@@ -16,7 +16,7 @@ from ballot.data import DataBundle
 from ballot.pruning import DenseArtifacts
 from ballot.tracking import connect, resolve_tracking_uri
 from ballot.tuning.kept import keep_only
-from ballot.tuning.mlflow_runs import PARENT_ATTR, TrialLogger, finish_parent, start_parent
+from ballot.tuning.mlflow_runs import PARENT_ATTR, TrialLogger, end_abandoned_parent, finish_parent, start_parent
 from ballot.tuning.objective import dense_val_accuracy, thin_validation_warning
 from ballot.tuning.report import choose, no_choice_reason, write_report
 from ballot.tuning.space import OBJECTIVE_WEIGHT_KEY, check_space, trial_base, write_best
@@ -81,11 +81,11 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
     def initialise(study: optuna.Study) -> None:
         study.set_user_attr(DENSE_ACC_ATTR, dense_val_accuracy(base, data, dense))
         enqueue_baseline(study, base, knobs)  # trial 0: Ballot's configured values
-        study.set_user_attr(PARENT_ATTR, start_parent(client, tune.experiment, name, redact(storage_url),
-                                                      to_dict(base)))
+        start_parent(client, tune.experiment, study, redact(storage_url), to_dict(base))
 
     storage = make_storage(storage_url, tune.heartbeat_s, on_stale=TrialLogger(client))
-    study, created = open_study(base, storage, name, fp, worker=0, on_create=initialise)
+    study, created = open_study(base, storage, name, fp, worker=0, on_create=initialise,
+                                on_abandon=lambda attrs: end_abandoned_parent(client, attrs.get(PARENT_ATTR)))
     # The creator's workers use seeds seed, seed+1, ...; a process joining an existing study offsets them by its
     # pid so that it never replays the sampler sequence of another process.
     offset = 0 if created else 1000 + os.getpid()

@@ -139,14 +139,17 @@ def fingerprint(cfg: ExperimentConfig, dense: DenseArtifacts) -> str:
 
 
 def open_study(cfg: ExperimentConfig, storage: optuna.storages.RDBStorage, name: str, fp: str, worker: int,
-               on_create: Callable[[optuna.Study], None] | None = None) -> tuple[optuna.Study, bool]:
+               on_create: Callable[[optuna.Study], None] | None = None,
+               on_abandon: Callable[[dict[str, Any]], None] | None = None) -> tuple[optuna.Study, bool]:
     """Create study ``name`` (then ``on_create`` and mark it ready) or join it after checking its fingerprint;
     (study, whether this call created it).
 
     Set-up is all or nothing. When it fails (an error, Ctrl-C) the creator deletes the study again. While it runs,
     a thread bumps a set-up heartbeat; a study that is not ready and whose heartbeat stood still for
     ``SETUP_STALE_S`` lost its creator (SIGKILL, a lost machine), and the next process deletes it and creates it
-    afresh. A study deleted under a waiting process is created by that process instead."""
+    afresh. A study deleted under a waiting process is created by that process instead. Before either deletion
+    ``on_abandon`` gets the study's user attributes (to end what its set-up had started elsewhere: the MLflow
+    parent run); its errors are ignored, since the deletion matters more."""
     tune = cfg.tune
     kwargs = {"storage": storage, "study_name": name, "sampler": make_sampler(tune, worker),
               "pruner": make_pruner(tune)}
@@ -158,18 +161,28 @@ def open_study(cfg: ExperimentConfig, storage: optuna.storages.RDBStorage, name:
                 study = optuna.load_study(**kwargs)
             except KeyError:  # deleted between the two calls: its creator's set-up failed
                 continue
-            if _await_set_up(study, storage):
+            if _await_set_up(study, storage, on_abandon):
                 _check_joinable(study, tune, fp)
                 return study, False
             continue
-        _set_up(study, storage, fp, on_create)
+        _set_up(study, storage, fp, on_create, on_abandon)
         return study, True
     raise TuneError(f"study '{name}' could not be created or joined: it was deleted {SETUP_ATTEMPTS} times while "
                     "this run tried (other processes' set-up keeps failing); see their errors")
 
 
+def _abandon(storage: optuna.storages.RDBStorage, study_id: int, attrs: dict[str, Any],
+             on_abandon: Callable[[dict[str, Any]], None] | None) -> None:
+    """Hand a study that never became ready to ``on_abandon``, then delete it (KeyError when it is already gone)."""
+    if on_abandon is not None:
+        with contextlib.suppress(Exception):
+            on_abandon(attrs)
+    storage.delete_study(study_id)
+
+
 def _set_up(study: optuna.Study, storage: optuna.storages.RDBStorage, fp: str,
-            on_create: Callable[[optuna.Study], None] | None) -> None:
+            on_create: Callable[[optuna.Study], None] | None,
+            on_abandon: Callable[[dict[str, Any]], None] | None) -> None:
     """Stamp the fingerprint, run ``on_create`` and mark the study ready, beating all the while; delete the study
     if anything fails."""
     study_id = study._study_id  # by id, never by name: a name may already belong to a newer study
@@ -191,14 +204,15 @@ def _set_up(study: optuna.Study, storage: optuna.storages.RDBStorage, fp: str,
         study.set_user_attr(READY_ATTR, True)
     except BaseException:
         with contextlib.suppress(Exception):  # the set-up's own error is the one to report
-            storage.delete_study(study_id)
+            _abandon(storage, study_id, storage.get_study_user_attrs(study_id), on_abandon)
         raise
     finally:
         stop.set()
         beater.join()
 
 
-def _await_set_up(study: optuna.Study, storage: optuna.storages.RDBStorage) -> bool:
+def _await_set_up(study: optuna.Study, storage: optuna.storages.RDBStorage,
+                  on_abandon: Callable[[dict[str, Any]], None] | None) -> bool:
     """Wait until the study's creator marks it ready (True). False when the study is gone: deleted by its creator
     (its set-up failed), or deleted here because its set-up heartbeat stood still for ``SETUP_STALE_S``."""
     last_beat: object = None
@@ -217,7 +231,7 @@ def _await_set_up(study: optuna.Study, storage: optuna.storages.RDBStorage) -> b
             print(f"study '{study.study_name}' was never made ready and its creator stopped for "
                   f"{SETUP_STALE_S:.0f} s (killed?): deleting it to create it afresh", file=sys.stderr)
             with contextlib.suppress(KeyError):  # another process reclaimed it first; its new study is kept
-                storage.delete_study(study._study_id)
+                _abandon(storage, study._study_id, attrs, on_abandon)
             return False
         time.sleep(SETUP_POLL_S)
 
