@@ -193,41 +193,64 @@ def test_a_study_whose_set_up_fails_is_removed_so_the_next_run_creates_it(tmp_pa
     assert created and study.user_attrs["ready"] is True
 
 
-
-def test_a_set_up_that_fails_after_opening_the_mlflow_parent_run_ends_that_run_as_killed(tmp_path):
+def test_a_set_up_that_fails_after_opening_the_mlflow_parent_run_ends_that_run_as_killed(tmp_path, monkeypatch):
     from ballot.tracking import connect
     from ballot.tuning.mlflow_runs import PARENT_ATTR, end_abandoned_parent, start_parent
 
     client = connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
     storage = make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=1)
-    opened = []
 
-    def interrupted(study: optuna.Study) -> None:
-        opened.append(start_parent(client, "ballot-tune", study, "sqlite:///study.db", {"a": 1}))
-        raise KeyboardInterrupt  # Ctrl-C just after the parent run was opened
+    def refused(*args, **kwargs):
+        raise RuntimeError("the store refused the parameters")  # after the run exists, before start_parent returns
 
-    with pytest.raises(KeyboardInterrupt):
-        open_study(tune_config(), storage, "s", "aaaa", 0, on_create=interrupted,
+    monkeypatch.setattr(client, "log_batch", refused)
+    with pytest.raises(RuntimeError, match="refused the parameters"):
+        open_study(tune_config(), storage, "s", "aaaa", 0,
+                   on_create=lambda study: start_parent(client, "ballot-tune", study, "sqlite:///study.db", {"a": 1}),
                    on_abandon=lambda attrs: end_abandoned_parent(client, attrs.get(PARENT_ATTR)))
     assert "s" not in optuna.get_all_study_names(storage)
-    assert client.get_run(opened[0]).info.status == "KILLED"
+    (run,) = client.search_runs([client.get_experiment_by_name("ballot-tune").experiment_id])
+    assert run.info.status == "KILLED"
     end_abandoned_parent(client, None)  # a set-up stopped before it had a parent run: nothing to end
-    finished = start_parent(client, "ballot-tune", optuna.create_study(), "memory", {})
-    client.set_terminated(finished, status="FINISHED")
-    end_abandoned_parent(client, finished)
-    assert client.get_run(finished).info.status == "FINISHED", "a run that ended is left as it ended"
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    end_abandoned_parent(client, run.info.run_id)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED", "a run that ended is left as it ended"
 
 
-def test_a_stale_set_up_is_handed_to_on_abandon_before_it_is_deleted(tmp_path, monkeypatch):
-    """What the killed creator had started (its parent run id) reaches on_abandon; then the study is made afresh."""
+def test_a_failing_on_abandon_is_reported_and_the_study_still_deleted(tmp_path, capsys):
+    storage = make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=1)
+
+    def unreachable(attrs: dict) -> None:
+        raise ConnectionError("tracking server down")
+
+    def interrupted(study: optuna.Study) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        open_study(tune_config(), storage, "s", "aaaa", 0, on_create=interrupted, on_abandon=unreachable)
+    assert "s" not in optuna.get_all_study_names(storage)
+    assert "warning: could not end what the abandoned set-up had started (ConnectionError: tracking server down)" \
+        in capsys.readouterr().err
+
+
+def test_a_stale_set_up_is_deleted_then_handed_to_on_abandon(tmp_path, monkeypatch):
+    """What the killed creator had started (its parent run id) reaches on_abandon once the study is deleted (so of
+    two processes reclaiming it, only the one whose deletion succeeded); then the study is made afresh."""
+    from ballot.tuning.mlflow_runs import PARENT_ATTR
+
     storage = make_storage(sqlite_url(tmp_path / "study.db"), heartbeat_s=1)
     orphan = optuna.create_study(storage=storage, study_name="s")
-    orphan.set_user_attr("mlflow_parent_run_id", "run-of-the-killed-creator")  # and never made ready
+    orphan.set_user_attr(PARENT_ATTR, "run-of-the-killed-creator")  # and never made ready
     _fast_set_up_clock(monkeypatch, stale_s=0.5)
-    handed: list[dict] = []
-    study, created = open_study(tune_config(), storage, "s", "aaaa", 0, on_abandon=handed.append)
-    assert created and study.user_attrs["ready"] is True and "mlflow_parent_run_id" not in study.user_attrs
-    assert [attrs["mlflow_parent_run_id"] for attrs in handed] == ["run-of-the-killed-creator"]
+    handed: list[tuple[str, bool]] = []
+
+    def on_abandon(attrs: dict) -> None:
+        handed.append((attrs[PARENT_ATTR], "s" in optuna.get_all_study_names(storage)))
+
+    study, created = open_study(tune_config(), storage, "s", "aaaa", 0, on_abandon=on_abandon)
+    assert created and study.user_attrs["ready"] is True and PARENT_ATTR not in study.user_attrs
+    assert handed == [("run-of-the-killed-creator", False)]
+
 
 HANGING_CREATOR = """
 import sys, time

@@ -147,9 +147,9 @@ def open_study(cfg: ExperimentConfig, storage: optuna.storages.RDBStorage, name:
     Set-up is all or nothing. When it fails (an error, Ctrl-C) the creator deletes the study again. While it runs,
     a thread bumps a set-up heartbeat; a study that is not ready and whose heartbeat stood still for
     ``SETUP_STALE_S`` lost its creator (SIGKILL, a lost machine), and the next process deletes it and creates it
-    afresh. A study deleted under a waiting process is created by that process instead. Before either deletion
-    ``on_abandon`` gets the study's user attributes (to end what its set-up had started elsewhere: the MLflow
-    parent run); its errors are ignored, since the deletion matters more."""
+    afresh. A study deleted under a waiting process is created by that process instead. ``on_abandon`` gets the
+    user attributes of a study so deleted (to end what its set-up had started elsewhere: the MLflow parent run):
+    before the creator's own deletion, after a reclaiming process's; its errors are printed, not raised."""
     tune = cfg.tune
     kwargs = {"storage": storage, "study_name": name, "sampler": make_sampler(tune, worker),
               "pruner": make_pruner(tune)}
@@ -171,13 +171,16 @@ def open_study(cfg: ExperimentConfig, storage: optuna.storages.RDBStorage, name:
                     "this run tried (other processes' set-up keeps failing); see their errors")
 
 
-def _abandon(storage: optuna.storages.RDBStorage, study_id: int, attrs: dict[str, Any],
-             on_abandon: Callable[[dict[str, Any]], None] | None) -> None:
-    """Hand a study that never became ready to ``on_abandon``, then delete it (KeyError when it is already gone)."""
-    if on_abandon is not None:
-        with contextlib.suppress(Exception):
-            on_abandon(attrs)
-    storage.delete_study(study_id)
+def _hand_over(on_abandon: Callable[[dict[str, Any]], None] | None, attrs: dict[str, Any]) -> None:
+    """Give an abandoned study's user attributes to ``on_abandon``; its failure is printed, never raised: deleting the
+    study matters more."""
+    if on_abandon is None:
+        return
+    try:
+        on_abandon(attrs)
+    except Exception as error:  # noqa: BLE001  whatever the callback's store says, the study still goes
+        print(f"warning: could not end what the abandoned set-up had started ({type(error).__name__}: {error})",
+              file=sys.stderr)
 
 
 def _set_up(study: optuna.Study, storage: optuna.storages.RDBStorage, fp: str,
@@ -185,7 +188,7 @@ def _set_up(study: optuna.Study, storage: optuna.storages.RDBStorage, fp: str,
             on_abandon: Callable[[dict[str, Any]], None] | None) -> None:
     """Stamp the fingerprint, run ``on_create`` and mark the study ready, beating all the while; delete the study
     if anything fails."""
-    study_id = study._study_id  # by id, never by name: a name may already belong to a newer study
+    study_id = study._study_id  # by id, not by name (though sqlite gives a study made afresh the same id again)
     stop = threading.Event()
 
     def beat() -> None:
@@ -203,8 +206,12 @@ def _set_up(study: optuna.Study, storage: optuna.storages.RDBStorage, fp: str,
             on_create(study)
         study.set_user_attr(READY_ATTR, True)
     except BaseException:
-        with contextlib.suppress(Exception):  # the set-up's own error is the one to report
-            _abandon(storage, study_id, storage.get_study_user_attrs(study_id), on_abandon)
+        # the set-up's own error is the one to report; the heartbeat still beats, so no other process reclaims the
+        # study meanwhile, and a kill before the deletion leaves it for them (with what it had started)
+        with contextlib.suppress(Exception):
+            _hand_over(on_abandon, storage.get_study_user_attrs(study_id))
+        with contextlib.suppress(Exception):
+            storage.delete_study(study_id)
         raise
     finally:
         stop.set()
@@ -230,8 +237,11 @@ def _await_set_up(study: optuna.Study, storage: optuna.storages.RDBStorage,
         elif time.monotonic() - since > SETUP_STALE_S:
             print(f"study '{study.study_name}' was never made ready and its creator stopped for "
                   f"{SETUP_STALE_S:.0f} s (killed?): deleting it to create it afresh", file=sys.stderr)
-            with contextlib.suppress(KeyError):  # another process reclaimed it first; its new study is kept
-                _abandon(storage, study._study_id, attrs, on_abandon)
+            try:  # deleted first, so that of two processes reclaiming it only the one that deletes it hands it over
+                storage.delete_study(study._study_id)
+            except KeyError:  # another process reclaimed it first; its new study is kept
+                return False
+            _hand_over(on_abandon, attrs)
             return False
         time.sleep(SETUP_POLL_S)
 
