@@ -48,13 +48,19 @@ RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)  # their weight_* matrices are pr
 ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")  # nn.MultiheadAttention's
 
 
+def first_owner_names(model: nn.Module) -> dict[int, str]:
+    """Each parameter's name by identity: a tensor several modules share (tied) goes under its first owner's name, the
+    one ``named_parameters`` gives it."""
+    return {id(param): name for name, param in model.named_parameters()}
+
+
 def prunable_names(model: nn.Module) -> list[str]:
     """Names of the weight parameters of every linear and convolutional layer, the input projections of every
     attention layer (its output projection is a linear layer) and the weight matrices of every recurrent layer and
     cell (nn.RNN, nn.LSTM, nn.GRU and their cells: weight_ih_l0, weight_hh_l0, ...; not their biases), in module
     order. A weight several modules share (tied) is listed once, under the name ``named_parameters`` gives it (its
     first owner's). MaskError naming a layer whose weight is computed rather than held (weight_norm, parametrize)."""
-    first_name = {id(param): name for name, param in model.named_parameters()}
+    first_name = first_owner_names(model)
     names: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES):

@@ -18,7 +18,7 @@ from torch import nn
 
 from ballot.depgraph import dependency_graph
 from ballot.errors import MaskError
-from ballot.masks import PRUNABLE_TYPES, RECURRENT_TYPES, Mask, classifier_layer, prunable_names
+from ballot.masks import PRUNABLE_TYPES, RECURRENT_TYPES, Mask, classifier_layer, first_owner_names, prunable_names
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def check_unit_prunable(model: nn.Module) -> None:
         if isinstance(module, RECURRENT_TYPES):
             raise MaskError(f"prune.granularity 'unit' cannot remove units through the recurrent layer '{name}' "
                             f"({type(module).__name__}); use prune.granularity=weight")
-    first_name = {id(param): name for name, param in model.named_parameters()}
+    first_name = first_owner_names(model)
     for name, param in model.named_parameters(remove_duplicate=False):
         if first_name[id(param)] != name:
             raise MaskError(f"prune.granularity 'unit' cannot prune '{name}', the same tensor as "
