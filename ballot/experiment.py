@@ -67,6 +67,12 @@ def prepare_data(cfg: ExperimentConfig) -> DataBundle:
     return data
 
 
+def _probe_model(cfg: ExperimentConfig, data: DataBundle) -> nn.Module:
+    """A model of the configured kind to inspect before training, built without moving the seeded random stream."""
+    with torch.random.fork_rng(devices=[]):
+        return build_model(cfg.base.model, data.input_shape, data.num_classes)
+
+
 def check_fits(cfg: ExperimentConfig, data: DataBundle) -> None:
     """A UserError, before any training, when the configured method needs something the data lacks (FairScratch's
     group_parity penalty: a sensitive attribute), the model does not return logits (``check_logits``), has layers no
@@ -76,11 +82,10 @@ def check_fits(cfg: ExperimentConfig, data: DataBundle) -> None:
     method changes."""
     if cfg.prune.method == "fairscratch":
         penalty_kind(cfg.prune.fairscratch, has_group=data.train.group is not None)
-    with torch.random.fork_rng(devices=[]):  # building the model here must not move the seeded random stream
-        model = build_model(cfg.base.model, data.input_shape, data.num_classes)
-        check_logits(cfg.base.model, model, data.train.x[:2], data.num_classes)
+    model = _probe_model(cfg, data)
+    check_logits(cfg.base.model, model, data.train.x[:2], data.num_classes)
     params = dict(model.named_parameters())
-    # refuses a layer whose weight is computed (weight_norm) before training, not after
+    # prunable_names refuses a computed weight (weight_norm) here, before training rather than after
     frozen = [name for name in prunable_names(model) if not params[name].requires_grad]
     if frozen:
         raise ModelError(f"model '{cfg.base.model}' freezes prunable weight(s) {frozen[:3]} (requires_grad False): "
@@ -154,9 +159,8 @@ def coverage_notice(model: nn.Module) -> str | None:
 def notices_before_training(cfg: ExperimentConfig, data: DataBundle, method: str | None = None) -> list[str]:
     """The notes a run prints before it trains: the schedules of ``method`` (default prune.method) that min_steps
     lengthens, and the share of the model's parameters no method prunes (when above UNPRUNED_NOTICE_SHARE)."""
-    with torch.random.fork_rng(devices=[]):  # building the model here must not move the seeded random stream
-        model = build_model(cfg.base.model, data.input_shape, data.num_classes)
-    return [line for line in (stretch_notice(cfg, len(data.train), method), coverage_notice(model)) if line]
+    notices = (stretch_notice(cfg, len(data.train), method), coverage_notice(_probe_model(cfg, data)))
+    return [line for line in notices if line]
 
 
 def train_dense(cfg: ExperimentConfig, data: DataBundle, progress: bool | None = None

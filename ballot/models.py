@@ -212,12 +212,13 @@ def check_logits(name: str, model: nn.Module, inputs: torch.Tensor, num_classes:
     """ModelError unless ``model`` maps ``inputs`` (two training samples) to one tensor of logits, (2, num_classes),
     in training mode and in eval mode: not a tuple or a dict (return the logits alone; some torchvision models add
     auxiliary outputs while training) and not probabilities (a final softmax, on which cross-entropy barely trains).
-    A forward pass that fails is named too. Moves the model's BatchNorm statistics; keeps its mode."""
+    A forward pass that fails is named too. Moves the model's BatchNorm statistics; keeps its mode and leaves the
+    global random stream where it was (Dropout draws from it)."""
     was_training = model.training
     for training in (True, False):
         mode = "training" if training else "eval"
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 outputs = model.train(training)(inputs)
         except Exception as error:  # noqa: BLE001  a user's forward can fail in any way; training would too
             raise ModelError(f"model '{name}' fails on two training samples in {mode} mode: "
