@@ -6,10 +6,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION_DIR := /usr/share/datasets/fashion-mnist
+INSTALL_GIB := 7
 
 .PHONY: run test test-fast install dataset bench clean
 
+# The install needs INSTALL_GIB free (PyTorch's CUDA build and its libraries, which also run on the CPU): say so first
+# when the disk has less free, rather than leave pip's 'No space left on device' half-way through.
 $(STAMP): pyproject.toml constraints.txt
+	@free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); if [ "$$free" -lt $(INSTALL_GIB) ]; then \
+		echo "warning: $$free GiB free on this disk; the install needs about $(INSTALL_GIB) GiB" >&2; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[pipeline,serve,test]"
