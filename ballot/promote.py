@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from ballot.config import PromoteConfig
 from ballot.errors import PromotionError
 from ballot.tracking import CHAMPION
+from serving.registration import incomplete_reason
 
 _SLACK = 1e-12  # float noise must not decide a tie at the boundary
 
@@ -63,21 +64,16 @@ def gate(candidate: Mapping[str, str], champion: Mapping[str, str] | None, cfg: 
 
 
 def _check_complete(client: Any, candidate: Any, name: str) -> None:
-    """PromotionError unless the run that registered ``candidate`` finished: a register ends its run only after the
-    version is whole (tags and alias), so a RUNNING or FAILED run means it was killed or failed half-way."""
+    """PromotionError unless ``candidate`` is a complete registration (serving.registration states the rule)."""
     from mlflow.exceptions import MlflowException
 
-    if not candidate.run_id:  # registered by hand, outside a run: nothing to check
-        return
     try:
-        status = client.get_run(candidate.run_id).info.status
+        reason = incomplete_reason(client, candidate)
     except MlflowException as error:
         raise PromotionError(f"cannot read run {candidate.run_id} that registered {name} version "
                              f"{candidate.version}: {error.message}") from None
-    if status != "FINISHED":
-        raise PromotionError(f"{name} version {candidate.version} comes from run {candidate.run_id}, which is "
-                             f"{status}: its registration did not complete (it failed, was killed, or is still "
-                             "running); register the model again")
+    if reason:
+        raise PromotionError(f"{name} {reason}; register the model again")
 
 
 def promote(client: Any, name: str, version: str, cfg: PromoteConfig) -> Decision:

@@ -3,7 +3,8 @@
 Registry contract: the ONNX model is logged as ``name="model"`` with a signature and an input example,
 registered as a new version of the configured name, given the alias ``challenger`` (or one chosen with
 `ballot register --alias`) and tagged with ``VERSION_TAG_KEYS`` and, when the model card records it,
-``dense_acc`` (string values; lists JSON-encoded). Only ``ballot promote`` moves ``champion``.
+``dense_acc`` (string values; lists JSON-encoded); the run then records the alias move (serving.registration has
+the rule for a complete version). Only ``ballot promote`` moves ``champion``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -27,6 +28,7 @@ from ballot.config import flatten
 from ballot.errors import RegistryError, StorageError
 from ballot.storage import pid_alive, process_start
 from serving.model_source import bounded_requests
+from serving.registration import REGISTERED_TAG, is_complete
 from serving.settings import Settings
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -224,6 +226,7 @@ def register_onnx(onnx_path: str | Path, name: str, example: np.ndarray, tags: M
         with contextlib.suppress(Exception):
             client.delete_model_version(name, version)
         raise
+    client.set_tag(run.info.run_id, REGISTERED_TAG, version)  # complete even once the alias moves on (a kill now)
     return Registration(name, version, alias, run.info.run_id, f"models:/{name}@{alias}", mlflow.get_tracking_uri())
 
 
@@ -244,30 +247,40 @@ def _owner_gone(tags: Mapping[str, str], host: str) -> bool:
     return not pid_alive(int(pid)) or bool(started) and process_start(int(pid)) != started
 
 
-def fail_orphan_runs(experiment: str) -> list[str]:
-    """End the RUNNING runs of ``experiment`` whose process, on this host, no longer exists (a killed register):
-    delete the model versions such a run created that no alias points at (killed before the alias moved) and end it
-    as FAILED, or as FINISHED when every version it created holds an alias (killed after its registration was
-    complete, before the run ended); returns the runs' ids."""
+def fail_orphan_runs() -> list[str]:
+    """End the RUNNING runs, in every experiment, whose process on this host no longer exists (a killed register):
+    delete the model versions such a run created that are not complete (serving.registration: killed before the
+    alias moved) and end it as FINISHED when every version it created is complete, else as FAILED; returns the runs'
+    ids."""
     import mlflow
 
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        return []
     client, ended = mlflow.MlflowClient(), []
     host = socket.gethostname()
-    for run in client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'"):
-        if _owner_gone(run.data.tags, host):
-            # search results leave aliases out: read each version whole
-            versions = [client.get_model_version(hit.name, hit.version)
-                        for hit in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
-            for version in versions:
-                if not version.aliases:
-                    client.delete_model_version(version.name, version.version)
-            complete = bool(versions) and all(version.aliases for version in versions)
-            client.set_terminated(run.info.run_id, status="FINISHED" if complete else "FAILED")
-            ended.append(run.info.run_id)
+    mine = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    for experiment in _every_page(client.search_experiments):
+        for run in _every_page(client.search_runs, [experiment.experiment_id], filter_string=mine):
+            if _owner_gone(run.data.tags, host):
+                # search results leave aliases out: read each version whole
+                versions = [client.get_model_version(hit.name, hit.version)
+                            for hit in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
+                complete = [is_complete(version, run) for version in versions]
+                for version, whole in zip(versions, complete):
+                    if not whole:
+                        client.delete_model_version(version.name, version.version)
+                client.set_terminated(run.info.run_id, status="FINISHED" if versions and all(complete) else "FAILED")
+                ended.append(run.info.run_id)
     return ended
+
+
+def _every_page(search: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+    """Every result of an MLflow client search, page after page."""
+    token = None
+    while True:
+        page = search(*args, page_token=token, **kwargs)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def _finite(value: Any) -> bool:
@@ -293,7 +306,7 @@ def register_run(onnx_path: str | Path, name: str, example: np.ndarray | None, c
         example = np.zeros((1, *card["input_shape"]), dtype=np.float32)
     try:
         mlflow.set_experiment(experiment)
-        fail_orphan_runs(experiment)
+        fail_orphan_runs()
         run_tags = {**{key: card[key] for key in ("dataset", "method", "model")}, **(tags or {}), **_owner()}
         run_name = f"{card['method']}-{card['model']}-d{card['density']:.3f}"
         with mlflow.start_run(run_name=run_name, tags=run_tags):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from serving.errors import ModelSourceError
+from serving.registration import incomplete_reason
 
 REGISTRY_SCHEME = "models:/"
 CARD_FILE, CARD_FOLDER = "model_card.md", "model"  # the card's artifact path in the run that registered the version
@@ -130,6 +131,9 @@ def _from_registry(uri: str, ref: RegistryRef, tracking_uri: str | None, folder:
         registered = client.get_registered_model(ref.name)
         version = ref.version or _alias_version(ref, registered.aliases, where)
         model_version = client.get_model_version(ref.name, version)
+        incomplete = incomplete_reason(client, model_version)
+        if incomplete:
+            raise ModelSourceError(f"{_describe(ref)} in {where}: {incomplete}; serve another version")
         artifacts = client.get_model_version_download_uri(ref.name, version)
         local = Path(download_artifacts(artifact_uri=artifacts, dst_path=str(folder), tracking_uri=tracking_uri))
         card = _download_card(client, model_version.run_id, folder / "card", tracking_uri)

@@ -36,6 +36,9 @@ from ballot.tracking import (
     resolve_tracking_uri,
     tag_value,
 )
+from serving.errors import ModelSourceError
+from serving.model_source import fetch_model
+from serving.registration import REGISTERED_TAG
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -95,6 +98,8 @@ def test_register_onnx_follows_the_registry_contract(registry, tmp_path):
         with mlflow.start_run():
             registration = register_onnx(tmp_path / "m.onnx", name, example, _card(0.8 + step / 100))
         versions.append(registration.version)
+        assert client.get_run(registration.run_id).data.tags[REGISTERED_TAG] == registration.version, \
+            "the run records that its alias moved"
         assert registration.model_uri == f"models:/{name}@{CHALLENGER}" and registration.tracking_uri == uri
     assert versions == ["1", "2"]
     latest = client.get_model_version_by_alias(name, CHALLENGER)
@@ -146,9 +151,21 @@ def test_promote_refuses_a_version_whose_registration_did_not_complete(registry)
         with pytest.raises(PromotionError, match=f"version {version} comes from run .*, which is RUNNING"):
             promote(client, name, version, CFG)
     client.set_terminated(run.info.run_id, status="FAILED")
-    with pytest.raises(PromotionError, match="which is FAILED: its registration did not complete"):
+    with pytest.raises(PromotionError, match="which is FAILED and never moved an alias to it: its registration did "
+                                             "not complete .*; register the model again"):
         promote(client, name, version, CFG)
     assert client.get_registered_model(name).aliases == {}
+    with pytest.raises(ModelSourceError, match=f"version {version}.*which is FAILED .*; serve another version"):
+        with fetch_model(f"models:/{name}/{version}", uri):
+            pass
+
+
+def test_serving_by_version_number_takes_a_complete_registration(registry, tmp_path):
+    uri, client = registry
+    _tiny_onnx(tmp_path / "m.onnx", 0)
+    done = register_run(tmp_path / "m.onnx", "served-by-number", None, _card(0.8), experiment="tests", metrics={})
+    with fetch_model(f"models:/served-by-number/{done.version}", uri) as source:
+        assert source.version == done.version and source.path.is_file()
 
 
 def test_a_run_whose_pid_was_reused_by_another_process_is_an_orphan(registry):
@@ -163,7 +180,7 @@ def test_a_run_whose_pid_was_reused_by_another_process_is_an_orphan(registry):
     live = client.create_run(experiment, tags=own).info.run_id
     reused = client.create_run(experiment, tags={**own, "ballot.pid_start": "1"}).info.run_id  # same pid, other start
     other_host = client.create_run(experiment, tags={**own, "ballot.host": f"not-{host}", "ballot.pid_start": "1"})
-    assert fail_orphan_runs("pid-reuse") == [reused]
+    assert fail_orphan_runs() == [reused]
     assert client.get_run(reused).info.status == "FAILED"
     assert {client.get_run(r).info.status for r in (live, other_host.info.run_id)} == {"RUNNING"}
 
@@ -180,9 +197,36 @@ def test_a_register_killed_after_its_alias_moved_ends_finished_and_stays_promota
     tags = {"acc": "0.9", "cwv": "0.01", "dense_acc": "0.9"}
     version = client.create_model_version("late", "file:///tmp/ballot-test-model", run_id=run.info.run_id, tags=tags)
     client.set_registered_model_alias("late", CHALLENGER, version.version)  # then the process died
-    assert fail_orphan_runs("killed-late") == [run.info.run_id]
+    assert promote(client, "late", str(version.version), CFG).promoted, "its alias says it is whole: still RUNNING"
+    assert fail_orphan_runs() == [run.info.run_id]
     assert client.get_run(run.info.run_id).info.status == "FINISHED", "its registration was complete"
     assert promote(client, "late", str(version.version), CFG).promoted
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["killed after its alias moved", "killed before"])
+def test_the_next_register_anywhere_ends_a_killed_one_by_what_its_run_recorded(registry, tmp_path, recorded):
+    """A register killed in one experiment, whose version has since lost the alias to a newer one: a register in
+    another experiment keeps the version when its run recorded the alias move, and deletes it when not."""
+    uri, client = registry
+    name = f"moved-on-{recorded}"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = {"ballot.host": socket.gethostname(), "ballot.pid": str(dead.pid)}
+    run = client.create_run(client.create_experiment(f"home-{recorded}"), tags=owner)
+    client.create_registered_model(name)
+    tags = {"acc": "0.9", "cwv": "0.01", "dense_acc": "0.9"}
+    killed = client.create_model_version(name, "file:///tmp/ballot-test-model", run_id=run.info.run_id, tags=tags)
+    if recorded:
+        client.set_registered_model_alias(name, CHALLENGER, killed.version)
+        client.set_tag(run.info.run_id, REGISTERED_TAG, str(killed.version))  # then the process died
+    newer = client.create_model_version(name, "file:///tmp/ballot-test-model", tags=tags)
+    client.set_registered_model_alias(name, CHALLENGER, newer.version)
+    _tiny_onnx(tmp_path / "m.onnx", 0)
+    register_run(tmp_path / "m.onnx", f"bystander-{recorded}", None, _card(0.8), experiment=f"away-{recorded}",
+                 metrics={})
+    assert client.get_run(run.info.run_id).info.status == ("FINISHED" if recorded else "FAILED")
+    left = {str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
+    assert left == ({str(killed.version), str(newer.version)} if recorded else {str(newer.version)})
 
 
 CFG = PromoteConfig(max_acc_drop=0.02, cwv_tolerance=1.0)
