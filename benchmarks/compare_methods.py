@@ -126,10 +126,11 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: more methods than the default cycle's 10
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, method in enumerate(methods):
         group = [r for r in rows if r["method"] == method]
-        ax.scatter([r["cwv"] for r in group], [r["acc"] for r in group], label=method, color=f"C{i % 10}",
+        ax.scatter([r["cwv"] for r in group], [r["acc"] for r in group], label=method, color=colors[i % len(colors)],
                    marker="o" if "ballot" not in method else "*", s=60 if "ballot" not in method else 140)
     ax.set_xlabel("CWV (class-wise variance, lower is fairer)")
     ax.set_ylabel("test accuracy")
