@@ -67,7 +67,8 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
     app.router.route_class = OrjsonRoute
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                        max_values=max_json_values(settings, card.input_shape), raw_paths=frozenset({RAW_PATH}))
-    app.add_middleware(RequestMetrics, metrics=metrics, routes=app.routes)
+    v2 = v2_router(model, settings, metrics)
+    app.add_middleware(RequestMetrics, metrics=metrics, route_lists=(v2.routes, app.routes))
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(InputError, _input_error)
     app.add_exception_handler(NotServedError, _not_served)
@@ -82,7 +83,7 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
             {"class_index": index, "class_name": names[index], "probabilities": row}
             for index, row in zip(classes.tolist(), probabilities)]})
 
-    app.include_router(v2_router(model, settings, metrics))  # first: its inference route is the busiest
+    app.include_router(v2)  # first: its inference route is the busiest
 
     @app.get("/health", response_model=Health, summary="Liveness: the process answers")
     @app.head("/health", response_model=Health, include_in_schema=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import zlib
 
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.inputs import parse_count
@@ -13,6 +14,7 @@ from serving.responses import error_response, input_error_response, is_v2
 
 JSON_HEADER_LENGTH = HEADER_LENGTH.lower().encode()  # as ASGI gives header names
 GZIP = zlib.MAX_WBITS | 16  # zlib's window bits for the gzip container
+GUNZIP_SLICE = 64 * 1024
 ONCE_ONLY = (b"content-encoding", JSON_HEADER_LENGTH)  # headers whose every reader must see the same single value
 
 
@@ -69,8 +71,8 @@ class BodyLimit:
                                                       "gzip or uncompressed")(scope, receive, send)
             return
         if body and encoding == b"gzip":
-            try:
-                body = gunzip(body, self.max_bytes)
+            try:  # in a worker thread: a body of many tiny members must not stall the other clients
+                body = await run_in_threadpool(gunzip, body, self.max_bytes)
             except TooLarge:
                 await self._refuse(scope, receive, send, f"request body inflates beyond the limit of {self.max_bytes} "
                                                          "bytes")
@@ -79,9 +81,10 @@ class BodyLimit:
                 await input_error_response(scope["path"], f"the body is not valid gzip ({error}); compress it with "
                                                           "gzip or send it uncompressed")(scope, receive, send)
                 return
-            scope = {**scope, "headers": [(key, value) for key, value in scope["headers"]
-                                          if key not in (b"content-encoding", b"content-length")]
-                     + [(b"content-length", str(len(body)).encode())]}
+            # in place, not a copy: the route the router records in the scope must reach RequestMetrics outside
+            scope["headers"] = [(key, value) for key, value in scope["headers"]
+                                if key not in (b"content-encoding", b"content-length")
+                                ] + [(b"content-length", str(len(body)).encode())]
         values = self._json_part(scope["path"], body, headers).count(b",") + 1
         if values > self.max_values:
             await self._refuse(scope, receive, send, f"request JSON holds up to {values} values, more than the limit "
@@ -114,19 +117,24 @@ class BodyLimit:
 def gunzip(body: bytes, max_bytes: int) -> bytes:
     """The gzip ``body`` inflated: one member or several one after the other (RFC 1952 allows them, as
     ``cat a.gz b.gz`` writes); TooLarge beyond ``max_bytes`` in all, zlib.error when a member is cut short or the
-    bytes after one are not another."""
-    inflated, rest, members = bytearray(), body, 0
-    while rest:
-        inflater = zlib.decompressobj(GZIP)
-        try:
-            inflated += inflater.decompress(rest, max_bytes + 1 - len(inflated))
-        except zlib.error as error:
-            if members == 0:
-                raise
-            raise zlib.error(f"{len(rest)} bytes follow the stream and are not another gzip member ({error})") from None
-        if len(inflated) > max_bytes:
-            raise TooLarge(max_bytes)
-        if not inflater.eof:
-            raise zlib.error("truncated stream")
-        rest, members = inflater.unused_data, members + 1
+    bytes after one are not another. The body is fed in slices of ``GUNZIP_SLICE`` bytes, so the work is linear in
+    its size however many members it holds (zlib copies every byte after a member's end into ``unused_data``)."""
+    view, offset, inflated, members = memoryview(body), 0, bytearray(), 0
+    while offset < len(view):
+        inflater, start = zlib.decompressobj(GZIP), offset
+        while not inflater.eof:
+            if offset == len(view):
+                raise zlib.error("truncated stream")
+            piece = view[offset:offset + GUNZIP_SLICE]
+            try:
+                inflated += inflater.decompress(piece, max_bytes + 1 - len(inflated))
+            except zlib.error as error:
+                if members == 0:
+                    raise
+                raise zlib.error(f"{len(view) - start} bytes follow the stream and are not another gzip member "
+                                 f"({error})") from None
+            if len(inflated) > max_bytes:
+                raise TooLarge(max_bytes)
+            offset += len(piece) - len(inflater.unused_data)  # below the output cap nothing is left unconsumed
+        members += 1
     return bytes(inflated)

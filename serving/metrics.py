@@ -71,8 +71,10 @@ def _powers_of_two(limit: int) -> tuple[float, ...]:
 class RequestMetrics:
     """ASGI middleware counting and timing every HTTP request by its route template and status."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
-        self.app, self.metrics, self.routes = app, metrics, routes
+    def __init__(self, app: ASGIApp, metrics: Metrics, route_lists: Sequence[Sequence[BaseRoute]]) -> None:
+        """``route_lists``: the app's routes and those of every router it includes (live lists: routes added later
+        count); an included router's own entry in the app's list has no path and is passed over."""
+        self.app, self.metrics, self.route_lists = app, metrics, route_lists
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,5 +101,6 @@ class RequestMetrics:
         """The template of the route that served ``scope`` (also when a middleware answered before routing)."""
         route = scope.get("route")
         if route is None:
-            route = next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
+            route = next((r for routes in self.route_lists for r in routes
+                          if hasattr(r, "path") and r.matches(scope)[0] != Match.NONE), None)
         return getattr(route, "path", UNMATCHED)

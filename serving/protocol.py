@@ -6,7 +6,9 @@ body stays open for ever. Here each request must arrive in full within ``read_ti
 connection opening (first request) or of its first byte (later requests); otherwise the connection is closed.
 Neither uvicorn nor llhttp bounds the request line and headers (a client could send gigabytes of header lines
 within the deadline, kept in memory), so a head above ``MAX_HEAD_BYTES`` is answered 431 and the connection closed;
-the body is bounded by ``serving.limits.BodyLimit``.
+the body is bounded by ``serving.limits.BodyLimit``. uvicorn queues pipelined requests (sent before the previous
+answer) without bound, about 80 bytes of memory per byte sent; a connection queueing more than ``MAX_PIPELINED`` is
+closed.
 httptools (llhttp, in C) parses a request in a fraction of the time of uvicorn's pure-Python h11 protocol.
 """
 
@@ -17,10 +19,15 @@ import asyncio
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024  # the request line and headers of one request
+MAX_PIPELINED = 64  # requests a connection may queue behind the one being answered
 
 
 class HeadTooLarge(Exception):
     """Raised from a parser callback to stop parsing a request whose head exceeds ``MAX_HEAD_BYTES``."""
+
+
+class PipelineTooDeep(Exception):
+    """Raised from a parser callback to stop parsing on a connection queueing more than ``MAX_PIPELINED`` requests."""
 
 
 class DeadlineProtocol(HttpToolsProtocol):
@@ -33,6 +40,7 @@ class DeadlineProtocol(HttpToolsProtocol):
     _raw_head: int = 0  # bytes received while the head was incomplete
     _parsed_head: int = 0  # bytes of the URL and of the headers httptools has handed over
     _head_too_large: bool = False
+    _pipeline_too_deep: bool = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -70,12 +78,18 @@ class DeadlineProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:
             self._refuse_head()
+        elif self._pipeline_too_deep:  # answers to the queued requests are owed first: close without one
+            self.logger.info("closing a connection that queued more than %d pipelined requests", MAX_PIPELINED)
+            self.transport.close()
         else:
             super().send_400_response(msg)
 
     def on_headers_complete(self) -> None:
         self._in_head, self._raw_head = False, 0
         super().on_headers_complete()
+        if len(self.pipeline) > MAX_PIPELINED:
+            self._pipeline_too_deep = True
+            raise PipelineTooDeep  # httptools stops with a parser error, answered through send_400_response
 
     def on_message_complete(self) -> None:
         self._disarm()

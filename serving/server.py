@@ -34,7 +34,8 @@ def build_server(model: OnnxModel, settings: Settings) -> uvicorn.Server:
 
 
 def main(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Start the service; a configuration or model problem prints one clear line and returns 2."""
+    """Start the service; a configuration or model problem prints one clear line and returns 2. A SIGTERM ends the
+    process by that signal (status 143) once uvicorn has drained the requests in flight: uvicorn raises it again."""
     try:
         settings = load_settings(environ, overrides)
         model = load_model(settings)

@@ -212,3 +212,21 @@ def test_a_broken_mlmodel_or_an_unreadable_card_is_a_one_line_source_error(tmp_p
     unreadable.mkdir()  # reading it fails with an OSError, as a card the service user may not read does
     with pytest.raises(ModelSourceError, match="model card .* cannot be read"):
         _read_card(unreadable)
+
+
+def test_gunzip_reads_members_across_its_slices_and_names_what_is_wrong():
+    import gzip
+    import os
+    import zlib
+
+    from serving.limits import GUNZIP_SLICE, TooLarge, gunzip
+
+    noise = os.urandom(3 * GUNZIP_SLICE + 7)  # incompressible: one member spans four slices
+    members = gzip.compress(noise) + gzip.compress(b"") * 5000 + gzip.compress(b"end")
+    assert gunzip(members, len(noise) + 3) == noise + b"end"
+    with pytest.raises(TooLarge):
+        gunzip(members, len(noise) + 2)
+    with pytest.raises(zlib.error, match="truncated stream"):
+        gunzip(gzip.compress(noise)[:-GUNZIP_SLICE], len(noise))
+    with pytest.raises(zlib.error, match=r"^4 bytes follow the stream and are not another gzip member"):
+        gunzip(gzip.compress(noise) + b"tail", len(noise))

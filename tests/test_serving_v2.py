@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import re
 import socket
 import time
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.protocol import MAX_HEAD_BYTES
+from serving.protocol import MAX_HEAD_BYTES, MAX_PIPELINED
 from serving.settings import Settings
 from tests.test_serving import exported, free_port, in_thread, torch_probabilities  # noqa: F401  (fixture)
 
@@ -280,6 +281,26 @@ def test_metrics_count_requests_and_predicted_classes_add_up_to_the_items(export
     assert "ballot_http_request_duration_seconds" in families and "process_resident_memory_bytes" in families
 
 
+def test_requests_answered_by_the_body_limit_or_gunzipped_are_counted_under_their_route(exported):
+    settings = Settings(model_uri=str(exported["path"]), port=free_port(), max_batch=MAX_BATCH,
+                        max_body_bytes=MAX_BODY, log_level="warning")
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                   "data": exported["x"][0].ravel().tolist()}]}).encode()
+    infer = f"/v2/models/{NAME}/infer"
+    with in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as http:
+        assert http.post(infer, content=gzip.compress(body), headers={"Content-Encoding": "gzip"}).status_code == 200
+        assert http.post(infer, content=body, headers={"Content-Encoding": "br"}).status_code == 400
+        assert http.post(infer, content=b"[" + b"0," * MAX_BODY + b"0]").status_code == 413
+        text = http.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = {(s.labels["route"], s.labels["status"]): s.value for s in families["ballot_http_requests"].samples
+                if s.name.endswith("_total")}
+    route = "/v2/models/{name}/infer"
+    assert {key: requests.get(key) for key in ((route, "200"), (route, "400"), (route, "413"))} == {
+        (route, "200"): 1, (route, "400"): 1, (route, "413"): 1}
+    assert not any(label == "unmatched" for label, _ in requests)
+
+
 # ---------------------------------------------------------------- bounds
 
 def _closed_within(sock: socket.socket, seconds: float) -> float:
@@ -334,6 +355,39 @@ def test_a_request_head_above_its_limit_gets_431_and_the_connection_closes(url, 
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert f"exceed the limit of {MAX_HEAD_BYTES} bytes".encode() in answer
+
+
+def _pipelined(url: str, requests: bytes) -> tuple[list[bytes], bool]:
+    """The statuses the server answers ``requests``, sent at once on one connection, and whether it closed the
+    connection (rather than leave it idle for 3 s)."""
+    host, port = url.removeprefix("http://").split(":")
+    answer, closed = b"", True
+    with socket.create_connection((host, int(port))) as sock:
+        with contextlib.suppress(OSError):  # the server may close before everything is sent
+            sock.sendall(requests)
+        sock.settimeout(3)
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            closed = False
+        except ConnectionResetError:
+            pass
+    return re.findall(rb"HTTP/1\.1 (\d{3}) ", answer), closed
+
+
+def test_pipelined_requests_are_answered_in_order(url):
+    paths = [b"/health", b"/nowhere", b"/health"] * 3
+    requests = b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path for path in paths)
+    statuses, closed = _pipelined(url, requests + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert statuses == [b"200", b"404", b"200"] * 3 + [b"200"] and closed
+
+
+def test_a_connection_queueing_too_many_pipelined_requests_is_closed(url, http):
+    """A client that sends thousands of requests without reading an answer cannot make the server queue them all."""
+    statuses, closed = _pipelined(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 4000)
+    assert closed and len(statuses) <= MAX_PIPELINED + 1
+    assert http.get("/health").status_code == 200, "other clients are still served"
 
 
 def test_a_request_head_within_its_limit_is_served(http):
