@@ -373,6 +373,7 @@ SERVE_FLAGS = {  # flag -> (setting, type, help); each also has an environment v
     "--max-batch": ("max_batch", int, "most items per /predict request (default 256)"),
     "--max-body-bytes": ("max_body_bytes", int, "largest request body (default 16 MiB)"),
     "--read-timeout": ("read_timeout", float, "seconds a request may take to arrive in full (default 10)"),
+    "--max-connections": ("max_connections", int, "open connections beyond which new requests get 503 (default 128)"),
     "--registry-timeout": ("registry_timeout", float, "seconds each registry request may take at start-up "
                                                       "(default 15)"),
     "--log-level": ("log_level", str, "uvicorn log level (default info)"),

@@ -24,12 +24,15 @@ def load_model(settings: Settings) -> OnnxModel:
 def build_server(model: OnnxModel, settings: Settings) -> uvicorn.Server:
     """A uvicorn server for ``model``: one process on uvloop, HTTP parsed by httptools.
 
-    Each request must arrive within ``settings.read_timeout`` seconds (``serving.protocol``); one line per request
-    goes to the access log only when ``settings.access_log`` asks for it.
+    Each request must arrive within ``settings.read_timeout`` seconds (``serving.protocol``); beyond
+    ``settings.max_connections`` open connections or requests in flight uvicorn answers 503 (what bodies can hold
+    at once: max_connections x max_body_bytes); one line per request goes to the access log only when
+    ``settings.access_log`` asks for it.
     """
     config = uvicorn.Config(create_app(model, settings), host=settings.host, port=settings.port, loop="uvloop",
                             http=with_read_timeout(settings.read_timeout), log_level=settings.log_level,
-                            access_log=settings.access_log, server_header=False)
+                            access_log=settings.access_log, server_header=False,
+                            limit_concurrency=settings.max_connections)
     return uvicorn.Server(config)
 
 

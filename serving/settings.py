@@ -27,6 +27,7 @@ class Settings:
     max_batch: int = 256  # most items in one /predict request
     max_body_bytes: int = 16 * 2**20  # largest accepted request body
     read_timeout: float = 10.0  # seconds a request may take to arrive in full; slower connections are closed
+    max_connections: int = 128  # open connections (and requests in flight) beyond which uvicorn answers 503
     registry_timeout: float = 15.0  # seconds each registry request may take before the start-up gives up
     log_level: str = "info"
     access_log: bool = False  # one uvicorn log line per request; off by default, as it costs time on every request
@@ -39,6 +40,7 @@ class Settings:
         _require(self.threads >= 0, "threads", f"must be >= 0 (0 = automatic), got {self.threads}")
         _require(self.max_batch >= 1, "max_batch", f"must be >= 1, got {self.max_batch}")
         _require(self.max_body_bytes >= 1024, "max_body_bytes", f"must be >= 1024, got {self.max_body_bytes}")
+        _require(self.max_connections >= 1, "max_connections", f"must be >= 1, got {self.max_connections}")
         _require(0 < self.read_timeout <= 3600, "read_timeout", f"must be in (0, 3600] seconds, got {self.read_timeout}")
         _require(0 < self.registry_timeout <= 600, "registry_timeout",
                  f"must be in (0, 600] seconds, got {self.registry_timeout}")
@@ -55,6 +57,7 @@ ENV = {
     "max_batch": "BALLOT_MAX_BATCH",
     "max_body_bytes": "BALLOT_MAX_BODY_BYTES",
     "read_timeout": "BALLOT_READ_TIMEOUT",
+    "max_connections": "BALLOT_MAX_CONNECTIONS",
     "registry_timeout": "BALLOT_REGISTRY_TIMEOUT",
     "log_level": "BALLOT_LOG_LEVEL",
     "access_log": "BALLOT_ACCESS_LOG",

@@ -39,6 +39,7 @@ def test_settings_come_from_the_environment_and_flags_win():
     ({"BALLOT_LOG_LEVEL": "loud"}, "log_level (BALLOT_LOG_LEVEL)"),
     ({"BALLOT_READ_TIMEOUT": "soon"}, "read_timeout (BALLOT_READ_TIMEOUT): expected a number of seconds"),
     ({"BALLOT_READ_TIMEOUT": "0"}, "read_timeout (BALLOT_READ_TIMEOUT): must be in (0, 3600]"),
+    ({"BALLOT_MAX_CONNECTIONS": "0"}, "max_connections (BALLOT_MAX_CONNECTIONS): must be >= 1"),
     ({"BALLOT_ACCESS_LOG": "maybe"}, "access_log (BALLOT_ACCESS_LOG): expected true or false"),
 ])
 def test_bad_settings_name_their_variable(env, message):

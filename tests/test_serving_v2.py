@@ -390,6 +390,22 @@ def test_a_connection_queueing_too_many_pipelined_requests_is_closed(url, http):
     assert http.get("/health").status_code == 200, "other clients are still served"
 
 
+def test_beyond_max_connections_new_requests_get_503(exported):
+    settings = Settings(model_uri=str(exported["path"]), port=free_port(), max_connections=2, log_level="warning")
+    with in_thread(settings) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as held:  # a keep-alive connection left open
+            held.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            held.settimeout(5)
+            assert held.recv(4096).startswith(b"HTTP/1.1 200")
+            with httpx.Client(base_url=base, timeout=30) as http:
+                assert http.get("/health").status_code == 503
+        deadline = time.monotonic() + 10
+        while (status := httpx.get(f"{base}/health", timeout=30).status_code) == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the server notices the held connection close
+        assert status == 200
+
+
 def test_a_request_head_within_its_limit_is_served(http):
     assert http.get("/health", headers={f"X-Pad-{i}": "c" * 4000 for i in range(10)}).status_code == 200
 
