@@ -283,6 +283,30 @@ def _every_page(search: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
             return
 
 
+def find_registration(experiment: str, name: str, alias: str, run_tags: Mapping[str, str]) -> Registration | None:
+    """The complete registration ``alias`` of ``name`` points at when a run of ``experiment`` carrying exactly
+    ``run_tags`` registered it, else None: what a register stage killed after its run ended, before it recorded the
+    registration, left for the next one to record instead of registering the same file again."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+        run = client.get_run(version.run_id) if version.run_id else None
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":  # no such model or alias yet
+            return None
+        raise RegistryError(f"cannot read @{alias} of model '{name}' from the registry: {error.message}") from None
+    found = mlflow.get_experiment_by_name(experiment)
+    if run is None or found is None or run.info.experiment_id != found.experiment_id:
+        return None
+    if any(run.data.tags.get(key) != value for key, value in run_tags.items()) or not is_complete(version, run):
+        return None
+    return Registration(name, str(version.version), alias, run.info.run_id, f"models:/{name}@{alias}",
+                        mlflow.get_tracking_uri())
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

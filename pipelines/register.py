@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -45,20 +46,27 @@ def main(cfg: ExperimentConfig) -> None:
     example = load_tensors(EXPORT / EXAMPLE_FILE, "input example")["input"].numpy()
     onnx_sha256 = tracking.file_sha256(EXPORT / MODEL_FILE)  # names the registered file in register.json
     tracking.connect(tracking.resolve_tracking_uri(cfg.register.tracking_uri))
-    run_tags = tracking.git_state()
+    run_tags = {**tracking.git_state(), "onnx_sha256": onnx_sha256}
     if DVC_LOCK.is_file():
         run_tags["dvc_lock_sha256"] = tracking.file_sha256(DVC_LOCK)
     text = model_card.render(card, read_json(PLOTS / "per_class.json"), (EXPORT / MODEL_FILE).stat().st_size)
-    # The card goes to the run from a scratch folder; the stage's own files change only once the version is registered
-    with tempfile.TemporaryDirectory() as scratch:
-        card_file = write_text(Path(scratch) / MODEL_CARD.name, text)
-        registration = tracking.register_run(
-            EXPORT / MODEL_FILE, cfg.register.model_name, example, card, experiment=cfg.register.experiment,
-            tags=run_tags, artifacts=[*artifacts(), (card_file, "model")],
-            histories={"dense": read_json(DENSE / "history.json"), "final": read_json(PRUNE / "history.json")},
-            # the configuration prune actually ran with (params.yaml with the tuned values applied)
-            params=tracking.flatten(read_json(PRUNE / "config.json")),
-            metrics={**tracking.numeric_metrics(metrics), **tracking.numeric_metrics(export_report, "export.")})
+    # This stage, killed after its run ended and before register.json was written, registered this very file from
+    # this very pipeline state: record that registration rather than register the file a second time.
+    registration = tracking.find_registration(cfg.register.experiment, cfg.register.model_name, tracking.CHALLENGER,
+                                              run_tags)
+    if registration is not None:
+        print(f"register: version {registration.version} (run {registration.run_id}) already registers this file from "
+              "this pipeline state; recording it", file=sys.stderr)
+    else:  # the card goes to the run from a scratch folder; the stage's own files change only once it is registered
+        with tempfile.TemporaryDirectory() as scratch:
+            card_file = write_text(Path(scratch) / MODEL_CARD.name, text)
+            registration = tracking.register_run(
+                EXPORT / MODEL_FILE, cfg.register.model_name, example, card, experiment=cfg.register.experiment,
+                tags=run_tags, artifacts=[*artifacts(), (card_file, "model")],
+                histories={"dense": read_json(DENSE / "history.json"), "final": read_json(PRUNE / "history.json")},
+                # the configuration prune actually ran with (params.yaml with the tuned values applied)
+                params=tracking.flatten(read_json(PRUNE / "config.json")),
+                metrics={**tracking.numeric_metrics(metrics), **tracking.numeric_metrics(export_report, "export.")})
     write_json(REGISTER, {**asdict(registration), "onnx_sha256": onnx_sha256})
     write_text(MODEL_CARD, text)
     print(f"register: {registration.name} version {registration.version} @{registration.alias}  "

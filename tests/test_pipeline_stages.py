@@ -275,3 +275,34 @@ def test_the_summary_reports_a_registration_only_for_the_model_it_registered(tmp
     assert pipelines.summary.main() == 0
     assert capsys.readouterr().out.splitlines()[-1] == ("registered   not this model (register.json names version 1 "
                                                         "of an earlier export; run the register stage)")
+
+
+def test_a_register_stage_killed_before_recording_is_recorded_by_the_next_not_registered_twice(
+        tmp_path, monkeypatch, capsys):
+    mlflow = pytest.importorskip("mlflow")
+    import pipelines.register
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("artifacts/export", "artifacts/prune", "artifacts/dense", "plots"):
+        Path(folder).mkdir(parents=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    _stage_inputs(seed=0)
+    name = ExperimentConfig().register.model_name
+    try:
+        pipelines.register.main(ExperimentConfig())
+        Path("artifacts/register.json").unlink()  # as if killed after its run ended, before the file was written
+        Path("artifacts/model_card.md").unlink()
+        capsys.readouterr()
+        pipelines.register.main(ExperimentConfig())
+        assert "register: version 1 (run " in capsys.readouterr().err
+        versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+        assert [str(v.version) for v in versions] == ["1"], "not registered twice"
+        assert load_yaml(Path("artifacts/register.json"))["version"] == "1"
+        assert Path("artifacts/model_card.md").is_file()
+        _stage_inputs(seed=1)  # another model: registered anew
+        pipelines.register.main(ExperimentConfig())
+        assert load_yaml(Path("artifacts/register.json"))["version"] == "2"
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
