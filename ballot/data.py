@@ -74,11 +74,16 @@ class DataBundle:
                                    (("train", self.train), ("val", self.val)) for part in ("x", "y")}).hex()
 
     def input_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of the training inputs: per channel for images, per feature otherwise."""
+        """Mean and std of the training inputs: per channel for images, per feature otherwise; DatasetError when
+        float32 cannot hold them or the standardised inputs (values near float32's largest overflow its sums)."""
         x = self.train.x
         dims = [0, 2, 3] if x.dim() == 4 else [0]
         mean = x.mean(dim=dims, keepdim=True)[0]
         std = x.std(dim=dims, keepdim=True)[0].clamp_min(1e-3)
+        reach = torch.maximum(x.amax(dim=dims, keepdim=True)[0] - mean, mean - x.amin(dim=dims, keepdim=True)[0]) / std
+        if not (mean.isfinite().all() and std.isfinite().all() and reach.isfinite().all()):
+            raise DatasetError(f"training inputs reach {x.abs().max().item():.3g}: too large to standardise in "
+                               "float32; rescale them (e.g. divide by their largest value)")
         return mean, std
 
 
@@ -187,23 +192,60 @@ def _load_cifar(cfg: DataConfig, num_classes: int) -> RawDataset:
 
 def _read_image(folder_set: Any, index: int) -> tuple[torch.Tensor, int]:
     """Image ``index`` of a torchvision ImageFolder and its label; DatasetError naming a file PIL cannot read."""
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
         return folder_set[index]
-    except OSError as error:  # UnidentifiedImageError (an empty file, not an image) is one, as a truncated file's
+    # PIL reports a broken file as OSError (UnidentifiedImageError: empty, not an image; truncated), ValueError or
+    # SyntaxError (a corrupt header), EOFError, or DecompressionBombError (a header declaring billions of pixels)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
         reason = "not an image file PIL can identify" if isinstance(error, UnidentifiedImageError) else error
         raise DatasetError(f"imagefolder: cannot read image '{folder_set.samples[index][0]}': {reason}") from None
 
 
+SPLIT_FOLDERS = {"train": ("train", "training"), "test": ("test", "testing")}  # matched in any letter case
+
+
+def _split_folder(root: Path, split: str) -> Path | None:
+    """The sub-folder of ``root`` that holds ``split`` ('train' or 'test', by a name of SPLIT_FOLDERS), if any."""
+    if not root.is_dir():
+        return None
+    return next((child for child in sorted(root.iterdir())
+                 if child.is_dir() and child.name.lower() in SPLIT_FOLDERS[split]), None)
+
+
+def _load_rgb(path: str) -> Any:
+    """An image file as 8-bit RGB; 16- and 32-bit grey levels are scaled into 8 bits (PIL's RGB conversion would
+    saturate them to white)."""
+    from PIL import Image
+
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        if image.mode.startswith("I"):
+            levels = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or levels.max() <= 65535 else float(levels.max())
+            image = Image.fromarray(np.clip(np.rint(levels / top * 255.0), 0, 255).astype(np.uint8))
+        return image.convert("RGB")
+
+
 def _load_imagefolder(cfg: DataConfig) -> RawDataset:
-    """``path`` holds ``train/<class>/*`` and optionally ``test/<class>/*`` (else 20% of train is the test set)."""
+    """``path`` holds ``train/<class>/*`` and optionally ``test/<class>/*`` (else a stratified 20% of train is the
+    test set); split folders match in any letter case (``Train``, ``training``), and folders whose names start with
+    a dot (``.ipynb_checkpoints``) are not classes."""
     from torchvision import datasets, transforms
+
+    class VisibleClasses(datasets.ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            classes = sorted(entry.name for entry in Path(directory).iterdir()
+                             if entry.is_dir() and not entry.name.startswith("."))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: index for index, name in enumerate(classes)}
 
     if not cfg.path:
         raise DatasetError("dataset 'imagefolder' needs data.path: a folder with train/<class>/ image folders")
     root = Path(cfg.path)
-    train_dir = root / "train" if (root / "train").is_dir() else root
+    train_dir = _split_folder(root, "train") or root
     if not train_dir.is_dir():
         raise DatasetError(f"imagefolder: '{root}' is not a folder")
     steps = [transforms.Resize((cfg.image_size, cfg.image_size))] if cfg.image_size else []
@@ -211,7 +253,7 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
 
     def read(folder: Path) -> tuple[Split, list[str]]:
         try:
-            folder_set = datasets.ImageFolder(str(folder), transform=transform)
+            folder_set = VisibleClasses(str(folder), transform=transform, loader=_load_rgb)
         except (FileNotFoundError, OSError) as error:
             raise DatasetError(f"imagefolder: cannot read '{folder}': {error}") from None
         images, labels = zip(*(_read_image(folder_set, i) for i in range(len(folder_set))))
@@ -221,8 +263,8 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
         return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64)), folder_set.classes
 
     train, classes = read(train_dir)
-    test_dir = root / "test"
-    if test_dir.is_dir():
+    test_dir = _split_folder(root, "test")
+    if test_dir is not None:
         test, test_classes = read(test_dir)
         if test_classes != classes:
             raise DatasetError(f"imagefolder: class folders of train {classes} and test {test_classes} differ")
@@ -230,9 +272,17 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
             raise DatasetError(f"imagefolder: test images are {tuple(test.x.shape[1:])} but training images "
                                f"{tuple(train.x.shape[1:])}; set data.image_size")
         return RawDataset(train, test, classes)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
-    cut = int(0.8 * len(train))
-    return RawDataset(train.subset(order[:cut]), train.subset(order[cut:]), classes)
+    return RawDataset(*_test_cut(train), classes)
+
+
+def _test_cut(pool: Split) -> tuple[Split, Split]:
+    """(train, test) of a dataset that comes without a test split: 20% of every class (at least one sample of each
+    class with two or more) is the test split, drawn with a fixed seed so that it does not depend on base.seed."""
+    train, test = stratified_split(pool.y, TEST_FRACTION, torch.Generator().manual_seed(0))
+    return pool.subset(train), pool.subset(test)
+
+
+TEST_FRACTION = 0.2  # of a dataset without a test split
 
 
 def _fits_int64(values: np.ndarray) -> bool:
@@ -245,6 +295,8 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
     if not cfg.path:
         raise DatasetError("dataset 'npz' needs data.path: a .npz file with arrays x and y")
     path = Path(cfg.path)
+    if path.is_dir():
+        raise DatasetError(f"npz: '{path}' is a folder; data.path must name an .npz file")
     if not path.is_file():
         raise DatasetError(f"npz: file '{path}' not found")
     try:
@@ -254,13 +306,21 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
                                "(x, y, ...; numpy.savez writes one)")
         with loaded as archive:
             arrays = {key: archive[key] for key in archive.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+    # zipfile: RuntimeError (encrypted), NotImplementedError (a compression it lacks); numpy: MemoryError (a header
+    # declaring a huge shape)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError, MemoryError) as error:
         raise DatasetError(f"npz: cannot read '{path}': {error or type(error).__name__}") from None
+    not_arrays = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
+    if not_arrays:  # numpy hands back a member that is not in .npy format as raw bytes
+        raise DatasetError(f"npz: member(s) {not_arrays} of '{path}' are not .npy arrays (write the file with "
+                           "numpy.savez)")
     missing = {"x", "y"} - set(arrays)
     if missing:
         raise DatasetError(f"npz: '{path}' lacks array(s) {sorted(missing)}; it has {sorted(arrays)}")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise DatasetError(f"npz: '{path}' must hold both x_test and y_test, or neither")
+    if "x_test" in arrays and ("group" in arrays) != ("group_test" in arrays):
+        raise DatasetError(f"npz: '{path}' has x_test: give group and group_test together, or neither")
 
     def split(suffix: str) -> Split:
         x, y = arrays["x" + suffix], arrays["y" + suffix]
@@ -269,6 +329,9 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
                                f"got {x.shape} and {y.shape}")
         if len(x) == 0:
             raise DatasetError(f"npz: x{suffix} has no rows")
+        if 0 in x.shape[1:]:
+            raise DatasetError(f"npz: x{suffix} samples have shape {x.shape[1:]}: a dimension of size 0 holds no "
+                               "features")
         if len(x) != len(y):
             raise DatasetError(f"npz: x{suffix} has {len(x)} rows but y{suffix} has {len(y)}")
         if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or not _fits_int64(y):
@@ -302,9 +365,7 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
             raise DatasetError(f"npz: x_test samples have shape {tuple(test.x.shape[1:])} but x samples "
                                f"{tuple(train.x.shape[1:])}")
     else:
-        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
-        cut = int(0.8 * len(pool))
-        train, test = pool.subset(order[:cut]), pool.subset(order[cut:])
+        train, test = _test_cut(pool)
     labels = torch.cat([train.y, test.y])
     num_classes = int(labels.max()) + 1
     if num_classes > len(labels):  # some label is missing from 0..max; check_labels names which, if there are few
@@ -314,8 +375,12 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
         raise DatasetError(f"npz: class_names must be a list (shape (classes,)), got shape "
                            f"{arrays['class_names'].shape}")
     names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else [str(c) for c in range(num_classes)]
-    if len(names) < num_classes:
-        raise DatasetError(f"npz: class_names has {len(names)} entries but labels go up to {num_classes - 1}")
+    if len(names) != num_classes:
+        raise DatasetError(f"npz: class_names has {len(names)} entries but the labels number {num_classes} classes "
+                           f"(0..{num_classes - 1})")
+    if len(set(names)) < len(names):
+        raise DatasetError(f"npz: class_names repeats {sorted({n for n in names if names.count(n) > 1})[:5]}; each "
+                           "class needs its own name")
     return RawDataset(train, test, names)
 
 
@@ -329,6 +394,19 @@ DATASETS: dict[str, Callable[[DataConfig], RawDataset]] = {
 }
 
 
+COLOUR_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
+
+
+def layout_notice(input_shape: tuple[int, ...]) -> str | None:
+    """A note when image inputs look channels-last ((H, W, C) where (C, H, W) is expected: an npz written from
+    numpy or PIL images), else None."""
+    if len(input_shape) == 3 and input_shape[-1] in COLOUR_CHANNELS and input_shape[0] not in COLOUR_CHANNELS:
+        return (f"note: inputs of shape {input_shape} are read as {input_shape[0]} channels of "
+                f"{input_shape[1]}x{input_shape[2]}; if the last axis holds the colour channels, store x "
+                "channels-first (numpy: x.transpose(0, 3, 1, 2))")
+    return None
+
+
 def dataset_loader(name: str) -> Callable[[DataConfig], RawDataset]:
     """The registered loader for ``name``; DatasetError listing the choices otherwise."""
     if name not in DATASETS:
@@ -337,7 +415,8 @@ def dataset_loader(name: str) -> Callable[[DataConfig], RawDataset]:
 
 
 def long_tail_index(y: torch.Tensor, num_classes: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a long-tailed subsample: class c keeps n_max * ratio^(-c/(C-1)) samples.
+    """Indices of a long-tailed subsample: class c keeps n_max * ratio^(-c/(C-1)) samples, at least two (as many as it
+    has when fewer), so that the stratified split can give it a training and a validation sample.
 
     ``n_max`` is the size of the smallest class, so every class can supply its quota; the order of
     classes (largest first) is the label order, as in the CIFAR-LT convention.
@@ -349,7 +428,7 @@ def long_tail_index(y: torch.Tensor, num_classes: int, ratio: float, generator: 
         members = torch.nonzero(y == c).flatten()
         if len(members) == 0:
             continue
-        quota = max(1, int(n_max * ratio ** (-c / max(num_classes - 1, 1))))
+        quota = max(2, int(n_max * ratio ** (-c / max(num_classes - 1, 1))))  # 2: one for training, one for val
         keep.append(members[torch.randperm(len(members), generator=generator)[:quota]])
     return torch.sort(torch.cat(keep)).values
 
@@ -385,6 +464,11 @@ def check_labels(raw: RawDataset, name: str) -> None:
     unseen = sorted(set(torch.unique(raw.test.y).tolist()) - seen)
     if unseen:
         raise DatasetError(f"{name}: test labels {_listed(unseen)} never occur in the training data")
+    beyond = sorted({label for split in (raw.train, raw.test) for label in torch.unique(split.y).tolist()
+                     if label >= len(raw.class_names)})
+    if beyond:
+        raise DatasetError(f"{name}: labels {_listed(beyond)} are beyond the {len(raw.class_names)} classes "
+                           f"(0..{len(raw.class_names) - 1}) the dataset names")
     absent = _absent_classes(raw.train.y, len(raw.class_names))
     if absent:
         raise DatasetError(f"{name}: labels must number the classes 0..{len(raw.class_names) - 1} with each present in "

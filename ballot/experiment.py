@@ -14,7 +14,7 @@ from torch import nn
 
 from ballot import distributed
 from ballot.config import ExperimentConfig, data_identity, flatten, to_dict
-from ballot.data import DataBundle, dataset_loader, load_data
+from ballot.data import DataBundle, dataset_loader, layout_notice, load_data
 from ballot.errors import ConfigError, ModelError, StorageError
 from ballot.fairness import balanced_accuracy, evaluate
 from ballot.masks import Mask, prunable_names, unpruned_parameters
@@ -157,9 +157,11 @@ def coverage_notice(model: nn.Module) -> str | None:
 
 
 def notices_before_training(cfg: ExperimentConfig, data: DataBundle, method: str | None = None) -> list[str]:
-    """The notes a run prints before it trains: the schedules of ``method`` (default prune.method) that min_steps
-    lengthens, and the share of the model's parameters no method prunes (when above UNPRUNED_NOTICE_SHARE)."""
-    notices = (stretch_notice(cfg, len(data.train), method), coverage_notice(_probe_model(cfg, data)))
+    """The notes a run prints before it trains: inputs that look channels-last, the schedules of ``method`` (default
+    prune.method) that min_steps lengthens, and the share of the model's parameters no method prunes (when above
+    UNPRUNED_NOTICE_SHARE)."""
+    notices = (layout_notice(data.input_shape), stretch_notice(cfg, len(data.train), method),
+               coverage_notice(_probe_model(cfg, data)))
     return [line for line in notices if line]
 
 

@@ -30,9 +30,23 @@ def test_npz_with_groups_and_test_split(tmp_path):
     assert set(data.train_index.tolist()).isdisjoint(data.val_index.tolist())
 
 
-def test_npz_without_test_arrays_holds_out_a_fifth(tmp_path):
-    data = load_data("npz", DataConfig(path=str(_write_npz(tmp_path / "d.npz", with_test=False))))
-    assert len(data.test) == 40 and len(data.train) + len(data.val) == 160
+def test_npz_without_test_arrays_holds_out_a_fifth_of_every_class(tmp_path):
+    path = _write_npz(tmp_path / "d.npz", with_test=False)
+    data = load_data("npz", DataConfig(path=str(path)))
+    counts = np.bincount(np.load(path)["y"], minlength=3)
+    assert torch.bincount(data.test.y, minlength=3).tolist() == [round(0.2 * n) for n in counts]
+    assert len(data.train) + len(data.val) + len(data.test) == 200
+    assert load_data("npz", DataConfig(path=str(path)), seed=1).test.y.tolist() == data.test.y.tolist(), \
+        "the test cut does not depend on base.seed"
+
+
+def test_a_rare_class_of_an_npz_without_test_arrays_stays_in_training(tmp_path):
+    """Three samples of class 2 that a plain random cut would all send to test."""
+    y = np.array([2, 0, 1, 0, 2, 2] + [0, 1] * 98)
+    path = tmp_path / "rare.npz"
+    np.savez(path, x=np.random.default_rng(0).random((len(y), 4)), y=y)
+    data = load_data("npz", DataConfig(path=str(path), val_fraction=0.3))
+    assert (data.train.y == 2).sum() == 1 and (data.val.y == 2).sum() == 1 and (data.test.y == 2).sum() == 1
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -250,3 +264,138 @@ def test_an_unreadable_image_is_named(tmp_path, damage, reason):
     bad.write_bytes(damage(bad.read_bytes()))
     with pytest.raises(DatasetError, match=re.escape(f"imagefolder: cannot read image '{bad}': {reason}")):
         load_data("imagefolder", DataConfig(path=str(tmp_path)))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.zeros((10, 0)), "y": np.array([0, 1] * 5)}, "npz: x samples have shape (0,): a dimension of size 0"),
+    ({"x": np.zeros((10, 4)), "y": np.array([0, 1] * 5), "class_names": np.array(["a", "b", "c"])},
+     "npz: class_names has 3 entries but the labels number 2 classes (0..1)"),
+    ({"x": np.zeros((10, 4)), "y": np.array([0, 1] * 5), "class_names": np.array(["a", "a"])},
+     "npz: class_names repeats ['a']"),
+    ({"x": np.zeros((10, 4)), "y": np.array([0, 1] * 5), "group": np.zeros(10, dtype=np.int64),
+      "x_test": np.zeros((2, 4)), "y_test": np.array([0, 1])}, "give group and group_test together, or neither"),
+])
+def test_more_malformed_npz_data_is_refused_with_its_reason(tmp_path, arrays, message):
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_data("npz", DataConfig(path=str(path)))
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, body in members.items():
+            archive.writestr(name, body)
+    return path
+
+
+def test_npz_members_that_are_not_arrays_and_unreadable_archives_are_named(tmp_path):
+    import io
+    import zipfile
+
+    path = _zip(tmp_path / "g.npz", {"x.npy": b"garbage", "y.npy": b"junk"})
+    with pytest.raises(DatasetError, match=re.escape(f"npz: member(s) ['x', 'y'] of '{path}' are not .npy arrays")):
+        load_data("npz", DataConfig(path=str(path)))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**6, 10**6)})
+    huge = _zip(tmp_path / "huge.npz", {"x.npy": header.getvalue() + bytes(64), "y.npy": b""})
+    with pytest.raises(DatasetError, match="npz: cannot read"):
+        load_data("npz", DataConfig(path=str(huge)))
+    deflated = tmp_path / "deflate64.npz"
+    np.savez_compressed(deflated, x=np.zeros((10, 4)), y=np.array([0, 1] * 5))
+    body = bytearray(deflated.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # local and central headers: method 9
+        start = 0
+        while (start := body.find(signature, start)) >= 0:
+            body[start + offset] = 9
+            start += 4
+    deflated.write_bytes(bytes(body))
+    assert zipfile.is_zipfile(deflated)
+    with pytest.raises(DatasetError, match="npz: cannot read .*compression method"):
+        load_data("npz", DataConfig(path=str(deflated)))
+    with pytest.raises(DatasetError, match="is a folder; data.path must name an .npz file"):
+        load_data("npz", DataConfig(path=str(tmp_path)))
+
+
+def test_inputs_too_large_to_standardise_in_float32_are_refused(tmp_path):
+    y = np.repeat(np.arange(3), 40)
+    x = (np.random.default_rng(0).normal(size=(120, 8)) + y[:, None]) * 1e37
+    path = tmp_path / "big.npz"
+    np.savez(path, x=x, y=y)
+    data = load_data("npz", DataConfig(path=str(path)))
+    with pytest.raises(DatasetError, match="too large to standardise in float32; rescale them"):
+        data.input_stats()
+    np.savez(path, x=x / 1e37, y=y)
+    mean, std = load_data("npz", DataConfig(path=str(path))).input_stats()
+    assert mean.isfinite().all() and std.isfinite().all()
+
+
+def test_labels_beyond_the_named_classes_are_refused(tmp_path):
+    import gzip
+
+    def idx(body: np.ndarray, path: Path) -> None:
+        header = bytes([0, 0, 8, body.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in body.shape)
+        with gzip.open(path, "wb") as handle:
+            handle.write(header + body.astype(np.uint8).tobytes())
+
+    for prefix, labels in (("train", np.arange(44) % 11), ("t10k", np.arange(10))):
+        idx(np.zeros((len(labels), 28, 28)), tmp_path / f"{prefix}-images-idx3-ubyte.gz")
+        idx(labels, tmp_path / f"{prefix}-labels-idx1-ubyte.gz")
+    with pytest.raises(DatasetError, match=re.escape("fashion-mnist: labels 10 are beyond the 10 classes (0..9)")):
+        load_data("fashion-mnist", DataConfig(root=str(tmp_path)))
+
+
+def test_a_class_of_one_sample_after_the_long_tail_keeps_a_validation_sample():
+    y = torch.repeat_interleave(torch.arange(3), 40)
+    kept = long_tail_index(y, 3, 100.0, torch.Generator().manual_seed(0))
+    assert torch.bincount(y[kept], minlength=3).tolist() == [40, 4, 2]
+    train, val = stratified_split(y[kept], 0.1, torch.Generator().manual_seed(0))
+    assert torch.bincount(y[kept][val], minlength=3).min() >= 1
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda data: data[:11] + b"\x00" + data[12:], "Truncated IHDR chunk"),
+    (lambda data: data[:36] + b"\x00" + data[37:], "broken PNG file"),
+])
+def test_a_corrupt_image_header_is_named(tmp_path, damage, reason):
+    _write_imagefolder(tmp_path, {"train": (3, (8, 8))})
+    bad = tmp_path / "train" / "dog" / "1.png"
+    bad.write_bytes(damage(bad.read_bytes()))
+    with pytest.raises(DatasetError, match=re.escape(f"imagefolder: cannot read image '{bad}': ") + ".*" + reason):
+        load_data("imagefolder", DataConfig(path=str(tmp_path)))
+
+
+def test_a_decompression_bomb_image_is_named(tmp_path):
+    from PIL import Image
+
+    _write_imagefolder(tmp_path, {"train": (3, (8, 8))})
+    Image.new("1", (15000, 15000)).save(tmp_path / "train" / "cat" / "big.png")
+    with pytest.raises(DatasetError, match="imagefolder: cannot read image .*big.png.*decompression bomb"):
+        load_data("imagefolder", DataConfig(path=str(tmp_path)))
+
+
+def test_imagefolder_scales_16_bit_grey_levels_and_skips_hidden_folders(tmp_path):
+    from PIL import Image
+
+    for split, count in (("Train", 4), ("Test", 2)):  # split folders in any letter case
+        for name, level in (("dark", 10000), ("bright", 50000)):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(np.full((8, 8), level, dtype=np.uint16)).save(folder / f"{i}.png")
+    hidden = tmp_path / "Train" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(hidden / "0.png")
+    data = load_data("imagefolder", DataConfig(path=str(tmp_path), val_fraction=0.25))
+    assert data.class_names == ["bright", "dark"] and len(data.test) == 4
+    levels = {data.class_names[label]: float(x.mean()) for x, label in zip(data.train.x, data.train.y.tolist())}
+    assert levels == pytest.approx({"bright": round(50000 / 65535 * 255) / 255, "dark": round(10000 / 65535 * 255) / 255})
+
+
+def test_channels_last_images_get_a_note():
+    from ballot.data import layout_notice
+
+    assert "store x channels-first" in layout_notice((32, 32, 3))
+    assert layout_notice((3, 32, 32)) is None and layout_notice((1, 28, 28)) is None and layout_notice((64,)) is None
