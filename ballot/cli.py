@@ -201,12 +201,24 @@ def _check_replaceable(out: Path, dense: str | None) -> None:
     from ballot.experiment import RUN_CONFIG
 
     _check_dense_folder(dense)
+    _check_writable(out, "--out")
+    if dense:
+        _check_writable(Path(dense), "--dense")
     if dense and Path(dense).resolve().is_relative_to(out.resolve()):
         raise ConfigError(f"--dense '{dense}' lies inside --out '{out}', which every run replaces whole; keep the "
                           f"dense states beside it (e.g. --dense {out.parent / 'dense'})")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_CONFIG).is_file())):
         raise ConfigError(f"--out '{out}' exists and is not a `ballot prune` output (no {RUN_CONFIG}); a run "
                           "replaces its folder whole, so choose a new folder or an earlier run's")
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """ConfigError, before any work, when ``path`` cannot be written: the folder it is made (or replaced) in, the
+    nearest that exists, or an existing ``path`` itself, is read-only."""
+    parent = next((folder for folder in path.absolute().parents if folder.exists()), Path("/"))
+    for folder in (parent, path) if path.is_dir() else (parent,):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} '{path}': cannot write in '{folder}' (permission denied)")
 
 
 def _check_dense_folder(dense: str | None) -> None:
@@ -259,6 +271,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out '{out}' is not a folder: give the folder for the study, best_params.yaml and the "
                           "report")
     _check_dense_folder(args.dense)
+    _check_writable(out, "--out")
+    if args.dense:
+        _check_writable(Path(args.dense), "--dense")
     # a tracking store or storage that cannot be used fails before the dense model is trained (the storage's tables
     # are created on opening, so the tracking store is checked first)
     connect(resolve_tracking_uri(cfg.register.tracking_uri, args.tracking_uri))
@@ -502,6 +517,14 @@ def main(argv: list[str] | None = None) -> int:
         code = func(args)
     except UserError as error:
         _report(error)
+        return 2
+    except KeyboardInterrupt:
+        print("ballot: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+    except OSError as error:
+        if error.filename is None:  # not about a file or folder: a defect or the network, shown whole
+            raise
+        _report(StorageError(f"{error.strerror or error}: '{error.filename}'"))
         return 2
     return code or 0
 

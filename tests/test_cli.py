@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -447,3 +448,37 @@ def test_a_stray_rank_outside_torchrun_does_not_silence_errors(tmp_path, monkeyp
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["prune", "--dataset", "digits", "--out", str(tmp_path / "run"), "--set", "base.density=3"]) == 2
     assert "ballot: error: base.density: must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    for command in ("prune", "tune"):
+        code = main([command, "--dataset", "digits", "--out", str(locked / "run")])
+        assert code == 2
+        assert capsys.readouterr().err.strip() == (f"ballot: error: --out '{locked / 'run'}': cannot write in "
+                                                   f"'{locked}' (permission denied)")
+
+
+def test_ctrl_c_and_file_errors_end_in_one_line(capsys, monkeypatch):
+    import ballot.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/somewhere/out")
+
+    def broken(args):
+        raise OSError("no file named")
+
+    for command, expected in ((interrupted, 130), (denied, 2)):
+        monkeypatch.setattr(cli, "cmd_evaluate", command)
+        assert main(["evaluate", "--dir", "x"]) == expected
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["ballot: interrupted", "ballot: error: Permission denied: '/somewhere/out'"]
+    monkeypatch.setattr(cli, "cmd_evaluate", broken)
+    with pytest.raises(OSError, match="no file named"):  # an OSError about no file is a defect: shown whole
+        main(["evaluate", "--dir", "x"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -733,3 +734,22 @@ def test_no_choice_reason_tells_a_study_that_completed_nothing_from_one_below_th
 def test_a_joining_processs_sampler_seed_stays_in_optunas_range():
     tune = tune_config("tune.seed=4294967000").tune  # plus a joining process's offset of 1000 + pid
     assert isinstance(make_sampler(tune, 1000 + 4_194_304), optuna.samplers.TPESampler)  # Optuna refused 2**32 + ...
+
+
+def test_storage_that_cannot_take_the_study_is_refused_in_one_line(tmp_path, monkeypatch):
+    import sqlite3
+
+    foreign = tmp_path / "mlflow.db"  # another program's database with an alembic_version table, as MLflow's has
+    with contextlib.closing(sqlite3.connect(foreign)) as connection:
+        connection.execute("create table alembic_version (version_num varchar(32))")
+        connection.execute("insert into alembic_version values ('1bd49d398cd2')")
+        connection.commit()
+    with pytest.raises(StorageError, match=r"its tables are not Optuna's \(another program's database, such as the "
+                                           r"MLflow store\?\)"):
+        make_storage(f"sqlite:///{foreign}", 10)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    with pytest.raises(StorageError, match=f"'{locked}' is read-only"):
+        make_storage(f"sqlite:///{locked / 'study.db'}", 10)

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import multiprocessing
+import os
 import sys
 import threading
 import time
@@ -78,7 +79,7 @@ def make_storage(url: str, heartbeat_s: int,
     parsed = check_storage_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database:  # check_storage_url refuses in-memory databases
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _check_sqlite_writable(Path(parsed.database), url)
         engine: dict[str, Any] = {"connect_args": {"timeout": 60}}  # wait for another process's write lock
     else:
         engine = {"pool_pre_ping": True}
@@ -102,6 +103,25 @@ def make_storage(url: str, heartbeat_s: int,
             time.sleep(0.5 * attempt)
         except ImportError as error:
             raise StorageError(f"cannot open the Optuna storage {redact(url)}: {error}") from None
+        except RuntimeError as error:  # Optuna reads another program's alembic_version table (MLflow's store has one)
+            if "table schema" not in str(error):
+                raise
+            raise StorageError(f"cannot open the Optuna storage {redact(url)}: its tables are not Optuna's (another "
+                               "program's database, such as the MLflow store?); give the study a database of its "
+                               "own") from None
+
+
+def _check_sqlite_writable(database: Path, url: str) -> None:
+    """StorageError unless the sqlite file ``database`` (or, when it does not exist yet, its folder, created here)
+    can be written: sqlite opens a read-only file and fails only at the first write, deep inside Optuna."""
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StorageError(f"cannot open the Optuna storage {redact(url)}: cannot create its folder "
+                           f"'{database.parent}' ({error.strerror})") from None
+    target = database if database.exists() else database.parent
+    if not os.access(target, os.W_OK) or not os.access(database.parent, os.W_OK):  # sqlite writes a journal beside it
+        raise StorageError(f"cannot open the Optuna storage {redact(url)}: '{target}' is read-only")
 
 
 def make_sampler(tune: TuneConfig, worker: int) -> optuna.samplers.BaseSampler:
