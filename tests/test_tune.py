@@ -456,10 +456,27 @@ def test_a_trial_that_raises_a_value_error_of_its_own_still_stops_the_worker(tmp
 
     monkeypatch.setattr(objective, "run_prune", broken)
     cfg = trial_base(tune_config("tune.n_trials=2", "tune.timeout_s=60"))  # a worker that went on would stop
-    study = _storage_study(tmp_path)
+    study, reported = _storage_study(tmp_path), []
     with pytest.raises(ValueError, match="a bug"):
-        studies.run_worker(study, TrialContext(cfg, tiny_data, tiny_dense, check_space(cfg), 0.0), callbacks=[])
+        studies.run_worker(study, TrialContext(cfg, tiny_data, tiny_dense, check_space(cfg), 0.0),
+                           callbacks=[lambda study, trial: reported.append((trial.number, trial.state))])
     assert study.trials[0].user_attrs[RAISED] == "ValueError: a bug"
+    assert reported == [(0, TrialState.FAIL)], "the failed trial reaches the callbacks (its MLflow run) all the same"
+
+
+def test_a_trial_interrupted_by_ctrl_c_reaches_the_callbacks_as_failed(tmp_path, tiny_data, tiny_dense, monkeypatch):
+    from ballot.tuning import objective
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(objective, "run_prune", interrupted)
+    cfg = trial_base(tune_config("tune.n_trials=2"))
+    study, reported = _storage_study(tmp_path), []
+    with pytest.raises(KeyboardInterrupt):
+        studies.run_worker(study, TrialContext(cfg, tiny_data, tiny_dense, check_space(cfg), 0.0),
+                           callbacks=[lambda study, trial: reported.append((trial.number, trial.state))])
+    assert reported == [(0, TrialState.FAIL)] and study.trials[0].state == TrialState.FAIL
 
 
 def test_a_baseline_trial_that_failed_runs_again_when_the_study_resumes(tmp_path):

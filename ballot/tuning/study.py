@@ -321,13 +321,26 @@ def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[
                            catch=(SurplusTrial,))
         # Optuna's tell refuses a finished trial: ValueError when the objective raised (its write to the trial was
         # refused), an AssertionError of Optuna's own when it returned (the trial was failed after its last write)
-        except (ValueError, AssertionError):
-            if not asked or not reclaimed(study, asked[0]):
+        except BaseException as error:
+            if not (isinstance(error, (ValueError, AssertionError)) and asked and reclaimed(study, asked[0])):
+                _report_failure(study, asked, callbacks)
                 raise
             print(f"warning: trial {asked[0].number} was failed as stale by another process while this one still ran "
                   f"it (its heartbeat stood still for over {2 * tune.heartbeat_s} s: a paused process or an "
                   "overloaded machine); its result is dropped and another trial replaces it", file=sys.stderr)
         ran += 1
+
+
+def _report_failure(study: optuna.Study, asked: list[optuna.Trial], callbacks: list[Callable[..., None]]) -> None:
+    """Hand the trial that an error (its own, or Ctrl-C) ended as FAIL to ``callbacks``, which Optuna calls only
+    for trials it finished itself (so a failed trial gets its MLflow run too); their own errors are suppressed, so
+    that the trial's error is the one reported."""
+    with contextlib.suppress(Exception):
+        stored = study.get_trials(deepcopy=False)[asked[0].number] if asked else None
+        if stored is not None and stored.state == TrialState.FAIL:
+            for callback in callbacks:
+                with contextlib.suppress(Exception):
+                    callback(study, stored)
 
 
 def _asked_trial(trial: optuna.Trial, asked: list[optuna.Trial], ctx: TrialContext) -> float | tuple[float, float]:
