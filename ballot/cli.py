@@ -261,11 +261,13 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from ballot.tracking import connect, resolve_tracking_uri
     from ballot.tuning.report import no_choice_reason
     from ballot.tuning.runner import run_study
+    from ballot.tuning.space import check_space
     from ballot.tuning.study import make_storage
 
     args.set = [*(args.set or []), *_flag_overrides({key: getattr(args, dest) for dest, key in TUNE_FLAGS.items()})]
     cfg = _config_from_args(args)
     experiment.check_experiment(cfg)
+    check_space(cfg)  # a knob the configuration does not have fails now, not after the dense model is trained
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is not a folder: give the folder for the study, best_params.yaml and the "

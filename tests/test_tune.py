@@ -770,3 +770,13 @@ def test_storage_that_cannot_take_the_study_is_refused_in_one_line(tmp_path, mon
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
     with pytest.raises(StorageError, match=f"'{locked}' is read-only"):
         make_storage(f"sqlite:///{locked / 'study.db'}", 10)
+
+
+def test_a_misspelt_knob_is_refused_before_the_dense_model_is_trained(tmp_path, capsys):
+    space = json.dumps({"prune.ballot.bogus_knob": {"type": "float", "low": 0.1, "high": 2.0}})
+    dense = tmp_path / "dense"
+    code = main(["tune", *TUNE_FLAGS, "--out", str(tmp_path / "tune"), "--dense", str(dense), "--set",
+                 f"tune.space={space}"])
+    assert code == 2 and not dense.exists(), "nothing trained"
+    err = capsys.readouterr().err
+    assert "ballot: error: tune.space.prune.ballot.bogus_knob: value 0.1 is not valid here" in err and "dense:" not in err
