@@ -201,9 +201,7 @@ def _check_replaceable(out: Path, dense: str | None) -> None:
     from ballot.experiment import RUN_CONFIG
 
     _check_dense_folder(dense)
-    _check_writable(out, "--out")
-    if dense:
-        _check_writable(Path(dense), "--dense")
+    _check_writable(out, "--out", replaced_whole=True)
     if dense and Path(dense).resolve().is_relative_to(out.resolve()):
         raise ConfigError(f"--dense '{dense}' lies inside --out '{out}', which every run replaces whole; keep the "
                           f"dense states beside it (e.g. --dense {out.parent / 'dense'})")
@@ -212,20 +210,26 @@ def _check_replaceable(out: Path, dense: str | None) -> None:
                           "replaces its folder whole, so choose a new folder or an earlier run's")
 
 
-def _check_writable(path: Path, flag: str) -> None:
-    """ConfigError, before any work, when ``path`` cannot be written: the folder it is made (or replaced) in, the
-    nearest that exists, or an existing ``path`` itself, is read-only."""
-    parent = next((folder for folder in path.absolute().parents if folder.exists()), Path("/"))
-    for folder in (parent, path) if path.is_dir() else (parent,):
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ConfigError(f"{flag} '{path}': cannot write in '{folder}' (permission denied)")
+def _check_writable(path: Path, flag: str, replaced_whole: bool) -> None:
+    """ConfigError, before any work, when the folder a run writes ``path`` in is read-only: ``path`` itself when it
+    is an existing folder written inside, else the nearest existing folder above it (where ``path`` is made, or
+    replaced whole when ``replaced_whole``)."""
+    if path.is_dir() and not replaced_whole:
+        folder = path
+    else:
+        folder = next((above for above in path.absolute().parents if above.exists()), Path("/"))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} '{path}': cannot write in '{folder}' (permission denied)")
 
 
 def _check_dense_folder(dense: str | None) -> None:
-    """ConfigError when ``--dense`` names something that is not a folder (saving there would replace it)."""
+    """ConfigError when ``--dense`` names something that is not a folder (saving there would replace it), or a new
+    folder that cannot be made (an existing one may be only read)."""
     if dense and Path(dense).exists() and not Path(dense).is_dir():
         raise ConfigError(f"--dense '{dense}' is not a folder: give the folder that holds (or will hold) the dense "
                           "states")
+    if dense and not Path(dense).exists():
+        _check_writable(Path(dense), "--dense", replaced_whole=True)
 
 
 def _prune(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -273,9 +277,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out '{out}' is not a folder: give the folder for the study, best_params.yaml and the "
                           "report")
     _check_dense_folder(args.dense)
-    _check_writable(out, "--out")
-    if args.dense:
-        _check_writable(Path(args.dense), "--dense")
+    _check_writable(out, "--out", replaced_whole=False)
     # a tracking store or storage that cannot be used fails before the dense model is trained (the storage's tables
     # are created on opening, so the tracking store is checked first)
     connect(resolve_tracking_uri(cfg.register.tracking_uri, args.tracking_uri))

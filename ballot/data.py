@@ -210,21 +210,23 @@ def _split_folder(root: Path, split: str) -> Path | None:
     """The sub-folder of ``root`` that holds ``split`` ('train' or 'test', by a name of SPLIT_FOLDERS), if any."""
     if not root.is_dir():
         return None
-    return next((child for child in sorted(root.iterdir())
-                 if child.is_dir() and child.name.lower() in SPLIT_FOLDERS[split]), None)
+    found = [child for child in sorted(root.iterdir()) if child.is_dir() and child.name.lower() in SPLIT_FOLDERS[split]]
+    if len(found) > 1:
+        raise DatasetError(f"imagefolder: '{root}' has {len(found)} {split} folders ({', '.join(p.name for p in found)})"
+                           "; keep one")
+    return found[0] if found else None
 
 
 def _load_rgb(path: str) -> Any:
-    """An image file as 8-bit RGB; 16- and 32-bit grey levels are scaled into 8 bits (PIL's RGB conversion would
-    saturate them to white)."""
+    """An image file as 8-bit RGB; 16-bit grey levels (PIL's ``I;16`` modes) are scaled into 8 bits, which PIL's RGB
+    conversion would saturate to white."""
     from PIL import Image
 
     with open(path, "rb") as handle:
         image = Image.open(handle)
-        if image.mode.startswith("I"):
+        if image.mode.startswith("I;16"):
             levels = np.asarray(image, dtype=np.float64)
-            top = 65535.0 if image.mode.startswith("I;16") or levels.max() <= 65535 else float(levels.max())
-            image = Image.fromarray(np.clip(np.rint(levels / top * 255.0), 0, 255).astype(np.uint8))
+            image = Image.fromarray(np.rint(levels / 65535.0 * 255.0).astype(np.uint8))
         return image.convert("RGB")
 
 

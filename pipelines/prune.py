@@ -42,8 +42,9 @@ def main(cfg: ExperimentConfig) -> None:
                        seconds=seconds, reused_trial=kept.trial if kept else None)
         if kept is None:
             save_pruned(folder, result, metrics, cfg, tuned_params=tuned)
-        else:
+        else:  # the trial recorded its sampled values; what was applied here also holds the objective's weight
             write_json(folder / "metrics.json", metrics)
+            write_json(folder / "details.json", {**read_json(folder / "details.json"), "tuned_params": tuned})
         report = [{**asdict(layer), "density": layer.density} for layer in mask.report()]
         write_json(folder / "mask_report.json", report)
     took = f"trained in {seconds:.1f}s by tune trial {kept.trial}" if kept else f"{seconds:.1f}s"

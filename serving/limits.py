@@ -15,6 +15,7 @@ from serving.responses import error_response, input_error_response, is_v2
 JSON_HEADER_LENGTH = HEADER_LENGTH.lower().encode()  # as ASGI gives header names
 GZIP = zlib.MAX_WBITS | 16  # zlib's window bits for the gzip container
 GUNZIP_SLICE = 64 * 1024
+MAX_GZIP_MEMBERS = 64  # `cat a.gz b.gz` bodies have a few; thousands of empty ones only cost time
 ONCE_ONLY = (b"content-encoding", JSON_HEADER_LENGTH)  # headers whose every reader must see the same single value
 
 
@@ -117,10 +118,13 @@ class BodyLimit:
 def gunzip(body: bytes, max_bytes: int) -> bytes:
     """The gzip ``body`` inflated: one member or several one after the other (RFC 1952 allows them, as
     ``cat a.gz b.gz`` writes); TooLarge beyond ``max_bytes`` in all, zlib.error when a member is cut short or the
-    bytes after one are not another. The body is fed in slices of ``GUNZIP_SLICE`` bytes, so the work is linear in
-    its size however many members it holds (zlib copies every byte after a member's end into ``unused_data``)."""
+    bytes after one are not another, or when there are more than ``MAX_GZIP_MEMBERS``. The body is fed in slices of
+    ``GUNZIP_SLICE`` bytes, so the work is linear in its size (zlib copies every byte after a member's end into
+    ``unused_data``)."""
     view, offset, inflated, members = memoryview(body), 0, bytearray(), 0
     while offset < len(view):
+        if members == MAX_GZIP_MEMBERS:
+            raise zlib.error(f"more than {MAX_GZIP_MEMBERS} gzip members; send at most {MAX_GZIP_MEMBERS}")
         inflater, start = zlib.decompressobj(GZIP), offset
         while not inflater.eof:
             if offset == len(view):

@@ -32,7 +32,7 @@ def build_server(model: OnnxModel, settings: Settings) -> uvicorn.Server:
     config = uvicorn.Config(create_app(model, settings), host=settings.host, port=settings.port, loop="uvloop",
                             http=with_read_timeout(settings.read_timeout), log_level=settings.log_level,
                             access_log=settings.access_log, server_header=False,
-                            limit_concurrency=settings.max_connections)
+                            limit_concurrency=settings.max_connections + 1)  # uvicorn counts the asking one
     return uvicorn.Server(config)
 
 

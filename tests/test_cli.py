@@ -482,3 +482,16 @@ def test_ctrl_c_and_file_errors_end_in_one_line(capsys, monkeypatch):
     monkeypatch.setattr(cli, "cmd_evaluate", broken)
     with pytest.raises(OSError, match="no file named"):  # an OSError about no file is a defect: shown whole
         main(["evaluate", "--dir", "x"])
+
+
+def test_the_writable_check_looks_where_the_run_writes(tmp_path, monkeypatch):
+    from ballot.cli import _check_writable
+    from ballot.errors import ConfigError
+
+    locked, inside = tmp_path / "locked", tmp_path / "locked" / "out"
+    inside.mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    _check_writable(inside, "--out", replaced_whole=False)  # tune writes inside an existing --out
+    with pytest.raises(ConfigError, match="cannot write in"):
+        _check_writable(inside, "--out", replaced_whole=True)  # prune replaces it from its parent

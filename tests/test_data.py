@@ -399,3 +399,10 @@ def test_channels_last_images_get_a_note():
 
     assert "store x channels-first" in layout_notice((32, 32, 3))
     assert layout_notice((3, 32, 32)) is None and layout_notice((1, 28, 28)) is None and layout_notice((64,)) is None
+
+
+def test_two_folders_for_one_split_are_refused(tmp_path):
+    _write_imagefolder(tmp_path, {"train": (3, (8, 8)), "Training": (3, (8, 8))})
+    with pytest.raises(DatasetError, match=re.escape(f"imagefolder: '{tmp_path}' has 2 train folders (Training, "
+                                                     "train); keep one")):
+        load_data("imagefolder", DataConfig(path=str(tmp_path)))

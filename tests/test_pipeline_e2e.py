@@ -118,7 +118,9 @@ def test_outputs_hold_the_promised_metrics_mask_and_export(project):
     assert project.json("artifacts/prune/metrics.json")["reused_trial"] == chosen, "prune reused tune's model"
     assert [p.name for p in (project.root / "artifacts/tune/chosen").iterdir()] == [f"trial-{chosen}"]
     assert metrics["density"] == mask.kept / mask.total and metrics["kept_weights"] == mask.kept
-    choice = project.json("artifacts/prune/details.json")["final_choice"]  # refine_start 'best', the default
+    details = project.json("artifacts/prune/details.json")
+    assert details["tuned_params"] == load_yaml(project.root / "best_params.yaml")["params"], "what prune applied"
+    choice = details["final_choice"]  # refine_start 'best', the default
     assert set(choice["objectives"]) == {"refined from theta_k", "refined from theta_T"}
     assert choice["kept"] in choice["objectives"]
 

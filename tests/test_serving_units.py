@@ -220,11 +220,13 @@ def test_gunzip_reads_members_across_its_slices_and_names_what_is_wrong():
     import os
     import zlib
 
-    from serving.limits import GUNZIP_SLICE, TooLarge, gunzip
+    from serving.limits import GUNZIP_SLICE, MAX_GZIP_MEMBERS, TooLarge, gunzip
 
     noise = os.urandom(3 * GUNZIP_SLICE + 7)  # incompressible: one member spans four slices
-    members = gzip.compress(noise) + gzip.compress(b"") * 5000 + gzip.compress(b"end")
+    members = gzip.compress(noise) + gzip.compress(b"") * (MAX_GZIP_MEMBERS - 2) + gzip.compress(b"end")
     assert gunzip(members, len(noise) + 3) == noise + b"end"
+    with pytest.raises(zlib.error, match=f"more than {MAX_GZIP_MEMBERS} gzip members"):
+        gunzip(members + gzip.compress(b""), len(noise) + 3)
     with pytest.raises(TooLarge):
         gunzip(members, len(noise) + 2)
     with pytest.raises(zlib.error, match="truncated stream"):

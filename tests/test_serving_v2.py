@@ -394,12 +394,14 @@ def test_beyond_max_connections_new_requests_get_503(exported):
     settings = Settings(model_uri=str(exported["path"]), port=free_port(), max_connections=2, log_level="warning")
     with in_thread(settings) as base:
         host, port = base.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as held:  # a keep-alive connection left open
-            held.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            held.settimeout(5)
-            assert held.recv(4096).startswith(b"HTTP/1.1 200")
-            with httpx.Client(base_url=base, timeout=30) as http:
-                assert http.get("/health").status_code == 503
+        with contextlib.ExitStack() as stack:
+            for held in range(3):
+                with httpx.Client(base_url=base, timeout=30) as http:  # the next connection, while `held` stay open
+                    assert http.get("/health").status_code == (200 if held < 2 else 503), f"with {held} held"
+                sock = stack.enter_context(socket.create_connection((host, int(port))))  # a keep-alive connection
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.settimeout(5)
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200" if held < 2 else b"HTTP/1.1 503")
         deadline = time.monotonic() + 10
         while (status := httpx.get(f"{base}/health", timeout=30).status_code) == 503 and time.monotonic() < deadline:
             time.sleep(0.05)  # the server notices the held connection close

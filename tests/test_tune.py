@@ -761,9 +761,11 @@ def test_storage_that_cannot_take_the_study_is_refused_in_one_line(tmp_path, mon
         connection.execute("create table alembic_version (version_num varchar(32))")
         connection.execute("insert into alembic_version values ('1bd49d398cd2')")
         connection.commit()
-    with pytest.raises(StorageError, match=r"its tables are not Optuna's \(another program's database, such as the "
+    with pytest.raises(StorageError, match=r"it is another program's database \(its tables are not Optuna's; the "
                                            r"MLflow store\?\)"):
         make_storage(f"sqlite:///{foreign}", 10)
+    with contextlib.closing(sqlite3.connect(foreign)) as connection:  # refused before Optuna wrote to it
+        assert {row[0] for row in connection.execute("select name from sqlite_master")} == {"alembic_version"}
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
@@ -780,3 +782,16 @@ def test_a_misspelt_knob_is_refused_before_the_dense_model_is_trained(tmp_path, 
     assert code == 2 and not dense.exists(), "nothing trained"
     err = capsys.readouterr().err
     assert "ballot: error: tune.space.prune.ballot.bogus_knob: value 0.1 is not valid here" in err and "dense:" not in err
+
+
+def test_an_optuna_database_of_another_optuna_version_keeps_optunas_own_message(tmp_path):
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    make_storage(url, 10)
+    with contextlib.closing(sqlite3.connect(tmp_path / "old.db")) as connection:
+        connection.execute("update alembic_version set version_num = 'v1.2.0.a'")
+        connection.commit()
+    with pytest.raises(StorageError) as refused:
+        make_storage(url, 10)
+    assert "not Optuna's" not in str(refused.value) and "optuna" in str(refused.value).lower()

@@ -86,6 +86,7 @@ def make_storage(url: str, heartbeat_s: int,
     attempt = 0
     while True:
         try:
+            _check_not_another_programs(url)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
@@ -103,12 +104,26 @@ def make_storage(url: str, heartbeat_s: int,
             time.sleep(0.5 * attempt)
         except ImportError as error:
             raise StorageError(f"cannot open the Optuna storage {redact(url)}: {error}") from None
-        except RuntimeError as error:  # Optuna reads another program's alembic_version table (MLflow's store has one)
+        except RuntimeError as error:  # Optuna's schema check on tables an older (or newer) Optuna made
             if "table schema" not in str(error):
                 raise
-            raise StorageError(f"cannot open the Optuna storage {redact(url)}: its tables are not Optuna's (another "
-                               "program's database, such as the MLflow store?); give the study a database of its "
-                               "own") from None
+            raise StorageError(f"cannot open the Optuna storage {redact(url)}: {str(error).splitlines()[0]}") from None
+
+
+def _check_not_another_programs(url: str) -> None:
+    """StorageError when the database at ``url`` is another program's that keeps its schema version with alembic,
+    as MLflow's store does: Optuna would add its tables to it, then read that program's ``alembic_version`` as its
+    own and fail its schema check. Other programs' tables beside Optuna's are fine."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    if "alembic_version" in tables and "studies" not in tables:
+        raise StorageError(f"cannot open the Optuna storage {redact(url)}: it is another program's database (its "
+                           "tables are not Optuna's; the MLflow store?); give the study a database of its own")
 
 
 def _check_sqlite_writable(database: Path, url: str) -> None:
