@@ -248,13 +248,10 @@ def _stage_inputs(seed: int) -> None:
         write_json(f"artifacts/{folder}/history.json", [])
 
 
-def test_the_summary_reports_a_registration_only_for_the_model_it_registered(tmp_path, monkeypatch, capsys):
-    """register.json persists through a failed register stage: after a new export it names another model."""
+@pytest.fixture()
+def register_folder(tmp_path, monkeypatch):
+    """A working folder holding the register stage's inputs (seed 0) and its own tracking store; yields mlflow."""
     mlflow = pytest.importorskip("mlflow")
-    import pipelines.register
-    import pipelines.summary
-    from ballot.tracking import file_sha256
-
     monkeypatch.chdir(tmp_path)
     for folder in ("artifacts/export", "artifacts/prune", "artifacts/dense", "plots"):
         Path(folder).mkdir(parents=True)
@@ -262,10 +259,19 @@ def test_the_summary_reports_a_registration_only_for_the_model_it_registered(tmp
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     _stage_inputs(seed=0)
     try:
-        pipelines.register.main(ExperimentConfig())
+        yield mlflow
     finally:
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
+
+
+def test_the_summary_reports_a_registration_only_for_the_model_it_registered(register_folder, capsys):
+    """register.json persists through a failed register stage: after a new export it names another model."""
+    import pipelines.register
+    import pipelines.summary
+    from ballot.tracking import file_sha256
+
+    pipelines.register.main(ExperimentConfig())
     written = load_yaml(Path("artifacts/register.json"))
     assert written["onnx_sha256"] == file_sha256("artifacts/export/model.onnx") and written["version"] == "1"
     capsys.readouterr()
@@ -277,32 +283,21 @@ def test_the_summary_reports_a_registration_only_for_the_model_it_registered(tmp
                                                         "of an earlier export; run the register stage)")
 
 
-def test_a_register_stage_killed_before_recording_is_recorded_by_the_next_not_registered_twice(
-        tmp_path, monkeypatch, capsys):
-    mlflow = pytest.importorskip("mlflow")
+def test_a_register_stage_killed_before_recording_is_recorded_by_the_next_not_registered_twice(register_folder,
+                                                                                                capsys):
     import pipelines.register
 
-    monkeypatch.chdir(tmp_path)
-    for folder in ("artifacts/export", "artifacts/prune", "artifacts/dense", "plots"):
-        Path(folder).mkdir(parents=True)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    _stage_inputs(seed=0)
     name = ExperimentConfig().register.model_name
-    try:
-        pipelines.register.main(ExperimentConfig())
-        Path("artifacts/register.json").unlink()  # as if killed after its run ended, before the file was written
-        Path("artifacts/model_card.md").unlink()
-        capsys.readouterr()
-        pipelines.register.main(ExperimentConfig())
-        assert "register: version 1 (run " in capsys.readouterr().err
-        versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
-        assert [str(v.version) for v in versions] == ["1"], "not registered twice"
-        assert load_yaml(Path("artifacts/register.json"))["version"] == "1"
-        assert Path("artifacts/model_card.md").is_file()
-        _stage_inputs(seed=1)  # another model: registered anew
-        pipelines.register.main(ExperimentConfig())
-        assert load_yaml(Path("artifacts/register.json"))["version"] == "2"
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+    pipelines.register.main(ExperimentConfig())
+    Path("artifacts/register.json").unlink()  # as if killed after its run ended, before the file was written
+    Path("artifacts/model_card.md").unlink()
+    capsys.readouterr()
+    pipelines.register.main(ExperimentConfig())
+    assert "register: version 1 (run " in capsys.readouterr().err
+    versions = register_folder.MlflowClient().search_model_versions(f"name = '{name}'")
+    assert [str(v.version) for v in versions] == ["1"], "not registered twice"
+    assert load_yaml(Path("artifacts/register.json"))["version"] == "1"
+    assert Path("artifacts/model_card.md").is_file()
+    _stage_inputs(seed=1)  # another model: registered anew
+    pipelines.register.main(ExperimentConfig())
+    assert load_yaml(Path("artifacts/register.json"))["version"] == "2"
