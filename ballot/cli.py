@@ -178,7 +178,7 @@ def cmd_prune(args: argparse.Namespace) -> int | None:
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
-    cfg = _config_from_args(args)
+    cfg, tuned = _with_best(_config_from_args(args), args.best)
     experiment.check_experiment(cfg, processes=max(args.nproc, distributed.requested_processes()))
     _check_replaceable(Path(args.out), args.dense)
     device = experiment.usable_device(cfg.base.device, "base.device")
@@ -189,10 +189,25 @@ def cmd_prune(args: argparse.Namespace) -> int | None:
         return _relaunch(args.nproc, args.argv)
     distributed.start(device)
     try:
-        _prune(cfg, args)
+        _prune(cfg, args, tuned)
     finally:
         distributed.stop()
     return None
+
+
+def _with_best(cfg: ExperimentConfig, best: str | None) -> tuple[ExperimentConfig, dict[str, Any] | None]:
+    """(``cfg`` with the tuned values of the best_params.yaml at ``best`` applied, those values); (``cfg``, None)
+    without ``best``. ConfigError when the file is missing or the method is not Ballot, whose knobs it holds."""
+    from ballot.tuning.space import load_best, with_values
+
+    if best is None:
+        return cfg, None
+    if not Path(best).is_file():
+        raise ConfigError(f"--best '{best}' not found: give the best_params.yaml `ballot tune --out DIR` wrote")
+    if cfg.prune.method != "ballot":
+        raise ConfigError(f"--best applies tuned Ballot values; prune.method is '{cfg.prune.method}'")
+    values = load_best(best)
+    return with_values(cfg, values), values
 
 
 def _check_replaceable(out: Path, dense: str | None) -> None:
@@ -232,11 +247,13 @@ def _check_dense_folder(dense: str | None) -> None:
         _check_writable(Path(dense), "--dense", replaced_whole=True)
 
 
-def _prune(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+def _prune(cfg: ExperimentConfig, args: argparse.Namespace, tuned: dict[str, Any] | None) -> None:
     from ballot import experiment
 
     out = Path(args.out)
     with _rank_output(out) as folder:
+        if tuned is not None:
+            print(f"prune: applying {len(tuned)} tuned value(s) from {args.best}", file=sys.stderr)
         data = _data(cfg)
         dense, _, dense_seconds, dense_metrics = _dense_states(cfg, data, args.dense, folder)
         result, prune_seconds = experiment.timed(experiment.run_prune, cfg, data, dense)
@@ -247,7 +264,7 @@ def _prune(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
                        worst_class_name=data.class_names[worst] if worst >= 0 else None,
                        dense={key: dense_metrics[key] for key in ("acc", "cwv", "mcd", "worst_class")},
                        seconds={"dense": dense_seconds, "prune": prune_seconds})
-        experiment.save_pruned(folder, result, metrics, cfg)
+        experiment.save_pruned(folder, result, metrics, cfg, tuned_params=tuned)
         print(f"{cfg.prune.method}: done in {prune_seconds:.1f}s; writing {out}/mask.safetensors, "
               f"model.safetensors, metrics.json", file=sys.stderr)
         print(summary({**metrics, "final_choice": result.final_choice}))
@@ -443,6 +460,8 @@ def build_parser(serve_only: bool = False) -> argparse.ArgumentParser:
         prune.add_argument("--dense", help="folder of dense states to reuse (written there when absent)")
         prune.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine, started "
                                                                   "through torchrun (docs/scale.md; default 1)")
+        prune.add_argument("--best", help="a best_params.yaml of `ballot tune` whose tuned values Ballot applies "
+                                          "over the configuration (the pipeline's prune stage: tune.use_best)")
         prune.set_defaults(func=cmd_prune)
 
         tune = commands.add_parser("tune", help="Optuna study over Ballot's knobs (tune.*): run, resume or join it; "

@@ -495,3 +495,21 @@ def test_the_writable_check_looks_where_the_run_writes(tmp_path, monkeypatch):
     _check_writable(inside, "--out", replaced_whole=False)  # tune writes inside an existing --out
     with pytest.raises(ConfigError, match="cannot write in"):
         _check_writable(inside, "--out", replaced_whole=True)  # prune replaces it from its parent
+
+
+def test_prune_applies_a_best_params_file_of_ballot_tune(tmp_path, capsys):
+    best = tmp_path / "best_params.yaml"
+    best.write_text("study: s\nparams:\n  prune.ballot.conflict: protect\n  prune.ballot.conflict_threshold: 0.25\n")
+    out = tmp_path / "run"
+    assert main(["prune", "--dataset", "digits", "--model", "mlp", "--method", "ballot", "--density", "0.1",
+                 "--device", "cpu", "--out", str(out), "--best", str(best), *TINY_FLAGS]) == 0
+    assert f"prune: applying 2 tuned value(s) from {best}" in capsys.readouterr().err
+    ran = json.loads((out / "config.json").read_text())["prune"]["ballot"]
+    assert (ran["conflict"], ran["conflict_threshold"]) == ("protect", 0.25)
+    assert json.loads((out / "details.json").read_text())["tuned_params"] == {
+        "prune.ballot.conflict": "protect", "prune.ballot.conflict_threshold": 0.25}
+    for flags, message in ((["--best", str(tmp_path / "absent.yaml")], "--best '.*absent.yaml' not found"),
+                           (["--best", str(best), "--method", "lth"], "--best applies tuned Ballot values; "
+                                                                      "prune.method is 'lth'")):
+        assert main(["prune", "--dataset", "digits", "--out", str(tmp_path / "x"), *flags]) == 2
+        assert re.search(message, capsys.readouterr().err)
