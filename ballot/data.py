@@ -277,14 +277,14 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
     return RawDataset(*_test_cut(train), classes)
 
 
+TEST_FRACTION = 0.2  # of a dataset without a test split
+
+
 def _test_cut(pool: Split) -> tuple[Split, Split]:
     """(train, test) of a dataset that comes without a test split: 20% of every class (at least one sample of each
     class with two or more) is the test split, drawn with a fixed seed so that it does not depend on base.seed."""
     train, test = stratified_split(pool.y, TEST_FRACTION, torch.Generator().manual_seed(0))
     return pool.subset(train), pool.subset(test)
-
-
-TEST_FRACTION = 0.2  # of a dataset without a test split
 
 
 def _fits_int64(values: np.ndarray) -> bool:

@@ -291,9 +291,10 @@ def _every_page(search: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
 
 
 def find_registration(experiment: str, name: str, alias: str, run_tags: Mapping[str, str]) -> Registration | None:
-    """The complete registration ``alias`` of ``name`` points at when a run of ``experiment`` carrying exactly
-    ``run_tags`` registered it, else None: what a register stage killed after its run ended, before it recorded the
-    registration, left for the next one to record instead of registering the same file again."""
+    """The registration ``alias`` of ``name`` points at (complete, since the alias moves last) when a run of
+    ``experiment`` carrying exactly ``run_tags`` registered it, else None: what a register stage killed after its run
+    ended, before it recorded the registration, left for the next one to record instead of registering the same file
+    again."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -309,7 +310,7 @@ def find_registration(experiment: str, name: str, alias: str, run_tags: Mapping[
     if run is None or found is None or run.info.experiment_id != found.experiment_id:
         return None
     if any(run.data.tags.get(key) != value for key, value in run_tags.items()):
-        return None  # (the alias points at it, so the version is complete)
+        return None
     return Registration(name, str(version.version), alias, run.info.run_id, f"models:/{name}@{alias}",
                         mlflow.get_tracking_uri())
 

@@ -52,10 +52,10 @@ def main(cfg: ExperimentConfig) -> None:
     text = model_card.render(card, read_json(PLOTS / "per_class.json"), (EXPORT / MODEL_FILE).stat().st_size)
     # This stage, killed after its run ended and before register.json was written, registered this very file from
     # this very pipeline state: record that registration rather than register the file a second time.
-    tracking.fail_orphan_runs()  # a run killed after it recorded its alias move ends FINISHED first
     registration = tracking.find_registration(cfg.register.experiment, cfg.register.model_name, tracking.CHALLENGER,
                                               run_tags)
     if registration is not None:
+        tracking.fail_orphan_runs()  # its run, killed after the alias moved, may still be RUNNING: it ends FINISHED
         print(f"register: version {registration.version} (run {registration.run_id}) already registers this file from "
               "this pipeline state; recording it", file=sys.stderr)
     else:  # the card goes to the run from a scratch folder; the stage's own files change only once it is registered
