@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ballot import distributed
+from ballot import cifar, distributed
 from ballot.config import DataConfig
 from ballot.errors import DatasetError
 
@@ -170,24 +170,32 @@ def _load_digits(cfg: DataConfig) -> RawDataset:
 
 
 def _load_cifar(cfg: DataConfig, num_classes: int) -> RawDataset:
-    from torchvision import datasets
+    """CIFAR-10/100 from its extracted binary or python archive under ``data.root`` (``ballot.cifar``: nothing is
+    unpickled beyond numpy arrays); with ``data.download``, torchvision fetches the python archive (MD5-checked)."""
+    root = Path(cfg.root or "data/torchvision")
+    found = cifar.find(root, num_classes)
+    if found is None and cfg.download:
+        from torchvision import datasets
+        from torchvision.datasets.utils import download_and_extract_archive
 
-    cls = datasets.CIFAR10 if num_classes == 10 else datasets.CIFAR100
-    root = cfg.root or "data/torchvision"
-    try:
-        train = cls(root, train=True, download=cfg.download)
-        test = cls(root, train=False, download=cfg.download)
-    except Exception as error:
-        raise DatasetError(
-            f"CIFAR-{num_classes} is not in '{root}' and could not be downloaded ({type(error).__name__}: "
-            f"{error}). Put the extracted python-version archive there or set data.root."
-        ) from None
-    as_tensor = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()  # noqa: E731
-    return RawDataset(
-        Split(as_tensor(train.data), torch.tensor(train.targets, dtype=torch.int64)),
-        Split(as_tensor(test.data), torch.tensor(test.targets, dtype=torch.int64)),
-        list(train.classes),
-    )
+        source = datasets.CIFAR10 if num_classes == 10 else datasets.CIFAR100
+        try:
+            download_and_extract_archive(source.url, str(root), filename=source.filename, md5=source.tgz_md5)
+        except Exception as error:  # network errors come in many types
+            raise DatasetError(f"CIFAR-{num_classes} is not in '{root}' and could not be downloaded "
+                               f"({type(error).__name__}: {error}); {_cifar_hint(num_classes)}") from None
+        found = cifar.find(root, num_classes)
+    if found is None:
+        raise DatasetError(f"CIFAR-{num_classes} is not in '{root}'; {_cifar_hint(num_classes)}")
+    (train_x, train_y), (test_x, test_y), names = cifar.read(*found, num_classes)
+    as_tensor = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0)  # noqa: E731
+    return RawDataset(Split(as_tensor(train_x), torch.from_numpy(train_y)),
+                      Split(as_tensor(test_x), torch.from_numpy(test_y)), names)
+
+
+def _cifar_hint(num_classes: int) -> str:
+    folders = " or ".join(f"'{layouts[num_classes].folder}'" for layouts in (cifar.BINARY, cifar.PYTHON))
+    return f"extract the binary or python archive there (a folder {folders}) or set data.root"
 
 
 def _read_image(folder_set: Any, index: int) -> tuple[torch.Tensor, int]:
