@@ -64,6 +64,7 @@ def create_app(model: OnnxModel, settings: Settings) -> FastAPI:
     card = model.card
     metrics = Metrics(card, settings.max_batch)
     app = FastAPI(title="ballot model service", description=f"ONNX Runtime predictions of {card.label()}.")
+    app.state.metrics = metrics  # the server's HTTP layer counts its refusals there
     app.router.route_class = OrjsonRoute
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                        max_values=max_json_values(settings, card.input_shape), raw_paths=frozenset({RAW_PATH}))

@@ -1,5 +1,5 @@
-"""Prometheus metrics of the service: requests by route and status, latencies, batch sizes, the model served and
-the classes it predicted (a drift of the served class mix shows there first)."""
+"""Prometheus metrics of the service: requests by route and status, latencies, batch sizes, the refusals of the HTTP
+layer, the model served and the classes it predicted (a drift of the served class mix shows there first)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.protocol import REFUSALS
 from serving.schemas import ModelCard
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -36,6 +37,9 @@ class Metrics:
                                  ["class_index", "class_name"], registry=self.registry)
         self.class_counters = [self.predicted.labels(str(index), name) for index, name in enumerate(card.class_names)]
         self._children: dict[tuple[str, ...], tuple[Counter, Histogram]] = {}  # labels() takes a lock each call
+        refused = Counter("ballot_http_refused", "Requests or connections the HTTP layer refused before the "
+                          "application saw them, by reason", ["reason"], registry=self.registry)
+        self.refusals = {reason: refused.labels(reason) for reason in REFUSALS}  # every reason from 0 at start-up
         Info("ballot_model", "The model served", registry=self.registry).info(
             {"name": card.name, "version": card.version or "", "alias": card.alias or "", "uri": card.uri,
              "method": card.method or "", "dataset": card.dataset or "", "providers": ",".join(card.providers)})
@@ -48,6 +52,10 @@ class Metrics:
             children = self._children[labels] = (self.requests.labels(*labels), self.latency.labels(*labels))
         children[0].inc()
         children[1].observe(seconds)
+
+    def observe_refusal(self, reason: str) -> None:
+        """Count one refusal of the HTTP layer (a key of ``serving.protocol.REFUSALS``)."""
+        self.refusals[reason].inc()
 
     def observe_predictions(self, route: str, classes: np.ndarray) -> None:
         """Count one prediction request of ``len(classes)`` items and the class of each."""

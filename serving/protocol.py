@@ -9,17 +9,23 @@ within the deadline, kept in memory), so a head above ``MAX_HEAD_BYTES`` is answ
 the body is bounded by ``serving.limits.BodyLimit``. uvicorn queues pipelined requests (sent before the previous
 answer) without bound, about 80 bytes of memory per byte sent; a connection queueing more than ``MAX_PIPELINED`` is
 closed.
+Every refusal of this layer, which the application never sees, is reported by its reason (``REFUSALS``) to the
+callback ``protocol_class`` is given, for ``/metrics``.
 httptools (llhttp, in C) parses a request in a fraction of the time of uvicorn's pure-Python h11 protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Callable
 
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024  # the request line and headers of one request
 MAX_PIPELINED = 64  # requests a connection may queue behind the one being answered
+# Reasons this layer refuses a request or a connection (their answers: docs/serving.md, "Metrics")
+REFUSALS = ("head_too_large", "malformed", "pipeline_too_deep", "over_capacity", "read_timeout")
 
 
 class HeadTooLarge(Exception):
@@ -41,6 +47,8 @@ class DeadlineProtocol(HttpToolsProtocol):
     _parsed_head: int = 0  # bytes of the URL and of the headers httptools has handed over
     _head_too_large: bool = False
     _pipeline_too_deep: bool = False
+    _running: Any = None  # the RequestResponseCycle being answered
+    on_refusal: Callable[[str], None] = staticmethod(lambda reason: None)  # told each refusal's REFUSALS key
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -52,7 +60,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         super().data_received(data)
         # Headers still incomplete after this chunk: every byte since the request began is head. httptools holds a
         # header until the next one starts, so this catches one huge header its callbacks have not handed over.
-        if self._in_head and self._raw_head > MAX_HEAD_BYTES and not self.transport.is_closing():
+        if self._in_head and self._raw_head > MAX_HEAD_BYTES:
             self._refuse_head()
 
     def on_message_begin(self) -> None:
@@ -80,8 +88,11 @@ class DeadlineProtocol(HttpToolsProtocol):
             self._refuse_head()
         elif self._pipeline_too_deep:  # answers to the queued requests are owed first: close without one
             self.logger.info("closing a connection that queued more than %d pipelined requests", MAX_PIPELINED)
+            self.on_refusal("pipeline_too_deep")
+            self._drop_running()
             self.transport.close()
         else:
+            self.on_refusal("malformed")
             super().send_400_response(msg)
 
     def on_headers_complete(self) -> None:
@@ -97,16 +108,35 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._in_head = True
 
     def _refuse_head(self) -> None:
+        if self.transport.is_closing():  # refused already, from an earlier chunk
+            return
         body = f"request line and headers exceed the limit of {MAX_HEAD_BYTES} bytes".encode()
         self.logger.info("closing a connection whose request head exceeded %d bytes", MAX_HEAD_BYTES)
+        self.on_refusal("head_too_large")
         self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; "
                              b"charset=utf-8\r\ncontent-length: " + str(len(body)).encode() +
                              b"\r\nconnection: close\r\n\r\n" + body)
         self.transport.close()
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        if app is service_unavailable:  # uvicorn's answer beyond limit_concurrency, in place of the application
+            self.on_refusal("over_capacity")
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._drop_running()
         super().connection_lost(exc)
+
+    def _drop_running(self) -> None:
+        """Tell the request being answered that its client is gone, as uvicorn tells only the newest request (one
+        still queued when requests were pipelined): the answer is then dropped, not written to a closed socket,
+        which uvloop raises as an error."""
+        running = self._running
+        if running is not None and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
 
     def _arm(self) -> None:
         if self._deadline is None:
@@ -121,9 +151,13 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._deadline = None
         if not self.transport.is_closing():
             self.logger.info("closing a connection whose request did not arrive within %g s", self.read_timeout)
+            if self._in_head:  # otherwise the application has the request and counts it as abandoned (499)
+                self.on_refusal("read_timeout")
             self.transport.close()
 
 
-def with_read_timeout(seconds: float) -> type[DeadlineProtocol]:
-    """The protocol class for uvicorn's ``http`` option, with a deadline of ``seconds``."""
-    return type("DeadlineProtocol", (DeadlineProtocol,), {"read_timeout": seconds})
+def protocol_class(read_timeout: float, on_refusal: Callable[[str], None]) -> type[DeadlineProtocol]:
+    """The protocol class for uvicorn's ``http`` option, with a deadline of ``read_timeout`` seconds, telling
+    ``on_refusal`` the reason of every refusal."""
+    return type("DeadlineProtocol", (DeadlineProtocol,), {"read_timeout": read_timeout,
+                                                          "on_refusal": staticmethod(on_refusal)})

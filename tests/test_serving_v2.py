@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import logging
 import re
 import socket
 import time
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.protocol import MAX_HEAD_BYTES, MAX_PIPELINED
+from serving.protocol import MAX_HEAD_BYTES, MAX_PIPELINED, REFUSALS
 from serving.settings import Settings
 from tests.test_serving import exported, free_port, in_thread, torch_probabilities  # noqa: F401  (fixture)
 
@@ -357,6 +358,15 @@ def test_a_request_head_above_its_limit_gets_431_and_the_connection_closes(url, 
     assert f"exceed the limit of {MAX_HEAD_BYTES} bytes".encode() in answer
 
 
+class _RecordsAtOrAbove(logging.Handler):
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.getMessage())
+
+
 def _pipelined(url: str, requests: bytes) -> tuple[list[bytes], bool]:
     """The statuses the server answers ``requests``, sent at once on one connection, and whether it closed the
     connection (rather than leave it idle for 3 s)."""
@@ -384,8 +394,16 @@ def test_pipelined_requests_are_answered_in_order(url):
 
 
 def test_a_connection_queueing_too_many_pipelined_requests_is_closed(url, http):
-    """A client that sends thousands of requests without reading an answer cannot make the server queue them all."""
-    statuses, closed = _pipelined(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 4000)
+    """A client that sends thousands of requests without reading an answer cannot make the server queue them all;
+    the answer in progress when the connection closes is dropped quietly, not logged as an error."""
+    errors = _RecordsAtOrAbove(logging.ERROR)
+    logging.getLogger("uvicorn.error").addHandler(errors)
+    try:
+        statuses, closed = _pipelined(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 4000)
+        time.sleep(0.2)  # the answer in progress finishes
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(errors)
+    assert errors.records == []
     assert closed and len(statuses) <= MAX_PIPELINED + 1
     assert http.get("/health").status_code == 200, "other clients are still served"
 
@@ -406,6 +424,57 @@ def test_beyond_max_connections_new_requests_get_503(exported):
         while (status := httpx.get(f"{base}/health", timeout=30).status_code) == 503 and time.monotonic() < deadline:
             time.sleep(0.05)  # the server notices the held connection close
         assert status == 200
+
+
+def _refusals(http: httpx.Client) -> dict[str, float]:
+    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    return {s.labels["reason"]: s.value for s in families["ballot_http_refused"].samples if s.name.endswith("_total")}
+
+
+def test_refusals_of_the_http_layer_are_counted_by_reason(exported):
+    settings = Settings(model_uri=str(exported["path"]), port=free_port(), read_timeout=READ_TIMEOUT,
+                        max_connections=2, log_level="warning")
+    with in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as http:
+        host, port = base.removeprefix("http://").split(":")
+
+        def send(raw: bytes) -> bytes:
+            with socket.create_connection((host, int(port))) as sock:
+                with contextlib.suppress(OSError):
+                    sock.sendall(raw)
+                sock.settimeout(READ_TIMEOUT + 5)
+                answer = b""
+                with contextlib.suppress(OSError):
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                return answer
+
+        assert _refusals(http) == dict.fromkeys(REFUSALS, 0.0), "every reason is exported from the start"
+        assert send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (2 * MAX_HEAD_BYTES)).startswith(
+            b"HTTP/1.1 431")
+        assert send(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: many\r\n\r\n").startswith(b"HTTP/1.1 400")
+        send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+        assert send(b"GET /hea") == b"", "a head cut off at read_timeout"
+        assert send(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{") == b"", "a body cut off"
+        refused = opened = 0
+        with contextlib.ExitStack() as stack:  # keep-alive connections, held open, until one is refused
+            while not refused:
+                sock = stack.enter_context(socket.create_connection((host, int(port))))
+                opened += 1
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.settimeout(5)
+                refused += sock.recv(4096).startswith(b"HTTP/1.1 503")
+            assert opened <= 3, "max_connections=2, the metrics client's connection included"
+        deadline = time.monotonic() + 10
+        while http.get("/health").status_code == 503 and time.monotonic() < deadline:  # until the server sees them go
+            refused += 1
+            time.sleep(0.05)
+        assert _refusals(http) == {"head_too_large": 1, "malformed": 1, "pipeline_too_deep": 1, "read_timeout": 1,
+                                   "over_capacity": refused}
+        families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+        answered = {(s.labels["route"], s.labels["status"]): s.value
+                    for s in families["ballot_http_requests"].samples if s.name.endswith("_total")}
+        assert answered[("/predict", "499")] == 1, "a cut-off body reached the application, which counts it"
+        assert ("/health", "503") not in answered and ("unmatched", "400") not in answered
 
 
 def test_a_request_head_within_its_limit_is_served(http):
