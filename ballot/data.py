@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import zipfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,11 +42,12 @@ class Split:
 
 @dataclass
 class RawDataset:
-    """What a loader returns before splitting."""
+    """What a loader returns before splitting; ``notes``: lines a run prints before training."""
 
     train: Split
     test: Split
     class_names: list[str]
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -58,6 +60,7 @@ class DataBundle:
     class_names: list[str]
     train_index: torch.Tensor  # positions in the loader's training pool
     val_index: torch.Tensor
+    notes: tuple[str, ...] = ()  # the loader's lines to print before training
 
     @property
     def num_classes(self) -> int:
@@ -211,6 +214,7 @@ def _read_image(folder_set: Any, index: int) -> tuple[torch.Tensor, int]:
         raise DatasetError(f"imagefolder: cannot read image '{folder_set.samples[index][0]}': {reason}") from None
 
 
+IMAGE_SUFFIXES = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
 SPLIT_FOLDERS = {"train": ("train", "training"), "test": ("test", "testing")}  # matched in any letter case
 
 
@@ -226,15 +230,20 @@ def _split_folder(root: Path, split: str) -> Path | None:
 
 
 def _load_rgb(path: str) -> Any:
-    """An image file as 8-bit RGB; 16-bit grey levels (PIL's ``I;16`` modes) are scaled into 8 bits, which PIL's RGB
-    conversion would saturate to white."""
+    """An image file as 8-bit RGB. Wider grey levels, which PIL's RGB conversion clips, are scaled into 8 bits: 16-bit
+    (PIL's ``I;16`` modes, and 32-bit integer ``I`` images whose levels fit 16 bits) by 65535, floating-point
+    (``F``) levels in [0, 1] by 1; other ranges are refused, as no scale is known for them."""
     from PIL import Image
 
     with open(path, "rb") as handle:
         image = Image.open(handle)
-        if image.mode.startswith("I;16"):
+        if image.mode.startswith("I") or image.mode == "F":
             levels = np.asarray(image, dtype=np.float64)
-            image = Image.fromarray(np.rint(levels / 65535.0 * 255.0).astype(np.uint8))
+            full = 1.0 if image.mode == "F" else 65535.0
+            if levels.size and not (np.isfinite(levels).all() and levels.min() >= 0 and levels.max() <= full):
+                raise ValueError(f"its {image.mode}-mode grey levels span [{levels.min():g}, {levels.max():g}], "
+                                 f"beyond the [0, {full:g}] that is scaled to 8 bits; convert it to 8 or 16 bits")
+            image = Image.fromarray(np.rint(levels / full * 255.0).astype(np.uint8))
         return image.convert("RGB")
 
 
@@ -261,15 +270,35 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
     steps = [transforms.Resize((cfg.image_size, cfg.image_size))] if cfg.image_size else []
     transform = transforms.Compose(steps + [transforms.ToTensor()])
 
+    notes: list[str] = []
+
     def read(folder: Path) -> tuple[Split, list[str]]:
+        skipped: Counter[str] = Counter()
+
+        def readable(path: str) -> bool:
+            suffix = Path(path).suffix.lower()
+            if suffix in IMAGE_SUFFIXES:
+                return True
+            if not Path(path).name.startswith("."):
+                skipped[suffix or "no extension"] += 1
+            return False
+
         try:
-            folder_set = VisibleClasses(str(folder), transform=transform, loader=_load_rgb)
+            folder_set = VisibleClasses(str(folder), transform=transform, loader=_load_rgb, is_valid_file=readable)
         except (FileNotFoundError, OSError) as error:
-            raise DatasetError(f"imagefolder: cannot read '{folder}': {error}") from None
+            known = f" (images: {' '.join(sorted(IMAGE_SUFFIXES))})" if "no valid file" in str(error) else ""
+            raise DatasetError(f"imagefolder: cannot read '{folder}': {str(error).strip()}{known}") from None
         images, labels = zip(*(_read_image(folder_set, i) for i in range(len(folder_set))))
         shapes = {tuple(img.shape) for img in images}
         if len(shapes) > 1:
             raise DatasetError(f"imagefolder: images in '{folder}' differ in size {sorted(shapes)}; set data.image_size")
+        loose = sum(1 for entry in folder.iterdir() if entry.is_file() and not entry.name.startswith("."))
+        parts = [f"{sum(skipped.values())} files of other types ("
+                 + ", ".join(f"{suffix}: {count}" for suffix, count in sorted(skipped.items())) + ")"] if skipped else []
+        parts += [f"{loose} files outside the class folders"] if loose else []
+        if parts:
+            notes.append(f"note: imagefolder '{folder}': skipped {'; '.join(parts)} (images: "
+                         f"{' '.join(sorted(IMAGE_SUFFIXES))})")
         return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64)), folder_set.classes
 
     train, classes = read(train_dir)
@@ -281,8 +310,8 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
         if test.x.shape[1:] != train.x.shape[1:]:
             raise DatasetError(f"imagefolder: test images are {tuple(test.x.shape[1:])} but training images "
                                f"{tuple(train.x.shape[1:])}; set data.image_size")
-        return RawDataset(train, test, classes)
-    return RawDataset(*_test_cut(train), classes)
+        return RawDataset(train, test, classes, tuple(notes))
+    return RawDataset(*_test_cut(train), classes, tuple(notes))
 
 
 TEST_FRACTION = 0.2  # of a dataset without a test split
@@ -508,5 +537,5 @@ def load_data(name: str, cfg: DataConfig | None = None, seed: int = 0) -> DataBu
     if cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
         test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: cfg.max_test_samples])
     return DataBundle(raw.train.subset(train_index), raw.train.subset(val_index), test,
-                      raw.class_names, train_index, val_index)
+                      raw.class_names, train_index, val_index, raw.notes)
 

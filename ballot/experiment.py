@@ -157,10 +157,10 @@ def coverage_notice(model: nn.Module) -> str | None:
 
 
 def notices_before_training(cfg: ExperimentConfig, data: DataBundle, method: str | None = None) -> list[str]:
-    """The notes a run prints before it trains: inputs that look channels-last, the schedules of ``method`` (default
-    prune.method) that min_steps lengthens, and the share of the model's parameters no method prunes (when above
-    UNPRUNED_NOTICE_SHARE)."""
-    notices = (layout_notice(data.input_shape), stretch_notice(cfg, len(data.train), method),
+    """The notes a run prints before it trains: the loader's (files an image folder skipped), inputs that look
+    channels-last, the schedules of ``method`` (default prune.method) that min_steps lengthens, and the share of the
+    model's parameters no method prunes (when above UNPRUNED_NOTICE_SHARE)."""
+    notices = (*data.notes, layout_notice(data.input_shape), stretch_notice(cfg, len(data.train), method),
                coverage_notice(_probe_model(cfg, data)))
     return [line for line in notices if line]
 

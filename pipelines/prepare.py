@@ -11,6 +11,8 @@ from pipelines.common import DATA, run_stage
 
 def main(cfg: ExperimentConfig) -> None:
     data = prepare_data(cfg)
+    for line in data.notes:  # the snapshot keeps the data, not the loader's notes
+        print(line)
     provenance = {"dataset": cfg.base.dataset, "seed": cfg.base.seed, "data": data_identity(to_dict(cfg.data))}
     with staged_folder(DATA) as folder:
         save_snapshot(data, folder, provenance)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from ballot.config import DataConfig
+from ballot.config import DataConfig, ExperimentConfig
 from ballot.data import DEBIAN_FASHION_DIR, load_data, long_tail_index, stratified_split
 from ballot.errors import DatasetError
+from ballot.experiment import notices_before_training
 
 
 def _write_npz(path: Path, n: int = 200, with_test: bool = True, **extra) -> Path:
@@ -134,6 +135,30 @@ def test_imagefolder_reads_class_folders(tmp_path):
     data = load_data("imagefolder", DataConfig(path=str(tmp_path), image_size=8, val_fraction=0.2))
     assert data.class_names == ["cat", "dog"] and data.input_shape == (3, 8, 8)
     assert len(data.test) == 4 and len(data.train) + len(data.val) == 12
+
+
+def test_imagefolder_reads_gifs_and_notes_the_files_it_skips(tmp_path):
+    from PIL import Image
+
+    _write_imagefolder(tmp_path, {"train": (3, (8, 8))})
+    colour = np.zeros((8, 8, 3), dtype=np.uint8)
+    colour[..., 1] = 200
+    Image.fromarray(colour).save(tmp_path / "train" / "cat" / "green.gif")
+    for name in ("cat/labels.txt", "dog/labels.txt", "dog/shape.svg", "readme.md", "dog/.DS_Store"):
+        (tmp_path / "train" / name).write_text("not an image")
+    data = load_data("imagefolder", DataConfig(path=str(tmp_path), val_fraction=0.2))
+    assert len(data.train) + len(data.val) + len(data.test) == 7
+    pool = torch.cat([data.train.x, data.val.x, data.test.x])
+    assert any(torch.allclose(x, torch.tensor([0.0, 200 / 255, 0.0]).view(3, 1, 1).expand(3, 8, 8)) for x in pool)
+    assert data.notes == (f"note: imagefolder '{tmp_path / 'train'}': skipped 3 files of other types (.svg: 1, .txt: 2); "
+                          "1 files outside the class folders (images: .bmp .gif .jpeg .jpg .pgm .png .ppm .tif .tiff "
+                          ".webp)",)
+    assert load_data("digits", DataConfig()).notes == ()
+    assert notices_before_training(ExperimentConfig(), data)[0] == data.notes[0], "a run prints it before training"
+    for path in (tmp_path / "train" / "dog").glob("*.png"):
+        path.unlink()
+    with pytest.raises(DatasetError, match=re.escape("no valid file for the classes dog. (images: .bmp .gif")):
+        load_data("imagefolder", DataConfig(path=str(tmp_path)))
 
 
 def test_imagefolder_test_images_of_another_size_are_refused(tmp_path):
@@ -392,6 +417,27 @@ def test_imagefolder_scales_16_bit_grey_levels_and_skips_hidden_folders(tmp_path
     assert data.class_names == ["bright", "dark"] and len(data.test) == 4
     levels = {data.class_names[label]: float(x.mean()) for x, label in zip(data.train.x, data.train.y.tolist())}
     assert levels == pytest.approx({"bright": round(50000 / 65535 * 255) / 255, "dark": round(10000 / 65535 * 255) / 255})
+
+
+@pytest.mark.parametrize("levels, expected", [
+    (np.full((8, 8), 40000, dtype=np.int32), round(40000 / 65535 * 255) / 255),  # PIL mode I, within 16 bits
+    (np.full((8, 8), 0.5, dtype=np.float32), round(0.5 * 255) / 255),  # PIL mode F, within [0, 1]
+    (np.full((8, 8), 70000, dtype=np.int32), "I-mode grey levels span [70000, 70000], beyond the [0, 65535]"),
+    (np.full((8, 8), -0.5, dtype=np.float32), "F-mode grey levels span [-0.5, -0.5], beyond the [0, 1]"),
+])
+def test_wide_grey_levels_are_scaled_or_refused_never_clipped(tmp_path, levels, expected):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(levels).save(tmp_path / "train" / name / f"{i}.tif")
+    if isinstance(expected, str):
+        with pytest.raises(DatasetError, match=r"cannot read image .*0\.tif': its " + re.escape(expected)):
+            load_data("imagefolder", DataConfig(path=str(tmp_path)))
+    else:
+        data = load_data("imagefolder", DataConfig(path=str(tmp_path)))
+        assert torch.cat([data.train.x, data.val.x, data.test.x]).unique().tolist() == pytest.approx([expected])
 
 
 def test_channels_last_images_get_a_note():
