@@ -142,18 +142,57 @@ def _without_option(argv: list[str], option: str) -> list[str]:
     return kept
 
 
+LAUNCHER_SELF_STOP_S = 3  # how long an interrupted launcher is given to stop by itself (a terminal's Ctrl-C)
+LAUNCHER_GRACE_S = 30  # then, after a SIGTERM, before it is killed
+
+
 def _relaunch(processes: int, argv: list[str]) -> int:
     """This same command in ``processes`` data-parallel processes on this machine (torchrun); its exit code, 2
-    (with the lowest-ranked process's error as the last line) when a process stopped on bad input."""
+    (with the lowest-ranked process's error as the last line) when a process stopped on bad input. The launcher
+    dies with this process (a SIGTERM from the kernel, which it passes to its workers), and an interrupt stops it
+    and its workers before this process returns, so no worker is left to write --out later."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "ballot.cli", *_without_option(argv, "--nproc")]
+               "--log-dir", "", "-m", "ballot.cli", *_without_option(argv, "--nproc")]
     with tempfile.TemporaryDirectory() as folder:
-        code = subprocess.run(command, env={**os.environ, ERROR_DIR_ENV: folder}).returncode
-        errors = sorted(Path(folder).iterdir(), key=lambda path: int(path.name))
+        command[command.index("--log-dir") + 1] = str(Path(folder) / "logs")  # not a torchelastic_* left in /tmp
+        errors_dir = Path(folder) / "errors"
+        errors_dir.mkdir()
+        launcher = subprocess.Popen(command, env={**os.environ, ERROR_DIR_ENV: str(errors_dir)},
+                                    preexec_fn=_terminate_with_parent)
+        try:
+            code = launcher.wait()
+        except KeyboardInterrupt:
+            _stop(launcher)
+            raise
+        errors = sorted(errors_dir.iterdir(), key=lambda path: int(path.name))
         if code and errors:
             print(f"ballot: error: {errors[0].read_text()}", file=sys.stderr)
             return 2
     return code
+
+
+def _terminate_with_parent() -> None:
+    """In the launcher, before it starts: ask Linux to send it SIGTERM when this process dies, however it dies."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the launcher outlives a killed parent
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def _stop(launcher: subprocess.Popen) -> None:
+    """Stop an interrupted launcher and its workers. A terminal's Ctrl-C reaches them all, and they stop by themselves
+    within LAUNCHER_SELF_STOP_S; a signal to this process alone does not, so the launcher then gets SIGTERM (torchrun
+    passes it on and waits for its workers), and SIGKILL after LAUNCHER_GRACE_S more."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        launcher.wait(LAUNCHER_SELF_STOP_S)
+        return
+    launcher.terminate()
+    try:
+        launcher.wait(LAUNCHER_GRACE_S)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        launcher.wait()
 
 
 @contextlib.contextmanager
@@ -186,6 +225,10 @@ def cmd_prune(args: argparse.Namespace) -> int | None:
         if device.type == "cuda" and torch.cuda.device_count() < args.nproc:
             raise ConfigError(f"--nproc {args.nproc}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                               "one per process is needed; use fewer processes or --device cpu")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if device.type == "cpu" and args.nproc > cores:
+            raise ConfigError(f"--nproc {args.nproc}: this process may use {cores} CPU core(s), and more processes "
+                              "than cores only slow each other down; use at most that many")
         return _relaunch(args.nproc, args.argv)
     distributed.start(device)
     try:
@@ -542,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         _report(error)
         return 2
     except KeyboardInterrupt:
-        print("ballot: interrupted", file=sys.stderr)
+        if _speaks():
+            print("ballot: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
     except OSError as error:
         if error.filename is None:  # not about a file or folder: a defect or the network, shown whole
@@ -553,16 +597,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(error: UserError) -> None:
-    """``error`` as the one line ``ballot: error: ...`` on stderr. Under torchrun only rank 0 prints it; under the
-    --nproc launcher each process leaves it in the launcher's folder instead, and the launcher prints the
+    """``error`` as the one line ``ballot: error: ...`` on stderr, from the process that speaks (``_speaks``); a
+    worker of the --nproc launcher leaves it in the launcher's folder instead, and the launcher prints the
     lowest-ranked one."""
-    from ballot import distributed
-
-    rank = os.environ.get("RANK", "0")
     if ERROR_DIR_ENV in os.environ:
-        (Path(os.environ[ERROR_DIR_ENV]) / rank).write_text(str(error))
-    elif rank == "0" or not distributed.requested():  # a stray RANK outside torchrun silences nothing
+        (Path(os.environ[ERROR_DIR_ENV]) / os.environ.get("RANK", "0")).write_text(str(error))
+    elif _speaks():
         print(f"ballot: error: {error}", file=sys.stderr)
+
+
+def _speaks() -> bool:
+    """Whether this process prints a run's last line: not a worker of the --nproc launcher, and rank 0 of a run
+    torchrun started (a stray RANK without the rest of torchrun's environment silences nothing)."""
+    if ERROR_DIR_ENV in os.environ:
+        return False
+    return os.environ.get("RANK", "0") == "0" or "MASTER_ADDR" not in os.environ
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Callable, Mapping, TypeVar
 import torch
 import torch.distributed as dist
 
-from ballot.errors import UserError
+from ballot.errors import ConfigError, UserError
 
 T = TypeVar("T")
 # How long a collective waits for the other processes: gloo's default, given to NCCL too (whose own is 10 minutes),
@@ -28,8 +28,22 @@ class DistributedError(RuntimeError):
 
 
 def requested_processes() -> int:
-    """How many processes torchrun started for this run (WORLD_SIZE; 1 when not started by torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """How many processes torchrun started for this run (WORLD_SIZE; 1 when not started by torchrun). ConfigError
+    when WORLD_SIZE is not a count, or asks for several processes without the rest of torchrun's environment (a
+    variable left over in a shell)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        processes = int(value)
+    except ValueError:
+        processes = 0
+    if processes < 1:
+        raise ConfigError(f"WORLD_SIZE={value!r} is not a number of processes; unset it (ballot prune --nproc N "
+                          "starts the processes itself)")
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if processes > 1 and missing:
+        raise ConfigError(f"WORLD_SIZE={value} is set but {', '.join(missing)} not, as torchrun would; unset "
+                          "WORLD_SIZE (ballot prune --nproc N starts the processes itself)")
+    return processes
 
 
 def requested() -> bool:

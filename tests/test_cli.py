@@ -77,6 +77,28 @@ def test_more_processes_than_cuda_devices_are_refused_before_any_starts(tmp_path
     assert not out.exists()
 
 
+def test_more_processes_than_cpu_cores_are_refused_before_any_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    out = tmp_path / "run"
+    assert main(["prune", "--dataset", "digits", "--nproc", "3", "--out", str(out), *TINY_FLAGS]) == 2
+    assert "--nproc 3: this process may use 2 CPU core(s)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("environment, message", [
+    ({"WORLD_SIZE": "x"}, "WORLD_SIZE='x' is not a number of processes; unset it"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT not, as torchrun would"),
+])
+def test_a_torchrun_variable_left_in_the_shell_is_named(tmp_path, capsys, monkeypatch, environment, message):
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert main(["prune", "--dataset", "digits", "--out", str(tmp_path / "run"), *TINY_FLAGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ballot: error: {message}") and "\n" not in err, err
+
+
 def test_evaluate_of_a_folder_without_outputs(tmp_path, capsys):
     assert main(["evaluate", "--dir", str(tmp_path)]) == 2
     assert "has no config.json" in capsys.readouterr().err

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,45 @@ def test_two_processes_select_the_single_process_mask(tmp_path, method, extra):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"], "only rank 0's output folder is left"
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["method"] == method
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Pids of the live processes whose command line holds ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("State"))
+            except (OSError, StopIteration):
+                continue
+            if text in command and "zombie" not in state:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads processes from /proc (Linux)")
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_launching_process_alone_stops_every_worker(tmp_path, signal_number):
+    """`kill -INT` or `kill -TERM` of the `ballot prune --nproc 2` process: no worker trains on and writes --out."""
+    out = tmp_path / "out"
+    launched = subprocess.Popen([sys.executable, "-m", "ballot.cli", "prune", *FLAGS, "--method", "lth", "--nproc",
+                                 "2", "--out", str(out), "--set", "train_dense.epochs=5000"], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(_processes_naming(str(out))) < 4 and time.monotonic() < deadline:  # this one, torchrun, two workers
+        time.sleep(0.2)
+    time.sleep(3)  # the workers are training
+    os.kill(launched.pid, signal_number)
+    stderr = launched.communicate(timeout=120)[1]
+    deadline = time.monotonic() + 60
+    while (left := _processes_naming(str(out))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [] and not out.exists(), stderr
+    if signal_number == signal.SIGINT:
+        assert launched.returncode == 130 and stderr.count("ballot: interrupted") == 1, stderr
+    else:
+        assert launched.returncode == -signal.SIGTERM
 
 
 def torchrun(*command: str) -> subprocess.CompletedProcess:
