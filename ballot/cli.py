@@ -26,6 +26,7 @@ from ballot.config import (
     to_dict,
 )
 from ballot.errors import ConfigError, StorageError, UserError
+from ballot.processes import terminate_with_parent
 from ballot.summary import summary
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ def _relaunch(processes: int, argv: list[str]) -> int:
         errors_dir = Path(folder) / "errors"
         errors_dir.mkdir()
         launcher = subprocess.Popen(command, env={**os.environ, ERROR_DIR_ENV: str(errors_dir)},
-                                    preexec_fn=_terminate_with_parent)
+                                    preexec_fn=terminate_with_parent)
         try:
             code = launcher.wait()
         except KeyboardInterrupt:
@@ -169,15 +170,6 @@ def _relaunch(processes: int, argv: list[str]) -> int:
             print(f"ballot: error: {errors[0].read_text()}", file=sys.stderr)
             return 2
     return code
-
-
-def _terminate_with_parent() -> None:
-    """In the launcher, before it starts: ask Linux to send it SIGTERM when this process dies, however it dies."""
-    import ctypes
-    import signal
-
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the launcher outlives a killed parent
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def _stop(launcher: subprocess.Popen) -> None:

@@ -156,3 +156,45 @@ def test_a_killed_worker_is_replaced_and_the_completed_study_is_reported(tmp_pat
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary["trials"]["finished"] == 3 and summary["trials"]["failed"] == 1
     assert (out / "best_params.yaml").is_file()
+
+
+def _children(pid: int) -> set[int]:
+    return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
+    except (OSError, StopIteration):
+        return False
+    return "zombie" not in state
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+                    reason="reads child processes from /proc (Linux)")
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_ballot_tune_alone_stops_its_workers(tmp_path, tiny_dense, signal_number):
+    """`kill -INT` or `kill -TERM` of `ballot tune --workers 2`: no worker runs trials on after it."""
+    out, dense = tmp_path / "tune", tmp_path / "dense"
+    save_dense(tiny_dense, dense, tiny_config())
+    command = [sys.executable, "-m", "ballot.cli", "tune", *TUNE_FLAGS, "--set", f"tune.space={json.dumps(MID_SPACE)}",
+               "--out", str(out), "--dense", str(dense), "--n-trials", "50", "--workers", "2", "--study-name", STUDY,
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    log = tmp_path / "workers.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=sink,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_a_trial_mid_run(process, out / "study.db", log, timeout=240)
+            workers = _children(process.pid)
+            os.kill(process.pid, signal_number)
+            process.wait(timeout=120)
+        finally:
+            process.kill()
+            process.wait()
+    deadline = time.monotonic() + 30
+    while (left := [pid for pid in workers if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(workers) >= 2 and left == [], log.read_text()[-3000:]
+    if signal_number == signal.SIGINT:
+        assert process.returncode == 130 and log.read_text().count("ballot: interrupted") == 1, log.read_text()[-3000:]

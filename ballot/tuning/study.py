@@ -35,6 +35,7 @@ from ballot.config import (ExperimentConfig, TuneConfig, check_storage_url, data
 from ballot.data import DataBundle
 from ballot.errors import StorageError, TuneError, UserError
 from ballot.knobs import Knob
+from ballot.processes import terminate_with_parent
 from ballot.pruning import DenseArtifacts
 from ballot.tuning.kept import update_with_states
 from ballot.tuning.objective import (BASELINE, COUNTED, RAISED, SURPLUS, SurplusTrial, TrialContext, baseline_trials,
@@ -409,14 +410,18 @@ def work(job: WorkerJob, data: DataBundle | None = None, dense: DenseArtifacts |
     return run_worker(study, ctx, callbacks=[logger])
 
 
-def _spawned(job: WorkerJob) -> None:
-    """A spawned worker; bad input (a UserError) ends it with one line on stderr and exit code 2, like the CLI."""
+def _spawned(job: WorkerJob, parent: int) -> None:
+    """A spawned worker, which ends when its parent (pid ``parent``) does; bad input (a UserError) ends it with one
+    line on stderr and exit code 2, like the CLI."""
+    terminate_with_parent(parent)
     torch.set_num_threads(1)  # workers share the cores; two threads each would contend (docs/tuning.md)
     try:
         work(job)
     except UserError as error:
         print(f"ballot: error: {multiprocessing.current_process().name}: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a terminal's Ctrl-C: the parent says so, once
+        sys.exit(130)
 
 
 def run_workers(job: WorkerJob, count: int, study: optuna.Study, n_trials: int) -> None:
@@ -424,12 +429,18 @@ def run_workers(job: WorkerJob, count: int, study: optuna.Study, n_trials: int) 
     error) but the others still brought the study to ``n_trials`` finished trials, a warning names it; TuneError
     when the budget is not met."""
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_spawned, args=(WorkerJob(**{**job.__dict__, "worker": job.worker + i}),),
-                                 name=f"tune-worker-{i}") for i in range(count)]
+    processes = [context.Process(target=_spawned, args=(WorkerJob(**{**job.__dict__, "worker": job.worker + i}),
+                                                        os.getpid()), name=f"tune-worker-{i}") for i in range(count)]
     for process in processes:
         process.start()
-    for process in processes:
-        process.join()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:  # also when the signal reached this process alone: no worker trials on
+        for process in processes:
+            process.terminate()
+            process.join()
+        raise
     failed = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0)
     if not failed:
         return
