@@ -43,9 +43,13 @@ def read_json(path: Path) -> Any:
 
 
 def run_stage(name: str, body: Callable[[ExperimentConfig], None]) -> None:
-    """Validate params.yaml, then run ``body``; a user error prints '<name>: error: ...' and exits with 2."""
+    """Validate params.yaml, then run ``body``; a user error prints '<name>: error: ...' and exits with 2, an
+    interrupt (Ctrl-C) '<name>: interrupted' and exits with 130, as the CLI does."""
     try:
         body(load_config())
     except UserError as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(130)

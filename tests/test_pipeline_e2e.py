@@ -208,6 +208,22 @@ def test_changing_prune_params_reruns_prune_not_train_dense(project):
     assert json.loads(project.dvc("status", "--json").stdout) == {}
 
 
+def test_the_kept_trial_folder_removed_by_hand_comes_back_empty_and_prune_trains_alike(project, tmp_path):
+    before, chosen = project.output_hashes(), project.root / "artifacts" / "tune" / "chosen"
+    shutil.copytree(chosen, tmp_path / "chosen")
+    try:
+        shutil.rmtree(chosen)
+        result = project.dvc("repro")
+        assert "Running stage 'tune'" in result.stdout and "Running stage 'prune'" in result.stdout
+        assert list(chosen.iterdir()) == []
+        assert project.output_hashes()["artifacts/prune/mask.safetensors"] == before["artifacts/prune/mask.safetensors"]
+    finally:
+        shutil.rmtree(chosen, ignore_errors=True)
+        shutil.copytree(tmp_path / "chosen", chosen)  # not in DVC's cache (cache: false)
+        project.restore()
+    assert json.loads(project.dvc("status", "--json").stdout) == {}
+
+
 def test_switching_the_method_back_restores_it_from_the_run_cache(project):
     metrics_before = project.output_hashes()["metrics.json"]
     method = project.params()["prune"]["method"]

@@ -129,6 +129,18 @@ def test_run_stage_validates_before_the_body_runs(tmp_path, monkeypatch, capsys)
     assert "prune: error: base.density: must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
+def test_an_interrupted_stage_says_so_in_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text("base: {density: 0.5}\n")
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        run_stage("tune", interrupted)
+    assert stop.value.code == 130 and capsys.readouterr().err == "tune: interrupted\n"
+
+
 def test_staged_folder_replaces_the_whole_folder_only_on_success(tmp_path):
     final = tmp_path / "out"
     with staged_folder(final) as folder:

@@ -71,7 +71,9 @@ def keep_trial(folder: str | Path, number: int, result: PruneResult, cfg: Experi
 
 
 def keep_only(folder: str | Path, number: int | None) -> None:
-    """Remove every kept trial of ``folder`` except ``number`` (None: remove them all)."""
+    """Remove every kept trial of ``folder`` except ``number`` (None: remove them all). The folder exists afterwards,
+    empty when it was removed by hand (the pipeline's output; prune then trains the chosen trial's model itself)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
     for path in Path(folder).glob(f"{TRIAL_PREFIX}*"):
         if path.name != f"{TRIAL_PREFIX}{number}":
             shutil.rmtree(path)
