@@ -39,13 +39,26 @@ def final_choice_text(choice: Mapping[str, Any]) -> str:
     return f"{kept} (val objective {_number(objectives[kept], 4)}; {rivals})"
 
 
+def _alias_moved(registration: Mapping[str, Any]) -> str:
+    """'' while the alias still points at the registered version (or was not looked up), else what it points at."""
+    now = registration.get("alias_now")
+    if now is None or now == str(registration["version"]):
+        return ""
+    if now == "none":
+        return f" (the registry has no @{registration['alias']} now)"
+    if now.startswith("not checked"):
+        return f" ({now})"
+    return f" (@{registration['alias']} now points to version {now})"
+
+
 def summary(metrics: Mapping[str, Any]) -> str:
     """The summary block of a pruned model, one labelled line each.
 
     ``metrics`` has ``method``, ``density`` (fraction kept), ``acc``, ``cwv``, ``mcd``, ``worst_class`` and
     ``worst_class_name``; optionally ``dense`` ({acc, cwv, mcd} of the dense model), ``final_choice`` (which of
     competing final trainings was kept, and their validation objectives), ``onnx_bytes`` and ``registration``
-    ({name, version, alias}; ``stale`` true when register.json registered an earlier export, not this model).
+    ({name, version, alias}; ``stale`` true when register.json registered an earlier export, not this model;
+    ``alias_now``: the version the alias points at in the registry now, or why that could not be read).
     Unknown numbers (None, NaN) read 'n/a'.
     """
     dense = metrics.get("dense") or {}
@@ -68,6 +81,6 @@ def summary(metrics: Mapping[str, Any]) -> str:
                                    "earlier export; run the register stage)"))
     elif registration:
         rows.append(("registered", f"{registration['name']} version {registration['version']} "
-                                   f"@{registration['alias']}"))
+                                   f"@{registration['alias']}{_alias_moved(registration)}"))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {text}" for label, text in rows)

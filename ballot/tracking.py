@@ -290,6 +290,20 @@ def _every_page(search: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
             return
 
 
+def alias_version(name: str, alias: str) -> str | None:
+    """The version ``alias`` of model ``name`` points at now (None when the model or the alias does not exist);
+    RegistryError when the registry cannot be read."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise RegistryError(f"cannot read @{alias} of model '{name}' from the registry: {error.message}") from None
+
+
 def find_registration(experiment: str, name: str, alias: str, run_tags: Mapping[str, str]) -> Registration | None:
     """The registration ``alias`` of ``name`` points at (complete, since the alias moves last) when a run of
     ``experiment`` carrying exactly ``run_tags`` registered it, else None: what a register stage killed after its run

@@ -40,7 +40,8 @@ def exported(registration: dict[str, Any]) -> bool:
 def collect() -> dict[str, Any]:
     """metrics.json with the method (prune's metrics), the record of competing final trainings (prune's details, when
     they ran), the ONNX size (export.json) and the registered version (register.json, marked ``stale`` when it
-    registered another file than the current export); the last two only when those stages have run."""
+    registered another file than the current export, else with the version its alias points at now); the last two
+    only when those stages have run."""
     metrics = {**read_object(METRICS, METRIC_KEYS), "method": read_object(PRUNE / "metrics.json", ["method"])["method"]}
     if (PRUNE / "details.json").is_file():
         metrics["final_choice"] = read_object(PRUNE / "details.json").get("final_choice")
@@ -48,8 +49,25 @@ def collect() -> dict[str, Any]:
         metrics["onnx_bytes"] = read_object(EXPORT / REPORT_FILE, ["onnx_bytes"])["onnx_bytes"]
     if REGISTER.is_file():
         registration = read_object(REGISTER, ["name", "version", "alias"])
-        metrics["registration"] = {**registration, "stale": not exported(registration)}
+        stale = not exported(registration)
+        checked = not stale and bool(registration.get("tracking_uri"))
+        metrics["registration"] = {**registration, "stale": stale,
+                                   **({"alias_now": alias_now(registration)} if checked else {})}
     return metrics
+
+
+def alias_now(registration: dict[str, Any]) -> str | None:
+    """The version the registration's alias points at in the registry now (another run, a `dvc exp run` or
+    `ballot register`, may have moved it since), or a sentence saying why it could not be read."""
+    from ballot.errors import UserError
+    from ballot.tracking import alias_version, connect
+
+    try:
+        connect(registration["tracking_uri"])
+        version = alias_version(registration["name"], registration["alias"])
+    except UserError as error:
+        return f"not checked: {error}"
+    return "none" if version is None else version
 
 
 def main() -> int:

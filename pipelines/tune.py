@@ -12,8 +12,9 @@ from ballot.config import ExperimentConfig
 from ballot.errors import ConfigError
 from ballot.experiment import check_fits, load_dense
 from ballot.snapshot import load_snapshot
-from ballot.storage import staged_folder
+from ballot.storage import staged_folder, write_json
 from ballot.tuning.runner import run_study
+from ballot.tuning.space import write_best
 from pipelines.common import BEST_PARAMS, DATA, DENSE, STUDY_DB, TUNE_CHOSEN, TUNE_REPORT, run_stage
 
 
@@ -21,6 +22,9 @@ def main(cfg: ExperimentConfig) -> None:
     if cfg.tune.storage is not None:
         raise ConfigError(f"tune.storage: the pipeline's tune stage keeps its study in {STUDY_DB}, a DVC output; "
                           f"leave it null here and share a study between machines with `ballot tune --storage URL`")
+    if cfg.prune.method != "ballot":
+        skip(f"prune.method is {cfg.prune.method!r}, and the study tunes Ballot's knobs")
+        return
     data = load_snapshot(DATA)
     check_fits(cfg, data)
     dense = load_dense(DENSE)
@@ -32,6 +36,18 @@ def main(cfg: ExperimentConfig) -> None:
     print(f"tune: study {summary['study']}  {trials['finished']} trials ({trials['pruned']} pruned, "
           f"{trials['infeasible']} infeasible)  best trial {best.get('number')}  objective "
           f"{best.get('objective', float('nan')):.4f} -> {BEST_PARAMS}, {TUNE_REPORT}")
+
+
+def skip(reason: str) -> None:
+    """No study: the stage's outputs say why, and the study and kept trial model of an earlier run stay (switching
+    back to Ballot resumes that study and may reuse that model)."""
+    STUDY_DB.parent.mkdir(parents=True, exist_ok=True)
+    STUDY_DB.touch()  # an empty file is an empty sqlite database
+    TUNE_CHOSEN.mkdir(parents=True, exist_ok=True)
+    with staged_folder(TUNE_REPORT) as folder:
+        write_json(folder / "summary.json", {"skipped": reason})
+    write_best(BEST_PARAMS, {}, {"skipped": reason})
+    print(f"tune: skipped ({reason}) -> {BEST_PARAMS}, {TUNE_REPORT}")
 
 
 if __name__ == "__main__":

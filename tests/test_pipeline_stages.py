@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -240,6 +241,24 @@ def test_tune_stage_refuses_an_external_storage(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "artifacts").exists()
 
 
+def test_tune_stage_skips_the_study_for_another_method_and_keeps_an_earlier_study(tmp_path, monkeypatch, capsys):
+    import pipelines.tune
+
+    monkeypatch.chdir(tmp_path)
+    params = load_yaml(Path(__file__).resolve().parents[1] / "params.yaml")
+    params["prune"]["method"], params["prune"]["granularity"] = "magnitude", "unit"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    kept = tmp_path / "artifacts" / "tune" / "chosen" / "trial-3"
+    kept.mkdir(parents=True)
+    (tmp_path / "artifacts" / "tune" / "study.db").write_bytes(b"an earlier study")
+    run_stage("tune", pipelines.tune.main)
+    reason = "prune.method is 'magnitude', and the study tunes Ballot's knobs"
+    assert f"tune: skipped ({reason})" in capsys.readouterr().out
+    assert load_yaml(tmp_path / "best_params.yaml") == {"skipped": reason, "params": {}}
+    assert json.loads((tmp_path / "artifacts" / "tune" / "report" / "summary.json").read_text()) == {"skipped": reason}
+    assert kept.is_dir() and (tmp_path / "artifacts" / "tune" / "study.db").read_bytes() == b"an earlier study"
+
+
 def _stage_inputs(seed: int) -> None:
     """In the working folder, the files the register stage reads, for a tiny linear model exported with ``seed``."""
     from ballot.export import export_onnx
@@ -289,6 +308,13 @@ def test_the_summary_reports_a_registration_only_for_the_model_it_registered(reg
     capsys.readouterr()
     assert pipelines.summary.main() == 0
     assert capsys.readouterr().out.splitlines()[-1] == "registered   ballot-fashion-mnist version 1 @challenger"
+    client, name = register_folder.MlflowClient(), written["name"]
+    first = client.get_model_version(name, "1")
+    client.create_model_version(name, first.source, run_id=first.run_id)  # another registration moves the alias
+    client.set_registered_model_alias(name, "challenger", "2")
+    assert pipelines.summary.main() == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("registered   ballot-fashion-mnist version 1 @challenger "
+                                                        "(@challenger now points to version 2)")
     _stage_inputs(seed=1)  # prune, evaluate and export ran again; register failed (or has not run yet)
     assert pipelines.summary.main() == 0
     assert capsys.readouterr().out.splitlines()[-1] == ("registered   not this model (register.json names version 1 "

@@ -28,6 +28,18 @@ def test_summary_of_a_hand_made_mapping():
     ]
 
 
+@pytest.mark.parametrize("alias_now, line", [
+    ("3", "registered   m version 3 @challenger"),
+    ("5", "registered   m version 3 @challenger (@challenger now points to version 5)"),
+    ("none", "registered   m version 3 @challenger (the registry has no @challenger now)"),
+    ("not checked: cannot reach the tracking server", "registered   m version 3 @challenger (not checked: cannot reach "
+                                                      "the tracking server)"),
+])
+def test_summary_says_where_the_alias_points_now(alias_now, line):
+    registration = {"name": "m", "version": "3", "alias": "challenger", "alias_now": alias_now}
+    assert summary({**METRICS, "registration": registration}).splitlines()[-1] == line
+
+
 def test_summary_without_dense_export_or_registry_and_with_unknown_values():
     lines = summary({**METRICS, "dense": None, "cwv": None, "mcd": float("nan")}).splitlines()
     assert lines[2:] == ["accuracy     0.8123", "CWV          n/a", "MCD          n/a", "worst class  Shirt 0.5950"]

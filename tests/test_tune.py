@@ -109,9 +109,9 @@ def test_bad_space_entries_are_named(space, message):
 
 @pytest.mark.parametrize("entry, message", [
     ({"prune.ballot.refine_train.schedule": {"type": "categorical", "choices": ["cosine", "bogus"]}},
-     "tune.space.prune.ballot.refine_train.schedule: value 'bogus' is not valid here"),
+     "tune.space.prune.ballot.refine_train.schedule: value 'bogus' is not valid with the other settings"),
     ({"prune.ballot.protect_fraction": {"type": "float", "low": 0.0, "high": 1.5}},
-     r"protect_fraction: value 1.5 is not valid here .*must be in \[0, 1\]"),
+     r"protect_fraction: value 1.5 is not valid with the other settings.*must be in \[0, 1\]"),
     ({"prune.ballot.no_such_knob": {"type": "int", "low": 1, "high": 2}}, r"unknown key\(s\) \['no_such_knob'\]"),
 ])
 def test_space_values_are_checked_against_the_whole_configuration(entry, message):
@@ -781,7 +781,7 @@ def test_a_misspelt_knob_is_refused_before_the_dense_model_is_trained(tmp_path, 
                  f"tune.space={space}"])
     assert code == 2 and not dense.exists(), "nothing trained"
     err = capsys.readouterr().err
-    assert "ballot: error: tune.space.prune.ballot.bogus_knob: value 0.1 is not valid here" in err and "dense:" not in err
+    assert "ballot: error: tune.space.prune.ballot.bogus_knob: value 0.1 is not valid with the other settings" in err and "dense:" not in err
 
 
 def test_an_optuna_database_of_another_optuna_version_keeps_optunas_own_message(tmp_path):

@@ -44,7 +44,8 @@ def check_space(cfg: ExperimentConfig) -> list[Knob]:
             try:
                 with_values(base, {knob.key: value})
             except ConfigError as error:
-                raise ConfigError(f"tune.space.{knob.key}: value {value!r} is not valid here ({error})") from None
+                raise ConfigError(f"tune.space.{knob.key}: value {value!r} is not valid with the other settings, "
+                                  f"so take it out of the space ({error})") from None
     return knobs
 
 
