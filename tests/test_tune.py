@@ -625,9 +625,17 @@ def test_two_trial_study_end_to_end_then_resumed_to_three(tmp_path):
 
     assert main([*command, "--n-trials", "3"]) == 0  # the same study, continued to three trials
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert summary["trials"]["finished"] == 3 and len(json.loads((out / "report" / "trials.json").read_text())) == 3
+    resumed = json.loads((out / "report" / "trials.json").read_text())
+    assert summary["trials"]["finished"] == 3 and len(resumed) == 3
     parent_again, children = _mlflow_runs(uri, summary["study"])
     assert parent_again.info.run_id == parent.info.run_id and len(children) == 3
+
+    in_one_go = tmp_path / "in-one-go"
+    assert main(["tune", *TUNE_FLAGS, "--out", str(in_one_go), "--dense", str(tmp_path / "dense"), "--tracking-uri",
+                 uri, "--study-name", "in-one-go", "--n-trials", "3"]) == 0
+    fresh = json.loads((in_one_go / "report" / "trials.json").read_text())
+    assert [t["params"] for t in fresh] == [t["params"] for t in resumed], "a resumed study suggests the same trials"
+    assert len({json.dumps(t["params"], sort_keys=True) for t in fresh}) == 3
 
 
 def test_the_chosen_trials_kept_model_is_what_prune_would_train(tiny_data, tiny_dense, tmp_path):

@@ -27,6 +27,7 @@ from ballot.tuning.study import (
     fingerprint,
     make_storage,
     open_study,
+    others_running,
     outside_space,
     redact,
     run_workers,
@@ -86,9 +87,10 @@ def run_study(cfg: ExperimentConfig, data: DataBundle, dense: DenseArtifacts, *,
     storage = make_storage(storage_url, tune.heartbeat_s, on_stale=TrialLogger(client))
     study, created = open_study(base, storage, name, fp, worker=0, on_create=initialise,
                                 on_abandon=lambda attrs: end_abandoned_parent(client, attrs.get(PARENT_ATTR)))
-    # The creator's workers use seeds seed, seed+1, ...; a process joining an existing study offsets them by its
-    # pid so that it never replays the sampler sequence of another process.
-    offset = 0 if created else 1000 + os.getpid()
+    # The creator's workers take offsets 0, 1, ...; so does a process that resumes a study no one else is running,
+    # which then suggests what one uninterrupted run would have. A process joining a study that others are running
+    # takes an offset from its pid, so that it never replays another process's suggestions.
+    offset = 0 if created or not others_running(study) else 1000 + os.getpid()
     job = WorkerJob(to_dict(base), storage_url, name, fp, str(dense_dir), str(snapshot) if snapshot else None, uri,
                     offset, str(keep_dir) if keep_dir is not None else None)
     if tune.workers == 1:

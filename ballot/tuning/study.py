@@ -140,9 +140,12 @@ def _check_sqlite_writable(database: Path, url: str) -> None:
         raise StorageError(f"cannot open the Optuna storage {redact(url)}: '{target}' is read-only")
 
 
-def make_sampler(tune: TuneConfig, worker: int) -> optuna.samplers.BaseSampler:
-    """TPE (constant liar for parallel workers, constraint-aware) or random, seeded with seed + worker index."""
-    seed = (tune.seed + worker) % 2**32  # a joining process's offset (1000 + its pid) must stay in Optuna's range
+def make_sampler(tune: TuneConfig, worker: int, trials: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE (constant liar for parallel workers, constraint-aware) or random, seeded from tune.seed, the worker's
+    offset and the number of ``trials`` the study holds: a worker makes one before each trial, so a study resumed by
+    one process suggests what the same study run in one go would have, and workers never share a sequence."""
+    key = f"{tune.seed}:{worker}:{trials}".encode()
+    seed = int.from_bytes(hashlib.sha256(key).digest()[:4], "little")  # within Optuna's range, [0, 2**32)
     if tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
@@ -314,9 +317,18 @@ def enqueue_baseline(study: optuna.Study, cfg: ExperimentConfig, knobs: list[Kno
         study.enqueue_trial(current_values(cfg, knobs), user_attrs={BASELINE: True})
 
 
-def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[..., None]]) -> int:
+def others_running(study: optuna.Study) -> bool:
+    """Whether another process is running a trial of ``study`` now (stale trials failed first)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+
+
+def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[..., None]], worker: int = 0) -> int:
     """Run trials until the study holds ``tune.n_trials`` finished ones or ``tune.timeout_s`` passes, queueing the
-    baseline again first if it was lost (a killed worker's trial); returns how many trials this worker ran."""
+    baseline again first if it was lost (a killed worker's trial); returns how many trials this worker ran. Each
+    trial's sampler is seeded by ``make_sampler`` from the worker's offset ``worker`` and the study's trial count."""
     tune = ctx.cfg.tune
     poll = max(0.2, min(2.0, tune.heartbeat_s / 2))
     started, ran = time.monotonic(), 0
@@ -331,6 +343,7 @@ def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[
             time.sleep(poll)
             continue
         enqueue_baseline(study, ctx.cfg, ctx.knobs)
+        study.sampler = make_sampler(tune, worker, len(study.get_trials(deepcopy=False)))
         asked: list[optuna.Trial] = []
         try:
             study.optimize(partial(_asked_trial, asked=asked, ctx=ctx), n_trials=1, callbacks=callbacks,
@@ -383,7 +396,7 @@ class WorkerJob:
     dense_dir: str
     snapshot: str | None  # a data snapshot folder; None = load the configured dataset
     tracking_uri: str
-    worker: int  # offset of the sampler seed: 0 for the study's creator, so a one-process study is reproducible
+    worker: int  # offset of the sampler seed: 0 for the study's creator or a lone resumer (reproducible), see runner
     keep_dir: str | None = None  # where completed trials keep their models (None: nowhere)
 
 
@@ -407,7 +420,7 @@ def work(job: WorkerJob, data: DataBundle | None = None, dense: DenseArtifacts |
     study, _ = open_study(cfg, storage, job.study_name, job.fingerprint, job.worker)
     ctx = TrialContext(cfg, data, dense, cfg.tune.knobs(), float(study.user_attrs[DENSE_ACC_ATTR]),
                        Path(job.keep_dir) if job.keep_dir else None)
-    return run_worker(study, ctx, callbacks=[logger])
+    return run_worker(study, ctx, callbacks=[logger], worker=job.worker)
 
 
 def _spawned(job: WorkerJob, parent: int) -> None:
