@@ -38,6 +38,7 @@ dataset:
 # The DVC pipeline (dvc.yaml, docs/pipeline.md); the stages run `python`, so .venv/bin goes first on PATH.
 # It ends with the summary block of pipelines/summary.py; every metric: `.venv/bin/dvc metrics show`.
 run: $(STAMP) dataset
+	@$(PY) -c 'from pipelines.common import run_stage; run_stage("params.yaml", lambda cfg: None)'  # also when up to date
 	PATH="$(abspath $(VENV))/bin:$$PATH" MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} $(VENV)/bin/dvc repro
 	@$(PY) -m pipelines.summary
 
