@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import statistics
@@ -42,6 +43,7 @@ from variants import METRICS, VARIANTS, parse_extra  # noqa: E402
 from ballot.config import (FLOORED_SCHEDULES, ExperimentConfig, apply_overrides, experiment_from_params,  # noqa: E402
                            load_yaml, to_dict)
 from ballot.errors import ConfigError  # noqa: E402
+from ballot.processes import terminate_with_parent  # noqa: E402
 from ballot.storage import atomic_write, write_json, write_text  # noqa: E402
 
 DATASETS: dict[str, list[str]] = {
@@ -253,6 +255,28 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
         print(f"{unit.dataset}/{unit.model} d={density} seed {unit.seed} {name:<28} {split} acc {shown['acc']:.4f} "
               f"cwv {shown['cwv']:.5f} ({seconds:.0f}s)", file=sys.stderr, flush=True)
     return written
+
+
+def run_units(units: list[Unit], workers: int, params: dict[str, Any], densities: list[float],
+              methods: dict[str, list[str]], out: Path, cache: Path, split: str) -> bool:
+    """Every unit's missing runs in ``workers`` processes, which end with this one however it ends; False when
+    interrupted (Ctrl-C), after ending them."""
+    started = time.perf_counter()
+    threads = 1 if workers > 1 else (os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=terminate_with_parent,
+                             initargs=(os.getpid(),)) as pool:
+        try:
+            futures = [pool.submit(run_unit, u, params, densities, methods, out, cache, threads, split) for u in units]
+            for done, future in enumerate(as_completed(futures), start=1):
+                future.result()
+                print(f"[{done}/{len(units)} units done, {time.perf_counter() - started:.0f}s]", file=sys.stderr,
+                      flush=True)
+        except KeyboardInterrupt:  # also when the signal reached this process alone: leaving the pool would wait
+            for child in multiprocessing.active_children():
+                child.terminate()
+            pool.shutdown(cancel_futures=True)
+            return False
+    return True
 
 
 def collect(out: Path, units: list[Unit], params: dict[str, Any], densities: list[float],
@@ -553,17 +577,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
     out, cache = Path(args.out), Path(args.cache)
-    started = time.perf_counter()
     if not args.report_only:
         units.sort(key=lambda u: -COST[u.model] * (CAPS.get((u.dataset, u.model)) or 1))
-        threads = 1 if args.workers > 1 else (os.cpu_count() or 1)
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_unit, u, params, args.densities, methods, out, cache, threads, args.split)
-                       for u in units]
-            for done, future in enumerate(as_completed(futures), start=1):
-                future.result()
-                print(f"[{done}/{len(units)} units done, {time.perf_counter() - started:.0f}s]", file=sys.stderr,
-                      flush=True)
+        if not run_units(units, args.workers, params, args.densities, methods, out, cache, args.split):
+            print(f"matrix: interrupted; finished runs are kept under {out}, and a re-run resumes", file=sys.stderr)
+            return 130
     rows = collect(out, units, params, args.densities, methods)
     table = summarise(rows, args.split)
     run = {(u.dataset, u.model) for u in units}

@@ -1,0 +1,73 @@
+"""The command lines of benchmarks/matrix.py and benchmarks/compare_methods.py: bad input refused before any work, in
+one line; an interrupted or killed matrix leaves no worker training on."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+_BENCH = Path(__file__).parents[1] / "benchmarks"
+
+
+def _load(script: str, name: str):
+    if name not in sys.modules:  # another test module may have loaded it under this name
+        spec = importlib.util.spec_from_file_location(name, _BENCH / script)
+        sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+matrix = _load("matrix.py", "matrix_bench")
+
+
+def _children(pid: int) -> set[int]:
+    return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
+    except (OSError, StopIteration):
+        return False
+    return "zombie" not in state
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+                    reason="reads child processes from /proc (Linux)")
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_to_the_matrix_alone_leaves_no_worker_training(tmp_path: Path, signal_number: int) -> None:
+    """`kill -INT`, `-TERM` or `-9` of the main process: its worker (and multiprocessing's resource tracker) ends."""
+    command = [sys.executable, str(_BENCH / "matrix.py"), "--datasets", "digits", "--models", "mlp", "--seeds", "0",
+               "--densities", "0.5", "--methods", "lth", "--workers", "1", "--out", str(tmp_path / "out"),
+               "--cache", str(tmp_path / "cache")]
+    log = tmp_path / "matrix.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=sink,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while len(children := _children(process.pid)) < 2 and time.monotonic() < deadline:  # tracker, worker
+                time.sleep(0.2)
+            time.sleep(5)  # the worker imports torch and trains (digits: 60 epochs, well over 5 s)
+            assert process.poll() is None, log.read_text()[-3000:]
+            os.kill(process.pid, signal_number)
+            process.wait(timeout=60)
+        finally:
+            process.kill()
+            process.wait()
+    deadline = time.monotonic() + 30
+    while (left := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(children) == 2 and left == [], log.read_text()[-3000:]
+    if signal_number == signal.SIGINT:
+        text = log.read_text()
+        assert process.returncode == 130 and "Traceback" not in text, text[-3000:]
+        assert text.count("matrix: interrupted; finished runs are kept under") == 1, text[-3000:]
