@@ -513,6 +513,21 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
     plt.close(fig)
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """``folder`` or the first of its parents that is a file (no folder can be made there), if any."""
+    return next((path for path in (folder, *folder.parents) if path.is_file()), None)
+
+
+def damaged_record(out: Path) -> tuple[Path, str] | None:
+    """The first record under ``<out>/runs/`` that is not JSON (a truncated copy, a full disk), with the reason."""
+    for path in sorted((out / "runs").glob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except ValueError as error:  # UnicodeDecodeError too
+            return path, str(error)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", help="params.yaml to start from (default: the library's defaults)")
@@ -568,7 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     if pinned:
         parser.error(f"--set {pinned[0]}: the matrix sets this key per cell (DATASETS or --dataset, COMMON, LONGER, "
                      "CAPS), which would override it silently; vary it with --variant NAME:KEY=VALUE instead")
-    try:  # validate every run's settings once, before any work
+    try:  # validate every run's settings once, before any work (a unit's seed is its one setting a method leaves)
+        for u in units:
+            experiment_from_params(apply_overrides(params, cell_overrides(u)))
         for u in {replace(u, seed=0) for u in units}:
             base = apply_overrides(params, cell_overrides(u))
             for density in args.densities:
@@ -576,7 +593,18 @@ def main(argv: list[str] | None = None) -> int:
                     experiment_from_params(apply_overrides(base, [f"base.density={density}", *overrides]))
     except ConfigError as error:
         parser.error(str(error))
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be at least 1")
     out, cache = Path(args.out), Path(args.cache)
+    folders = [("--out", out / "runs"), *([] if args.report_only else [("--cache", cache / "dense")])]
+    for flag, folder in folders:
+        blocked = file_in_the_way(folder)
+        if blocked:
+            parser.error(f"{flag} {folder.parent}: {blocked} is a file, not a folder")
+    damaged = damaged_record(out)
+    if damaged:
+        parser.error(f"{damaged[0]}: a damaged run record ({damaged[1]}); delete it, and a run without --report-only "
+                     "redoes it")
     if not args.report_only:
         units.sort(key=lambda u: -COST[u.model] * (CAPS.get((u.dataset, u.model)) or 1))
         if not run_units(units, args.workers, params, args.densities, methods, out, cache, args.split):

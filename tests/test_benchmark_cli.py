@@ -71,3 +71,47 @@ def test_a_signal_to_the_matrix_alone_leaves_no_worker_training(tmp_path: Path, 
         text = log.read_text()
         assert process.returncode == 130 and "Traceback" not in text, text[-3000:]
         assert text.count("matrix: interrupted; finished runs are kept under") == 1, text[-3000:]
+
+
+def _refused(main, argv: list[str], capsys) -> str:
+    """The one line ``main`` refuses ``argv`` with (exit code 2, argparse's)."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--report-only", "--out", "{file}"], "--out {file}: {file} is a file, not a folder"),
+    (["--out", "{file}"], "--out {file}: {file} is a file, not a folder"),
+    (["--cache", "{file}/dense"], "--cache {file}/dense: {file} is a file, not a folder"),
+    (["--workers", "0"], "--workers 0: must be at least 1"),
+    (["--seeds", "0", str(2**64)], f"base.seed: must be in [-2**63, 2**64) (torch's range), got {2**64}"),
+    (["--models", "resnet20", "--resnet-seeds", str(2**64)], "base.seed: must be in [-2**63, 2**64)"),
+], ids=["out-report-only", "out", "cache", "workers", "seeds", "resnet-seeds"])
+def test_the_matrix_refuses_folders_workers_and_seeds_it_cannot_use_before_any_work(tmp_path: Path, capsys,
+                                                                                    monkeypatch, flags,
+                                                                                    message) -> None:
+    monkeypatch.setattr(matrix, "run_units", lambda *args: pytest.fail("the matrix started training"))
+    file = tmp_path / "a-file"
+    file.write_text("")
+    argv = ["--datasets", "digits", "--models", "mlp", "--methods", "lth", "--out", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "cache"), *(flag.format(file=file) for flag in flags)]
+    assert message.format(file=file) in _refused(matrix.main, argv, capsys)
+
+
+def test_a_damaged_run_record_is_named_with_what_to_do(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(matrix, "run_units", lambda *args: pytest.fail("the matrix started training"))
+    from ballot.config import apply_overrides, experiment_from_params
+
+    cell = apply_overrides({}, [*matrix.cell_overrides(matrix.Unit("digits", "mlp", 0)), "base.density=0.05"])
+    key = matrix.run_key(experiment_from_params(apply_overrides(cell, matrix.VARIANTS["lth"])))
+    record = tmp_path / "out" / "runs" / f"{key}.json"  # the run the report reads
+    record.parent.mkdir(parents=True)
+    record.write_text('{"unit": {"dataset": "dig')  # a truncated copy
+    argv = ["--datasets", "digits", "--models", "mlp", "--seeds", "0", "--densities", "0.05", "--methods", "lth",
+            "--out", str(tmp_path / "out")]
+    for extra in (["--report-only"], ["--cache", str(tmp_path / "cache")]):
+        assert _refused(matrix.main, [*argv, *extra], capsys).endswith(
+            f"error: {record}: a damaged run record (Unterminated string starting at: line 1 column 22 "
+            "(char 21)); delete it, and a run without --report-only redoes it")
