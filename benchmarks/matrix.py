@@ -621,8 +621,12 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if args.split == "test" else "_val"
     write_text(out / f"matrix{suffix}.md", markdown(table, args.split, list(methods), notes, judged, rows))
     write_json(out / f"matrix{suffix}.json", {"rows": rows, "methods": methods, "set": args.set})
+    drawn = out / f"cwv_gain{suffix}.png"
     if any({judged, "lth", "lth + refined"} <= set(m) for m in table.values()):
-        heatmap(table, out / f"cwv_gain{suffix}.png", args.split, judged)
+        heatmap(table, drawn, args.split, judged)
+    elif drawn.is_file():  # an earlier run's, beside a report it no longer matches
+        drawn.unlink()
+        print(f"no heat map (no cell has {judged}, lth and lth + refined): removed the earlier {drawn}")
     print("\n".join(verdict(table, args.split, judged)))
     return 0
 

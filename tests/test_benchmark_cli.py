@@ -115,3 +115,13 @@ def test_a_damaged_run_record_is_named_with_what_to_do(tmp_path: Path, capsys, m
         assert _refused(matrix.main, [*argv, *extra], capsys).endswith(
             f"error: {record}: a damaged run record (Unterminated string starting at: line 1 column 22 "
             "(char 21)); delete it, and a run without --report-only redoes it")
+
+
+def test_a_report_without_a_heat_map_removes_the_earlier_one(tmp_path: Path, capsys) -> None:
+    earlier = tmp_path / "cwv_gain.png"
+    earlier.write_bytes(b"an earlier run's heat map")
+    assert matrix.main(["--report-only", "--out", str(tmp_path), "--datasets", "digits", "--models", "mlp",
+                        "--methods", "lth", "magnitude"]) == 0
+    assert not earlier.exists() and (tmp_path / "matrix.md").is_file()
+    assert (f"no heat map (no cell has ballot, lth and lth + refined): removed the earlier {earlier}"
+            in capsys.readouterr().out)
