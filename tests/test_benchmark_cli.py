@@ -25,6 +25,7 @@ def _load(script: str, name: str):
 
 
 matrix = _load("matrix.py", "matrix_bench")
+compare = _load("compare_methods.py", "compare_methods_bench")
 
 
 def _children(pid: int) -> set[int]:
@@ -125,3 +126,36 @@ def test_a_report_without_a_heat_map_removes_the_earlier_one(tmp_path: Path, cap
     assert not earlier.exists() and (tmp_path / "matrix.md").is_file()
     assert (f"no heat map (no cell has ballot, lth and lth + refined): removed the earlier {earlier}"
             in capsys.readouterr().out)
+
+
+class _Started(Exception):
+    """compare_methods.main reached its runs."""
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "{file}"], "--out {file}: {file} is a file, not a folder"),
+    (["--out", "{file}/reports"], "--out {file}/reports: {file} is a file, not a folder"),
+    (["--set", "prune.nope=1"], "prune: unknown key(s) ['nope']"),
+    (["--set", "prune"], "override 'prune' must look like group.key=value"),
+    (["--seeds", "0", str(2**64)], f"base.seed: must be in [-2**63, 2**64) (torch's range), got {2**64}"),
+], ids=["out", "under-a-file", "unknown-key", "malformed", "seed"])
+def test_compare_methods_refuses_an_unusable_out_or_setting_before_any_run(tmp_path: Path, capsys, monkeypatch,
+                                                                           flags, message) -> None:
+    monkeypatch.setattr(compare, "run", lambda *args: pytest.fail("the comparison started training"))
+    file = tmp_path / "a-file"
+    file.write_text("")
+    argv = ["--methods", "lth", "--out", str(tmp_path / "out"), *(flag.format(file=file) for flag in flags)]
+    assert message.format(file=file) in _refused(compare.main, argv, capsys)
+
+
+def test_compare_methods_runs_a_seed_or_method_given_twice_once(tmp_path: Path, monkeypatch) -> None:
+    runs = []
+
+    def run(params, seeds, variants):
+        runs.append((seeds, variants))
+        raise _Started
+
+    monkeypatch.setattr(compare, "run", run)
+    with pytest.raises(_Started):
+        compare.main(["--seeds", "2", "0", "2", "0", "--methods", "lth", "random", "lth", "--out", str(tmp_path)])
+    assert runs == [([2, 0], ["lth", "random"])]
