@@ -495,7 +495,7 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
 
     rows = list(dict.fromkeys((c[0], c[1]) for c in ordered_cells(table)))
     cols = sorted({c[2] for c in table}, reverse=True)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 2), layout="constrained")  # room for the titles
     for ax, other in zip(axes, ("lth", "lth + refined")):
         grid = [[100 * _cwv_gain(table[(r[0], r[1], d)][judged], table[(r[0], r[1], d)][other])
                  if (r[0], r[1], d) in table and {judged, other} <= set(table[(r[0], r[1], d)]) else math.nan

@@ -159,3 +159,22 @@ def test_compare_methods_runs_a_seed_or_method_given_twice_once(tmp_path: Path, 
     with pytest.raises(_Started):
         compare.main(["--seeds", "2", "0", "2", "0", "--methods", "lth", "random", "lth", "--out", str(tmp_path)])
     assert runs == [([2, 0], ["lth", "random"])]
+
+
+def test_a_one_row_heat_maps_title_clears_the_panel_titles(tmp_path: Path, monkeypatch) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    figures = []
+    monkeypatch.setattr(matrix, "atomic_write", lambda path, write: figures.append(plt.gcf()))
+    scores = {"acc": 0.9, "cwv": 0.002, "mcd": 0.1, "worst_class": 0.5}
+    rows = [{"unit": {"dataset": "digits", "model": "mlp", "seed": 0}, "method": method, "density": 0.05,
+             "test": scores} for method in ("ballot", "lth", "lth + refined")]
+    matrix.heatmap(matrix.summarise(rows, "test"), tmp_path / "cwv_gain.png", "test")
+    figure = figures[0]
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    title = next(text for text in figure.findobj(Text) if text.get_text().startswith("CWV of ballot against"))
+    title = title.get_window_extent(renderer)
+    assert not any(title.overlaps(ax.title.get_window_extent(renderer)) for ax in figure.axes[:2])
