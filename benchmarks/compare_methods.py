@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from variants import BASELINES, METRICS, VARIANTS  # noqa: E402
 
 from ballot.config import apply_overrides, experiment_from_params, load_yaml  # noqa: E402
+from ballot.errors import ConfigError  # noqa: E402
 from ballot.experiment import model_metrics, prepare_data, run_prune, timed, train_dense  # noqa: E402
 from ballot.storage import atomic_write, write_json, write_text  # noqa: E402
 
@@ -170,9 +171,20 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_yaml(args.params) if args.params else {}
     params = {k: v for k, v in params.items() if k in ("base", "data", "train_dense", "prune")}
-    params = apply_overrides(params, args.set)
-    cfg = experiment_from_params(params)
+    # a seed or method given twice is one run, not two
+    args.seeds, args.methods = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.methods))
+    try:  # every run's settings, before any work
+        params = apply_overrides(params, args.set)
+        cfg = experiment_from_params(params)
+        for seed in args.seeds:
+            for overrides in [[], *(VARIANTS[name] for name in args.methods)]:
+                experiment_from_params(apply_overrides(params, [f"base.seed={seed}", *overrides]))
+    except ConfigError as error:
+        parser.error(str(error))
     out = Path(args.out)
+    blocked = next((path for path in (out, *out.parents) if path.is_file()), None)
+    if blocked:
+        parser.error(f"--out {out}: {blocked} is a file, not a folder")
     started = time.perf_counter()
     rows = run(params, args.seeds, args.methods)
     summary = summarise(rows)

@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import statistics
@@ -42,6 +43,7 @@ from variants import METRICS, VARIANTS, parse_extra  # noqa: E402
 from ballot.config import (FLOORED_SCHEDULES, ExperimentConfig, apply_overrides, experiment_from_params,  # noqa: E402
                            load_yaml, to_dict)
 from ballot.errors import ConfigError  # noqa: E402
+from ballot.processes import terminate_with_parent  # noqa: E402
 from ballot.storage import atomic_write, write_json, write_text  # noqa: E402
 
 DATASETS: dict[str, list[str]] = {
@@ -253,6 +255,28 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
         print(f"{unit.dataset}/{unit.model} d={density} seed {unit.seed} {name:<28} {split} acc {shown['acc']:.4f} "
               f"cwv {shown['cwv']:.5f} ({seconds:.0f}s)", file=sys.stderr, flush=True)
     return written
+
+
+def run_units(units: list[Unit], workers: int, params: dict[str, Any], densities: list[float],
+              methods: dict[str, list[str]], out: Path, cache: Path, split: str) -> bool:
+    """Every unit's missing runs in ``workers`` processes, which end with this one however it ends; False when
+    interrupted (Ctrl-C), after ending them."""
+    started = time.perf_counter()
+    threads = 1 if workers > 1 else (os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=terminate_with_parent,
+                             initargs=(os.getpid(),)) as pool:
+        try:
+            futures = [pool.submit(run_unit, u, params, densities, methods, out, cache, threads, split) for u in units]
+            for done, future in enumerate(as_completed(futures), start=1):
+                future.result()
+                print(f"[{done}/{len(units)} units done, {time.perf_counter() - started:.0f}s]", file=sys.stderr,
+                      flush=True)
+        except KeyboardInterrupt:  # also when the signal reached this process alone: leaving the pool would wait
+            for child in multiprocessing.active_children():
+                child.terminate()
+            pool.shutdown(cancel_futures=True)
+            return False
+    return True
 
 
 def collect(out: Path, units: list[Unit], params: dict[str, Any], densities: list[float],
@@ -471,7 +495,7 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
 
     rows = list(dict.fromkeys((c[0], c[1]) for c in ordered_cells(table)))
     cols = sorted({c[2] for c in table}, reverse=True)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 2), layout="constrained")  # room for the titles
     for ax, other in zip(axes, ("lth", "lth + refined")):
         grid = [[100 * _cwv_gain(table[(r[0], r[1], d)][judged], table[(r[0], r[1], d)][other])
                  if (r[0], r[1], d) in table and {judged, other} <= set(table[(r[0], r[1], d)]) else math.nan
@@ -487,6 +511,21 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
     fig.suptitle(f"CWV of {judged} against the baselines ({split} split, mean over seeds)", fontsize=10)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """``folder`` or the first of its parents that is a file (no folder can be made there), if any."""
+    return next((path for path in (folder, *folder.parents) if path.is_file()), None)
+
+
+def damaged_record(out: Path) -> tuple[Path, str] | None:
+    """The first record under ``<out>/runs/`` that is not JSON (a truncated copy, a full disk), with the reason."""
+    for path in sorted((out / "runs").glob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except ValueError as error:  # UnicodeDecodeError too
+            return path, str(error)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -544,7 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     if pinned:
         parser.error(f"--set {pinned[0]}: the matrix sets this key per cell (DATASETS or --dataset, COMMON, LONGER, "
                      "CAPS), which would override it silently; vary it with --variant NAME:KEY=VALUE instead")
-    try:  # validate every run's settings once, before any work
+    try:  # validate every run's settings once, before any work (a unit's seed is its one setting a method leaves)
+        for u in units:
+            experiment_from_params(apply_overrides(params, cell_overrides(u)))
         for u in {replace(u, seed=0) for u in units}:
             base = apply_overrides(params, cell_overrides(u))
             for density in args.densities:
@@ -552,18 +593,23 @@ def main(argv: list[str] | None = None) -> int:
                     experiment_from_params(apply_overrides(base, [f"base.density={density}", *overrides]))
     except ConfigError as error:
         parser.error(str(error))
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be at least 1")
     out, cache = Path(args.out), Path(args.cache)
-    started = time.perf_counter()
+    folders = [("--out", out / "runs"), *([] if args.report_only else [("--cache", cache / "dense")])]
+    for flag, folder in folders:
+        blocked = file_in_the_way(folder)
+        if blocked:
+            parser.error(f"{flag} {folder.parent}: {blocked} is a file, not a folder")
+    damaged = damaged_record(out)
+    if damaged:
+        parser.error(f"{damaged[0]}: a damaged run record ({damaged[1]}); delete it, and a run without --report-only "
+                     "redoes it")
     if not args.report_only:
         units.sort(key=lambda u: -COST[u.model] * (CAPS.get((u.dataset, u.model)) or 1))
-        threads = 1 if args.workers > 1 else (os.cpu_count() or 1)
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_unit, u, params, args.densities, methods, out, cache, threads, args.split)
-                       for u in units]
-            for done, future in enumerate(as_completed(futures), start=1):
-                future.result()
-                print(f"[{done}/{len(units)} units done, {time.perf_counter() - started:.0f}s]", file=sys.stderr,
-                      flush=True)
+        if not run_units(units, args.workers, params, args.densities, methods, out, cache, args.split):
+            print(f"matrix: interrupted; finished runs are kept under {out}, and a re-run resumes", file=sys.stderr)
+            return 130
     rows = collect(out, units, params, args.densities, methods)
     table = summarise(rows, args.split)
     run = {(u.dataset, u.model) for u in units}
@@ -575,8 +621,12 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if args.split == "test" else "_val"
     write_text(out / f"matrix{suffix}.md", markdown(table, args.split, list(methods), notes, judged, rows))
     write_json(out / f"matrix{suffix}.json", {"rows": rows, "methods": methods, "set": args.set})
+    drawn = out / f"cwv_gain{suffix}.png"
     if any({judged, "lth", "lth + refined"} <= set(m) for m in table.values()):
-        heatmap(table, out / f"cwv_gain{suffix}.png", args.split, judged)
+        heatmap(table, drawn, args.split, judged)
+    elif drawn.is_file():  # an earlier run's, beside a report it no longer matches
+        drawn.unlink()
+        print(f"no heat map (no cell has {judged}, lth and lth + refined): removed the earlier {drawn}")
     print("\n".join(verdict(table, args.split, judged)))
     return 0
 
