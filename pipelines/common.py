@@ -27,6 +27,7 @@ TUNE_REPORT = Path("artifacts/tune/report")
 TUNE_CHOSEN = Path("artifacts/tune/chosen")  # the chosen trial's model (ballot.tuning.kept)
 SWEEP = Path("sweep")
 MODEL_CARD = Path("artifacts/model_card.md")
+CARD_FILE = "model_card.md"  # beside model.onnx in EXPORT, where `ballot serve` looks for a plain file's card
 
 
 def load_config(path: Path = PARAMS) -> ExperimentConfig:

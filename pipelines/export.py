@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from ballot.config import ExperimentConfig
 from ballot.experiment import load_pruned
-from ballot.export import describe, export_run
+from ballot import model_card
+from ballot.export import describe, export_run, read_metadata
 from ballot.snapshot import load_snapshot
-from ballot.storage import atomic_save_tensors, staged_folder, write_json
-from pipelines.common import DATA, EXAMPLE_FILE, EXPORT, METRICS, MODEL_FILE, PRUNE, REPORT_FILE, read_json, run_stage
+from ballot.storage import atomic_save_tensors, staged_folder, write_json, write_text
+from pipelines.common import (CARD_FILE, DATA, EXAMPLE_FILE, EXPORT, METRICS, MODEL_FILE, PLOTS, PRUNE, REPORT_FILE,
+                              read_json, run_stage)
 
 
 def main(cfg: ExperimentConfig) -> None:
@@ -18,6 +20,10 @@ def main(cfg: ExperimentConfig) -> None:
         report = export_run(model, mask, data, cfg, read_json(METRICS), folder / MODEL_FILE)
         atomic_save_tensors({"input": data.test.x[:2]}, folder / EXAMPLE_FILE)
         write_json(folder / REPORT_FILE, report)
+        # beside the file, where `ballot serve` finds it for a plain .onnx path; register logs the same card
+        write_text(folder / CARD_FILE, model_card.render(read_metadata(folder / MODEL_FILE),
+                                                         read_json(PLOTS / "per_class.json"),
+                                                         (folder / MODEL_FILE).stat().st_size))
     print("\n".join(describe(report)) + f" -> {EXPORT / MODEL_FILE}")
 
 

@@ -7,12 +7,13 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from ballot import model_card, tracking
+from ballot import tracking
 from ballot.config import ExperimentConfig
 from ballot.export import read_metadata
 from ballot.storage import load_tensors, write_json, write_text
 from pipelines.common import (
     BEST_PARAMS,
+    CARD_FILE,
     DENSE,
     DVC_LOCK,
     EXAMPLE_FILE,
@@ -49,7 +50,7 @@ def main(cfg: ExperimentConfig) -> None:
     run_tags = {**tracking.git_state(), "onnx_sha256": onnx_sha256}
     if DVC_LOCK.is_file():
         run_tags["dvc_lock_sha256"] = tracking.file_sha256(DVC_LOCK)
-    text = model_card.render(card, read_json(PLOTS / "per_class.json"), (EXPORT / MODEL_FILE).stat().st_size)
+    text = (EXPORT / CARD_FILE).read_text(encoding="utf-8")  # the export stage renders it beside the file
     # This stage, killed after its run ended and before register.json was written, registered this very file from
     # this very pipeline state: record that registration rather than register the file a second time.
     registration = tracking.find_registration(cfg.register.experiment, cfg.register.model_name, tracking.CHALLENGER,

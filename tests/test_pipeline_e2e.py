@@ -271,7 +271,7 @@ def test_the_density_sweep_draws_one_curve_per_method(project):
 
 
 @pytest.mark.parametrize("change, stage, message", [
-    ({"prune": {"method": "prayer"}}, "prune", "unknown pruning method 'prayer'"),
+    ({"prune": {"method": "prayer"}}, "tune", "unknown pruning method 'prayer'"),  # tune reads prune.method
     ({"base": {"density": 1.5}}, "tune", "base.density: must be in (0, 1], got 1.5"),
     ({"base": {"dataset": "npz"}, "data": {"path": "missing.npz"}}, "prepare", "npz: file 'missing.npz' not found"),
 ])
@@ -318,6 +318,9 @@ def test_the_service_serves_the_registered_compact_model_and_its_card(project):
     with in_thread(settings) as url:
         meta = httpx.get(f"{url}/metadata").json()
         card = httpx.get(f"{url}/model-card")
+    plain = Settings(model_uri=str(project.root / "artifacts/export/model.onnx"), port=free_port(), log_level="warning")
+    with in_thread(plain) as url:
+        assert httpx.get(f"{url}/model-card").text == card.text, "the exported file's card lies beside it"
     assert meta["onnx_format"] == "compact" and meta["granularity"] == "weight" and meta["quantization"] == "none"
     assert meta["density"] == metrics["density"]
     assert 0 < meta["file_bytes"] <= 1.05 * export["onnx_bytes"] + 4096  # the registry may add a small header

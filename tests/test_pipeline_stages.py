@@ -15,7 +15,8 @@ import yaml
 from ballot.config import ExperimentConfig, load_yaml
 from ballot.errors import ConfigError, StorageError, UnknownMethodError
 from ballot.snapshot import load_snapshot, save_snapshot
-from ballot.storage import atomic_save_tensors, staged_folder, write_json
+from ballot import model_card
+from ballot.storage import atomic_save_tensors, staged_folder, write_json, write_text
 from ballot.tuning.study import SEARCH_KEYS, TRIAL_PRUNE_KEYS
 from pipelines.common import load_config, run_stage
 from pipelines.evaluate import summarise
@@ -272,7 +273,9 @@ def _stage_inputs(seed: int) -> None:
     atomic_save_tensors({"input": torch.rand(1, 1, 2, 3)}, "artifacts/export/input_example.safetensors")
     write_json("artifacts/export/export.json", {"onnx_bytes": model_file.stat().st_size})
     write_json("metrics.json", {key: card[key] for key in ("density", "acc", "cwv", "mcd", "worst_class")})
-    write_json("plots/per_class.json", [{"class": c, "sparse": 0.8, "dense": 0.9, "test_samples": 3} for c in "abc"])
+    per_class = [{"class": c, "sparse": 0.8, "dense": 0.9, "test_samples": 3} for c in "abc"]
+    write_json("plots/per_class.json", per_class)
+    write_text("artifacts/export/model_card.md", model_card.render(card, per_class, model_file.stat().st_size))
     write_json("artifacts/prune/metrics.json", {"method": "lth"})
     write_json("artifacts/prune/config.json", {"prune": {"method": "lth"}})
     for folder in ("dense", "prune"):
