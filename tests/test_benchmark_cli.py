@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.proc import alive, children, needs_proc_children
+
 _BENCH = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -28,21 +30,8 @@ matrix = _load("matrix.py", "matrix_bench")
 compare = _load("compare_methods.py", "compare_methods_bench")
 
 
-def _children(pid: int) -> set[int]:
-    return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
-    except (OSError, StopIteration):
-        return False
-    return "zombie" not in state
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
-                    reason="reads child processes from /proc (Linux)")
+@needs_proc_children
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_a_signal_to_the_matrix_alone_leaves_no_worker_training(tmp_path: Path, signal_number: int) -> None:
     """`kill -INT`, `-TERM` or `-9` of the main process: its worker (and multiprocessing's resource tracker) ends."""
@@ -55,7 +44,7 @@ def test_a_signal_to_the_matrix_alone_leaves_no_worker_training(tmp_path: Path, 
                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 60
-            while len(children := _children(process.pid)) < 2 and time.monotonic() < deadline:  # tracker, worker
+            while len(started := children(process.pid)) < 2 and time.monotonic() < deadline:  # tracker, worker
                 time.sleep(0.2)
             time.sleep(5)  # the worker imports torch and trains (digits: 60 epochs, well over 5 s)
             assert process.poll() is None, log.read_text()[-3000:]
@@ -65,9 +54,9 @@ def test_a_signal_to_the_matrix_alone_leaves_no_worker_training(tmp_path: Path, 
             process.kill()
             process.wait()
     deadline = time.monotonic() + 30
-    while (left := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+    while (left := [pid for pid in started if alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert len(children) == 2 and left == [], log.read_text()[-3000:]
+    assert len(started) == 2 and left == [], log.read_text()[-3000:]
     if signal_number == signal.SIGINT:
         text = log.read_text()
         assert process.returncode == 130 and "Traceback" not in text, text[-3000:]

@@ -22,6 +22,7 @@ from ballot.storage import load_tensors
 from ballot import train as train_module
 from ballot.train import _synced_batchnorm, _syncs_batchnorm
 from tests.conftest import TINY
+from tests.proc import naming, needs_proc_children
 
 pytestmark = pytest.mark.slow
 
@@ -55,22 +56,7 @@ def test_two_processes_select_the_single_process_mask(tmp_path, method, extra):
     assert metrics["method"] == method
 
 
-def _processes_naming(text: str) -> list[int]:
-    """Pids of the live processes whose command line holds ``text``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("State"))
-            except (OSError, StopIteration):
-                continue
-            if text in command and "zombie" not in state:
-                found.append(int(entry.name))
-    return found
-
-
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads processes from /proc (Linux)")
+@needs_proc_children
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_the_launching_process_alone_stops_every_worker(tmp_path, signal_number):
     """`kill -INT` or `kill -TERM` of the `ballot prune --nproc 2` process: no worker trains on and writes --out."""
@@ -79,13 +65,13 @@ def test_a_signal_to_the_launching_process_alone_stops_every_worker(tmp_path, si
                                  "2", "--out", str(out), "--set", "train_dense.epochs=5000"], env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
-    while len(_processes_naming(str(out))) < 4 and time.monotonic() < deadline:  # this one, torchrun, two workers
+    while len(naming(str(out))) < 4 and time.monotonic() < deadline:  # this one, torchrun, two workers
         time.sleep(0.2)
     time.sleep(3)  # the workers are training
     os.kill(launched.pid, signal_number)
     stderr = launched.communicate(timeout=120)[1]
     deadline = time.monotonic() + 60
-    while (left := _processes_naming(str(out))) and time.monotonic() < deadline:
+    while (left := naming(str(out))) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left == [] and not out.exists(), stderr
     if signal_number == signal.SIGINT:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from ballot.experiment import save_dense
 from ballot.tuning.study import sqlite_url
 from tests.conftest import tiny_config
+from tests.proc import alive, children, needs_proc_children
 from tests.test_tune import TUNE_FLAGS
 
 pytestmark = pytest.mark.slow
@@ -158,20 +159,7 @@ def test_a_killed_worker_is_replaced_and_the_completed_study_is_reported(tmp_pat
     assert (out / "best_params.yaml").is_file()
 
 
-def _children(pid: int) -> set[int]:
-    return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
-    except (OSError, StopIteration):
-        return False
-    return "zombie" not in state
-
-
-@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
-                    reason="reads child processes from /proc (Linux)")
+@needs_proc_children
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_ballot_tune_alone_stops_its_workers(tmp_path, tiny_dense, signal_number):
     """`kill -INT` or `kill -TERM` of `ballot tune --workers 2`: no worker runs trials on after it."""
@@ -186,14 +174,14 @@ def test_a_signal_to_ballot_tune_alone_stops_its_workers(tmp_path, tiny_dense, s
                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_for_a_trial_mid_run(process, out / "study.db", log, timeout=240)
-            workers = _children(process.pid)
+            workers = children(process.pid)
             os.kill(process.pid, signal_number)
             process.wait(timeout=120)
         finally:
             process.kill()
             process.wait()
     deadline = time.monotonic() + 30
-    while (left := [pid for pid in workers if _alive(pid)]) and time.monotonic() < deadline:
+    while (left := [pid for pid in workers if alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert len(workers) >= 2 and left == [], log.read_text()[-3000:]
     if signal_number == signal.SIGINT:
