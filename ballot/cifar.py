@@ -3,8 +3,9 @@
 The binary version (``cifar-10-batches-bin``, ``cifar-100-binary``) is plain bytes: a label byte (CIFAR-100: coarse
 then fine) and 3,072 pixel bytes per image, class names in text files. The python version (``cifar-10-batches-py``,
 ``cifar-100-python``, what torchvision downloads) is pickled; torchvision's own loader unpickles it with every global
-allowed, so here it goes through an unpickler that builds nothing but numpy arrays (Python's documented "restricting
-globals" recipe): a file naming any other class or function is refused, never run.
+allowed, so here it goes through an unpickler that builds nothing but numpy arrays of plain number types (Python's
+documented "restricting globals" recipe): a file naming any other class or function, or an array of any other type,
+is refused, never run.
 """
 
 from __future__ import annotations
@@ -42,12 +43,24 @@ LABEL_KEY = {10: "labels", 100: "fine_labels"}  # python version: a batch's labe
 NAMES_KEY = {10: "label_names", 100: "fine_label_names"}  # python version: the meta file's class names
 
 
+PLAIN_DTYPES = frozenset({"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f4", "f8"})
+
+
+def _plain_dtype(name: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    """numpy's shared instance of a plain number type, whatever ``copy`` asks: its ``__setstate__`` changes nothing,
+    whereas a copied (or a structured, void or object) dtype can be rewritten by the file to describe raw bytes as
+    object pointers."""
+    if name not in PLAIN_DTYPES:
+        raise pickle.UnpicklingError(f"it holds an array of type {name!r}, which a CIFAR file never holds")
+    return np.dtype(name)
+
+
 def _array_globals() -> dict[tuple[str, str], Any]:
     """The only globals pickled numpy arrays and scalars need (numpy 2 moved ``numpy.core`` to ``numpy._core``), and
     the text-to-bytes codec with which Python 3's protocol 2 writes bytes."""
     from numpy._core import multiarray  # type: ignore[import-not-found]
 
-    builders = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+    builders = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype, ("_codecs", "encode"): codecs.encode}
     for package in ("numpy.core", "numpy._core"):
         builders[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
         builders[(f"{package}.multiarray", "scalar")] = multiarray.scalar
@@ -71,7 +84,7 @@ def _unpickle(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             loaded = _ArraysOnly(handle, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+    except Exception as error:  # anything a damaged or hostile file makes the unpickler or numpy raise
         raise DatasetError(f"'{path}' is not a CIFAR python batch: {error}") from None
     if not isinstance(loaded, dict):
         raise DatasetError(f"'{path}' is not a CIFAR python batch: it holds a {type(loaded).__name__}, not a dict")

@@ -94,6 +94,19 @@ def test_a_pickle_that_calls_a_function_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("value, kind", [
+    (np.dtype("V8"), "'V8'"),  # a copied dtype, which a file could rewrite through its state to forge pointers
+    (np.array([1, "a"], dtype=object), "'O8'"),
+    (np.zeros(2, dtype=[("a", "u1"), ("b", "f4")]), "'V5'"),
+])
+def test_an_array_of_any_but_a_plain_number_type_is_refused(tmp_path, value, kind):
+    _write_python(tmp_path, 10, protocol=2)
+    (tmp_path / cifar.PYTHON[10].folder / "test_batch").write_bytes(pickle.dumps(
+        {b"data": np.zeros((1, cifar.PIXELS), np.uint8), b"labels": [0], b"filenames": value}, protocol=2))
+    with pytest.raises(DatasetError, match=f"test_batch' is not a CIFAR python batch: it holds an array of type {kind}"):
+        load_data("cifar10", DataConfig(root=str(tmp_path), download=False))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda folder: (folder / "data_batch_2.bin").write_bytes(b"\0" * 3000), "holds 3000 bytes, not a whole number"),
     (lambda folder: (folder / "test_batch.bin").unlink(), "lacks test_batch.bin: extract the whole"),
