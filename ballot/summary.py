@@ -40,15 +40,16 @@ def final_choice_text(choice: Mapping[str, Any]) -> str:
 
 
 def _alias_moved(registration: Mapping[str, Any]) -> str:
-    """'' while the alias still points at the registered version (or was not looked up), else what it points at."""
-    now = registration.get("alias_now")
-    if now is None or now == str(registration["version"]):
+    """'' while the alias still points at the registered version (or was not looked up), else where it points now
+    or why that could not be read."""
+    alias = registration["alias"]
+    if "alias_unchecked" in registration:
+        return f" (@{alias} not checked: {registration['alias_unchecked']})"
+    if "alias_now" not in registration or registration["alias_now"] == str(registration["version"]):
         return ""
-    if now == "none":
-        return f" (the registry has no @{registration['alias']} now)"
-    if now.startswith("not checked"):
-        return f" ({now})"
-    return f" (@{registration['alias']} now points to version {now})"
+    if registration["alias_now"] is None:
+        return f" (the registry has no @{alias} now)"
+    return f" (@{alias} now points to version {registration['alias_now']})"
 
 
 def summary(metrics: Mapping[str, Any]) -> str:
@@ -58,7 +59,8 @@ def summary(metrics: Mapping[str, Any]) -> str:
     ``worst_class_name``; optionally ``dense`` ({acc, cwv, mcd} of the dense model), ``final_choice`` (which of
     competing final trainings was kept, and their validation objectives), ``onnx_bytes`` and ``registration``
     ({name, version, alias}; ``stale`` true when register.json registered an earlier export, not this model;
-    ``alias_now``: the version the alias points at in the registry now, or why that could not be read).
+    ``alias_now``: the version the alias points at in the registry now, None when none; ``alias_unchecked``: why
+    that could not be read).
     Unknown numbers (None, NaN) read 'n/a'.
     """
     dense = metrics.get("dense") or {}

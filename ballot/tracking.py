@@ -291,17 +291,20 @@ def _every_page(search: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
 
 
 def alias_version(name: str, alias: str) -> str | None:
-    """The version ``alias`` of model ``name`` points at now (None when the model or the alias does not exist);
-    RegistryError when the registry cannot be read."""
+    """The version ``alias`` of model ``name`` points at now (None when the model or the alias does not exist: MLflow
+    reports the two with different error codes, so the model's alias table is read instead); RegistryError when the
+    registry cannot be read."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+        aliases = mlflow.MlflowClient().get_registered_model(name).aliases
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise RegistryError(f"cannot read @{alias} of model '{name}' from the registry: {error.message}") from None
+    version = aliases.get(alias)
+    return None if version is None else str(version)
 
 
 def find_registration(experiment: str, name: str, alias: str, run_tags: Mapping[str, str]) -> Registration | None:
@@ -313,13 +316,15 @@ def find_registration(experiment: str, name: str, alias: str, run_tags: Mapping[
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
+    number = alias_version(name, alias)
+    if number is None:  # no such model or alias yet
+        return None
     try:
-        version = client.get_model_version_by_alias(name, alias)
+        version = client.get_model_version(name, number)
         run = client.get_run(version.run_id) if version.run_id else None
     except MlflowException as error:
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST":  # no such model or alias yet
-            return None
-        raise RegistryError(f"cannot read @{alias} of model '{name}' from the registry: {error.message}") from None
+        raise RegistryError(f"cannot read version {number} of model '{name}' from the registry: {error.message}") \
+            from None
     found = mlflow.get_experiment_by_name(experiment)
     if run is None or found is None or run.info.experiment_id != found.experiment_id:
         return None

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ballot.errors import StorageError
+from ballot.errors import StorageError, UserError
 from ballot.summary import summary
-from ballot.tracking import file_sha256
+from ballot.tracking import alias_version, connect, file_sha256
 from pipelines.common import EXPORT, METRICS, MODEL_FILE, PRUNE, REGISTER, REPORT_FILE, read_json
 
 METRIC_KEYS = ("density", "acc", "cwv", "mcd", "worst_class")  # what the block reads from metrics.json
@@ -51,23 +51,22 @@ def collect() -> dict[str, Any]:
         registration = read_object(REGISTER, ["name", "version", "alias"])
         stale = not exported(registration)
         checked = not stale and bool(registration.get("tracking_uri"))
-        metrics["registration"] = {**registration, "stale": stale,
-                                   **({"alias_now": alias_now(registration)} if checked else {})}
+        metrics["registration"] = {**registration, "stale": stale, **(alias_now(registration) if checked else {})}
     return metrics
 
 
-def alias_now(registration: dict[str, Any]) -> str | None:
-    """The version the registration's alias points at in the registry now (another run, a `dvc exp run` or
-    `ballot register`, may have moved it since), or a sentence saying why it could not be read."""
-    from ballot.errors import UserError
-    from ballot.tracking import alias_version, connect
-
+def alias_now(registration: dict[str, Any]) -> dict[str, Any]:
+    """{"alias_now": the version the registration's alias points at in the registry now, None when none} (another
+    run, a `dvc exp run` or `ballot register`, may have moved it since), or {"alias_unchecked": why it could not be
+    read}."""
+    uri = registration["tracking_uri"]
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return {"alias_unchecked": f"the tracking store {uri} is gone"}  # connecting would create an empty one
     try:
-        connect(registration["tracking_uri"])
-        version = alias_version(registration["name"], registration["alias"])
+        connect(uri)
+        return {"alias_now": alias_version(registration["name"], registration["alias"])}
     except UserError as error:
-        return f"not checked: {error}"
-    return "none" if version is None else version
+        return {"alias_unchecked": str(error)}
 
 
 def main() -> int:

@@ -318,10 +318,25 @@ def test_the_summary_reports_a_registration_only_for_the_model_it_registered(reg
     assert pipelines.summary.main() == 0
     assert capsys.readouterr().out.splitlines()[-1] == ("registered   ballot-fashion-mnist version 1 @challenger "
                                                         "(@challenger now points to version 2)")
+    client.delete_registered_model_alias(name, "challenger")
+    assert pipelines.summary.main() == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("@challenger (the registry has no @challenger now)")
+    client.set_registered_model_alias(name, "challenger", "1")
     _stage_inputs(seed=1)  # prune, evaluate and export ran again; register failed (or has not run yet)
     assert pipelines.summary.main() == 0
     assert capsys.readouterr().out.splitlines()[-1] == ("registered   not this model (register.json names version 1 "
                                                         "of an earlier export; run the register stage)")
+
+
+def test_the_register_stage_registers_a_model_that_has_versions_but_no_challenger_yet(register_folder, capsys):
+    """MLflow answers a missing alias of an existing model with another error code than a missing model."""
+    import pipelines.register
+
+    name = ExperimentConfig().register.model_name
+    register_folder.MlflowClient().create_registered_model(name)
+    pipelines.register.main(ExperimentConfig())
+    assert load_yaml(Path("artifacts/register.json"))["version"] == "1"
+    assert "@challenger" in capsys.readouterr().out
 
 
 def test_a_register_stage_killed_before_recording_is_recorded_by_the_next_not_registered_twice(register_folder,

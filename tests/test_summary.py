@@ -28,15 +28,16 @@ def test_summary_of_a_hand_made_mapping():
     ]
 
 
-@pytest.mark.parametrize("alias_now, line", [
-    ("3", "registered   m version 3 @challenger"),
-    ("5", "registered   m version 3 @challenger (@challenger now points to version 5)"),
-    ("none", "registered   m version 3 @challenger (the registry has no @challenger now)"),
-    ("not checked: cannot reach the tracking server", "registered   m version 3 @challenger (not checked: cannot reach "
-                                                      "the tracking server)"),
+@pytest.mark.parametrize("looked_up, line", [
+    ({"alias_now": "3"}, "registered   m version 3 @challenger"),
+    ({}, "registered   m version 3 @challenger"),
+    ({"alias_now": "5"}, "registered   m version 3 @challenger (@challenger now points to version 5)"),
+    ({"alias_now": None}, "registered   m version 3 @challenger (the registry has no @challenger now)"),
+    ({"alias_unchecked": "cannot reach the tracking server"},
+     "registered   m version 3 @challenger (@challenger not checked: cannot reach the tracking server)"),
 ])
-def test_summary_says_where_the_alias_points_now(alias_now, line):
-    registration = {"name": "m", "version": "3", "alias": "challenger", "alias_now": alias_now}
+def test_summary_says_where_the_alias_points_now(looked_up, line):
+    registration = {"name": "m", "version": "3", "alias": "challenger", **looked_up}
     assert summary({**METRICS, "registration": registration}).splitlines()[-1] == line
 
 
