@@ -26,7 +26,6 @@ from ballot.config import (
     to_dict,
 )
 from ballot.errors import ConfigError, StorageError, UserError
-from ballot.processes import terminate_with_parent
 from ballot.summary import summary
 
 if TYPE_CHECKING:
@@ -144,27 +143,29 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 
 
 LAUNCHER_SELF_STOP_S = 3  # how long an interrupted launcher is given to stop by itself (a terminal's Ctrl-C)
-LAUNCHER_GRACE_S = 30  # then, after a SIGTERM, before it is killed
+LAUNCHER_GRACE_S = 40  # then, after a SIGTERM, before it is killed (torchrun's own grace for its workers is 30 s)
 
 
 def _relaunch(processes: int, argv: list[str]) -> int:
     """This same command in ``processes`` data-parallel processes on this machine (torchrun); its exit code, 2
     (with the lowest-ranked process's error as the last line) when a process stopped on bad input. The launcher
     dies with this process (a SIGTERM from the kernel, which it passes to its workers), and an interrupt stops it
-    and its workers before this process returns, so no worker is left to write --out later."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "--log-dir", "", "-m", "ballot.cli", *_without_option(argv, "--nproc")]
+    and its workers before this process returns, so no worker is left to write --out later (the workers end with
+    the launcher: ``distributed.start``)."""
     with tempfile.TemporaryDirectory() as folder:
-        command[command.index("--log-dir") + 1] = str(Path(folder) / "logs")  # not a torchelastic_* left in /tmp
+        command = [sys.executable, "-m", "ballot.processes", str(os.getpid()),  # the launcher ends with this process
+                   "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                   "--log-dir", str(Path(folder) / "logs"),  # not a torchelastic_* folder left in /tmp
+                   "-m", "ballot.cli", *_without_option(argv, "--nproc")]
         errors_dir = Path(folder) / "errors"
         errors_dir.mkdir()
-        launcher = subprocess.Popen(command, env={**os.environ, ERROR_DIR_ENV: str(errors_dir)},
-                                    preexec_fn=terminate_with_parent)
+        launcher = subprocess.Popen(command, env={**os.environ, ERROR_DIR_ENV: str(errors_dir)})
         try:
             code = launcher.wait()
         except KeyboardInterrupt:
             _stop(launcher)
             raise
+        code = code if code >= 0 else 128 - code  # a launcher ended by a signal: the shell's status for it
         errors = sorted(errors_dir.iterdir(), key=lambda path: int(path.name))
         if code and errors:
             print(f"ballot: error: {errors[0].read_text()}", file=sys.stderr)
@@ -173,9 +174,9 @@ def _relaunch(processes: int, argv: list[str]) -> int:
 
 
 def _stop(launcher: subprocess.Popen) -> None:
-    """Stop an interrupted launcher and its workers. A terminal's Ctrl-C reaches them all, and they stop by themselves
-    within LAUNCHER_SELF_STOP_S; a signal to this process alone does not, so the launcher then gets SIGTERM (torchrun
-    passes it on and waits for its workers), and SIGKILL after LAUNCHER_GRACE_S more."""
+    """Stop an interrupted launcher and its workers. A terminal's Ctrl-C reaches the launcher too, which stops its
+    workers and itself within LAUNCHER_SELF_STOP_S; a signal to this process alone does not, so the launcher then gets
+    SIGTERM (torchrun passes it on and waits for its workers), and SIGKILL after LAUNCHER_GRACE_S more."""
     with contextlib.suppress(subprocess.TimeoutExpired):
         launcher.wait(LAUNCHER_SELF_STOP_S)
         return

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ballot.errors import ConfigError, UserError
+from ballot.processes import terminate_with_parent
 
 T = TypeVar("T")
 # How long a collective waits for the other processes: gloo's default, given to NCCL too (whose own is 10 minutes),
@@ -82,9 +83,11 @@ def local_device(device: torch.device) -> torch.device:
 
 
 def start(device: torch.device) -> None:
-    """Join the process group torchrun describes (no-op in a single process or when already joined)."""
+    """Join the process group torchrun describes (no-op in a single process or when already joined); this process
+    then ends with torchrun, however torchrun ends (it starts each worker in a session of its own)."""
     if not requested() or dist.is_initialized():
         return
+    terminate_with_parent(os.getppid())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)

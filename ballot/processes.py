@@ -17,3 +17,22 @@ def terminate_with_parent(parent: int | None = None) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m ballot.processes PARENT_PID MODULE [ARGS...]``: run MODULE as ``python -m`` would, ending with
+    process PARENT_PID (a launcher asks for this in the child itself, not in a ``preexec_fn`` between fork and exec,
+    which is unsafe in a threaded parent)."""
+    import runpy
+    import sys
+
+    parent, module, *arguments = argv
+    terminate_with_parent(int(parent))
+    sys.argv = [module, *arguments]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -57,9 +57,11 @@ def test_two_processes_select_the_single_process_mask(tmp_path, method, extra):
 
 
 @needs_proc_children
-@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_to_the_launching_process_alone_stops_every_worker(tmp_path, signal_number):
-    """`kill -INT` or `kill -TERM` of the `ballot prune --nproc 2` process: no worker trains on and writes --out."""
+@pytest.mark.parametrize("target, signal_number", [("ballot", signal.SIGINT), ("ballot", signal.SIGTERM),
+                                                   ("torchrun", signal.SIGKILL)])
+def test_a_signal_to_the_launching_process_alone_stops_every_worker(tmp_path, target, signal_number):
+    """`kill -INT` or `kill -TERM` of the `ballot prune --nproc 2` process, or `kill -9` of its torchrun: no worker
+    trains on and writes --out."""
     out = tmp_path / "out"
     launched = subprocess.Popen([sys.executable, "-m", "ballot.cli", "prune", *FLAGS, "--method", "lth", "--nproc",
                                  "2", "--out", str(out), "--set", "train_dense.epochs=5000"], env=ENV,
@@ -68,16 +70,18 @@ def test_a_signal_to_the_launching_process_alone_stops_every_worker(tmp_path, si
     while len(naming(str(out))) < 4 and time.monotonic() < deadline:  # this one, torchrun, two workers
         time.sleep(0.2)
     time.sleep(3)  # the workers are training
-    os.kill(launched.pid, signal_number)
+    victim = launched.pid if target == "ballot" else next(pid for pid in naming(str(out))
+                                                         if pid in naming("torch.distributed.run"))
+    os.kill(victim, signal_number)
     stderr = launched.communicate(timeout=120)[1]
     deadline = time.monotonic() + 60
     while (left := naming(str(out))) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left == [] and not out.exists(), stderr
+    expected = {signal.SIGINT: 130, signal.SIGTERM: -signal.SIGTERM, signal.SIGKILL: 128 + signal.SIGKILL}
+    assert launched.returncode == expected[signal_number], stderr
     if signal_number == signal.SIGINT:
-        assert launched.returncode == 130 and stderr.count("ballot: interrupted") == 1, stderr
-    else:
-        assert launched.returncode == -signal.SIGTERM
+        assert stderr.count("ballot: interrupted") == 1, stderr
 
 
 def torchrun(*command: str) -> subprocess.CompletedProcess:
