@@ -22,8 +22,8 @@ def main(cfg: ExperimentConfig) -> None:
     if cfg.tune.storage is not None:
         raise ConfigError(f"tune.storage: the pipeline's tune stage keeps its study in {STUDY_DB}, a DVC output; "
                           f"leave it null here and share a study between machines with `ballot tune --storage URL`")
-    if cfg.prune.method != "ballot":
-        skip(f"prune.method is {cfg.prune.method!r}, and the study tunes Ballot's knobs")
+    if cfg.prune.method != "ballot" and not (cfg.sweep.densities and "ballot" in cfg.sweep.methods):
+        skip(f"prune.method is {cfg.prune.method!r} and the sweep draws no Ballot curve; the study tunes Ballot")
         return
     data = load_snapshot(DATA)
     check_fits(cfg, data)

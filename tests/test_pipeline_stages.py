@@ -253,11 +253,18 @@ def test_tune_stage_skips_the_study_for_another_method_and_keeps_an_earlier_stud
     kept.mkdir(parents=True)
     (tmp_path / "artifacts" / "tune" / "study.db").write_bytes(b"an earlier study")
     run_stage("tune", pipelines.tune.main)
-    reason = "prune.method is 'magnitude', and the study tunes Ballot's knobs"
+    reason = "prune.method is 'magnitude' and the sweep draws no Ballot curve; the study tunes Ballot"
     assert f"tune: skipped ({reason})" in capsys.readouterr().out
     assert load_yaml(tmp_path / "best_params.yaml") == {"skipped": reason, "params": {}}
     assert json.loads((tmp_path / "artifacts" / "tune" / "report" / "summary.json").read_text()) == {"skipped": reason}
     assert kept.is_dir() and (tmp_path / "artifacts" / "tune" / "study.db").read_bytes() == b"an earlier study"
+
+    params["prune"]["granularity"] = "weight"
+    params["sweep"] = {"densities": [0.2], "methods": ["magnitude", "ballot"]}  # a tuned Ballot curve
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setattr(pipelines.tune, "load_snapshot", lambda folder: (_ for _ in ()).throw(LookupError("studied")))
+    with pytest.raises(LookupError, match="studied"):
+        run_stage("tune", pipelines.tune.main)
 
 
 def _stage_inputs(seed: int) -> None:

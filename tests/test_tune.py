@@ -623,9 +623,11 @@ def test_two_trial_study_end_to_end_then_resumed_to_three(tmp_path):
         m = run.data.metrics
         assert m["objective"] == pytest.approx(m["val_acc"] - 0.5 * m["val_mcd"]) and "val_cwv" in m
 
+    interrupted = optuna.load_study(study_name=summary["study"], storage=sqlite_url(out / "study.db"))
+    interrupted.tell(interrupted.ask(), state=TrialState.FAIL)  # as a Ctrl-C leaves it
     assert main([*command, "--n-trials", "3"]) == 0  # the same study, continued to three trials
     summary = json.loads((out / "report" / "summary.json").read_text())
-    resumed = json.loads((out / "report" / "trials.json").read_text())
+    resumed = [t for t in json.loads((out / "report" / "trials.json").read_text()) if t["state"] == "COMPLETE"]
     assert summary["trials"]["finished"] == 3 and len(resumed) == 3
     parent_again, children = _mlflow_runs(uri, summary["study"])
     assert parent_again.info.run_id == parent.info.run_id and len(children) == 3

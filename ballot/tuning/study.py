@@ -142,8 +142,8 @@ def _check_sqlite_writable(database: Path, url: str) -> None:
 
 def make_sampler(tune: TuneConfig, worker: int, trials: int = 0) -> optuna.samplers.BaseSampler:
     """TPE (constant liar for parallel workers, constraint-aware) or random, seeded from tune.seed, the worker's
-    offset and the number of ``trials`` the study holds: a worker makes one before each trial, so a study resumed by
-    one process suggests what the same study run in one go would have, and workers never share a sequence."""
+    offset and the number of finished ``trials`` of the study: a worker makes one before each trial, so a study
+    resumed by one process suggests what the same study run in one go would have."""
     key = f"{tune.seed}:{worker}:{trials}".encode()
     seed = int.from_bytes(hashlib.sha256(key).digest()[:4], "little")  # within Optuna's range, [0, 2**32)
     if tune.sampler == "random":
@@ -343,7 +343,7 @@ def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[
             time.sleep(poll)
             continue
         enqueue_baseline(study, ctx.cfg, ctx.knobs)
-        study.sampler = make_sampler(tune, worker, len(study.get_trials(deepcopy=False)))
+        study.sampler = make_sampler(tune, worker, finished)  # not failed trials: a resume after Ctrl-C draws alike
         asked: list[optuna.Trial] = []
         try:
             study.optimize(partial(_asked_trial, asked=asked, ctx=ctx), n_trials=1, callbacks=callbacks,
@@ -437,6 +437,9 @@ def _spawned(job: WorkerJob, parent: int) -> None:
         sys.exit(130)
 
 
+WORKER_SELF_STOP_S = 3  # how long interrupted workers are given to stop by themselves before they get SIGTERM
+
+
 def run_workers(job: WorkerJob, count: int, study: optuna.Study, n_trials: int) -> None:
     """``count`` worker processes (spawned, one torch thread each) on ``study``. When a worker fails (a kill, an
     error) but the others still brought the study to ``n_trials`` finished trials, a warning names it; TuneError
@@ -450,6 +453,9 @@ def run_workers(job: WorkerJob, count: int, study: optuna.Study, n_trials: int) 
         for process in processes:
             process.join()
     except KeyboardInterrupt:  # also when the signal reached this process alone: no worker trials on
+        deadline = time.monotonic() + WORKER_SELF_STOP_S  # a terminal's Ctrl-C reached them too: they record the
+        for process in processes:                        # interrupted trial as failed and stop by themselves
+            process.join(max(0.0, deadline - time.monotonic()))
         for process in processes:
             process.terminate()
             process.join()
