@@ -91,6 +91,12 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(error, os.strerror(error), str(a))
 
 
+def file_in_the_way(folder: str | Path) -> Path | None:
+    """``folder`` or the first of its parents that is a file (so no folder can be made there), if any."""
+    folder = Path(folder)
+    return next((path for path in (folder, *folder.parents) if path.is_file()), None)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path``."""
     path = Path(path)

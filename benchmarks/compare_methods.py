@@ -24,7 +24,7 @@ from variants import BASELINES, METRICS, VARIANTS  # noqa: E402
 from ballot.config import apply_overrides, experiment_from_params, load_yaml  # noqa: E402
 from ballot.errors import ConfigError  # noqa: E402
 from ballot.experiment import model_metrics, prepare_data, run_prune, timed, train_dense  # noqa: E402
-from ballot.storage import atomic_write, write_json, write_text  # noqa: E402
+from ballot.storage import atomic_write, file_in_the_way, write_json, write_text  # noqa: E402
 
 
 def run(params: dict[str, Any], seeds: list[int], variants: list[str]) -> list[dict[str, Any]]:
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
     out = Path(args.out)
-    blocked = next((path for path in (out, *out.parents) if path.is_file()), None)
+    blocked = file_in_the_way(out)
     if blocked:
         parser.error(f"--out {out}: {blocked} is a file, not a folder")
     started = time.perf_counter()

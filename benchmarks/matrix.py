@@ -44,7 +44,7 @@ from ballot.config import (FLOORED_SCHEDULES, ExperimentConfig, apply_overrides,
                            load_yaml, to_dict)
 from ballot.errors import ConfigError  # noqa: E402
 from ballot.processes import terminate_with_parent  # noqa: E402
-from ballot.storage import atomic_write, write_json, write_text  # noqa: E402
+from ballot.storage import atomic_write, file_in_the_way, write_json, write_text  # noqa: E402
 
 DATASETS: dict[str, list[str]] = {
     "fmnist-lt": ["base.dataset=fashion-mnist", "data.imbalance_ratio=10"],
@@ -511,11 +511,6 @@ def heatmap(table: dict[tuple[str, str, float], dict[str, Stats]], path: Path, s
     fig.suptitle(f"CWV of {judged} against the baselines ({split} split, mean over seeds)", fontsize=10)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
-
-
-def file_in_the_way(folder: Path) -> Path | None:
-    """``folder`` or the first of its parents that is a file (no folder can be made there), if any."""
-    return next((path for path in (folder, *folder.parents) if path.is_file()), None)
 
 
 def damaged_record(out: Path) -> tuple[Path, str] | None:
