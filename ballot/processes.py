@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import runpy
 import signal
+import sys
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -23,9 +25,6 @@ def main(argv: list[str]) -> None:
     """``python -m ballot.processes PARENT_PID MODULE [ARGS...]``: run MODULE as ``python -m`` would, ending with
     process PARENT_PID (a launcher asks for this in the child itself, not in a ``preexec_fn`` between fork and exec,
     which is unsafe in a threaded parent)."""
-    import runpy
-    import sys
-
     parent, module, *arguments = argv
     terminate_with_parent(int(parent))
     sys.argv = [module, *arguments]
@@ -33,6 +32,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])
