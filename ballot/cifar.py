@@ -3,9 +3,9 @@
 The binary version (``cifar-10-batches-bin``, ``cifar-100-binary``) is plain bytes: a label byte (CIFAR-100: coarse
 then fine) and 3,072 pixel bytes per image, class names in text files. The python version (``cifar-10-batches-py``,
 ``cifar-100-python``, what torchvision downloads) is pickled; torchvision's own loader unpickles it with every global
-allowed, so here it goes through an unpickler that builds nothing but numpy arrays of plain number types (Python's
-documented "restricting globals" recipe): a file naming any other class or function, or an array of any other type,
-is refused, never run.
+allowed, so here it goes through an unpickler that builds nothing but numpy arrays of plain number types, and only
+the way numpy's own pickles build them (Python's documented "restricting globals" recipe, narrowed per global): a
+file naming any other class or function, an array of any other type, or any other call is refused, never run.
 """
 
 from __future__ import annotations
@@ -55,14 +55,32 @@ def _plain_dtype(name: Any, align: Any = False, copy: Any = False) -> np.dtype:
     return np.dtype(name)
 
 
-def _array_globals() -> dict[tuple[str, str], Any]:
-    """The only globals pickled numpy arrays and scalars need (numpy 2 moved ``numpy.core`` to ``numpy._core``), and
-    the text-to-bytes codec with which Python 3's protocol 2 writes bytes."""
+def _array_class(*args: Any) -> None:
+    """What a file gets for ``numpy.ndarray``: a token to hand to ``_reconstruct``, refusing to be called itself."""
+    raise pickle.UnpicklingError("it calls numpy's array constructor, which numpy's own pickles never do")
+
+
+def _empty_array(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
+    """The one call a pickled array begins with, ``_reconstruct(ndarray, (0,), b'b')``: an empty array that the
+    file's state then fills (shape, plain dtype, bytes, checked by numpy). Any other call is refused: numpy's
+    constructor and ``_reconstruct`` take a dtype as text ('O', 'V8', ...) and a buffer, offset and strides, with
+    which a file builds object arrays from raw bytes or reads outside its buffer."""
     from numpy._core import multiarray  # type: ignore[import-not-found]
 
-    builders = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype, ("_codecs", "encode"): codecs.encode}
+    if subtype is not _array_class or shape != (0,) or typecode not in ("b", b"b"):
+        raise pickle.UnpicklingError("it builds an array otherwise than numpy's own pickles do")
+    return multiarray._reconstruct(np.ndarray, (0,), b"b")
+
+
+def _array_globals() -> dict[tuple[str, str], Any]:
+    """The only globals pickled numpy arrays and scalars need (numpy 2 moved ``numpy.core`` to ``numpy._core``), each
+    narrowed to what numpy's own pickles do with it, and the text-to-bytes codec of Python 3's protocol 2."""
+    from numpy._core import multiarray  # type: ignore[import-not-found]
+
+    builders = {("numpy", "ndarray"): _array_class, ("numpy", "dtype"): _plain_dtype,
+                ("_codecs", "encode"): codecs.encode}
     for package in ("numpy.core", "numpy._core"):
-        builders[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        builders[(f"{package}.multiarray", "_reconstruct")] = _empty_array
         builders[(f"{package}.multiarray", "scalar")] = multiarray.scalar
     return builders
 
@@ -85,7 +103,7 @@ def _unpickle(path: Path) -> dict[str, Any]:
         with open(path, "rb") as handle:
             loaded = _ArraysOnly(handle, encoding="latin1").load()
     except Exception as error:  # anything a damaged or hostile file makes the unpickler or numpy raise
-        raise DatasetError(f"'{path}' is not a CIFAR python batch: {error}") from None
+        raise DatasetError(f"'{path}' is not a CIFAR python batch: {error or type(error).__name__}") from None
     if not isinstance(loaded, dict):
         raise DatasetError(f"'{path}' is not a CIFAR python batch: it holds a {type(loaded).__name__}, not a dict")
     return {key.decode("latin1") if isinstance(key, bytes) else str(key): value for key, value in loaded.items()}

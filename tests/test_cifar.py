@@ -1,6 +1,9 @@
 """CIFAR archives, both published versions, written here in their documented layouts."""
 
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +108,41 @@ def test_an_array_of_any_but_a_plain_number_type_is_refused(tmp_path, value, kin
         {b"data": np.zeros((1, cifar.PIXELS), np.uint8), b"labels": [0], b"filenames": value}, protocol=2))
     with pytest.raises(DatasetError, match=f"test_batch' is not a CIFAR python batch: it holds an array of type {kind}"):
         load_data("cifar10", DataConfig(root=str(tmp_path), download=False))
+
+
+class _Call:
+    """Pickles as the call ``function(*args)``, as a hostile file would write it."""
+
+    def __init__(self, function, *args):
+        self.reduced = function, args
+
+    def __reduce__(self):
+        return self.reduced
+
+
+_reconstruct = np._core.multiarray._reconstruct
+HOSTILE = {
+    "object array from raw bytes": _Call(np.ndarray, (2,), "O", b"A" * 16),
+    "read before the buffer": _Call(np.ndarray, (4, cifar.PIXELS), "u1", b"A", -2**40),
+    "strides that wrap around": _Call(np.ndarray, (3, cifar.PIXELS), "u1", b"A" * cifar.PIXELS, 0, (-2**63, 1)),
+    "an array over another's memory": [_Call(np.ndarray, (4,), "u1", np.zeros(4, np.uint8))],
+    "an object array by _reconstruct": _Call(_reconstruct, np.ndarray, (3,), "O"),
+    "uninitialised memory by _reconstruct": _Call(_reconstruct, np.ndarray, (1 << 20,), "u1"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_array_call_is_refused_without_crashing_the_reader(tmp_path, case):
+    """Run in a child process, so that a memory error fails the test rather than ending pytest."""
+    _write_python(tmp_path, 10, protocol=2)
+    path = tmp_path / cifar.PYTHON[10].folder / "batches.meta"
+    path.write_bytes(pickle.dumps({b"label_names": HOSTILE[case], b"data": HOSTILE[case]}, protocol=2))
+    probe = ("import sys; from pathlib import Path; from ballot import cifar; from ballot.errors import DatasetError\n"
+             "try:\n    cifar._unpickle(Path(sys.argv[1]))\nexcept DatasetError as error:\n    print(error)")
+    run = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert run.returncode == 0, f"the reader crashed ({run.returncode}): {run.stderr[-500:]}"
+    assert run.stdout.startswith(f"'{path}' is not a CIFAR python batch: it "), run.stdout
 
 
 @pytest.mark.parametrize("damage, message", [

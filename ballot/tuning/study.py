@@ -454,11 +454,13 @@ def run_workers(job: WorkerJob, count: int, study: optuna.Study, n_trials: int) 
             process.join()
     except KeyboardInterrupt:  # also when the signal reached this process alone: no worker trials on
         deadline = time.monotonic() + WORKER_SELF_STOP_S  # a terminal's Ctrl-C reached them too: they record the
-        for process in processes:                        # interrupted trial as failed and stop by themselves
-            process.join(max(0.0, deadline - time.monotonic()))
-        for process in processes:
-            process.terminate()
-            process.join()
+        try:                                             # interrupted trial as failed and stop by themselves
+            for process in processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+        finally:  # a second Ctrl-C in the grace ends it
+            for process in processes:
+                process.terminate()
+                process.join()
         raise
     failed = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0)
     if not failed:
