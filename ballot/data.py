@@ -215,6 +215,7 @@ def _read_image(folder_set: Any, index: int) -> tuple[torch.Tensor, int]:
 
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
+READ_AS_IMAGES = f"(images: {' '.join(sorted(IMAGE_SUFFIXES))})"  # what messages about skipped files add
 SPLIT_FOLDERS = {"train": ("train", "training"), "test": ("test", "testing")}  # matched in any letter case
 
 
@@ -286,7 +287,7 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
         try:
             folder_set = VisibleClasses(str(folder), transform=transform, loader=_load_rgb, is_valid_file=readable)
         except (FileNotFoundError, OSError) as error:
-            known = f" (images: {' '.join(sorted(IMAGE_SUFFIXES))})" if "no valid file" in str(error) else ""
+            known = f" {READ_AS_IMAGES}" if "no valid file" in str(error) else ""
             raise DatasetError(f"imagefolder: cannot read '{folder}': {str(error).strip()}{known}") from None
         images, labels = zip(*(_read_image(folder_set, i) for i in range(len(folder_set))))
         shapes = {tuple(img.shape) for img in images}
@@ -297,8 +298,7 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
                  + ", ".join(f"{suffix}: {count}" for suffix, count in sorted(skipped.items())) + ")"] if skipped else []
         parts += [f"{loose} files outside the class folders"] if loose else []
         if parts:
-            notes.append(f"note: imagefolder '{folder}': skipped {'; '.join(parts)} (images: "
-                         f"{' '.join(sorted(IMAGE_SUFFIXES))})")
+            notes.append(f"note: imagefolder '{folder}': skipped {'; '.join(parts)} {READ_AS_IMAGES}")
         return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64)), folder_set.classes
 
     train, classes = read(train_dir)

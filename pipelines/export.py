@@ -3,9 +3,9 @@ storage and the fairness-checked INT8 step as export.compact and export.quantize
 
 from __future__ import annotations
 
+from ballot import model_card
 from ballot.config import ExperimentConfig
 from ballot.experiment import load_pruned
-from ballot import model_card
 from ballot.export import describe, export_run, read_metadata
 from ballot.snapshot import load_snapshot
 from ballot.storage import atomic_save_tensors, staged_folder, write_json, write_text

@@ -27,14 +27,12 @@ def build_server(model: OnnxModel, settings: Settings) -> uvicorn.Server:
     Each request must arrive within ``settings.read_timeout`` seconds (``serving.protocol``); beyond
     ``settings.max_connections`` open connections or requests in flight uvicorn answers 503 (what bodies can hold
     at once: max_connections x max_body_bytes); the refusals of the HTTP layer are counted in the app's metrics; one
-    line per request goes to the access log only when
-    ``settings.access_log`` asks for it.
+    line per request goes to the access log only when ``settings.access_log`` asks for it.
     """
     app = create_app(model, settings)
     http = protocol_class(settings.read_timeout, app.state.metrics.observe_refusal)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http=http,
-                            log_level=settings.log_level,
-                            access_log=settings.access_log, server_header=False,
+                            log_level=settings.log_level, access_log=settings.access_log, server_header=False,
                             limit_concurrency=settings.max_connections + 1)  # uvicorn counts the asking one
     return uvicorn.Server(config)
 

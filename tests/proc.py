@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,11 @@ def naming(text: str) -> list[int]:
             if text in command and alive(int(entry.name)):
                 found.append(int(entry.name))
     return found
+
+
+def survivors(pids: set[int] | list[int], within_s: float) -> list[int]:
+    """Those of ``pids`` still running once all have ended or ``within_s`` seconds have passed."""
+    deadline = time.monotonic() + within_s
+    while (left := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.proc import alive, children, needs_proc_children
+from tests.proc import children, needs_proc_children, survivors
 
 _BENCH = Path(__file__).parents[1] / "benchmarks"
 
@@ -53,9 +53,7 @@ def test_a_signal_to_the_matrix_alone_leaves_no_worker_training(tmp_path: Path, 
         finally:
             process.kill()
             process.wait()
-    deadline = time.monotonic() + 30
-    while (left := [pid for pid in started if alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    left = survivors(started, within_s=30)
     assert len(started) == 2 and left == [], log.read_text()[-3000:]
     if signal_number == signal.SIGINT:
         text = log.read_text()

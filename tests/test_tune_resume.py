@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from ballot.experiment import save_dense
 from ballot.tuning.study import sqlite_url
 from tests.conftest import tiny_config
-from tests.proc import alive, children, needs_proc_children
+from tests.proc import children, needs_proc_children, survivors
 from tests.test_tune import TUNE_FLAGS
 
 pytestmark = pytest.mark.slow
@@ -180,9 +180,7 @@ def test_a_signal_to_ballot_tune_alone_stops_its_workers(tmp_path, tiny_dense, s
         finally:
             process.kill()
             process.wait()
-    deadline = time.monotonic() + 30
-    while (left := [pid for pid in workers if alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    left = survivors(workers, within_s=30)
     assert len(workers) >= 2 and left == [], log.read_text()[-3000:]
     if signal_number == signal.SIGINT:
         assert process.returncode == 130 and log.read_text().count("ballot: interrupted") == 1, log.read_text()[-3000:]

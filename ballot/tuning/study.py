@@ -317,25 +317,29 @@ def enqueue_baseline(study: optuna.Study, cfg: ExperimentConfig, knobs: list[Kno
         study.enqueue_trial(current_values(cfg, knobs), user_attrs={BASELINE: True})
 
 
-def others_running(study: optuna.Study) -> bool:
-    """Whether another process is running a trial of ``study`` now (stale trials failed first)."""
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the RUNNING trials whose heartbeat stood still (their process died): Optuna's call, still experimental."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+
+
+def others_running(study: optuna.Study) -> bool:
+    """Whether another process is running a trial of ``study`` now (stale trials failed first)."""
+    _fail_stale_trials(study)
     return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 
 
 def run_worker(study: optuna.Study, ctx: TrialContext, callbacks: list[Callable[..., None]], worker: int = 0) -> int:
     """Run trials until the study holds ``tune.n_trials`` finished ones or ``tune.timeout_s`` passes, queueing the
     baseline again first if it was lost (a killed worker's trial); returns how many trials this worker ran. Each
-    trial's sampler is seeded by ``make_sampler`` from the worker's offset ``worker`` and the study's trial count."""
+    trial's sampler is seeded by ``make_sampler`` from the worker's offset ``worker`` and the study's finished
+    trials."""
     tune = ctx.cfg.tune
     poll = max(0.2, min(2.0, tune.heartbeat_s / 2))
     started, ran = time.monotonic(), 0
     while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+        _fail_stale_trials(study)
         finished, taken = trial_counts(study)
         if finished >= tune.n_trials or (tune.timeout_s is not None and time.monotonic() - started >= tune.timeout_s):
             return ran
