@@ -26,6 +26,7 @@ from ballot.config import (
     to_dict,
 )
 from ballot.errors import ConfigError, StorageError, UserError
+from ballot.processes import stop_children
 from ballot.summary import summary
 
 if TYPE_CHECKING:
@@ -163,7 +164,7 @@ def _relaunch(processes: int, argv: list[str]) -> int:
         try:
             code = launcher.wait()
         except KeyboardInterrupt:
-            _stop(launcher)
+            stop_children([launcher], LAUNCHER_SELF_STOP_S, LAUNCHER_GRACE_S)
             raise
         code = code if code >= 0 else 128 - code  # a launcher ended by a signal: the shell's status for it
         errors = sorted(errors_dir.iterdir(), key=lambda path: int(path.name))
@@ -171,21 +172,6 @@ def _relaunch(processes: int, argv: list[str]) -> int:
             print(f"ballot: error: {errors[0].read_text()}", file=sys.stderr)
             return 2
     return code
-
-
-def _stop(launcher: subprocess.Popen) -> None:
-    """Stop an interrupted launcher and its workers. A terminal's Ctrl-C reaches the launcher too, which stops its
-    workers and itself within LAUNCHER_SELF_STOP_S; a signal to this process alone does not, so the launcher then gets
-    SIGTERM (torchrun passes it on and waits for its workers), and SIGKILL after LAUNCHER_GRACE_S more."""
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        launcher.wait(LAUNCHER_SELF_STOP_S)
-        return
-    launcher.terminate()
-    try:
-        launcher.wait(LAUNCHER_GRACE_S)
-    except subprocess.TimeoutExpired:
-        launcher.kill()
-        launcher.wait()
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ballot.errors import ConfigError, UserError
-from ballot.processes import terminate_with_parent
+from ballot.processes import terminate_with_launcher
 
 T = TypeVar("T")
 # How long a collective waits for the other processes: gloo's default, given to NCCL too (whose own is 10 minutes),
@@ -84,10 +84,11 @@ def local_device(device: torch.device) -> torch.device:
 
 def start(device: torch.device) -> None:
     """Join the process group torchrun describes (no-op in a single process or when already joined); this process
-    then ends with torchrun, however torchrun ends (it starts each worker in a session of its own)."""
+    then ends with torchrun, however torchrun ends (it starts each worker in a session of its own), and at once
+    when ``ballot prune --nproc``'s torchrun ended while this process started up."""
     if not requested() or dist.is_initialized():
         return
-    terminate_with_parent(os.getppid())
+    terminate_with_launcher()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)

@@ -43,7 +43,7 @@ from variants import METRICS, VARIANTS, parse_extra  # noqa: E402
 from ballot.config import (FLOORED_SCHEDULES, ExperimentConfig, apply_overrides, experiment_from_params,  # noqa: E402
                            load_yaml, to_dict)
 from ballot.errors import ConfigError  # noqa: E402
-from ballot.processes import terminate_with_parent  # noqa: E402
+from ballot.processes import stop_children, terminate_with_parent  # noqa: E402
 from ballot.storage import atomic_write, file_in_the_way, write_json, write_text  # noqa: E402
 
 DATASETS: dict[str, list[str]] = {
@@ -257,6 +257,9 @@ def run_unit(unit: Unit, params: dict[str, Any], densities: list[float], methods
     return written
 
 
+POOL_GRACE_S = 30  # how long interrupted pool workers get after SIGTERM, before SIGKILL
+
+
 def run_units(units: list[Unit], workers: int, params: dict[str, Any], densities: list[float],
               methods: dict[str, list[str]], out: Path, cache: Path, split: str) -> bool:
     """Every unit's missing runs in ``workers`` processes, which end with this one however it ends; False when
@@ -271,10 +274,9 @@ def run_units(units: list[Unit], workers: int, params: dict[str, Any], densities
                 future.result()
                 print(f"[{done}/{len(units)} units done, {time.perf_counter() - started:.0f}s]", file=sys.stderr,
                       flush=True)
-        except KeyboardInterrupt:  # also when the signal reached this process alone: leaving the pool would wait
-            for child in multiprocessing.active_children():
-                child.terminate()
-            pool.shutdown(cancel_futures=True)
+        except KeyboardInterrupt:  # also when the signal reached this process alone: leaving the pool would wait;
+            stop_children(multiprocessing.active_children(), 0, POOL_GRACE_S)  # a pool worker interrupted takes
+            pool.shutdown(cancel_futures=True)                                 # the next unit, so no self-stop
             return False
     return True
 

@@ -35,7 +35,7 @@ from ballot.config import (ExperimentConfig, TuneConfig, check_storage_url, data
 from ballot.data import DataBundle
 from ballot.errors import StorageError, TuneError, UserError
 from ballot.knobs import Knob
-from ballot.processes import terminate_with_parent
+from ballot.processes import stop_children, terminate_with_parent
 from ballot.pruning import DenseArtifacts
 from ballot.tuning.kept import update_with_states
 from ballot.tuning.objective import (BASELINE, COUNTED, RAISED, SURPLUS, SurplusTrial, TrialContext, baseline_trials,
@@ -442,6 +442,7 @@ def _spawned(job: WorkerJob, parent: int) -> None:
 
 
 WORKER_SELF_STOP_S = 3  # how long interrupted workers are given to stop by themselves before they get SIGTERM
+WORKER_GRACE_S = 30  # then, before they get SIGKILL
 
 
 def run_workers(job: WorkerJob, count: int, study: optuna.Study, n_trials: int) -> None:
@@ -456,16 +457,9 @@ def run_workers(job: WorkerJob, count: int, study: optuna.Study, n_trials: int) 
     try:
         for process in processes:
             process.join()
-    except KeyboardInterrupt:  # also when the signal reached this process alone: no worker trials on
-        deadline = time.monotonic() + WORKER_SELF_STOP_S  # a terminal's Ctrl-C reached them too: they record the
-        try:                                             # interrupted trial as failed and stop by themselves
-            for process in processes:
-                process.join(max(0.0, deadline - time.monotonic()))
-        finally:  # a second Ctrl-C in the grace ends it
-            for process in processes:
-                process.terminate()
-                process.join()
-        raise
+    except KeyboardInterrupt:  # also when the signal reached this process alone: no worker trials on (after a
+        stop_children(processes, WORKER_SELF_STOP_S, WORKER_GRACE_S)  # terminal's Ctrl-C they record the
+        raise                                                          # interrupted trial as failed and stop)
     failed = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0)
     if not failed:
         return
