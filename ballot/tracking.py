@@ -10,6 +10,7 @@ the rule for a complete version). Only ``ballot promote`` moves ``champion``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -126,13 +127,33 @@ def check_server(client: Any, uri: str, timeout_s: float = SERVER_PROBE_TIMEOUT_
                 raise StorageError(f"cannot reach the tracking server {uri}: {reason}") from None
 
 
+@contextlib.contextmanager
+def _sqlite_setup_lock(uri: str) -> Iterator[bool]:
+    """For an ``sqlite:///`` store, an exclusive lock on its folder (released when the process ends, however it
+    ends), held while a client opens it: MLflow creates or upgrades a store's tables when a process first opens it,
+    and two processes doing it at once break each other's schema migration. Yields whether ``uri`` is one."""
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+    if folder is None or not folder.is_dir():  # no folder: MLflow's own error says so
+        yield folder is not None
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(handle)
+
+
 def connect(uri: str):
     """Point MLflow at ``uri`` (tracking and registry) and return a client for it; StorageError, before anything
     is written, for a store MLflow cannot use or a tracking server that does not answer (``check_server``)."""
     import mlflow
 
     check_store(uri)
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with _sqlite_setup_lock(uri) as sqlite:
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens the tracking store
+        if sqlite:
+            client.search_registered_models(max_results=1)  # and the registry's, which MLflow opens on first use
     if urlparse(uri).scheme in ("http", "https"):
         check_server(client, uri)
     mlflow.set_tracking_uri(uri)

@@ -38,7 +38,7 @@ from ballot.tracking import (
 )
 from serving.errors import ModelSourceError
 from serving.model_source import fetch_model
-from serving.registration import REGISTERED_TAG
+from serving.registration import REGISTERED_TAG, incomplete_reason
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -457,3 +457,26 @@ def test_a_register_killed_after_creating_the_version_leaves_the_registry_consis
     assert str(client.get_model_version_by_alias("killed-model", CHALLENGER).version) == again.stdout.split()[-1] == "3"
     left = sorted(str(v.version) for v in client.search_model_versions("name='killed-model'"))
     assert left == ["1", "3"], "the orphan's alias-less version is deleted with it"
+
+
+@pytest.mark.slow
+def test_two_registers_of_one_model_at_once_each_leave_a_complete_version(tmp_path):
+    """Two `ballot register` processes of one model started together: each creates its own version, both complete
+    (their runs finished) and promotable, and the alias ends on the one that moved it last."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    onnx_path = tmp_path / "model.onnx"
+    export_onnx(nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).eval(), (1, 2, 3), onnx_path, _card(0.8))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    command = [sys.executable, "-m", "ballot.cli", "register", "--onnx", str(onnx_path), "--name", "twice",
+               "--tracking-uri", uri]
+    both = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=300) for process in both]
+    assert [process.returncode for process in both] == [0, 0], [error for _, error in outputs]
+    printed = sorted(out.split("version ")[1].split()[0] for out, _ in outputs)
+    assert printed == ["1", "2"]
+    client = connect(uri)
+    versions = [client.get_model_version("twice", number) for number in printed]
+    assert all(client.get_run(v.run_id).info.status == "FINISHED" for v in versions)
+    assert [incomplete_reason(client, v) for v in versions] == [None, None]
+    assert str(client.get_model_version_by_alias("twice", CHALLENGER).version) in printed
