@@ -12,7 +12,6 @@ import time
 import uuid
 from pathlib import Path
 
-import mlflow
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -59,7 +58,6 @@ def test_workers_and_a_second_process_share_one_postgres_study(tmp_path, postgre
     dense = tmp_path / "dense"
     save_dense(tiny_dense, dense, tiny_config())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.MlflowClient(uri).search_experiments()  # create the MLflow store before several processes open it
     name = f"pg-{uuid.uuid4().hex[:10]}"
     command = [sys.executable, "-m", "ballot.cli", "tune", *TUNE_FLAGS, "--set", f"tune.space={json.dumps(SPACE)}",
                "--dense", str(dense), "--storage", postgres_url, "--study-name", name,
