@@ -290,6 +290,9 @@ def _prune(cfg: ExperimentConfig, args: argparse.Namespace, tuned: dict[str, Any
         print(f"{cfg.prune.method}: done in {prune_seconds:.1f}s; writing {out}/mask.safetensors, "
               f"model.safetensors, metrics.json", file=sys.stderr)
         print(summary({**metrics, "final_choice": result.final_choice}))
+        warning = experiment.lost_learning_warning(metrics["val"], dense_metrics["val"])
+        if warning:
+            print(warning, file=sys.stderr)
 
 
 ERROR_DIR_ENV = "BALLOT_ERROR_DIR"  # where each relaunched process leaves its one-line error, named by its rank

@@ -306,7 +306,10 @@ def _load_imagefolder(cfg: DataConfig) -> RawDataset:
     if test_dir is not None:
         test, test_classes = read(test_dir)
         if test_classes != classes:
-            raise DatasetError(f"imagefolder: class folders of train {classes} and test {test_classes} differ")
+            only_train, only_test = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
+            raise DatasetError("imagefolder: the train and test splits must have the same class folders; "
+                               + "; ".join(f"only {split} has {_listed(names)}" for split, names in
+                                           (("train", only_train), ("test", only_test)) if names))
         if test.x.shape[1:] != train.x.shape[1:]:
             raise DatasetError(f"imagefolder: test images are {tuple(test.x.shape[1:])} but training images "
                                f"{tuple(train.x.shape[1:])}; set data.image_size")
@@ -329,6 +332,19 @@ def _fits_int64(values: np.ndarray) -> bool:
     return len(values) == 0 or int(values.max()) <= np.iinfo(np.int64).max
 
 
+def _npz_member(archive: Any, key: str, path: Path) -> Any:
+    """Member ``key`` of an open npz ``archive``; DatasetError naming it when it holds Python objects, which numpy
+    would have to unpickle (ballot does not)."""
+    try:
+        return archive[key]
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise
+        raise DatasetError(f"npz: member '{key}' of '{path}' holds Python objects (dtype object), which ballot does "
+                           "not unpickle; save it as a number or string array (names: np.array(names, dtype=str))") \
+            from None
+
+
 def _load_npz(cfg: DataConfig) -> RawDataset:
     """Arrays ``x``, ``y`` and optional ``group``, ``x_test``, ``y_test``, ``group_test``, ``class_names``."""
     if not cfg.path:
@@ -344,7 +360,7 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
             raise DatasetError(f"npz: '{path}' holds a single array (.npy), not an .npz archive of named arrays "
                                "(x, y, ...; numpy.savez writes one)")
         with loaded as archive:
-            arrays = {key: archive[key] for key in archive.files}
+            arrays = {key: _npz_member(archive, key, path) for key in archive.files}
     # zipfile: RuntimeError (encrypted), NotImplementedError (a compression it lacks); numpy: MemoryError (a header
     # declaring a huge shape)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError, MemoryError) as error:
@@ -373,9 +389,13 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
                                "features")
         if len(x) != len(y):
             raise DatasetError(f"npz: x{suffix} has {len(x)} rows but y{suffix} has {len(y)}")
-        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or not _fits_int64(y):
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DatasetError(f"npz: y{suffix} has dtype {y.dtype}; class labels must be integers (whole numbers "
+                               f"stored as floats: y{suffix}.astype(np.int64))")
+        if y.min() < 0 or not _fits_int64(y):
             raise DatasetError(f"npz: y{suffix} must hold non-negative integer class labels (below 2**63)")
-        if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
+        if x.dtype != np.bool_ and not (np.issubdtype(x.dtype, np.number)
+                                        and not np.issubdtype(x.dtype, np.complexfloating)):
             raise DatasetError(f"npz: x{suffix} must hold real numbers, not dtype {x.dtype}")
         with np.errstate(over="ignore"):
             values = x.astype(np.float32)
@@ -409,7 +429,8 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
     num_classes = int(labels.max()) + 1
     if num_classes > len(labels):  # some label is missing from 0..max; check_labels names which, if there are few
         raise DatasetError(f"npz: labels go up to {num_classes - 1} but there are {len(labels)} samples; labels "
-                           "must number the classes 0..C-1")
+                           "must number the classes 0..C-1 (renumber them: classes, y = np.unique(y, "
+                           "return_inverse=True))")
     if "class_names" in arrays and arrays["class_names"].ndim != 1:
         raise DatasetError(f"npz: class_names must be a list (shape (classes,)), got shape "
                            f"{arrays['class_names'].shape}")
@@ -484,7 +505,7 @@ def stratified_split(y: torch.Tensor, fraction: float, generator: torch.Generato
     return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(val)).values
 
 
-def _listed(labels: list[int], limit: int = 5) -> str:
+def _listed(labels: list[Any], limit: int = 5) -> str:
     shown = ", ".join(map(str, labels[:limit]))
     return f"{shown}, ... ({len(labels)} in all)" if len(labels) > limit else shown
 
@@ -511,7 +532,8 @@ def check_labels(raw: RawDataset, name: str) -> None:
     absent = _absent_classes(raw.train.y, len(raw.class_names))
     if absent:
         raise DatasetError(f"{name}: labels must number the classes 0..{len(raw.class_names) - 1} with each present in "
-                           f"training; absent: {_listed(absent)}")
+                           f"training; absent: {_listed(absent)} (renumber them: "
+                           "classes, y = np.unique(y, return_inverse=True))")
 
 
 def load_data(name: str, cfg: DataConfig | None = None, seed: int = 0) -> DataBundle:
@@ -536,6 +558,10 @@ def load_data(name: str, cfg: DataConfig | None = None, seed: int = 0) -> DataBu
     test = raw.test
     if cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
         test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: cfg.max_test_samples])
+    unseen = _absent_classes(raw.train.y[val_index], num_classes) if len(val_index) else []
+    notes = (*raw.notes, *([f"note: class(es) {_listed([raw.class_names[c] for c in unseen])} have no validation "
+                            "sample (too few samples to split): validation does not measure them, and Ballot's "
+                            "class weights give them the balanced accuracy"] if unseen else []))
     return DataBundle(raw.train.subset(train_index), raw.train.subset(val_index), test,
-                      raw.class_names, train_index, val_index, raw.notes)
+                      raw.class_names, train_index, val_index, notes)
 

@@ -82,8 +82,14 @@ def check_fits(cfg: ExperimentConfig, data: DataBundle) -> None:
     method changes."""
     if cfg.prune.method == "fairscratch":
         penalty_kind(cfg.prune.fairscratch, has_group=data.train.group is not None)
-    model = _probe_model(cfg, data)
-    check_logits(cfg.base.model, model, data.train.x[:2], data.num_classes)
+    try:
+        model = _probe_model(cfg, data)
+        check_logits(cfg.base.model, model, data.train.x[:2], data.num_classes)
+    except ModelError as error:  # channels-last images often do not fit: say so with the model's refusal
+        notice = layout_notice(data.input_shape)
+        if notice is None:
+            raise
+        raise ModelError(f"{error}; {notice.removeprefix('note: ')}") from None
     params = dict(model.named_parameters())
     # prunable_names refuses a computed weight (weight_norm) here, before training rather than after
     frozen = [name for name in prunable_names(model) if not params[name].requires_grad]
@@ -254,6 +260,20 @@ def weak_dense_warning(val: dict[str, Any]) -> str | None:
             f"{chance:.3f}; pruning a model this weak gives unreliable results for every method (Ballot's class "
             f"weights are noise): train it longer first (raise train_dense.min_steps or epochs, and the prune "
             f"schedules' with them)")
+
+
+def lost_learning_warning(val: dict[str, Any], dense_val: dict[str, Any]) -> str | None:
+    """A one-line warning when the pruned model's validation metrics ``val`` keep less than WEAK_DENSE_SHARE of the
+    way the dense model's ``dense_val`` rose from chance (balanced accuracies): the pruned network did not train (a
+    density too low for the model, schedules too short). None as well when the dense model is weak itself
+    (``weak_dense_warning`` speaks then)."""
+    balanced, dense = balanced_accuracy(val["per_class"]), balanced_accuracy(dense_val["per_class"])
+    chance = 1 / len(val["per_class"])
+    if weak_dense_warning(dense_val) or math.isnan(balanced) or balanced >= chance + WEAK_DENSE_SHARE * (dense - chance):
+        return None
+    return (f"warning: the pruned model's balanced validation accuracy is {balanced:.3f} against the dense model's "
+            f"{dense:.3f} (chance {chance:.3f}): it lost most of what the dense model learned; try a higher "
+            f"base.density, longer schedules (prune.retrain.min_steps or epochs) or another method")
 
 
 def model_metrics(model: nn.Module, data: DataBundle, device: str = "auto") -> dict[str, Any]:

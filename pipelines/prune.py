@@ -7,10 +7,20 @@ the result and nothing is trained again.
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import asdict
 
 from ballot.config import ExperimentConfig
-from ballot.experiment import check_fits, load_dense, load_pruned, model_metrics, run_prune, save_pruned, timed
+from ballot.experiment import (
+    check_fits,
+    load_dense,
+    load_pruned,
+    lost_learning_warning,
+    model_metrics,
+    run_prune,
+    save_pruned,
+    timed,
+)
 from ballot.snapshot import load_snapshot
 from ballot.summary import final_choice_text
 from ballot.storage import staged_folder, write_json
@@ -52,6 +62,8 @@ def main(cfg: ExperimentConfig) -> None:
           f"density {metrics['density']:.4f}  ({took}) -> {PRUNE}")
     if choice := read_json(PRUNE / "details.json").get("final_choice"):
         print(f"prune: final training kept: {final_choice_text(choice)}")
+    if warning := lost_learning_warning(metrics["val"], read_json(DENSE / "metrics.json")["val"]):
+        print(warning, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from ballot.data import DATASETS
 from ballot import experiment
 from ballot.config import apply_overrides, experiment_from_params
 from ballot.errors import StorageError
-from ballot.experiment import weak_dense_warning
+from ballot.experiment import lost_learning_warning, weak_dense_warning
 from ballot.masks import Mask, budget
 from ballot.models import MODELS
 from ballot.pruning import PRUNERS
@@ -463,6 +463,21 @@ def test_register_refuses_what_it_cannot_register(tmp_path, registry, capsys):
 ])
 def test_weak_dense_warning_compares_balanced_accuracy_with_chance(per_class, warned):
     assert (weak_dense_warning({"per_class": per_class}) is not None) == warned
+
+
+@pytest.mark.parametrize("pruned, dense, warned", [
+    ([0.2, 0.2, 0.2, 0.2, 0.2], [0.99] * 5, True),  # at chance (0.2) where the dense model learned (a dead network)
+    ([0.4, 0.4, 0.4, 0.4, 0.4], [1.0] * 5, False),  # exactly a quarter of the way from chance to the dense model's
+    ([0.9, 0.0, 0.9, 0.9, 0.9], [1.0] * 5, False),  # one class lost, the rest learned: CWV's business, not this one's
+    ([0.2] * 5, [0.3] * 5, False),  # a weak dense model: weak_dense_warning speaks instead
+    ([float("nan")] * 5, [1.0] * 5, False),  # no validation samples
+])
+def test_lost_learning_warning_compares_the_pruned_model_with_the_dense_one(pruned, dense, warned):
+    warning = lost_learning_warning({"per_class": pruned}, {"per_class": dense})
+    assert (warning is not None) == warned
+    if warned:
+        assert warning.startswith("warning: the pruned model's balanced validation accuracy is 0.200 against the "
+                                  "dense model's 0.990 (chance 0.200)")
 
 
 def test_a_stray_rank_outside_torchrun_does_not_silence_errors(tmp_path, monkeypatch, capsys):

@@ -54,7 +54,7 @@ def test_a_rare_class_of_an_npz_without_test_arrays_stays_in_training(tmp_path):
     ({"y": np.zeros(3, dtype=np.int64)}, "x has 200 rows but y has 3"),
     ({"y": np.full(200, -1)}, "non-negative integer"),
     ({"x": np.full((200, 6), np.nan)}, "finite"),
-    ({"x": np.zeros((200, 6), dtype=bool)}, "numbers, not dtype bool"),
+    ({"x": np.zeros((200, 6), dtype="U1")}, "numbers, not dtype <U1"),
 ])
 def test_malformed_npz_is_named(tmp_path, extra, message):
     path = _write_npz(tmp_path / "d.npz", with_test=False, **extra)
@@ -161,6 +161,15 @@ def test_imagefolder_reads_gifs_and_notes_the_files_it_skips(tmp_path):
         load_data("imagefolder", DataConfig(path=str(tmp_path)))
 
 
+def test_imagefolder_splits_with_other_class_folders_name_the_difference(tmp_path):
+    _write_imagefolder(tmp_path, {"train": (3, (8, 8)), "test": (3, (8, 8))})
+    for image in (tmp_path / "test" / "dog").iterdir():
+        image.unlink()
+    (tmp_path / "test" / "dog").rmdir()
+    with pytest.raises(DatasetError, match="must have the same class folders; only train has dog$"):
+        load_data("imagefolder", DataConfig(path=str(tmp_path)))
+
+
 def test_imagefolder_test_images_of_another_size_are_refused(tmp_path):
     _write_imagefolder(tmp_path, {"train": (3, (8, 8)), "test": (3, (10, 10))})
     with pytest.raises(DatasetError, match=re.escape("test images are (3, 10, 10) but training images (3, 8, 8); "
@@ -246,6 +255,54 @@ def test_malformed_npz_data_is_refused_with_its_reason(tmp_path, arrays, message
     np.savez(path, **arrays)
     with pytest.raises(DatasetError, match=re.escape(message)):
         load_data("npz", DataConfig(path=str(path)))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"y": np.array([0.0, 1.0] * 5)}, "npz: y has dtype float64; class labels must be integers (whole numbers stored "
+                                      "as floats: y.astype(np.int64))"),
+    ({"y": np.array([0, 1] * 5), "class_names": np.array(["a", "b"], dtype=object)},
+     "npz: member 'class_names' of"),
+    ({"y": np.array([3, 7, 9, 3, 7, 9, 3, 7, 9, 3])}, "(renumber them: classes, y = np.unique(y, return_inverse=True))"),
+])
+def test_npz_refusals_say_how_to_mend_the_file(tmp_path, arrays, message):
+    path = tmp_path / "data.npz"
+    np.savez(path, x=np.zeros((10, 4)), **arrays)
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_data("npz", DataConfig(path=str(path)))
+
+
+def test_boolean_npz_inputs_are_read_as_zeros_and_ones(tmp_path):
+    path = tmp_path / "data.npz"
+    np.savez(path, x=np.eye(10, 4, dtype=bool), y=np.array([0, 1] * 5))
+    data = load_data("npz", DataConfig(path=str(path)))
+    assert torch.cat([data.train.x, data.val.x, data.test.x]).sum() == 4
+
+
+def test_a_class_without_a_validation_sample_is_noted(tmp_path):
+    path = tmp_path / "data.npz"
+    y = np.array([0, 1] * 20 + [2])  # class 2 has a single sample, which training keeps
+    np.savez(path, x=np.random.default_rng(0).normal(size=(41, 4)), y=y, x_test=np.zeros((3, 4)),
+             y_test=np.array([0, 1, 2]), class_names=np.array(["a", "b", "rare"]))
+    data = load_data("npz", DataConfig(path=str(path), val_fraction=0.2))
+    assert 2 not in data.val.y.tolist()
+    assert [note for note in data.notes if "validation" in note] == [
+        "note: class(es) rare have no validation sample (too few samples to split): validation does not measure "
+        "them, and Ballot's class weights give them the balanced accuracy"]
+    np.savez(path, x=np.zeros((40, 4)), y=y[:40])
+    assert load_data("npz", DataConfig(path=str(path), val_fraction=0.2)).notes == ()
+
+
+def test_channels_last_images_that_do_not_fit_the_model_are_refused_with_the_layout_hint(tmp_path):
+    from ballot.errors import ModelError
+    from ballot.experiment import check_fits
+
+    path = tmp_path / "data.npz"
+    np.savez(path, x=np.zeros((20, 16, 16, 3), dtype=np.float32), y=np.array([0, 1] * 10))
+    cfg = ExperimentConfig()
+    cfg.base.dataset, cfg.base.model, cfg.data.path = "npz", "cnn", str(path)
+    with pytest.raises(ModelError, match=re.escape("needs images of at least 4x4 pixels") + ".*"
+                       + re.escape("store x channels-first (numpy: x.transpose(0, 3, 1, 2))")):
+        check_fits(cfg, load_data("npz", cfg.data))
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00\xffnot a zip archive at all"])
