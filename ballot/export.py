@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -36,6 +37,11 @@ def bake(model: nn.Module, mask: Mask | None) -> nn.Module:
     return baked
 
 
+# Warnings torch.export prints while tracing an LSTM: a deprecation inside its own generated code, and the LSTM's
+# flattened weight list, which it stores as constants (the exported weights are the model's, as the parity check shows)
+EXPORTER_NOISE = ("_check_is_size will be removed", "The tensor attributes .*_flat_weights")
+
+
 def onnx_proto(model: nn.Module, input_shape: Sequence[int], metadata: dict[str, Any] | None = None) -> Any:
     """``model`` as an ONNX ModelProto with a dynamic batch axis; ``metadata`` goes into metadata_props."""
     for name, module in model.named_modules():
@@ -45,8 +51,11 @@ def onnx_proto(model: nn.Module, input_shape: Sequence[int], metadata: dict[str,
     model = copy.deepcopy(model).cpu().eval()
     example = torch.rand(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                dynamic_shapes=({0: batch},), verbose=False)
+    with warnings.catch_warnings():  # PyTorch's notes to its own developers, not to a user (recurrent layers)
+        for message in EXPORTER_NOISE:
+            warnings.filterwarnings("ignore", message=message)
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)
     proto = program.model_proto
     if not proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
         raise ModelError("the model's forward fixes the batch size, so its ONNX graph would accept batches of "

@@ -80,3 +80,11 @@ def test_parity_allows_float_rounding_in_proportion_to_the_logits(tmp_path, monk
     else:
         with pytest.raises(ParityError, match=r"by 0.001 on 8 test inputs, 0.000[89]\d* x"):
             export_checked(model, SHAPE, tmp_path / "m.onnx", {}, inputs, 1e-4, compact=False)
+
+
+def test_exporting_a_recurrent_model_prints_none_of_pytorchs_internal_warnings(recwarn):
+    from ballot.export import onnx_proto
+    from ballot.models import build_model
+
+    onnx_proto(build_model("lstm", (12, 6), 3).eval(), (12, 6))
+    assert [str(w.message)[:60] for w in recwarn] == []
