@@ -332,6 +332,10 @@ def _fits_int64(values: np.ndarray) -> bool:
     return len(values) == 0 or int(values.max()) <= np.iinfo(np.int64).max
 
 
+# how a user turns any labels (strings, gaps such as 3, 7, 9) into the class numbers 0..C-1 every loader needs
+RENUMBER = "renumber them: classes, y = np.unique(y, return_inverse=True), and save class_names=classes"
+
+
 def _npz_member(archive: Any, key: str, path: Path) -> Any:
     """Member ``key`` of an open npz ``archive``; DatasetError naming it when it holds Python objects, which numpy
     would have to unpickle (ballot does not)."""
@@ -361,6 +365,8 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
                                "(x, y, ...; numpy.savez writes one)")
         with loaded as archive:
             arrays = {key: _npz_member(archive, key, path) for key in archive.files}
+    except DatasetError:  # a RuntimeError too, already naming the problem
+        raise
     # zipfile: RuntimeError (encrypted), NotImplementedError (a compression it lacks); numpy: MemoryError (a header
     # declaring a huge shape)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError, MemoryError) as error:
@@ -390,8 +396,9 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
         if len(x) != len(y):
             raise DatasetError(f"npz: x{suffix} has {len(x)} rows but y{suffix} has {len(y)}")
         if not np.issubdtype(y.dtype, np.integer):
-            raise DatasetError(f"npz: y{suffix} has dtype {y.dtype}; class labels must be integers (whole numbers "
-                               f"stored as floats: y{suffix}.astype(np.int64))")
+            whole = np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
+            mend = f"whole numbers stored as floats: y{suffix}.astype(np.int64)" if whole else RENUMBER
+            raise DatasetError(f"npz: y{suffix} has dtype {y.dtype}; class labels must be integers 0..C-1 ({mend})")
         if y.min() < 0 or not _fits_int64(y):
             raise DatasetError(f"npz: y{suffix} must hold non-negative integer class labels (below 2**63)")
         if x.dtype != np.bool_ and not (np.issubdtype(x.dtype, np.number)
@@ -429,8 +436,7 @@ def _load_npz(cfg: DataConfig) -> RawDataset:
     num_classes = int(labels.max()) + 1
     if num_classes > len(labels):  # some label is missing from 0..max; check_labels names which, if there are few
         raise DatasetError(f"npz: labels go up to {num_classes - 1} but there are {len(labels)} samples; labels "
-                           "must number the classes 0..C-1 (renumber them: classes, y = np.unique(y, "
-                           "return_inverse=True))")
+                           f"must number the classes 0..C-1 ({RENUMBER})")
     if "class_names" in arrays and arrays["class_names"].ndim != 1:
         raise DatasetError(f"npz: class_names must be a list (shape (classes,)), got shape "
                            f"{arrays['class_names'].shape}")
@@ -532,8 +538,7 @@ def check_labels(raw: RawDataset, name: str) -> None:
     absent = _absent_classes(raw.train.y, len(raw.class_names))
     if absent:
         raise DatasetError(f"{name}: labels must number the classes 0..{len(raw.class_names) - 1} with each present in "
-                           f"training; absent: {_listed(absent)} (renumber them: "
-                           "classes, y = np.unique(y, return_inverse=True))")
+                           f"training; absent: {_listed(absent)} ({RENUMBER})")
 
 
 def load_data(name: str, cfg: DataConfig | None = None, seed: int = 0) -> DataBundle:

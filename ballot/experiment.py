@@ -266,10 +266,13 @@ def lost_learning_warning(val: dict[str, Any], dense_val: dict[str, Any]) -> str
     """A one-line warning when the pruned model's validation metrics ``val`` keep less than WEAK_DENSE_SHARE of the
     way the dense model's ``dense_val`` rose from chance (balanced accuracies): the pruned network did not train (a
     density too low for the model, schedules too short). None as well when the dense model is weak itself
-    (``weak_dense_warning`` speaks then)."""
-    balanced, dense = balanced_accuracy(val["per_class"]), balanced_accuracy(dense_val["per_class"])
-    chance = 1 / len(val["per_class"])
-    if weak_dense_warning(dense_val) or math.isnan(balanced) or balanced >= chance + WEAK_DENSE_SHARE * (dense - chance):
+    (``weak_dense_warning`` speaks then), and for metrics of another number of classes. A class without validation
+    samples may be NaN, or None as JSON stores it."""
+    pruned, reference = ([math.nan if a is None else a for a in m["per_class"]] for m in (val, dense_val))
+    if len(pruned) != len(reference) or weak_dense_warning({"per_class": reference}):
+        return None
+    balanced, dense, chance = balanced_accuracy(pruned), balanced_accuracy(reference), 1 / len(pruned)
+    if math.isnan(balanced) or math.isnan(dense) or balanced >= chance + WEAK_DENSE_SHARE * (dense - chance):
         return None
     return (f"warning: the pruned model's balanced validation accuracy is {balanced:.3f} against the dense model's "
             f"{dense:.3f} (chance {chance:.3f}): it lost most of what the dense model learned; try a higher "

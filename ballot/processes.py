@@ -31,12 +31,12 @@ def terminate_with_launcher() -> None:
     must be that launcher, whose pid ``main`` left in BALLOT_LAUNCHER_PID, so a launcher that died while this
     process was starting up ends it now. Without the variable (a torchrun started by hand) the parent is whichever
     process started this one."""
-    launcher = os.environ.get(LAUNCHER_ENV)
-    if launcher is not None and launcher != str(os.getppid()):
+    launcher = os.environ.pop(LAUNCHER_ENV, None)  # this process's own children have another parent
+    expected = os.getppid() if launcher is None else int(launcher) if launcher.isdigit() else -1
+    if expected != os.getppid():
         print(f"ballot: the launcher of this process (pid {launcher}, named by {LAUNCHER_ENV}) has ended; stopping",
               file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
-    terminate_with_parent(os.getppid())
+    terminate_with_parent(expected)  # compares again once Linux has been asked: a launcher dying meanwhile counts
 
 
 def _ended(child: subprocess.Popen | BaseProcess, timeout: float | None) -> bool:
@@ -66,10 +66,11 @@ def stop_children(children: Sequence[subprocess.Popen | BaseProcess], self_stop_
         for child in running:
             _ended(child, left(deadline))
     finally:
-        for child in children:
-            if not _ended(child, 0):
-                child.kill()
-                _ended(child, None)
+        left = [child for child in children if not _ended(child, 0)]
+        for child in left:
+            child.kill()
+        for child in left:
+            _ended(child, None)
 
 
 def main(argv: list[str]) -> None:

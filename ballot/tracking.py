@@ -132,16 +132,21 @@ def _sqlite_setup_lock(uri: str) -> Iterator[bool]:
     """For an ``sqlite:///`` store, an exclusive lock on its folder (released when the process ends, however it
     ends), held while a client opens it: MLflow creates or upgrades a store's tables when a process first opens it,
     and two processes doing it at once break each other's schema migration. Yields whether ``uri`` is one."""
-    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
-    if folder is None or not folder.is_dir():  # no folder: MLflow's own error says so
-        yield folder is not None
+    if not uri.startswith("sqlite:///"):
+        yield False
         return
-    handle = os.open(folder, os.O_RDONLY)
-    try:
+    import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401  imported before the lock: most of the time
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  a client takes to open a store that exists
+
+    handle = None
+    with contextlib.suppress(OSError):  # no folder (MLflow's own error says so), or one this user may not list
+        handle = os.open(Path(uri.removeprefix("sqlite:///")).parent, os.O_RDONLY)
         fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
         yield True
     finally:
-        os.close(handle)
+        if handle is not None:
+            os.close(handle)
 
 
 def connect(uri: str):

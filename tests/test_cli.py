@@ -471,7 +471,9 @@ def test_weak_dense_warning_compares_balanced_accuracy_with_chance(per_class, wa
     ([0.9, 0.0, 0.9, 0.9, 0.9], [1.0] * 5, False),  # one class lost, the rest learned: CWV's business, not this one's
     ([0.2] * 5, [0.3] * 5, False),  # a weak dense model: weak_dense_warning speaks instead
     ([float("nan")] * 5, [1.0] * 5, False),  # no validation samples
-])
+    ([0.2, 0.2, 0.2, 0.2], [0.99] * 5, False),  # metrics of another number of classes: nothing to compare
+    ([0.2, 0.2, 0.2, 0.2, 0.2], [0.99, 0.99, 0.99, 0.99, None], True),  # a class without validation samples, as
+])                                                                       # the prune stage reads it back from JSON
 def test_lost_learning_warning_compares_the_pruned_model_with_the_dense_one(pruned, dense, warned):
     warning = lost_learning_warning({"per_class": pruned}, {"per_class": dense})
     assert (warning is not None) == warned

@@ -65,12 +65,12 @@ def test_a_torchrun_worker_whose_launcher_has_gone_stops_before_joining_the_grou
     """The worker's parent is not the launcher named in BALLOT_LAUNCHER_PID (it died while the worker imported
     torch, and the worker was handed to another parent): the worker stops at once, naming why, instead of waiting
     at the rendezvous for the rest of the group."""
-    environment = {**os.environ, LAUNCHER_ENV: "1", "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
+    environment = {**os.environ, LAUNCHER_ENV: "0", "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}
     worker = subprocess.run([sys.executable, "-c", WORKER], env=environment, capture_output=True, text=True,
                             timeout=120)
     assert worker.returncode == -signal.SIGTERM, worker.stderr
-    assert f"ballot: the launcher of this process (pid 1, named by {LAUNCHER_ENV}) has ended" in worker.stderr
+    assert f"ballot: the launcher of this process (pid 0, named by {LAUNCHER_ENV}) has ended" in worker.stderr
     assert "joined" not in worker.stdout
 
 
