@@ -296,8 +296,11 @@ def register_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for folder in ("artifacts/export", "artifacts/prune", "artifacts/dense", "plots"):
         Path(folder).mkdir(parents=True)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # a client made in the test, too, reaches this store, whatever an earlier test set
+    mlflow.set_registry_uri(uri)
     _stage_inputs(seed=0)
     try:
         yield mlflow
