@@ -54,22 +54,22 @@ def stop_children(children: Sequence[subprocess.Popen | BaseProcess], self_stop_
     so they are first given ``self_stop_s`` seconds (all together) to stop by themselves; then the ones left get
     SIGTERM, and SIGKILL after ``grace_s`` more. Returns once every child has ended; a second Ctrl-C meanwhile skips
     to the SIGKILL."""
-    def left(deadline: float) -> float:
+    def until(deadline: float) -> float:
         return max(0.0, deadline - time.monotonic())
 
     try:
         deadline = time.monotonic() + self_stop_s
-        running = [child for child in children if not _ended(child, left(deadline))]
+        running = [child for child in children if not _ended(child, until(deadline))]
         for child in running:
             child.terminate()
         deadline = time.monotonic() + grace_s
         for child in running:
-            _ended(child, left(deadline))
+            _ended(child, until(deadline))
     finally:
-        left = [child for child in children if not _ended(child, 0)]
-        for child in left:
+        stubborn = [child for child in children if not _ended(child, 0)]
+        for child in stubborn:
             child.kill()
-        for child in left:
+        for child in stubborn:
             _ended(child, None)
 
 
