@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,9 +87,11 @@ def test_a_signal_to_the_launching_process_alone_stops_every_worker(tmp_path, ta
 
 def torchrun(*command: str) -> subprocess.CompletedProcess:
     """``command`` (a script and its arguments, or -m and a module) in two processes started by torchrun."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *command], env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-                          capture_output=True, text=True, timeout=300)
+    with tempfile.TemporaryDirectory() as logs:  # not a torchelastic_* folder left in /tmp
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "--log-dir", logs, *command],
+                              env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                              capture_output=True, text=True, timeout=300)
 
 
 def test_processes_that_disagree_on_a_mask_are_stopped(tmp_path):
