@@ -563,10 +563,12 @@ def load_data(name: str, cfg: DataConfig | None = None, seed: int = 0) -> DataBu
     test = raw.test
     if cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
         test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: cfg.max_test_samples])
+    notes = raw.notes
     unseen = _absent_classes(raw.train.y[val_index], num_classes) if len(val_index) else []
-    notes = (*raw.notes, *([f"note: class(es) {_listed([raw.class_names[c] for c in unseen])} have no validation "
-                            "sample (too few samples to split): validation does not measure them, and Ballot's "
-                            "class weights give them the balanced accuracy"] if unseen else []))
+    if unseen:
+        notes += (f"note: class(es) {_listed([raw.class_names[c] for c in unseen])} have no validation sample (too "
+                  "few samples to split): validation does not measure them, and Ballot's class weights give them the "
+                  "balanced accuracy",)
     return DataBundle(raw.train.subset(train_index), raw.train.subset(val_index), test,
                       raw.class_names, train_index, val_index, notes)
 

@@ -29,7 +29,7 @@ import numpy as np
 from ballot.config import flatten
 from ballot.errors import RegistryError, StorageError
 from ballot.storage import pid_alive, process_start
-from serving.model_source import bounded_requests
+from serving.model_source import bounded_requests, sqlite_path
 from serving.registration import REGISTERED_TAG, is_complete
 from serving.settings import Settings
 
@@ -68,9 +68,9 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 def check_sqlite_store(uri: str) -> None:
     """StorageError when ``uri`` names an existing file that is not an SQLite database (MLflow would fail deep
     inside SQLAlchemy); a missing file is fine: MLflow creates it."""
-    if not uri.startswith("sqlite:///"):
+    path = sqlite_path(uri)
+    if path is None:
         return
-    path = Path(uri.removeprefix("sqlite:///"))
     if path.is_file() and path.stat().st_size > 0:
         with path.open("rb") as handle:
             if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
@@ -132,7 +132,8 @@ def _sqlite_setup_lock(uri: str) -> Iterator[bool]:
     """For an ``sqlite:///`` store, an exclusive lock on its folder (released when the process ends, however it
     ends), held while a client opens it: MLflow creates or upgrades a store's tables when a process first opens it,
     and two processes doing it at once break each other's schema migration. Yields whether ``uri`` is one."""
-    if not uri.startswith("sqlite:///"):
+    database = sqlite_path(uri)
+    if database is None:
         yield False
         return
     import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401  imported before the lock: most of the time
@@ -140,7 +141,7 @@ def _sqlite_setup_lock(uri: str) -> Iterator[bool]:
 
     handle = None
     with contextlib.suppress(OSError):  # no folder (MLflow's own error says so), or one this user may not list
-        handle = os.open(Path(uri.removeprefix("sqlite:///")).parent, os.O_RDONLY)
+        handle = os.open(database.parent, os.O_RDONLY)
         fcntl.flock(handle, fcntl.LOCK_EX)
     try:
         yield True

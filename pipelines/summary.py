@@ -9,6 +9,7 @@ from typing import Any, Sequence
 from ballot.errors import StorageError, UserError
 from ballot.summary import summary
 from ballot.tracking import alias_version, connect, file_sha256
+from serving.model_source import sqlite_path
 from pipelines.common import EXPORT, METRICS, MODEL_FILE, PRUNE, REGISTER, REPORT_FILE, read_json
 
 METRIC_KEYS = ("density", "acc", "cwv", "mcd", "worst_class")  # what the block reads from metrics.json
@@ -60,7 +61,7 @@ def alias_now(registration: dict[str, Any]) -> dict[str, Any]:
     run, a `dvc exp run` or `ballot register`, may have moved it since), or {"alias_unchecked": why it could not be
     read}."""
     uri = registration["tracking_uri"]
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if (database := sqlite_path(uri)) and not database.is_file():
         return {"alias_unchecked": f"the tracking store {uri} is gone"}  # connecting would create an empty one
     try:
         connect(uri)

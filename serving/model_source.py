@@ -110,6 +110,11 @@ def _read_card(path: Path) -> str:
         raise ModelSourceError(f"model card '{path}' cannot be read ({error.strerror})") from None
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file an ``sqlite:///`` tracking or registry URI names (relative or absolute); None for others."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def _from_registry(uri: str, ref: RegistryRef, tracking_uri: str | None, folder: Path) -> ModelSource:
     try:
         import mlflow
@@ -120,7 +125,7 @@ def _from_registry(uri: str, ref: RegistryRef, tracking_uri: str | None, folder:
                                "or point the model URI at an .onnx file") from None
     registry = tracking_uri or mlflow.get_registry_uri()
     where = f"the registry at {registry}"
-    if registry.startswith("sqlite:///") and not Path(registry.removeprefix("sqlite:///")).is_file():
+    if (database := sqlite_path(registry)) and not database.is_file():
         raise ModelSourceError(f"{where}: the sqlite file does not exist (check the tracking URI; serving never "
                                "creates a registry)")
     if registry.startswith(("http://", "https://")):  # a server may keep us waiting: say for what
